@@ -1,0 +1,118 @@
+"""Everything that touches Opacus: making a model private and the merchant's PRV accountant.
+
+Opacus is imported here and nowhere else, so its version quirks stay in one file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from shared.privacy import MechanismEvent, compose_history
+
+log = logging.getLogger(__name__)
+
+# Per-sample gradient mode per trainable set, from step-time and memory ratios measured on
+# MiniLM-L6 (DESIGN.md and benchmarks/dp_overhead.py): ghost clipping wins when large
+# weight matrices train (it never materialises per-sample gradients); hooks win when only
+# small adapters or heads train (no second backward pass).
+AUTO_GRAD_SAMPLE_MODE = {"heads": "hooks", "lora": "hooks", "top-k": "ghost", "full": "ghost"}
+
+
+def grad_sample_mode_for(trainable: str, requested: str = "auto") -> str:
+    return AUTO_GRAD_SAMPLE_MODE[trainable] if requested == "auto" else requested
+
+
+@dataclasses.dataclass
+class PrivateTraining:
+    """The objects Opacus hands back; ``criterion`` is only wrapped in ghost mode."""
+
+    model: nn.Module
+    optimizer: Any
+    data_loader: DataLoader
+    criterion: nn.Module
+    mode: str
+
+
+def make_private(
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data_loader: DataLoader,
+    criterion: nn.Module,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    mode: str,
+    seed: int | None = None,
+) -> PrivateTraining:
+    """Wrap for DP-SGD with Poisson sampling (the sampling the accountants assume)."""
+    from opacus import PrivacyEngine
+
+    # The engine's own accountant is not used for reporting (the merchant's persisted
+    # history is); it is still kept so Opacus' internal bookkeeping stays consistent.
+    engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    kwargs: dict[str, Any] = dict(
+        module=model,
+        optimizer=optimizer,
+        data_loader=data_loader,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        poisson_sampling=True,
+        grad_sample_mode=mode,
+    )
+    if seed is not None:
+        kwargs["noise_generator"] = torch.Generator().manual_seed(seed)
+    if mode == "ghost":
+        private_model, private_optimizer, private_criterion, loader = engine.make_private(
+            criterion=criterion, **kwargs
+        )
+    else:
+        private_model, private_optimizer, loader = engine.make_private(**kwargs)
+        private_criterion = criterion
+    return PrivateTraining(
+        model=private_model, optimizer=private_optimizer, data_loader=loader,
+        criterion=private_criterion, mode=mode,
+    )
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside an Opacus GradSampleModule (drops the ``_module.`` prefix once)."""
+    inner = getattr(model, "_module", None)
+    return inner if isinstance(inner, nn.Module) else model
+
+
+def epsilon_prv(events: Iterable[MechanismEvent], delta: float) -> float:
+    """ε by Opacus' PRV accountant (the default; agrees with PLD to ~0.01 ε)."""
+    from opacus.accountants import PRVAccountant
+
+    history = compose_history(events)
+    if not history:
+        return 0.0
+    accountant = PRVAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon_opacus_rdp(events: Iterable[MechanismEvent], delta: float) -> float:
+    from opacus.accountants import RDPAccountant
+
+    history = compose_history(events)
+    if not history:
+        return 0.0
+    accountant = RDPAccountant()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta))
+
+
+def epsilon(events: Iterable[MechanismEvent], delta: float, accountant: str = "prv") -> float:
+    if accountant == "prv":
+        return epsilon_prv(events, delta)
+    if accountant == "rdp":
+        return epsilon_opacus_rdp(events, delta)
+    raise ValueError(f"accountant = {accountant!r}: must be 'prv' or 'rdp'")

@@ -1,0 +1,198 @@
+"""One merchant as a federation participant: who it is, its data, its budget, its work.
+
+``client/app.py`` turns Flower messages into calls on ``Merchant``; everything a node does
+between receiving global parameters and replying lives here, with no Flower types.
+
+Identity comes from the node config (deployment: ``merchant-id``, ``data-dir``,
+``state-dir``, ``target-epsilon``, ``target-delta``, ``device``) or, in simulation, from the
+node's ``partition-id``, which indexes the sorted merchant folders under the run config's
+``data-dir`` (or a synthetic merchant when ``data-dir`` is ``synthetic:N``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client import trainer
+from client.budget import BudgetExceededError, PrivacyState
+from client.data import MerchantData, build_examples, load_merchant, split_examples
+from shared.config import RunConfig
+from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
+from shared.tasks import Example
+from shared.wire import STATUS_OK, STATUS_REFUSED, PrivacyFacts, TrainReply
+
+log = logging.getLogger(__name__)
+
+SYNTHETIC_PREFIX = "synthetic:"
+PRIVACY_STATE_FILE = "privacy-state.json"
+
+
+class NodeConfigError(ValueError):
+    """The node config does not say which merchant this node is; the message names the key."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class NodeIdentity:
+    merchant_id: str
+    data_dir: Path | None  # None for a synthetic merchant
+    synthetic_index: int | None
+    state_dir: Path
+    target_epsilon: float
+    target_delta: float
+    device: str
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_dir / PRIVACY_STATE_FILE
+
+
+def merchant_dirs(root: Path) -> list[Path]:
+    """Merchant folders under a federation data folder, in a stable (sorted) order."""
+    if not root.is_dir():
+        raise NodeConfigError(f"data-dir {str(root)!r} is not a folder")
+    dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not dirs:
+        raise NodeConfigError(f"data-dir {str(root)!r} holds no merchant folders")
+    return dirs
+
+
+def resolve_node(node_config: Mapping[str, Any], config: RunConfig) -> NodeIdentity:
+    """Work out which merchant this node is. The merchant's own budget keys win over the run's."""
+    target_epsilon = min(float(node_config.get("target-epsilon", config.target_epsilon)), config.target_epsilon)
+    target_delta = float(node_config.get("target-delta", config.target_delta))
+    device = str(node_config.get("device", config.device))
+    if "data-dir" in node_config:  # deployment: the merchant names its own folder
+        data_dir = Path(str(node_config["data-dir"])).expanduser()
+        merchant_id = str(node_config.get("merchant-id", data_dir.name))
+        state_dir = Path(str(node_config.get("state-dir", data_dir / ".fedshop"))).expanduser()
+        return NodeIdentity(merchant_id=merchant_id, data_dir=data_dir, synthetic_index=None,
+                            state_dir=state_dir, target_epsilon=target_epsilon,
+                            target_delta=target_delta, device=device)
+    if "partition-id" not in node_config:
+        raise NodeConfigError("node config has neither 'data-dir' (deployment) nor 'partition-id' (simulation)")
+    pid = int(node_config["partition-id"])
+    nodes_root = Path(config.run_dir) / "nodes"
+    if config.data_dir.startswith(SYNTHETIC_PREFIX):
+        from simulations.synthetic import SyntheticFederation  # simulated merchants only
+
+        federation = SyntheticFederation(_synthetic_count(config.data_dir), seed=config.synthetic_seed)
+        merchant_id = federation.merchant_id(pid)
+        return NodeIdentity(merchant_id=merchant_id, data_dir=None, synthetic_index=pid,
+                            state_dir=nodes_root / merchant_id, target_epsilon=target_epsilon,
+                            target_delta=target_delta, device=device)
+    if not config.data_dir:
+        raise NodeConfigError("run-config key 'data-dir' is empty: set it to a folder of merchant folders")
+    dirs = merchant_dirs(Path(config.data_dir))
+    if pid >= len(dirs):
+        raise NodeConfigError(f"partition-id {pid} but data-dir {config.data_dir!r} has only {len(dirs)} merchants")
+    return NodeIdentity(merchant_id=dirs[pid].name, data_dir=dirs[pid], synthetic_index=None,
+                        state_dir=nodes_root / dirs[pid].name, target_epsilon=target_epsilon,
+                        target_delta=target_delta, device=device)
+
+
+def _synthetic_count(data_dir: str) -> int:
+    raw = data_dir[len(SYNTHETIC_PREFIX):]
+    if not raw.isdigit() or int(raw) < 1:
+        raise NodeConfigError(f"data-dir {data_dir!r}: expected 'synthetic:N' with N >= 1")
+    return int(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class MerchantSplit:
+    train: list[Example]
+    test: list[Example]
+
+
+def _subsample(examples: list[Example], limit: int, salt: str) -> list[Example]:
+    """A deterministic subset (hash order), so evaluation sees the same records every round."""
+    if not limit or len(examples) <= limit:
+        return examples
+    keyed = sorted(range(len(examples)),
+                   key=lambda i: hashlib.sha1(f"{salt}:{i}".encode()).hexdigest())
+    return [examples[i] for i in sorted(keyed[:limit])]
+
+
+class Merchant:
+    """A node's merchant: loads its data once per call and trains or evaluates the model."""
+
+    def __init__(self, identity: NodeIdentity, config: RunConfig) -> None:
+        self.identity = identity
+        self.config = config
+
+    def load_data(self) -> MerchantData:
+        if self.identity.synthetic_index is not None:
+            from simulations.synthetic import SyntheticFederation
+
+            federation = SyntheticFederation(_synthetic_count(self.config.data_dir), seed=self.config.synthetic_seed)
+            return federation.merchant(self.identity.synthetic_index)
+        assert self.identity.data_dir is not None
+        return load_merchant(self.identity.data_dir)  # raises DataValidationError, writes nothing
+
+    def split(self) -> MerchantSplit:
+        data = self.load_data()
+        examples = build_examples(data, conversion_label=self.config.conversion_label,
+                                  history_length=self.config.history_length, tasks=self.config.task_names)
+        if not examples:
+            raise NodeConfigError(f"merchant {self.identity.merchant_id!r} has no examples for tasks {self.config.tasks!r}")
+        train, test = split_examples(examples, test_fraction=self.config.test_fraction, seed=self.config.split_seed)
+        train = _subsample(train, self.config.max_train_examples, f"train:{self.identity.merchant_id}")
+        test = _subsample(test, self.config.eval_max_examples, f"test:{self.identity.merchant_id}")
+        return MerchantSplit(train=train, test=test)
+
+    def privacy_state(self) -> PrivacyState:
+        return PrivacyState.open(self.identity.state_path, merchant_id=self.identity.merchant_id,
+                                 target_epsilon=self.identity.target_epsilon,
+                                 target_delta=self.identity.target_delta, accountant=self.config.accountant)
+
+    def _model(self, params: dict[str, np.ndarray]) -> Any:
+        spec = ModelSpec.from_config(self.config)
+        model = build_model(spec)
+        set_trainable(model, params)
+        return model, load_tokenizer(spec)
+
+    def train(self, params: dict[str, np.ndarray], *, server_round: int, model_version: int) -> TrainReply:
+        """Train from the global parameters; a budget refusal is a typed reply, not a crash."""
+        split = self.split()
+        privacy = self.privacy_state() if self.config.dp else None
+        model, tokenizer = self._model(params)
+        device = choose_device(self.identity.device)
+        try:
+            result = trainer.train(model, split.train, tokenizer, self.config, privacy=privacy,
+                                   round=server_round, model_version=model_version, device=device)
+        except BudgetExceededError as exc:
+            log.warning("%s", exc)
+            assert privacy is not None
+            return TrainReply(facts=self._facts(privacy, status=STATUS_REFUSED, steps=0, sample_rate=0.0,
+                                                model_version=model_version, epsilon=exc.epsilon_now,
+                                                reason=str(exc)), params=None, metrics={})
+        model.cpu()
+        facts = self._facts(privacy, status=STATUS_OK, steps=result.steps,
+                            sample_rate=result.mechanism.sample_rate if result.mechanism else 0.0,
+                            model_version=model_version, epsilon=result.epsilon)
+        metrics = {"num-examples": float(result.num_examples), "train-loss": result.mean_loss,
+                   "steps": float(result.steps), "duration-s": result.duration_s}
+        return TrainReply(facts=facts, params=dict(get_trainable(model)), metrics=metrics)
+
+    def _facts(self, privacy: PrivacyState | None, *, status: str, steps: int, sample_rate: float,
+               model_version: int, epsilon: float, reason: str = "") -> PrivacyFacts:
+        return PrivacyFacts(
+            merchant_id=self.identity.merchant_id, status=status, dp=self.config.dp,
+            noise_multiplier=self.config.noise_multiplier if self.config.dp else 0.0,
+            sample_rate=sample_rate, steps=steps, max_grad_norm=self.config.max_grad_norm,
+            delta=privacy.target_delta if privacy else 0.0, epsilon=epsilon,
+            epsilon_budget=privacy.target_epsilon if privacy else float(self.identity.target_epsilon),
+            accountant=self.config.accountant, model_version=model_version, reason=reason,
+        )
+
+    def evaluate(self, params: dict[str, np.ndarray]) -> trainer.EvalResult:
+        split = self.split()
+        model, tokenizer = self._model(params)
+        return trainer.evaluate(model, split.test, tokenizer, self.config,
+                                device=choose_device(self.identity.device))

@@ -1,0 +1,240 @@
+"""One merchant's local training call: DP-SGD (Opacus) or non-private, plus evaluation.
+
+Order of a private call, and why:
+1. plan the mechanism (σ, q = batch / N, steps) and check the merchant's budget: a call
+   that would exceed it raises ``BudgetExceededError`` before touching the model;
+2. train with Poisson sampling, per-sample clipping and Gaussian noise;
+3. persist the spend (``PrivacyState.commit``) and only then return the parameters, so an
+   update never leaves without its spend on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from client import dp
+from client.budget import PrivacyState
+from shared import metrics as metrics_lib
+from shared.config import RunConfig
+from shared.privacy import MechanismEvent
+from shared.tasks import TASK_INDEX, TASKS, Example, PerExampleLoss, predictions
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainResult:
+    num_examples: int
+    steps: int
+    mean_loss: float
+    losses: list[float]
+    mechanism: MechanismEvent | None  # None for a non-private call
+    epsilon: float  # cumulative ε of this merchant after the call (0 when non-private)
+    delta: float
+    grad_sample_mode: str
+    duration_s: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalResult:
+    num_examples: int
+    loss: float
+    metrics: dict[str, float]
+
+
+def encode(
+    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int
+) -> TensorDataset:
+    """Tokenise (context, product) pairs once; targets packed as ``[task index, value]``."""
+    if not examples:
+        raise ValueError("no examples to encode")
+    enc = tokenizer(
+        [e.context for e in examples],
+        [e.product for e in examples],
+        truncation="longest_first",
+        max_length=max_seq_len,
+        padding="max_length",
+        return_tensors="pt",
+    )
+    packed = torch.tensor([[TASK_INDEX[e.task], e.target] for e in examples], dtype=torch.float32)
+    token_type_ids = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
+    return TensorDataset(enc["input_ids"], enc["attention_mask"], token_type_ids, packed)
+
+
+def _trim(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """Drop padding columns no example in the batch uses; saves most of the compute at seq 64."""
+    input_ids, attention_mask, token_type_ids, packed = batch
+    length = max(int(attention_mask.sum(1).max().item()), 1) if len(input_ids) else 1
+    # contiguous(): Opacus' embedding norm sampler calls .view() on the index tensor.
+    return (input_ids[:, :length].contiguous().to(device), attention_mask[:, :length].contiguous().to(device),
+            token_type_ids[:, :length].contiguous().to(device), packed.to(device))
+
+
+def make_optimizer(params: list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def planned_steps(num_examples: int, config: RunConfig) -> tuple[float, int]:
+    """(sample_rate, steps) of one call: epochs of N/batch steps, capped by max-local-steps."""
+    # Opacus' Poisson loader samples at 1 / len(DataLoader) = 1 / ceil(N / batch); account
+    # exactly that rate (batch / N over-states it whenever batch does not divide N).
+    sample_rate = 1.0 / math.ceil(num_examples / config.batch_size)
+    steps = max(1, math.ceil(config.local_epochs / sample_rate))
+    if config.max_local_steps:
+        steps = min(steps, config.max_local_steps)
+    return sample_rate, steps
+
+
+def train(
+    model: nn.Module,
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    config: RunConfig,
+    *,
+    privacy: PrivacyState | None,
+    round: int = 0,
+    model_version: int = 0,
+    device: torch.device | None = None,
+    on_step: Callable[[int, int, float], None] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place on one merchant's examples; private iff ``config.dp``."""
+    start = time.perf_counter()
+    device = device or torch.device("cpu")
+    if config.dp and privacy is None:
+        raise ValueError("dp = true needs the merchant's PrivacyState (its persisted accountant)")
+    dataset = encode(examples, tokenizer, max_seq_len=config.max_seq_len)
+    sample_rate, steps = planned_steps(len(dataset), config)
+    planned = None
+    if config.dp:
+        assert privacy is not None
+        planned = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate,
+                                 steps=steps, max_grad_norm=config.max_grad_norm)
+        privacy.check(planned)  # raises BudgetExceededError; nothing trained, nothing spent
+
+    model.to(device)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, config)
+    criterion: nn.Module = PerExampleLoss()
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
+    mode = "none"
+    train_model: nn.Module = model
+    if config.dp:
+        mode = dp.grad_sample_mode_for(config.trainable, config.grad_sample_mode)
+        private = dp.make_private(model=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                                  noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                                  mode=mode)
+        train_model, optimizer, loader, criterion = (private.model, private.optimizer,
+                                                     private.data_loader, private.criterion)
+
+    losses: list[float] = []
+    done = 0
+    try:
+        while done < steps:
+            for batch in loader:
+                if done >= steps:
+                    break
+                input_ids, attention_mask, token_type_ids, packed = _trim(batch, device)
+                optimizer.zero_grad(set_to_none=True)
+                if len(input_ids) == 0:
+                    # An empty Poisson batch is still one mechanism invocation: release a
+                    # noise-only step so what is released matches what is accounted.
+                    _zero_batch_grads(params, mode)
+                    optimizer.step()
+                else:
+                    scores = train_model(input_ids, attention_mask, token_type_ids)
+                    loss = criterion(scores, packed)
+                    loss.backward()
+                    optimizer.step()
+                    # Ghost clipping returns a wrapper, not a Tensor; both expose .item().
+                    losses.append(float(loss.item()))
+                done += 1
+                if on_step is not None:
+                    on_step(done, steps, losses[-1] if losses else float("nan"))
+    finally:
+        if config.dp:
+            # Remove GradSampleModule's hooks from ``model``: left attached, the next private
+            # call on the same model fails with "Trying to add hooks twice to the same model".
+            train_model.remove_hooks()  # type: ignore[operator]
+            _strip_opacus(model)
+
+    epsilon = 0.0
+    if config.dp:
+        assert privacy is not None and planned is not None
+        epsilon = privacy.commit(planned, round=round, model_version=model_version)
+    return TrainResult(
+        num_examples=len(dataset), steps=done, mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        losses=losses, mechanism=planned, epsilon=epsilon,
+        delta=privacy.target_delta if privacy is not None else 0.0, grad_sample_mode=mode,
+        duration_s=time.perf_counter() - start,
+    )
+
+
+def _zero_batch_grads(params: list[nn.Parameter], mode: str) -> None:
+    for p in params:
+        p.grad = torch.zeros_like(p)
+        if mode != "ghost":
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def _strip_opacus(model: nn.Module) -> None:
+    """Remove per-sample state Opacus attached to parameters so the model is plain again."""
+    for p in model.parameters():
+        for attr in ("grad_sample", "_forward_counter", "summed_grad"):
+            if hasattr(p, attr):
+                delattr(p, attr)
+        p.grad = None
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    config: RunConfig,
+    *,
+    device: torch.device | None = None,
+    batch_size: int = 64,
+) -> EvalResult:
+    """Loss and every task's metrics on held-out examples (no privacy cost: nothing released
+    but aggregate metrics, which the record-level guarantee does not cover; see README)."""
+    device = device or torch.device("cpu")
+    if not examples:
+        return EvalResult(num_examples=0, loss=float("nan"), metrics={})
+    dataset = encode(examples, tokenizer, max_seq_len=config.max_seq_len)
+    was_training = model.training
+    model.to(device)
+    model.eval()
+    losses, preds = [], []
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        input_ids, attention_mask, token_type_ids, packed = _trim(batch, device)
+        scores = model(input_ids, attention_mask, token_type_ids)
+        losses.append(PerExampleLoss(reduction="none")(scores, packed).cpu())
+        preds.append(predictions(scores, packed[:, 0]).cpu())
+    model.train(was_training)
+    all_preds = torch.cat(preds).numpy()
+    result: dict[str, float] = {}
+    for task in TASKS:
+        idx = [i for i, e in enumerate(examples) if e.task == task]
+        if not idx:
+            continue
+        result.update(metrics_lib.task_metrics(
+            task,
+            targets=np.array([examples[i].target for i in idx]),
+            preds=all_preds[idx],
+            groups=[examples[i].group for i in idx],
+        ))
+    return EvalResult(num_examples=len(examples), loss=float(torch.cat(losses).mean()), metrics=result)

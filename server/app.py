@@ -1,0 +1,35 @@
+"""The ServerApp: read the run config, run the federation, export the model. Nothing else."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from server.federation import Federation
+from server.report import format_summary, run_summary, write_summary
+from shared.config import RunConfig
+from shared.model import ModelSpec, build_model, export_model, get_trainable, load_tokenizer, set_trainable
+
+log = logging.getLogger(__name__)
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    config = RunConfig.from_mapping(context.run_config)
+    spec = ModelSpec.from_config(config)
+    model = build_model(spec)
+    federation = Federation(grid, config, dict(get_trainable(model)))
+    try:
+        result = federation.run()
+    finally:
+        federation.close()
+    set_trainable(model, result.params)
+    export_model(model, load_tokenizer(spec), Path(config.run_dir) / "model", spec=spec)
+    summary = run_summary(Path(config.run_dir), stopped_because=result.stopped_because)
+    write_summary(Path(config.run_dir), summary)
+    log.info("\n%s", format_summary(summary))

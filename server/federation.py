@@ -1,0 +1,368 @@
+"""The federated run: rounds of sample -> train -> screen -> ledger -> aggregate -> checkpoint.
+
+fedshop owns the round loop (instead of ``Strategy.start``) because durability has to sit
+*between* Flower's steps: the privacy ledger is written after replies arrive and before
+their aggregate is used, and a checkpoint is written after every round so a run resumes
+from its last complete round. Sampling and aggregation stay the strategy's (see
+``server.strategy``).
+
+Guards for Flower's two silent failure modes:
+- a round never waits forever: enough nodes must connect within ``node-wait-timeout-s``,
+  and replies are awaited for at most ``round-timeout-s``;
+- a round in which no update was accepted raises ``RoundFailedError`` (non-zero exit) with
+  every merchant's outcome, instead of ending "completed".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+import re
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from server import checkpoint as ckpt
+from server.ledger import PrivacyLedger, SpendRecord
+from server.run_log import RunLog
+from server.screening import screen_update
+from server.strategy import EligibleNodesGrid, build_strategy, restore_strategy_state, strategy_state
+from shared.config import RunConfig
+from shared.metrics import HIGHER_IS_BETTER
+from shared.wire import (
+    METRICS,
+    MODEL_VERSION,
+    STATUS_REFUSED,
+    TrainReply,
+    WireError,
+    array_bytes,
+    params_to_record,
+    record_to_params,
+)
+
+log = logging.getLogger(__name__)
+
+LEDGER_FILE = "ledger.sqlite"
+
+
+class FederationError(RuntimeError):
+    """The run cannot go on; the message says why. Entry points exit non-zero on it."""
+
+
+class RoundFailedError(FederationError):
+    """No update was accepted in a round."""
+
+
+class NotEnoughNodesError(FederationError):
+    """Too few nodes connected within the bounded wait."""
+
+
+@dataclasses.dataclass
+class RoundReport:
+    round: int
+    sampled: list[str] = dataclasses.field(default_factory=list)
+    accepted: list[str] = dataclasses.field(default_factory=list)
+    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
+    refused: dict[str, str] = dataclasses.field(default_factory=dict)
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)
+    bytes_received: int = 0
+    train_loss: float = float("nan")
+    slowest_train_s: float = 0.0
+    wall_s: float = 0.0
+    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    epsilon: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def outcome_text(self) -> str:
+        parts = [f"{m}: accepted" for m in self.accepted]
+        parts += [f"{m}: rejected ({r})" for m, r in self.rejected.items()]
+        parts += [f"{m}: refused ({r})" for m, r in self.refused.items()]
+        parts += [f"{m}: failed ({r})" for m, r in self.failed.items()]
+        return "; ".join(parts) or "no replies"
+
+
+@dataclasses.dataclass(frozen=True)
+class FederationResult:
+    rounds_completed: int
+    params: dict[str, np.ndarray]
+    reports: list[RoundReport]
+    stopped_because: str
+
+
+class Federation:
+    """Drives one run over a Flower grid; all state lives under ``config.run_dir``."""
+
+    def __init__(self, grid: Grid, config: RunConfig, initial_params: dict[str, np.ndarray]) -> None:
+        self.grid = grid
+        self.config = config
+        self.run_dir = Path(config.run_dir)
+        self.strategy: Strategy = build_strategy(config)
+        self.params = dict(initial_params)
+        self.start_round = 1
+        self.node_merchant: dict[int, str] = {}  # learned from replies; merchant ids come from nodes
+        self.exhausted: set[str] = set()
+        self._prepare_run_dir(config)
+        self.ledger = PrivacyLedger(self.run_dir / LEDGER_FILE)
+        self._init_ledger_meta()
+        self.run_log = RunLog(self.run_dir)
+
+    # ------------------------------------------------------------------ set-up / resume
+    def _prepare_run_dir(self, config: RunConfig) -> None:
+        existing = (self.run_dir / LEDGER_FILE).exists()
+        if existing and not config.resume:
+            raise FederationError(
+                f"run dir {self.run_dir} already holds a run (ledger present); resume it with "
+                "--resume, or choose a new --out"
+            )
+        if config.resume and not existing:
+            raise FederationError(f"--resume {self.run_dir}: no run there (no {LEDGER_FILE})")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if config.resume:
+            latest = ckpt.load_latest(self.run_dir)
+            if latest is not None:
+                self.params = dict(latest.parameters)
+                restore_strategy_state(self.strategy, latest.extra_arrays)
+                self.start_round = latest.round + 1
+        (self.run_dir / "config.json").write_text(json.dumps(config.to_mapping(), indent=1))
+
+    def _init_ledger_meta(self) -> None:
+        meta = self.ledger.meta()
+        if "run_id" not in meta:
+            self.ledger.set_meta("run_id", uuid.uuid4().hex)
+            self.ledger.set_meta("guarantee", "record-level (ε, δ)-DP per merchant")
+        self.run_id = self.ledger.meta()["run_id"]
+        if self.config.resume:
+            # A round recorded in the ledger but not checkpointed really spent privacy; its
+            # aggregate is lost, and its number is not reused (that spend stays as recorded).
+            last_ledger = self.ledger.last_round()
+            if last_ledger >= self.start_round:
+                log.warning("round %d is in the ledger but was not checkpointed; continuing at round %d",
+                            last_ledger, last_ledger + 1)
+                self.start_round = last_ledger + 1
+            self.exhausted = self.ledger.exhausted()
+            log.info("resuming run %s at round %d", self.run_id, self.start_round)
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> FederationResult:
+        reports: list[RoundReport] = []
+        best: float | None = None
+        since_best = 0
+        stopped = "all rounds done"
+        model_version = self.start_round - 1
+        for rnd in range(self.start_round, self.config.num_server_rounds + 1):
+            eligible = self._eligible_nodes()
+            if not eligible:
+                stopped = "every merchant's privacy budget is spent"
+                log.warning("stopping before round %d: %s", rnd, stopped)
+                break
+            report = self._train_round(rnd, eligible, model_version=model_version)
+            model_version = rnd
+            self._evaluate_round(rnd, eligible, report)
+            self.run_log.append(report)
+            ckpt.save_checkpoint(self.run_dir, ckpt.Checkpoint(
+                round=rnd, parameters=self.params, config=self.config.to_mapping(),
+                extra={"run_id": self.run_id}, extra_arrays=strategy_state(self.strategy)))
+            reports.append(report)
+            if self.config.early_stopping_rounds:
+                value = report.eval_metrics.get(self.config.early_stopping_metric)
+                if value is not None:
+                    higher = HIGHER_IS_BETTER.get(self.config.early_stopping_metric, True)
+                    if best is None or (value > best if higher else value < best):
+                        best, since_best = value, 0
+                    else:
+                        since_best += 1
+                    if since_best >= self.config.early_stopping_rounds:
+                        stopped = (f"early stopping: {self.config.early_stopping_metric} has not improved "
+                                   f"for {since_best} rounds (best {best:.4f})")
+                        log.info(stopped)
+                        break
+        return FederationResult(rounds_completed=self.ledger.last_round(), params=self.params,
+                                reports=reports, stopped_because=stopped)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    # ------------------------------------------------------------------ sampling
+    def _eligible_nodes(self) -> list[int]:
+        """Connected nodes, minus exhausted merchants, after a bounded wait for enough of them."""
+        need = self.config.min_available_nodes or self.config.merchants_per_round
+        deadline = time.monotonic() + self.config.node_wait_timeout_s
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= need:
+                break
+            if time.monotonic() > deadline:
+                raise NotEnoughNodesError(
+                    f"only {len(nodes)} node(s) connected after waiting {self.config.node_wait_timeout_s:.0f} s "
+                    f"(need {need}; run-config keys 'min-available-nodes' / 'node-wait-timeout-s')"
+                )
+            time.sleep(0.5)
+        return [n for n in nodes if self.node_merchant.get(n) not in self.exhausted]
+
+    def _sample(self, rnd: int, eligible: list[int]) -> list[int]:
+        # Seeded per round, so a resumed run samples what the uninterrupted one would have.
+        rng = random.Random(self.config.seed * 1_000_003 + rnd)
+        return sorted(rng.sample(eligible, min(self.config.merchants_per_round, len(eligible))))
+
+    # ------------------------------------------------------------------ training
+    def _train_round(self, rnd: int, eligible: list[int], *, model_version: int) -> RoundReport:
+        start = time.monotonic()
+        sampled = self._sample(rnd, eligible)
+        report = RoundReport(round=rnd)
+        report.sampled = [self.node_merchant.get(n, f"node-{n}") for n in sampled]
+        log.info("round %d/%d: training on %d merchant(s)", rnd, self.config.num_server_rounds, len(sampled))
+        train_config = ConfigRecord({MODEL_VERSION: model_version})
+        messages = list(self.strategy.configure_train(
+            rnd, params_to_record(self.params), train_config, EligibleNodesGrid(self.grid, sampled)))
+        replies = self._collect(messages, phase="train", rnd=rnd)
+
+        accepted: list[Message] = []
+        records: list[SpendRecord] = []
+        losses: list[tuple[float, float]] = []
+        for node_id, msg in replies:
+            if msg is None or msg.has_error():
+                reason = "no reply within round-timeout-s" if msg is None else short_reason(msg.error.reason)
+                report.failed[self.node_merchant.get(node_id, f"node-{node_id}")] = reason
+                continue
+            try:
+                reply = TrainReply.from_recorddict(msg.content)
+            except WireError as exc:
+                report.failed[f"node-{node_id}"] = f"malformed reply: {exc}"
+                continue
+            facts = reply.facts
+            self.node_merchant[node_id] = facts.merchant_id
+            report.epsilon[facts.merchant_id] = facts.epsilon
+            status = "accepted"
+            reason = ""
+            if facts.status == STATUS_REFUSED:
+                status, reason = "refused", facts.reason
+                report.refused[facts.merchant_id] = reason
+                self.exhausted.add(facts.merchant_id)
+            else:
+                assert reply.params is not None
+                report.bytes_received += array_bytes(reply.params)
+                verdict = screen_update(reply.params, self.params, max_update_norm=self.config.max_update_norm)
+                if verdict.accepted:
+                    accepted.append(msg)
+                    report.accepted.append(facts.merchant_id)
+                    losses.append((reply.metrics.get("train-loss", float("nan")),
+                                   reply.metrics.get("num-examples", 0.0)))
+                    report.slowest_train_s = max(report.slowest_train_s, reply.metrics.get("duration-s", 0.0))
+                else:
+                    status, reason = "rejected", verdict.reason
+                    report.rejected[facts.merchant_id] = reason
+                    log.warning("round %d: rejected update from merchant %s: %s", rnd, facts.merchant_id, reason)
+                if facts.dp and facts.epsilon >= facts.epsilon_budget:
+                    self.exhausted.add(facts.merchant_id)
+            records.append(SpendRecord(
+                run_id=self.run_id, round=rnd, merchant_id=facts.merchant_id, node_id=node_id,
+                model_version=facts.model_version, noise_multiplier=facts.noise_multiplier,
+                sample_rate=facts.sample_rate, steps=facts.steps, max_grad_norm=facts.max_grad_norm,
+                delta=facts.delta, epsilon_reported=facts.epsilon if facts.dp else float("inf"),
+                epsilon_budget=facts.epsilon_budget, accountant=facts.accountant, status=status,
+                reason=reason[:500], dp=facts.dp))
+        # The ledger is written before this round's aggregate is used for anything.
+        if records:
+            self.ledger.record_round(records)
+        if not accepted:
+            report.wall_s = time.monotonic() - start
+            self.run_log.append(report)
+            raise RoundFailedError(f"round {rnd}: no update was accepted ({report.outcome_text()})")
+        # Flower's aggregation reads exactly one ArrayRecord + one MetricRecord per reply.
+        for msg in accepted:
+            del msg.content.config_records["privacy"]
+        arrays, _ = self.strategy.aggregate_train(rnd, accepted)
+        if arrays is None:
+            raise RoundFailedError(f"round {rnd}: the strategy produced no aggregate")
+        self.params = dict(record_to_params(arrays))
+        total = sum(w for _, w in losses)
+        report.train_loss = sum(loss * w for loss, w in losses) / total if total else float("nan")
+        report.wall_s = time.monotonic() - start
+        log.info("round %d: %d accepted, %d rejected, %d refused, %d failed; train loss %.4f",
+                 rnd, len(report.accepted), len(report.rejected), len(report.refused), len(report.failed),
+                 report.train_loss)
+        return report
+
+    def _evaluate_round(self, rnd: int, eligible: list[int], report: RoundReport) -> None:
+        """Federated evaluation of the new global model on merchants' held-out data."""
+        nodes = eligible if len(eligible) <= 50 else self._sample(rnd + 7919, eligible)
+        messages = list(self.strategy.configure_evaluate(
+            rnd, params_to_record(self.params), ConfigRecord(), EligibleNodesGrid(self.grid, nodes)))
+        totals: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for node_id, msg in self._collect(messages, phase="evaluate", rnd=rnd):
+            if msg is None or msg.has_error() or METRICS not in msg.content.metric_records:
+                continue
+            metrics = dict(msg.content.metric_records[METRICS])
+            weight = float(metrics.pop("num-examples", 0.0))  # type: ignore[arg-type]
+            for key, value in metrics.items():
+                totals[key] = totals.get(key, 0.0) + float(value) * weight  # type: ignore[arg-type]
+                weights[key] = weights.get(key, 0.0) + weight
+        report.eval_metrics = {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+        if report.eval_metrics:
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(report.eval_metrics.items()))
+            log.info("round %d evaluation: %s", rnd, shown)
+
+    def _collect(self, messages: list[Message], *, phase: str, rnd: int) -> list[tuple[int, Message | None]]:
+        """Push messages, then gather replies as they come (logging each), up to the round timeout."""
+        if not messages:
+            return []
+        ids = list(self.grid.push_messages(messages))
+        dst = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
+        pending = set(i for i in ids if i)
+        got: dict[str, Message] = {}
+        deadline = time.monotonic() + self.config.round_timeout_s
+        while pending and time.monotonic() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                mid = reply.metadata.reply_to_message_id
+                if mid in pending:
+                    pending.discard(mid)
+                    got[mid] = reply
+                    self._log_reply(phase, rnd, dst[mid], reply, done=len(got), total=len(ids))
+            if pending:
+                time.sleep(0.1)
+        if pending:
+            log.warning("round %d %s: %d node(s) did not reply within %.0f s", rnd, phase, len(pending),
+                        self.config.round_timeout_s)
+        return [(dst[mid], got.get(mid)) for mid in ids]
+
+    def _log_reply(self, phase: str, rnd: int, node_id: int, reply: Message, *, done: int, total: int) -> None:
+        who = self.node_merchant.get(node_id, f"node {node_id}")
+        if reply.has_error():
+            log.warning("round %d %s [%d/%d] %s failed: %s", rnd, phase, done, total, who,
+                        short_reason(reply.error.reason))
+            return
+        privacy = reply.content.config_records.get("privacy")
+        if privacy is not None:
+            who = str(privacy.get("merchant-id", who))
+            log.info("round %d %s [%d/%d] %s: %s, ε %.3f / %.3f", rnd, phase, done, total, who,
+                     privacy.get("status"), float(privacy.get("epsilon", 0.0)),  # type: ignore[arg-type]
+                     float(privacy.get("epsilon-budget", 0.0)))  # type: ignore[arg-type]
+        else:
+            log.info("round %d %s [%d/%d] %s done", rnd, phase, done, total, who)
+
+
+def short_reason(reason: str) -> str:
+    """The client's own exception message out of a Flower/Ray error string (which wraps it
+    in tracebacks and terminal colour codes)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    if "Message:" in text:
+        text = text.rsplit("Message:", 1)[1]
+    return " ".join(text.split())[:300]
+
+
+def summarise(result: FederationResult) -> dict[str, Any]:
+    last = result.reports[-1] if result.reports else None
+    return {
+        "rounds_completed": result.rounds_completed,
+        "stopped_because": result.stopped_because,
+        "final_eval": last.eval_metrics if last else {},
+    }
+

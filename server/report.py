@@ -1,0 +1,71 @@
+"""The end-of-run summary: utility per task, ε per merchant, and where the outputs are."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from server.ledger import PrivacyLedger
+from server.run_log import RunLog
+
+
+def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
+    run_dir = Path(run_dir)
+    rows = RunLog(run_dir).rows()
+    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+        latest = {r.merchant_id: r for r in ledger.rows()}  # rows are ordered: last one wins
+        privacy = {
+            m: {"epsilon": r.epsilon_reported, "budget": r.epsilon_budget, "delta": r.delta,
+                "rounds": sum(1 for x in ledger.rows(m) if x.status != "refused")}
+            for m, r in sorted(latest.items())
+        }
+        rounds = ledger.last_round()
+    final_eval = next((r["eval_metrics"] for r in reversed(rows) if r.get("eval_metrics")), {})
+    return {
+        "run_dir": str(run_dir),
+        "rounds_completed": rounds,
+        "stopped_because": stopped_because,
+        "final_eval": final_eval,
+        "privacy": privacy,
+        "outputs": {
+            "metrics": str(run_dir / "metrics.jsonl"),
+            "ledger": str(run_dir / "ledger.sqlite"),
+            "checkpoints": str(run_dir / "checkpoints"),
+            "model": str(run_dir / "model"),
+        },
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    lines = [f"fedshop run finished: {summary['rounds_completed']} round(s); {summary['stopped_because']}"]
+    if summary["final_eval"]:
+        lines.append("utility on merchants' held-out data (last round):")
+        for key, value in sorted(summary["final_eval"].items()):
+            if value is not None and key != "eval-loss":
+                lines.append(f"  {key:<22} {value:.4f}")
+    lines.append("privacy spent per merchant (ε at δ, cumulative / budget):")
+    for merchant, p in summary["privacy"].items():
+        eps = "no DP" if not math.isfinite(p["epsilon"]) else f"{p['epsilon']:.3f}"
+        lines.append(f"  {merchant:<22} ε {eps} / {p['budget']:.3f} at δ {p['delta']:.0e}, {p['rounds']} round(s)")
+    lines.append("outputs:")
+    for name, path in summary["outputs"].items():
+        lines.append(f"  {name:<12} {path}")
+    return "\n".join(lines)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
+    path = Path(run_dir) / "summary.json"
+    tmp = path.with_suffix(".json.tmp")
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+
+    tmp.write_text(json.dumps(clean(summary), indent=1))
+    tmp.replace(path)
+    return path

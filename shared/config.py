@@ -1,0 +1,176 @@
+"""The one typed configuration of a fedshop run.
+
+Flower hands run config over as a flat kebab-case mapping of scalars. ``RunConfig.from_mapping``
+turns it into typed, validated fields once; handlers and trainers read attributes, never
+``context.run_config[...]``. The defaults here are mirrored in ``pyproject.toml``
+(``[tool.flwr.app.config]``), which Flower requires; a test keeps both in step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any, Literal, get_args, get_type_hints
+
+Trainable = Literal["heads", "top-k", "lora", "full"]
+StrategyName = Literal["fedavg", "fedadam", "fedprox"]
+OptimizerName = Literal["adamw", "sgd"]
+GradSampleMode = Literal["auto", "hooks", "ghost", "ew", "functorch"]
+Accountant = Literal["prv", "rdp"]
+ConversionLabel = Literal["click", "purchase"]
+
+
+class ConfigError(ValueError):
+    """A run-config key has a value fedshop cannot use; the message names both."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    # --- federation -----------------------------------------------------------------
+    num_server_rounds: int = 5
+    merchants_per_round: int = 3
+    strategy: StrategyName = "fedavg"
+    server_learning_rate: float = 0.01  # FedAdam's eta
+    proximal_mu: float = 0.01  # FedProx's mu
+    max_update_norm: float = 1000.0  # L2 bound on an accepted update (delta from global)
+    round_timeout_s: float = 900.0  # bounded wait for one round's replies
+    node_wait_timeout_s: float = 60.0  # bounded wait for enough nodes to connect
+    min_available_nodes: int = 0  # nodes that must be connected to start a round; 0 = merchants-per-round
+    early_stopping_rounds: int = 0  # 0 = off
+    early_stopping_metric: str = "ctr_auc"
+    run_dir: str = "runs/latest"
+    resume: bool = False  # continue the run in run-dir from its last checkpoint
+    seed: int = 0
+
+    # --- data -----------------------------------------------------------------------
+    data_dir: str = ""  # folder of merchant folders, or "synthetic:N" for generated merchants
+    synthetic_seed: int = 0
+    test_fraction: float = 0.2
+    split_seed: int = 0
+    conversion_label: ConversionLabel = "purchase"
+    history_length: int = 3  # recent products used as context for recommendation
+    eval_max_examples: int = 256  # per merchant per evaluation call; bounds eval time
+    max_train_examples: int = 0  # 0 = all; caps a merchant's training set (fast demos)
+
+    # --- model ----------------------------------------------------------------------
+    encoder: str = "minilm"  # "minilm", "tiny", or a local Hugging Face model folder
+    trainable: Trainable = "lora"
+    top_k_layers: int = 2
+    lora_r: int = 8
+    lora_alpha: int = 16
+    dropout: float = 0.1
+    max_seq_len: int = 64
+    tasks: str = "ctr,rating,relevance"
+
+    # --- local training -------------------------------------------------------------
+    optimizer: OptimizerName = "adamw"
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    local_epochs: float = 1.0
+    max_local_steps: int = 20  # cap per training call; 0 = no cap
+    batch_size: int = 32  # expected Poisson batch size; sample_rate = batch_size / N
+    device: str = "auto"
+
+    # --- privacy --------------------------------------------------------------------
+    dp: bool = True
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    target_epsilon: float = 8.0  # per-merchant budget; a hard stop
+    target_delta: float = 1e-5
+    accountant: Accountant = "prv"
+    grad_sample_mode: GradSampleMode = "auto"
+
+    # ---------------------------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any]) -> RunConfig:
+        """Build from a kebab-case (or snake_case) mapping; unknown keys are errors."""
+        hints = get_type_hints(cls)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                raise ConfigError(f"unknown run-config key {key!r} (value {value!r})")
+            values[name] = _coerce(key, value, hints[name])
+        config = cls(**values)
+        config.validate()
+        return config
+
+    def to_mapping(self) -> dict[str, bool | int | float | str]:
+        """Kebab-case scalars, as Flower's run config and checkpoints store them."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def replace(self, **changes: Any) -> RunConfig:
+        config = dataclasses.replace(self, **changes)
+        config.validate()
+        return config
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.strip() for t in self.tasks.split(",") if t.strip())
+
+    def validate(self) -> None:
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"run-config key {name.replace('_', '-')!r} = {getattr(self, name)!r}: {why}")
+
+        positive_ints = ("num_server_rounds", "merchants_per_round", "batch_size", "max_seq_len")
+        for name in positive_ints:
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        for name in ("max_local_steps", "early_stopping_rounds", "eval_max_examples",
+                     "max_train_examples", "min_available_nodes", "history_length", "top_k_layers", "lora_r"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        for name in ("learning_rate", "max_grad_norm", "max_update_norm", "round_timeout_s",
+                     "node_wait_timeout_s", "target_epsilon", "local_epochs"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise bad(name, "must be a finite number > 0")
+        if not (0.0 < self.target_delta < 1.0):
+            raise bad("target_delta", "must lie strictly between 0 and 1")
+        if not (0.0 < self.test_fraction < 1.0):
+            raise bad("test_fraction", "must lie strictly between 0 and 1")
+        if not (0.0 <= self.dropout < 1.0):
+            raise bad("dropout", "must lie in [0, 1)")
+        if self.dp and not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
+            raise bad("noise_multiplier", "must be > 0 when dp = true (set dp = false for a non-private run)")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0")
+        known = {"ctr", "rating", "relevance"}
+        unknown = [t for t in self.task_names if t not in known]
+        if unknown or not self.task_names:
+            raise bad("tasks", f"must be a comma-separated subset of {sorted(known)}")
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Turn one raw scalar into the field's type, or say which key and value are wrong."""
+    choices = get_args(hint)
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+                return value.lower() in ("true", "1")
+            if isinstance(value, int) and value in (0, 1):
+                return bool(value)
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if choices:  # a Literal
+            if value not in choices:
+                raise ConfigError(f"run-config key {key!r} = {value!r}: must be one of {list(choices)}")
+            return value
+        return str(value)
+    except ConfigError:  # a ValueError too: keep its "must be one of" message
+        raise
+    except (TypeError, ValueError):
+        raise ConfigError(f"run-config key {key!r} = {value!r}: expected {getattr(hint, '__name__', hint)}") from None

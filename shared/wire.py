@@ -1,0 +1,110 @@
+"""What crosses the network: record keys and (de)serialisation of updates and privacy facts.
+
+A train reply carries exactly one ArrayRecord (the trainable parameters), one MetricRecord
+(with ``num-examples`` for weighting; the same keys in every reply so Flower's aggregation
+accepts them) and one ConfigRecord of privacy facts describing *that* update. The facts
+travel with the update they describe, never separately.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+PRIVACY = "privacy"
+
+# Keys the server sends in the train/evaluate ConfigRecord.
+SERVER_ROUND = "server-round"
+MODEL_VERSION = "model-version"
+
+STATUS_OK = "ok"
+STATUS_REFUSED = "refused"  # the merchant declined: its budget would be exceeded
+
+TRAIN_METRIC_KEYS = ("num-examples", "train-loss", "steps", "duration-s")
+
+
+class WireError(ValueError):
+    """A reply is missing a record or a key; the message names it."""
+
+
+def params_to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in params.items()))
+
+
+def record_to_params(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    return OrderedDict((k, v.numpy()) for k, v in record.items())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrivacyFacts:
+    """The privacy side of one train reply, in Opacus / dp_accounting vocabulary."""
+
+    merchant_id: str
+    status: str  # STATUS_OK or STATUS_REFUSED
+    dp: bool
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+    delta: float
+    epsilon: float  # the merchant's cumulative ε after this call (its own accountant)
+    epsilon_budget: float
+    accountant: str
+    model_version: int
+    reason: str = ""
+
+    def to_record(self) -> ConfigRecord:
+        return ConfigRecord({k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()})
+
+    @classmethod
+    def from_record(cls, record: ConfigRecord) -> PrivacyFacts:
+        values: dict[str, Any] = {}
+        for field in dataclasses.fields(cls):
+            key = field.name.replace("_", "-")
+            if key not in record:
+                if field.name == "reason":
+                    continue
+                raise WireError(f"privacy facts lack key {key!r}")
+            values[field.name] = record[key]
+        facts = cls(**values)
+        for name in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon", "epsilon_budget"):
+            if not math.isfinite(float(getattr(facts, name))):
+                raise WireError(f"privacy fact {name!r} = {getattr(facts, name)!r} is not finite")
+        return facts
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainReply:
+    facts: PrivacyFacts
+    params: dict[str, np.ndarray] | None  # None when refused
+    metrics: dict[str, float]
+
+    def to_recorddict(self) -> RecordDict:
+        content = RecordDict({PRIVACY: self.facts.to_record()})
+        if self.params is not None:
+            content[ARRAYS] = params_to_record(self.params)
+            content[METRICS] = MetricRecord({k: float(self.metrics.get(k, 0.0)) for k in TRAIN_METRIC_KEYS})
+        return content
+
+    @classmethod
+    def from_recorddict(cls, content: RecordDict) -> TrainReply:
+        if PRIVACY not in content.config_records:
+            raise WireError(f"train reply has no {PRIVACY!r} ConfigRecord")
+        facts = PrivacyFacts.from_record(content.config_records[PRIVACY])
+        params = record_to_params(content.array_records[ARRAYS]) if ARRAYS in content.array_records else None
+        metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
+        if facts.status == STATUS_OK and params is None:
+            raise WireError(f"merchant {facts.merchant_id!r}: reply status ok but no {ARRAYS!r} record")
+        return cls(facts=facts, params=params, metrics={k: float(v) for k, v in metrics.items()})  # type: ignore[arg-type]
+
+
+def array_bytes(params: dict[str, np.ndarray]) -> int:
+    return int(sum(v.nbytes for v in params.values()))

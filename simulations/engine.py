@@ -1,0 +1,175 @@
+"""Run a scenario on Flower's simulation engine (Ray backend) in this process.
+
+A scenario is a flat TOML file of run-config overrides in ``simulations/scenarios/``; the
+same file works with ``flwr run . --run-config simulations/scenarios/NAME.toml``. This
+module adds what a one-command local run needs around it: preparing bundled data the
+scenario names, counting the virtual merchants, choosing client resources, and stopping
+Ray (and everything it started) when the run ends, fails or is interrupted.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from shared.config import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+SCENARIO_DIR = Path(__file__).resolve().parent / "scenarios"
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+
+# Flower defaults that must not apply here: runtime dependency installation would pull a
+# CUDA torch; telemetry and update checks need a network these machines do not have.
+FLOWER_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DEDUP_LOGS": "0",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class ScenarioError(ValueError):
+    """Unknown scenario or unusable scenario file; the message names it."""
+
+
+def scenario_names() -> list[str]:
+    return sorted(p.stem for p in SCENARIO_DIR.glob("*.toml"))
+
+
+def load_scenario(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCENARIO_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        raise ScenarioError(f"scenario {name_or_path!r} not found; known: {', '.join(scenario_names())}")
+    try:
+        with path.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ScenarioError(f"{path}: not valid TOML ({exc})") from exc
+    nested = [k for k, v in raw.items() if isinstance(v, dict)]
+    if nested:
+        raise ScenarioError(f"{path}: run-config overrides must be flat key = value pairs; found tables {nested}")
+    return raw
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` strings to scalars (TOML syntax for the value, bare words as strings)."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE")
+        key, value = pair.split("=", 1)
+        try:
+            out[key.strip()] = tomllib.loads(f"v = {value.strip()}")["v"]
+        except tomllib.TOMLDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def build_config(scenario: Mapping[str, Any], overrides: Mapping[str, Any], *, out: Path | None) -> RunConfig:
+    merged = {**scenario, **overrides}
+    if out is not None:
+        merged["run-dir"] = str(out)
+    return RunConfig.from_mapping(merged)
+
+
+def count_merchants(config: RunConfig) -> int:
+    from client.merchant import SYNTHETIC_PREFIX, _synthetic_count, merchant_dirs
+
+    if config.data_dir.startswith(SYNTHETIC_PREFIX):
+        return _synthetic_count(config.data_dir)
+    return len(merchant_dirs(Path(config.data_dir)))
+
+
+def ensure_data(config: RunConfig, scenario_name: str) -> None:
+    """Prepare the bundled real data the first time a scenario that uses it runs."""
+    data_dir = Path(config.data_dir)
+    if config.data_dir.startswith("synthetic:") or (data_dir.is_dir() and any(data_dir.iterdir())):
+        return
+    from simulations import adapters
+
+    if scenario_name == "reviews":
+        log.info("preparing the bundled reviews data into %s", data_dir)
+        adapters.prepare_reviews(data_dir)
+    elif scenario_name == "esci":
+        log.info("preparing the bundled ESCI data into %s", data_dir)
+        adapters.prepare_esci(data_dir)
+
+
+def client_resources() -> dict[str, float]:
+    import torch
+
+    # One client at a time per 2 cores: torch already uses both threads, and parallel
+    # clients would only contend for them. A GPU is shared by all clients.
+    cpus = float(min(2, os.cpu_count() or 1))
+    return {"num_cpus": cpus, "num_gpus": 0.5 if torch.cuda.is_available() else 0.0}
+
+
+def run_simulation(config: RunConfig, *, num_merchants: int) -> None:
+    """Run ``config`` on ``num_merchants`` virtual SuperNodes; raises if the ServerApp failed."""
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    import ray
+    from flwr.app import Context, RecordDict
+    from flwr.simulation.run_simulation import _run_simulation
+    from flwr.supercore.run import Run
+
+    from client.app import app as client_app
+    from server.app import app as server_app
+
+    run_config: dict[str, Any] = dict(config.to_mapping())
+    from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES
+    from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
+    from flwr.supercore.constant import NOOP_FEDERATION_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    # What Flower's own run_simulation does when it makes a Run, plus our run config.
+    run = Run.create_empty(run_id=generate_rand_int_from_bytes(RUN_ID_NUM_BYTES))
+    run.primary_task_id = generate_rand_int_from_bytes(TASK_ID_NUM_BYTES)
+    run.federation_id = NOOP_FEDERATION_ID
+    run.override_config = run_config
+    TaskIdentity.task_id = 1
+    TaskIdentity.run_id = run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    backend_config: dict[str, Any] = {
+        "client_resources": client_resources(),
+        "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
+    }
+    try:
+        # The Flower simulation runtime: the ServerApp runs in a thread here, ClientApps
+        # in Ray actors, one virtual SuperNode per merchant. (Private entry point: the
+        # public ``run_simulation`` cannot pass a run config.)
+        _run_simulation(
+            num_supernodes=num_merchants,
+            exit_event=_exit_event(),
+            client_app=client_app,
+            server_app=server_app,
+            backend_name="ray",
+            backend_config=backend_config,  # type: ignore[arg-type]
+            server_app_context=context,
+            # Clients fuse the app's pyproject defaults with the run's overrides from
+            # app_dir; Flower only does so for an "app" run, hence is_app.
+            app_dir=str(PROJECT_DIR),
+            is_app=True,
+            run=run,
+        )
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+
+
+def _exit_event() -> Any:
+    from flwr.supercore.telemetry import EventType
+
+    return EventType.PYTHON_API_RUN_SIMULATION_LEAVE

@@ -1,0 +1,87 @@
+"""``fedshop train-local``: train and evaluate one merchant, or the union of several.
+
+With one merchant folder this is what a merchant would get training alone; with several
+and ``dp = false`` it is the centralised, non-private reference (all data pooled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any
+
+from client import trainer
+from client.budget import PrivacyState
+from client.data import build_examples, load_merchant, split_examples
+from shared.config import RunConfig
+from shared.model import ModelSpec, build_model, choose_device, export_model, load_tokenizer
+from shared.tasks import Example
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalResult:
+    train: trainer.TrainResult
+    before: trainer.EvalResult
+    after: trainer.EvalResult
+    per_merchant: dict[str, trainer.EvalResult]
+
+
+def load_examples(dirs: list[Path], config: RunConfig) -> tuple[list[Example], dict[str, list[Example]]]:
+    """Training examples of all folders, and each folder's held-out examples."""
+    train_all: list[Example] = []
+    tests: dict[str, list[Example]] = {}
+    for directory in dirs:
+        data = load_merchant(directory)  # raises DataValidationError with every problem; writes nothing
+        examples = build_examples(data, conversion_label=config.conversion_label,
+                                  history_length=config.history_length, tasks=config.task_names)
+        train, test = split_examples(examples, test_fraction=config.test_fraction, seed=config.split_seed)
+        train_all.extend(train)
+        tests[data.merchant_id] = test[: config.eval_max_examples] if config.eval_max_examples else test
+    return train_all, tests
+
+
+def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_progress: bool = True) -> LocalResult:
+    train_examples, tests = load_examples(dirs, config)
+    if config.max_train_examples:
+        train_examples = train_examples[: config.max_train_examples]
+    test_all = [e for t in tests.values() for e in t]
+    spec = ModelSpec.from_config(config)
+    model = build_model(spec)
+    tokenizer = load_tokenizer(spec)
+    device = choose_device(config.device)
+    before = trainer.evaluate(model, test_all, tokenizer, config, device=device)
+    privacy = None
+    if config.dp:
+        merchant_id = "+".join(sorted(tests)) if len(tests) > 1 else next(iter(tests))
+        privacy = PrivacyState.open(out_dir / "privacy-state.json", merchant_id=merchant_id,
+                                    target_epsilon=config.target_epsilon, target_delta=config.target_delta,
+                                    accountant=config.accountant)
+
+    def progress(step: int, total: int, loss: float) -> None:
+        if epochs_progress and (step == total or step % max(1, total // 10) == 0):
+            log.info("step %d/%d  loss %.4f", step, total, loss)
+
+    result = trainer.train(model, train_examples, tokenizer, config, privacy=privacy, device=device,
+                           on_step=progress)
+    after = trainer.evaluate(model, test_all, tokenizer, config, device=device)
+    per_merchant = {m: trainer.evaluate(model, t, tokenizer, config, device=device) for m, t in tests.items()}
+    export_model(model.cpu(), tokenizer, out_dir / "model", spec=spec)
+    return LocalResult(train=result, before=before, after=after, per_merchant=per_merchant)
+
+
+def describe(result: LocalResult, config: RunConfig) -> dict[str, Any]:
+    return {
+        "examples": result.train.num_examples,
+        "steps": result.train.steps,
+        "train_loss": result.train.mean_loss,
+        "dp": config.dp,
+        "epsilon": result.train.epsilon if config.dp else None,
+        "delta": result.train.delta if config.dp else None,
+        "grad_sample_mode": result.train.grad_sample_mode,
+        "metrics_before": result.before.metrics,
+        "metrics_after": result.after.metrics,
+        "per_merchant": {m: r.metrics for m, r in result.per_merchant.items()},
+    }

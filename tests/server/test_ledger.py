@@ -1,0 +1,317 @@
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sqlite3
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.ledger import (
+    SCHEMA_VERSION,
+    LedgerConflictError,
+    LedgerError,
+    PrivacyLedger,
+    SpendRecord,
+)
+
+RUN = "run-1"
+
+
+def spend(merchant: str = "m1", round_: int = 1, **overrides: object) -> SpendRecord:
+    fields: dict[str, object] = dict(
+        run_id=RUN,
+        round=round_,
+        merchant_id=merchant,
+        node_id=1000 + int(merchant.lstrip("m") or 0),
+        model_version=round_ - 1,
+        noise_multiplier=1.1,
+        sample_rate=0.02,
+        steps=20,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        epsilon_reported=0.5 * round_,
+        epsilon_budget=8.0,
+        accountant="prv",
+        status="accepted",
+    )
+    fields.update(overrides)
+    return SpendRecord(**fields)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> Iterator[PrivacyLedger]:
+    with PrivacyLedger(tmp_path / "ledger.sqlite") as opened:
+        yield opened
+
+
+def raw(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path, isolation_level=None)
+
+
+# ------------------------------------------------------------------------------ schema
+def test_schema_wal_and_version(ledger: PrivacyLedger) -> None:
+    conn = raw(ledger.path)
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(spend)")]
+    assert columns[:3] == ["run_id", "round", "merchant_id"]
+    assert "epsilon_spent_this_call" not in columns  # derivable, so not stored
+    pk = [row[1] for row in sorted(conn.execute("PRAGMA table_info(spend)"), key=lambda r: r[5]) if row[5]]
+    assert pk == ["run_id", "round", "merchant_id"]
+    triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
+    assert {"spend_no_update", "spend_no_delete", "spend_no_replace"} <= triggers
+    conn.close()
+    # synchronous is per connection: check the ledger's own one (2 = FULL).
+    assert ledger._conn.execute("PRAGMA synchronous").fetchone()[0] == 2
+    assert "created_at" in ledger.meta()
+
+
+def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    PrivacyLedger(path).close()
+    conn = raw(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    with pytest.raises(LedgerError, match="newer"):
+        PrivacyLedger(path)
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.sqlite"
+    conn = raw(path)
+    conn.execute("CREATE TABLE t (x)")
+    conn.close()
+    with pytest.raises(LedgerError, match="not a fedshop privacy ledger"):
+        PrivacyLedger(path)
+
+
+def test_record_validation() -> None:
+    with pytest.raises(ValueError, match="status"):
+        spend(status="maybe")
+    with pytest.raises(ValueError, match="refused"):
+        spend(status="refused", steps=3)
+    with pytest.raises(ValueError, match="epsilon_reported"):
+        spend(epsilon_reported=math.nan)
+    with pytest.raises(ValueError, match="sample_rate"):
+        spend(sample_rate=1.5)
+    spend(epsilon_reported=math.inf, dp=False)  # no DP: unbounded ε is a legal report
+
+
+# ------------------------------------------------------------------------------ writing
+def test_round_trip_and_queries(ledger: PrivacyLedger) -> None:
+    big_node = 2**64 - 1  # Flower node ids are uint64
+    assert ledger.record_round([spend("m2"), spend("m1", node_id=big_node)]) == 2
+    ledger.record_round([spend("m1", 2), spend("m3", 2, status="refused", steps=0, epsilon_reported=8.0)])
+    assert ledger.last_round() == 2
+    assert ledger.merchants() == ["m1", "m2", "m3"]
+    rows = ledger.rows()
+    assert [(r.round, r.merchant_id) for r in rows] == [(1, "m1"), (1, "m2"), (2, "m1"), (2, "m3")]
+    assert rows[0] == spend("m1", node_id=big_node)  # every field round-trips exactly
+    assert [r.round for r in ledger.rows("m1")] == [1, 2]
+    assert ledger.latest_epsilon() == {"m1": 1.0, "m2": 0.5, "m3": 8.0}
+
+
+def test_empty_ledger(ledger: PrivacyLedger) -> None:
+    assert ledger.last_round() == 0
+    assert ledger.rows() == [] and ledger.merchants() == []
+    assert ledger.latest_epsilon() == {} and ledger.exhausted() == set()
+    assert ledger.record_round([]) == 0
+
+
+def test_exhausted(ledger: PrivacyLedger) -> None:
+    ledger.record_round(
+        [
+            spend("m1", epsilon_reported=8.0),  # reached its budget
+            spend("m2", epsilon_reported=7.5),  # within a margin of it
+            spend("m3", epsilon_reported=1.0),
+            spend("m4", status="refused", steps=0, epsilon_reported=0.0),  # declined
+            spend("m5", dp=False, epsilon_reported=math.inf, epsilon_budget=math.inf),  # no DP
+        ]
+    )
+    assert ledger.exhausted() == {"m1", "m4"}
+    assert ledger.exhausted(margin=0.6) == {"m1", "m2", "m4"}
+    # Only the latest row counts: m4 trained again in round 2.
+    ledger.record_round([spend("m4", 2, epsilon_reported=0.5)])
+    assert ledger.exhausted() == {"m1"}
+
+
+def test_round_is_one_transaction_crash_mid_round(
+    ledger: PrivacyLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger.record_round([spend("m1")])
+    calls = []
+
+    def crash_on_second_row(conn: sqlite3.Connection, record: SpendRecord) -> None:
+        calls.append(record.merchant_id)
+        if len(calls) == 2:  # m1 of round 2 is already inserted inside the transaction
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(PrivacyLedger, "_warn_if_epsilon_fell", staticmethod(crash_on_second_row))
+    with pytest.raises(KeyboardInterrupt):
+        ledger.record_round([spend("m1", 2), spend("m2", 2), spend("m3", 2)])
+    assert calls == ["m1", "m2"]
+    assert ledger.last_round() == 1 and ledger.merchants() == ["m1"]
+    monkeypatch.undo()
+    assert ledger.record_round([spend("m1", 2), spend("m2", 2), spend("m3", 2)]) == 3
+
+
+def test_round_is_one_transaction_database_error_mid_round(ledger: PrivacyLedger) -> None:
+    # A record that slipped past validation: the table's CHECK fails on the 3rd insert,
+    # after two rows of the round were already inserted inside the transaction.
+    bad = spend("m3", 1)
+    object.__setattr__(bad, "status", "bogus")
+    with pytest.raises(sqlite3.IntegrityError):
+        ledger.record_round([spend("m1"), spend("m2"), bad])
+    assert ledger.rows() == []
+    # The connection is usable again and the round can be written afterwards.
+    assert ledger.record_round([spend("m1"), spend("m2")]) == 2
+
+
+def test_replay_is_idempotent(ledger: PrivacyLedger) -> None:
+    round1 = [spend("m1"), spend("m2")]
+    assert ledger.record_round(round1) == 2
+    assert ledger.record_round(round1) == 0
+    assert ledger.record_round(list(reversed(round1))) == 0
+    assert ledger.record_round([spend("m1"), spend("m1")]) == 0  # duplicate in one batch collapses
+    assert len(ledger.rows()) == 2
+
+
+def test_replay_with_different_values_conflicts(ledger: PrivacyLedger) -> None:
+    ledger.record_round([spend("m1"), spend("m2")])
+    with pytest.raises(LedgerConflictError, match=r"'m2' round 1.*epsilon_reported"):
+        ledger.record_round([spend("m1"), spend("m2", epsilon_reported=0.9)])
+    with pytest.raises(LedgerConflictError, match="without merchant 'm3'"):
+        ledger.record_round([spend("m1"), spend("m3")])
+    with pytest.raises(LedgerConflictError, match="twice"):
+        ledger.record_round([spend("m4", 2), spend("m4", 2, steps=1)])
+    assert ledger.rows() == [spend("m1"), spend("m2")]
+
+
+def test_rounds_append_in_order_and_one_run(ledger: PrivacyLedger) -> None:
+    ledger.record_round([spend("m1", 3)])
+    with pytest.raises(LedgerConflictError, match="in order"):
+        ledger.record_round([spend("m1", 2)])
+    with pytest.raises(LedgerConflictError, match="belongs to run"):
+        ledger.record_round([spend("m1", 4, run_id="run-2")])
+    with pytest.raises(ValueError, match="one round"):
+        ledger.record_round([spend("m1", 4), spend("m2", 5)])
+
+
+def test_epsilon_decrease_is_logged(ledger: PrivacyLedger, caplog: pytest.LogCaptureFixture) -> None:
+    ledger.record_round([spend("m1", 1, epsilon_reported=2.0)])
+    with caplog.at_level(logging.WARNING, logger="server.ledger"):
+        ledger.record_round([spend("m1", 2, epsilon_reported=0.4)])
+    assert "accountant being reset" in caplog.text
+    assert ledger.latest_epsilon() == {"m1": 0.4}  # recorded as reported
+
+
+def test_numpy_scalars_are_accepted(ledger: PrivacyLedger) -> None:
+    np = pytest.importorskip("numpy")
+    ledger.record_round([spend("m1", steps=np.int64(20), epsilon_reported=np.float64(0.5))])
+    assert ledger.rows() == [spend("m1")]
+
+
+# ------------------------------------------------------------------------------ append-only
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE spend SET epsilon_reported = 0.0",
+        "DELETE FROM spend",
+        "INSERT OR REPLACE INTO spend SELECT * FROM spend",
+        "UPDATE meta SET value = 'x'",
+        "DELETE FROM meta",
+    ],
+)
+def test_triggers_forbid_rewriting_history(ledger: PrivacyLedger, statement: str) -> None:
+    ledger.record_round([spend("m1"), spend("m2")])
+    before = ledger.rows()
+    conn = raw(ledger.path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only|insert-once"):
+        conn.execute(statement)
+    conn.close()
+    assert ledger.rows() == before
+    assert "created_at" in ledger.meta()
+
+
+# ------------------------------------------------------------------------------ meta
+def test_meta_insert_once(ledger: PrivacyLedger) -> None:
+    ledger.set_meta("run_id", RUN)
+    ledger.set_meta("config", '{"dp": true}')
+    ledger.set_meta("run_id", RUN)  # same value again: no-op
+    with pytest.raises(LedgerConflictError, match="run_id"):
+        ledger.set_meta("run_id", "run-2")
+    meta = ledger.meta()
+    assert meta["run_id"] == RUN and meta["config"] == '{"dp": true}'
+    # The meta run_id binds the ledger to one run even before any row exists ...
+    with pytest.raises(LedgerConflictError, match="belongs to run"):
+        ledger.record_round([spend("m1", run_id="run-2")])
+    # ... and, set after rows exist, it must agree with them.
+    with PrivacyLedger(ledger.path.with_name("other.sqlite")) as other:
+        other.record_round([spend("m1")])
+        with pytest.raises(LedgerConflictError, match="belongs to run"):
+            other.set_meta("run_id", "run-2")
+
+
+# ------------------------------------------------------------------------------ durability
+def test_reopen_keeps_rows(tmp_path: Path) -> None:
+    path = tmp_path / "nested" / "ledger.sqlite"
+    with PrivacyLedger(path) as ledger:
+        ledger.set_meta("run_id", RUN)
+        ledger.record_round([spend("m1"), spend("m2")])
+        created_at = ledger.meta()["created_at"]
+    with PrivacyLedger(path) as ledger:
+        assert ledger.rows() == [spend("m1"), spend("m2")]
+        assert ledger.meta() == {"created_at": created_at, "run_id": RUN}
+        assert ledger.record_round([spend("m1")]) == 0  # replay after restart is idempotent
+        ledger.record_round([spend("m1", 2)])
+    # Another process (here: a plain connection) sees committed rows without the API.
+    conn = raw(path)
+    assert conn.execute("SELECT count(*) FROM spend").fetchone()[0] == 3
+    conn.close()
+
+
+def test_process_killed_mid_round_leaves_previous_rounds_only(tmp_path: Path) -> None:
+    # A real process dies (os._exit: no cleanup, no rollback) after inserting part of
+    # round 2; the next open must see round 1 whole and nothing of round 2.
+    path = tmp_path / "ledger.sqlite"
+    script = textwrap.dedent(
+        f"""
+        import os, sys
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
+        from server.ledger import PrivacyLedger, SpendRecord
+
+        def rec(m, r):
+            return SpendRecord(run_id="run-1", round=r, merchant_id=m, node_id=1, model_version=0,
+                noise_multiplier=1.0, sample_rate=0.1, steps=5, max_grad_norm=1.0, delta=1e-5,
+                epsilon_reported=float(r), epsilon_budget=8.0, accountant="prv", status="accepted")
+
+        ledger = PrivacyLedger({str(path)!r})
+        ledger.record_round([rec("a", 1), rec("b", 1)])
+        seen = []
+        def die_on_second(conn, record):
+            seen.append(record)
+            if len(seen) == 2:
+                os._exit(3)
+        PrivacyLedger._warn_if_epsilon_fell = staticmethod(die_on_second)
+        ledger.record_round([rec("a", 2), rec("b", 2)])
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3, result.stderr
+    with PrivacyLedger(path) as ledger:
+        assert ledger.last_round() == 1
+        assert [(r.round, r.merchant_id) for r in ledger.rows()] == [(1, "a"), (1, "b")]
+
+
+def test_spend_record_is_frozen_kw_only() -> None:
+    record = spend()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        record.steps = 1  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        SpendRecord(RUN, 1, "m1")  # type: ignore[misc,call-arg]
