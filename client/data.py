@@ -159,6 +159,7 @@ class _RawTable:
     file: str
     columns: dict[str, list[Any]]  # column name -> raw cell values (None = absent)
     rows: list[int]  # the row number each record is reported under
+    unreadable_rows: int = 0  # rows already reported as malformed and left out
 
 
 def _show(value: Any) -> str:
@@ -205,7 +206,7 @@ def _read_csv(path: Path, problems: list[Problem]) -> _RawTable | None:
             return None
         columns: dict[str, list[Any]] = {column: [] for column in header}
         rows: list[int] = []
-        row = 0
+        row = unreadable = 0
         for record in reader:
             if not record:  # a blank line is not a data row
                 continue
@@ -214,6 +215,7 @@ def _read_csv(path: Path, problems: list[Problem]) -> _RawTable | None:
                 problems.append(
                     Problem(name, row, None, f"has {len(record)} fields but the header has {len(header)}")
                 )
+                unreadable += 1
                 continue
             for column, cell in zip(header, record, strict=True):
                 columns[column].append(cell)
@@ -221,7 +223,7 @@ def _read_csv(path: Path, problems: list[Problem]) -> _RawTable | None:
     except csv.Error as error:
         problems.append(Problem(name, None, None, f"is not valid CSV near line {reader.line_num}: {error}"))
         return None
-    return _RawTable(name, columns, rows)
+    return _RawTable(name, columns, rows, unreadable)
 
 
 def _header_problems(name: str, header: Sequence[str], problems: list[Problem]) -> bool:
@@ -229,7 +231,8 @@ def _header_problems(name: str, header: Sequence[str], problems: list[Problem]) 
     found = False
     for column in header:
         if _UNDECODABLE.search(column):
-            problems.append(Problem(name, None, None, f"column name {_show(column)} is not valid UTF-8"))
+            shown = _show(column.encode("utf-8", errors="surrogateescape"))
+            problems.append(Problem(name, None, None, f"column name {shown} is not valid UTF-8"))
             found = True
     duplicated = sorted(c for c, n in collections.Counter(header).items() if n > 1)
     if duplicated:
@@ -285,7 +288,7 @@ def _read_jsonl(path: Path, problems: list[Problem]) -> _RawTable | None:
     for _, record in records:
         names.update(dict.fromkeys(record))
     columns = {column: [record.get(column) for _, record in records] for column in names}
-    return _RawTable(name, columns, [line_number for line_number, _ in records])
+    return _RawTable(name, columns, [line_number for line_number, _ in records], len(broken))
 
 
 def _read_parquet(path: Path, problems: list[Problem]) -> _RawTable | None:
@@ -434,6 +437,7 @@ class _CheckedTable:
     file: str
     values: dict[str, list[Any]]  # schema column -> parsed values (None = missing or invalid)
     rows: list[int]
+    complete: bool  # every row of the file was readable
 
 
 def _check_table(
@@ -441,7 +445,7 @@ def _check_table(
 ) -> _CheckedTable:
     """Parse every schema column of one table, reporting each bad cell and missing column."""
     found: list[Problem] = []
-    if not raw.rows:
+    if not raw.rows and not raw.unreadable_rows:
         found.append(Problem(raw.file, None, None, "has no data rows"))
     values: dict[str, list[Any]] = {}
     for column in _SCHEMAS[table]:
@@ -468,7 +472,7 @@ def _check_table(
                 value = None
             parsed.append(value)
         values[column.name] = parsed
-    checked = _CheckedTable(raw.file, values, raw.rows)
+    checked = _CheckedTable(raw.file, values, raw.rows, complete=not raw.unreadable_rows)
     if table == "catalog" and "product_id" in values:
         first_row: dict[str, int] = {}
         for row, product_id in zip(raw.rows, values["product_id"], strict=True):
@@ -481,7 +485,9 @@ def _check_table(
                 )
             else:
                 first_row[product_id] = row
-    elif table != "catalog" and catalog is not None and "product_id" in catalog.values:
+    elif table != "catalog" and catalog is not None and catalog.complete and "product_id" in catalog.values:
+        # Only against a catalog read in full: rows left out as malformed would otherwise
+        # turn into a flood of false "not in catalog" problems.
         known = {product_id for product_id in catalog.values["product_id"] if product_id is not None}
         for row, product_id in zip(raw.rows, values.get("product_id", []), strict=False):
             if product_id is not None and product_id not in known:
@@ -750,6 +756,32 @@ def _write_table(frame: pd.DataFrame, path: Path, file_format: FileFormat) -> No
         frame.to_parquet(path, index=False)
 
 
+def _is_table_file(name: str) -> bool:
+    return any(name.startswith(f"{table}.") for table in TABLES)
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace ``target`` by ``staging``, carrying over ``target``'s non-table entries.
+
+    Directory renames, so readers see the old tables or the new ones, never a mix. On
+    failure everything is put back where it was before re-raising.
+    """
+    retired = target.parent / f".{target.name}.old-{secrets.token_hex(4)}"
+    target.rename(retired)
+    try:
+        for entry in list(retired.iterdir()):
+            if not _is_table_file(entry.name):
+                entry.rename(staging / entry.name)
+        staging.rename(target)
+    except BaseException:
+        for entry in list(staging.iterdir()):
+            if not _is_table_file(entry.name):
+                entry.rename(retired / entry.name)
+        retired.rename(target)
+        raise
+    shutil.rmtree(retired)  # only the old table files are left in it
+
+
 def write_merchant(
     data: MerchantData,
     out_dir: str | os.PathLike[str],
@@ -761,6 +793,9 @@ def write_merchant(
 
     Files go into a hidden temporary sibling, are validated there, and the directory is
     renamed into place only if valid; a failure at any point leaves no partial merchant.
+    ``overwrite`` replaces the table files of an existing merchant directory and keeps
+    everything else in it (a deployed node keeps its privacy state in ``.fedshop/`` there,
+    and regenerating data must never erase what was spent).
     """
     merchant_id = data.merchant_id
     if not merchant_id or merchant_id.startswith(".") or any(sep in merchant_id for sep in ("/", "\\")):
@@ -785,12 +820,7 @@ def write_merchant(
         if problems:
             raise DataValidationError(problems, source=f"merchant {merchant_id!r} as written")
         if target.exists():
-            # Two renames with a short window where the merchant is absent; never a state
-            # where it is half old, half new.
-            retired = parent / f".{merchant_id}.old-{secrets.token_hex(4)}"
-            target.rename(retired)
-            staging.rename(target)
-            shutil.rmtree(retired)
+            _swap_in(staging, target)
         else:
             staging.rename(target)
     except BaseException:

@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import dp
@@ -52,10 +52,37 @@ class EvalResult:
     metrics: dict[str, float]
 
 
+class PairDataset(Dataset):
+    """(context, product) pairs tokenised on access; targets packed as ``[task index, value]``.
+
+    Lazy on purpose: a call with a step cap touches a few hundred of a merchant's tens of
+    thousands of records, and tokenising them all up front cost more than the training.
+    """
+
+    def __init__(self, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int) -> None:
+        if not examples:
+            raise ValueError("no examples to encode")
+        self.examples = list(examples)
+        self.tokenizer = tokenizer
+        self.max_seq_len = max_seq_len
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        example = self.examples[index]
+        enc = self.tokenizer(example.context, example.product, truncation="longest_first",
+                             max_length=self.max_seq_len, padding="max_length", return_tensors="pt")
+        input_ids = enc["input_ids"][0]
+        token_type_ids = enc["token_type_ids"][0] if "token_type_ids" in enc else torch.zeros_like(input_ids)
+        packed = torch.tensor([TASK_INDEX[example.task], example.target], dtype=torch.float32)
+        return input_ids, enc["attention_mask"][0], token_type_ids, packed
+
+
 def encode(
     examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int
 ) -> TensorDataset:
-    """Tokenise (context, product) pairs once; targets packed as ``[task index, value]``."""
+    """Tokenise all pairs at once (batched; fastest when every record is used, e.g. evaluation)."""
     if not examples:
         raise ValueError("no examples to encode")
     enc = tokenizer(
@@ -80,10 +107,16 @@ def _trim(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Te
             token_type_ids[:, :length].contiguous().to(device), packed.to(device))
 
 
-def make_optimizer(params: list[nn.Parameter], config: RunConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
+    """Two parameter groups: heads at ``head-learning-rate``, everything else at ``learning-rate``."""
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
+    groups = [{"params": heads, "lr": config.head_learning_rate}]
+    if body:
+        groups.append({"params": body, "lr": config.learning_rate})
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
-    return torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
 def planned_steps(num_examples: int, config: RunConfig) -> tuple[float, int]:
@@ -114,7 +147,7 @@ def train(
     device = device or torch.device("cpu")
     if config.dp and privacy is None:
         raise ValueError("dp = true needs the merchant's PrivacyState (its persisted accountant)")
-    dataset = encode(examples, tokenizer, max_seq_len=config.max_seq_len)
+    dataset = PairDataset(examples, tokenizer, max_seq_len=config.max_seq_len)
     sample_rate, steps = planned_steps(len(dataset), config)
     planned = None
     if config.dp:
@@ -126,7 +159,7 @@ def train(
     model.to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, config)
+    optimizer = make_optimizer(model, config)
     criterion: nn.Module = PerExampleLoss()
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)

@@ -106,6 +106,9 @@ class Federation:
         self.strategy: Strategy = build_strategy(config)
         self.params = dict(initial_params)
         self.start_round = 1
+        # The round whose aggregate self.params is (0 = initial). Not start_round - 1: a round
+        # recorded in the ledger but never checkpointed is skipped, and its aggregate is lost.
+        self.model_version = 0
         self.node_merchant: dict[int, str] = {}  # learned from replies; merchant ids come from nodes
         self.exhausted: set[str] = set()
         self._prepare_run_dir(config)
@@ -130,6 +133,7 @@ class Federation:
                 self.params = dict(latest.parameters)
                 restore_strategy_state(self.strategy, latest.extra_arrays)
                 self.start_round = latest.round + 1
+                self.model_version = latest.round
         (self.run_dir / "config.json").write_text(json.dumps(config.to_mapping(), indent=1))
 
     def _init_ledger_meta(self) -> None:
@@ -155,7 +159,7 @@ class Federation:
         best: float | None = None
         since_best = 0
         stopped = "all rounds done"
-        model_version = self.start_round - 1
+        model_version = self.model_version
         for rnd in range(self.start_round, self.config.num_server_rounds + 1):
             eligible = self._eligible_nodes()
             if not eligible:
@@ -339,6 +343,9 @@ class Federation:
             log.warning("round %d %s [%d/%d] %s failed: %s", rnd, phase, done, total, who,
                         short_reason(reply.error.reason))
             return
+        merchant = reply.content.config_records.get("merchant")
+        if merchant is not None and "merchant-id" in merchant:
+            self.node_merchant[node_id] = who = str(merchant["merchant-id"])
         privacy = reply.content.config_records.get("privacy")
         if privacy is not None:
             who = str(privacy.get("merchant-id", who))

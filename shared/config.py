@@ -65,11 +65,14 @@ class RunConfig:
 
     # --- local training -------------------------------------------------------------
     optimizer: OptimizerName = "adamw"
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-3  # encoder weights / LoRA adapters
+    # Heads get their own rate: under DP noise a rate high enough for the heads makes the
+    # (much larger) encoder/adapter parameter set random-walk away from the pretrained model.
+    head_learning_rate: float = 1e-2
     weight_decay: float = 0.0
     local_epochs: float = 1.0
     max_local_steps: int = 20  # cap per training call; 0 = no cap
-    batch_size: int = 32  # expected Poisson batch size; sample_rate = batch_size / N
+    batch_size: int = 32  # Poisson batch size; sample_rate = 1 / ceil(N / batch_size) (Opacus' rate)
     device: str = "auto"
 
     # --- privacy --------------------------------------------------------------------
@@ -122,7 +125,7 @@ class RunConfig:
                      "max_train_examples", "min_available_nodes", "history_length", "top_k_layers", "lora_r"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
-        for name in ("learning_rate", "max_grad_norm", "max_update_norm", "round_timeout_s",
+        for name in ("learning_rate", "head_learning_rate", "max_grad_norm", "max_update_norm", "round_timeout_s",
                      "node_wait_timeout_s", "target_epsilon", "local_epochs"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):

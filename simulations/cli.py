@@ -27,14 +27,16 @@ def _setup_logging(verbose: bool) -> None:
 
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "filelock", "ray", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    import flwr.supercore.logger  # noqa: F401  (configures Flower's logger; adjust it afterwards)
+
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler; avoid every line twice
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.INFO)
+        flwr_logger.setLevel(logging.INFO)
 
 
 def _jsonable(value: Any) -> Any:
@@ -192,8 +194,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fedshop: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedshop: interrupted", file=sys.stderr)
-        return 130
+        # Ray has been shut down by now (simulations.engine), and every committed ledger row
+        # and checkpoint is already on disk. The ServerApp thread may still be waiting for
+        # replies that will never come, so leave without joining it.
+        print("fedshop: interrupted; resume with: fedshop simulate --resume RUN_DIR", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
 
 
 if __name__ == "__main__":

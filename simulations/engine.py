@@ -34,6 +34,8 @@ FLOWER_ENV = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
 
@@ -115,8 +117,11 @@ def client_resources() -> dict[str, float]:
     return {"num_cpus": cpus, "num_gpus": 0.5 if torch.cuda.is_available() else 0.0}
 
 
-def run_simulation(config: RunConfig, *, num_merchants: int) -> None:
-    """Run ``config`` on ``num_merchants`` virtual SuperNodes; raises if the ServerApp failed."""
+def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = None) -> None:
+    """Run ``config`` on ``num_merchants`` virtual SuperNodes; raises if the ServerApp failed.
+
+    ``client_app`` replaces fedshop's ClientApp (tests use it to inject faulty merchants).
+    """
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     import ray
@@ -124,8 +129,10 @@ def run_simulation(config: RunConfig, *, num_merchants: int) -> None:
     from flwr.simulation.run_simulation import _run_simulation
     from flwr.supercore.run import Run
 
-    from client.app import app as client_app
+    from client.app import app as default_client_app
     from server.app import app as server_app
+
+    client_app = client_app or default_client_app
 
     run_config: dict[str, Any] = dict(config.to_mapping())
     from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES

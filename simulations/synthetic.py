@@ -29,8 +29,9 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -307,11 +308,13 @@ def _interactions(
     # Each user mostly browses one category (their taste) and has a clock of their own.
     taste = [categories[int(k)] for k in rng.choice(len(categories), size=users, p=weights / weights.sum())]
     clock = _EPOCH_2024 + rng.uniform(0.0, 300 * 86_400.0, size=users)
-    rows: list[tuple[float, int, str, str, str, str, float]] = []
-    for k in range(profile.interactions):
+    names = ("user_id", "product_id", "label", "query", "rating")
+    columns: dict[str, list[Any]] = {name: [] for name in names}
+    stamps: list[float] = []
+    for _ in range(profile.interactions):
         user = int(rng.integers(users))
-        pool = by_category[taste[user]] if rng.random() < 0.7 else range(len(products))
-        product = products[int(rng.choice(list(pool)))]
+        pool: Sequence[int] = by_category[taste[user]] if rng.random() < 0.7 else range(len(products))
+        product = products[pool[int(rng.integers(len(pool)))]]
         query: list[str] = []
         logit = _CLICK_BASE + profile.click_offset + _CLICK_QUALITY * product.quality
         if rng.random() < _QUERY_SHARE:
@@ -325,20 +328,22 @@ def _interactions(
             stars = _RATING_BASE + _RATING_QUALITY * product.quality + rng.normal(0.0, _RATING_NOISE)
             rating = float(min(5, max(1, round(stars))))
         clock[user] += round(float(rng.exponential(6 * 3600.0)))
-        label = "purchase" if bought else "click" if clicked else "impression"
-        rows.append(
-            (float(round(clock[user])), k, f"{profile.merchant_id}-u{user:04d}", product.product_id, label,
-             " ".join(query), rating)
-        )
-    rows.sort()  # a log is written in time order
+        stamps.append(float(round(clock[user])))
+        columns["user_id"].append(f"{profile.merchant_id}-u{user:04d}")
+        columns["product_id"].append(product.product_id)
+        columns["label"].append("purchase" if bought else "click" if clicked else "impression")
+        columns["query"].append(" ".join(query))
+        columns["rating"].append(rating)
+    order = sorted(range(len(stamps)), key=lambda k: (stamps[k], k))  # a log is written in time order
+    frame = {name: [values[k] for k in order] for name, values in columns.items()}
     return pd.DataFrame(
         {
-            "user_id": pd.Series([r[2] for r in rows], dtype=str),
-            "product_id": pd.Series([r[3] for r in rows], dtype=str),
-            "label": pd.Series([r[4] for r in rows], dtype=str),
-            "query": pd.Series([r[5] for r in rows], dtype=str),
-            "rating": pd.Series([r[6] for r in rows], dtype="float64"),
-            "timestamp": pd.Series([r[0] for r in rows], dtype="float64"),
+            "user_id": pd.Series(frame["user_id"], dtype=str),
+            "product_id": pd.Series(frame["product_id"], dtype=str),
+            "label": pd.Series(frame["label"], dtype=str),
+            "query": pd.Series(frame["query"], dtype=str),
+            "rating": pd.Series(frame["rating"], dtype="float64"),
+            "timestamp": pd.Series([stamps[k] for k in order], dtype="float64"),
         }
     )
 

@@ -305,6 +305,13 @@ def test_jsonl_that_is_really_csv_is_one_problem(tmp_path: Path) -> None:
     assert "is not JSON Lines" in problems[0].message and "line 1" in problems[0].message
 
 
+def test_a_malformed_catalog_row_does_not_flood_unknown_product_problems(tmp_path: Path) -> None:
+    directory = make_merchant(tmp_path)
+    replace_csv(directory, "catalog", "p3,Blue tent", "p3,Blue,tent")
+    problems = validate_merchant_dir(directory)
+    assert located(problems) == {("catalog.csv", 3, None)}
+
+
 def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
     directory = make_merchant(tmp_path)
     replace_csv(directory, "catalog", "35.5", "NaN")
@@ -473,6 +480,20 @@ def test_write_is_atomic_and_refuses_to_clobber(merchant: MerchantData, tmp_path
     replaced = MerchantData("shop", merchant.catalog, None, merchant.judgments)
     write_merchant(replaced, out, overwrite=True)
     assert sorted(p.name for p in (out / "shop").iterdir()) == ["catalog.parquet", "judgments.parquet"]
+    assert sorted(p.name for p in out.iterdir()) == ["shop"]
+
+
+def test_overwrite_keeps_a_nodes_privacy_state(merchant: MerchantData, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    path = write_merchant(merchant, out, file_format="csv")
+    (path / ".fedshop").mkdir()
+    (path / ".fedshop" / "privacy.json").write_text("spent")
+    (path / "README.txt").write_text("notes")
+    write_merchant(merchant, out, file_format="parquet", overwrite=True)
+    assert sorted(p.name for p in path.iterdir()) == [
+        ".fedshop", "README.txt", "catalog.parquet", "interactions.parquet", "judgments.parquet"
+    ]
+    assert (path / ".fedshop" / "privacy.json").read_text() == "spent"
     assert sorted(p.name for p in out.iterdir()) == ["shop"]
 
 

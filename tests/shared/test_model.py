@@ -247,7 +247,8 @@ def test_export_loads_with_plain_transformers(tokenizer: PreTrainedTokenizerBase
         mask = inputs["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1)
         by_hand = torch.stack(
-            [pooled @ heads[f"{task}.weight"][0] + heads[f"{task}.bias"][0] for task in manifest["heads"]], dim=1
+            [pooled @ heads[f"{task}.weight"][0] + heads[f"{task}.bias"][0] for task in manifest["heads"]],
+            dim=1,
         )
     torch.testing.assert_close(by_hand, expected, atol=1e-5, rtol=1e-5)
     # The scale documented for ratings maps the rating head into [1, 5].

@@ -143,8 +143,8 @@ def test_compose_history_merges_consecutive_equal_events() -> None:
     assert compose_history(events) == [(1.0, 0.1, 12), (1.0, 0.2, 5), (1.0, 0.1, 4), (2.0, 0.1, 1)]
     assert compose_history([]) == []
     # The clipping norm does not enter the accounting (σ is relative to it).
-    assert compose_history([event(1.0, 0.1, 1), MechanismEvent(noise_multiplier=1.0, sample_rate=0.1,
-                                                                steps=1, max_grad_norm=5.0)]) == [(1.0, 0.1, 2)]
+    wide_clip = MechanismEvent(noise_multiplier=1.0, sample_rate=0.1, steps=1, max_grad_norm=5.0)
+    assert compose_history([event(1.0, 0.1, 1), wide_clip]) == [(1.0, 0.1, 2)]
 
 
 def test_split_history_costs_the_same_as_one_event() -> None:

@@ -13,7 +13,7 @@ import pytest
 
 from client.data import MerchantData, build_examples, load_merchant, split_examples, validate_merchant_dir
 from shared.tasks import Example
-from simulations.synthetic import SyntheticFederation, planted_quality, write_merchants
+from simulations.synthetic import SyntheticFederation, planted_quality, purchase_probability, write_merchants
 
 
 def assert_same(a: MerchantData, b: MerchantData) -> None:
@@ -149,3 +149,17 @@ def test_ratings_and_relevance_follow_the_planted_truth() -> None:
     relevance = [e for e in examples if e.task == "relevance"]
     overlap = [len(set(e.context.split()) & _words(e)) / len(e.context.split()) for e in relevance]
     assert np.corrcoef(overlap, [e.target for e in relevance])[0, 1] > 0.5
+
+
+def test_purchase_probability_describes_the_generated_labels() -> None:
+    federation = SyntheticFederation(40, seed=2)
+    expected, observed = [], []
+    for i in range(10):
+        merchant, offset = federation.merchant(i), federation.profile(i).click_offset
+        assert merchant.interactions is not None
+        titles = dict(zip(merchant.catalog["product_id"], merchant.catalog["title"], strict=True))
+        searchless = merchant.interactions[merchant.interactions["query"] == ""]
+        for product_id, label in zip(searchless["product_id"], searchless["label"], strict=True):
+            expected.append(purchase_probability(titles[product_id], click_offset=offset))
+            observed.append(label == "purchase")
+    assert abs(np.mean(expected) - np.mean(observed)) < 0.03

@@ -1,0 +1,194 @@
+"""client.app: the ClientApp's handlers, driven by real Flower Messages and Contexts.
+
+No simulation and no mocks: each test builds the Message a SuperLink would deliver (with
+its metadata) and the Context a deployed SuperNode would pass (node config naming the
+merchant's own data folder and state folder), calls the ClientApp, and reads the reply
+back with ``shared.wire``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+import client.app as client_app
+from client.dp import epsilon_prv
+from shared.config import RunConfig
+from shared.model import ModelError, ModelSpec, build_model, get_trainable
+from shared.privacy import MechanismEvent
+from shared.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    MODEL_VERSION,
+    PRIVACY,
+    SERVER_ROUND,
+    STATUS_OK,
+    STATUS_REFUSED,
+    TRAIN_METRIC_KEYS,
+    TrainReply,
+    params_to_record,
+)
+from tests.helpers.merchants import write_merchant
+
+CONFIG_ = RunConfig(encoder="tiny", max_local_steps=3, batch_size=16, max_seq_len=32, eval_max_examples=32,
+                    noise_multiplier=1.0, target_epsilon=8.0)
+NODE_ID = 7
+
+
+@pytest.fixture(scope="module")
+def global_params() -> dict[str, np.ndarray]:
+    return dict(get_trainable(build_model(ModelSpec.from_config(CONFIG_))))
+
+
+@pytest.fixture
+def merchant_dir(tmp_path: Path) -> Path:
+    return write_merchant(tmp_path / "data", "shop-a", seed=1)
+
+
+def make_context(merchant_dir: Path, state_dir: Path, **node: Any) -> Context:
+    node_config = {"data-dir": str(merchant_dir), "merchant-id": "shop-a", "state-dir": str(state_dir),
+                   **node}
+    return Context(run_id=1, node_id=NODE_ID, node_config=node_config, state=RecordDict(),
+                   run_config=CONFIG_.to_mapping())
+
+
+def make_message(message_type: str, params: dict[str, np.ndarray], *, server_round: int = 1,
+                 model_version: int = 0) -> Message:
+    """An instruction as the SuperLink delivers it: content plus metadata with a message id."""
+    content = RecordDict({ARRAYS: params_to_record(params),
+                          CONFIG: ConfigRecord({SERVER_ROUND: server_round, MODEL_VERSION: model_version})})
+    metadata = Metadata(run_id=1, message_id=f"msg-{message_type}-{server_round}", src_node_id=0,
+                        dst_node_id=NODE_ID, reply_to_message_id="", group_id=str(server_round),
+                        created_at=time.time(), ttl=3600.0, message_type=message_type)
+    # ``metadata=`` is how Flower itself builds a delivered message (the id set by the SuperLink).
+    return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
+
+
+def state_events(state_dir: Path) -> list[MechanismEvent]:
+    raw = json.loads((state_dir / "privacy-state.json").read_text())
+    return [MechanismEvent.from_dict(e["event"]) for e in raw["entries"]]
+
+
+def test_train_replies_with_trainable_arrays_metrics_and_privacy_facts(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+) -> None:
+    state_dir = tmp_path / "state"
+    context = make_context(merchant_dir, state_dir)
+    msg = make_message("train", global_params, server_round=1, model_version=0)
+
+    reply = client_app.app(msg, context)  # through the ClientApp's message-type dispatch
+
+    assert not reply.has_error()
+    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert reply.metadata.message_type == "train"
+    assert reply.metadata.dst_node_id == 0 and reply.metadata.src_node_id == NODE_ID
+    content = reply.content
+    # Exactly one ArrayRecord, one MetricRecord, one ConfigRecord of privacy facts.
+    assert set(content.array_records) == {ARRAYS}
+    assert set(content.metric_records) == {METRICS}
+    assert set(content.config_records) == {PRIVACY}
+    assert list(content.array_records[ARRAYS].keys()) == list(global_params)
+    assert set(content.metric_records[METRICS]) == set(TRAIN_METRIC_KEYS)
+
+    parsed = TrainReply.from_recorddict(content)
+    assert parsed.params is not None
+    for name, value in parsed.params.items():
+        assert value.shape == global_params[name].shape and value.dtype == global_params[name].dtype
+        assert np.all(np.isfinite(value))
+    changed = [k for k in global_params if not np.array_equal(parsed.params[k], global_params[k])]
+    assert changed, "nothing trained"
+    assert parsed.metrics["num-examples"] > 0
+    assert parsed.metrics["steps"] == 3
+    assert math.isfinite(parsed.metrics["train-loss"])
+
+    facts = parsed.facts
+    assert facts.status == STATUS_OK and facts.reason == ""
+    assert facts.merchant_id == "shop-a"
+    assert facts.dp and facts.steps == 3 and facts.model_version == 0
+    assert facts.noise_multiplier == 1.0 and facts.max_grad_norm == 1.0 and facts.delta == 1e-5
+    assert 0 < facts.sample_rate <= 1
+    assert 0 < facts.epsilon <= facts.epsilon_budget == 8.0
+    # The reported ε is the merchant's persisted accountant, recomputable from its events.
+    events = state_events(state_dir)
+    assert events == [MechanismEvent(noise_multiplier=1.0, sample_rate=facts.sample_rate, steps=3,
+                                     max_grad_norm=1.0)]
+    assert facts.epsilon == pytest.approx(epsilon_prv(events, facts.delta), rel=1e-9)
+
+    # A second call composes with the first (one accountant across calls, never per round).
+    second = TrainReply.from_recorddict(client_app.train(make_message("train", parsed.params, server_round=2,
+                                                                      model_version=1), context).content)
+    assert second.facts.status == STATUS_OK and second.facts.model_version == 1
+    assert second.facts.epsilon > facts.epsilon
+    assert second.facts.epsilon == pytest.approx(epsilon_prv(state_events(state_dir), facts.delta), rel=1e-9)
+    rounds = [e["round"] for e in json.loads((state_dir / "privacy-state.json").read_text())["entries"]]
+    assert rounds == [1, 2]
+
+
+def test_budget_refusal_is_a_typed_reply_and_spends_nothing(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+) -> None:
+    state_dir = tmp_path / "state"
+    # The merchant's own budget (node config) is far below the run's 8.0: the smaller one wins.
+    context = make_context(merchant_dir, state_dir, **{"target-epsilon": 0.01})
+    msg = make_message("train", global_params, server_round=3, model_version=2)
+
+    reply = client_app.app(msg, context)
+
+    assert not reply.has_error()
+    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert ARRAYS not in reply.content.array_records
+    assert METRICS not in reply.content.metric_records
+    parsed = TrainReply.from_recorddict(reply.content)
+    assert parsed.params is None and parsed.metrics == {}
+    facts = parsed.facts
+    assert facts.status == STATUS_REFUSED
+    assert facts.steps == 0 and facts.epsilon == 0.0
+    assert facts.epsilon_budget == 0.01
+    assert facts.model_version == 2
+    assert "budget" in facts.reason and "shop-a" in facts.reason
+    # Nothing spent: no state entry was written.
+    path = state_dir / "privacy-state.json"
+    assert not path.exists() or json.loads(path.read_text())["entries"] == []
+
+
+def test_evaluate_replies_with_metrics(merchant_dir: Path, tmp_path: Path,
+                                      global_params: dict[str, np.ndarray]) -> None:
+    context = make_context(merchant_dir, tmp_path / "state")
+    msg = make_message("evaluate", global_params)
+
+    reply = client_app.app(msg, context)
+
+    assert not reply.has_error()
+    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert reply.metadata.message_type == "evaluate"
+    metrics = {k: float(v) for k, v in reply.content.metric_records[METRICS].items()}  # type: ignore[arg-type]
+    assert 0 < metrics["num-examples"] <= CONFIG_.eval_max_examples
+    assert math.isfinite(metrics["eval-loss"])
+    assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10"} <= set(metrics)
+    assert reply.content.config_records["merchant"]["merchant-id"] == "shop-a"
+    assert ARRAYS not in reply.content.array_records  # evaluation sends no parameters back
+    # Evaluation spends no privacy budget.
+    assert not (tmp_path / "state" / "privacy-state.json").exists()
+
+    # The decorated function is the handler itself: same result when called directly.
+    direct = dict(client_app.evaluate(msg, context).content.metric_records[METRICS])
+    assert direct == pytest.approx(metrics)
+
+
+def test_train_with_foreign_parameters_fails_before_spending(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+) -> None:
+    state_dir = tmp_path / "state"
+    wrong = dict(global_params)
+    wrong["not-a-parameter"] = np.zeros(3, dtype=np.float32)
+    with pytest.raises(ModelError, match="not-a-parameter"):
+        client_app.train(make_message("train", wrong), make_context(merchant_dir, state_dir))
+    assert not (state_dir / "privacy-state.json").exists()

@@ -1,0 +1,209 @@
+"""client.budget: the merchant's persisted accountant and its hard budget stop."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+from opacus.accountants import PRVAccountant
+
+import client.budget as budget
+from client.budget import BudgetExceededError, PrivacyState, PrivacyStateError
+from shared.privacy import MechanismEvent
+
+DELTA = 1e-5
+SIGMA, Q = 1.0, 0.05
+
+
+def event(steps: int, *, sigma: float = SIGMA, q: float = Q) -> MechanismEvent:
+    return MechanismEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=1.0)
+
+
+def open_state(path: Path, *, eps: float = 50.0, delta: float = DELTA, merchant: str = "m1") -> PrivacyState:
+    return PrivacyState.open(path, merchant_id=merchant, target_epsilon=eps, target_delta=delta)
+
+
+def reference_epsilon(calls: list[MechanismEvent]) -> float:
+    """One live Opacus accountant that saw every single step of every call."""
+    accountant = PRVAccountant()
+    for call in calls:
+        for _ in range(call.steps):
+            accountant.step(noise_multiplier=call.noise_multiplier, sample_rate=call.sample_rate)
+    return float(accountant.get_epsilon(DELTA))
+
+
+# ----------------------------------------------------------------------------- persistence
+
+
+@pytest.mark.parametrize("second", [event(30), event(25, sigma=1.5, q=0.1)], ids=["same", "different"])
+def test_epsilon_composes_across_a_restart(tmp_path: Path, second: MechanismEvent) -> None:
+    path = tmp_path / "privacy.json"
+    first = event(40)
+
+    state = open_state(path)
+    state.check(first)
+    eps_first = state.commit(first, round=1, model_version=1)
+    del state  # the process ends
+
+    reopened = open_state(path)
+    assert reopened.events == [first]
+    assert reopened.epsilon() == eps_first
+    planned_eps = reopened.check(second)
+    eps_total = reopened.commit(second, round=2, model_version=2)
+
+    expected = reference_epsilon([first, second])
+    assert eps_total == pytest.approx(expected, rel=1e-9)
+    assert planned_eps == eps_total  # check() predicts exactly what commit() then reports
+    # A fresh accountant per call would report only the second call: the classic bug.
+    assert eps_total > eps_first
+    assert eps_total > reference_epsilon([second]) * 1.05
+    # And the file on disk says the same after yet another restart.
+    assert open_state(path).epsilon() == pytest.approx(expected, rel=1e-9)
+    assert [e["round"] for e in json.loads(path.read_text())["entries"]] == [1, 2]
+
+
+def test_new_state_is_not_written_until_a_commit(tmp_path: Path) -> None:
+    path = tmp_path / "sub" / "privacy.json"
+    state = open_state(path)
+    assert state.epsilon() == 0.0 and state.total_steps == 0
+    state.check(event(10))
+    assert not path.exists()
+    state.commit(event(10), round=0, model_version=0)
+    assert path.is_file() and state.total_steps == 10
+
+
+# ----------------------------------------------------------------------------- budget stop
+
+
+def test_budget_stop_names_the_overshoot_and_spends_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    state = open_state(path, eps=2.0)
+    small = event(5)
+    state.commit(small, round=1, model_version=1)
+    before_bytes = path.read_bytes()
+    before_eps = state.epsilon()
+    assert 0 < before_eps < 2.0
+
+    big = event(300)
+    after = reference_epsilon([small, big])
+    with pytest.raises(BudgetExceededError) as info:
+        state.check(big)
+    error = info.value
+    assert error.budget == 2.0 and error.merchant_id == "m1"
+    assert error.epsilon_now == pytest.approx(before_eps)
+    assert error.epsilon_after == pytest.approx(after, rel=1e-9)
+    message = str(error)
+    assert "'m1'" in message
+    assert f"by {after - 2.0:.4f}" in message  # the overshoot, in ε
+    assert f"{before_eps:.4f}" in message and f"{after:.4f}" in message
+    # Nothing spent: memory and disk unchanged, no temp files.
+    assert state.events == [small]
+    assert path.read_bytes() == before_bytes
+    assert sorted(os.listdir(tmp_path)) == ["privacy.json"]
+
+
+def test_budget_boundary_is_inclusive(tmp_path: Path) -> None:
+    exact = reference_epsilon([event(50)])
+    state = open_state(tmp_path / "s.json", eps=exact)
+    assert state.check(event(50)) == pytest.approx(exact, rel=1e-12)  # spending exactly the budget is fine
+    with pytest.raises(BudgetExceededError):
+        state.check(event(51))
+
+
+def test_stored_budget_cannot_be_loosened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "privacy.json"
+    state = open_state(path, eps=2.0)
+    state.commit(event(10), round=1, model_version=1)
+
+    with caplog.at_level("WARNING", logger="client.budget"):
+        louder = open_state(path, eps=100.0)
+    assert louder.target_epsilon == 2.0
+    assert "100.000" in caplog.text and "2.000" in caplog.text
+    with pytest.raises(BudgetExceededError, match="budget 2.0000"):
+        louder.check(event(300))
+    louder.commit(event(1), round=2, model_version=2)  # writes the stored budget back
+    assert json.loads(path.read_text())["target_epsilon"] == 2.0
+
+    # Tightening is allowed, and it sticks once written.
+    tighter = open_state(path, eps=1.5)
+    assert tighter.target_epsilon == 1.5
+    tighter.commit(event(1), round=3, model_version=3)
+    assert open_state(path, eps=100.0).target_epsilon == 1.5
+
+
+def test_delta_change_after_spending_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    open_state(path).commit(event(10), round=1, model_version=1)
+    with pytest.raises(PrivacyStateError) as info:
+        open_state(path, delta=1e-6)
+    assert str(path) in str(info.value) and "1e-06" in str(info.value)
+    assert open_state(path, delta=DELTA).target_delta == DELTA  # same δ is fine
+
+
+def test_delta_change_before_spending_is_allowed(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    open_state(path).save()  # a state with a budget but no spend yet
+    assert open_state(path, delta=1e-6).target_delta == 1e-6
+
+
+def test_state_of_another_merchant_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    open_state(path, merchant="m1").commit(event(1), round=0, model_version=0)
+    with pytest.raises(PrivacyStateError, match="'m1'.*'m2'"):
+        open_state(path, merchant="m2")
+
+
+# ----------------------------------------------------------------------------- the file
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "{not json",
+        "[]",
+        json.dumps({"merchant_id": "m1", "target_epsilon": 8.0, "target_delta": DELTA}),  # no entries
+        json.dumps({"merchant_id": "m1", "target_epsilon": 8.0, "target_delta": DELTA,
+                    "entries": [{"event": {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": -5,
+                                           "max_grad_norm": 1.0}, "round": 0, "model_version": 0,
+                                 "recorded_at": 0.0}]}),
+        json.dumps({"merchant_id": "m1", "target_epsilon": "lots", "target_delta": DELTA, "entries": []}),
+    ],
+    ids=["truncated", "list", "no-entries", "negative-steps", "bad-budget"],
+)
+def test_corrupt_state_names_the_file(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "privacy.json"
+    path.write_text(content)
+    with pytest.raises(PrivacyStateError) as info:
+        open_state(path)
+    assert str(path) in str(info.value)
+
+
+def test_atomic_save_leaves_no_temp_files(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    state = open_state(path)
+    for i in range(3):
+        state.commit(event(5), round=i, model_version=i)
+    assert os.listdir(tmp_path) == ["privacy.json"]
+    raw = json.loads(path.read_text())
+    assert raw["version"] == budget.STATE_VERSION and len(raw["entries"]) == 3
+
+
+def test_failed_save_keeps_old_file_and_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "privacy.json"
+    state = open_state(path)
+    state.commit(event(5), round=0, model_version=0)
+    before = path.read_bytes()
+
+    def disk_full(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(budget.os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        state.commit(event(7), round=1, model_version=1)
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before  # the old record is intact
+    assert os.listdir(tmp_path) == ["privacy.json"]  # the temp file was removed
+    assert state.events == [event(5)]  # the unsaved spend is not counted as released

@@ -1,0 +1,381 @@
+"""client.trainer: DP-SGD that learns, per-sample gradients that are right, and a budget that holds."""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from opacus import GradSampleModule, PrivacyEngine
+from torch.utils.data import DataLoader
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+import client.dp as dp
+from client.budget import BudgetExceededError, PrivacyState
+from client.trainer import encode, evaluate, planned_steps, train
+from shared.config import RunConfig
+from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
+from shared.privacy import MechanismEvent
+from shared.tasks import Example, PerExampleLoss
+
+GOOD = ["premium", "durable", "leather", "handcrafted", "sturdy"]
+BAD = ["cheap", "flimsy", "plastic", "fragile", "knockoff"]
+NOUNS = ["bag", "wallet", "belt", "shoes", "jacket", "case", "chair", "lamp"]
+
+# Encoder learning rates found by trying 3e-4..3e-2 on this task (noise 0.3, 24 steps, Poisson
+# batches of several rounds' seeds): 1e-2 for LoRA and one top layer, 3e-3 for everything; at
+# 1e-3 / 3e-3 full and top-k sometimes do not move the loss within 24 steps. Heads train at the
+# config's head learning rate (default 1e-2) in every set.
+LEARNING_RATE = {"heads": 1e-2, "lora": 1e-2, "top-k": 1e-2, "full": 3e-3}
+
+
+def product_examples(n: int, seed: int) -> list[Example]:
+    """Click iff the product text uses 'good' words: learnable from the text alone."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        clicked = i % 2
+        words = rng.sample(GOOD if clicked else BAD, 2) + [rng.choice(NOUNS)]
+        rng.shuffle(words)
+        out.append(Example(task="ctr", context="", product=" ".join(words), target=float(clicked)))
+    return out
+
+
+TRAIN = product_examples(512, seed=0)
+TEST = product_examples(128, seed=1)
+
+
+def config(trainable: str = "lora", **changes: Any) -> RunConfig:
+    base: dict[str, Any] = dict(encoder="tiny", trainable=trainable, top_k_layers=1, batch_size=64,
+                                local_epochs=3.0, max_local_steps=0, noise_multiplier=0.3, max_grad_norm=1.0,
+                                dropout=0.0, learning_rate=LEARNING_RATE[trainable], max_seq_len=16,
+                                target_epsilon=1e6)
+    base.update(changes)
+    return RunConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerBase:
+    return load_tokenizer(ModelSpec(encoder="tiny"))
+
+
+def privacy_state(path: Path, eps: float = 1e6) -> PrivacyState:
+    return PrivacyState.open(path, merchant_id="shop-1", target_epsilon=eps, target_delta=1e-5)
+
+
+def snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_plain(model: torch.nn.Module) -> None:
+    """No Opacus leftovers: hooks, per-sample state, or a ``_module.`` prefix."""
+    assert not hasattr(model, "autograd_grad_sample_hooks")
+    assert not any(name.startswith("_module.") for name, _ in model.named_parameters())
+    for p in model.parameters():
+        assert not hasattr(p, "grad_sample") and p.grad is None
+
+
+# ----------------------------------------------------------------------------- (a) it learns
+
+
+@pytest.mark.parametrize("trainable", ["heads", "lora", "top-k", "full"])
+def test_dp_training_learns_and_commits_one_event(
+    trainable: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    cfg = config(trainable)
+    model = build_model(ModelSpec.from_config(cfg))
+    names_before = list(get_trainable(model))
+    before = evaluate(model, TEST, tokenizer, cfg)
+    state = privacy_state(tmp_path / "privacy.json")
+
+    result = train(model, TRAIN, tokenizer, cfg, privacy=state, round=4, model_version=9)
+
+    after = evaluate(model, TEST, tokenizer, cfg)
+    assert after.loss < before.loss - 0.05, (before.loss, after.loss)
+    assert after.metrics["ctr_auc"] > 0.9
+    # q = 64/512 = 1/8, 3 epochs -> 24 steps, all taken, each with a loss unless the batch was empty.
+    expected = MechanismEvent(noise_multiplier=0.3, sample_rate=1 / 8, steps=24, max_grad_norm=1.0)
+    assert result.mechanism == expected
+    assert result.steps == 24 and 0 < len(result.losses) <= 24
+    assert all(math.isfinite(x) for x in result.losses)
+    assert result.grad_sample_mode == dp.AUTO_GRAD_SAMPLE_MODE[trainable]
+    # Exactly one event committed, durably, and the reported ε is the accountant's.
+    assert state.events == [expected]
+    assert [(e.round, e.model_version) for e in state.entries] == [(4, 9)]
+    assert result.epsilon > 0 and result.epsilon == state.epsilon()
+    assert privacy_state(tmp_path / "privacy.json").events == [expected]
+    assert result.delta == 1e-5
+    # The model comes back plain: same trainable names, no Opacus state.
+    assert list(get_trainable(model)) == names_before
+    assert_plain(model)
+
+
+@pytest.mark.parametrize("trainable", ["lora", "top-k"])  # hooks mode and ghost mode
+def test_two_calls_on_one_model_compose(
+    trainable: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    """A client keeps its model across rounds: the second private call must work and add up."""
+    cfg = config(trainable, max_local_steps=3, noise_multiplier=1.0, batch_size=32)
+    model = build_model(ModelSpec.from_config(cfg))
+    state = privacy_state(tmp_path / "privacy.json")
+    first = train(model, TRAIN[:256], tokenizer, cfg, privacy=state, round=1)
+    second = train(model, TRAIN[:256], tokenizer, cfg, privacy=state, round=2)
+    event = MechanismEvent(noise_multiplier=1.0, sample_rate=1 / 8, steps=3, max_grad_norm=1.0)
+    assert state.events == [event, event]
+    assert second.epsilon > first.epsilon > 0
+    both = MechanismEvent(noise_multiplier=1.0, sample_rate=1 / 8, steps=6, max_grad_norm=1.0)
+    assert second.epsilon == pytest.approx(dp.epsilon_prv([both], 1e-5), rel=1e-9)
+    assert_plain(model)
+
+
+def test_accounted_sample_rate_is_the_one_opacus_samples_at(
+    tokenizer: PreTrainedTokenizerBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """100 examples, batch 32: Opacus samples at 1/ceil(100/32) = 1/4, so that is what is recorded."""
+    seen: dict[str, float] = {}
+    real = dp.make_private
+
+    def spy(**kwargs: Any) -> dp.PrivateTraining:
+        private = real(**kwargs)
+        seen["sample_rate"] = private.data_loader.sample_rate  # type: ignore[attr-defined]
+        seen["noise_multiplier"] = private.optimizer.noise_multiplier
+        seen["max_grad_norm"] = private.optimizer.max_grad_norm
+        return private
+
+    monkeypatch.setattr(dp, "make_private", spy)
+    cfg = config("heads", batch_size=32, local_epochs=1.0, noise_multiplier=0.7, max_grad_norm=0.5)
+    state = privacy_state(tmp_path / "p.json")
+    result = train(build_model(ModelSpec.from_config(cfg)), TRAIN[:100], tokenizer, cfg, privacy=state)
+    assert result.mechanism is not None
+    assert seen == {"sample_rate": result.mechanism.sample_rate, "noise_multiplier": 0.7,
+                    "max_grad_norm": 0.5}
+    assert result.mechanism.sample_rate == 0.25 and result.steps == result.mechanism.steps == 4
+
+
+@pytest.mark.parametrize(
+    ("n", "batch", "epochs", "cap", "expected"),
+    [(512, 64, 3.0, 0, (1 / 8, 24)), (512, 64, 3.0, 10, (1 / 8, 10)), (10, 64, 1.0, 0, (1.0, 1)),
+     (3, 1, 10.0, 0, (1 / 3, 30)), (100, 32, 0.5, 0, (0.25, 2))],
+)
+def test_planned_steps(n: int, batch: int, epochs: float, cap: int, expected: tuple[float, int]) -> None:
+    cfg = RunConfig(encoder="tiny", batch_size=batch, local_epochs=epochs, max_local_steps=cap)
+    assert planned_steps(n, cfg) == expected
+
+
+# ----------------------------------------------------------------------------- (b) per-sample grads
+
+
+MIXED = [
+    Example(task="ctr", context="red shoes", product="premium leather shoes", target=1.0),
+    Example(task="rating", context="", product="cheap flimsy plastic chair", target=2.0),
+    Example(task="relevance", context="lamp", product="desk lamp with a durable base", target=3.0),
+    Example(task="ctr", context="", product="wallet", target=0.0),
+]
+
+
+def _batch(tokenizer: PreTrainedTokenizerBase) -> tuple[Any, list[torch.Tensor]]:
+    dataset = encode(MIXED, tokenizer, max_seq_len=24)
+    return dataset, [t.contiguous() for t in dataset.tensors]
+
+
+def _per_example_grads(model: torch.nn.Module, x: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """The reference: the gradient of each example's loss, computed with that example alone."""
+    grads = []
+    for i in range(len(x[0])):
+        model.zero_grad(set_to_none=True)
+        scores = model(x[0][i : i + 1], x[1][i : i + 1], x[2][i : i + 1])
+        PerExampleLoss(reduction="sum")(scores, x[3][i : i + 1]).backward()
+        grads.append({n: _grad(p).clone() for n, p in model.named_parameters() if p.requires_grad})
+    return grads
+
+
+def _grad(p: torch.nn.Parameter) -> torch.Tensor:
+    assert p.grad is not None
+    return p.grad.detach()
+
+
+def _close(actual: torch.Tensor, expected: torch.Tensor, where: str) -> None:
+    try:
+        torch.testing.assert_close(actual, expected, atol=1e-6, rtol=1e-5)
+    except AssertionError as error:
+        raise AssertionError(f"{where}: {error}") from None
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_hooks_per_sample_gradients_match_per_example_reference(
+    trainable: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
+    _, x = _batch(tokenizer)
+    reference = _per_example_grads(copy.deepcopy(model), x)
+
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    scores = wrapped(x[0], x[1], x[2])
+    PerExampleLoss(reduction="sum")(scores, x[3]).backward()
+    checked = 0
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        grad_sample = getattr(p, "grad_sample", None)
+        assert grad_sample is not None and grad_sample.shape == (4, *p.shape), name
+        for i in range(4):
+            _close(grad_sample[i], reference[i][name], f"{name}, example {i}")
+        # The batch gradient is still the plain sum.
+        _close(_grad(p), torch.stack([r[name] for r in reference]).sum(0), f"{name}, batch")
+        checked += 1
+    assert checked == len(reference[0])
+    # Examples really differ (the comparison is not trivially between zeros).
+    assert not torch.allclose(reference[0]["heads.ctr.weight"], reference[3]["heads.ctr.weight"])
+    wrapped._close()
+
+
+@pytest.mark.parametrize("trainable", ["full", "top-k"])
+def test_ghost_clipping_sums_clipped_per_example_gradients(
+    trainable: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, top_k_layers=1, dropout=0.0))
+    dataset, x = _batch(tokenizer)
+    reference = _per_example_grads(copy.deepcopy(model), x)
+    names = list(reference[0])
+    norms = torch.stack([torch.stack([(g[n] ** 2).sum() for n in names]).sum().sqrt() for g in reference])
+    max_grad_norm = float(norms.sort().values[1:3].mean())  # two examples clipped, two not
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor
+    assert int((factor < 1).sum()) == 2
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine = PrivacyEngine()
+    private_model, optimizer, criterion, _ = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(params, lr=1.0),
+        data_loader=DataLoader(dataset, batch_size=4),
+        criterion=PerExampleLoss(), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+        grad_sample_mode="ghost", poisson_sampling=False,
+    )
+    optimizer.zero_grad()
+    criterion(private_model(x[0], x[1], x[2]), x[3]).backward()
+    optimizer.pre_step()  # clip, accumulate, add (zero) noise, divide by the expected batch size
+    assert optimizer.expected_batch_size == 4
+    unclipped_differs = False
+    for name, p in private_model._module.named_parameters():
+        if not p.requires_grad:
+            continue
+        per_example = torch.stack([r[name] for r in reference])
+        clip = factor.view(-1, *([1] * (per_example.dim() - 1)))
+        _close(_grad(p), (clip * per_example).sum(0) / 4, name)
+        unclipped_differs |= not torch.allclose(_grad(p), per_example.sum(0) / 4, atol=1e-4)
+    assert unclipped_differs  # clipping did something, and ghost mode reproduced it
+
+
+# ----------------------------------------------------------------------------- (c) budget stop
+
+
+def test_budget_stop_through_train_changes_nothing(
+    tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    cfg = config("lora")
+    model = build_model(ModelSpec.from_config(cfg))
+    before = snapshot(model)
+    path = tmp_path / "privacy.json"
+    state = privacy_state(path, eps=0.5)
+    with pytest.raises(BudgetExceededError, match="shop-1.*over the budget 0.5000"):
+        train(model, TRAIN, tokenizer, cfg, privacy=state)
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert state.events == [] and not path.exists()
+    assert_plain(model)
+
+
+def test_dp_without_privacy_state_is_refused(tokenizer: PreTrainedTokenizerBase) -> None:
+    with pytest.raises(ValueError, match="PrivacyState"):
+        train(build_model(ModelSpec(encoder="tiny")), TRAIN[:8], tokenizer, config("lora"), privacy=None)
+
+
+# ----------------------------------------------------------------------------- (d) empty batches
+
+
+@pytest.mark.parametrize("trainable", ["heads", "top-k"])  # hooks mode and ghost mode
+def test_empty_poisson_batches_are_noise_only_steps(
+    trainable: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    cfg = config(trainable, batch_size=1, local_epochs=10.0, noise_multiplier=1.0)
+    model = build_model(ModelSpec.from_config(cfg))
+    before = get_trainable(model)
+    state = privacy_state(tmp_path / "p.json")
+    result = train(model, TRAIN[:3], tokenizer, cfg, privacy=state)
+    # q = 1/3: a batch is empty with probability (2/3)^3 ≈ 0.3, so ~9 of 30 steps have no loss.
+    assert result.steps == 30
+    expected = MechanismEvent(noise_multiplier=1.0, sample_rate=1 / 3, steps=30, max_grad_norm=1.0)
+    assert state.events == [expected]
+    assert 0 < len(result.losses) < 30
+    after = get_trainable(model)
+    assert all(np.isfinite(v).all() for v in after.values())
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    assert_plain(model)
+
+
+# ----------------------------------------------------------------------------- (e) non-private
+
+
+def test_non_private_training(tokenizer: PreTrainedTokenizerBase) -> None:
+    cfg = config("heads", dp=False, noise_multiplier=0.0, max_local_steps=5)
+    model = build_model(ModelSpec.from_config(cfg))
+    before = get_trainable(model)
+    calls: list[tuple[int, int]] = []
+    result = train(model, TRAIN[:256], tokenizer, cfg, privacy=None,
+                   on_step=lambda done, total, _: calls.append((done, total)))
+    assert result.epsilon == 0.0 and result.mechanism is None and result.delta == 0.0
+    assert result.grad_sample_mode == "none"
+    assert result.steps == 5 and len(result.losses) == 5  # fixed-size shuffled batches: never empty
+    assert calls == [(i, 5) for i in range(1, 6)]
+    after = get_trainable(model)
+    assert any(not np.array_equal(before[k], after[k]) for k in before)
+    assert result.mean_loss == pytest.approx(float(np.mean(result.losses)))
+
+
+# ----------------------------------------------------------------------------- (f) evaluation
+
+
+def test_evaluate_reports_every_task(tokenizer: PreTrainedTokenizerBase) -> None:
+    examples = [
+        Example(task="ctr", context="", product="premium leather bag", target=1.0),
+        Example(task="ctr", context="", product="cheap plastic bag", target=0.0),
+        Example(task="ctr", context="bag", product="durable bag", target=1.0),
+        Example(task="rating", context="", product="sturdy chair", target=5.0),
+        Example(task="rating", context="", product="flimsy chair", target=1.0),
+        Example(task="rating", context="", product="a chair", target=3.0),
+    ] + [
+        Example(task="relevance", context=query, product=f"{query} item {grade}", target=float(grade),
+                group=query)
+        for query in ("red shoes", "desk lamp") for grade in (0, 1, 2, 3)
+    ]
+    cfg = config("heads")
+    model = build_model(ModelSpec.from_config(cfg))
+    assert model.training
+    result = evaluate(model, examples, tokenizer, cfg, batch_size=5)  # batches cross task boundaries
+    assert model.training  # evaluation restores the mode it found
+    assert result.num_examples == len(examples) and math.isfinite(result.loss)
+    assert {"ctr_auc", "ctr_logloss", "ctr_f1", "rating_rmse", "rating_mae",
+            "relevance_ndcg@10", "relevance_mrr", "relevance_rmse"} <= set(result.metrics)
+    assert 0.0 <= result.metrics["ctr_auc"] <= 1.0
+    assert 0.0 < result.metrics["relevance_ndcg@10"] <= 1.0
+
+    # The rating metrics are those of the model's own predictions, in stars (hand check).
+    rating = [e for e in examples if e.task == "rating"]
+    data = encode(rating, tokenizer, max_seq_len=cfg.max_seq_len).tensors
+    model.eval()
+    with torch.no_grad():
+        stars = 1 + 4 * torch.sigmoid(model(data[0], data[1], data[2])[:, 1]).numpy()
+    model.train()
+    targets = np.array([e.target for e in rating])
+    assert result.metrics["rating_mae"] == pytest.approx(float(np.mean(np.abs(stars - targets))), abs=1e-5)
+    rmse = float(np.sqrt(np.mean((stars - targets) ** 2)))
+    assert result.metrics["rating_rmse"] == pytest.approx(rmse, abs=1e-5)
+
+    only_ctr = evaluate(model, examples[:3], tokenizer, cfg)
+    assert set(only_ctr.metrics) == {"ctr_auc", "ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1"}
+    empty = evaluate(model, [], tokenizer, cfg)
+    assert empty.num_examples == 0 and empty.metrics == {}

@@ -1,0 +1,133 @@
+"""server.federation under a real Flower simulation (Ray backend): screening, budgets, failure.
+
+Each run is a subprocess in its own session (``tests.helpers.proc``), so Ray and everything
+it started is killed whatever the outcome. The faulty-merchant run goes through
+``simulations.engine.run_simulation`` with a ClientApp that Ray workers import from
+``tests.helpers.faulty_app``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.budget import PrivacyState
+from server import checkpoint as ckpt
+from tests.helpers.federation import (
+    FAST,
+    faulty_simulation,
+    ledger_rows,
+    metrics_rows,
+    simulate,
+    write_scenario,
+)
+from tests.helpers.merchants import write_merchants
+
+pytestmark = pytest.mark.slow
+
+
+def test_malformed_updates_are_rejected_and_their_spend_recorded(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_merchants(data, ["bad-nan", "bad-norm", "bad-shape", "good"])
+    run_dir = tmp_path / "run"
+    config = {**FAST, "data-dir": str(data), "run-dir": str(run_dir), "num-server-rounds": 2,
+              "merchants-per-round": 4}
+
+    result = faulty_simulation(config, num_merchants=4, log_dir=tmp_path / "log")
+
+    assert result.returncode == 0, result.describe()
+    expected_reason = {
+        "bad-nan": "non-finite values",
+        "bad-norm": "exceeds max-update-norm",
+        "bad-shape": "has shape (7, 64), expected (8, 64)",
+    }
+    rows = ledger_rows(run_dir)
+    assert sorted((r.round, r.merchant_id) for r in rows) == [
+        (n, m) for n in (1, 2) for m in ("bad-nan", "bad-norm", "bad-shape", "good")]
+    for r in rows:
+        if r.merchant_id == "good":
+            assert r.status == "accepted" and r.reason == ""
+        else:
+            assert r.status == "rejected", r
+            assert expected_reason[r.merchant_id] in r.reason, r.reason
+        # A rejected merchant did train: its spend is in the ledger like anyone else's.
+        assert r.steps == 3 and r.epsilon_reported > 0 and r.model_version == r.round - 1
+    for merchant in expected_reason:
+        eps = [r.epsilon_reported for r in rows if r.merchant_id == merchant]
+        assert eps[0] < eps[1]
+        state = json.loads((run_dir / "nodes" / merchant / "privacy-state.json").read_text())
+        assert [e["round"] for e in state["entries"]] == [1, 2]
+    assert sum(1 for line in result.output.splitlines() if "rejected update from merchant" in line) == 6
+
+    log_rows = metrics_rows(run_dir)
+    assert [row["round"] for row in log_rows] == [1, 2]
+    for row in log_rows:
+        assert row["accepted"] == ["good"]
+        assert sorted(row["rejected"]) == sorted(expected_reason)
+        for merchant, reason in row["rejected"].items():
+            assert expected_reason[merchant] in reason
+        assert row["eval_metrics"]  # the run went on to evaluate the aggregate
+    # Only the honest update entered the global model.
+    latest = ckpt.load_latest(run_dir)
+    assert latest is not None and latest.round == 2
+    assert all(np.all(np.isfinite(v)) and np.abs(v).max() < 1e3 for v in latest.parameters.values())
+
+
+def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_merchants(data, ["shop-a", "shop-b", "shop-c"])
+    run_dir = tmp_path / "run"
+    # shop-b's node already holds a budget of its own: far below the run's 8.0; it wins.
+    state_path = run_dir / "nodes" / "shop-b" / "privacy-state.json"
+    PrivacyState(path=state_path, merchant_id="shop-b", target_epsilon=0.01, target_delta=1e-5).save()
+    scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data)})
+
+    result = simulate(scenario, run_dir, log_dir=tmp_path / "log",
+                      sets={"num-server-rounds": 2, "merchants-per-round": 3})
+
+    assert result.returncode == 0, result.describe()
+    rows = ledger_rows(run_dir)
+    round1 = {r.merchant_id: r for r in rows if r.round == 1}
+    round2 = {r.merchant_id: r for r in rows if r.round == 2}
+    assert sorted(round1) == ["shop-a", "shop-b", "shop-c"]
+    refused = round1["shop-b"]
+    assert refused.status == "refused" and refused.steps == 0
+    assert refused.epsilon_budget == 0.01 and refused.epsilon_reported == 0.0
+    assert "budget" in refused.reason and "shop-b" in refused.reason
+    assert round1["shop-a"].status == round1["shop-c"].status == "accepted"
+    assert round1["shop-a"].epsilon_budget == 8.0
+    # Round 2: shop-b is not sampled at all; the others go on.
+    assert sorted(round2) == ["shop-a", "shop-c"]
+    assert all(r.status == "accepted" and r.steps > 0 for r in round2.values())
+    assert json.loads(state_path.read_text())["entries"] == []  # shop-b spent nothing
+
+    log_rows = metrics_rows(run_dir)
+    assert list(log_rows[0]["refused"]) == ["shop-b"]
+    assert "shop-b" not in log_rows[1]["sampled"] and sorted(log_rows[1]["sampled"]) == ["shop-a", "shop-c"]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert summary["privacy"]["shop-b"]["rounds"] == 0
+
+
+def test_a_round_without_an_accepted_update_fails_the_run(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_merchants(data, ["shop-a", "shop-b", "shop-c"])
+    run_dir = tmp_path / "run"
+    scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data)})
+
+    result = simulate(scenario, run_dir, log_dir=tmp_path / "log", sets={"target-epsilon": 0.0001})
+
+    assert result.returncode not in (0, None), result.describe()
+    error = result.stderr
+    assert "round 1: no update was accepted" in error, result.describe()
+    for merchant in ("shop-a", "shop-b", "shop-c"):
+        assert f"{merchant}: refused (merchant '{merchant}'" in error, result.describe()
+    # The spend (none) is still on record, and nothing pretends the run completed.
+    rows = ledger_rows(run_dir)
+    assert [(r.round, r.status, r.steps) for r in rows] == [(1, "refused", 0)] * 3
+    assert ckpt.list_checkpoints(run_dir) == []
+    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+    assert sorted(metrics_rows(run_dir)[0]["refused"]) == ["shop-a", "shop-b", "shop-c"]

@@ -1,0 +1,257 @@
+"""``fedshop simulate``: real Flower simulations (Ray backend) in subprocesses, end to end.
+
+Each test starts the CLI in a new session (``tests.helpers.proc``) and, whatever happens,
+kills what is left of that session, Ray included. Tiny encoder, three small merchants:
+a run costs ~30-60 s, most of it Ray and interpreter start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModel, BertModel
+
+from client.dp import epsilon_prv
+from server import checkpoint as ckpt
+from server.ledger import PrivacyLedger
+from shared.config import RunConfig
+from shared.model import ModelSpec, build_model, load_exported, load_tokenizer, set_trainable, trainable_names
+from shared.privacy import MechanismEvent
+from tests.helpers import proc
+from tests.helpers.federation import FAST, ledger_rows, metrics_rows, resume, simulate, write_scenario
+from tests.helpers.merchants import write_merchants
+
+pytestmark = pytest.mark.slow
+
+MERCHANTS = ["shop-a", "shop-b", "shop-c"]
+
+
+def merchant_state(run_dir: Path, merchant: str) -> dict:
+    return json.loads((run_dir / "nodes" / merchant / "privacy-state.json").read_text())
+
+
+def check_client_state_matches_ledger(run_dir: Path) -> None:
+    """Each merchant's own state file (kept by its node) reports the ε of its last ledger row."""
+    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+        latest = ledger.latest_epsilon()
+    assert sorted(latest) == MERCHANTS
+    for merchant in MERCHANTS:
+        state = merchant_state(run_dir, merchant)
+        assert state["merchant_id"] == merchant
+        events = [MechanismEvent.from_dict(e["event"]) for e in state["entries"]]
+        assert epsilon_prv(events, state["target_delta"]) == pytest.approx(latest[merchant], rel=1e-9)
+
+
+@pytest.fixture(scope="module")
+def two_round_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, proc.Run]:
+    """One 2-round run of 3 merchants, shared by the tests that read or continue it."""
+    root = tmp_path_factory.mktemp("two-rounds")
+    data = root / "data"
+    write_merchants(data, MERCHANTS)
+    scenario = write_scenario(root / "scenario.toml", {**FAST, "data-dir": str(data)})
+    result = simulate(scenario, root / "run", log_dir=root / "log", sets={"num-server-rounds": 2})
+    return root / "run", result
+
+
+def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) -> None:
+    run_dir, result = two_round_run
+
+    assert result.returncode == 0, result.describe()
+    assert "fedshop run finished: 2 round(s)" in result.output
+
+    # --- privacy ledger: 3 merchants x 2 rounds, all accepted, ε growing within budget
+    rows = ledger_rows(run_dir)
+    assert len(rows) == 6
+    assert Counter((r.round, r.merchant_id) for r in rows) == {(n, m): 1 for n in (1, 2) for m in MERCHANTS}
+    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+        assert ledger.last_round() == 2
+        run_id = ledger.meta()["run_id"]
+    for r in rows:
+        assert r.status == "accepted" and r.reason == ""
+        assert r.steps == 3  # max-local-steps
+        assert r.model_version == r.round - 1
+        assert r.dp and r.noise_multiplier == 1.0 and r.max_grad_norm == 1.0 and r.delta == 1e-5
+        assert 0 < r.sample_rate <= 1
+        assert 0 < r.epsilon_reported <= r.epsilon_budget == 8.0
+        assert r.run_id == run_id
+    for merchant in MERCHANTS:
+        mine = [r for r in rows if r.merchant_id == merchant]
+        assert [r.round for r in mine] == [1, 2]
+        assert mine[0].epsilon_reported < mine[1].epsilon_reported
+        assert mine[0].node_id == mine[1].node_id  # one virtual SuperNode per merchant
+    assert len({r.node_id for r in rows}) == 3
+
+    # --- merchants' own accountants agree with the ledger
+    check_client_state_matches_ledger(run_dir)
+    for merchant in MERCHANTS:
+        entries = merchant_state(run_dir, merchant)["entries"]
+        assert [e["round"] for e in entries] == [1, 2]
+        assert [e["model_version"] for e in entries] == [0, 1]
+        ledger_mech = [(r.noise_multiplier, r.sample_rate, r.steps, r.max_grad_norm)
+                       for r in rows if r.merchant_id == merchant]
+        assert [tuple(e["event"][k] for k in ("noise_multiplier", "sample_rate", "steps", "max_grad_norm"))
+                for e in entries] == ledger_mech
+
+    # --- checkpoints: the last one is round 2, holding exactly the trainable set
+    assert ckpt.list_checkpoints(run_dir) == [1, 2]
+    latest = ckpt.load_latest(run_dir)
+    assert latest is not None and latest.round == 2
+    assert latest.extra["run_id"] == run_id
+    config = RunConfig.from_mapping(latest.config)
+    assert config.encoder == "tiny" and config.num_server_rounds == 2 and config.run_dir == str(run_dir)
+    spec = ModelSpec.from_config(config)
+    model = build_model(spec)
+    assert list(latest.parameters) == trainable_names(model)
+    set_trainable(model, latest.parameters)  # names and shapes fit exactly
+    assert all(np.all(np.isfinite(v)) for v in latest.parameters.values())
+
+    # --- metrics.jsonl: one line per round
+    log_rows = metrics_rows(run_dir)
+    assert [row["round"] for row in log_rows] == [1, 2]
+    model_bytes = sum(v.nbytes for v in latest.parameters.values())
+    for row in log_rows:
+        assert sorted(row["accepted"]) == MERCHANTS
+        assert row["rejected"] == {} and row["refused"] == {} and row["failed"] == {}
+        assert row["bytes_received"] == 3 * model_bytes > 0
+        assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10", "eval-loss"} <= set(row["eval_metrics"])
+        assert all(v is None or np.isfinite(v) for v in row["eval_metrics"].values())
+        assert row["epsilon"] == {r.merchant_id: r.epsilon_reported for r in rows if r.round == row["round"]}
+
+    # --- summary.json
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert summary["stopped_because"] == "all rounds done"
+    assert summary["final_eval"] == log_rows[-1]["eval_metrics"]
+    assert {m: p["epsilon"] for m, p in summary["privacy"].items()} == {
+        r.merchant_id: r.epsilon_reported for r in rows if r.round == 2}
+    assert all(p["rounds"] == 2 for p in summary["privacy"].values())
+
+    # --- the exported model is the last checkpoint's model (LoRA merged) and loads two ways
+    exported, tokenizer, manifest = load_exported(run_dir / "model")
+    assert manifest["trained_as"]["encoder"] == "tiny" and manifest["trained_as"]["trainable"] == "lora"
+    batch = tokenizer(["warm scarf", ""], ["Premium red wool scarf", "Cheap blue mug"], padding=True,
+                      return_tensors="pt")
+    model.eval()
+    with torch.no_grad():
+        expected = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+        got = exported(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"])
+    assert got.shape == (2, 3)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    assert tokenizer.vocab_size == load_tokenizer(spec).vocab_size
+
+    plain = AutoModel.from_pretrained(str(run_dir / "model"))
+    assert isinstance(plain, BertModel)
+    assert not any("lora" in name for name in plain.state_dict())
+    plain.eval()
+    with torch.no_grad():
+        hidden = plain(**batch).last_hidden_state
+        ours = exported.encoder(**batch).last_hidden_state
+    torch.testing.assert_close(hidden, ours, rtol=1e-4, atol=1e-5)
+
+
+def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_merchants(data, MERCHANTS)
+    run_dir = tmp_path / "run"
+    settings = {**FAST, "data-dir": str(data), "num-server-rounds": 3}
+    scenario = write_scenario(tmp_path / "scenario.toml", settings)
+    latest_file = run_dir / "checkpoints" / "LATEST"
+    cmd = proc.fedshop_command("simulate", "--scenario", str(scenario), "--out", str(run_dir))
+
+    with proc.session(cmd, log_dir=tmp_path / "log-killed") as first:
+        sid = first.pid
+        deadline = time.monotonic() + 240
+        while not (latest_file.exists() and latest_file.read_text().strip() == "1"):
+            if first.poll() is not None:
+                pytest.fail(proc.read_output(tmp_path / "log-killed", first.returncode).describe())
+            assert time.monotonic() < deadline, "round 1 was not checkpointed within 240 s"
+            time.sleep(0.1)
+        members = proc.session_members(sid)
+        # The CLI plus Ray's head (GCS, raylet, ...) and workers: all in the run's session.
+        assert sid in members and len(members) >= 4, members
+        os.killpg(sid, signal.SIGKILL)
+        assert first.wait(timeout=30) == -signal.SIGKILL
+        deadline = time.monotonic() + 15
+        while proc.session_members(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = proc.session_members(sid)
+        survivors = [pid for pid in members if proc.is_alive(pid)]
+    # (leaving the ``with`` killed anything still there, by PID, before these asserts)
+    assert left == [], f"processes of the killed run survived SIGKILL of its group: {left}"
+    assert survivors == [], f"processes of the killed run survived: {survivors}"
+
+    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+        last_at_kill = ledger.last_round()
+        assert last_at_kill in (1, 2)  # round 2 may have been recorded just before the kill
+        run_id = ledger.meta()["run_id"]
+    assert latest_file.read_text().strip() == "1"
+
+    result = resume(run_dir, log_dir=tmp_path / "log-resumed")
+
+    assert result.returncode == 0, result.describe()
+    assert "resuming run" in result.output
+    rows = ledger_rows(run_dir)
+    keys = [(r.round, r.merchant_id) for r in rows]
+    assert len(keys) == len(set(keys)), "a (round, merchant) was recorded twice"
+    assert {r.round for r in rows} == {1, 2, 3}
+    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+        assert ledger.last_round() == 3
+        assert ledger.meta()["run_id"] == run_id  # the resumed run kept its id
+    for n in (1, 2, 3):
+        assert sorted(r.merchant_id for r in rows if r.round == n) == MERCHANTS
+    for merchant in MERCHANTS:
+        eps = [r.epsilon_reported for r in rows if r.merchant_id == merchant]
+        assert eps == sorted(eps) and len(set(eps)) == 3  # one accountant across the restart
+    assert all(r.status == "accepted" for r in rows)
+    # The first resumed round trained on checkpoint 1, whatever the ledger had reached.
+    assert {r.model_version for r in rows if r.round == last_at_kill + 1} == {1}
+    check_client_state_matches_ledger(run_dir)
+
+    rounds = [row["round"] for row in metrics_rows(run_dir)]
+    assert len(rounds) == len(set(rounds)), f"metrics.jsonl repeats a round: {rounds}"
+    assert rounds == sorted(rounds) and rounds[0] == 1 and rounds[-1] == 3
+    latest = ckpt.load_latest(run_dir)
+    assert latest is not None and latest.round == 3 and latest.extra["run_id"] == run_id
+    assert (run_dir / "model" / "fedshop.json").is_file()
+
+
+def test_resume_skips_a_round_recorded_but_not_checkpointed(two_round_run: tuple[Path, proc.Run],
+                                                            tmp_path: Path) -> None:
+    """A crash after round 2's ledger write but before its checkpoint: round 2's spend stays
+    recorded, its aggregate is lost, and the next round trains on checkpoint 1 (and says so)."""
+    finished, first = two_round_run
+    assert first.returncode == 0, first.describe()
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "round-0002")
+    (run_dir / "checkpoints" / "LATEST").write_text("1\n")
+    before = {r.merchant_id: r.epsilon_reported for r in ledger_rows(run_dir) if r.round == 2}
+
+    cmd = proc.fedshop_command("simulate", "--resume", str(run_dir),
+                               "--set", "num-server-rounds=3", "--set", "merchants-per-round=1")
+    result = proc.run(cmd, log_dir=tmp_path / "log", timeout_s=240)
+
+    assert result.returncode == 0, result.describe()
+    assert "round 2 is in the ledger but was not checkpointed" in result.output
+    rows = ledger_rows(run_dir)
+    earlier = [(r.round, r.merchant_id) for r in rows if r.round < 3]
+    assert earlier == [(n, m) for n in (1, 2) for m in MERCHANTS]
+    (third,) = [r for r in rows if r.round == 3]
+    assert third.status == "accepted"
+    # The update was computed on the round-1 global model: round 2's aggregate never existed on disk.
+    assert third.model_version == 1
+    assert third.epsilon_reported > before[third.merchant_id]
+    entries = merchant_state(run_dir, third.merchant_id)["entries"]
+    assert [(e["round"], e["model_version"]) for e in entries] == [(1, 0), (2, 1), (3, 1)]
+    check_client_state_matches_ledger(run_dir)
+    assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3]
+    assert ckpt.list_checkpoints(run_dir) == [1, 3]
