@@ -11,7 +11,9 @@ What is measured (all in one run, so the ratios compare like with like):
   hooks and memory high-water marks of one cannot leak into the next;
 * inputs: batch 32 of real-ish (query, product) pairs tokenised to exactly 64 tokens, every
   token real (no padding for any trimming to remove), mixed ctr/rating/relevance targets;
-* step time: median wall time of ``--steps`` timed steps after ``--warmup`` steps;
+* step time: median wall time of ``--steps`` timed steps after ``--warmup`` steps, and the
+  median process CPU time (all threads) of the same steps: on a shared machine other jobs
+  stretch wall time, so the CPU-time ratio is the steadier of the two;
 * peak memory: growth of the resident set from just before the first step (model, data and
   optimizer built) to the peak over all steps (``VmHWM`` after resetting it via
   ``/proc/self/clear_refs``; ``ru_maxrss`` as a fallback, which may include loading);
@@ -140,17 +142,18 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     gc.collect()
     rss_before_kb = _status_kb("VmRSS")
     exact_peak = _reset_peak()
-    times = []
+    times, cpu_times = [], []
     for step in range(job["warmup"] + job["steps"]):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         optimizer.zero_grad(set_to_none=True)
         scores = train_model(batch[0], batch[1], batch[2])
         loss = criterion(scores, batch[3])
         loss.backward()
         optimizer.step()
-        elapsed = time.perf_counter() - start
+        elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         if step >= job["warmup"]:
             times.append(elapsed)
+            cpu_times.append(cpu)
     if exact_peak:
         peak_kb = _status_kb("VmHWM")
     else:  # whole-process peak, loading included: an upper bound on the growth
@@ -160,6 +163,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         **{k: job[k] for k in ("trainable", "mode")},
         "step_s_median": statistics.median(times),
         "step_s_all": times,
+        "cpu_s_median": statistics.median(cpu_times),  # all threads; less sensitive to other load
         "rss_before_mb": (rss_before_kb or 0) / 1024,
         "peak_mb": (peak_kb or 0) / 1024,
         "peak_growth_mb": max(0.0, ((peak_kb or 0) - (rss_before_kb or 0)) / 1024),
@@ -203,6 +207,9 @@ def _rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "nonprivate_step_s": b["step_s_median"],
             "dp_step_s": r["step_s_median"],
             "time_ratio": r["step_s_median"] / b["step_s_median"],
+            "nonprivate_cpu_s": b["cpu_s_median"],
+            "dp_cpu_s": r["cpu_s_median"],
+            "cpu_time_ratio": r["cpu_s_median"] / b["cpu_s_median"],
             "nonprivate_peak_growth_mb": b["peak_growth_mb"],
             "dp_peak_growth_mb": r["peak_growth_mb"],
             "memory_ratio": (r["peak_growth_mb"] / b["peak_growth_mb"]) if b["peak_growth_mb"] > 0 else None,
@@ -213,15 +220,16 @@ def _rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = [
         "| trainable | DP mode | trainable params | non-private s/step | DP s/step | time DP÷NP "
-        "| NP peak +MB | DP peak +MB | memory DP÷NP |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| CPU time DP÷NP | NP peak +MB | DP peak +MB | memory DP÷NP |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         mem = f"{r['memory_ratio']:.2f}×" if r["memory_ratio"] is not None else "n/a"
         mode = f"{r['mode']} (auto)" if r["auto"] else r["mode"]
         lines.append(
             f"| {r['trainable']} | {mode} | {r['trainable_params']:,} | {r['nonprivate_step_s']:.3f} "
-            f"| {r['dp_step_s']:.3f} | {r['time_ratio']:.2f}× | {r['nonprivate_peak_growth_mb']:.0f} "
+            f"| {r['dp_step_s']:.3f} | {r['time_ratio']:.2f}× | {r['cpu_time_ratio']:.2f}× "
+            f"| {r['nonprivate_peak_growth_mb']:.0f} "
             f"| {r['dp_peak_growth_mb']:.0f} | {mem} |"
         )
     return "\n".join(lines)

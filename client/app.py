@@ -9,7 +9,7 @@ from flwr.clientapp import ClientApp
 
 from client.merchant import Merchant, resolve_node
 from shared.config import RunConfig
-from shared.wire import ARRAYS, CONFIG, METRICS, MODEL_VERSION, SERVER_ROUND, record_to_params
+from shared.wire import ARRAYS, CONFIG, METRICS, MODEL_VERSION, RUN_ID, SERVER_ROUND, record_to_params
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +29,7 @@ def train(msg: Message, context: Context) -> Message:
         record_to_params(msg.content.array_records[ARRAYS]),
         server_round=int(server_config.get(SERVER_ROUND, 0)),  # type: ignore[arg-type]
         model_version=int(server_config.get(MODEL_VERSION, 0)),  # type: ignore[arg-type]
+        run_id=str(server_config.get(RUN_ID, "")),
     )
     return Message(reply.to_recorddict(), reply_to=msg)
 

@@ -57,9 +57,10 @@ class SpendEntry:
     round: int
     model_version: int
     recorded_at: float
+    run_id: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"event": self.event.to_dict(), "round": self.round,
+        return {"event": self.event.to_dict(), "round": self.round, "run_id": self.run_id,
                 "model_version": self.model_version, "recorded_at": self.recorded_at}
 
 
@@ -91,7 +92,8 @@ class PrivacyState:
             raw = json.loads(path.read_text(encoding="utf-8"))
             entries = [
                 SpendEntry(event=MechanismEvent.from_dict(e["event"]), round=int(e["round"]),
-                           model_version=int(e["model_version"]), recorded_at=float(e["recorded_at"]))
+                           model_version=int(e["model_version"]), recorded_at=float(e["recorded_at"]),
+                           run_id=str(e.get("run_id", "")))
                 for e in raw["entries"]
             ]
             stored_eps, stored_delta = float(raw["target_epsilon"]), float(raw["target_delta"])
@@ -133,11 +135,11 @@ class PrivacyState:
                                       epsilon_after=after, budget=self.target_epsilon)
         return after
 
-    def commit(self, event: MechanismEvent, *, round: int, model_version: int) -> float:
+    def commit(self, event: MechanismEvent, *, round: int, model_version: int, run_id: str = "") -> float:
         """Durably record a released call, then return the new cumulative ε."""
         event.validate()
         self.entries.append(SpendEntry(event=event, round=round, model_version=model_version,
-                                       recorded_at=time.time()))
+                                       recorded_at=time.time(), run_id=run_id))
         try:
             self.save()
         except BaseException:

@@ -598,6 +598,30 @@ def load_merchant(path: str | os.PathLike[str]) -> MerchantData:
 
 
 # --------------------------------------------------------------------------- examples
+def load_table(path: str | os.PathLike[str], table: str) -> pd.DataFrame:
+    """One table file on its own (a catalogue to rank, a user's history), checked as in a folder.
+
+    Cross-table checks (product ids against a catalogue) are the caller's: a lone file has
+    no catalogue beside it.
+    """
+    file = Path(path)
+    if table not in _SCHEMAS:
+        raise ValueError(f"unknown table {table!r}; one of {', '.join(_SCHEMAS)}")
+    if not file.is_file():
+        raise DataValidationError([Problem(str(file), None, None, "file does not exist")], source=str(file))
+    readers = {"csv": _read_csv, "jsonl": _read_jsonl, "parquet": _read_parquet}
+    reader = readers.get(file.suffix.lstrip(".").lower())
+    if reader is None:
+        message = f"unsupported extension {file.suffix!r}; use .csv, .jsonl or .parquet"
+        raise DataValidationError([Problem(file.name, None, None, message)], source=str(file))
+    problems: list[Problem] = []
+    raw = reader(file, problems)
+    checked = _check_table(table, raw, problems, catalog=None) if raw is not None else None
+    if problems or checked is None:
+        raise DataValidationError(problems, source=str(file))
+    return _frame(table, checked)
+
+
 def product_text(title: str, *, category: str = "", brand: str = "", description: str = "") -> str:
     """The text a model reads for a product: title | category | brand | description.
 

@@ -140,7 +140,8 @@ class Merchant:
         examples = build_examples(data, conversion_label=self.config.conversion_label,
                                   history_length=self.config.history_length, tasks=self.config.task_names)
         if not examples:
-            raise NodeConfigError(f"merchant {self.identity.merchant_id!r} has no examples for tasks {self.config.tasks!r}")
+            raise NodeConfigError(
+                f"merchant {self.identity.merchant_id!r} has no examples for tasks {self.config.tasks!r}")
         train, test = split_examples(examples, test_fraction=self.config.test_fraction, seed=self.config.split_seed)
         train = _subsample(train, self.config.max_train_examples, f"train:{self.identity.merchant_id}")
         test = _subsample(test, self.config.eval_max_examples, f"test:{self.identity.merchant_id}")
@@ -157,7 +158,8 @@ class Merchant:
         set_trainable(model, params)
         return model, load_tokenizer(spec)
 
-    def train(self, params: dict[str, np.ndarray], *, server_round: int, model_version: int) -> TrainReply:
+    def train(self, params: dict[str, np.ndarray], *, server_round: int, model_version: int,
+              run_id: str = "") -> TrainReply:
         """Train from the global parameters; a budget refusal is a typed reply, not a crash."""
         split = self.split()
         privacy = self.privacy_state() if self.config.dp else None
@@ -165,7 +167,8 @@ class Merchant:
         device = choose_device(self.identity.device)
         try:
             result = trainer.train(model, split.train, tokenizer, self.config, privacy=privacy,
-                                   round=server_round, model_version=model_version, device=device)
+                                   round=server_round, model_version=model_version, run_id=run_id,
+                                   device=device)
         except BudgetExceededError as exc:
             log.warning("%s", exc)
             assert privacy is not None

@@ -139,6 +139,7 @@ def train(
     privacy: PrivacyState | None,
     round: int = 0,
     model_version: int = 0,
+    run_id: str = "",
     device: torch.device | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> TrainResult:
@@ -207,7 +208,7 @@ def train(
     epsilon = 0.0
     if config.dp:
         assert privacy is not None and planned is not None
-        epsilon = privacy.commit(planned, round=round, model_version=model_version)
+        epsilon = privacy.commit(planned, round=round, model_version=model_version, run_id=run_id)
     return TrainResult(
         num_examples=len(dataset), steps=done, mean_loss=float(np.mean(losses)) if losses else float("nan"),
         losses=losses, mechanism=planned, epsilon=epsilon,
@@ -220,7 +221,7 @@ def _zero_batch_grads(params: list[nn.Parameter], mode: str) -> None:
     for p in params:
         p.grad = torch.zeros_like(p)
         if mode != "ghost":
-            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
 
 
 def _strip_opacus(model: nn.Module) -> None:

@@ -40,6 +40,7 @@ from shared.metrics import HIGHER_IS_BETTER
 from shared.wire import (
     METRICS,
     MODEL_VERSION,
+    RUN_ID,
     STATUS_REFUSED,
     TrainReply,
     WireError,
@@ -79,6 +80,7 @@ class RoundReport:
     wall_s: float = 0.0
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     epsilon: dict[str, float] = dataclasses.field(default_factory=dict)
+    aggregated: bool = False  # False when every sampled merchant refused (budget spent)
 
     def outcome_text(self) -> str:
         parts = [f"{m}: accepted" for m in self.accepted]
@@ -167,7 +169,8 @@ class Federation:
                 log.warning("stopping before round %d: %s", rnd, stopped)
                 break
             report = self._train_round(rnd, eligible, model_version=model_version)
-            model_version = rnd
+            if report.aggregated:
+                model_version = rnd
             self._evaluate_round(rnd, eligible, report)
             self.run_log.append(report)
             ckpt.save_checkpoint(self.run_dir, ckpt.Checkpoint(
@@ -222,9 +225,9 @@ class Federation:
         report = RoundReport(round=rnd)
         report.sampled = [self.node_merchant.get(n, f"node-{n}") for n in sampled]
         log.info("round %d/%d: training on %d merchant(s)", rnd, self.config.num_server_rounds, len(sampled))
-        train_config = ConfigRecord({MODEL_VERSION: model_version})
+        train_config = ConfigRecord({MODEL_VERSION: model_version, RUN_ID: self.run_id})
         messages = list(self.strategy.configure_train(
-            rnd, params_to_record(self.params), train_config, EligibleNodesGrid(self.grid, sampled)))
+            rnd, params_to_record(self.params), train_config, EligibleNodesGrid(self.grid, sampled)))  # type: ignore[arg-type]
         replies = self._collect(messages, phase="train", rnd=rnd)
 
         accepted: list[Message] = []
@@ -232,7 +235,7 @@ class Federation:
         losses: list[tuple[float, float]] = []
         for node_id, msg in replies:
             if msg is None or msg.has_error():
-                reason = "no reply within round-timeout-s" if msg is None else short_reason(msg.error.reason)
+                reason = "no reply within round-timeout-s" if msg is None else short_reason(msg.error.reason or "")
                 report.failed[self.node_merchant.get(node_id, f"node-{node_id}")] = reason
                 continue
             try:
@@ -277,6 +280,11 @@ class Federation:
             self.ledger.record_round(records)
         if not accepted:
             report.wall_s = time.monotonic() - start
+            if report.refused and not report.rejected and not report.failed:
+                # Budgets running out is the normal end of a private federation, not a fault:
+                # the model stays as it was and those merchants are not sampled again.
+                log.warning("round %d: every sampled merchant refused (budget spent); model unchanged", rnd)
+                return report
             self.run_log.append(report)
             raise RoundFailedError(f"round {rnd}: no update was accepted ({report.outcome_text()})")
         # Flower's aggregation reads exactly one ArrayRecord + one MetricRecord per reply.
@@ -286,6 +294,7 @@ class Federation:
         if arrays is None:
             raise RoundFailedError(f"round {rnd}: the strategy produced no aggregate")
         self.params = dict(record_to_params(arrays))
+        report.aggregated = True
         total = sum(w for _, w in losses)
         report.train_loss = sum(loss * w for loss, w in losses) / total if total else float("nan")
         report.wall_s = time.monotonic() - start
@@ -298,10 +307,10 @@ class Federation:
         """Federated evaluation of the new global model on merchants' held-out data."""
         nodes = eligible if len(eligible) <= 50 else self._sample(rnd + 7919, eligible)
         messages = list(self.strategy.configure_evaluate(
-            rnd, params_to_record(self.params), ConfigRecord(), EligibleNodesGrid(self.grid, nodes)))
+            rnd, params_to_record(self.params), ConfigRecord(), EligibleNodesGrid(self.grid, nodes)))  # type: ignore[arg-type]
         totals: dict[str, float] = {}
         weights: dict[str, float] = {}
-        for node_id, msg in self._collect(messages, phase="evaluate", rnd=rnd):
+        for _node_id, msg in self._collect(messages, phase="evaluate", rnd=rnd):
             if msg is None or msg.has_error() or METRICS not in msg.content.metric_records:
                 continue
             metrics = dict(msg.content.metric_records[METRICS])
@@ -341,7 +350,7 @@ class Federation:
         who = self.node_merchant.get(node_id, f"node {node_id}")
         if reply.has_error():
             log.warning("round %d %s [%d/%d] %s failed: %s", rnd, phase, done, total, who,
-                        short_reason(reply.error.reason))
+                        short_reason(reply.error.reason or ""))
             return
         merchant = reply.content.config_records.get("merchant")
         if merchant is not None and "merchant-id" in merchant:

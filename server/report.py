@@ -22,7 +22,7 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
             for m, r in sorted(latest.items())
         }
         rounds = ledger.last_round()
-    final_eval = next((r["eval_metrics"] for r in reversed(rows) if r.get("eval_metrics")), {})
+    final_eval: dict[str, Any] = next((r["eval_metrics"] for r in reversed(rows) if r.get("eval_metrics")), {})
     return {
         "run_dir": str(run_dir),
         "rounds_completed": rounds,

@@ -282,11 +282,9 @@ def _merged_encoder(encoder: nn.Module) -> PreTrainedModel:
 
     clone = copy.deepcopy(encoder)
     if any("lora_" in name for name, _ in clone.named_parameters()):
-        from peft.tuners.lora import LoraModel
-
         for module in clone.modules():
             if hasattr(module, "merge") and hasattr(module, "lora_A"):
-                module.merge()
+                module.merge()  # type: ignore[operator]
         # Replace each LoRA wrapper by its (now merged) base layer.
         for name, module in list(clone.named_modules()):
             base = getattr(module, "base_layer", None)
@@ -294,7 +292,6 @@ def _merged_encoder(encoder: nn.Module) -> PreTrainedModel:
                 parent_name, _, child = name.rpartition(".")
                 parent = clone.get_submodule(parent_name) if parent_name else clone
                 setattr(parent, child, base)
-        del LoraModel
     return clone  # type: ignore[return-value]
 
 

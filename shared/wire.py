@@ -24,6 +24,7 @@ PRIVACY = "privacy"
 # Keys the server sends in the train/evaluate ConfigRecord.
 SERVER_ROUND = "server-round"
 MODEL_VERSION = "model-version"
+RUN_ID = "run-id"  # the federation run, so a merchant's own record can be matched to a ledger
 
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"  # the merchant declined: its budget would be exceeded

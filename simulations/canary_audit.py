@@ -7,7 +7,8 @@ call into a statistical test of the ε the accountant claims:
    independently with probability 1/2 (a seeded coin per canary);
 2. train exactly as fedshop trains (``client.trainer.train``; DP-SGD when ``noise``);
 3. score every canary with the trained model, guess "included" for the ``k_plus`` highest
-   scores and "excluded" for the ``k_minus`` lowest, abstain on the rest;
+   scores and "excluded" for the ``k_minus`` lowest (ranked within each label, see below),
+   abstain on the rest;
 4. with ``r = k_plus + k_minus`` guesses of which ``v`` are right, an (ε, δ)-DP training
    cannot make ``v`` large: the paper's theorem for (ε, δ)-DP bounds the chance of ``v`` or
    more right guesses by
@@ -21,9 +22,9 @@ call into a statistical test of the ε the accountant claims:
 A lower bound above the accountant's ε would mean the implementation leaks more than it
 claims (a bug: noise not added, sampling not Poisson, a per-round accountant, ...). The
 bound from one run is loose by design (r guesses, all right, prove at most about
-ln(r / 3) at 95%), so a bound
-below the claim is what a correct implementation shows; to see that the audit *can* fail,
-run it with ``noise=False``: then the bound must exceed the ε the DP configuration claims.
+ln(r / 3) at 95%), so a bound below the claim is what a correct implementation shows; to
+see that the audit *can* fail, run it with ``noise=False``: then the bound must exceed the
+ε the DP configuration claims.
 
 Canary design (what makes the audit able to fail): each canary is a ``ctr`` record whose
 product text is 3-4 random whole-word vocabulary tokens used by no other canary and by no
@@ -39,7 +40,9 @@ ln P(label) / P(other label), from the initial model (same seed, before training
 trained one: a log-likelihood gain (loss reduction) without the saturation of a loss, which
 cannot fall below 0. On the tiny encoder the model soon calls every unseen canary-like
 text "clicked"; the loss gain of an included label-1 canary is then capped at about ln 2
-and ties with an excluded one's, while its log-odds keep growing.
+and ties with an excluded one's, while its log-odds keep growing. Canaries are ranked within their label, each label
+taking its share of the guesses: which label that drift favours changes from seed to seed,
+and it lifts every excluded canary of that label, but within one label it is common to all.
 
 The audit trains on the merchant's real records too: the trained model is discarded, but
 the audit's output is still a function of that training, so audit on data whose privacy
@@ -117,9 +120,9 @@ def _p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
 def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
     """The largest ε that ``v`` right guesses out of ``r`` (``m`` canaries) reject at ``confidence``.
 
-    Steinke, Nasr & Jagielski's bound for (ε, δ)-DP, found by bisection on ε: the p-value
-    grows with ε, so everything below the returned value is rejected with confidence
-    ``confidence`` (0 when nothing is: e.g. no better than chance, ``v <= r / 2``).
+    Steinke, Nasr & Jagielski's bound for (ε, δ)-DP, found by bisection on ε (the p-value's
+    binomial tail grows with ε): every ε below the returned value is rejected with
+    confidence ``confidence``; 0 when nothing is (e.g. no better than chance, ``v <= r / 2``).
     """
     if not (0 <= v <= r <= m):
         raise ValueError(f"need 0 <= v <= r <= m; got m = {m!r}, r = {r!r}, v = {v!r}")
@@ -135,7 +138,7 @@ def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: flo
     if r == 0 or not rejected(0.0):
         return 0.0
     low, high = 0.0, 1.0
-    while rejected(high):  # v = r rejects every ε up to about ln(r / β); this ends quickly
+    while rejected(high):  # even v = r stops rejecting near ln(r / ln(1/β)): a few doublings
         low, high = high, 2.0 * high
         if high > 1e4:
             raise ArithmeticError(f"ε lower bound did not converge (m = {m}, r = {r}, v = {v})")
@@ -152,8 +155,9 @@ def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: flo
 def _whole_word_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """Vocabulary words that tokenize to themselves as one token: candidate canary words.
 
-    Plain ASCII letters only (no '##' continuation pieces, no special or unused tokens), and
-    checked by round trip, so a canary's text reaches the model as exactly its own tokens.
+    Plain ASCII letters only (no '##' continuation pieces, no special or unused tokens);
+    ``make_canaries`` checks each drawn word by a tokenizer round trip as well, so a canary's
+    text reaches the model as exactly its own tokens.
     """
     words: dict[str, int] = {}
     special = set(tokenizer.all_special_tokens)
@@ -178,8 +182,9 @@ def make_canaries(
 ) -> list[Example]:
     """``m`` ctr canaries of 3-4 words each, no word shared with another canary or with ``avoid``.
 
-    Labels are random 0/1, so no shared parameter (a head bias, say) can lower every
-    canary's loss at once; only a canary's own, unique embedding rows remember it.
+    Labels are random 0/1, so no shared parameter (a head bias, say) can fit every canary at
+    once: a shift towards one label helps half of them and hurts the other half. Only a
+    canary's own, unique embedding rows can fit its label.
     """
     if m < 1:
         raise ValueError(f"m = {m!r}: need at least one canary")
@@ -323,6 +328,8 @@ def run_canary_audit(
     k_minus = m // 4 if k_minus is None else k_minus
     if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m:
         raise ValueError(f"k_plus = {k_plus}, k_minus = {k_minus}: need both >= 0 and a sum <= m = {m}")
+    if not (0.0 < confidence < 1.0):
+        raise ValueError(f"confidence = {confidence!r}: must lie strictly between 0 and 1")
     if not (math.isfinite(config.noise_multiplier) and config.noise_multiplier > 0):
         raise ConfigError(f"run-config key 'noise-multiplier' = {config.noise_multiplier!r}: the audit "
                           "compares against the ε of a DP configuration, so it must be > 0")
@@ -359,9 +366,9 @@ def run_canary_audit(
                                  steps=steps, max_grad_norm=config.max_grad_norm)
         claimed = dp.epsilon([planned], config.target_delta, config.accountant)
 
-    # Ranked within each label: the shared layers drift towards one label for all
-    # canary-like text (which label varies with the seed), lifting every excluded canary of
-    # that label; within a label that drift is common and only memorisation ranks.
+    # Ranked within each label (public, fixed before training, so the counts per label are
+    # fixed too): the shared layers' drift towards one label lifts every excluded canary of
+    # that label alike, so within a label only memorisation ranks.
     labels = np.array([c.target for c in canaries])
     guess = guesses(scores, k_plus=k_plus, k_minus=k_minus, strata=labels)
     truth = np.where(coins, 1, -1)

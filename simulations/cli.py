@@ -2,6 +2,11 @@
 
     fedshop simulate [--scenario reviews] [--out DIR] [--set KEY=VALUE ...] [--resume RUN_DIR]
     fedshop train-local --data DIR [DIR ...] [--scenario NAME] [--set KEY=VALUE ...] [--out DIR]
+    fedshop audit RUN_DIR [--json] [--plot FILE.png] [--report FILE.md]
+    fedshop audit --node-state PATH [RUN_DIR]
+    fedshop audit --empirical --data DIR [--canaries M] [--no-noise] [--set KEY=VALUE ...]
+    fedshop rank --model DIR --catalog FILE --query TEXT [-k 10] [--json]
+    fedshop recommend --model DIR --catalog FILE --history FILE [-k 10] [--json]
     fedshop data validate DIR
     fedshop data prepare {reviews,esci} --out DIR
     fedshop data synth --merchants N --out DIR [--seed S] [--limit K]
@@ -67,6 +72,10 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         scenario_name = args.scenario
     engine.ensure_data(config, scenario_name)
     merchants = engine.count_merchants(config)
+    if config.merchants_per_round > merchants:
+        log.warning("merchants-per-round = %d but only %d merchants exist; sampling all of them",
+                    config.merchants_per_round, merchants)
+        config = config.replace(merchants_per_round=merchants)
     log.info("simulating %d merchant(s), %d round(s), %d per round; run dir %s", merchants,
              config.num_server_rounds, config.merchants_per_round, config.run_dir)
     engine.run_simulation(config, num_merchants=merchants)
@@ -98,6 +107,107 @@ def cmd_train_local(args: argparse.Namespace) -> int:
             shown = f"{before:.4f} -> " if before is not None else ""
             print(f"  {key:<22} {shown}{report['metrics_after'][key]:.4f}")
         print(f"model and result.json written to {out}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from server import audit, privacy_report
+
+    if args.empirical:
+        return _empirical_audit(args)
+    if args.node_state:
+        result = audit.audit_node_state(Path(args.node_state), run_dir=Path(args.run_dir) if args.run_dir else None,
+                                        tolerance_abs=args.tolerance_abs, tolerance_rel=args.tolerance_rel)
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=1))
+        else:
+            print(f"merchant {result.merchant_id}: {result.calls} training call(s), {result.total_steps} steps")
+            print(f"  ε PRV {result.epsilon_prv:.4f} | PLD {result.epsilon_pld:.4f} | RDP {result.epsilon_rdp:.4f} "
+                  f"at δ {result.delta:g}; budget {result.budget:.4f}, left {max(0.0, result.budget - result.epsilon_prv):.4f}")
+            if result.compared_with:
+                print(f"  compared with the ledger of {result.compared_with}")
+            print("  PASSED" if result.passed else "  FAILED:\n" + "\n".join(f"    - {f}" for f in result.findings))
+        return 0 if result.passed else 1
+    if not args.run_dir:
+        raise audit.AuditInputError("give a RUN_DIR, --node-state PATH, or --empirical")
+    report = audit.audit_run(Path(args.run_dir), tolerance_abs=args.tolerance_abs, tolerance_rel=args.tolerance_rel)
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=1))
+    else:
+        print(privacy_report.audit_table(report))
+    if args.plot:
+        print(f"plot: {privacy_report.plot_epsilon(report, Path(args.plot))}", file=sys.stderr)
+    if args.report:
+        empirical = None
+        candidate = Path(args.empirical_result) if args.empirical_result else Path(args.run_dir) / "canary_audit.json"
+        if candidate.is_file():
+            empirical = json.loads(candidate.read_text())
+        print(f"report: {privacy_report.write_privacy_report(report, Path(args.report), empirical=empirical)}",
+              file=sys.stderr)
+    return 0 if report.passed else 1
+
+
+def _empirical_audit(args: argparse.Namespace) -> int:
+    from simulations import engine
+    from simulations.canary_audit import run_canary_audit
+
+    if not args.data:
+        raise engine.ScenarioError("--empirical needs --data DIR (one merchant folder)")
+    scenario = engine.load_scenario(args.scenario) if args.scenario else {}
+    config = engine.build_config(scenario, engine.parse_overrides(args.set), out=None)
+    out = Path(args.out or "runs/canary-audit")
+    result = run_canary_audit([Path(d) for d in args.data], config, m=args.canaries, noise=not args.no_noise,
+                              seed=config.seed, out_dir=out)
+    info = result.to_dict()
+    if args.json:
+        print(json.dumps(_jsonable(info), indent=1))
+    else:
+        print(f"canary audit: {info['m']} canaries, {info['r']} guesses, {info['v']} correct")
+        print(f"  empirical lower bound ε ≥ {info['epsilon_lower_bound']:.3f} (95% confidence)")
+        print(f"  claimed ε = {info['epsilon_claimed']:.3f} at δ = {info['delta']:g}"
+              + ("" if info["dp"] else " (what the DP configuration would claim; this run had no noise)"))
+        ok = info["epsilon_lower_bound"] <= info["epsilon_claimed"]
+        print("  consistent with the claim" if ok else "  the lower bound EXCEEDS the claim")
+        print(f"  result written to {out / 'canary_audit.json'}")
+    return 0
+
+
+def _print_scored(results: list[Any], *, as_json: bool, what: str) -> None:
+    if as_json:
+        print(json.dumps([{"rank": r.rank, "product_id": r.product_id, "title": r.title, "score": r.score}
+                          for r in results], indent=1))
+        return
+    if not results:
+        print("no products to show")
+        return
+    width = min(70, max(len(r.title) for r in results))
+    print(f"{'rank':>4}  {'product_id':<14} {'title':<{width}}  {what:>9}")
+    for r in results:
+        title = r.title if len(r.title) <= width else r.title[: width - 1] + "…"
+        print(f"{r.rank:>4}  {r.product_id:<14} {title:<{width}}  {r.score:>9.4f}")
+
+
+def _check_model(path: str) -> Path:
+    model_dir = Path(path)
+    if not (model_dir / "fedshop.json").is_file():
+        raise FileNotFoundError(f"--model {model_dir}: not an exported fedshop model (no fedshop.json); "
+                                "a run writes one to RUN_DIR/model")
+    return model_dir
+
+
+def cmd_rank(args: argparse.Namespace) -> int:
+    from client.serving import rank
+
+    results = rank(_check_model(args.model), Path(args.catalog), args.query, k=args.k)
+    _print_scored(results, as_json=args.json, what="relevance")
+    return 0
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    from client.serving import recommend
+
+    results = recommend(_check_model(args.model), Path(args.catalog), Path(args.history), k=args.k)
+    _print_scored(results, as_json=args.json, what="P(convert)")
     return 0
 
 
@@ -158,6 +268,39 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--json", action="store_true", help="print the result as JSON")
     tl.set_defaults(func=cmd_train_local)
 
+    aud = sub.add_parser("audit", help="audit privacy: a run's ledger, a merchant's own state, or empirically")
+    aud.add_argument("run_dir", nargs="?", metavar="RUN_DIR")
+    aud.add_argument("--json", action="store_true", help="machine-readable output")
+    aud.add_argument("--plot", metavar="FILE.png", help="ε per merchant over rounds against its budget")
+    aud.add_argument("--report", metavar="FILE.md", help="one-page privacy report (Markdown + plot)")
+    aud.add_argument("--empirical-result", metavar="FILE", help="canary audit JSON to include in --report")
+    aud.add_argument("--node-state", metavar="PATH", help="a merchant's privacy-state.json (compared with RUN_DIR)")
+    aud.add_argument("--tolerance-abs", type=float, default=0.05, help="allowed |recorded - re-derived| ε (+ rel)")
+    aud.add_argument("--tolerance-rel", type=float, default=0.02, help="allowed relative disagreement")
+    aud.add_argument("--empirical", action="store_true", help="one-run canary audit (Steinke et al. 2023)")
+    aud.add_argument("--data", nargs="+", metavar="DIR", help="with --empirical: the merchant folder(s)")
+    aud.add_argument("--scenario", help="with --empirical: run-config defaults from this scenario")
+    aud.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    aud.add_argument("--canaries", type=int, default=1000, help="with --empirical: number of canaries m")
+    aud.add_argument("--no-noise", action="store_true", help="with --empirical: train without DP (must fail)")
+    aud.add_argument("--out", help="with --empirical: output folder")
+    aud.set_defaults(func=cmd_audit)
+
+    rk = sub.add_parser("rank", help="rank a catalogue's products for a search query (relevance head)")
+    rk.add_argument("--model", required=True, help="an exported model folder (RUN_DIR/model)")
+    rk.add_argument("--catalog", required=True, help="catalogue file in the merchant data format")
+    rk.add_argument("--query", required=True)
+    rk.add_argument("-k", type=int, default=10)
+    rk.add_argument("--json", action="store_true")
+    rk.set_defaults(func=cmd_rank)
+    rc = sub.add_parser("recommend", help="recommend products from a user's recent interactions (conversion head)")
+    rc.add_argument("--model", required=True, help="an exported model folder (RUN_DIR/model)")
+    rc.add_argument("--catalog", required=True, help="catalogue file in the merchant data format")
+    rc.add_argument("--history", required=True, help="the user's interactions file (merchant data format)")
+    rc.add_argument("-k", type=int, default=10)
+    rc.add_argument("--json", action="store_true")
+    rc.set_defaults(func=cmd_recommend)
+
     data = sub.add_parser("data", help="merchant data: validate, prepare bundled data, generate")
     dsub = data.add_subparsers(dest="data_command", required=True)
     val = dsub.add_parser("validate", help="check a merchant folder and list every problem")
@@ -184,13 +327,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from client.budget import BudgetExceededError, PrivacyStateError
     from client.data import DataValidationError
     from server.federation import FederationError
+    from server.audit import AuditInputError
+    from server.ledger import LedgerError
     from shared.config import ConfigError
     from simulations.engine import ScenarioError
 
     try:
         return int(args.func(args))
     except (ConfigError, ScenarioError, DataValidationError, BudgetExceededError, PrivacyStateError,
-            FederationError, FileExistsError, FileNotFoundError) as exc:
+            FederationError, LedgerError, AuditInputError, FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"fedshop: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

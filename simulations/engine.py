@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path

@@ -115,19 +115,42 @@ def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(tmp_pa
 def test_a_round_without_an_accepted_update_fails_the_run(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_merchants(data, ["shop-a", "shop-b", "shop-c"])
+    # Every merchant's catalogue loses its title column: each client fails validation.
+    for merchant in ("shop-a", "shop-b", "shop-c"):
+        catalog = data / merchant / "catalog.csv"
+        lines = catalog.read_text().splitlines()
+        catalog.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 1)
+                                     for line in lines) + "\n")
+    run_dir = tmp_path / "run"
+    scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data)})
+
+    result = simulate(scenario, run_dir, log_dir=tmp_path / "log")
+
+    assert result.returncode not in (0, None), result.describe()
+    error = result.stderr
+    assert "round 1: no update was accepted" in error, result.describe()
+    assert error.count("failed (") == 3 and "title" in error, result.describe()
+    # No spend happened (validation refuses before training), and nothing pretends the run completed.
+    assert ledger_rows(run_dir) == []
+    assert ckpt.list_checkpoints(run_dir) == []
+    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+    assert len(metrics_rows(run_dir)[0]["failed"]) == 3
+
+
+def test_a_federation_whose_budgets_are_all_spent_ends_cleanly(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_merchants(data, ["shop-a", "shop-b", "shop-c"])
     run_dir = tmp_path / "run"
     scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data)})
 
     result = simulate(scenario, run_dir, log_dir=tmp_path / "log", sets={"target-epsilon": 0.0001})
 
-    assert result.returncode not in (0, None), result.describe()
-    error = result.stderr
-    assert "round 1: no update was accepted" in error, result.describe()
-    for merchant in ("shop-a", "shop-b", "shop-c"):
-        assert f"{merchant}: refused (merchant '{merchant}'" in error, result.describe()
-    # The spend (none) is still on record, and nothing pretends the run completed.
+    assert result.returncode == 0, result.describe()
     rows = ledger_rows(run_dir)
+    # Round 1: everyone refuses (recorded, nothing spent); round 2 samples no one and the run stops.
     assert [(r.round, r.status, r.steps) for r in rows] == [(1, "refused", 0)] * 3
-    assert ckpt.list_checkpoints(run_dir) == []
-    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
-    assert sorted(metrics_rows(run_dir)[0]["refused"]) == ["shop-a", "shop-b", "shop-c"]
+    for r in rows:
+        assert "over the budget" in r.reason, r.reason
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["stopped_because"] == "every merchant's privacy budget is spent"
+    assert (run_dir / "model" / "fedshop.json").is_file()  # the (unchanged) model is still exported

@@ -1,0 +1,103 @@
+"""Using a trained model on the merchant's side: rank a catalogue for a query, recommend
+products from a user's recent history. Both score (context, product) pairs with one head of
+an exported model folder, offline."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from client.data import HISTORY_SEPARATOR, DataValidationError, Problem, load_table, product_text
+from shared.model import load_exported
+from shared.tasks import TASK_INDEX, predictions
+
+
+@dataclasses.dataclass(frozen=True)
+class Scored:
+    rank: int
+    product_id: str
+    title: str
+    score: float
+
+
+def _catalog(path: Path) -> pd.DataFrame:
+    catalog = load_table(path, "catalog")
+    if catalog.empty:
+        raise DataValidationError([Problem(Path(path).name, None, None, "catalogue has no products")],
+                                  source=str(path))
+    return catalog
+
+
+def _texts(catalog: pd.DataFrame) -> list[str]:
+    return [product_text(str(r.title), category=str(r.category), brand=str(r.brand), description=str(r.description))
+            for r in catalog.itertuples()]
+
+
+@torch.no_grad()
+def score_pairs(model_dir: Path, *, contexts: list[str], products: list[str], task: str,
+                batch_size: int = 64) -> np.ndarray:
+    """Each pair's prediction on ``task``'s natural scale (probability, stars, grade)."""
+    model, tokenizer, manifest = load_exported(Path(model_dir))
+    max_len = int(manifest.get("max_seq_len", 64))
+    out = []
+    for start in range(0, len(products), batch_size):
+        enc = tokenizer(contexts[start:start + batch_size], products[start:start + batch_size],
+                        truncation="longest_first", max_length=max_len, padding=True, return_tensors="pt")
+        token_type_ids = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
+        scores = model(enc["input_ids"], enc["attention_mask"], token_type_ids)
+        task_ids = torch.full((scores.shape[0],), TASK_INDEX[task])
+        out.append(predictions(scores, task_ids).numpy())
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _top(catalog: pd.DataFrame, scores: np.ndarray, k: int) -> list[Scored]:
+    # Stable sort: equal scores keep catalogue order, so output is deterministic.
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [Scored(rank=i + 1, product_id=str(catalog.iloc[j].product_id), title=str(catalog.iloc[j].title),
+                   score=float(scores[j])) for i, j in enumerate(order)]
+
+
+def rank(model_dir: Path, catalog_path: Path, query: str, *, k: int = 10) -> list[Scored]:
+    """The catalogue ordered by the relevance head's expected grade (0-3) for ``query``."""
+    if not query.strip():
+        raise ValueError("--query is empty")
+    if k < 1:
+        raise ValueError(f"-k {k}: must be >= 1")
+    catalog = _catalog(catalog_path)
+    texts = _texts(catalog)
+    scores = score_pairs(model_dir, contexts=[query] * len(texts), products=texts, task="relevance")
+    return _top(catalog, scores, k)
+
+
+def recommend(model_dir: Path, catalog_path: Path, history_path: Path, *, k: int = 10,
+              history_length: int = 3) -> list[Scored]:
+    """Products the user has not interacted with, by the conversion head's probability.
+
+    The context is the titles of the user's ``history_length`` most recent products, most
+    recent first: the same context the model was trained with.
+    """
+    if k < 1:
+        raise ValueError(f"-k {k}: must be >= 1")
+    catalog = _catalog(catalog_path)
+    history = load_table(history_path, "interactions")
+    known = set(catalog.product_id)
+    unknown = [(i + 1, pid) for i, pid in enumerate(history.product_id) if pid not in known]
+    if unknown:
+        problems = [Problem(Path(history_path).name, row, "product_id", f"{pid!r} is not in {Path(catalog_path).name}")
+                    for row, pid in unknown]
+        raise DataValidationError(problems, source=str(history_path))
+    stamps = [(-math.inf if math.isnan(t) else t, i) for i, t in enumerate(history.timestamp)]
+    recent = [history.product_id.iloc[i] for _, i in sorted(stamps)][-history_length:][::-1]
+    titles = dict(zip(catalog.product_id, catalog.title, strict=True))
+    context = HISTORY_SEPARATOR.join(titles[p] for p in recent)
+    seen = set(history.product_id)
+    candidates = catalog[~catalog.product_id.isin(seen)].reset_index(drop=True)
+    if candidates.empty:
+        return []
+    scores = score_pairs(model_dir, contexts=[context] * len(candidates), products=_texts(candidates), task="ctr")
+    return _top(candidates, scores, k)
