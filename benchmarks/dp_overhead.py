@@ -140,6 +140,7 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
     train_model.train()
 
     gc.collect()
+    load_before = os.getloadavg()[0]
     rss_before_kb = _status_kb("VmRSS")
     exact_peak = _reset_peak()
     times, cpu_times = [], []
@@ -171,6 +172,9 @@ def run_one(job: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": counts["trainable"],
         "total_params": counts["total"],
         "final_loss": float(loss.item()),
+        # 1-minute load average around the timed steps: above --threads, other jobs shared the
+        # cores and wall times (less so CPU times) are inflated.
+        "loadavg_1m": [load_before, os.getloadavg()[0]],
     }
 
 
@@ -213,6 +217,7 @@ def _rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
             "nonprivate_peak_growth_mb": b["peak_growth_mb"],
             "dp_peak_growth_mb": r["peak_growth_mb"],
             "memory_ratio": (r["peak_growth_mb"] / b["peak_growth_mb"]) if b["peak_growth_mb"] > 0 else None,
+            "max_loadavg_1m": max(*r["loadavg_1m"], *b["loadavg_1m"]),
         })
     return rows
 
@@ -281,6 +286,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = _rows(results)
     table = markdown(rows)
     print(table)
+    busiest = max(r["max_loadavg_1m"] for r in rows) if rows else 0.0
+    if busiest > args.threads:
+        print(f"\nnote: 1-minute load average reached {busiest:.1f} (> {args.threads} threads) during "
+              "timing; wall-time ratios are unreliable, prefer the CPU-time and memory columns")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "what": "DP-SGD step time and peak RSS growth, DP ÷ non-private, one fresh process per configuration",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -56,7 +57,11 @@ def make_private(
 
     # The engine's own accountant is not used for reporting (the merchant's persisted
     # history is); it is still kept so Opacus' internal bookkeeping stays consistent.
-    engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    with warnings.catch_warnings():
+        # secure_mode=False is deliberate (CSPRNG noise costs ~10x; see README "Privacy
+        # model"); the warning would otherwise repeat on every training call.
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)
     kwargs: dict[str, Any] = dict(
         module=model,
         optimizer=optimizer,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -161,6 +162,7 @@ class Merchant:
     def train(self, params: dict[str, np.ndarray], *, server_round: int, model_version: int,
               run_id: str = "") -> TrainReply:
         """Train from the global parameters; a budget refusal is a typed reply, not a crash."""
+        started = time.perf_counter()
         split = self.split()
         privacy = self.privacy_state() if self.config.dp else None
         model, tokenizer = self._model(params)
@@ -180,7 +182,8 @@ class Merchant:
                             sample_rate=result.mechanism.sample_rate if result.mechanism else 0.0,
                             model_version=model_version, epsilon=result.epsilon)
         metrics = {"num-examples": float(result.num_examples), "train-loss": result.mean_loss,
-                   "steps": float(result.steps), "duration-s": result.duration_s}
+                   "steps": float(result.steps), "duration-s": result.duration_s,
+                   "client-s": time.perf_counter() - started}
         return TrainReply(facts=facts, params=dict(get_trainable(model)), metrics=metrics)
 
     def _facts(self, privacy: PrivacyState | None, *, status: str, steps: int, sample_rate: float,

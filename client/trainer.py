@@ -14,6 +14,7 @@ import dataclasses
 import logging
 import math
 import time
+import warnings
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -191,7 +192,11 @@ def train(
                 else:
                     scores = train_model(input_ids, attention_mask, token_type_ids)
                     loss = criterion(scores, packed)
-                    loss.backward()
+                    with warnings.catch_warnings():
+                        # Opacus' hooks sit on layers whose inputs (token ids) need no
+                        # gradient; torch warns about that harmless case on every step.
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
                     optimizer.step()
                     # Ghost clipping returns a wrapper, not a Tensor; both expose .item().
                     losses.append(float(loss.item()))

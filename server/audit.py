@@ -326,7 +326,13 @@ def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tol
     run_id = found[0] if found else ""
     if not rows:
         return [f"the ledger in {run_dir} has no rows for merchant {state.merchant_id}"]
-    mine = {e.round: (i, e) for i, e in enumerate(state.entries) if e.run_id == run_id}
+    # A round can hold several of the merchant's calls: one whose reply never reached the
+    # ledger (server crash) and the retry of that round. Every call is spend; the ledger has
+    # one row per round, so extra calls are spend it does not show.
+    mine: dict[int, list[tuple[int, Any]]] = defaultdict(list)
+    for i, e in enumerate(state.entries):
+        if e.run_id == run_id:
+            mine[e.round].append((i, e))
     ledger_spent = {r.round: r for r in rows if r.spent}
     for rnd in sorted(set(mine) | set(ledger_spent)):
         if rnd not in ledger_spent:
@@ -335,7 +341,10 @@ def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tol
         if rnd not in mine:
             findings.append(f"round {rnd}: the ledger shows spend the merchant's own record lacks")
             continue
-        index, entry = mine[rnd]
+        if len(mine[rnd]) > 1:
+            findings.append(f"round {rnd}: the merchant recorded {len(mine[rnd])} training calls; the ledger shows "
+                            f"one, so {len(mine[rnd]) - 1} call(s) of spend are not on the ledger")
+        index, entry = mine[rnd][-1]  # a retried round's ledger row is the last call's
         row = ledger_spent[rnd]
         if entry.event != row.event():
             findings.append(f"round {rnd}: mechanism differs (merchant {entry.event}, ledger {row.event()})")

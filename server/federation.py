@@ -76,7 +76,9 @@ class RoundReport:
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     bytes_received: int = 0
     train_loss: float = float("nan")
-    slowest_train_s: float = 0.0
+    slowest_train_s: float = 0.0  # the slowest accepted merchant's DP training loop
+    slowest_client_s: float = 0.0  # ... and its whole train handler (loading data and model too)
+    total_client_s: float = 0.0  # all accepted merchants' handler time (clients run one by one by default)
     wall_s: float = 0.0
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     epsilon: dict[str, float] = dataclasses.field(default_factory=dict)
@@ -262,6 +264,8 @@ class Federation:
                     losses.append((reply.metrics.get("train-loss", float("nan")),
                                    reply.metrics.get("num-examples", 0.0)))
                     report.slowest_train_s = max(report.slowest_train_s, reply.metrics.get("duration-s", 0.0))
+                    report.slowest_client_s = max(report.slowest_client_s, reply.metrics.get("client-s", 0.0))
+                    report.total_client_s += reply.metrics.get("client-s", 0.0)
                 else:
                     status, reason = "rejected", verdict.reason
                     report.rejected[facts.merchant_id] = reason

@@ -29,7 +29,9 @@ RUN_ID = "run-id"  # the federation run, so a merchant's own record can be match
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"  # the merchant declined: its budget would be exceeded
 
-TRAIN_METRIC_KEYS = ("num-examples", "train-loss", "steps", "duration-s")
+# duration-s: the DP training loop alone; client-s: the whole train handler (data loading,
+# model building, training) — the benchmark separates framework overhead with them.
+TRAIN_METRIC_KEYS = ("num-examples", "train-loss", "steps", "duration-s", "client-s")
 
 
 class WireError(ValueError):

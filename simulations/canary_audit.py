@@ -345,21 +345,22 @@ def run_canary_audit(
 
     model = build_model(spec)
     before = label_log_odds(model, canaries, tokenizer, train_config, device=device)
-    with tempfile.TemporaryDirectory(prefix="canary-audit-") as state_dir:
-        # A fresh accountant of its own: the claim must be this training's ε, not a sum
-        # with whatever an earlier audit (or the merchant's real training) spent.
-        privacy = None
-        if noise:
-            privacy = PrivacyState.open(Path(state_dir) / "privacy-state.json", merchant_id="canary-audit",
-                                        target_epsilon=train_config.target_epsilon,
-                                        target_delta=train_config.target_delta,
-                                        accountant=train_config.accountant)
-        result = trainer.train(model, examples, tokenizer, train_config, privacy=privacy, device=device)
+    # The audit trains on real records, so its spend is recorded durably like any other
+    # (out_dir/canary-privacy-state.json accumulates every audit run there). The *claim*
+    # tested is this training's ε alone, computed from its own mechanism below.
+    privacy = None
+    if noise:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        privacy = PrivacyState.open(out_dir / "canary-privacy-state.json", merchant_id="canary-audit",
+                                    target_epsilon=math.inf, target_delta=train_config.target_delta,
+                                    accountant=train_config.accountant)
+    result = trainer.train(model, examples, tokenizer, train_config, privacy=privacy, device=device)
     after = label_log_odds(model, canaries, tokenizer, train_config, device=device)
     scores = after - before  # how much more likely training made each canary's own label
 
     if noise:
-        claimed = result.epsilon
+        assert result.mechanism is not None
+        claimed = dp.epsilon([result.mechanism], train_config.target_delta, train_config.accountant)
     else:
         sample_rate, steps = trainer.planned_steps(len(examples), config)
         planned = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate,

@@ -10,6 +10,9 @@
     fedshop data validate DIR
     fedshop data prepare {reviews,esci} --out DIR
     fedshop data synth --merchants N --out DIR [--seed S] [--limit K]
+    fedshop deploy init DIR --name HOST... --address IP... [--port P] [--insecure]
+    fedshop deploy add-merchant NAME --dir DIR --data-dir PATH --budget EPS --delta D [--device auto] [--port P]
+    fedshop deploy register NAME... --dir DIR
 """
 
 from __future__ import annotations
@@ -246,6 +249,12 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from simulations import deploy
+
+    return deploy.main(args)
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedshop", description=__doc__,
@@ -317,6 +326,12 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--limit", type=int, default=0, help="write only the first K merchants")
     syn.set_defaults(func=cmd_data_synth)
+
+    from simulations.deploy import add_arguments as add_deploy_arguments
+
+    dep = sub.add_parser("deploy", help="real federation: SuperLink certificates, merchants' SuperNode folders")
+    add_deploy_arguments(dep)
+    dep.set_defaults(func=cmd_deploy)
     return parser
 
 

@@ -107,19 +107,21 @@ def ensure_data(config: RunConfig, scenario_name: str) -> None:
         adapters.prepare_esci(data_dir)
 
 
-def client_resources() -> dict[str, float]:
+def client_resources(client_cpus: float | None = None) -> dict[str, float]:
     import torch
 
-    # One client at a time per 2 cores: torch already uses both threads, and parallel
-    # clients would only contend for them. A GPU is shared by all clients.
-    cpus = float(min(2, os.cpu_count() or 1))
+    # Default: one client at a time per 2 cores: torch already uses both threads, and
+    # parallel clients would only contend for them. A GPU is shared by all clients.
+    cpus = float(client_cpus if client_cpus else min(2, os.cpu_count() or 1))
     return {"num_cpus": cpus, "num_gpus": 0.5 if torch.cuda.is_available() else 0.0}
 
 
-def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = None) -> None:
+def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = None,
+                   client_cpus: float | None = None) -> None:
     """Run ``config`` on ``num_merchants`` virtual SuperNodes; raises if the ServerApp failed.
 
     ``client_app`` replaces fedshop's ClientApp (tests use it to inject faulty merchants).
+    ``client_cpus`` is the CPU share per client: below the core count, clients run in parallel.
     """
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
@@ -149,7 +151,7 @@ def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = N
     TaskIdentity.node_id = SUPERLINK_NODE_ID
     context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     backend_config: dict[str, Any] = {
-        "client_resources": client_resources(),
+        "client_resources": client_resources(client_cpus),
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     try:

@@ -121,7 +121,7 @@ def test_tf_privacy_mnist_tutorial_value() -> None:
         pld = pld_eps(events)
         prv = epsilon_prv(events, DELTA)
         assert 2.3 < rdp_eps < classic_bound
-        assert epsilon_opacus_rdp(events, DELTA) == pytest.approx(rdp_eps, rel=1e-3)
+        assert epsilon_opacus_rdp(events, DELTA) == pytest.approx(rdp_eps, rel=0.01)  # order grids differ
         assert prv == pytest.approx(pld, rel=0.02)
         assert 2.2 < pld < rdp_eps
     # Opacus' MNIST setting (σ = 1.1): modern RDP gives ≈ 2.60.

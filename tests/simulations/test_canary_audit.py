@@ -166,7 +166,10 @@ def test_dp_training_passes_the_audit(audits: dict[bool, tuple[CanaryAuditResult
     assert 2.0 < result.epsilon_claimed < 5.0
     assert result.epsilon_lower_bound <= result.epsilon_claimed, result
     assert json.loads((out_dir / RESULT_FILE).read_text()) == result.to_dict()
-    assert [p.name for p in out_dir.iterdir()] == [RESULT_FILE]  # no temp file or privacy state left
+    # No temp file left; the audit's own spend is on record beside the result.
+    assert sorted(p.name for p in out_dir.iterdir()) == sorted([RESULT_FILE, "canary-privacy-state.json"])
+    state = json.loads((out_dir / "canary-privacy-state.json").read_text())
+    assert len(state["entries"]) == 1 and state["entries"][0]["event"]["steps"] == result.steps
 
 
 def test_training_without_noise_fails_the_audit(audits: dict[bool, tuple[CanaryAuditResult, Path]]) -> None:

@@ -1,0 +1,628 @@
+"""Operator tooling for a real federation: one SuperLink, one SuperNode per merchant.
+
+    fedshop deploy init DIR --name HOST [HOST ...] --address IP [IP ...] [--port 9092] [--insecure]
+    fedshop deploy add-merchant NAME --dir DIR --data-dir PATH --budget EPS --delta D
+                                [--device auto] [--port P] [--state-dir PATH] [--public-key FILE]
+    fedshop deploy register NAME --dir DIR
+
+``init`` makes a certificate authority and a server certificate whose subject alternative
+names are the given host names and IP addresses (plus loopback, which the SuperLink's own
+ServerApp process uses), the SuperLink's start script (TLS on every API, SuperNode
+authentication on, runtime dependency installation and telemetry off, a database file so
+registered merchants survive a restart), and a ``flwr`` connection for the operator.
+
+``add-merchant`` makes one merchant's folder (hand it to the merchant): its node key pair
+(ECDSA P-384, OpenSSH encoding, as ``flower-supernode --auth-supernode-private-key`` and
+``flwr supernode register`` expect), the CA certificate, its node config (merchant id, data
+and state folders, its own privacy budget, device) and its start script; then it registers
+the public key with the running SuperLink through its Control API (``flwr supernode
+register``). With ``--public-key`` the merchant keeps its private key and only the public
+half is registered. ``register`` retries the registration later (SuperLink not yet up).
+
+Layout of DIR (the operator's machine)::
+
+    deployment.json                 what init was asked for
+    ca/ca.crt, ca/ca.key            the CA (keep ca.key offline once merchants are set up)
+    superlink/server.crt, server.key, start-superlink.sh, state.db
+    flwr-home/config.toml           FLWR_HOME for the operator's ``flwr`` (connection "fedshop")
+    merchants/NAME/                 one folder per merchant, see add_merchant
+
+Insecure mode (no TLS, no node authentication: anyone who reaches the port can join) exists
+only behind an explicit ``--insecure`` and says so loudly; it is for isolated test networks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import ipaddress
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+DEPLOYMENT_FILE = "deployment.json"
+MERCHANT_FILE = "merchant.json"
+CONNECTION = "fedshop"  # the operator's SuperLink connection name in flwr-home/config.toml
+DEFAULT_SUPERLINK_PORT = 9092
+FIRST_SUPERNODE_PORT = 9094  # Flower's default SuperNode Runtime API port; one more per merchant
+NODE_KEY = "node-key"
+SUPERLINK_SCRIPT = "start-superlink.sh"
+SUPERNODE_SCRIPT = "start-supernode.sh"
+INSECURE_WARNING = (
+    "WARNING: --insecure: traffic between merchants and the SuperLink is NOT encrypted and "
+    "SuperNode authentication is OFF, so any process that can reach the SuperLink's port can "
+    "join the federation, read the global model and send updates. Use it only on an isolated "
+    "test network."
+)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# Environment of every deployed Flower process. Runtime dependency installation would `uv
+# sync` the app (and pull a multi-GB CUDA torch) on each run; telemetry and update checks
+# need a network a merchant may not want to talk to; models load from local folders only.
+PROCESS_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+class DeployError(ValueError):
+    """The deployment cannot be set up as asked; the message says what to change."""
+
+
+# --------------------------------------------------------------------------- data
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Deployment:
+    root: Path
+    port: int
+    bind_host: str
+    public_address: str  # what SuperNodes and the operator's flwr dial (host, no port)
+    names: tuple[str, ...]
+    addresses: tuple[str, ...]
+    insecure: bool = False
+
+    @property
+    def superlink_address(self) -> str:
+        host = f"[{self.public_address}]" if ":" in self.public_address else self.public_address
+        return f"{host}:{self.port}"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.root / "ca" / "ca.crt"
+
+    @property
+    def superlink_dir(self) -> Path:
+        return self.root / "superlink"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.root / "flwr-home"
+
+    @property
+    def merchants_dir(self) -> Path:
+        return self.root / "merchants"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"port": self.port, "bind_host": self.bind_host, "public_address": self.public_address,
+                "names": list(self.names), "addresses": list(self.addresses), "insecure": self.insecure}
+
+    @classmethod
+    def load(cls, root: Path) -> Deployment:
+        root = Path(root).expanduser().resolve()
+        path = root / DEPLOYMENT_FILE
+        if not path.is_file():
+            raise DeployError(f"{root}: not a fedshop deployment folder (no {DEPLOYMENT_FILE}); "
+                              "create one with `fedshop deploy init DIR ...`")
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        return cls(root=root, port=int(raw["port"]), bind_host=str(raw["bind_host"]),
+                   public_address=str(raw["public_address"]), names=tuple(raw["names"]),
+                   addresses=tuple(raw["addresses"]), insecure=bool(raw.get("insecure", False)))
+
+    def merchants(self) -> list[Merchant]:
+        if not self.merchants_dir.is_dir():
+            return []
+        return [Merchant.load(p) for p in sorted(self.merchants_dir.iterdir()) if (p / MERCHANT_FILE).is_file()]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Merchant:
+    """One merchant's folder: identity, own budget and device, and how its SuperNode starts."""
+
+    name: str
+    dir: Path
+    data_dir: Path
+    state_dir: Path
+    target_epsilon: float
+    target_delta: float
+    device: str
+    port: int  # the SuperNode's Runtime API port (its ClientApp processes talk to it)
+    superlink_address: str
+    insecure: bool = False
+    has_private_key: bool = True
+    node_id: int | None = None
+
+    @property
+    def public_key(self) -> Path:
+        return self.dir / f"{NODE_KEY}.pub"
+
+    @property
+    def privacy_state(self) -> Path:
+        return self.state_dir / "privacy-state.json"
+
+    def node_config(self) -> str:
+        """The ``--node-config`` value: what client/merchant.py ``resolve_node`` reads."""
+        values: dict[str, str | float] = {
+            "merchant-id": self.name, "data-dir": str(self.data_dir), "state-dir": str(self.state_dir),
+            "target-epsilon": float(self.target_epsilon), "target-delta": float(self.target_delta),
+            "device": self.device,
+        }
+        return " ".join(f"{k}={_toml_scalar(v)}" for k, v in values.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "data_dir": str(self.data_dir), "state_dir": str(self.state_dir),
+                "target_epsilon": self.target_epsilon, "target_delta": self.target_delta, "device": self.device,
+                "port": self.port, "superlink_address": self.superlink_address, "insecure": self.insecure,
+                "has_private_key": self.has_private_key, "node_id": self.node_id}
+
+    def save(self) -> None:
+        (self.dir / MERCHANT_FILE).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path) -> Merchant:
+        raw = json.loads((directory / MERCHANT_FILE).read_text(encoding="utf-8"))
+        return cls(name=str(raw["name"]), dir=directory.resolve(), data_dir=Path(raw["data_dir"]),
+                   state_dir=Path(raw["state_dir"]), target_epsilon=float(raw["target_epsilon"]),
+                   target_delta=float(raw["target_delta"]), device=str(raw["device"]), port=int(raw["port"]),
+                   superlink_address=str(raw["superlink_address"]), insecure=bool(raw.get("insecure", False)),
+                   has_private_key=bool(raw.get("has_private_key", True)),
+                   node_id=int(raw["node_id"]) if raw.get("node_id") is not None else None)
+
+
+def _toml_scalar(value: str | float) -> str:
+    if isinstance(value, float):
+        return repr(value)
+    if "'" in value or "\n" in value:
+        raise DeployError(f"node-config value {value!r} may not contain a single quote or a newline")
+    return f"'{value}'"  # a TOML literal string: backslashes and spaces stay as they are
+
+
+# --------------------------------------------------------------------------- crypto
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.UTC)
+
+
+def _private_pem(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """Write a private key readable by its owner only (created 0600, never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    os.chmod(path, 0o600)
+
+
+def make_ca(common_name: str, *, days: int = 3650) -> tuple[Any, Any]:
+    """A self-signed CA: (private key, certificate). ECDSA P-384, may sign end-entity certs only."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedshop"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    start = _now() - datetime.timedelta(minutes=5)  # tolerate small clock skew between machines
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_server_certificate(ca_key: Any, ca_cert: Any, *, names: Sequence[str], addresses: Sequence[str],
+                            days: int = 825) -> tuple[Any, Any]:
+    """The SuperLink's TLS certificate, signed by the CA; SANs = names + addresses (+ loopback)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    # The SuperLink starts its ServerApp processes against its own Runtime API on loopback,
+    # over the same TLS certificate: loopback must be a valid name for it.
+    dns = list(dict.fromkeys([*names, "localhost"]))
+    ips = list(dict.fromkeys([*addresses, "127.0.0.1", "::1"]))
+    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
+    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
+    start = _now() - datetime.timedelta(minutes=5)
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedshop"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, (names or addresses)[0])])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True, key_cert_sign=False,
+                                     crl_sign=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, encipher_only=False, decipher_only=False),
+                       critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA384())
+    )
+    return key, cert
+
+
+def make_node_key() -> tuple[bytes, bytes]:
+    """A SuperNode's authentication key pair: (OpenSSH private key, OpenSSH public key), P-384."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return private, public + b"\n"
+
+
+def check_public_key(path: Path) -> bytes:
+    """A merchant-supplied public key, checked to be an OpenSSH NIST-curve EC key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    raw = Path(path).expanduser().read_bytes()
+    try:
+        key = serialization.load_ssh_public_key(raw)
+    except (ValueError, TypeError) as exc:
+        raise DeployError(f"--public-key {path}: not an OpenSSH public key ({exc})") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1",
+                                                                                 "secp521r1"):
+        raise DeployError(f"--public-key {path}: must be an ECDSA key on a NIST curve (e.g. ssh-keygen -t ecdsa "
+                          "-b 384), as Flower's SuperNode authentication expects")
+    return raw if raw.endswith(b"\n") else raw + b"\n"
+
+
+# --------------------------------------------------------------------------- commands
+def superlink_command(dep: Deployment) -> list[str]:
+    """``flower-superlink`` for this deployment (absolute paths; run it on the operator's machine)."""
+    cmd = ["flower-superlink"]
+    if dep.insecure:
+        cmd.append("--insecure")
+    else:
+        sl = dep.superlink_dir
+        cmd += ["--ssl-ca-certfile", str(dep.ca_cert), "--ssl-certfile", str(sl / "server.crt"),
+                "--ssl-keyfile", str(sl / "server.key"), "--enable-supernode-auth"]
+    cmd += ["--disable-runtime-dependency-installation", "--host", dep.bind_host, "--port", str(dep.port),
+            "--database", str(dep.superlink_dir / "state.db")]
+    return cmd
+
+
+def supernode_command(merchant: Merchant) -> list[str]:
+    """``flower-superlink`` for one merchant; run it with the merchant's folder as working directory."""
+    cmd = ["flower-supernode", "--superlink", merchant.superlink_address]
+    if merchant.insecure:
+        cmd.append("--insecure")
+    else:
+        cmd += ["--root-certificates", "ca.crt"]
+        if merchant.has_private_key:
+            cmd += ["--auth-supernode-private-key", NODE_KEY]
+    # One Runtime API port per SuperNode: several merchants' nodes on one host must differ.
+    cmd += ["--host", "127.0.0.1", "--port", str(merchant.port), "--node-config", merchant.node_config()]
+    return cmd
+
+
+def process_env(*, flwr_home: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
+    env.update(PROCESS_ENV)
+    if flwr_home is not None:
+        env["FLWR_HOME"] = str(flwr_home)
+    return env
+
+
+def _shell_quote(arg: str) -> str:
+    """shlex.quote, but a value holding single quotes (a node config) goes in double quotes."""
+    if "'" in arg and not any(c in arg for c in '"$`\\!'):
+        return f'"{arg}"'
+    return shlex.quote(arg)
+
+
+def shell_join(cmd: Sequence[str]) -> str:
+    return " ".join(_shell_quote(a) for a in cmd)
+
+
+def _script(lines: Sequence[str], cmd: Sequence[str], *, cd_here: bool, flwr_home: str) -> str:
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in PROCESS_ENV.items())
+    parts: list[str] = [_shell_quote(cmd[0])]  # one "--flag value" per line, for a reader
+    for arg in cmd[1:]:
+        if arg.startswith("--") or not parts[-1].startswith("--") or len(parts) == 1:
+            parts.append(_shell_quote(arg))
+        else:
+            parts[-1] += " " + _shell_quote(arg)
+    body = " \\\n    ".join(parts)
+    cd = 'cd "$(dirname "$0")"\n' if cd_here else ""
+    return ("#!/bin/sh\n" + "".join(f"# {line}\n" for line in lines) + "set -eu\n" + cd + exports + "\n"
+            + f'export FLWR_HOME="{flwr_home}"\n' + f"exec {body}\n")
+
+
+def _write_script(path: Path, text: str) -> None:
+    path.write_text(text, encoding="utf-8")
+    path.chmod(0o755)
+
+
+def write_flwr_config(dep: Deployment) -> Path:
+    """The operator's ``flwr`` connection (FLWR_HOME=DIR/flwr-home): ``flwr run APP fedshop``."""
+    dep.flwr_home.mkdir(parents=True, exist_ok=True)
+    path = dep.flwr_home / "config.toml"
+    tls = "insecure = true\n" if dep.insecure else f"root-certificates = {json.dumps(str(dep.ca_cert))}\n"
+    path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                    f'address = "{dep.superlink_address}"\n' + tls, encoding="utf-8")
+    return path
+
+
+def _check_addresses(names: Sequence[str], addresses: Sequence[str]) -> None:
+    if not names and not addresses:
+        raise DeployError("give at least one --name or --address: merchants dial the SuperLink by it")
+    for a in addresses:
+        try:
+            ipaddress.ip_address(a)
+        except ValueError:
+            raise DeployError(f"--address {a!r} is not an IP address (host names go to --name)") from None
+    for n in names:
+        if not re.fullmatch(r"[A-Za-z0-9*]([A-Za-z0-9.-]*[A-Za-z0-9])?", n):
+            raise DeployError(f"--name {n!r} is not a DNS name")
+
+
+def init_deployment(root: Path, *, names: Sequence[str], addresses: Sequence[str],
+                    port: int = DEFAULT_SUPERLINK_PORT, bind_host: str | None = None,
+                    public_address: str | None = None, insecure: bool = False, days: int = 825) -> Deployment:
+    """Create DIR with the CA, the SuperLink certificate, start script and flwr connection."""
+    root = Path(root).expanduser().resolve()
+    if (root / DEPLOYMENT_FILE).exists():
+        raise FileExistsError(f"{root} already holds a deployment; a new CA would lock out every merchant "
+                              "set up with it. Choose another DIR.")
+    _check_addresses(names, addresses)
+    if not 1 <= port <= 65535:
+        raise DeployError(f"--port {port}: not a TCP port")
+    public = public_address or (addresses[0] if addresses else names[0])
+    if bind_host is None:  # listen on loopback only when nobody else is meant to dial in
+        loopback = all(ipaddress.ip_address(a).is_loopback for a in addresses) and set(names) <= {"localhost"}
+        bind_host = "127.0.0.1" if loopback else "0.0.0.0"
+    dep = Deployment(root=root, port=port, bind_host=bind_host, public_address=public, names=tuple(names),
+                     addresses=tuple(addresses), insecure=insecure)
+    dep.superlink_dir.mkdir(parents=True, exist_ok=True)
+    dep.merchants_dir.mkdir(parents=True, exist_ok=True)
+    if not insecure:
+        from cryptography.hazmat.primitives import serialization
+
+        ca_key, ca_cert = make_ca("fedshop federation CA", days=max(days, 3650))
+        key, cert = make_server_certificate(ca_key, ca_cert, names=names, addresses=addresses, days=days)
+        dep.ca_cert.parent.mkdir(parents=True, exist_ok=True)
+        _write_secret(dep.root / "ca" / "ca.key", _private_pem(ca_key))
+        dep.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+        _write_secret(dep.superlink_dir / "server.key", _private_pem(key))
+        # Leaf first, then the CA: a client holding only the CA can verify the chain.
+        (dep.superlink_dir / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    header = [f"fedshop SuperLink, generated by `fedshop deploy init` (port {port}).",
+              "Runs the ServerApp for each `flwr run`; merchants' SuperNodes connect here."]
+    if insecure:
+        header.append(INSECURE_WARNING)
+    _write_script(dep.superlink_dir / SUPERLINK_SCRIPT,
+                  _script(header, superlink_command(dep), cd_here=True,
+                          flwr_home=str(dep.superlink_dir / "flwr-home")))
+    write_flwr_config(dep)
+    (root / DEPLOYMENT_FILE).write_text(json.dumps(dep.to_dict(), indent=1) + "\n", encoding="utf-8")
+    return dep
+
+
+def _next_port(dep: Deployment) -> int:
+    used = {m.port for m in dep.merchants()} | {dep.port}
+    port = FIRST_SUPERNODE_PORT
+    while port in used:
+        port += 1
+    return port
+
+
+def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, delta: float,
+                 device: str = "auto", port: int | None = None, state_dir: Path | None = None,
+                 public_key: Path | None = None) -> Merchant:
+    """Create ``merchants/NAME``: key pair (or the merchant's public key), CA, node config, start script."""
+    if not _NAME.fullmatch(name):
+        raise DeployError(f"merchant name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+    if not (budget > 0 and budget == budget and budget != float("inf")):
+        raise DeployError(f"--budget {budget}: must be a finite ε > 0")
+    if not 0 < delta < 1:
+        raise DeployError(f"--delta {delta}: must lie strictly between 0 and 1")
+    if device != "auto" and not re.fullmatch(r"cpu|cuda(:\d+)?|mps", device):
+        raise DeployError(f"--device {device!r}: one of auto, cpu, cuda, cuda:N, mps")
+    directory = dep.merchants_dir / name
+    if directory.exists():
+        raise FileExistsError(f"{directory} exists: merchant {name!r} was added before")
+    taken = {m.port: m.name for m in dep.merchants()}
+    port = _next_port(dep) if port is None else port
+    if port in taken or port == dep.port:
+        raise DeployError(f"--port {port} is already used by {taken.get(port, 'the SuperLink')} in this deployment")
+    data_dir = Path(data_dir).expanduser().resolve()
+    state_dir = Path(state_dir).expanduser().resolve() if state_dir else directory / "state"
+    pub = check_public_key(public_key) if public_key else None
+    directory.mkdir(parents=True)
+    merchant = Merchant(name=name, dir=directory, data_dir=data_dir, state_dir=state_dir,
+                        target_epsilon=float(budget), target_delta=float(delta), device=device, port=port,
+                        superlink_address=dep.superlink_address, insecure=dep.insecure,
+                        has_private_key=pub is None)
+    merchant.node_config()  # refuse quotes in paths before writing anything else
+    if not dep.insecure:
+        shutil.copyfile(dep.ca_cert, directory / "ca.crt")
+        if pub is None:
+            private, pub = make_node_key()
+            _write_secret(directory / NODE_KEY, private)
+        merchant.public_key.write_bytes(pub)
+    header = [f"fedshop SuperNode of merchant {name!r}, generated by `fedshop deploy add-merchant`.",
+              f"Its privacy budget: ε = {budget:g} at δ = {delta:g} (node config target-epsilon/target-delta).",
+              "What leaves this machine: trainable parameters, privacy facts, evaluation metrics."]
+    if dep.insecure:
+        header.append(INSECURE_WARNING)
+    _write_script(directory / SUPERNODE_SCRIPT,
+                  _script(header, supernode_command(merchant), cd_here=True, flwr_home="$PWD/flwr-home"))
+    merchant.save()
+    return merchant
+
+
+# --------------------------------------------------------------------------- registration
+def flwr_executable(name: str = "flwr") -> str:
+    """A Flower CLI from this interpreter's environment, else from PATH."""
+    here = Path(sys.executable).parent / name
+    if here.is_file():
+        return str(here)
+    found = shutil.which(name)
+    if found is None:
+        raise DeployError(f"{name!r} not found: install fedshop (it brings flwr) or activate its environment")
+    return found
+
+
+def register_merchant(dep: Deployment, merchant: Merchant, *, timeout_s: float = 60.0) -> int:
+    """Register the merchant's public key with the running SuperLink; returns its node id."""
+    if dep.insecure:
+        raise DeployError("an --insecure deployment has no SuperNode authentication: nothing to register")
+    cmd = [flwr_executable(), "supernode", "register", str(merchant.public_key), CONNECTION,
+           "--name", merchant.name, "--format", "json"]
+    try:
+        proc = subprocess.run(cmd, env=process_env(flwr_home=dep.flwr_home), capture_output=True, text=True,
+                              timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise DeployError(f"registering {merchant.name!r}: no answer from the SuperLink at "
+                          f"{dep.superlink_address} within {timeout_s:.0f} s") from None
+    payload = _last_json(proc.stdout)
+    if proc.returncode == 0 and payload.get("success") and payload.get("node-id"):
+        node_id = int(payload["node-id"])
+        dataclasses.replace(merchant, node_id=node_id).save()
+        return node_id
+    why = payload.get("error-message") or (proc.stderr or proc.stdout).strip()[-1000:]
+    raise DeployError(f"registering merchant {merchant.name!r} with the SuperLink at {dep.superlink_address} "
+                      f"failed: {why}\n(is the SuperLink running? start {dep.superlink_dir / SUPERLINK_SCRIPT}, "
+                      f"then: fedshop deploy register {merchant.name} --dir {dep.root})")
+
+
+def _last_json(text: str) -> dict[str, Any]:
+    start = text.find("{")
+    while start != -1:
+        try:
+            value = json.loads(text[start:])
+            return value if isinstance(value, dict) else {}
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    return {}
+
+
+# --------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``fedshop deploy`` subcommands (wired into simulations/cli.py)."""
+    sub = parser.add_subparsers(dest="deploy_command", required=True)
+    init = sub.add_parser("init", help="create the CA, the SuperLink certificate and start script")
+    init.add_argument("dir", type=Path, help="new deployment folder")
+    init.add_argument("--name", nargs="+", default=[], metavar="HOST", help="DNS names merchants dial")
+    init.add_argument("--address", nargs="+", default=[], metavar="IP", help="IP addresses merchants dial")
+    init.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="the SuperLink's one port (HTTPS)")
+    init.add_argument("--bind", help="interface to listen on (default: 127.0.0.1 for loopback-only "
+                      "deployments, else 0.0.0.0)")
+    init.add_argument("--public-address", help="host merchants dial (default: first --address, else first --name)")
+    init.add_argument("--days", type=int, default=825, help="server certificate validity")
+    init.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only)")
+
+    add = sub.add_parser("add-merchant", help="create a merchant's SuperNode folder and register its key")
+    add.add_argument("name", help="merchant id (also its folder name)")
+    add.add_argument("--dir", type=Path, default=Path("."), help="deployment folder (default: .)")
+    add.add_argument("--data-dir", type=Path, required=True, help="the merchant's data folder (on its machine)")
+    add.add_argument("--budget", type=float, required=True, help="the merchant's total ε budget (a hard stop)")
+    add.add_argument("--delta", type=float, required=True, help="the merchant's δ")
+    add.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add.add_argument("--port", type=int, help="its SuperNode's Runtime API port (default: next free from 9094)")
+    add.add_argument("--state-dir", type=Path, help="where its privacy state lives (default: merchants/NAME/state)")
+    add.add_argument("--public-key", type=Path, help="the merchant's own OpenSSH ECDSA public key (it keeps the "
+                     "private key); default: generate a key pair into the folder")
+    add.add_argument("--no-register", action="store_true", help="do not contact the SuperLink now")
+
+    reg = sub.add_parser("register", help="register a merchant's public key with the running SuperLink")
+    reg.add_argument("name", nargs="+")
+    reg.add_argument("--dir", type=Path, default=Path("."), help="deployment folder (default: .)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.deploy_command == "init":
+        return _cmd_init(args)
+    dep = Deployment.load(args.dir)
+    if args.deploy_command == "add-merchant":
+        return _cmd_add_merchant(dep, args)
+    for name in args.name:
+        directory = dep.merchants_dir / name
+        if not (directory / MERCHANT_FILE).is_file():
+            raise DeployError(f"no merchant {name!r} in {dep.root} (add it with `fedshop deploy add-merchant`)")
+        print(f"merchant {name}: registered, node id {register_merchant(dep, Merchant.load(directory))}")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    if args.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    dep = init_deployment(args.dir, names=args.name, addresses=args.address, port=args.port, bind_host=args.bind,
+                          public_address=args.public_address, insecure=args.insecure, days=args.days)
+    print(f"deployment in {dep.root}")
+    if not dep.insecure:
+        print(f"  CA certificate  {dep.ca_cert}  (merchants get a copy; keep ca/ca.key offline)")
+        print(f"  server cert     {dep.superlink_dir / 'server.crt'}  (SANs: "
+              f"{', '.join(dict.fromkeys([*dep.names, 'localhost', *dep.addresses, '127.0.0.1', '::1']))})")
+    print(f"start the SuperLink (listens on {dep.bind_host}:{dep.port}; merchants dial {dep.superlink_address}):")
+    print(f"  {dep.superlink_dir / SUPERLINK_SCRIPT}")
+    print("  # = " + shell_join(superlink_command(dep)))
+    print("then add merchants:  fedshop deploy add-merchant NAME --dir "
+          f"{shlex.quote(str(dep.root))} --data-dir PATH --budget EPS --delta D")
+    print("and submit a run:    FLWR_HOME=" + shlex.quote(str(dep.flwr_home))
+          + f" flwr run PATH/TO/fedshop {CONNECTION} --run-config \"run-dir='/abs/run/dir' ...\" --stream")
+    return 0
+
+
+def _cmd_add_merchant(dep: Deployment, args: argparse.Namespace) -> int:
+    if dep.insecure:
+        print(INSECURE_WARNING, file=sys.stderr)
+    merchant = add_merchant(dep, args.name, data_dir=args.data_dir, budget=args.budget, delta=args.delta,
+                            device=args.device, port=args.port, state_dir=args.state_dir,
+                            public_key=args.public_key)
+    print(f"merchant {merchant.name}: folder {merchant.dir}")
+    print(f"  budget ε = {merchant.target_epsilon:g} at δ = {merchant.target_delta:g}; device {merchant.device}; "
+          f"privacy state {merchant.privacy_state}")
+    print(f"  start its SuperNode (on the merchant's machine): {merchant.dir / SUPERNODE_SCRIPT}")
+    print("  # = (cd " + shlex.quote(str(merchant.dir)) + " && " + shell_join(supernode_command(merchant)) + ")")
+    if dep.insecure or args.no_register:
+        if not dep.insecure:
+            print(f"  not registered yet: fedshop deploy register {merchant.name} --dir {shlex.quote(str(dep.root))}")
+        return 0
+    node_id = register_merchant(dep, merchant)
+    print(f"  registered with the SuperLink: node id {node_id}")
+    return 0

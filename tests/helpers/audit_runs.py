@@ -1,0 +1,137 @@
+"""Realistic run directories for the privacy audit, built without running a federation.
+
+``build_run`` writes what a finished run leaves behind: ``ledger.sqlite`` (a
+``server.ledger.PrivacyLedger`` with its ``run_id`` meta), each merchant's own
+``nodes/<m>/privacy-state.json`` (``client.budget.PrivacyState``, whose ``commit`` returns
+the Opacus PRV ε the ledger records as ``epsilon_reported``) and ``metrics.jsonl`` (the
+shape ``server.run_log`` writes for a ``RoundReport``).
+
+``tamper`` opens a ledger with raw ``sqlite3`` after dropping the append-only triggers,
+the only way to rewrite history the ledger's docstring admits.
+
+``memoized_accountants`` replaces the accountants the audit calls with caching wrappers
+around the real functions: PLD takes ~0.7 s per call and the audit re-derives ε once per
+ledger row, while the tests audit the same histories many times.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sqlite3
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client import dp as client_dp
+from client.budget import PrivacyState
+from server.ledger import PrivacyLedger, SpendRecord
+from shared.privacy import MechanismEvent, compose_history
+
+RUN_ID = "run-audit-1"
+DELTA = 1e-5
+BUDGET = 8.0
+ROUNDS = 3
+MERCHANTS = ("m1", "m2", "m3")
+# m1 and m2 train alike; m3 samples less often for more steps, so per-merchant fields differ.
+MECHANISMS: dict[str, MechanismEvent] = {
+    "m1": MechanismEvent(noise_multiplier=1.0, sample_rate=0.05, steps=10, max_grad_norm=1.0),
+    "m2": MechanismEvent(noise_multiplier=1.0, sample_rate=0.05, steps=10, max_grad_norm=1.0),
+    "m3": MechanismEvent(noise_multiplier=1.0, sample_rate=0.02, steps=20, max_grad_norm=1.0),
+}
+TRIGGERS = ("spend_no_update", "spend_no_delete", "spend_no_replace")
+
+
+def state_path(run_dir: Path, merchant: str) -> Path:
+    return run_dir / "nodes" / merchant / "privacy-state.json"
+
+
+def metrics_line(round_: int, accepted: Sequence[str]) -> dict[str, Any]:
+    """One ``metrics.jsonl`` row, with the fields of ``server.federation.RoundReport``."""
+    return {
+        "round": round_, "sampled": list(accepted), "accepted": list(accepted), "rejected": {}, "refused": {},
+        "failed": {}, "bytes_received": 1000 * len(accepted), "train_loss": 0.5, "slowest_train_s": 1.0,
+        "wall_s": 2.0, "eval_metrics": {}, "epsilon": {}, "aggregated": True,
+    }
+
+
+def build_run(
+    run_dir: Path,
+    *,
+    budgets: Mapping[str, float] | None = None,
+    rounds: int = ROUNDS,
+    merchants: Sequence[str] = MERCHANTS,
+) -> Path:
+    """A finished run of ``rounds`` rounds in which every merchant trained and was accepted."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    budgets = dict(budgets or {})
+    states = {
+        m: PrivacyState.open(state_path(run_dir, m), merchant_id=m, target_epsilon=budgets.get(m, BUDGET),
+                             target_delta=DELTA)
+        for m in merchants
+    }
+    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+        ledger.set_meta("run_id", RUN_ID)
+        for rnd in range(1, rounds + 1):
+            records = []
+            for i, m in enumerate(merchants):
+                event = MECHANISMS[m]
+                eps = states[m].commit(event, round=rnd, model_version=rnd - 1, run_id=RUN_ID)
+                records.append(SpendRecord(
+                    run_id=RUN_ID, round=rnd, merchant_id=m, node_id=1000 + i, model_version=rnd - 1,
+                    noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps,
+                    max_grad_norm=event.max_grad_norm, delta=DELTA, epsilon_reported=eps,
+                    epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted"))
+            ledger.record_round(records)
+            with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(metrics_line(rnd, merchants), sort_keys=True) + "\n")
+    return run_dir
+
+
+@contextmanager
+def tamper(run_dir: Path) -> Iterator[sqlite3.Connection]:
+    """A raw connection to the run's ledger with the append-only triggers dropped."""
+    conn = sqlite3.connect(run_dir / "ledger.sqlite", isolation_level=None)
+    try:
+        for trigger in TRIGGERS:
+            conn.execute(f"DROP TRIGGER {trigger}")
+        yield conn
+    finally:
+        conn.close()
+
+
+# ------------------------------------------------------------------ fast, exact accountants
+_CACHES: dict[str, dict[Any, float]] = {}
+_ORIGINAL_PRV = client_dp.epsilon_prv
+
+
+def _memoized(name: str, fn: Callable[..., float]) -> Callable[..., float]:
+    cache = _CACHES.setdefault(name, {})
+
+    @functools.wraps(fn)
+    def wrapper(events: Any, delta: float, *args: Any, **kwargs: Any) -> float:
+        events = list(events)
+        # Keyed like the accountants see it: the composed (σ, q, steps) history.
+        key = (tuple(compose_history(events)), delta, args, tuple(sorted(kwargs.items())))
+        if key not in cache:
+            cache[key] = fn(events, delta, *args, **kwargs)
+        return cache[key]
+
+    return wrapper
+
+
+@contextmanager
+def memoized_accountants() -> Iterator[None]:
+    """Cache the audit's PLD/RDP and the merchant's PRV by (history, δ); results are unchanged."""
+    import server.audit
+    from shared import privacy
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(server.audit, "epsilon_pld", _memoized("pld", privacy.epsilon_pld))
+        mp.setattr(server.audit, "epsilon_rdp", _memoized("rdp", privacy.epsilon_rdp))
+        mp.setattr(client_dp, "epsilon_prv", _memoized("prv", _ORIGINAL_PRV))
+        yield
+
