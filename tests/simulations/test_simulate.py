@@ -255,3 +255,38 @@ def test_resume_skips_a_round_recorded_but_not_checkpointed(two_round_run: tuple
     check_client_state_matches_ledger(run_dir)
     assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3]
     assert ckpt.list_checkpoints(run_dir) == [1, 3]
+
+
+def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_merchants(data, MERCHANTS)
+    run_dir = tmp_path / "run"
+    scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data), "num-server-rounds": 20})
+    cmd = proc.fedshop_command("simulate", "--scenario", str(scenario), "--out", str(run_dir))
+    latest_file = run_dir / "checkpoints" / "LATEST"
+
+    with proc.session(cmd, log_dir=tmp_path / "log") as run:
+        sid = run.pid
+        deadline = time.monotonic() + 240
+        while not latest_file.exists():
+            if run.poll() is not None:
+                pytest.fail(proc.read_output(tmp_path / "log", run.returncode).describe())
+            assert time.monotonic() < deadline, "round 1 was not checkpointed within 240 s"
+            time.sleep(0.1)
+        members = proc.session_members(sid)
+        assert len(members) >= 4, members  # the CLI plus Ray's processes
+        # What a terminal does on Ctrl-C: SIGINT to the whole foreground process group.
+        os.killpg(sid, signal.SIGINT)
+        returncode = run.wait(timeout=60)
+        deadline = time.monotonic() + 30
+        while proc.session_members(sid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        left = proc.session_members(sid)
+    output = proc.read_output(tmp_path / "log", returncode)
+    assert returncode == 130, output.describe()
+    assert "resume with: fedshop simulate --resume" in output.stderr
+    assert left == [], f"processes of the interrupted run are still alive: {left}"
+    # What was committed before the interrupt is intact and resumable.
+    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+        assert ledger.last_round() >= 1
+    assert ckpt.load_latest(run_dir) is not None

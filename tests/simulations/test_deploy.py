@@ -1,0 +1,230 @@
+"""A real federation on loopback: ``fedshop deploy``, a TLS SuperLink with node authentication,
+three merchants' SuperNodes, a run submitted with ``flwr run``, and the faults a deployment meets.
+
+One run of three rounds covers it all, because every Flower message starts a fresh ClientApp
+process (seconds of imports) and the test must stay within a few minutes:
+
+- round 1: the three merchants train; ledger rows for all three;
+- round 2: shop-c's SuperNode is SIGKILLed as its training message arrives; the round ends
+  after ``round-timeout-s`` with shop-a and shop-b, shop-c counted as failed; shop-c's node
+  is restarted at once (same key, same state folder);
+- round 3: the restarted shop-c trains again and its ε continues from its state file; shop-b
+  refuses, because the run config asks for ε = 1000 but shop-b's own node config allows only
+  two training calls (the merchant's budget decides).
+
+Alongside, three nodes that must not get in: a key pair nobody registered, a node without the
+federation's CA (system certificates), and a node speaking plain HTTP (``--insecure``).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from client.dp import epsilon
+from client.merchant import Merchant, NodeIdentity
+from client.trainer import planned_steps
+from server.ledger import PrivacyLedger
+from shared.config import RunConfig
+from shared.privacy import MechanismEvent
+from simulations import deploy
+from tests.helpers import deployment as dh
+from tests.helpers import proc
+from tests.helpers.merchants import write_merchants
+
+pytestmark = pytest.mark.slow
+
+MERCHANTS = ["shop-a", "shop-b", "shop-c"]
+ROUND_TIMEOUT_S = 60.0
+RUN_CONFIG = {
+    "encoder": "tiny", "trainable": "lora", "num-server-rounds": 3, "merchants-per-round": 3,
+    "min-available-nodes": 2, "max-local-steps": 2, "batch-size": 16, "max-seq-len": 32, "eval-max-examples": 16,
+    "round-timeout-s": ROUND_TIMEOUT_S, "node-wait-timeout-s": 60.0,
+    "target-epsilon": 1000.0,  # the run asks for far more than any merchant allows
+}
+
+
+def fedshop(*args: str) -> list[str]:
+    return proc.fedshop_command(*args)
+
+
+def epsilon_after_calls(data_dir: Path, calls: int) -> float:
+    """ε of ``calls`` training calls of one merchant under RUN_CONFIG (what its node will account)."""
+    config = RunConfig.from_mapping({k: v for k, v in RUN_CONFIG.items()})
+    identity = NodeIdentity(merchant_id=data_dir.name, data_dir=data_dir, synthetic_index=None,
+                            state_dir=data_dir / ".unused", target_epsilon=1.0, target_delta=config.target_delta,
+                            device="cpu")
+    train = Merchant(identity, config).split().train
+    sample_rate, steps = planned_steps(len(train), config)
+    event = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate, steps=steps,
+                           max_grad_norm=config.max_grad_norm)
+    return epsilon([event] * calls, config.target_delta, config.accountant)
+
+
+def write_run_config(path: Path, values: dict) -> Path:
+    lines = [f"{k} = {json.dumps(v) if isinstance(v, str) else repr(v).lower() if isinstance(v, bool) else repr(v)}"
+             for k, v in values.items()]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def state(merchant_dir: Path) -> dict:
+    return json.loads((merchant_dir / "state" / "privacy-state.json").read_text())
+
+
+def state_epsilon(raw: dict) -> float:
+    return epsilon([MechanismEvent.from_dict(e["event"]) for e in raw["entries"]], raw["target_delta"])
+
+
+def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
+    t_start = time.monotonic()
+    data = tmp_path / "data"
+    write_merchants(data, MERCHANTS)
+    root = tmp_path / "fed"
+    logs = tmp_path / "logs"
+    superlink_port, *node_ports = dh.free_ports(7)
+    env = dh.deploy_env({"FLWR_HOME": str(tmp_path / "nobody-home")})
+
+    # ---- operator: CA, server certificate, SuperLink script ------------------------------
+    init = dh.run_cli(fedshop("deploy", "init", str(root), "--name", "localhost", "--address", "127.0.0.1",
+                              "--port", str(superlink_port)), log_dir=logs / "init", env=env)
+    assert init.returncode == 0, init.describe()
+    dep = deploy.Deployment.load(root)
+    assert dep.bind_host == "127.0.0.1" and dep.superlink_address == f"127.0.0.1:{superlink_port}"
+    ca = x509.load_pem_x509_certificate(dep.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate((dep.superlink_dir / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    assert (root / "ca" / "ca.key").stat().st_mode & 0o077 == 0
+    script = (dep.superlink_dir / deploy.SUPERLINK_SCRIPT).read_text()
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", "FLWR_TELEMETRY_ENABLED=0"):
+        assert flag in script
+    assert "--insecure" not in script
+
+    # shop-b's own budget allows two training calls, not three (ε from its own data and the
+    # mechanism the run will use); shop-a and shop-c allow plenty.
+    eps = [epsilon_after_calls(data / "shop-b", k) for k in (1, 2, 3)]
+    assert eps[0] < eps[1] < eps[2]
+    budgets = {"shop-a": 50.0, "shop-b": (eps[1] + eps[2]) / 2, "shop-c": 50.0}
+
+    with dh.services(logs, env) as group:
+        superlink = group.start("superlink", ["sh", str(dep.superlink_dir / deploy.SUPERLINK_SCRIPT)])
+        superlink.wait_for(r"Uvicorn running on https://127\.0\.0\.1", timeout_s=60)
+
+        # ---- merchants: key pairs, node configs, registration with the running SuperLink --
+        adds = [group.start(f"add-{m}", fedshop("deploy", "add-merchant", m, "--dir", str(root), "--data-dir",
+                                                str(data / m), "--budget", repr(budgets[m]), "--delta", "1e-5",
+                                                "--device", "cpu", "--port", str(port)))
+                for m, port in zip(MERCHANTS, node_ports, strict=False)]
+        for add in adds:
+            assert add.wait_exit(120) == 0, add.tail()
+        merchants = {m.name: m for m in dep.merchants()}
+        assert sorted(merchants) == MERCHANTS
+        for m in merchants.values():
+            assert m.node_id, f"{m.name} was not registered"
+            assert (m.dir / deploy.NODE_KEY).stat().st_mode & 0o077 == 0
+            text = (m.dir / deploy.SUPERNODE_SCRIPT).read_text()
+            assert "--root-certificates ca.crt" in text and "--auth-supernode-private-key node-key" in text
+            assert f"merchant-id='{m.name}'" in text and f"target-epsilon={budgets[m.name]!r}" in text
+
+        nodes = {m: group.start(m, ["sh", str(merchants[m].dir / deploy.SUPERNODE_SCRIPT)]) for m in MERCHANTS}
+        for m, node in nodes.items():
+            node.wait_for(rf"SuperNode ID: {merchants[m].node_id}\b", timeout_s=90)
+
+        # ---- intruders: none of them may get a node id -----------------------------------
+        rogue_dir = tmp_path / "rogue"
+        rogue_dir.mkdir()
+        private, public = deploy.make_node_key()
+        deploy._write_secret(rogue_dir / "key", private)
+        rogue_config = f"merchant-id='rogue' data-dir='{data / 'shop-a'}' state-dir='{rogue_dir / 'state'}'"
+        base = ["flower-supernode", "--superlink", dep.superlink_address, "--node-config", rogue_config]
+        unregistered = group.start("rogue-unregistered", [*base, "--root-certificates", str(dep.ca_cert),
+                                                          "--auth-supernode-private-key", str(rogue_dir / "key"),
+                                                          "--port", str(node_ports[3])])
+        no_ca = group.start("rogue-no-ca", [*base, "--port", str(node_ports[4])])
+        plain_http = group.start("rogue-plain-http", [*base, "--insecure", "--max-retries", "3",
+                                                      "--port", str(node_ports[5])])
+
+        # ---- the run: `flwr run` against the operator's connection ------------------------
+        run_dir = tmp_path / "run"
+        run_config = write_run_config(tmp_path / "run-config.toml", {**RUN_CONFIG, "run-dir": str(run_dir)})
+        flwr_env = {**env, "FLWR_HOME": str(dep.flwr_home)}
+        t_submit = time.monotonic()
+        run = group.start("flwr-run", [str(dh.VENV_BIN / "flwr"), "run", str(proc.REPO), deploy.CONNECTION,
+                                       "--run-config", str(run_config), "--stream"], env=flwr_env)
+
+        # Round 2 reaches shop-c: kill its whole SuperNode (node, SuperExec, ClientApp) as the
+        # training message arrives, i.e. mid-round, before it could train or spend anything.
+        nodes["shop-c"].wait_for(r"Receiving: train message", count=2, timeout_s=240)
+        t_kill = time.monotonic()
+        nodes["shop-c"].kill()
+        before = state(merchants["shop-c"].dir)
+        restarted = group.start("shop-c-restarted", ["sh", str(merchants["shop-c"].dir / deploy.SUPERNODE_SCRIPT)])
+        restarted.wait_for(rf"SuperNode ID: {merchants['shop-c'].node_id}\b", timeout_s=90)
+
+        assert run.wait_exit(300) == 0, group.logs()
+        t_done = time.monotonic()
+
+        # ---- intruders were refused -------------------------------------------------------
+        for rogue in (unregistered, no_ca, plain_http):
+            code = rogue.wait_exit(60)
+            assert code not in (None, 0), f"{rogue.name} was not refused\n{rogue.tail()}"
+            assert "SuperNode ID" not in rogue.text(), rogue.tail()
+        assert "No SuperNode found with the given public key" in superlink.text()
+        assert "CERTIFICATE_VERIFY_FAILED" in no_ca.text()
+
+    # ---- the ledger and the run's record ----------------------------------------------------
+    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+        rows = ledger.rows()
+    outcome = {(r.round, r.merchant_id): r for r in rows}
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["round"] for m in metrics] == [1, 2, 3]
+    assert json.loads((run_dir / "summary.json").read_text())
+
+    # round 1: everyone trained
+    assert {m: outcome[(1, m)].status for m in MERCHANTS} == dict.fromkeys(MERCHANTS, "accepted")
+    # round 2: shop-c died mid-round; the round completed with the other two, in bounded time
+    assert sorted(metrics[1]["accepted"]) == ["shop-a", "shop-b"]
+    assert list(metrics[1]["failed"]) == ["shop-c"]
+    assert (2, "shop-c") not in outcome
+    assert metrics[1]["wall_s"] < ROUND_TIMEOUT_S + 30
+    # round 3: shop-b's own budget refuses what the run asked for; shop-c is back
+    refused = outcome[(3, "shop-b")]
+    assert refused.status == "refused" and "budget" in refused.reason
+    assert refused.epsilon_budget == pytest.approx(budgets["shop-b"])  # the node's ε, not the run's 1000
+    assert refused.epsilon_reported == pytest.approx(eps[1], rel=1e-6)
+    assert state(merchants["shop-b"].dir)["target_epsilon"] == pytest.approx(budgets["shop-b"])
+    assert outcome[(3, "shop-a")].status == "accepted" and outcome[(3, "shop-c")].status == "accepted"
+
+    # the restarted node's ε continued from its state file: same history plus one call
+    after = state(merchants["shop-c"].dir)
+    assert len(before["entries"]) == 1
+    assert after["entries"][: len(before["entries"])] == before["entries"]
+    assert len(after["entries"]) == len(before["entries"]) + 1
+    eps_before, eps_after = state_epsilon(before), state_epsilon(after)
+    assert eps_after > eps_before + 0.1
+    assert outcome[(3, "shop-c")].epsilon_reported == pytest.approx(eps_after, rel=1e-6)
+
+    # a merchant audits its own record
+    audit = dh.run_cli(fedshop("audit", "--node-state", str(merchants["shop-c"].privacy_state), str(run_dir)),
+                       log_dir=logs / "audit", env=env)
+    assert audit.returncode == 0, audit.describe()
+
+    durations = {
+        "setup_s": t_submit - t_start,
+        "run_s": t_done - t_submit,
+        "kill_to_done_s": t_done - t_kill,
+        "round_wall_s": [round(m["wall_s"], 1) for m in metrics],
+        "slowest_train_s": [round(m.get("slowest_train_s", 0.0), 1) for m in metrics],
+    }
+    print(f"\ndeployment timings: {json.dumps(durations)}", file=sys.stderr)
+    shutil.rmtree(tmp_path / "nobody-home", ignore_errors=True)
