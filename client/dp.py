@@ -92,27 +92,26 @@ def unwrap(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) else model
 
 
+def _opacus_epsilon(accountant_class: Any, events: Iterable[MechanismEvent], delta: float) -> float:
+    history = compose_history(events)
+    if not history:
+        return 0.0
+    accountant = accountant_class()
+    accountant.history = list(history)
+    return float(accountant.get_epsilon(delta))
+
+
 def epsilon_prv(events: Iterable[MechanismEvent], delta: float) -> float:
     """ε by Opacus' PRV accountant (the default; agrees with PLD to ~0.01 ε)."""
     from opacus.accountants import PRVAccountant
 
-    history = compose_history(events)
-    if not history:
-        return 0.0
-    accountant = PRVAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta))
+    return _opacus_epsilon(PRVAccountant, events, delta)
 
 
 def epsilon_opacus_rdp(events: Iterable[MechanismEvent], delta: float) -> float:
     from opacus.accountants import RDPAccountant
 
-    history = compose_history(events)
-    if not history:
-        return 0.0
-    accountant = RDPAccountant()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta))
+    return _opacus_epsilon(RDPAccountant, events, delta)
 
 
 def epsilon(events: Iterable[MechanismEvent], delta: float, accountant: str = "prv") -> float:

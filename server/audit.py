@@ -27,6 +27,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from shared.jsonable import finite
 from shared.privacy import MechanismEvent, epsilon_pld, epsilon_rdp
 
 log = logging.getLogger(__name__)
@@ -105,7 +106,7 @@ class AuditReport:
         return not self.findings
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite({
+        return finite({
             "run_dir": self.run_dir,
             "passed": self.passed,
             "rounds": self.rounds,
@@ -113,16 +114,6 @@ class AuditReport:
             "findings": self.findings,
             "merchants": [{**dataclasses.asdict(m), "remaining": m.remaining} for m in self.merchants],
         })
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
 
 
 def read_rows(ledger_path: Path) -> list[Row]:
@@ -221,18 +212,18 @@ def ledger_findings(rows: list[Row], run_log: list[dict[str, Any]]) -> list[str]
         missing = sorted(set(range(1, max(rounds) + 1)) - rounds)
         if missing:
             findings.append(f"ledger: no spend recorded for round(s) {missing} (gap)")
-    by_round = defaultdict(dict)
+    by_round: dict[int, dict[str, Row]] = defaultdict(dict)
     for row in rows:
         by_round[row.round][row.merchant_id] = row
     for entry in run_log:
         rnd = int(entry.get("round", 0))
         trained = list(entry.get("accepted", [])) + list(entry.get("rejected", {}))
         for merchant in trained:
-            row = by_round.get(rnd, {}).get(merchant)
-            if row is None:
+            found = by_round.get(rnd, {}).get(merchant)
+            if found is None:
                 findings.append(f"ledger: merchant {merchant} trained in round {rnd} (run log) "
                                 "but the ledger has no spend for it")
-            elif row.dp and row.steps == 0:
+            elif found.dp and found.steps == 0:
                 findings.append(f"ledger: merchant {merchant} trained in round {rnd} but its row records 0 steps")
     return findings
 
@@ -272,7 +263,7 @@ class NodeStateAudit:
         return not self.findings
 
     def to_dict(self) -> dict[str, Any]:
-        return _finite({**dataclasses.asdict(self), "passed": self.passed})
+        return finite({**dataclasses.asdict(self), "passed": self.passed})
 
 
 def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance_abs: float = TOLERANCE_ABS,

@@ -106,7 +106,8 @@ def write_privacy_report(report: AuditReport, path: Path, *, empirical: dict[str
     if report.passed:
         lines.append(f"**PASSED.** Every recorded ε agrees with the PLD re-derivation within "
                      f"{report.tolerance_abs} + {report.tolerance_rel:.0%}; no merchant exceeds its budget; "
-                     "the ledger has no gaps, no duplicates, and a spend row for every training call the run log shows.")
+                     "the ledger has no gaps, no duplicates, and a spend row for every training call "
+                     "the run log shows.")
     else:
         lines.append(f"**FAILED** — {len(report.findings)} finding(s):")
         lines.append("")

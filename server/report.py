@@ -9,6 +9,7 @@ from typing import Any
 
 from server.ledger import PrivacyLedger
 from server.run_log import RunLog
+from shared.jsonable import finite
 
 
 def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
@@ -58,14 +59,6 @@ def format_summary(summary: dict[str, Any]) -> str:
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / "summary.json"
     tmp = path.with_suffix(".json.tmp")
-
-    def clean(v: Any) -> Any:
-        if isinstance(v, float) and not math.isfinite(v):
-            return None
-        if isinstance(v, dict):
-            return {k: clean(x) for k, x in v.items()}
-        return v
-
-    tmp.write_text(json.dumps(clean(summary), indent=1))
+    tmp.write_text(json.dumps(finite(summary), indent=1))
     tmp.replace(path)
     return path

@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+from shared.jsonable import finite
+
 METRICS_FILE = "metrics.jsonl"
-
-
-def _clean(value: Any) -> Any:
-    """JSON has no NaN/inf; write them as null so every line parses with any JSON reader."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_clean(v) for v in value]
-    return value
 
 
 class RunLog:
@@ -28,7 +18,7 @@ class RunLog:
         self.path = Path(run_dir) / METRICS_FILE
 
     def append(self, report: Any) -> None:
-        row = _clean(dataclasses.asdict(report))
+        row = finite(dataclasses.asdict(report))
         with self.path.open("a", encoding="utf-8") as fh:
             fh.write(json.dumps(row, sort_keys=True) + "\n")
             fh.flush()

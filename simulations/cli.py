@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from shared.jsonable import finite
 
 log = logging.getLogger("fedshop")
 
@@ -45,16 +46,6 @@ def _setup_logging(verbose: bool) -> None:
     flwr_logger.propagate = False  # Flower has its own console handler; avoid every line twice
     if not verbose:
         flwr_logger.setLevel(logging.INFO)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 # --------------------------------------------------------------------------- commands
@@ -95,9 +86,9 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     result = local.train_local([Path(d) for d in args.data], config, out_dir=out)
     report = local.describe(result, config)
-    (out / "result.json").write_text(json.dumps(_jsonable(report), indent=1))
+    (out / "result.json").write_text(json.dumps(finite(report), indent=1))
     if args.json:
-        print(json.dumps(_jsonable(report), indent=1))
+        print(json.dumps(finite(report), indent=1))
     else:
         print(f"trained on {report['examples']} examples, {report['steps']} steps, "
               f"mean train loss {report['train_loss']:.4f}")
@@ -125,8 +116,9 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_dict(), indent=1))
         else:
             print(f"merchant {result.merchant_id}: {result.calls} training call(s), {result.total_steps} steps")
+            left = max(0.0, result.budget - result.epsilon_prv)
             print(f"  ε PRV {result.epsilon_prv:.4f} | PLD {result.epsilon_pld:.4f} | RDP {result.epsilon_rdp:.4f} "
-                  f"at δ {result.delta:g}; budget {result.budget:.4f}, left {max(0.0, result.budget - result.epsilon_prv):.4f}")
+                  f"at δ {result.delta:g}; budget {result.budget:.4f}, left {left:.4f}")
             if result.compared_with:
                 print(f"  compared with the ledger of {result.compared_with}")
             print("  PASSED" if result.passed else "  FAILED:\n" + "\n".join(f"    - {f}" for f in result.findings))
@@ -163,7 +155,7 @@ def _empirical_audit(args: argparse.Namespace) -> int:
                               seed=config.seed, out_dir=out)
     info = result.to_dict()
     if args.json:
-        print(json.dumps(_jsonable(info), indent=1))
+        print(json.dumps(finite(info), indent=1))
     else:
         print(f"canary audit: {info['m']} canaries, {info['r']} guesses, {info['v']} correct")
         print(f"  empirical lower bound ε ≥ {info['epsilon_lower_bound']:.3f} (95% confidence)")
@@ -341,8 +333,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose)
     from client.budget import BudgetExceededError, PrivacyStateError
     from client.data import DataValidationError
-    from server.federation import FederationError
     from server.audit import AuditInputError
+    from server.federation import FederationError
     from server.ledger import LedgerError
     from shared.config import ConfigError
     from simulations.engine import ScenarioError

@@ -358,18 +358,50 @@ def shell_join(cmd: Sequence[str]) -> str:
     return " ".join(_shell_quote(a) for a in cmd)
 
 
-def _script(lines: Sequence[str], cmd: Sequence[str], *, cd_here: bool, flwr_home: str) -> str:
-    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in PROCESS_ENV.items())
+def _command_lines(cmd: Sequence[str], indent: str) -> str:
     parts: list[str] = [_shell_quote(cmd[0])]  # one "--flag value" per line, for a reader
     for arg in cmd[1:]:
         if arg.startswith("--") or not parts[-1].startswith("--") or len(parts) == 1:
             parts.append(_shell_quote(arg))
         else:
             parts[-1] += " " + _shell_quote(arg)
-    body = " \\\n    ".join(parts)
-    cd = 'cd "$(dirname "$0")"\n' if cd_here else ""
-    return ("#!/bin/sh\n" + "".join(f"# {line}\n" for line in lines) + "set -eu\n" + cd + exports + "\n"
-            + f'export FLWR_HOME="{flwr_home}"\n' + f"exec {body}\n")
+    return f" \\\n{indent}    ".join(parts)
+
+
+# A SuperNode exits when it cannot (re)join, most often right after a crash: the SuperLink
+# counts the dead process as online until its heartbeat lapses (up to 60 s) and refuses a
+# second activation of the same key until then. So the merchant's script starts it again,
+# as a service manager would; signals stop both the script and the node.
+_RESTART_LOOP = """\
+delay="${FEDSHOP_RESTART_DELAY_S:-30}"
+child=""
+trap 'if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; wait "$child"; fi; exit 143' INT TERM
+while :; do
+    %s &
+    child=$!
+    wait "$child"
+    status=$?
+    child=""
+    if [ "$status" -eq 0 ] || [ "${FEDSHOP_RESTART:-yes}" = no ]; then
+        exit "$status"
+    fi
+    echo "fedshop: the SuperNode stopped (exit $status); starting it again in $delay s" \\
+        "(FEDSHOP_RESTART=no: do not; Ctrl-C: stop)" >&2
+    sleep "$delay" &
+    child=$!
+    wait "$child"
+    child=""
+done
+"""
+
+
+def _script(lines: Sequence[str], cmd: Sequence[str], *, flwr_home: str, keep_running: bool = False) -> str:
+    exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in PROCESS_ENV.items())
+    head = ("#!/bin/sh\n" + "".join(f"# {line}\n" for line in lines) + "set -u\n" + 'cd "$(dirname "$0")"\n'
+            + exports + "\n" + f'export FLWR_HOME="{flwr_home}"\n')
+    if keep_running:
+        return head + _RESTART_LOOP % _command_lines(cmd, "    ")
+    return head + f"exec {_command_lines(cmd, '')}\n"
 
 
 def _write_script(path: Path, text: str) -> None:
@@ -435,7 +467,7 @@ def init_deployment(root: Path, *, names: Sequence[str], addresses: Sequence[str
     if insecure:
         header.append(INSECURE_WARNING)
     _write_script(dep.superlink_dir / SUPERLINK_SCRIPT,
-                  _script(header, superlink_command(dep), cd_here=True,
+                  _script(header, superlink_command(dep),
                           flwr_home=str(dep.superlink_dir / "flwr-home")))
     write_flwr_config(dep)
     (root / DEPLOYMENT_FILE).write_text(json.dumps(dep.to_dict(), indent=1) + "\n", encoding="utf-8")
@@ -490,7 +522,7 @@ def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, d
     if dep.insecure:
         header.append(INSECURE_WARNING)
     _write_script(directory / SUPERNODE_SCRIPT,
-                  _script(header, supernode_command(merchant), cd_here=True, flwr_home="$PWD/flwr-home"))
+                  _script(header, supernode_command(merchant), flwr_home="$PWD/flwr-home", keep_running=True))
     merchant.save()
     return merchant
 
