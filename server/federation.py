@@ -331,6 +331,10 @@ class Federation:
         """Push messages, then gather replies as they come (logging each), up to the round timeout."""
         if not messages:
             return []
+        for message in messages:
+            # A message outliving its round could be pulled by a node that comes back later
+            # and trained on: spend the ledger would never see. Expire it with the round.
+            message.metadata.ttl = self.config.round_timeout_s
         ids = list(self.grid.push_messages(messages))
         dst = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages, strict=True)}
         pending = set(i for i in ids if i)

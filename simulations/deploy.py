@@ -54,6 +54,7 @@ CONNECTION = "fedshop"  # the operator's SuperLink connection name in flwr-home/
 DEFAULT_SUPERLINK_PORT = 9092
 FIRST_SUPERNODE_PORT = 9094  # Flower's default SuperNode Runtime API port; one more per merchant
 NODE_KEY = "node-key"
+HERE = "@@FEDSHOP_MERCHANT_DIR@@"  # in a generated script: the folder it runs from ($PWD)
 SUPERLINK_SCRIPT = "start-superlink.sh"
 SUPERNODE_SCRIPT = "start-supernode.sh"
 INSECURE_WARNING = (
@@ -142,7 +143,7 @@ class Merchant:
     name: str
     dir: Path
     data_dir: Path
-    state_dir: Path
+    state_dir: Path | None  # None: "state/" inside the merchant's folder, wherever it is moved
     target_epsilon: float
     target_delta: float
     device: str
@@ -158,19 +159,25 @@ class Merchant:
 
     @property
     def privacy_state(self) -> Path:
-        return self.state_dir / "privacy-state.json"
+        return (self.state_dir or self.dir / "state") / "privacy-state.json"
 
-    def node_config(self) -> str:
-        """The ``--node-config`` value: what client/merchant.py ``resolve_node`` reads."""
+    def node_config(self, here: str | None = None) -> str:
+        """The ``--node-config`` value: what client/merchant.py ``resolve_node`` reads.
+
+        ``here`` stands for the merchant's folder in the default state path (the start script
+        passes ``HERE``, which becomes the folder it runs from).
+        """
+        state_dir = str(self.state_dir) if self.state_dir else f"{here or self.dir}/state"
         values: dict[str, str | float] = {
-            "merchant-id": self.name, "data-dir": str(self.data_dir), "state-dir": str(self.state_dir),
+            "merchant-id": self.name, "data-dir": str(self.data_dir), "state-dir": state_dir,
             "target-epsilon": float(self.target_epsilon), "target-delta": float(self.target_delta),
             "device": self.device,
         }
         return " ".join(f"{k}={_toml_scalar(v)}" for k, v in values.items())
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "data_dir": str(self.data_dir), "state_dir": str(self.state_dir),
+        return {"name": self.name, "data_dir": str(self.data_dir),
+                "state_dir": str(self.state_dir) if self.state_dir else None,
                 "target_epsilon": self.target_epsilon, "target_delta": self.target_delta, "device": self.device,
                 "port": self.port, "superlink_address": self.superlink_address, "insecure": self.insecure,
                 "has_private_key": self.has_private_key, "node_id": self.node_id}
@@ -182,7 +189,8 @@ class Merchant:
     def load(cls, directory: Path) -> Merchant:
         raw = json.loads((directory / MERCHANT_FILE).read_text(encoding="utf-8"))
         return cls(name=str(raw["name"]), dir=directory.resolve(), data_dir=Path(raw["data_dir"]),
-                   state_dir=Path(raw["state_dir"]), target_epsilon=float(raw["target_epsilon"]),
+                   state_dir=Path(raw["state_dir"]) if raw.get("state_dir") else None,
+                   target_epsilon=float(raw["target_epsilon"]),
                    target_delta=float(raw["target_delta"]), device=str(raw["device"]), port=int(raw["port"]),
                    superlink_address=str(raw["superlink_address"]), insecure=bool(raw.get("insecure", False)),
                    has_private_key=bool(raw.get("has_private_key", True)),
@@ -192,7 +200,7 @@ class Merchant:
 def _toml_scalar(value: str | float) -> str:
     if isinstance(value, float):
         return repr(value)
-    if "'" in value or "\n" in value:
+    if "'" in value.replace(HERE, "") or "\n" in value:
         raise DeployError(f"node-config value {value!r} may not contain a single quote or a newline")
     return f"'{value}'"  # a TOML literal string: backslashes and spaces stay as they are
 
@@ -325,17 +333,16 @@ def superlink_command(dep: Deployment) -> list[str]:
     return cmd
 
 
-def supernode_command(merchant: Merchant) -> list[str]:
-    """``flower-superlink`` for one merchant; run it with the merchant's folder as working directory."""
+def supernode_command(merchant: Merchant, *, here: str | None = None) -> list[str]:
+    """``flower-supernode`` for one merchant; run it with the merchant's folder as working directory."""
     cmd = ["flower-supernode", "--superlink", merchant.superlink_address]
     if merchant.insecure:
         cmd.append("--insecure")
     else:
-        cmd += ["--root-certificates", "ca.crt"]
-        if merchant.has_private_key:
-            cmd += ["--auth-supernode-private-key", NODE_KEY]
+        # With --public-key the merchant made the pair and puts its private key here itself.
+        cmd += ["--root-certificates", "ca.crt", "--auth-supernode-private-key", NODE_KEY]
     # One Runtime API port per SuperNode: several merchants' nodes on one host must differ.
-    cmd += ["--host", "127.0.0.1", "--port", str(merchant.port), "--node-config", merchant.node_config()]
+    cmd += ["--host", "127.0.0.1", "--port", str(merchant.port), "--node-config", merchant.node_config(here)]
     return cmd
 
 
@@ -348,9 +355,11 @@ def process_env(*, flwr_home: Path | None = None, base: Mapping[str, str] | None
 
 
 def _shell_quote(arg: str) -> str:
-    """shlex.quote, but a value holding single quotes (a node config) goes in double quotes."""
-    if "'" in arg and not any(c in arg for c in '"$`\\!'):
-        return f'"{arg}"'
+    """shlex.quote, but a value holding single quotes (a node config) goes in double quotes,
+    where ``HERE`` becomes ``$PWD`` (the start script runs in the merchant's folder)."""
+    if "'" in arg or HERE in arg:
+        escaped = re.sub(r'([\\"`$])', r"\\\1", arg)
+        return '"' + escaped.replace(HERE, "$PWD") + '"'
     return shlex.quote(arg)
 
 
@@ -460,7 +469,6 @@ def init_deployment(root: Path, *, names: Sequence[str], addresses: Sequence[str
         _write_secret(dep.root / "ca" / "ca.key", _private_pem(ca_key))
         dep.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         _write_secret(dep.superlink_dir / "server.key", _private_pem(key))
-        # Leaf first, then the CA: a client holding only the CA can verify the chain.
         (dep.superlink_dir / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     header = [f"fedshop SuperLink, generated by `fedshop deploy init` (port {port}).",
               "Runs the ServerApp for each `flwr run`; merchants' SuperNodes connect here."]
@@ -502,14 +510,14 @@ def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, d
     if port in taken or port == dep.port:
         raise DeployError(f"--port {port} is already used by {taken.get(port, 'the SuperLink')} in this deployment")
     data_dir = Path(data_dir).expanduser().resolve()
-    state_dir = Path(state_dir).expanduser().resolve() if state_dir else directory / "state"
+    state_dir = Path(state_dir).expanduser().resolve() if state_dir else None
     pub = check_public_key(public_key) if public_key else None
-    directory.mkdir(parents=True)
     merchant = Merchant(name=name, dir=directory, data_dir=data_dir, state_dir=state_dir,
                         target_epsilon=float(budget), target_delta=float(delta), device=device, port=port,
                         superlink_address=dep.superlink_address, insecure=dep.insecure,
                         has_private_key=pub is None)
-    merchant.node_config()  # refuse quotes in paths before writing anything else
+    merchant.node_config()  # refuse quotes in paths before writing anything
+    directory.mkdir(parents=True)
     if not dep.insecure:
         shutil.copyfile(dep.ca_cert, directory / "ca.crt")
         if pub is None:
@@ -522,7 +530,8 @@ def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, d
     if dep.insecure:
         header.append(INSECURE_WARNING)
     _write_script(directory / SUPERNODE_SCRIPT,
-                  _script(header, supernode_command(merchant), flwr_home="$PWD/flwr-home", keep_running=True))
+                  _script(header, supernode_command(merchant, here=HERE), flwr_home="$PWD/flwr-home",
+                          keep_running=True))
     merchant.save()
     return merchant
 
@@ -649,6 +658,8 @@ def _cmd_add_merchant(dep: Deployment, args: argparse.Namespace) -> int:
     print(f"merchant {merchant.name}: folder {merchant.dir}")
     print(f"  budget ε = {merchant.target_epsilon:g} at δ = {merchant.target_delta:g}; device {merchant.device}; "
           f"privacy state {merchant.privacy_state}")
+    if not merchant.has_private_key and not dep.insecure:
+        print(f"  the merchant keeps its private key: it goes into {merchant.dir / NODE_KEY} on its machine")
     print(f"  start its SuperNode (on the merchant's machine): {merchant.dir / SUPERNODE_SCRIPT}")
     print("  # = (cd " + shlex.quote(str(merchant.dir)) + " && " + shell_join(supernode_command(merchant)) + ")")
     if dep.insecure or args.no_register:

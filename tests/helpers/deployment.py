@@ -78,10 +78,12 @@ def descendants(roots: Sequence[int]) -> set[int]:
 
 
 def kill_tree(pid: int, *, timeout_s: float = 20.0) -> None:
-    """SIGKILL ``pid`` and every descendant, wherever their session or group went."""
+    """SIGKILL ``pid`` (started with its own session) and every descendant, wherever their
+    session or group went, plus orphans left in its session (a SuperExec whose SuperNode has
+    already exited lingers until it notices its parent is gone)."""
     stopped: set[int] = set()
     for _ in range(20):  # freeze the tree so no new child escapes, until it stops growing
-        tree = descendants([pid, *stopped])
+        tree = descendants([pid, *proc.session_members(pid), *stopped])
         new = tree - stopped
         if not new:
             break

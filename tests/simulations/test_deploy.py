@@ -6,22 +6,30 @@ process (seconds of imports) and the test must stay within a few minutes:
 
 - round 1: the three merchants train; ledger rows for all three;
 - round 2: shop-c's SuperNode is SIGKILLed as its training message arrives; the round ends
-  after ``round-timeout-s`` with shop-a and shop-b, shop-c counted as failed; shop-c's node
-  is restarted at once (same key, same state folder);
+  in bounded time (``round-timeout-s``, or sooner when the SuperLink declares the node
+  unavailable as its heartbeat lapses) with shop-a and shop-b, shop-c counted as failed;
+  shop-c's start script is run again at once (same key, same state folder) and gets back in
+  once the SuperLink lets go of the dead process;
 - round 3: the restarted shop-c trains again and its ε continues from its state file; shop-b
   refuses, because the run config asks for ε = 1000 but shop-b's own node config allows only
   two training calls (the merchant's budget decides).
 
-Alongside, three nodes that must not get in: a key pair nobody registered, a node without the
-federation's CA (system certificates), and a node speaking plain HTTP (``--insecure``).
+While round 2 waits for the dead node: three nodes that must not get in (a key pair nobody
+registered, a node without the federation's CA, a node speaking plain HTTP with
+``--insecure``), and a second run that needs a fourth merchant, which must fail after its
+``node-wait-timeout-s`` instead of waiting forever.
+
+The first tests check what ``fedshop deploy`` writes, without starting anything (fast).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import re
+import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -33,12 +41,10 @@ from client.trainer import planned_steps
 from server.ledger import PrivacyLedger
 from shared.config import RunConfig
 from shared.privacy import MechanismEvent
-from simulations import deploy
+from simulations import cli, deploy
 from tests.helpers import deployment as dh
 from tests.helpers import proc
 from tests.helpers.merchants import write_merchants
-
-pytestmark = pytest.mark.slow
 
 MERCHANTS = ["shop-a", "shop-b", "shop-c"]
 # A healthy training phase takes ~20-30 s here (three ClientApp processes starting on two
@@ -60,7 +66,7 @@ def fedshop(*args: str) -> list[str]:
 
 def epsilon_after_calls(data_dir: Path, calls: int) -> float:
     """ε of ``calls`` training calls of one merchant under RUN_CONFIG (what its node will account)."""
-    config = RunConfig.from_mapping({k: v for k, v in RUN_CONFIG.items()})
+    config = RunConfig.from_mapping(RUN_CONFIG)
     identity = NodeIdentity(merchant_id=data_dir.name, data_dir=data_dir, synthetic_index=None,
                             state_dir=data_dir / ".unused", target_epsilon=1.0, target_delta=config.target_delta,
                             device="cpu")
@@ -86,6 +92,123 @@ def state_epsilon(raw: dict) -> float:
     return epsilon([MechanismEvent.from_dict(e["event"]) for e in raw["entries"]], raw["target_delta"])
 
 
+# --------------------------------------------------------------------------- fast: files only
+def test_init_writes_a_ca_a_server_certificate_and_a_tls_superlink_script(tmp_path: Path) -> None:
+    root = tmp_path / "fed"
+    assert cli.main(["deploy", "init", str(root), "--name", "fl.example.org", "shop-hub.local",
+                     "--address", "192.0.2.7", "2001:db8::7", "--port", "40123"]) == 0
+    dep = deploy.Deployment.load(root)
+    # merchants dial the first address; a non-loopback deployment listens on all interfaces
+    assert dep.superlink_address == "192.0.2.7:40123" and dep.bind_host == "0.0.0.0"
+    ca = x509.load_pem_x509_certificate(dep.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate((dep.superlink_dir / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    assert ca.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {"fl.example.org", "shop-hub.local", "localhost"}
+    assert {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)} == {"192.0.2.7", "2001:db8::7",
+                                                                             "127.0.0.1", "::1"}
+    for secret in (root / "ca" / "ca.key", dep.superlink_dir / "server.key"):
+        assert secret.stat().st_mode & 0o077 == 0, secret
+    cmd = deploy.superlink_command(dep)
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "--disable-runtime-dependency-installation", "--database"):
+        assert flag in cmd
+    assert "--insecure" not in cmd and cmd[cmd.index("--port") + 1] == "40123"
+    script = (dep.superlink_dir / deploy.SUPERLINK_SCRIPT).read_text()
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in script and "FLWR_TELEMETRY_ENABLED=0" in script
+    subprocess.run(["sh", "-n", str(dep.superlink_dir / deploy.SUPERLINK_SCRIPT)], check=True)
+    connection = tomllib.loads((dep.flwr_home / "config.toml").read_text())["superlink"]
+    assert connection["default"] == deploy.CONNECTION
+    assert connection[deploy.CONNECTION] == {"address": "192.0.2.7:40123", "root-certificates": str(dep.ca_cert)}
+    with pytest.raises(FileExistsError):  # a second CA would lock every merchant out
+        deploy.init_deployment(root, names=["x.org"], addresses=[])
+    with pytest.raises(deploy.DeployError):
+        deploy.init_deployment(tmp_path / "bad", names=[], addresses=["not-an-ip"])
+
+
+def test_add_merchant_writes_its_key_node_config_and_start_script(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
+    from flwr.common.config import parse_config_args
+
+    dep = deploy.init_deployment(tmp_path / "fed", names=["localhost"], addresses=["127.0.0.1"], port=40124)
+    assert dep.bind_host == "127.0.0.1"
+    data = tmp_path / "data dir" / "shop-a"  # a space in a path is fine
+    assert cli.main(["deploy", "add-merchant", "shop-a", "--dir", str(dep.root), "--data-dir", str(data),
+                     "--budget", "3.5", "--delta", "1e-6", "--device", "cuda", "--no-register"]) == 0
+    a = deploy.Merchant.load(dep.merchants_dir / "shop-a")
+    key = load_ssh_private_key((a.dir / deploy.NODE_KEY).read_bytes(), None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
+    assert (a.dir / deploy.NODE_KEY).stat().st_mode & 0o077 == 0
+    registered = load_ssh_public_key(a.public_key.read_bytes())
+    assert isinstance(registered, ec.EllipticCurvePublicKey)
+    assert registered.public_numbers() == key.public_key().public_numbers()
+    assert (a.dir / "ca.crt").read_bytes() == dep.ca_cert.read_bytes()
+    cmd = deploy.supernode_command(a)
+    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:40124"
+    assert cmd[cmd.index("--root-certificates") + 1] == "ca.crt"
+    assert cmd[cmd.index("--auth-supernode-private-key") + 1] == deploy.NODE_KEY
+    assert cmd[cmd.index("--port") + 1] == str(deploy.FIRST_SUPERNODE_PORT)
+    # the node config is what flower-supernode parses and client/merchant.py resolve_node reads
+    assert parse_config_args([cmd[cmd.index("--node-config") + 1]]) == {
+        "merchant-id": "shop-a", "data-dir": str(data), "state-dir": str(a.dir / "state"),
+        "target-epsilon": 3.5, "target-delta": 1e-6, "device": "cuda"}
+    script = a.dir / deploy.SUPERNODE_SCRIPT
+    subprocess.run(["sh", "-n", str(script)], check=True)
+    assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in script.read_text()
+    # the folder can be moved to the merchant's machine: its state lives wherever the script runs
+    assert "state-dir='$PWD/state'" in script.read_text() and a.privacy_state == a.dir / "state" / "privacy-state.json"
+
+    # a second merchant on the same host gets its own Runtime API port
+    b = deploy.add_merchant(dep, "shop-b", data_dir=tmp_path / "b", budget=8, delta=1e-5)
+    assert b.port != a.port
+    with pytest.raises(FileExistsError):
+        deploy.add_merchant(dep, "shop-b", data_dir=tmp_path / "b", budget=8, delta=1e-5)
+    with pytest.raises(deploy.DeployError, match="already used"):
+        deploy.add_merchant(dep, "shop-c", data_dir=tmp_path / "c", budget=8, delta=1e-5, port=a.port)
+    with pytest.raises(deploy.DeployError, match="single quote"):
+        deploy.add_merchant(dep, "shop-d", data_dir=tmp_path / "it's", budget=8, delta=1e-5)
+    for budget, delta, device in ((0.0, 1e-5, "cpu"), (float("inf"), 1e-5, "cpu"), (8.0, 1.0, "cpu"),
+                                  (8.0, 1e-5, "tpu")):
+        with pytest.raises(deploy.DeployError):
+            deploy.add_merchant(dep, "shop-e", data_dir=tmp_path / "e", budget=budget, delta=delta, device=device)
+    with pytest.raises(deploy.DeployError, match="merchant name"):
+        deploy.add_merchant(dep, "../escape", data_dir=tmp_path / "e", budget=8, delta=1e-5)
+
+    # a merchant that keeps its private key sends only the public half
+    _, public = deploy.make_node_key()
+    (tmp_path / "theirs.pub").write_bytes(public)
+    f = deploy.add_merchant(dep, "shop-f", data_dir=tmp_path / "f", budget=8, delta=1e-5,
+                            public_key=tmp_path / "theirs.pub")
+    assert not (f.dir / deploy.NODE_KEY).exists() and f.public_key.read_bytes() == public
+    (tmp_path / "rsa.pub").write_text("ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQC0 x\n")
+    with pytest.raises(deploy.DeployError):
+        deploy.add_merchant(dep, "shop-g", data_dir=tmp_path / "g", budget=8, delta=1e-5,
+                            public_key=tmp_path / "rsa.pub")
+
+
+def test_insecure_mode_needs_the_flag_and_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = tmp_path / "fed"
+    assert cli.main(["deploy", "init", str(root), "--address", "127.0.0.1", "--insecure"]) == 0
+    assert "NOT encrypted" in capsys.readouterr().err
+    dep = deploy.Deployment.load(root)
+    cmd = deploy.superlink_command(dep)
+    assert "--insecure" in cmd and "--enable-supernode-auth" not in cmd and "--ssl-certfile" not in cmd
+    assert deploy.INSECURE_WARNING in (dep.superlink_dir / deploy.SUPERLINK_SCRIPT).read_text()
+    assert cli.main(["deploy", "add-merchant", "shop-a", "--dir", str(root), "--data-dir", str(tmp_path),
+                     "--budget", "8", "--delta", "1e-5"]) == 0  # nothing to register without node auth
+    assert "NOT encrypted" in capsys.readouterr().err
+    node = deploy.supernode_command(deploy.Merchant.load(dep.merchants_dir / "shop-a"))
+    assert "--insecure" in node and "--root-certificates" not in node
+    # and without --insecure there is no way to get an unencrypted SuperLink
+    secure = deploy.init_deployment(tmp_path / "secure", names=[], addresses=["127.0.0.1"])
+    assert "--insecure" not in deploy.superlink_command(secure)
+
+
+# --------------------------------------------------------------------------- slow: real processes
+@pytest.mark.slow
 def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
     t_start = time.monotonic()
     data = tmp_path / "data"
@@ -93,8 +216,8 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
     root = tmp_path / "fed"
     logs = tmp_path / "logs"
     superlink_port, *node_ports = dh.free_ports(7)
-    # FEDSHOP_RESTART_DELAY_S: the merchant's script retries a failed (re)start every 8 s.
-    env = dh.deploy_env({"FLWR_HOME": str(tmp_path / "nobody-home"), "FEDSHOP_RESTART_DELAY_S": "8"})
+    # FEDSHOP_RESTART_DELAY_S: the merchant's script retries a failed (re)start every 12 s.
+    env = dh.deploy_env({"FLWR_HOME": str(tmp_path / "nobody-home"), "FEDSHOP_RESTART_DELAY_S": "12"})
 
     # ---- operator: CA, server certificate, SuperLink script ------------------------------
     init = dh.run_cli(fedshop("deploy", "init", str(root), "--name", "localhost", "--address", "127.0.0.1",
@@ -141,10 +264,28 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
             assert "--root-certificates ca.crt" in text and "--auth-supernode-private-key node-key" in text
             assert f"merchant-id='{m.name}'" in text and f"target-epsilon={budgets[m.name]!r}" in text
 
-        nodes = {m: group.start(m, ["sh", str(merchants[m].dir / deploy.SUPERNODE_SCRIPT)]) for m in MERCHANTS}
-        for m, node in nodes.items():
-            node.wait_for(rf"SuperNode ID: {merchants[m].node_id}\b", timeout_s=90)
+        nodes = {name: group.start(name, ["sh", str(merchants[name].dir / deploy.SUPERNODE_SCRIPT)])
+                 for name in MERCHANTS}
+        for name, node in nodes.items():
+            node.wait_for(rf"SuperNode ID: {merchants[name].node_id}\b", timeout_s=90)
 
+        # ---- the run: `flwr run` against the operator's connection ------------------------
+        run_dir = tmp_path / "run"
+        run_config = write_run_config(tmp_path / "run-config.toml", {**RUN_CONFIG, "run-dir": str(run_dir)})
+        flwr_env = {**env, "FLWR_HOME": str(dep.flwr_home)}
+        t_submit = time.monotonic()
+        flwr_run = [str(dh.VENV_BIN / "flwr"), "run", str(proc.REPO), deploy.CONNECTION, "--stream", "--run-config"]
+        run = group.start("flwr-run", [*flwr_run, str(run_config)], env=flwr_env)
+
+        # Round 2 reaches shop-c: kill its whole SuperNode (node, SuperExec, ClientApp) as the
+        # training message arrives, i.e. mid-round, before it could train or spend anything.
+        nodes["shop-c"].wait_for(r"Receiving: train message", count=2, timeout_s=240)
+        t_kill = time.monotonic()
+        nodes["shop-c"].kill()
+        before = state(merchants["shop-c"].dir)
+        restarted = group.start("shop-c-restarted", ["sh", str(merchants["shop-c"].dir / deploy.SUPERNODE_SCRIPT)])
+
+        # While the round waits for the dead node, the machine is idle enough for the rest:
         # ---- intruders: none of them may get a node id -----------------------------------
         rogue_dir = tmp_path / "rogue"
         rogue_dir.mkdir()
@@ -158,41 +299,34 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
         no_ca = group.start("rogue-no-ca", [*base, "--port", str(node_ports[4])])
         plain_http = group.start("rogue-plain-http", [*base, "--insecure", "--max-retries", "3",
                                                       "--port", str(node_ports[5])])
-
-        # ---- the run: `flwr run` against the operator's connection ------------------------
-        run_dir = tmp_path / "run"
-        run_config = write_run_config(tmp_path / "run-config.toml", {**RUN_CONFIG, "run-dir": str(run_dir)})
-        flwr_env = {**env, "FLWR_HOME": str(dep.flwr_home)}
-        t_submit = time.monotonic()
-        flwr_run = [str(dh.VENV_BIN / "flwr"), "run", str(proc.REPO), deploy.CONNECTION, "--stream", "--run-config"]
-        run = group.start("flwr-run", [*flwr_run, str(run_config)], env=flwr_env)
-        # A second run, alongside, that needs a fourth merchant: it must give up after its
-        # bounded wait (node-wait-timeout-s) instead of waiting forever.
+        # ---- a second run that needs a fourth merchant gives up after its bounded wait ----
         starved_dir = tmp_path / "run-starved"
         starved_config = write_run_config(tmp_path / "starved.toml", {
             **RUN_CONFIG, "num-server-rounds": 1, "min-available-nodes": 4, "node-wait-timeout-s": 10.0,
             "run-dir": str(starved_dir)})
+        t_starved = time.monotonic()
         starved = group.start("flwr-run-starved", [*flwr_run, str(starved_config)], env=flwr_env)
-        assert starved.wait_exit(90) is not None, f"a run short of nodes hung\n{starved.tail()}"
-        t_starved = time.monotonic() - t_submit
 
-        # Round 2 reaches shop-c: kill its whole SuperNode (node, SuperExec, ClientApp) as the
-        # training message arrives, i.e. mid-round, before it could train or spend anything.
-        nodes["shop-c"].wait_for(r"Receiving: train message", count=2, timeout_s=240)
-        t_kill = time.monotonic()
-        nodes["shop-c"].kill()
-        before = state(merchants["shop-c"].dir)
-        restarted = group.start("shop-c-restarted", ["sh", str(merchants["shop-c"].dir / deploy.SUPERNODE_SCRIPT)])
         # The SuperLink refuses the same key while the dead process still counts as online
         # (until its heartbeat lapses); the script keeps trying until it is let back in.
-        restarted.wait_for(rf"SuperNode ID: {merchants['shop-c'].node_id}\b", timeout_s=150)
-        t_back = time.monotonic()
+        rejoined = re.compile(rf"SuperNode ID: {merchants['shop-c'].node_id}\b")
+        t_back = t_starved_done = None
+        while t_back is None or t_starved_done is None:
+            now = time.monotonic()
+            if t_back is None and rejoined.search(restarted.text()):
+                t_back = now
+            if t_starved_done is None and not starved.alive():
+                t_starved_done = now
+            assert now - t_kill < 150, f"restarted shop-c rejoined: {t_back is not None}; the run short of " \
+                f"nodes ended: {t_starved_done is not None}\n{restarted.tail()}\n{starved.tail()}"
+            time.sleep(0.2)
+        t_starved = t_starved_done - t_starved
+        assert re.search(r"NotEnoughNodesError: only \d node\(s\) connected after waiting 10 s", starved.text()), \
+            starved.tail()
+        assert not (starved_dir / "metrics.jsonl").exists()
 
         assert run.wait_exit(300) == 0, group.logs()
         t_done = time.monotonic()
-
-        assert "NotEnoughNodesError: only 3 node(s) connected after waiting 10 s" in starved.text(), starved.tail()
-        assert not (starved_dir / "metrics.jsonl").exists()
 
         # ---- intruders were refused -------------------------------------------------------
         for rogue in (unregistered, no_ca, plain_http):
@@ -242,11 +376,10 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
     durations = {
         "setup_s": t_submit - t_start,
         "run_s": t_done - t_submit,
-        "starved_run_gave_up_after_s": t_starved,
+        "starved_run_failed_after_s": t_starved,
         "kill_to_done_s": t_done - t_kill,
         "kill_to_rejoined_s": t_back - t_kill,
         "round_wall_s": [round(m["wall_s"], 1) for m in metrics],
         "slowest_train_s": [round(m.get("slowest_train_s", 0.0), 1) for m in metrics],
     }
     print(f"\ndeployment timings: {json.dumps(durations)}", file=sys.stderr)
-    shutil.rmtree(tmp_path / "nobody-home", ignore_errors=True)

@@ -1,0 +1,206 @@
+"""Round time of the same federated work in a real deployment and in the simulation engine.
+
+    .venv/bin/python benchmarks/deploy_vs_sim.py [--rounds 3] [--out benchmarks/results/deploy_vs_sim.json]
+
+Same work both ways: three small CSV merchants (``tests/helpers/merchants.py``), tiny encoder,
+LoRA, 3 local DP steps, every merchant trained and evaluated each round.
+
+- simulation: ``fedshop simulate`` (one process; ClientApps in warm Ray actors);
+- deployment: ``fedshop deploy init`` + ``add-merchant`` x3 on loopback, a TLS SuperLink with
+  node authentication, three SuperNodes (their generated start scripts), ``flwr run``.
+
+A round is measured from one checkpoint to the next (train + evaluate + checkpoint), so round 1
+(which pays for Ray start-up in simulation) is left out of the steady-state figure. In the
+deployment every SuperNode log line is timestamped as it appears, which splits each message's
+time at the node into: waiting for the node's next poll of the SuperLink (it sleeps 3 s when
+idle), the ClientApp process (SuperExec's task poll, interpreter start, imports of torch /
+transformers / opacus / flwr, loading the app, then the work itself), and the reply.
+The import cost of a fresh ClientApp is also measured alone (``python -c "import client.app"``).
+
+The machines this runs on have two cores and are often shared: read ratios, not absolutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from simulations import deploy  # noqa: E402
+from tests.helpers import deployment as dh  # noqa: E402
+from tests.helpers import proc  # noqa: E402
+from tests.helpers.merchants import write_merchants  # noqa: E402
+
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "deploy_vs_sim.json"
+MERCHANTS = ["shop-a", "shop-b", "shop-c"]
+WORK = {"encoder": "tiny", "trainable": "lora", "merchants-per-round": 3, "max-local-steps": 3,
+        "batch-size": 16, "max-seq-len": 32, "eval-max-examples": 32, "round-timeout-s": 300.0,
+        "node-wait-timeout-s": 120.0}
+
+
+class LineClock(threading.Thread):
+    """Timestamps each new line of a growing log file (Flower's SuperNode lines carry none)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(daemon=True)
+        self.path = path
+        self.lines: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        offset, partial = 0, ""
+        while not self.stop.is_set():
+            if self.path.exists():
+                with self.path.open("r", errors="replace") as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                    offset = fh.tell()
+                now = time.monotonic()
+                text = partial + chunk
+                *done, partial = text.split("\n")
+                self.lines += [(now, line) for line in done]
+            time.sleep(0.05)
+
+
+def checkpoint_times(run_dir: Path) -> list[float]:
+    """mtime of each round's checkpoint folder, in round order."""
+    dirs = sorted((run_dir / "checkpoints").glob("round-*"))
+    return [d.stat().st_mtime for d in dirs]
+
+
+def round_times(run_dir: Path) -> dict[str, Any]:
+    marks = checkpoint_times(run_dir)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    steady = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+    return {"round_s_from_round_2": [round(x, 2) for x in steady],
+            "train_phase_s": [round(r["wall_s"], 2) for r in rows],
+            "client_work_s": [round(r.get("slowest_client_s", r.get("slowest_train_s", 0.0)), 2) for r in rows],
+            "mean_round_s": round(statistics.mean(steady), 2) if steady else None}
+
+
+def write_toml(path: Path, values: dict[str, Any]) -> Path:
+    path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+    return path
+
+
+def import_cost(repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import client.app"], cwd=ROOT, check=True,
+                       env=dh.deploy_env())
+        times.append(time.perf_counter() - start)
+    return round(statistics.median(times), 2)
+
+
+def run_simulation(work: Path, rounds: int) -> dict[str, Any]:
+    scenario = write_toml(work / "sim.toml", {**WORK, "num-server-rounds": rounds, "data-dir": str(work / "data")})
+    start = time.monotonic()
+    result = proc.run(proc.fedshop_command("simulate", "--scenario", str(scenario), "--out", str(work / "sim")),
+                      log_dir=work / "sim-log", timeout_s=900, env=dh.deploy_env())
+    if result.returncode != 0:
+        raise SystemExit(f"simulation failed\n{result.describe()}")
+    return {"total_s": round(time.monotonic() - start, 1), **round_times(work / "sim")}
+
+
+def per_message(clock: LineClock) -> list[dict[str, Any]]:
+    """Receiving -> ClientApp start -> Sending, per message, from one SuperNode's timed log."""
+    out: list[dict[str, Any]] = []
+    recv: float | None = None
+    started: float | None = None
+    kind = ""
+    for t, line in clock.lines:
+        if "Receiving:" in line:
+            recv, started, kind = t, None, line.split("Receiving:")[1].split()[0]
+        elif "Start `flwr-clientapp` process" in line and recv is not None:
+            started = t
+        elif "Sending:" in line and recv is not None:
+            out.append({"kind": kind, "receive_to_process_s": round((started or t) - recv, 2),
+                        "process_s": round(t - (started or recv), 2)})
+            recv = None
+    return out
+
+
+def run_deployment(work: Path, rounds: int) -> dict[str, Any]:
+    env = dh.deploy_env({"FLWR_HOME": str(work / "nobody-home")})
+    port, *node_ports = dh.free_ports(4)
+    root = work / "fed"
+    init = proc.run(proc.fedshop_command("deploy", "init", str(root), "--address", "127.0.0.1", "--port", str(port)),
+                    log_dir=work / "log-init", timeout_s=120, env=env)
+    if init.returncode != 0:
+        raise SystemExit(init.describe())
+    dep = deploy.Deployment.load(root)
+    clocks: dict[str, LineClock] = {}
+    with dh.services(work / "logs", env) as group:
+        superlink = group.start("superlink", ["sh", str(dep.superlink_dir / deploy.SUPERLINK_SCRIPT)])
+        superlink.wait_for(r"Uvicorn running on https://", timeout_s=60)
+        for name, node_port in zip(MERCHANTS, node_ports, strict=True):
+            add = proc.run(proc.fedshop_command("deploy", "add-merchant", name, "--dir", str(root), "--data-dir",
+                                                str(work / "data" / name), "--budget", "50", "--delta", "1e-5",
+                                                "--device", "cpu", "--port", str(node_port)),
+                           log_dir=work / f"log-add-{name}", timeout_s=120, env=env)
+            if add.returncode != 0:
+                raise SystemExit(add.describe())
+        for m in dep.merchants():
+            clocks[m.name] = LineClock(work / "logs" / f"{m.name}.log")
+            clocks[m.name].start()
+            group.start(m.name, ["sh", str(m.dir / deploy.SUPERNODE_SCRIPT)])
+        # min-available-nodes = 3: the run's first round waits for the three nodes to connect.
+        config = write_toml(work / "deploy.toml", {**WORK, "num-server-rounds": rounds, "min-available-nodes": 3,
+                                                   "run-dir": str(work / "deploy")})
+        start = time.monotonic()
+        run = group.start("flwr-run", [str(dh.VENV_BIN / "flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream",
+                                       "--run-config", str(config)], env={**env, "FLWR_HOME": str(dep.flwr_home)})
+        if run.wait_exit(1800) != 0:
+            raise SystemExit(f"deployment run failed\n{group.logs()}")
+        total = time.monotonic() - start
+        time.sleep(0.3)
+        for clock in clocks.values():
+            clock.stop.set()
+    messages = [msg for clock in clocks.values() for msg in per_message(clock)]
+
+    def mean(kind: str, key: str) -> float | None:
+        values = [m[key] for m in messages if m["kind"] == kind]
+        return round(statistics.mean(values), 2) if values else None
+
+    return {"total_s": round(total, 1), **round_times(work / "deploy"),
+            "per_message_at_node": {k: {"wait_for_process_s": mean(k, "receive_to_process_s"),
+                                        "process_s": mean(k, "process_s")} for k in ("train", "evaluate")},
+            "messages": len(messages)}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="fedshop-deploy-vs-sim-") as tmp:
+        work = Path(tmp)
+        write_merchants(work / "data", MERCHANTS)
+        result: dict[str, Any] = {"work": {**WORK, "merchants": len(MERCHANTS), "num-server-rounds": args.rounds},
+                                  "cpu_count": os.cpu_count(), "load_before": os.getloadavg()}
+        result["clientapp_import_s"] = import_cost()
+        result["simulation"] = run_simulation(work, args.rounds)
+        result["deployment"] = run_deployment(work, args.rounds)
+        result["load_after"] = os.getloadavg()
+    sim, dep = result["simulation"]["mean_round_s"], result["deployment"]["mean_round_s"]
+    result["deployment_over_simulation"] = round(dep / sim, 2) if sim and dep else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
