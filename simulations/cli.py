@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,12 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         scenario = engine.load_scenario(args.scenario)
         config = engine.build_config(scenario, engine.parse_overrides(args.set), out=args.out)
         scenario_name = args.scenario
+        if args.out is None and (Path(config.run_dir) / "ledger.sqlite").exists():
+            # Re-running the same command must not fail on the previous run's folder, nor
+            # touch it: a new, dated run directory beside it.
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            config = config.replace(run_dir=f"{config.run_dir}-{stamp}")
+            log.info("%s holds an earlier run; this one goes to %s", scenario.get("run-dir"), config.run_dir)
     engine.ensure_data(config, scenario_name)
     merchants = engine.count_merchants(config)
     if config.merchants_per_round > merchants:
