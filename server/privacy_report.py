@@ -56,12 +56,16 @@ def plot_epsilon(report: AuditReport, path: Path) -> Path:
         budgets.add(m.budget)
     for b in sorted(budgets):
         ax.axhline(b, color="crimson", ls="--", lw=1)
-        ax.text(ax.get_xlim()[0], b, f" budget ε={b:g}", color="crimson", va="bottom", fontsize=8)
+        ax.annotate(f"budget ε={b:g}", xy=(0.01, b), xycoords=("axes fraction", "data"), color="crimson",
+                    va="bottom", fontsize=8)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative ε (record-level, per merchant)")
     ax.set_title("Privacy spent per merchant (solid: recorded PRV, dotted: re-derived PLD)")
     if len(report.merchants) <= 12:
-        ax.legend(fontsize=7, ncol=2, loc="upper left")
+        ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
