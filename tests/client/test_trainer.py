@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +21,7 @@ from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy import MechanismEvent
 from shared.tasks import Example, PerExampleLoss
-
-GOOD = ["premium", "durable", "leather", "handcrafted", "sturdy"]
-BAD = ["cheap", "flimsy", "plastic", "fragile", "knockoff"]
-NOUNS = ["bag", "wallet", "belt", "shoes", "jacket", "case", "chair", "lamp"]
+from tests.helpers.examples import product_examples
 
 # Encoder learning rates found by trying 3e-4..3e-2 on this task (noise 0.3, 24 steps, Poisson
 # batches of several rounds' seeds): 1e-2 for LoRA and one top layer, 3e-3 for everything; at
@@ -34,16 +30,6 @@ NOUNS = ["bag", "wallet", "belt", "shoes", "jacket", "case", "chair", "lamp"]
 LEARNING_RATE = {"heads": 1e-2, "lora": 1e-2, "top-k": 1e-2, "full": 3e-3}
 
 
-def product_examples(n: int, seed: int) -> list[Example]:
-    """Click iff the product text uses 'good' words: learnable from the text alone."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        clicked = i % 2
-        words = rng.sample(GOOD if clicked else BAD, 2) + [rng.choice(NOUNS)]
-        rng.shuffle(words)
-        out.append(Example(task="ctr", context="", product=" ".join(words), target=float(clicked)))
-    return out
 
 
 TRAIN = product_examples(512, seed=0)

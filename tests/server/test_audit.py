@@ -11,8 +11,6 @@ import dataclasses
 import itertools
 import json
 import math
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from statistics import NormalDist
 
@@ -32,28 +30,11 @@ from tests.helpers.audit_runs import (
     ROUNDS,
     RUN_ID,
     build_run,
-    memoized_accountants,
     state_path,
     tamper,
 )
 
-
-@pytest.fixture(autouse=True)
-def _fast_accountants() -> Iterator[None]:
-    with memoized_accountants():
-        yield
-
-
-@pytest.fixture(scope="module")
-def clean_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with memoized_accountants():
-        return build_run(tmp_path_factory.mktemp("template") / "run")
-
-
-@pytest.fixture
-def run_dir(clean_template: Path, tmp_path: Path) -> Path:
-    """A private copy of the clean run: tests may tamper with it."""
-    return Path(shutil.copytree(clean_template, tmp_path / "run"))
+pytestmark = pytest.mark.usefixtures("fast_accountants")
 
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:

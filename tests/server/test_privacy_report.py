@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,7 +11,7 @@ import pytest
 from server.audit import audit_run
 from server.privacy_report import audit_table, plot_epsilon, write_privacy_report
 from simulations.cli import main
-from tests.helpers.audit_runs import DELTA, MERCHANTS, build_run, memoized_accountants, tamper
+from tests.helpers.audit_runs import DELTA, MERCHANTS, tamper
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 CANARY = {"m": 1000, "r": 200, "v": 130, "epsilon_lower_bound": 0.412, "epsilon_claimed": 2.254,
@@ -21,21 +19,7 @@ CANARY = {"m": 1000, "r": 200, "v": 130, "epsilon_lower_bound": 0.412, "epsilon_
           "noise_multiplier": 1.0, "steps": 30}
 
 
-@pytest.fixture(autouse=True)
-def _fast_accountants() -> Iterator[None]:
-    with memoized_accountants():
-        yield
-
-
-@pytest.fixture(scope="module")
-def clean_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with memoized_accountants():
-        return build_run(tmp_path_factory.mktemp("template") / "run")
-
-
-@pytest.fixture
-def run_dir(clean_template: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(clean_template, tmp_path / "run"))
+pytestmark = pytest.mark.usefixtures("fast_accountants")
 
 
 def assert_png(path: Path) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ import pytest
 
 from shared.config import RunConfig
 from shared.model import ModelSpec, load_tokenizer
-from shared.tasks import Example
 from simulations.canary_audit import (
     RESULT_FILE,
     CanaryAuditResult,
@@ -21,6 +19,7 @@ from simulations.canary_audit import (
     make_canaries,
     run_canary_audit,
 )
+from tests.helpers.examples import product_examples
 
 # --------------------------------------------------------------------------- the bound
 
@@ -116,21 +115,8 @@ def test_canaries_use_unique_whole_words_not_in_the_data() -> None:
 
 
 # --------------------------------------------------------------------------- the audit
-GOOD = ["premium", "durable", "leather", "handcrafted", "sturdy"]
-BAD = ["cheap", "flimsy", "plastic", "fragile", "knockoff"]
-NOUNS = ["bag", "wallet", "belt", "shoes", "jacket", "case", "chair", "lamp"]
 
 
-def product_examples(n: int, seed: int) -> list[Example]:
-    """Ordinary merchant records: click iff the product text uses 'good' words."""
-    rng = random.Random(seed)
-    out = []
-    for i in range(n):
-        clicked = i % 2
-        words = rng.sample(GOOD if clicked else BAD, 2) + [rng.choice(NOUNS)]
-        rng.shuffle(words)
-        out.append(Example(task="ctr", context="", product=" ".join(words), target=float(clicked)))
-    return out
 
 
 # 1000 canaries (about 500 included) + 200 ordinary records, batch 64, 2 epochs: 22-24 steps

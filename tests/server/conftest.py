@@ -1,0 +1,29 @@
+"""Fixtures shared by the audit and privacy-report tests: one clean run, copied per test."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.helpers.audit_runs import build_run, memoized_accountants
+
+
+@pytest.fixture
+def fast_accountants() -> Iterator[None]:
+    with memoized_accountants():
+        yield
+
+
+@pytest.fixture(scope="module")
+def clean_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    with memoized_accountants():
+        return build_run(tmp_path_factory.mktemp("template") / "run")
+
+
+@pytest.fixture
+def run_dir(clean_template: Path, tmp_path: Path) -> Path:
+    """A private copy of the clean run: tests may tamper with it."""
+    return Path(shutil.copytree(clean_template, tmp_path / "run"))
