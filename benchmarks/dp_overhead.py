@@ -91,7 +91,7 @@ def _reset_peak() -> bool:
 def _batch(tokenizer: Any, batch_size: int, seq_len: int) -> list[Any]:
     import torch
 
-    from shared.tasks import TASK_INDEX
+    from shared.tasks import Example, pack_targets
 
     contexts, products, packed = [], [], []
     for i in range(batch_size):
@@ -102,7 +102,7 @@ def _batch(tokenizer: Any, batch_size: int, seq_len: int) -> list[Any]:
         task = ("ctr", "rating", "relevance")[i % 3]
         contexts.append(QUERIES[i % len(QUERIES)] if task != "rating" else "")
         target = {"ctr": float(i % 2), "rating": float(1 + i % 5), "relevance": float(i % 4)}[task]
-        packed.append([TASK_INDEX[task], target])
+        packed.append(pack_targets([Example(task, contexts[-1], products[-1], target)]))
     enc = tokenizer(contexts, products, truncation="longest_first", max_length=seq_len,
                     padding="max_length", return_tensors="pt")
     if enc["input_ids"].shape != (batch_size, seq_len) or not bool(enc["attention_mask"].all()):

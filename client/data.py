@@ -39,7 +39,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from shared.tasks import TASKS, Example, TaskName
+from shared.tasks import TASKS, Example, group_records
 
 logger = logging.getLogger(__name__)
 
@@ -674,8 +674,10 @@ def build_examples(
 
     Interactions give a ``ctr`` example per row (target 1.0 when the row's label counts as a
     conversion) and a ``rating`` example per row that has a rating; judgments give a
-    ``relevance`` example per row. The context of an interaction is its query, else the
-    user's recent product titles, else empty; a judgment's context is its query.
+    ``relevance`` example per row. Each example names its row (``record``): the trainer
+    trains a row's examples as one sample, the split keeps them on one side. The context of
+    an interaction is its query, else the user's recent product titles, else empty; a
+    judgment's context is its query.
     """
     if conversion_label not in CONVERSION_LABELS:
         raise ValueError(f"conversion_label {conversion_label!r} must be one of {sorted(CONVERSION_LABELS)}")
@@ -702,23 +704,24 @@ def build_examples(
             frame["user_id"], frame["product_id"], frame["label"], frame["query"], frame["rating"], history,
             strict=True,
         )
-        for user, product_id, label, query, rating, recent in rows:
+        for row, (user, product_id, label, query, rating, recent) in enumerate(rows):
             context = query or recent
             product = texts[product_id]
+            record = f"{data.merchant_id}/interaction:{row}"
             if wants_ctr:
                 target = 1.0 if label in converted else 0.0
-                examples.append(Example("ctr", context, product, target, group=user, product_id=product_id))
+                examples.append(Example("ctr", context, product, target, group=user, product_id=product_id,
+                                        record=record))
             if wants_rating and not math.isnan(rating):
-                examples.append(
-                    Example("rating", context, product, float(rating), group=user, product_id=product_id)
-                )
+                examples.append(Example("rating", context, product, float(rating), group=user,
+                                        product_id=product_id, record=record))
     if data.judgments is not None and "relevance" in tasks:
         frame = data.judgments
-        for query, product_id, grade in zip(frame["query"], frame["product_id"], frame["label"], strict=True):
+        rows_j = zip(frame["query"], frame["product_id"], frame["label"], strict=True)
+        for row, (query, product_id, grade) in enumerate(rows_j):
             product = texts[product_id]
-            examples.append(
-                Example("relevance", query, product, float(grade), group=query, product_id=product_id)
-            )
+            examples.append(Example("relevance", query, product, float(grade), group=query, product_id=product_id,
+                                    record=f"{data.merchant_id}/judgment:{row}"))
     return examples
 
 
@@ -731,24 +734,31 @@ def _unit_interval(*parts: object) -> float:
 def split_examples(
     examples: Sequence[Example], *, test_fraction: float, seed: int
 ) -> tuple[list[Example], list[Example]]:
-    """Deterministic (train, test) split of examples.
+    """Deterministic (train, test) split, record by record; judgments query by query.
 
-    Each record's side depends only on ``(seed, group, product_id, task, k)``, where ``k``
-    counts earlier records with the same group, product and task; so a record stays on its
-    side across runs, machines and Python hash seeds, and adding other records never moves
-    it. Input order is kept within each side.
+    An interaction's side depends only on ``(seed, user, product_id, k)``, ``k`` counting
+    earlier interactions of the same user and product; a judgment's side only on
+    ``(seed, query)``, so a query's whole candidate list is held out together and ranking is
+    measured on queries the model never trained on. So a record stays on its side across
+    runs, machines and Python hash seeds, adding other records never moves it, and all
+    examples of one record (a click label and a rating of the same row) land together. Input
+    order is kept within each side.
     """
     if not (math.isfinite(test_fraction) and 0.0 <= test_fraction <= 1.0):
         raise ValueError(f"test_fraction {test_fraction!r} must lie in [0, 1]")
-    seen: collections.Counter[tuple[str, str, TaskName]] = collections.Counter()
+    seen: collections.Counter[tuple[str, str, str]] = collections.Counter()
     train: list[Example] = []
     test: list[Example] = []
-    for example in examples:
-        key = (example.group, example.product_id, example.task)
-        occurrence = seen[key]
-        seen[key] += 1
+    for members in group_records(examples):
+        first = members[0]
+        if first.task == "relevance":
+            key, occurrence = (first.group, "", "judgment"), 0
+        else:
+            key = (first.group, first.product_id, "interaction")
+            occurrence = seen[key]
+            seen[key] += 1
         side = test if _unit_interval(seed, *key, occurrence) < test_fraction else train
-        side.append(example)
+        side.extend(members)
     return train, test
 
 

@@ -120,6 +120,22 @@ def _subsample(examples: list[Example], limit: int, salt: str) -> list[Example]:
     return [examples[i] for i in sorted(keyed[:limit])]
 
 
+def split_merchant(data: MerchantData, config: RunConfig) -> MerchantSplit:
+    """A merchant's training examples and held-out examples, as every part of fedshop sees them.
+
+    Federated training and evaluation, ``train-local`` and the utility benchmark all split
+    through here, so every comparison is on the same held-out records.
+    """
+    examples = build_examples(data, conversion_label=config.conversion_label,
+                              history_length=config.history_length, tasks=config.task_names)
+    if not examples:
+        raise NodeConfigError(f"merchant {data.merchant_id!r} has no examples for tasks {config.tasks!r}")
+    train, test = split_examples(examples, test_fraction=config.test_fraction, seed=config.split_seed)
+    train = _subsample(train, config.max_train_examples, f"train:{data.merchant_id}")
+    test = _subsample(test, config.eval_max_examples, f"test:{data.merchant_id}")
+    return MerchantSplit(train=train, test=test)
+
+
 class Merchant:
     """A node's merchant: loads its data once per call and trains or evaluates the model."""
 
@@ -137,16 +153,7 @@ class Merchant:
         return load_merchant(self.identity.data_dir)  # raises DataValidationError, writes nothing
 
     def split(self) -> MerchantSplit:
-        data = self.load_data()
-        examples = build_examples(data, conversion_label=self.config.conversion_label,
-                                  history_length=self.config.history_length, tasks=self.config.task_names)
-        if not examples:
-            raise NodeConfigError(
-                f"merchant {self.identity.merchant_id!r} has no examples for tasks {self.config.tasks!r}")
-        train, test = split_examples(examples, test_fraction=self.config.test_fraction, seed=self.config.split_seed)
-        train = _subsample(train, self.config.max_train_examples, f"train:{self.identity.merchant_id}")
-        test = _subsample(test, self.config.eval_max_examples, f"test:{self.identity.merchant_id}")
-        return MerchantSplit(train=train, test=test)
+        return split_merchant(self.load_data(), self.config)
 
     def privacy_state(self) -> PrivacyState:
         return PrivacyState.open(self.identity.state_path, merchant_id=self.identity.merchant_id,

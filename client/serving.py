@@ -50,8 +50,7 @@ def score_pairs(model_dir: Path, *, contexts: list[str], products: list[str], ta
                         truncation="longest_first", max_length=max_len, padding=True, return_tensors="pt")
         token_type_ids = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
         scores = model(enc["input_ids"], enc["attention_mask"], token_type_ids)
-        task_ids = torch.full((scores.shape[0],), TASK_INDEX[task])
-        out.append(predictions(scores, task_ids).numpy())
+        out.append(predictions(scores)[:, TASK_INDEX[task]].numpy())
     return np.concatenate(out) if out else np.zeros(0)
 
 

@@ -1,7 +1,7 @@
 """One merchant's local training call: DP-SGD (Opacus) or non-private, plus evaluation.
 
 Order of a private call, and why:
-1. plan the mechanism (σ, q = batch / N, steps) and check the merchant's budget: a call
+1. plan the mechanism (σ, q = batch / N records, steps) and check the merchant's budget: a call
    that would exceed it raises ``BudgetExceededError`` before touching the model;
 2. train with Poisson sampling, per-sample clipping and Gaussian noise;
 3. persist the spend (``PrivacyState.commit``) and only then return the parameters, so an
@@ -28,14 +28,14 @@ from client.budget import PrivacyState
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
 from shared.privacy import MechanismEvent
-from shared.tasks import TASK_INDEX, TASKS, Example, PerExampleLoss, predictions
+from shared.tasks import TASKS, Example, PerExampleLoss, group_records, pack_targets, predictions, task_of
 
 log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainResult:
-    num_examples: int
+    num_examples: int  # records trained on (the DP units; a record may carry several tasks)
     steps: int
     mean_loss: float
     losses: list[float]
@@ -54,7 +54,9 @@ class EvalResult:
 
 
 class PairDataset(Dataset):
-    """(context, product) pairs tokenised on access; targets packed as ``[task index, value]``.
+    """One sample per data record: its (context, product) pair, tokenised on access, and its
+    targets packed in ``TASKS`` order (NaN where it has none). The record is the DP unit, so
+    Poisson sampling, clipping and the sample rate all count records, not task examples.
 
     Lazy on purpose: a call with a step cap touches a few hundred of a merchant's tens of
     thousands of records, and tokenising them all up front cost more than the training.
@@ -63,27 +65,29 @@ class PairDataset(Dataset):
     def __init__(self, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int) -> None:
         if not examples:
             raise ValueError("no examples to encode")
-        self.examples = list(examples)
+        records = group_records(examples)
+        self.pairs = [(members[0].context, members[0].product) for members in records]
+        self.targets = torch.tensor([pack_targets(members) for members in records], dtype=torch.float32)
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len
 
     def __len__(self) -> int:
-        return len(self.examples)
+        return len(self.pairs)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        example = self.examples[index]
-        enc = self.tokenizer(example.context, example.product, truncation="longest_first",
+        context, product = self.pairs[index]
+        enc = self.tokenizer(context, product, truncation="longest_first",
                              max_length=self.max_seq_len, padding="max_length", return_tensors="pt")
         input_ids = enc["input_ids"][0]
         token_type_ids = enc["token_type_ids"][0] if "token_type_ids" in enc else torch.zeros_like(input_ids)
-        packed = torch.tensor([TASK_INDEX[example.task], example.target], dtype=torch.float32)
-        return input_ids, enc["attention_mask"][0], token_type_ids, packed
+        return input_ids, enc["attention_mask"][0], token_type_ids, self.targets[index]
 
 
 def encode(
     examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int
 ) -> TensorDataset:
-    """Tokenise all pairs at once (batched; fastest when every record is used, e.g. evaluation)."""
+    """Tokenise all examples at once, one row each (batched; for evaluation, where every
+    example is used and each is scored on its own task)."""
     if not examples:
         raise ValueError("no examples to encode")
     enc = tokenizer(
@@ -94,7 +98,7 @@ def encode(
         padding="max_length",
         return_tensors="pt",
     )
-    packed = torch.tensor([[TASK_INDEX[e.task], e.target] for e in examples], dtype=torch.float32)
+    packed = torch.tensor([pack_targets([e]) for e in examples], dtype=torch.float32)
     token_type_ids = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
     return TensorDataset(enc["input_ids"], enc["attention_mask"], token_type_ids, packed)
 
@@ -120,11 +124,11 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def planned_steps(num_examples: int, config: RunConfig) -> tuple[float, int]:
+def planned_steps(num_records: int, config: RunConfig) -> tuple[float, int]:
     """(sample_rate, steps) of one call: epochs of N/batch steps, capped by max-local-steps."""
     # Opacus' Poisson loader samples at 1 / len(DataLoader) = 1 / ceil(N / batch); account
     # exactly that rate (batch / N over-states it whenever batch does not divide N).
-    sample_rate = 1.0 / math.ceil(num_examples / config.batch_size)
+    sample_rate = 1.0 / math.ceil(num_records / config.batch_size)
     steps = max(1, math.ceil(config.local_epochs / sample_rate))
     if config.max_local_steps:
         steps = min(steps, config.max_local_steps)
@@ -262,7 +266,8 @@ def evaluate(
         input_ids, attention_mask, token_type_ids, packed = _trim(batch, device)
         scores = model(input_ids, attention_mask, token_type_ids)
         losses.append(PerExampleLoss(reduction="none")(scores, packed).cpu())
-        preds.append(predictions(scores, packed[:, 0]).cpu())
+        own = task_of(packed).unsqueeze(1)
+        preds.append(predictions(scores).gather(1, own).squeeze(1).cpu())
     model.train(was_training)
     all_preds = torch.cat(preds).numpy()
     result: dict[str, float] = {}

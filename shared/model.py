@@ -113,7 +113,10 @@ def load_encoder(spec: ModelSpec) -> PreTrainedModel:
         torch.manual_seed(spec.seed)
         return BertModel(tiny_bert_config(len(tokenizer), dropout=spec.dropout), add_pooling_layer=False)
     path = resolve_encoder(spec.encoder)
-    overrides: dict[str, Any] = {"hidden_dropout_prob": spec.dropout, "attention_probs_dropout_prob": spec.dropout}
+    # float32 whatever the folder stores: a half-precision checkpoint would otherwise load as
+    # such, and DP-SGD's clipping and noise need full-precision parameters.
+    overrides: dict[str, Any] = {"hidden_dropout_prob": spec.dropout, "attention_probs_dropout_prob": spec.dropout,
+                                 "dtype": torch.float32}
     try:
         encoder = AutoModel.from_pretrained(str(path), add_pooling_layer=False, **overrides)
     except TypeError:  # architectures without a pooler argument

@@ -4,15 +4,20 @@ Every head scores one (context text, product text) pair. The context is a search
 (relevance, and clicks that came from a search), the user's recent products
 (history-based recommendation), or empty.
 
-All losses are *pointwise* and per example. A pairwise or listwise ranking loss would mix
-examples inside a batch, and then the DP unit would have to be the whole query group;
+All losses are *pointwise* and per record. A pairwise or listwise ranking loss would mix
+records inside a batch, and then the DP unit would have to be the whole query group;
 keeping every loss pointwise keeps the guarantee record-level (one judgment or one
-interaction), which is what the accountant assumes.
+interaction), which is what the accountant assumes. A record with targets for several
+tasks (an interaction with a click label and a star rating) is *one* training sample whose
+loss sums its tasks' losses: were its tasks separate samples, Poisson sampling could pick
+the record twice in a step and the accounted ε would understate its privacy loss.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -28,7 +33,7 @@ RELEVANCE_MAX = 3.0  # graded judgments 0..3 (ESCI: Exact 3, Substitute 2, Compl
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-    """One training or evaluation record: the DP unit."""
+    """One task's target for one (context, product) pair of a data record."""
 
     task: TaskName
     context: str
@@ -36,42 +41,83 @@ class Example:
     target: float  # ctr: 0/1, rating: 1..5, relevance: 0..3
     group: str = ""  # query or user the record belongs to (ranking metrics group by it)
     product_id: str = ""
+    # The data record (merchant and file row) this example comes from: an interaction row with a rating
+    # gives a ctr *and* a rating example. Examples sharing a non-empty record id are one DP
+    # unit and train as one sample; an empty id makes the example a record of its own.
+    record: str = ""
 
 
-def per_example_loss(scores: torch.Tensor, task_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Loss of each example under the head of its own task; shape ``[batch]``.
+def pack_targets(examples: Sequence[Example]) -> list[float]:
+    """One record's targets in ``TASKS`` order, NaN for the tasks it has no target for."""
+    targets = [math.nan] * len(TASKS)
+    for example in examples:
+        if not math.isnan(targets[TASK_INDEX[example.task]]):
+            raise ValueError(f"record {example.record!r} has two {example.task} targets")
+        targets[TASK_INDEX[example.task]] = float(example.target)
+    return targets
 
-    ``scores`` is ``[batch, len(TASKS)]`` (every head's raw output). Heads are compared on
-    comparable scales: the rating is regressed in [0, 1] units and relevance is a graded
-    binary cross-entropy on ``label / 3``, so no task dominates the clipped gradient.
+
+def group_records(examples: Sequence[Example]) -> list[list[Example]]:
+    """Examples grouped by record, in order of first appearance; a record's pair must agree."""
+    records: dict[str | int, list[Example]] = {}
+    for i, example in enumerate(examples):
+        key: str | int = example.record or i  # no record id: a record of its own
+        members = records.setdefault(key, [])
+        if members and (members[0].context, members[0].product) != (example.context, example.product):
+            raise ValueError(f"record {example.record!r}: its examples score different (context, product) pairs")
+        members.append(example)
+    return list(records.values())
+
+
+def count_records(examples: Sequence[Example]) -> int:
+    """How many DP units ``examples`` hold: what a sample rate must be computed from."""
+    return len(group_records(examples))
+
+
+def per_example_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Loss of each record: the sum of its tasks' losses, each under its own head; ``[batch]``.
+
+    ``scores`` is ``[batch, len(TASKS)]`` (every head's raw output), ``targets`` the packed
+    ``[batch, len(TASKS)]`` targets with NaN where a record has no target for a task. Heads
+    are compared on comparable scales: the rating is regressed in [0, 1] units and relevance
+    is a graded binary cross-entropy on ``label / 3``, so no task dominates the clipped gradient.
     """
-    own = scores.gather(1, task_ids.long().unsqueeze(1)).squeeze(1)
-    ctr = F.binary_cross_entropy_with_logits(own, targets, reduction="none")
-    rating_unit = (targets - RATING_MIN) / (RATING_MAX - RATING_MIN)
-    rating = (torch.sigmoid(own) - rating_unit) ** 2
+    present = ~torch.isnan(targets)
+    # NaN targets become 0 *before* the losses: masking a NaN loss afterwards would still
+    # send NaN through the backward pass (0 * NaN).
+    safe = torch.where(present, targets, torch.zeros_like(targets))
+    ctr_i, rating_i, relevance_i = TASK_INDEX["ctr"], TASK_INDEX["rating"], TASK_INDEX["relevance"]
+    ctr = F.binary_cross_entropy_with_logits(scores[:, ctr_i], safe[:, ctr_i], reduction="none")
+    rating_unit = (safe[:, rating_i] - RATING_MIN) / (RATING_MAX - RATING_MIN)
+    rating = (torch.sigmoid(scores[:, rating_i]) - rating_unit) ** 2
     relevance = F.binary_cross_entropy_with_logits(
-        own, (targets / RELEVANCE_MAX).clamp(0.0, 1.0), reduction="none"
+        scores[:, relevance_i], (safe[:, relevance_i] / RELEVANCE_MAX).clamp(0.0, 1.0), reduction="none"
     )
-    return torch.where(
-        task_ids == TASK_INDEX["ctr"], ctr, torch.where(task_ids == TASK_INDEX["rating"], rating, relevance)
-    )
+    losses = torch.stack([ctr, rating, relevance], dim=1)
+    return (losses * present.to(losses.dtype)).sum(dim=1)
 
 
-def predictions(scores: torch.Tensor, task_ids: torch.Tensor) -> torch.Tensor:
-    """Map each example's head output to its task's natural scale.
+def predictions(scores: torch.Tensor) -> torch.Tensor:
+    """Every head's output on its task's natural scale, ``[batch, len(TASKS)]``.
 
     ctr -> probability, rating -> stars in [1, 5], relevance -> expected grade in [0, 3].
     """
-    own = torch.sigmoid(scores.gather(1, task_ids.long().unsqueeze(1)).squeeze(1))
-    rating = RATING_MIN + own * (RATING_MAX - RATING_MIN)
-    relevance = own * RELEVANCE_MAX
-    return torch.where(
-        task_ids == TASK_INDEX["ctr"], own, torch.where(task_ids == TASK_INDEX["rating"], rating, relevance)
-    )
+    unit = torch.sigmoid(scores)
+    scale = torch.tensor([1.0, RATING_MAX - RATING_MIN, RELEVANCE_MAX], dtype=unit.dtype, device=unit.device)
+    offset = torch.tensor([0.0, RATING_MIN, 0.0], dtype=unit.dtype, device=unit.device)
+    return unit * scale + offset
+
+
+def task_of(targets: torch.Tensor) -> torch.Tensor:
+    """The task index of each single-task row of packed targets (its one non-NaN column)."""
+    present = ~torch.isnan(targets)
+    if not bool((present.sum(dim=1) == 1).all()):
+        raise ValueError("task_of needs rows with exactly one target")
+    return present.to(torch.int64).argmax(dim=1)
 
 
 class PerExampleLoss(torch.nn.Module):
-    """``per_example_loss`` as a criterion over (scores, targets[:, 0]=task, targets[:, 1]=value).
+    """``per_example_loss`` as a criterion over (scores, packed targets).
 
     Opacus' ghost clipping wraps the criterion and sets ``reduction = "none"`` on it; the
     mean is taken only when asked for, so the same object serves both modes.
@@ -82,7 +128,7 @@ class PerExampleLoss(torch.nn.Module):
         self.reduction = reduction
 
     def forward(self, scores: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
-        losses = per_example_loss(scores, packed[:, 0], packed[:, 1])
+        losses = per_example_loss(scores, packed)
         if self.reduction == "none":
             return losses
         if self.reduction == "sum":

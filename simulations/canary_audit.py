@@ -73,7 +73,7 @@ from client.budget import PrivacyState
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, choose_device, load_tokenizer
 from shared.privacy import MechanismEvent
-from shared.tasks import Example
+from shared.tasks import Example, count_records, task_of
 from simulations.local import load_examples
 
 log = logging.getLogger(__name__)
@@ -240,9 +240,10 @@ def label_log_odds(
         length = max(int(attention_mask.sum(1).max().item()), 1)  # drop all-padding columns
         scores = model(input_ids[:, :length].to(device), attention_mask[:, :length].to(device),
                        token_type_ids[:, :length].to(device))
-        task = packed[:, 0].long().to(device)
-        logit = scores.gather(1, task.unsqueeze(1)).squeeze(1).cpu()
-        out.append(torch.where(packed[:, 1] >= 0.5, logit, -logit))
+        task = task_of(packed).unsqueeze(1)
+        logit = scores.cpu().gather(1, task).squeeze(1)
+        label = packed.gather(1, task).squeeze(1)
+        out.append(torch.where(label >= 0.5, logit, -logit))
     model.train(was_training)
     return torch.cat(out).numpy().astype(np.float64)
 
@@ -362,7 +363,7 @@ def run_canary_audit(
         assert result.mechanism is not None
         claimed = dp.epsilon([result.mechanism], train_config.target_delta, train_config.accountant)
     else:
-        sample_rate, steps = trainer.planned_steps(len(examples), config)
+        sample_rate, steps = trainer.planned_steps(count_records(examples), config)
         planned = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate,
                                  steps=steps, max_grad_norm=config.max_grad_norm)
         claimed = dp.epsilon([planned], config.target_delta, config.accountant)

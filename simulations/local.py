@@ -13,7 +13,8 @@ from typing import Any
 
 from client import trainer
 from client.budget import PrivacyState
-from client.data import build_examples, load_merchant, split_examples
+from client.data import load_merchant
+from client.merchant import split_merchant
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, export_model, load_tokenizer
 from shared.tasks import Example
@@ -35,18 +36,14 @@ def load_examples(dirs: list[Path], config: RunConfig) -> tuple[list[Example], d
     tests: dict[str, list[Example]] = {}
     for directory in dirs:
         data = load_merchant(directory)  # raises DataValidationError with every problem; writes nothing
-        examples = build_examples(data, conversion_label=config.conversion_label,
-                                  history_length=config.history_length, tasks=config.task_names)
-        train, test = split_examples(examples, test_fraction=config.test_fraction, seed=config.split_seed)
-        train_all.extend(train)
-        tests[data.merchant_id] = test[: config.eval_max_examples] if config.eval_max_examples else test
+        split = split_merchant(data, config)  # the same held-out records a federated run evaluates on
+        train_all.extend(split.train)
+        tests[data.merchant_id] = split.test
     return train_all, tests
 
 
 def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_progress: bool = True) -> LocalResult:
     train_examples, tests = load_examples(dirs, config)
-    if config.max_train_examples:
-        train_examples = train_examples[: config.max_train_examples]
     test_all = [e for t in tests.values() for e in t]
     spec = ModelSpec.from_config(config)
     model = build_model(spec)

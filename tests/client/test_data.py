@@ -448,7 +448,26 @@ def test_split_separates_repeated_records() -> None:
     assert train and test
 
 
-PINNED_TEST_IDS = ["p0", "p1", "p2", "p4", "p5", "p6", "p7", "p10"]
+PINNED_TEST_IDS = ["p1", "p2", "p4", "p6", "p10", "p11"]
+
+
+def test_split_holds_out_whole_queries() -> None:
+    judgments = [Example("relevance", f"q{i % 23}", f"item {i}", float(i % 4), group=f"q{i % 23}",
+                         product_id=f"p{i}") for i in range(230)]
+    train, test = split_examples(judgments, test_fraction=0.3, seed=1)
+    assert train and test
+    assert {e.group for e in train}.isdisjoint({e.group for e in test})
+    assert all(sum(e.group == q for e in test) == 10 for q in {e.group for e in test})
+
+
+def test_split_keeps_a_rows_click_and_rating_together(merchant: MerchantData) -> None:
+    examples = build_examples(merchant, tasks=("ctr", "rating"))
+    rated = {e.record for e in examples if e.task == "rating"}
+    assert rated, "the fixture must have rated interactions"
+    for seed in range(20):
+        train, test = split_examples(examples, test_fraction=0.5, seed=seed)
+        assert {e.record for e in train}.isdisjoint({e.record for e in test})
+        assert len(train) + len(test) == len(examples)
 
 
 # --------------------------------------------------------------------------- writing

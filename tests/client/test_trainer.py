@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 from opacus import GradSampleModule, PrivacyEngine
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, TensorDataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import client.dp as dp
 from client.budget import BudgetExceededError, PrivacyState
-from client.trainer import encode, evaluate, planned_steps, train
+from client.trainer import PairDataset, encode, evaluate, planned_steps, train
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy import MechanismEvent
@@ -158,15 +158,41 @@ def test_planned_steps(n: int, batch: int, epochs: float, cap: int, expected: tu
 
 MIXED = [
     Example(task="ctr", context="red shoes", product="premium leather shoes", target=1.0),
-    Example(task="rating", context="", product="cheap flimsy plastic chair", target=2.0),
+    # One interaction row with a click label and a rating: one record, one sample, two losses.
+    Example(task="ctr", context="", product="cheap flimsy plastic chair", target=0.0, record="row-2"),
+    Example(task="rating", context="", product="cheap flimsy plastic chair", target=2.0, record="row-2"),
     Example(task="relevance", context="lamp", product="desk lamp with a durable base", target=3.0),
     Example(task="ctr", context="", product="wallet", target=0.0),
 ]
 
 
 def _batch(tokenizer: PreTrainedTokenizerBase) -> tuple[Any, list[torch.Tensor]]:
-    dataset = encode(MIXED, tokenizer, max_seq_len=24)
-    return dataset, [t.contiguous() for t in dataset.tensors]
+    """The four records of MIXED as the trainer samples them."""
+    dataset = PairDataset(MIXED, tokenizer, max_seq_len=24)
+    x = [torch.stack(column).contiguous() for column in zip(*(dataset[i] for i in range(len(dataset))), strict=True)]
+    return TensorDataset(*x), x
+
+
+def test_a_record_with_two_tasks_is_one_sample_whose_loss_sums_both(tokenizer: PreTrainedTokenizerBase) -> None:
+    dataset = PairDataset(MIXED, tokenizer, max_seq_len=24)
+    assert len(dataset) == 4  # five examples, four records: the sample rate counts records
+    packed = dataset[1][3]
+    assert packed[0].item() == 0.0 and packed[1].item() == 2.0 and math.isnan(packed[2].item())
+    model = build_model(ModelSpec(encoder="tiny", trainable="full", dropout=0.0))
+    _, x = _batch(tokenizer)
+    scores = model(x[0], x[1], x[2])
+    both = PerExampleLoss(reduction="none")(scores, x[3])[1]
+    ctr_only = PerExampleLoss(reduction="none")(scores[1:2], torch.tensor([[0.0, math.nan, math.nan]]))[0]
+    rating_only = PerExampleLoss(reduction="none")(scores[1:2], torch.tensor([[math.nan, 2.0, math.nan]]))[0]
+    torch.testing.assert_close(both, ctr_only + rating_only)
+    PerExampleLoss(reduction="sum")(scores, x[3]).backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)  # NaN-free
+
+
+def test_a_record_whose_examples_disagree_on_the_pair_is_refused(tokenizer: PreTrainedTokenizerBase) -> None:
+    broken = [Example("ctr", "", "mug", 1.0, record="r1"), Example("rating", "", "kettle", 4.0, record="r1")]
+    with pytest.raises(ValueError, match="r1"):
+        PairDataset(broken, tokenizer, max_seq_len=24)
 
 
 def _per_example_grads(model: torch.nn.Module, x: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:

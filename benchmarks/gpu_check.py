@@ -1,0 +1,190 @@
+"""The private trainer on a CUDA GPU (not a test: CI machines have no GPU).
+
+    python benchmarks/gpu_check.py [--encoder minilm|tiny|PATH] [--steps 30] [--out FILE.json]
+
+Checks, on the GPU fedshop picks by itself (``device = auto``):
+1. per-sample gradients computed on the GPU (Opacus hooks and ghost clipping) match a
+   per-example reference computed one record at a time;
+2. a DP-SGD call with each trainable set trains on the GPU, lowers the loss on a learnable
+   task, persists its spend and leaves the model's parameters on the GPU finite;
+3. DP ÷ non-private step time and peak GPU memory per trainable set (batch 32, sequence 64).
+Exits non-zero when a check fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from client import dp, trainer  # noqa: E402
+from client.budget import PrivacyState  # noqa: E402
+from shared.config import RunConfig  # noqa: E402
+from shared.model import ModelSpec, build_model, choose_device, load_tokenizer  # noqa: E402
+from shared.tasks import Example, PerExampleLoss  # noqa: E402
+from tests.helpers.examples import product_examples  # noqa: E402
+
+TRAINABLE = ("heads", "top-k", "lora", "full")
+# Rates that learn the task within a few dozen steps: a random tiny encoder takes larger
+# steps than a pretrained one, whose weights large steps under noise would only disturb.
+LEARNING_RATE = {"tiny": {"heads": 1e-2, "lora": 1e-2, "top-k": 1e-2, "full": 3e-3},
+                 "pretrained": {"heads": 0.05, "lora": 5e-3, "top-k": 1e-3, "full": 3e-4}}
+
+
+def check_per_sample_gradients(device: torch.device) -> dict[str, float]:
+    """Largest |per-sample gradient - reference| per mode, on the GPU (tiny encoder, float32)."""
+    from opacus import GradSampleModule
+
+    examples = [Example("ctr", "red shoes", "premium leather shoes", 1.0),
+                Example("rating", "", "cheap flimsy plastic chair", 2.0),
+                Example("relevance", "lamp", "desk lamp with a durable base", 3.0),
+                Example("ctr", "", "wallet", 0.0)]
+    out: dict[str, float] = {}
+    for trainable in ("lora", "full"):
+        model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0)).to(device)
+        tokenizer = load_tokenizer(ModelSpec(encoder="tiny"))
+        x = [t.to(device) for t in trainer.encode(examples, tokenizer, max_seq_len=24).tensors]
+        reference = []
+        ref_model = copy.deepcopy(model)
+        for i in range(len(examples)):
+            ref_model.zero_grad(set_to_none=True)
+            scores = ref_model(x[0][i:i + 1], x[1][i:i + 1], x[2][i:i + 1])
+            PerExampleLoss(reduction="sum")(scores, x[3][i:i + 1]).backward()
+            reference.append({n: p.grad.detach().clone() for n, p in ref_model.named_parameters()
+                              if p.requires_grad and p.grad is not None})
+        wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+        PerExampleLoss(reduction="sum")(wrapped(x[0], x[1], x[2]), x[3]).backward()
+        worst = 0.0
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                grad_sample = p.grad_sample  # type: ignore[attr-defined]
+                assert grad_sample.device.type == device.type, name
+                for i in range(len(examples)):
+                    worst = max(worst, float((grad_sample[i] - reference[i][name]).abs().max()))
+        out[f"hooks_{trainable}_max_abs_diff"] = worst
+        if worst > 1e-4:
+            raise AssertionError(f"{trainable}: per-sample gradients on {device} differ from the reference by {worst}")
+    return out
+
+
+def check_training(device: torch.device, encoder: str, steps: int) -> dict[str, Any]:
+    """A DP call per trainable set on a learnable task: loss falls, spend persisted, finite params."""
+    out: dict[str, Any] = {}
+    train_set = product_examples(512, seed=0)
+    rates = LEARNING_RATE["tiny" if encoder == "tiny" else "pretrained"]
+    for trainable in TRAINABLE:
+        # Low noise and a generous batch: this checks that the GPU path learns, not utility.
+        config = RunConfig(encoder=encoder, trainable=trainable, dp=True,  # type: ignore[arg-type]
+                           noise_multiplier=0.3, max_grad_norm=1.0,
+                           batch_size=64, max_local_steps=steps, local_epochs=1000, dropout=0.0,
+                           learning_rate=rates[trainable], max_seq_len=16, target_epsilon=1e6,
+                           target_delta=1e-5, top_k_layers=1)
+        spec = ModelSpec.from_config(config)
+        model = build_model(spec)
+        tokenizer = load_tokenizer(spec)
+        with tempfile.TemporaryDirectory() as tmp:
+            state = PrivacyState.open(Path(tmp) / "state.json", merchant_id="gpu", target_epsilon=1e6,
+                                      target_delta=1e-5, accountant="prv")
+            before = trainer.evaluate(model, train_set[:256], tokenizer, config, device=device).loss
+            result = trainer.train(model, train_set, tokenizer, config, privacy=state, device=device)
+            after = trainer.evaluate(model, train_set[:256], tokenizer, config, device=device).loss
+            reloaded = PrivacyState.open(Path(tmp) / "state.json", merchant_id="gpu", target_epsilon=1e6,
+                                         target_delta=1e-5, accountant="prv")
+        on_device = all(p.device.type == device.type for p in model.parameters())
+        finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+        out[trainable] = {"mode": result.grad_sample_mode, "steps": result.steps, "loss_before": before,
+                          "loss_after": after, "epsilon": result.epsilon,
+                          "epsilon_reloaded": reloaded.epsilon(), "on_device": on_device, "finite": finite,
+                          "seconds": result.duration_s}
+        print(trainable, json.dumps(out[trainable]), flush=True)
+        if not (after < before and on_device and finite and result.epsilon > 0
+                and abs(reloaded.epsilon() - result.epsilon) < 1e-9):
+            raise AssertionError(f"{trainable}: DP training on {device} failed its checks: {out[trainable]}")
+    return out
+
+
+def overhead(device: torch.device, encoder: str, repeats: int = 20) -> dict[str, Any]:
+    """DP ÷ non-private: median step time and peak GPU memory, batch 32, sequence 64."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    tokenizer = load_tokenizer(ModelSpec(encoder=encoder))
+    examples = [Example("ctr", f"query {i} " * 6, f"product {i} with a long description " * 6, float(i % 2))
+                for i in range(32)]
+    batch = [t.to(device) for t in trainer.encode(examples, tokenizer, max_seq_len=64).tensors]
+    out: dict[str, Any] = {}
+    for trainable in TRAINABLE:
+        row: dict[str, Any] = {}
+        for private in (False, True):
+            torch.manual_seed(0)
+            model = build_model(ModelSpec(encoder=encoder, trainable=trainable, top_k_layers=2, dropout=0.1))
+            model.to(device).train()
+            params = [p for p in model.parameters() if p.requires_grad]
+            optimizer: Any = torch.optim.AdamW(params, lr=1e-4)
+            criterion: Any = PerExampleLoss()
+            run_model: Any = model
+            mode = dp.grad_sample_mode_for(trainable)
+            if private:
+                loader = DataLoader(TensorDataset(*[t.cpu() for t in batch]), batch_size=32)
+                made = dp.make_private(model=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                                       noise_multiplier=1.0, max_grad_norm=1.0, mode=mode)
+                run_model, optimizer, criterion = made.model, made.optimizer, made.criterion
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            times = []
+            for _ in range(repeats + 3):
+                start = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                loss = criterion(run_model(batch[0], batch[1], batch[2]), batch[3])
+                loss.backward()
+                optimizer.step()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - start)
+            key = "dp" if private else "plain"
+            row[f"{key}_step_ms"] = 1000 * statistics.median(times[3:])
+            row[f"{key}_peak_mib"] = torch.cuda.max_memory_allocated() / 2**20
+            row["mode"] = mode
+            del run_model, model, optimizer
+            torch.cuda.empty_cache()
+        row["time_ratio"] = row["dp_step_ms"] / row["plain_step_ms"]
+        row["memory_ratio"] = row["dp_peak_mib"] / row["plain_peak_mib"]
+        out[trainable] = row
+        print(trainable, json.dumps(row), flush=True)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--encoder", default="minilm")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    device = choose_device("auto")
+    if device.type != "cuda":
+        print(f"no CUDA device (auto chose {device}); this check needs a GPU", file=sys.stderr)
+        return 2
+    results: dict[str, Any] = {"torch": torch.__version__, "gpu": torch.cuda.get_device_name(0),
+                               "encoder": args.encoder}
+    print(json.dumps(results), flush=True)
+    results["per_sample_gradients"] = check_per_sample_gradients(device)
+    print(json.dumps(results["per_sample_gradients"]), flush=True)
+    results["training"] = check_training(device, args.encoder, args.steps)
+    results["overhead"] = overhead(device, args.encoder)
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1))
+    print("GPU CHECK PASSED")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,428 @@
+"""Utility versus privacy on the bundled real data (not a test).
+
+    .venv/bin/python benchmarks/utility.py [--datasets reviews esci] [--epsilons 1 3 8]
+
+For each dataset (the ``reviews`` and ``esci`` scenarios, same encoder, trainable set, batch
+and sequence length in every arm) it trains and then evaluates, on the *same* held-out
+records of every merchant (``client.merchant.split_merchant``):
+
+- ``untrained``: the pretrained encoder with fresh heads (the trivial baseline);
+- ``centralised``: all merchants' training data pooled, non-private, as many optimiser steps
+  as the whole federation takes (rounds x merchants per round x local steps);
+- ``local``: each merchant alone, non-private, the steps it would take if sampled every round;
+- ``federated``: a Flower simulation (``fedshop simulate``), non-private;
+- ``federated-dp-eps-E``: the same simulation with DP-SGD at ε = E per merchant. σ is
+  calibrated (``client.dp.noise_for_budget``) so that the median-sized merchant can take part
+  in every round within its budget; smaller merchants reach theirs sooner and are refused,
+  as a budget must;
+- cold start: the ε = 8 federation again with one merchant left out, evaluated on that
+  merchant's held-out records (it never trained, nor sent anything).
+
+Relevance is measured on held-out *queries* (a query's judgments all land on one side of the
+split) that have candidates of at least two grades, so ranking decides the score.
+Every arm's metrics are the macro average over merchants (each merchant counts once: a shared
+model must serve small merchants too), with every merchant's own figures beside them.
+Outputs: ``utility.json``, ``utility.md`` and ``utility.png`` under ``--out-dir``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from shared.jsonable import finite  # noqa: E402
+from shared.metrics import HIGHER_IS_BETTER  # noqa: E402
+
+log = logging.getLogger("utility")
+
+# The metrics the comparison is judged on, per dataset (others are kept in the JSON).
+HEADLINE = {
+    "reviews": ("ctr_auc", "ctr_logloss", "rating_rmse"),
+    "esci": ("relevance_ndcg@10", "relevance_mrr"),
+}
+# Reviews trains both interaction tasks: the "recommended" label and the star rating.
+# ESCI holds out 30 % of queries (not the default 20 %): few of its queries have candidates of
+# two or more grades, and those are the ones a ranking metric can tell apart.
+DATASET_OVERRIDES: dict[str, dict[str, Any]] = {"reviews": {"tasks": "ctr,rating"}, "esci": {"test-fraction": 0.3}}
+COLD_START = {"reviews": "jackets", "esci": "esci-3"}
+TARGET_RELATIVE_GAP = 0.05
+
+
+@dataclasses.dataclass
+class Arm:
+    name: str
+    per_merchant: dict[str, dict[str, float]]
+    seconds: float
+    notes: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def macro(self, metric: str) -> float:
+        values = [m[metric] for m in self.per_merchant.values() if metric in m]
+        return statistics.fmean(values) if values else math.nan
+
+
+# --------------------------------------------------------------------------- data and models
+class Dataset:
+    """One scenario's merchants, split once; evaluation of any trainable-parameter set."""
+
+    def __init__(self, name: str, work: Path, *, encoder: str, quick: bool) -> None:
+        from client.data import load_merchant
+        from client.merchant import merchant_dirs, split_merchant
+        from simulations import adapters, engine
+
+        self.name = name
+        scenario = engine.load_scenario(name)
+        overrides = dict(DATASET_OVERRIDES[name])
+        overrides["encoder"] = encoder
+        if quick:  # a smoke run of the whole pipeline in a minute or two (tiny encoder)
+            overrides.update({"num-server-rounds": 1, "max-local-steps": 2, "eval-max-examples": 32})
+        self.data_dir = work / "merchants" / name
+        getattr(adapters, f"prepare_{name}")(self.data_dir, overwrite=True)
+        self.scenario = {**scenario, **overrides, "data-dir": str(self.data_dir)}
+        self.config = engine.build_config(self.scenario, {}, out=work / "runs" / name)
+        self.dirs = merchant_dirs(self.data_dir)
+        self.splits = {d.name: split_merchant(load_merchant(d), self.config) for d in self.dirs}
+        self.tests = {m: informative(s.test) for m, s in self.splits.items()}
+
+    @property
+    def merchants(self) -> list[str]:
+        return list(self.splits)
+
+    def train_steps(self) -> tuple[int, int]:
+        """(federation's total steps, one merchant's steps if sampled every round)."""
+        c = self.config
+        return (c.num_server_rounds * c.merchants_per_round * c.max_local_steps,
+                c.num_server_rounds * c.max_local_steps)
+
+    def evaluate(self, params: dict[str, Any] | None,
+                 merchants: list[str] | None = None) -> dict[str, dict[str, float]]:
+        from client import trainer
+        from shared.model import ModelSpec, build_model, choose_device, load_tokenizer, set_trainable
+
+        spec = ModelSpec.from_config(self.config)
+        model = build_model(spec)
+        if params is not None:
+            set_trainable(model, params)
+        tokenizer = load_tokenizer(spec)
+        device = choose_device(self.config.device)
+        return {m: trainer.evaluate(model, self.tests[m], tokenizer, self.config, device=device).metrics
+                for m in (merchants or self.merchants)}
+
+
+def informative(test: list[Any]) -> list[Any]:
+    """Held-out examples, less the relevance judgments of queries whose candidates all share one
+    grade: any ranking of those scores NDCG = MRR = 1 and would only flatten the comparison
+    (most ESCI-subset queries have one to three judgments)."""
+    grades: dict[str, set[float]] = {}
+    for e in test:
+        if e.task == "relevance":
+            grades.setdefault(e.group, set()).add(e.target)
+    return [e for e in test if e.task != "relevance" or len(grades[e.group]) > 1]
+
+
+def train_params(dataset: Dataset, merchants: list[str], *, steps: int, epochs: float) -> dict[str, Any]:
+    """Non-private training on the union of ``merchants``' training data; the trainable params."""
+    from client import trainer
+    from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer
+
+    config = dataset.config.replace(dp=False, max_local_steps=steps, local_epochs=epochs)
+    spec = ModelSpec.from_config(config)
+    model = build_model(spec)
+    examples = [e for m in merchants for e in dataset.splits[m].train]
+    trainer.train(model, examples, load_tokenizer(spec), config, privacy=None,
+                  device=choose_device(config.device))
+    return dict(get_trainable(model.cpu()))
+
+
+def simulate(dataset: Dataset, run_dir: Path, overrides: dict[str, Any], *, data_dir: Path | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A real ``fedshop simulate`` run in a subprocess; (final global params, run summary)."""
+    from server.checkpoint import load_latest
+
+    values = {**overrides, "data-dir": str(data_dir or dataset.data_dir)}
+    sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
+    scenario_file = run_dir.parent / f"{run_dir.name}.toml"
+    scenario_file.parent.mkdir(parents=True, exist_ok=True)
+    scenario_file.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in dataset.scenario.items()))
+    log_path = run_dir.parent / f"{run_dir.name}.log"
+    with log_path.open("w") as out:
+        code = subprocess.run([sys.executable, "-m", "simulations.cli", "simulate", "--scenario", str(scenario_file),
+                               "--out", str(run_dir), *sets], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
+                              check=False).returncode
+    if code != 0:
+        tail = "".join(log_path.read_text().splitlines(keepends=True)[-15:])
+        raise RuntimeError(f"simulation {run_dir.name} exited {code}; log {log_path}:\n{tail}")
+    checkpoint = load_latest(run_dir)
+    if checkpoint is None:
+        raise RuntimeError(f"simulation {run_dir.name} left no checkpoint in {run_dir}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    return checkpoint.parameters, summary
+
+
+def calibrated_noise(dataset: Dataset, epsilon: float) -> float:
+    from client.dp import noise_for_budget
+    from client.trainer import planned_steps
+    from shared.tasks import count_records
+
+    c = dataset.config
+    records = statistics.median(count_records(s.train) for s in dataset.splits.values())
+    sample_rate, steps = planned_steps(int(records), c)
+    return noise_for_budget(epsilon, c.target_delta, sample_rate=sample_rate, steps=steps,
+                            calls=c.num_server_rounds, max_grad_norm=c.max_grad_norm, accountant=c.accountant)
+
+
+# --------------------------------------------------------------------------- the arms
+def run_dataset(dataset: Dataset, epsilons: list[float], work: Path) -> dict[str, Any]:
+    arms: list[Arm] = []
+    total_steps, merchant_steps = dataset.train_steps()
+    c = dataset.config
+
+    def timed(name: str, fn: Any, **notes: Any) -> Arm:
+        log.info("[%s] %s ...", dataset.name, name)
+        start = time.perf_counter()
+        per_merchant, extra = fn()
+        arm = Arm(name, per_merchant, time.perf_counter() - start, {**notes, **extra})
+        log.info("[%s] %s done in %.0f s: %s", dataset.name, name, arm.seconds,
+                 {m: round(arm.macro(m), 4) for m in HEADLINE[dataset.name]})
+        arms.append(arm)
+        return arm
+
+    timed("untrained", lambda: (dataset.evaluate(None), {}))
+    timed("centralised", lambda: (dataset.evaluate(train_params(dataset, dataset.merchants, steps=total_steps,
+                                                                epochs=1e9)), {}), steps=total_steps)
+
+    def local() -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+        out: dict[str, dict[str, float]] = {}
+        for m in dataset.merchants:
+            params = train_params(dataset, [m], steps=merchant_steps, epochs=c.local_epochs * c.num_server_rounds)
+            out.update(dataset.evaluate(params, [m]))
+        return out, {}
+
+    timed("local", local, steps_per_merchant=merchant_steps)
+
+    def federated(name: str, overrides: dict[str, Any]) -> Any:
+        def run() -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+            params, summary = simulate(dataset, work / "runs" / dataset.name / name, overrides)
+            spent = {m: p["epsilon"] for m, p in summary["privacy"].items()}
+            return dataset.evaluate(params), {"rounds": summary["rounds_completed"], "epsilon_spent": spent}
+        return run
+
+    timed("federated", federated("federated", {"dp": False}))
+    dp_runs: dict[float, dict[str, Any]] = {}
+    for eps in epsilons:
+        sigma = calibrated_noise(dataset, eps)
+        dp_runs[eps] = {"dp": True, "target-epsilon": eps, "noise-multiplier": round(sigma, 4)}
+        timed(f"federated-dp-eps-{eps:g}", federated(f"dp-eps-{eps:g}", dp_runs[eps]), noise_multiplier=sigma)
+
+    cold = cold_start(dataset, work, dp_runs.get(8.0) or dp_runs[max(dp_runs)], arms)
+    return {"config": dataset.scenario, "merchants": dataset.merchants,
+            "train_records": {m: len(s.train) for m, s in dataset.splits.items()},
+            "test_examples": {m: len(t) for m, t in dataset.tests.items()},
+            "test_queries": {m: len({e.group for e in t if e.task == "relevance"}) for m, t in dataset.tests.items()},
+            "arms": {a.name: {"seconds": a.seconds, "notes": a.notes, "per_merchant": a.per_merchant,
+                              "macro": {k: a.macro(k) for k in HIGHER_IS_BETTER}} for a in arms},
+            "cold_start": cold}
+
+
+def cold_start(dataset: Dataset, work: Path, dp_overrides: dict[str, Any], arms: list[Arm]) -> dict[str, Any]:
+    """The DP federation without one merchant, scored on that merchant's held-out records."""
+    held_out = COLD_START[dataset.name] if COLD_START[dataset.name] in dataset.merchants else dataset.merchants[-1]
+    subset = work / "merchants" / f"{dataset.name}-without-{held_out}"
+    subset.mkdir(parents=True, exist_ok=True)
+    for d in dataset.dirs:
+        if d.name != held_out and not (subset / d.name).exists():
+            (subset / d.name).symlink_to(d.resolve(), target_is_directory=True)
+    per_round = min(dataset.config.merchants_per_round, len(dataset.dirs) - 1)
+    start = time.perf_counter()
+    params, _ = simulate(dataset, work / "runs" / dataset.name / "cold-start", {
+        **dp_overrides, "merchants-per-round": per_round}, data_dir=subset)
+    by_name = {a.name: a for a in arms}
+    trained_with = f"federated-dp-eps-{dp_overrides['target-epsilon']:g}"
+    return {
+        "held_out_merchant": held_out,
+        "epsilon": dp_overrides["target-epsilon"],
+        "metrics": dataset.evaluate(params, [held_out])[held_out],
+        "untrained": by_name["untrained"].per_merchant[held_out],
+        "local": by_name["local"].per_merchant[held_out],
+        "federated_with_it": by_name[trained_with].per_merchant[held_out],
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+def relative_gap(metric: str, value: float, reference: float) -> float:
+    """How much worse ``value`` is than ``reference``, relative (positive = worse)."""
+    if not (math.isfinite(value) and math.isfinite(reference)) or reference == 0:
+        return math.nan
+    worse = reference - value if HIGHER_IS_BETTER[metric] else value - reference
+    return worse / abs(reference)
+
+
+def judge(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    arms = result["arms"]
+    best_dp = "federated-dp-eps-8" if "federated-dp-eps-8" in arms else None
+    if best_dp is None:
+        return {}
+    verdict: dict[str, Any] = {"arm": best_dp, "metrics": {}}
+    for metric in HEADLINE[name]:
+        dp_value, central, local = (arms[a]["macro"][metric] for a in (best_dp, "centralised", "local"))
+        gaps = {m: relative_gap(metric, arms[best_dp]["per_merchant"][m].get(metric, math.nan),
+                                arms["centralised"]["per_merchant"][m].get(metric, math.nan))
+                for m in result["merchants"]}
+        finite_gaps = {m: g for m, g in gaps.items() if math.isfinite(g)}
+        worst = max(finite_gaps, key=lambda m: finite_gaps[m]) if finite_gaps else None
+        verdict["metrics"][metric] = {
+            "gap_vs_centralised": relative_gap(metric, dp_value, central),
+            "within_5pct_of_centralised": relative_gap(metric, dp_value, central) <= TARGET_RELATIVE_GAP,
+            "better_than_local": relative_gap(metric, dp_value, local) < 0,
+            "per_merchant_gap_vs_centralised": gaps,
+            "worst_merchant": worst,
+            "worst_merchant_gap": finite_gaps[worst] if worst else math.nan,
+        }
+    return verdict
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# Utility versus privacy", "",
+             f"Machine: {results['machine']}. Encoder: {results['encoder']}. Total run time "
+             f"{results['total_seconds'] / 60:.1f} min. Command: `{results['command']}`.", "",
+             "Metrics are macro averages over merchants, on each merchant's held-out records. "
+             "Gaps are relative to centralised non-private (positive = worse).", ""]
+    for name, result in results["datasets"].items():
+        metrics = HEADLINE[name]
+        lines += [f"## {name}", "", "| arm | " + " | ".join(metrics) + " | σ | run time |",
+                  "|---|" + "---:|" * (len(metrics) + 2)]
+        for arm, data in result["arms"].items():
+            sigma = data["notes"].get("noise_multiplier")
+            lines.append(f"| {arm} | " + " | ".join(_fmt(data["macro"][m]) for m in metrics)
+                         + f" | {_fmt(sigma, 2) if sigma else '-'} | {data['seconds']:.0f} s |")
+        verdict = result.get("verdict", {})
+        if verdict:
+            lines += ["", "Federated DP at ε = 8 against the targets:", "",
+                      "| metric | gap vs centralised | within 5 % | better than local | worst merchant (gap) |",
+                      "|---|---:|:---:|:---:|---|"]
+            for metric, v in verdict["metrics"].items():
+                lines.append(f"| {metric} | {_pct(v['gap_vs_centralised'])} | {_yes(v['within_5pct_of_centralised'])}"
+                             f" | {_yes(v['better_than_local'])} | {v['worst_merchant']} "
+                             f"({_pct(v['worst_merchant_gap'])}) |")
+        lines += ["", "Per merchant (" + ", ".join(metrics) + "):", "",
+                  "| merchant | train records | test examples | " + " | ".join(result["arms"]) + " |",
+                  "|---|---:|---:|" + "---|" * len(result["arms"])]
+        for m in result["merchants"]:
+            cells = [" / ".join(_fmt(data["per_merchant"][m].get(k, math.nan)) for k in metrics)
+                     for data in result["arms"].values()]
+            lines.append(f"| {m} | {result['train_records'][m]} | {result['test_examples'][m]} | "
+                         + " | ".join(cells) + " |")
+        cold = result["cold_start"]
+        lines += ["", f"Cold start: `{cold['held_out_merchant']}` left out of a DP federation "
+                  f"(ε = {cold['epsilon']:g}), scored on its held-out records:", "",
+                  "| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
+        for label, key in (("untrained (pretrained encoder, fresh heads)", "untrained"),
+                           ("federation without it (cold start)", "metrics"),
+                           ("federation with it", "federated_with_it"), ("its own data alone", "local")):
+            lines.append(f"| {label} | " + " | ".join(_fmt(cold[key].get(m, math.nan)) for m in metrics) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None, digits: int = 4) -> str:
+    return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _pct(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{100 * value:+.1f} %"
+
+
+def _yes(flag: bool) -> str:
+    return "yes" if flag else "**no**"
+
+
+def plot(results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, metric) for name, result in results["datasets"].items() for metric in HEADLINE[name]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
+    for ax, (name, metric) in zip(axes[0], panels, strict=True):
+        arms = results["datasets"][name]["arms"]
+        dp = sorted((float(a.rsplit("-", 1)[1]), d["macro"][metric]) for a, d in arms.items()
+                    if a.startswith("federated-dp-eps-"))
+        no_dp_x = 2 * max(x for x, _ in dp) if dp else 16.0
+        xs = [x for x, _ in dp] + [no_dp_x]
+        ys = [y for _, y in dp] + [arms["federated"]["macro"][metric]]
+        ax.plot(xs, ys, "o-", color="tab:blue", label="federated (DP; last point: no DP)")
+        for arm, style, color in (("centralised", "--", "tab:green"), ("local", ":", "tab:orange"),
+                                  ("untrained", "-.", "grey")):
+            ax.axhline(arms[arm]["macro"][metric], linestyle=style, color=color, label=arm)
+        ax.set_xscale("log")
+        ax.set_xticks(xs, [f"{x:g}" for x in xs[:-1]] + ["no DP"])
+        ax.minorticks_off()
+        ax.set_xlabel("ε per merchant")
+        better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
+        ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=["reviews", "esci"], choices=sorted(HEADLINE))
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
+    parser.add_argument("--encoder", default="minilm", help="minilm (default), tiny, or a model folder")
+    parser.add_argument("--quick", action="store_true", help="1 round, 2 steps: checks the pipeline, not utility")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep runs and logs here (default: temporary)")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from simulations.engine import FLOWER_ENV
+
+    for key, value in FLOWER_ENV.items():
+        os.environ.setdefault(key, value)
+    start = time.perf_counter()
+    results: dict[str, Any] = {
+        "machine": f"{os.cpu_count()} CPU cores, {sys.platform}", "encoder": args.encoder,
+        "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "datasets": {}}
+    with tempfile.TemporaryDirectory(prefix="fedshop-utility-") as tmp:
+        work = args.work_dir or Path(tmp)
+        for name in args.datasets:
+            dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick)
+            result = run_dataset(dataset, args.epsilons, work)
+            result["verdict"] = judge(name, result)
+            results["datasets"][name] = result
+    results["total_seconds"] = time.perf_counter() - start
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out_dir / "utility.json", json.dumps(finite(results), indent=1))
+    write_atomic(args.out_dir / "utility.md", markdown(results))
+    plot(results, args.out_dir / "utility.png")
+    print(markdown(results))
+    print(f"written: {args.out_dir / 'utility.json'}, utility.md, utility.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
