@@ -74,6 +74,10 @@ class PrivacyState:
     target_delta: float
     accountant: str = "prv"
     entries: list[SpendEntry] = dataclasses.field(default_factory=list)
+    # ε per exact event history: ``check`` accounts history + planned call, and ``commit``
+    # asks for the very same history right after, so the accountant runs once per call.
+    _epsilon_cache: dict[tuple[Any, ...], float] = dataclasses.field(
+        default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def open(
@@ -119,8 +123,11 @@ class PrivacyState:
         return [e.event for e in self.entries]
 
     def epsilon(self, extra: MechanismEvent | None = None) -> float:
-        events = self.events + ([extra] if extra is not None else [])
-        return dp.epsilon(events, self.target_delta, self.accountant)
+        events = tuple(self.events + ([extra] if extra is not None else []))
+        key = (events, self.target_delta, self.accountant)
+        if key not in self._epsilon_cache:
+            self._epsilon_cache[key] = dp.epsilon(events, self.target_delta, self.accountant)
+        return self._epsilon_cache[key]
 
     @property
     def total_steps(self) -> int:

@@ -246,6 +246,32 @@ def test_hooks_per_sample_gradients_match_per_example_reference(
     wrapped._close()
 
 
+@pytest.mark.parametrize("trainable", ["lora", "heads"])
+def test_expanded_weights_per_sample_gradients_match_per_example_reference(
+    trainable: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
+    dataset, x = _batch(tokenizer)
+    reference = _per_example_grads(copy.deepcopy(model), x)
+    params = [p for p in model.parameters() if p.requires_grad]
+    private = dp.make_private(model=model, optimizer=torch.optim.SGD(params, lr=1.0),
+                              data_loader=DataLoader(dataset, batch_size=4), criterion=PerExampleLoss(),
+                              noise_multiplier=0.0, max_grad_norm=1e6, mode="ew")
+    private.criterion(private.model(x[0], x[1], x[2]), x[3]).backward()
+    checked = 0
+    for name, p in dp.unwrap(private.model).named_parameters():
+        if not p.requires_grad:
+            continue
+        grad_sample = getattr(p, "grad_sample", None)
+        assert grad_sample is not None and grad_sample.shape == (4, *p.shape), name
+        # Opacus scales a mean-reduced loss's per-sample gradients back to each record's own.
+        for i in range(4):
+            _close(grad_sample[i], reference[i][name], f"{name}, example {i}")
+        checked += 1
+    assert checked == len(reference[0])
+    private.model.remove_hooks()  # type: ignore[operator]
+
+
 @pytest.mark.parametrize("trainable", ["full", "top-k"])
 def test_ghost_clipping_sums_clipped_per_example_gradients(
     trainable: str, tokenizer: PreTrainedTokenizerBase
