@@ -6,7 +6,8 @@ What is measured (all in one run, so the ratios compare like with like):
 
 * one configuration = (trainable set, mode); mode is ``none`` (plain AdamW step) or an Opacus
   per-sample-gradient mode. ``auto`` runs the mode ``client.dp.AUTO_GRAD_SAMPLE_MODE`` picks;
-  ``both`` also runs the other of hooks/ghost, so the choice can be checked;
+  ``both`` also runs the alternatives (hooks, ghost clipping, expanded weights where few
+  parameters train), so the choice can be checked;
 * every configuration runs in a fresh interpreter (``subprocess``), so allocator caches, Opacus
   hooks and memory high-water marks of one cannot leak into the next;
 * inputs: batch 32 of real-ish (query, product) pairs tokenised to exactly 64 tokens, every
@@ -43,6 +44,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "dp_overhead.json"
 TRAINABLES = ("lora", "top-k", "full", "heads")
+# Modes compared with ``--modes both``. Expanded weights materialise every per-sample gradient
+# at once (batch × millions of parameters for top-k and full), so it is tried only where few
+# parameters train.
+ALTERNATIVES = {"lora": ("hooks", "ghost", "ew"), "heads": ("hooks", "ghost", "ew"),
+                "top-k": ("hooks", "ghost"), "full": ("hooks", "ghost")}
 
 BRANDS = ["Northwind", "Acme", "Lumen", "Harbor & Pine", "Vela", "Copperline", "Stonegate", "Brightwell"]
 ITEMS = [
@@ -245,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median taken)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocations, caches)")
     parser.add_argument("--modes", choices=("auto", "both"), default="both",
-                        help="auto: only client.dp's choice; both: hooks and ghost")
+                        help="auto: only client.dp's choice; both: every mode in ALTERNATIVES too")
+    parser.add_argument("--extra-modes", nargs="*", default=[], choices=("hooks", "ghost", "ew"),
+                        help="further Opacus modes to run for every trainable set (ew: expanded weights)")
     parser.add_argument("--trainable", nargs="+", choices=TRAINABLES, default=list(TRAINABLES))
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -275,7 +283,8 @@ def main(argv: list[str] | None = None) -> int:
         auto = AUTO_GRAD_SAMPLE_MODE[trainable]
         modes = ["none", auto]
         if args.modes == "both":
-            modes.append("ghost" if auto != "ghost" else "hooks")
+            modes += [m for m in ALTERNATIVES[trainable] if m not in modes]
+        modes += [m for m in args.extra_modes if m not in modes]
         for mode in modes:
             elapsed = time.perf_counter() - started
             print(f"[{elapsed:6.0f}s] {trainable:6s} {mode} ...", file=sys.stderr, flush=True)

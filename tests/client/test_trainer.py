@@ -101,12 +101,13 @@ def test_dp_training_learns_and_commits_one_event(
     assert_plain(model)
 
 
-@pytest.mark.parametrize("trainable", ["lora", "top-k"])  # hooks mode and ghost mode
+# Every per-sample mode: auto picks expanded weights for LoRA and ghost clipping for top-k.
+@pytest.mark.parametrize(("trainable", "mode"), [("lora", "auto"), ("lora", "hooks"), ("top-k", "auto")])
 def test_two_calls_on_one_model_compose(
-    trainable: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+    trainable: str, mode: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
     """A client keeps its model across rounds: the second private call must work and add up."""
-    cfg = config(trainable, max_local_steps=3, noise_multiplier=1.0, batch_size=32)
+    cfg = config(trainable, max_local_steps=3, noise_multiplier=1.0, batch_size=32, grad_sample_mode=mode)
     model = build_model(ModelSpec.from_config(cfg))
     state = privacy_state(tmp_path / "privacy.json")
     first = train(model, TRAIN[:256], tokenizer, cfg, privacy=state, round=1)
@@ -335,11 +336,12 @@ def test_dp_without_privacy_state_is_refused(tokenizer: PreTrainedTokenizerBase)
 # ----------------------------------------------------------------------------- (d) empty batches
 
 
-@pytest.mark.parametrize("trainable", ["heads", "top-k"])  # hooks mode and ghost mode
+# Every per-sample mode: auto picks expanded weights for heads and ghost clipping for top-k.
+@pytest.mark.parametrize(("trainable", "mode"), [("heads", "auto"), ("heads", "hooks"), ("top-k", "auto")])
 def test_empty_poisson_batches_are_noise_only_steps(
-    trainable: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+    trainable: str, mode: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
-    cfg = config(trainable, batch_size=1, local_epochs=10.0, noise_multiplier=1.0)
+    cfg = config(trainable, batch_size=1, local_epochs=10.0, noise_multiplier=1.0, grad_sample_mode=mode)
     model = build_model(ModelSpec.from_config(cfg))
     before = get_trainable(model)
     state = privacy_state(tmp_path / "p.json")
