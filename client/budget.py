@@ -129,6 +129,15 @@ class PrivacyState:
             self._epsilon_cache[key] = dp.epsilon(events, self.target_delta, self.accountant)
         return self._epsilon_cache[key]
 
+    def calls_in_run(self, run_id: str) -> int:
+        return sum(1 for e in self.entries if e.run_id == run_id)
+
+    def planned_noise(self, *, sample_rate: float, steps: int, max_grad_norm: float, calls: int, floor: float) -> float:
+        """σ (at least ``floor``) at which ``calls`` more calls like this one fit the budget."""
+        return dp.noise_for_budget(self.target_epsilon, self.target_delta, sample_rate=sample_rate, steps=steps,
+                                   calls=calls, max_grad_norm=max_grad_norm, accountant=self.accountant,
+                                   history=self.events, floor=floor)
+
     @property
     def total_steps(self) -> int:
         return sum(e.steps for e in self.events)

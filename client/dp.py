@@ -124,27 +124,30 @@ def epsilon(events: Iterable[MechanismEvent], delta: float, accountant: str = "p
 
 
 def noise_for_budget(target_epsilon: float, delta: float, *, sample_rate: float, steps: int, calls: int,
-                     max_grad_norm: float = 1.0, accountant: str = "prv", tolerance: float = 0.01) -> float:
-    """The smallest noise multiplier (within ``tolerance``, relative) at which ``calls`` training
-    calls of ``steps`` steps at ``sample_rate`` stay within ``target_epsilon``; never above it.
+                     max_grad_norm: float = 1.0, accountant: str = "prv", history: Iterable[MechanismEvent] = (),
+                     floor: float = 0.3, tolerance: float = 0.01) -> float:
+    """The smallest noise multiplier, at least ``floor`` (within ``tolerance``, relative), at
+    which ``calls`` more training calls of ``steps`` steps at ``sample_rate``, after the events
+    already in ``history``, stay within ``target_epsilon``; never above it.
 
-    Bisection on log σ: ε falls as σ grows. Useful to plan a run: a merchant can take part in
-    ``calls`` rounds before its budget refuses further spending.
+    Bisection on log σ: ε falls as σ grows. When even σ = 100 does not fit, 100 is returned
+    and the budget check that follows refuses the call.
     """
-    if not (target_epsilon > 0 and 0 < delta < 1 and calls >= 1 and steps >= 1):
-        raise ValueError(f"need target_epsilon > 0, 0 < delta < 1, calls >= 1, steps >= 1; got "
-                         f"{target_epsilon}, {delta}, {calls}, {steps}")
+    if not (target_epsilon > 0 and 0 < delta < 1 and calls >= 1 and steps >= 1 and floor > 0):
+        raise ValueError(f"need target_epsilon > 0, 0 < delta < 1, calls >= 1, steps >= 1, floor > 0; got "
+                         f"{target_epsilon}, {delta}, {calls}, {steps}, {floor}")
+    past = list(history)
 
     def eps(sigma: float) -> float:
         event = MechanismEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
                                max_grad_norm=max_grad_norm)
-        return epsilon([event] * calls, delta, accountant)
+        return epsilon(past + [event] * calls, delta, accountant)
 
-    low, high = 0.3, 100.0
-    if eps(high) > target_epsilon:
-        raise ValueError(f"ε = {target_epsilon} at δ = {delta} is out of reach even at noise multiplier {high}")
+    low, high = floor, max(100.0, floor)
     if eps(low) <= target_epsilon:
         return low
+    if eps(high) > target_epsilon:
+        return high
     while high / low > 1.0 + tolerance:
         mid = (low * high) ** 0.5
         if eps(mid) <= target_epsilon:

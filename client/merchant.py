@@ -182,11 +182,13 @@ class Merchant:
             log.warning("%s", exc)
             assert privacy is not None
             return TrainReply(facts=self._facts(privacy, status=STATUS_REFUSED, steps=0, sample_rate=0.0,
+                                                noise_multiplier=self.config.noise_multiplier,
                                                 model_version=model_version, epsilon=exc.epsilon_now,
                                                 reason=str(exc)), params=None, metrics={})
         model.cpu()
         facts = self._facts(privacy, status=STATUS_OK, steps=result.steps,
                             sample_rate=result.mechanism.sample_rate if result.mechanism else 0.0,
+                            noise_multiplier=result.mechanism.noise_multiplier if result.mechanism else 0.0,
                             model_version=model_version, epsilon=result.epsilon)
         metrics = {"num-examples": float(result.num_examples), "train-loss": result.mean_loss,
                    "steps": float(result.steps), "duration-s": result.duration_s,
@@ -194,10 +196,10 @@ class Merchant:
         return TrainReply(facts=facts, params=dict(get_trainable(model)), metrics=metrics)
 
     def _facts(self, privacy: PrivacyState | None, *, status: str, steps: int, sample_rate: float,
-               model_version: int, epsilon: float, reason: str = "") -> PrivacyFacts:
+               noise_multiplier: float, model_version: int, epsilon: float, reason: str = "") -> PrivacyFacts:
         return PrivacyFacts(
             merchant_id=self.identity.merchant_id, status=status, dp=self.config.dp,
-            noise_multiplier=self.config.noise_multiplier if self.config.dp else 0.0,
+            noise_multiplier=noise_multiplier if self.config.dp else 0.0,  # the σ this call used
             sample_rate=sample_rate, steps=steps, max_grad_norm=self.config.max_grad_norm,
             delta=privacy.target_delta if privacy else 0.0, epsilon=epsilon,
             epsilon_budget=privacy.target_epsilon if privacy else float(self.identity.target_epsilon),

@@ -158,7 +158,13 @@ def train(
     planned = None
     if config.dp:
         assert privacy is not None
-        planned = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate,
+        sigma = config.noise_multiplier
+        if config.noise_plan_calls:
+            # This merchant's own σ: enough noise that the run's remaining planned calls fit.
+            remaining = max(1, config.noise_plan_calls - privacy.calls_in_run(run_id))
+            sigma = privacy.planned_noise(sample_rate=sample_rate, steps=steps, max_grad_norm=config.max_grad_norm,
+                                          calls=remaining, floor=config.noise_multiplier)
+        planned = MechanismEvent(noise_multiplier=sigma, sample_rate=sample_rate,
                                  steps=steps, max_grad_norm=config.max_grad_norm)
         privacy.check(planned)  # raises BudgetExceededError; nothing trained, nothing spent
 
@@ -172,9 +178,10 @@ def train(
     mode = "none"
     train_model: nn.Module = model
     if config.dp:
+        assert planned is not None
         mode = dp.grad_sample_mode_for(config.trainable, config.grad_sample_mode)
         private = dp.make_private(model=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                                  noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                                  noise_multiplier=planned.noise_multiplier, max_grad_norm=config.max_grad_norm,
                                   mode=mode)
         train_model, optimizer, loader, criterion = (private.model, private.optimizer,
                                                      private.data_loader, private.criterion)

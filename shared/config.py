@@ -77,7 +77,11 @@ class RunConfig:
 
     # --- privacy --------------------------------------------------------------------
     dp: bool = True
-    noise_multiplier: float = 1.0
+    noise_multiplier: float = 1.0  # σ; with noise-plan-calls, the least σ a merchant may use
+    # > 0: each merchant sets its own σ (at least noise-multiplier) so that this many training
+    # calls of the run fit its budget: small merchants, whose calls cost more ε, add more noise
+    # instead of being refused after a call or two. 0: every merchant uses noise-multiplier.
+    noise_plan_calls: int = 0
     max_grad_norm: float = 1.0
     target_epsilon: float = 8.0  # per-merchant budget; a hard stop
     target_delta: float = 1e-5
@@ -122,7 +126,8 @@ class RunConfig:
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
         for name in ("max_local_steps", "early_stopping_rounds", "eval_max_examples",
-                     "max_train_examples", "min_available_nodes", "history_length", "top_k_layers", "lora_r"):
+                     "max_train_examples", "min_available_nodes", "history_length", "top_k_layers", "lora_r",
+                     "noise_plan_calls"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
         for name in ("learning_rate", "head_learning_rate", "max_grad_norm", "max_update_norm", "round_timeout_s",

@@ -192,3 +192,24 @@ def test_train_with_foreign_parameters_fails_before_spending(
     with pytest.raises(ModelError, match="not-a-parameter"):
         client_app.train(make_message("train", wrong), make_context(merchant_dir, state_dir))
     assert not (state_dir / "privacy-state.json").exists()
+
+
+def test_planned_noise_is_the_merchants_own_and_travels_in_the_facts(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+) -> None:
+    """noise-plan-calls = 3: the merchant picks σ so three calls fit ε = 2; the facts (and so the
+    server's ledger) carry that σ, and the third call still fits the budget."""
+    config = CONFIG_.replace(noise_plan_calls=3, noise_multiplier=0.5, target_epsilon=2.0)
+    state_dir = tmp_path / "state"
+    context = make_context(merchant_dir, state_dir)
+    context.run_config = config.to_mapping()
+    facts = []
+    for rnd in (1, 2, 3):
+        reply = client_app.app(make_message("train", global_params, server_round=rnd), context)
+        facts.append(TrainReply.from_recorddict(reply.content).facts)
+    assert [f.status for f in facts] == [STATUS_OK] * 3
+    events = state_events(state_dir)
+    assert [f.noise_multiplier for f in facts] == [e.noise_multiplier for e in events]
+    assert all(e.noise_multiplier > 0.5 for e in events)  # the floor alone would overspend
+    assert facts[-1].epsilon <= 2.0
+    assert facts[-1].epsilon > 1.8  # and the plan used the budget, not a fraction of it

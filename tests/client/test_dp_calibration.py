@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from client.budget import PrivacyState
 from client.dp import epsilon, noise_for_budget
+from client.trainer import train
+from shared.config import RunConfig
+from shared.model import ModelSpec, build_model, load_tokenizer
 from shared.privacy import MechanismEvent
+from tests.helpers.examples import product_examples
 
 
 @pytest.mark.parametrize("target", [1.0, 3.0, 8.0])
@@ -30,3 +37,33 @@ def test_more_calls_or_a_smaller_budget_need_more_noise() -> None:
 def test_bad_arguments_are_named() -> None:
     with pytest.raises(ValueError, match="calls"):
         noise_for_budget(3.0, 1e-5, sample_rate=0.05, steps=12, calls=0)
+
+
+def test_history_and_floor_are_respected() -> None:
+    past = [MechanismEvent(noise_multiplier=1.0, sample_rate=0.05, steps=12, max_grad_norm=1.0)] * 2
+    fresh = noise_for_budget(3.0, 1e-5, sample_rate=0.05, steps=12, calls=2)
+    after_spending = noise_for_budget(3.0, 1e-5, sample_rate=0.05, steps=12, calls=2, history=past)
+    assert after_spending > fresh
+    assert noise_for_budget(50.0, 1e-5, sample_rate=0.05, steps=12, calls=1, floor=2.5) == 2.5
+
+
+def test_a_smaller_merchant_plans_more_noise(tmp_path: Path) -> None:
+    """Same budget, same planned calls: the merchant with less data (larger q) adds more noise,
+    and both still fit their budgets after the planned calls."""
+    config = RunConfig(encoder="tiny", trainable="heads", batch_size=32, max_local_steps=4, max_seq_len=16,
+                       noise_multiplier=0.3, noise_plan_calls=2, target_epsilon=3.0, target_delta=1e-5)
+    tokenizer = load_tokenizer(ModelSpec(encoder="tiny"))
+    sigma = {}
+    for name, size in (("small", 64), ("large", 640)):
+        state = PrivacyState.open(tmp_path / f"{name}.json", merchant_id=name, target_epsilon=3.0,
+                                  target_delta=1e-5)
+        model = build_model(ModelSpec.from_config(config))
+        results = [train(model, product_examples(size, seed=0), tokenizer, config, privacy=state, round=r)
+                   for r in (1, 2)]
+        assert results[-1].epsilon <= 3.0
+        assert all(r.mechanism is not None for r in results)
+        sigma[name] = results[0].mechanism.noise_multiplier  # type: ignore[union-attr]
+        # One plan, kept: the second call re-plans its one remaining call and lands on the
+        # same σ up to the bisection's 1 % (spending any slack the first rounding left).
+        assert state.events[1].noise_multiplier == pytest.approx(sigma[name], rel=0.02)
+    assert sigma["small"] > sigma["large"]

@@ -96,6 +96,7 @@ def test_wrong_type_names_key_and_value(key: str, value: Any, value_text: str) -
         ("dropout", 1.0),
         ("dropout", -0.1),
         ("noise-multiplier", 0.0),  # dp defaults to true
+        ("noise-plan-calls", -1),
         ("weight-decay", -0.01),
         ("tasks", "ctr,clicks"),
         ("tasks", " , "),
