@@ -34,6 +34,7 @@ from shared.config import RunConfig  # noqa: E402
 from shared.model import ModelSpec, build_model, choose_device, load_tokenizer  # noqa: E402
 from shared.tasks import Example, PerExampleLoss  # noqa: E402
 from tests.helpers.examples import product_examples  # noqa: E402
+from tests.helpers.grads import per_example_grads  # noqa: E402
 
 TRAINABLE = ("heads", "top-k", "lora", "full")
 # Rates that learn the task within a few dozen steps: a random tiny encoder takes larger
@@ -55,14 +56,7 @@ def check_per_sample_gradients(device: torch.device) -> dict[str, float]:
         model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0)).to(device)
         tokenizer = load_tokenizer(ModelSpec(encoder="tiny"))
         x = [t.to(device) for t in trainer.encode(examples, tokenizer, max_seq_len=24).tensors]
-        reference = []
-        ref_model = copy.deepcopy(model)
-        for i in range(len(examples)):
-            ref_model.zero_grad(set_to_none=True)
-            scores = ref_model(x[0][i:i + 1], x[1][i:i + 1], x[2][i:i + 1])
-            PerExampleLoss(reduction="sum")(scores, x[3][i:i + 1]).backward()
-            reference.append({n: p.grad.detach().clone() for n, p in ref_model.named_parameters()
-                              if p.requires_grad and p.grad is not None})
+        reference = per_example_grads(copy.deepcopy(model), x)
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         PerExampleLoss(reduction="sum")(wrapped(x[0], x[1], x[2]), x[3]).backward()
         worst = 0.0

@@ -22,6 +22,7 @@ from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy import MechanismEvent
 from shared.tasks import Example, PerExampleLoss
 from tests.helpers.examples import product_examples
+from tests.helpers.grads import per_example_grads
 
 # Encoder learning rates found by trying 3e-4..3e-2 on this task (noise 0.3, 24 steps, Poisson
 # batches of several rounds' seeds): 1e-2 for LoRA and one top layer, 3e-3 for everything; at
@@ -196,17 +197,6 @@ def test_a_record_whose_examples_disagree_on_the_pair_is_refused(tokenizer: PreT
         PairDataset(broken, tokenizer, max_seq_len=24)
 
 
-def _per_example_grads(model: torch.nn.Module, x: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """The reference: the gradient of each example's loss, computed with that example alone."""
-    grads = []
-    for i in range(len(x[0])):
-        model.zero_grad(set_to_none=True)
-        scores = model(x[0][i : i + 1], x[1][i : i + 1], x[2][i : i + 1])
-        PerExampleLoss(reduction="sum")(scores, x[3][i : i + 1]).backward()
-        grads.append({n: _grad(p).clone() for n, p in model.named_parameters() if p.requires_grad})
-    return grads
-
-
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     assert p.grad is not None
     return p.grad.detach()
@@ -219,29 +209,35 @@ def _close(actual: torch.Tensor, expected: torch.Tensor, where: str) -> None:
         raise AssertionError(f"{where}: {error}") from None
 
 
-@pytest.mark.parametrize("trainable", ["full", "lora"])
-def test_hooks_per_sample_gradients_match_per_example_reference(
-    trainable: str, tokenizer: PreTrainedTokenizerBase
-) -> None:
-    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
-    _, x = _batch(tokenizer)
-    reference = _per_example_grads(copy.deepcopy(model), x)
-
-    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
-    scores = wrapped(x[0], x[1], x[2])
-    PerExampleLoss(reduction="sum")(scores, x[3]).backward()
+def _assert_grad_samples_match(module: torch.nn.Module, reference: list[dict[str, torch.Tensor]]) -> None:
+    """Every trainable parameter's per-sample gradients equal the one-record reference."""
     checked = 0
-    for name, p in model.named_parameters():
+    for name, p in module.named_parameters():
         if not p.requires_grad:
             continue
         grad_sample = getattr(p, "grad_sample", None)
         assert grad_sample is not None and grad_sample.shape == (4, *p.shape), name
         for i in range(4):
             _close(grad_sample[i], reference[i][name], f"{name}, example {i}")
-        # The batch gradient is still the plain sum.
-        _close(_grad(p), torch.stack([r[name] for r in reference]).sum(0), f"{name}, batch")
         checked += 1
     assert checked == len(reference[0])
+
+
+@pytest.mark.parametrize("trainable", ["full", "lora"])
+def test_hooks_per_sample_gradients_match_per_example_reference(
+    trainable: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
+    _, x = _batch(tokenizer)
+    reference = per_example_grads(copy.deepcopy(model), x)
+
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+    scores = wrapped(x[0], x[1], x[2])
+    PerExampleLoss(reduction="sum")(scores, x[3]).backward()
+    _assert_grad_samples_match(model, reference)
+    for name, p in model.named_parameters():
+        if p.requires_grad:  # the batch gradient is still the plain sum
+            _close(_grad(p), torch.stack([r[name] for r in reference]).sum(0), f"{name}, batch")
     # Examples really differ (the comparison is not trivially between zeros).
     assert not torch.allclose(reference[0]["heads.ctr.weight"], reference[3]["heads.ctr.weight"])
     wrapped._close()
@@ -253,23 +249,14 @@ def test_expanded_weights_per_sample_gradients_match_per_example_reference(
 ) -> None:
     model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
     dataset, x = _batch(tokenizer)
-    reference = _per_example_grads(copy.deepcopy(model), x)
+    reference = per_example_grads(copy.deepcopy(model), x)
     params = [p for p in model.parameters() if p.requires_grad]
     private = dp.make_private(model=model, optimizer=torch.optim.SGD(params, lr=1.0),
                               data_loader=DataLoader(dataset, batch_size=4), criterion=PerExampleLoss(),
                               noise_multiplier=0.0, max_grad_norm=1e6, mode="ew")
     private.criterion(private.model(x[0], x[1], x[2]), x[3]).backward()
-    checked = 0
-    for name, p in dp.unwrap(private.model).named_parameters():
-        if not p.requires_grad:
-            continue
-        grad_sample = getattr(p, "grad_sample", None)
-        assert grad_sample is not None and grad_sample.shape == (4, *p.shape), name
-        # Opacus scales a mean-reduced loss's per-sample gradients back to each record's own.
-        for i in range(4):
-            _close(grad_sample[i], reference[i][name], f"{name}, example {i}")
-        checked += 1
-    assert checked == len(reference[0])
+    # Opacus scales a mean-reduced loss's per-sample gradients back to each record's own.
+    _assert_grad_samples_match(dp.unwrap(private.model), reference)
     private.model.remove_hooks()  # type: ignore[operator]
 
 
@@ -279,7 +266,7 @@ def test_ghost_clipping_sums_clipped_per_example_gradients(
 ) -> None:
     model = build_model(ModelSpec(encoder="tiny", trainable=trainable, top_k_layers=1, dropout=0.0))
     dataset, x = _batch(tokenizer)
-    reference = _per_example_grads(copy.deepcopy(model), x)
+    reference = per_example_grads(copy.deepcopy(model), x)
     names = list(reference[0])
     norms = torch.stack([torch.stack([(g[n] ** 2).sum() for n in names]).sum().sqrt() for g in reference])
     max_grad_norm = float(norms.sort().values[1:3].mean())  # two examples clipped, two not
