@@ -1,15 +1,18 @@
 """DP-SGD overhead on MiniLM-L6: step time and peak memory, DP ÷ non-private, per trainable set.
 
-    .venv/bin/python benchmarks/dp_overhead.py [--steps N] [--warmup W] [--modes auto|both] [--out FILE]
+    .venv/bin/python benchmarks/dp_overhead.py [--steps N] [--repeats R] [--modes auto|both] [--out FILE]
 
 What is measured (all in one run, so the ratios compare like with like):
 
-* one configuration = (trainable set, mode); mode is ``none`` (plain AdamW step) or an Opacus
-  per-sample-gradient mode. ``auto`` runs the mode ``client.dp.AUTO_GRAD_SAMPLE_MODE`` picks;
-  ``both`` also runs the alternatives (hooks, ghost clipping, expanded weights where few
-  parameters train), so the choice can be checked;
+* one configuration = (trainable set, mode); mode is ``none`` (plain AdamW step) or a
+  per-sample-gradient mode (Opacus' hooks, ghost, ew, or ``client.bookkeeping``'s bk).
+  ``auto`` runs the mode ``client.dp.AUTO_GRAD_SAMPLE_MODE`` picks; ``both`` also runs the
+  alternatives (hooks, ghost clipping, book-keeping, expanded weights where few parameters
+  train), so the choice can be checked;
 * every configuration runs in a fresh interpreter (``subprocess``), so allocator caches, Opacus
-  hooks and memory high-water marks of one cannot leak into the next;
+  hooks and memory high-water marks of one cannot leak into the next; with ``--repeats R`` each
+  runs R times, the configurations interleaved, and the median over the R runs is reported
+  (this VM's speed drifts by several per cent between minutes);
 * inputs: batch 32 of real-ish (query, product) pairs tokenised to exactly 64 tokens, every
   token real (no padding for any trimming to remove), mixed ctr/rating/relevance targets;
 * step time: median wall time of ``--steps`` timed steps after ``--warmup`` steps, and the
@@ -47,8 +50,8 @@ TRAINABLES = ("lora", "top-k", "full", "heads")
 # Modes compared with ``--modes both``. Expanded weights materialise every per-sample gradient
 # at once (batch × millions of parameters for top-k and full), so it is tried only where few
 # parameters train.
-ALTERNATIVES = {"lora": ("hooks", "ghost", "ew"), "heads": ("hooks", "ghost", "ew"),
-                "top-k": ("hooks", "ghost"), "full": ("hooks", "ghost")}
+ALTERNATIVES = {"lora": ("hooks", "ghost", "ew", "bk"), "heads": ("hooks", "ghost", "ew", "bk"),
+                "top-k": ("hooks", "ghost", "bk"), "full": ("hooks", "ghost", "bk")}
 
 BRANDS = ["Northwind", "Acme", "Lumen", "Harbor & Pine", "Vela", "Copperline", "Stonegate", "Brightwell"]
 ITEMS = [
@@ -201,6 +204,24 @@ def _spawn(job: dict[str, Any], timeout_s: float) -> dict[str, Any]:
     return result
 
 
+def _combine(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One result per configuration: the median over its repeats (fresh processes, interleaved
+    with the other configurations, so a slow spell of the machine hits every one alike)."""
+    by_config: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for run in runs:
+        by_config.setdefault((run["trainable"], run["mode"]), []).append(run)
+    combined = []
+    for repeats in by_config.values():
+        result = dict(repeats[0])
+        for key in ("step_s_median", "cpu_s_median", "peak_growth_mb"):
+            result[key] = statistics.median(r[key] for r in repeats)
+        result["loadavg_1m"] = [x for r in repeats for x in r["loadavg_1m"]]
+        result["repeats"] = [{k: r[k] for k in ("step_s_median", "cpu_s_median", "peak_growth_mb")}
+                             for r in repeats]
+        combined.append(result)
+    return combined
+
+
 def _rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     base = {r["trainable"]: r for r in results if r["mode"] == "none"}
     rows = []
@@ -250,10 +271,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (median taken)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first (allocations, caches)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="fresh processes per configuration, interleaved; medians over them are reported")
     parser.add_argument("--modes", choices=("auto", "both"), default="both",
                         help="auto: only client.dp's choice; both: every mode in ALTERNATIVES too")
-    parser.add_argument("--extra-modes", nargs="*", default=[], choices=("hooks", "ghost", "ew"),
-                        help="further Opacus modes to run for every trainable set (ew: expanded weights)")
+    parser.add_argument("--extra-modes", nargs="*", default=[], choices=("hooks", "ghost", "ew", "bk"),
+                        help="further modes to run for every trainable set (ew: expanded weights, "
+                             "bk: book-keeping clipping)")
     parser.add_argument("--trainable", nargs="+", choices=TRAINABLES, default=list(TRAINABLES))
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -268,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         print(json.dumps(run_one(json.loads(args.child))), flush=True)
         return 0
-    if args.steps < 1 or args.warmup < 0:
-        parser.error("--steps must be >= 1 and --warmup >= 0")
+    if args.steps < 1 or args.warmup < 0 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1 and --warmup >= 0")
 
     sys.path.insert(0, str(ROOT))
     from client.dp import AUTO_GRAD_SAMPLE_MODE
@@ -277,20 +301,23 @@ def main(argv: list[str] | None = None) -> int:
     common = {"encoder": args.encoder, "batch_size": args.batch_size, "seq_len": args.seq_len,
               "threads": args.threads, "top_k_layers": args.top_k_layers, "steps": args.steps,
               "warmup": args.warmup}
-    results = []
+    runs = []
     started = time.perf_counter()
-    for trainable in args.trainable:
-        auto = AUTO_GRAD_SAMPLE_MODE[trainable]
-        modes = ["none", auto]
-        if args.modes == "both":
-            modes += [m for m in ALTERNATIVES[trainable] if m not in modes]
-        modes += [m for m in args.extra_modes if m not in modes]
-        for mode in modes:
-            elapsed = time.perf_counter() - started
-            print(f"[{elapsed:6.0f}s] {trainable:6s} {mode} ...", file=sys.stderr, flush=True)
-            result = _spawn({**common, "trainable": trainable, "mode": mode}, args.timeout_s)
-            result["auto"] = mode == auto
-            results.append(result)
+    for repeat in range(args.repeats):
+        for trainable in args.trainable:
+            auto = AUTO_GRAD_SAMPLE_MODE[trainable]
+            modes = ["none", auto]
+            if args.modes == "both":
+                modes += [m for m in ALTERNATIVES[trainable] if m not in modes]
+            modes += [m for m in args.extra_modes if m not in modes]
+            for mode in modes:
+                elapsed = time.perf_counter() - started
+                print(f"[{elapsed:6.0f}s] repeat {repeat + 1}/{args.repeats} {trainable:6s} {mode} ...",
+                      file=sys.stderr, flush=True)
+                result = _spawn({**common, "trainable": trainable, "mode": mode}, args.timeout_s)
+                result["auto"] = mode == auto
+                runs.append(result)
+    results = _combine(runs)
 
     rows = _rows(results)
     table = markdown(rows)
@@ -303,12 +330,12 @@ def main(argv: list[str] | None = None) -> int:
     payload = {
         "what": "DP-SGD step time and peak RSS growth, DP ÷ non-private, one fresh process per configuration",
         "settings": {**common, "noise_multiplier": 1.0, "max_grad_norm": 1.0, "optimizer": "adamw",
-                     "modes": args.modes, "torch_threads": args.threads},
+                     "modes": args.modes, "torch_threads": args.threads, "repeats": args.repeats},
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "cpu_count": os.cpu_count()},
         "versions": _versions(),
         "rows": rows,
-        "raw": results,
+        "raw": runs,
         "markdown": table,
         "wall_s": time.perf_counter() - started,
     }

@@ -1,6 +1,8 @@
 """Everything that touches Opacus: making a model private and the merchant's PRV accountant.
 
-Opacus is imported here and nowhere else, so its version quirks stay in one file.
+Opacus is imported here and nowhere else, so its version quirks stay in one file. The one
+per-sample mode that is not Opacus' own, book-keeping clipping (``bk``), lives in
+``client.bookkeeping``; its Poisson sampling, noise and averaging are still Opacus'.
 """
 
 from __future__ import annotations
@@ -20,11 +22,12 @@ from shared.privacy import MechanismEvent, compose_history
 log = logging.getLogger(__name__)
 
 # Per-sample gradient mode per trainable set, from step-time and memory ratios measured on
-# MiniLM-L6 (benchmarks/dp_overhead.py, README): ghost clipping wins when large weight
-# matrices train (it never materialises per-sample gradients); expanded weights win when only
-# small adapters or heads train (no hooks, no second backward pass: LoRA 1.00x the
-# non-private step time, against 1.04x with hooks and 1.45x with ghost clipping).
-AUTO_GRAD_SAMPLE_MODE = {"heads": "ew", "lora": "ew", "top-k": "ghost", "full": "ghost"}
+# MiniLM-L6 (benchmarks/dp_overhead.py, README): book-keeping clipping wins when large weight
+# matrices train (one backward pass, per-sample gradients never materialised; Opacus' ghost
+# clipping needs two); expanded weights win when only small adapters or heads train (no
+# hooks, no second backward pass: LoRA 1.00x the non-private step time, against 1.04x with
+# hooks and 1.45x with ghost clipping).
+AUTO_GRAD_SAMPLE_MODE = {"heads": "ew", "lora": "ew", "top-k": "bk", "full": "bk"}
 
 
 def grad_sample_mode_for(trainable: str, requested: str = "auto") -> str:
@@ -33,7 +36,7 @@ def grad_sample_mode_for(trainable: str, requested: str = "auto") -> str:
 
 @dataclasses.dataclass
 class PrivateTraining:
-    """The objects Opacus hands back; ``criterion`` is only wrapped in ghost mode."""
+    """The objects Opacus hands back; ``criterion`` is only wrapped in ghost and bk modes."""
 
     model: nn.Module
     optimizer: Any
@@ -54,6 +57,10 @@ def make_private(
     seed: int | None = None,
 ) -> PrivateTraining:
     """Wrap for DP-SGD with Poisson sampling (the sampling the accountants assume)."""
+    if mode == "bk":
+        return _make_private_bookkeeping(model=model, optimizer=optimizer, data_loader=data_loader,
+                                         criterion=criterion, noise_multiplier=noise_multiplier,
+                                         max_grad_norm=max_grad_norm, seed=seed)
     from opacus import PrivacyEngine
 
     # The engine's own accountant is not used for reporting (the merchant's persisted
@@ -85,6 +92,31 @@ def make_private(
         model=private_model, optimizer=private_optimizer, data_loader=loader,
         criterion=private_criterion, mode=mode,
     )
+
+
+def _make_private_bookkeeping(*, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+                              criterion: nn.Module, noise_multiplier: float, max_grad_norm: float,
+                              seed: int | None) -> PrivateTraining:
+    """Book-keeping clipping with Opacus' Poisson loader and its optimizer for pre-clipped
+    gradients (noise N(0, σ²C²) on the clipped sum, then ÷ expected batch size), set up as
+    ``PrivacyEngine.make_private`` sets up ghost clipping."""
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
+    from client.bookkeeping import BookKeepingLoss, BookKeepingModule
+
+    loader = DPDataLoader.from_data_loader(data_loader)
+    sample_rate = 1 / len(loader)
+    private_model = BookKeepingModule(model, max_grad_norm=max_grad_norm)
+    private_optimizer = DPOptimizerFastGradientClipping(
+        optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+        expected_batch_size=int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]
+        loss_reduction="mean",
+        generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+    )
+    return PrivateTraining(model=private_model, optimizer=private_optimizer, data_loader=loader,
+                           criterion=BookKeepingLoss(private_model, criterion),  # type: ignore[arg-type]
+                           mode="bk")
 
 
 def unwrap(model: nn.Module) -> nn.Module:

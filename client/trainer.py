@@ -236,7 +236,7 @@ def train(
 def _zero_batch_grads(params: list[nn.Parameter], mode: str) -> None:
     for p in params:
         p.grad = torch.zeros_like(p)
-        if mode != "ghost":
+        if mode not in ("ghost", "bk"):  # modes that clip without storing per-sample gradients
             p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)  # type: ignore[attr-defined]
 
 

@@ -16,7 +16,7 @@ from typing import Any, Literal, get_args, get_type_hints
 Trainable = Literal["heads", "top-k", "lora", "full"]
 StrategyName = Literal["fedavg", "fedadam", "fedprox"]
 OptimizerName = Literal["adamw", "sgd"]
-GradSampleMode = Literal["auto", "hooks", "ghost", "ew", "functorch"]
+GradSampleMode = Literal["auto", "hooks", "ghost", "bk", "ew", "functorch"]
 Accountant = Literal["prv", "rdp"]
 ConversionLabel = Literal["click", "purchase"]
 

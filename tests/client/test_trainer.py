@@ -260,27 +260,40 @@ def test_expanded_weights_per_sample_gradients_match_per_example_reference(
     private.model.remove_hooks()  # type: ignore[operator]
 
 
-@pytest.mark.parametrize("trainable", ["full", "top-k"])
-def test_ghost_clipping_sums_clipped_per_example_gradients(
-    trainable: str, tokenizer: PreTrainedTokenizerBase
+def _clipping_engine(mode: str, model: torch.nn.Module, dataset: TensorDataset, max_grad_norm: float) -> Any:
+    """(private model, optimizer, criterion) of a clipping-only mode: no noise, fixed batch of 4."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if mode == "ghost":
+        private_model, optimizer, criterion, _ = PrivacyEngine().make_private(
+            module=model, optimizer=torch.optim.SGD(params, lr=1.0), data_loader=DataLoader(dataset, batch_size=4),
+            criterion=PerExampleLoss(), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
+            grad_sample_mode="ghost", poisson_sampling=False,
+        )
+        return private_model, optimizer, criterion
+    private = dp.make_private(model=model, optimizer=torch.optim.SGD(params, lr=1.0),
+                              data_loader=DataLoader(dataset, batch_size=4), criterion=PerExampleLoss(),
+                              noise_multiplier=0.0, max_grad_norm=max_grad_norm, mode=mode)
+    return private.model, private.optimizer, private.criterion
+
+
+# Ghost clipping (Opacus) and book-keeping clipping (client.bookkeeping) never form per-sample
+# gradients: what they must get right is the clipped sum, and the clip factors behind it.
+@pytest.mark.parametrize(("mode", "trainable"), [("ghost", "full"), ("ghost", "top-k"), ("bk", "full"),
+                                                 ("bk", "top-k"), ("bk", "lora"), ("bk", "heads")])
+def test_clipping_without_per_sample_gradients_sums_clipped_per_example_gradients(
+    mode: str, trainable: str, tokenizer: PreTrainedTokenizerBase
 ) -> None:
     model = build_model(ModelSpec(encoder="tiny", trainable=trainable, top_k_layers=1, dropout=0.0))
     dataset, x = _batch(tokenizer)
     reference = per_example_grads(copy.deepcopy(model), x)
     names = list(reference[0])
+    assert len(names) == sum(p.requires_grad for p in model.parameters())  # every trainable one has a gradient
     norms = torch.stack([torch.stack([(g[n] ** 2).sum() for n in names]).sum().sqrt() for g in reference])
     max_grad_norm = float(norms.sort().values[1:3].mean())  # two examples clipped, two not
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)  # Opacus' clip factor
     assert int((factor < 1).sum()) == 2
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    engine = PrivacyEngine()
-    private_model, optimizer, criterion, _ = engine.make_private(
-        module=model, optimizer=torch.optim.SGD(params, lr=1.0),
-        data_loader=DataLoader(dataset, batch_size=4),
-        criterion=PerExampleLoss(), noise_multiplier=0.0, max_grad_norm=max_grad_norm,
-        grad_sample_mode="ghost", poisson_sampling=False,
-    )
+    private_model, optimizer, criterion = _clipping_engine(mode, model, dataset, max_grad_norm)
     optimizer.zero_grad()
     criterion(private_model(x[0], x[1], x[2]), x[3]).backward()
     optimizer.pre_step()  # clip, accumulate, add (zero) noise, divide by the expected batch size
@@ -293,7 +306,8 @@ def test_ghost_clipping_sums_clipped_per_example_gradients(
         clip = factor.view(-1, *([1] * (per_example.dim() - 1)))
         _close(_grad(p), (clip * per_example).sum(0) / 4, name)
         unclipped_differs |= not torch.allclose(_grad(p), per_example.sum(0) / 4, atol=1e-4)
-    assert unclipped_differs  # clipping did something, and ghost mode reproduced it
+    assert unclipped_differs  # clipping did something, and the mode reproduced it
+    private_model.remove_hooks()
 
 
 # ----------------------------------------------------------------------------- (c) budget stop
