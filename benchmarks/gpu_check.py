@@ -3,8 +3,8 @@
     python benchmarks/gpu_check.py [--encoder minilm|tiny|PATH] [--steps 30] [--out FILE.json]
 
 Checks, on the GPU fedshop picks by itself (``device = auto``):
-1. per-sample gradients computed on the GPU (Opacus hooks and ghost clipping) match a
-   per-example reference computed one record at a time;
+1. per-sample gradients computed on the GPU (Opacus hooks), and book-keeping clipping's clipped
+   mean, match a per-example reference computed one record at a time;
 2. a DP-SGD call with each trainable set trains on the GPU, lowers the loss on a learnable
    task, persists its spend and leaves the model's parameters on the GPU finite;
 3. DP ÷ non-private step time and peak GPU memory per trainable set (batch 32, sequence 64).
@@ -34,7 +34,7 @@ from shared.config import RunConfig  # noqa: E402
 from shared.model import ModelSpec, build_model, choose_device, load_tokenizer  # noqa: E402
 from shared.tasks import Example, PerExampleLoss  # noqa: E402
 from tests.helpers.examples import product_examples  # noqa: E402
-from tests.helpers.grads import per_example_grads  # noqa: E402
+from tests.helpers.grads import clipped_mean, median_norm, per_example_grads  # noqa: E402
 
 TRAINABLE = ("heads", "top-k", "lora", "full")
 # Rates that learn the task within a few dozen steps: a random tiny encoder takes larger
@@ -69,7 +69,34 @@ def check_per_sample_gradients(device: torch.device) -> dict[str, float]:
         out[f"hooks_{trainable}_max_abs_diff"] = worst
         if worst > 1e-4:
             raise AssertionError(f"{trainable}: per-sample gradients on {device} differ from the reference by {worst}")
+        out[f"bk_{trainable}_max_abs_diff"] = _bookkeeping_diff(trainable, device, x)
     return out
+
+
+def _bookkeeping_diff(trainable: str, device: torch.device, x: list[torch.Tensor]) -> float:
+    """Book-keeping clipping (no noise) against the clipped mean of the per-example reference."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0)).to(device)
+    reference = per_example_grads(copy.deepcopy(model), x)
+    max_grad_norm = median_norm(reference)
+    expected, _ = clipped_mean(reference, max_grad_norm)
+    params = [p for p in model.parameters() if p.requires_grad]
+    private = dp.make_private(model=model, optimizer=torch.optim.SGD(params, lr=1.0),
+                              data_loader=DataLoader(TensorDataset(*[t.cpu() for t in x]), batch_size=len(x[0])),
+                              criterion=PerExampleLoss(), noise_multiplier=0.0, max_grad_norm=max_grad_norm, mode="bk")
+    private.optimizer.zero_grad()
+    private.criterion(private.model(x[0], x[1], x[2]), x[3]).backward()
+    private.optimizer.pre_step()
+    worst = 0.0
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.device.type == device.type, name
+            worst = max(worst, float((p.grad - expected[name]).abs().max()))
+    private.model.remove_hooks()  # type: ignore[operator]
+    if worst > 1e-5:
+        raise AssertionError(f"{trainable}: book-keeping clipped mean on {device} differs by {worst}")
+    return worst
 
 
 def check_training(device: torch.device, encoder: str, steps: int) -> dict[str, Any]:

@@ -10,12 +10,12 @@ One step:
 
 1. forward with the trainable parameters' ``requires_grad`` switched off, so the autograd graph
    holds no weight-gradient work; a forward hook on every layer that owns trainable
-   parameters keeps its input ``a`` and output ``z`` (``z`` is made to require grad if nothing
-   below it does);
-2. ``torch.autograd.grad(Σ_i loss_i, [z...])``: the gradients ``g`` at every layer output;
-3. each record's gradient norm, summed over layers, from ``(a, g)`` without forming it (ghost
-   norms: Gram matrices over the sequence); clip factor ``min(1, C / (‖∇_i‖ + 1e-6))``, Opacus'
-   factor;
+   parameters keeps its input ``a`` and puts a gradient hook on its output ``z`` (``z`` is
+   made to require grad if nothing below it does);
+2. one ``backward`` of Σ_i loss_i: as each layer's output gradient ``g`` arrives, the hook turns
+   it into each record's squared gradient norm for that layer, without forming the gradient
+   (ghost norms: Gram matrices over the sequence), and keeps ``g``;
+3. clip factor ``min(1, C / (‖∇_i‖ + 1e-6))`` (Opacus' factor) from the norms summed over layers;
 4. every parameter's ``.grad`` = Σ_i factor_i ∇_i, from ``(a, factor · g)``.
 
 Noise and the division by the expected batch size are left to Opacus' optimizer for
@@ -23,8 +23,8 @@ pre-clipped gradients (``client.dp.make_private``), and so is Poisson sampling.
 
 Supported layers: ``nn.Linear``, ``nn.LayerNorm``, ``nn.Embedding`` (what BERT-style encoders,
 peft's LoRA adapters and the task heads are made of). A model with trainable parameters
-anywhere else is refused up front; a layer called twice in one forward pass, or whose output
-is changed in place, is refused at that step (either would make the norms wrong).
+anywhere else is refused up front; a layer called twice in one forward pass, or whose input
+is changed in place after it ran, is refused at that step (either would make the norms wrong).
 """
 
 from __future__ import annotations
@@ -51,10 +51,16 @@ class _Call:
     name: str
     layer: nn.Module
     inputs: torch.Tensor
-    output: torch.Tensor | None  # dropped once its gradient is known
-    version: int  # output._version when recorded: a later in-place change would void g
-    grad: torch.Tensor | None = None  # ∂(Σ loss)/∂output, as [B, T, out]
-    samples: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # layer norms' per-record gradients
+    version: int  # inputs._version when recorded: an in-place change after that voids ``inputs``
+    squared: torch.Tensor | None = None  # each record's ‖∇‖² over this layer, once backward got here
+    grad: torch.Tensor | None = None  # ∂(Σ loss)/∂output as [B, T, out] (Linear, Embedding)
+    samples: list[tuple[nn.Parameter, torch.Tensor]] | None = None  # per-record gradients (LayerNorm)
+
+    def release(self) -> None:
+        """Drop the tensors: the output's gradient hook (part of the autograd graph, which lives
+        as long as the caller keeps the scores) still refers to this record."""
+        self.inputs = torch.empty(0)
+        self.squared = self.grad = self.samples = None
 
 
 class BookKeepingModule(nn.Module):
@@ -70,13 +76,14 @@ class BookKeepingModule(nn.Module):
         self._params = [p for layer in self._layers.values() for p in _own_trainable(layer)]
         self._names = {layer: name for name, layer in self._layers.items()}
         self._calls: list[_Call] = []
+        self._grams: dict[tuple[Any, ...], torch.Tensor] = {}  # q, k and v read one input: one a aᵀ
         self._recording = False
         self._handles = [layer.register_forward_hook(self._capture) for layer in self._layers.values()]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if not (torch.is_grad_enabled() and self.training):
             return self._module(*args, **kwargs)
-        self._calls = []
+        self._calls, self._grams = [], {}
         self._recording = True
         for p in self._params:
             p.requires_grad_(False)
@@ -96,11 +103,33 @@ class BookKeepingModule(nn.Module):
                                    "needs each trainable layer used once (use grad-sample-mode = 'ghost')")
         if not isinstance(output, torch.Tensor):
             raise BookKeepingError(f"layer {name!r} returned {type(output).__name__}, not a tensor")
-        if not output.requires_grad:
-            # Nothing below this layer trains: make its output the place backward stops.
+        call = _Call(name, layer, inputs[0].detach(), inputs[0]._version)
+        # Hooks, not references to the outputs: each gradient is turned into norms (and, for
+        # layer norms, into small per-record gradients) as soon as backward produces it, and
+        # no output is kept alive past the point where autograd itself would free it. A hook
+        # registered now also sees the gradient of this value even if it is changed in place.
+        if output.requires_grad:
+            output.register_hook(lambda g: self._on_grad(call, g))
+        else:
+            # Nothing below this layer trains: make its output the place backward stops, and
+            # take the gradient that lands there instead of leaving it in ``.grad``.
             output.requires_grad_(True)
-        self._calls.append(_Call(name, layer, inputs[0].detach(), output, output._version))
+            output.register_post_accumulate_grad_hook(lambda t: self._on_leaf_grad(call, t))
+        self._calls.append(call)
         return output
+
+    def _on_leaf_grad(self, call: _Call, leaf: torch.Tensor) -> None:
+        grad, leaf.grad = leaf.grad, None
+        assert grad is not None
+        self._on_grad(call, grad)
+
+    def _on_grad(self, call: _Call, grad: torch.Tensor) -> None:
+        if call.squared is not None:
+            raise BookKeepingError(f"layer {call.name!r}: its output received two gradients in one backward pass")
+        g = _per_record(grad.detach(), grad.shape[0])
+        call.squared = _squared_norms(call, g, self._grams)
+        if not isinstance(call.layer, nn.LayerNorm):
+            call.grad = g  # the one thing kept that a non-private step would not keep
 
     def clip_and_accumulate(self, per_sample_loss: torch.Tensor) -> None:
         """One backward pass; leaves Σ_i clip_i ∇_i loss_i in each trainable parameter's ``.grad``."""
@@ -110,36 +139,33 @@ class BookKeepingModule(nn.Module):
         if not calls:
             raise BookKeepingError("no trainable layer ran in the forward pass before backward")
         for call in calls:
-            assert call.output is not None
-            if call.output._version != call.version:
-                raise BookKeepingError(f"the output of layer {call.name!r} was modified in place after it "
-                                       "ran; its gradient is not the layer's own (use grad-sample-mode = 'ghost')")
-        outputs = [c.output for c in calls if c.output is not None]  # all of them: checked above
-        grads = torch.autograd.grad(per_sample_loss.sum(), outputs, allow_unused=True)
-        del outputs
+            if call.inputs._version != call.version:
+                raise BookKeepingError(f"the input of layer {call.name!r} was modified in place after the layer "
+                                       "ran; its gradient cannot be formed (use grad-sample-mode = 'ghost')")
         batch = per_sample_loss.shape[0]
+        # Only activation gradients: no parameter required grad while the graph was built.
+        torch.autograd.backward(per_sample_loss.sum())
+        self._grams = {}
         squared = torch.zeros(batch, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
-        grams: dict[tuple[Any, ...], torch.Tensor] = {}  # q, k and v read one input: one a aᵀ
-        for call, grad in zip(calls, grads, strict=True):
-            assert call.output is not None
-            call.grad = _per_record(torch.zeros_like(call.output) if grad is None else grad, batch)
-            call.output = None  # only its gradient is needed from here on
-            squared += _squared_norms(call, grams).to(squared.dtype)
-        del grads, grams
+        for call in calls:
+            if call.squared is not None:  # None: the layer's output did not reach the loss
+                if call.squared.shape[0] != batch:
+                    raise BookKeepingError(f"layer {call.name!r} saw a batch of {call.squared.shape[0]}, the loss "
+                                           f"{batch}: the batch must be the first dimension")
+                squared += call.squared.to(squared.dtype)
         factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
-        # Layer by layer, dropping each layer's (a, g) once its sums are formed: the backprops
-        # are the one thing this mode holds that a non-private step does not.
+        # Layer by layer, dropping each layer's (a, g) once its sums are formed.
         while calls:
             call = calls.pop()
             for p, grad in _clipped_sums(call, factor):
                 p.grad = grad if p.grad is None else p.grad + grad
-            del call
+            call.release()
 
     def remove_hooks(self) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles = []
-        self._calls = []
+        self._calls, self._grams = [], {}
 
 
 class BookKeepingLoss:
@@ -212,10 +238,9 @@ def _per_record(t: torch.Tensor, batch: int) -> torch.Tensor:
     return t.reshape(batch, -1, t.shape[-1]) if t.dim() != 2 else t.unsqueeze(1)
 
 
-def _squared_norms(call: _Call, grams: dict[tuple[Any, ...], torch.Tensor]) -> torch.Tensor:
-    """‖∇_i‖² of each record over the call's layer's trainable parameters."""
-    layer, g = call.layer, call.grad
-    assert g is not None
+def _squared_norms(call: _Call, g: torch.Tensor, grams: dict[tuple[Any, ...], torch.Tensor]) -> torch.Tensor:
+    """‖∇_i‖² of each record over the call's layer's trainable parameters; g is [B, T, out]."""
+    layer = call.layer
     batch = g.shape[0]
     if isinstance(layer, nn.Linear):
         total = torch.zeros(batch, dtype=g.dtype, device=g.device)
@@ -235,21 +260,26 @@ def _squared_norms(call: _Call, grams: dict[tuple[Any, ...], torch.Tensor]) -> t
         # Positions holding the same token add up in one row: Σ_{t,s: id_t = id_s} g_t·g_s.
         same = (ids.unsqueeze(2) == ids.unsqueeze(1)).to(g.dtype)
         return (same * (g @ g.transpose(1, 2))).sum((1, 2)).clamp(min=0)
-    call.samples = _layer_norm_samples(layer, call.inputs, g)  # kept for _clipped_sums
+    call.samples = _layer_norm_samples(layer, call.inputs, g)  # kept for _clipped_sums; g is not
     return torch.stack([ps.pow(2).flatten(1).sum(1) for _, ps in call.samples]).sum(0)
 
 
 def _clipped_sums(call: _Call, factor: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(parameter, Σ_i factor_i ∇_i) for the call's layer's trainable parameters."""
-    layer, g = call.layer, call.grad
-    assert g is not None
-    factor = factor.to(g.dtype)
+    """(parameter, Σ_i factor_i ∇_i) for the call's layer's trainable parameters; zeros for a
+    layer whose output did not reach the loss (DP-SGD still adds noise to them)."""
+    layer = call.layer
+    if call.squared is None:
+        for p in _own_trainable(layer):
+            yield p, torch.zeros_like(p)
+        return
     if isinstance(layer, nn.LayerNorm):
         assert call.samples is not None
         for p, ps in call.samples:
-            yield p, factor @ ps
+            yield p, factor.to(ps.dtype) @ ps
         return
-    scaled = g * factor.view(-1, 1, 1)
+    g = call.grad
+    assert g is not None
+    scaled = g * factor.to(g.dtype).view(-1, 1, 1)
     if isinstance(layer, nn.Linear):
         flat = scaled.reshape(-1, scaled.shape[-1])
         if layer.weight.requires_grad:

@@ -23,13 +23,20 @@ class Twice(nn.Module):
 
 
 class InPlace(nn.Module):
-    def __init__(self) -> None:
+    """Changes the layer's output (harmless: its gradient is still the layer's) or, when
+    ``input_too``, the layer's input after the layer read it (refused)."""
+
+    def __init__(self, input_too: bool) -> None:
         super().__init__()
         self.layer = nn.Linear(3, 1)
+        self.input_too = input_too
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.layer(x)
+        hidden = x * 1.0
+        out = self.layer(hidden)
         out.mul_(2.0)
+        if self.input_too:
+            hidden.add_(1.0)
         return out.squeeze(1)
 
 
@@ -81,13 +88,24 @@ def test_a_layer_used_twice_is_refused_and_parameters_stay_trainable() -> None:
     assert all(p.requires_grad for p in model.parameters())  # restored despite the error
 
 
-def test_an_output_changed_in_place_is_refused_before_any_gradient() -> None:
-    model = BookKeepingModule(InPlace(), max_grad_norm=1.0)
-    # An input that needs gradients makes the layer's output a graph node torch lets one modify.
-    loss = BookKeepingLoss(model, squared_loss())(model(torch.randn(4, 3, requires_grad=True)), torch.zeros(4))
-    with pytest.raises(BookKeepingError, match="output of layer 'layer' was modified in place"):
+def test_in_place_changes_of_outputs_are_followed_and_of_inputs_refused() -> None:
+    torch.manual_seed(0)
+    x, targets = torch.randn(4, 3, requires_grad=True), torch.randn(4)
+    inner = InPlace(input_too=False)
+    model = BookKeepingModule(inner, max_grad_norm=1e6)  # no clipping: the plain gradient sum
+    BookKeepingLoss(model, squared_loss())(model(x), targets).backward()
+    reference = InPlace(input_too=False)
+    reference.load_state_dict(inner.state_dict())
+    nn.MSELoss(reduction="sum")(reference(x), targets).backward()
+    for p, q in zip(inner.parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad)
+    model.remove_hooks()
+
+    refused = BookKeepingModule(InPlace(input_too=True), max_grad_norm=1.0)
+    loss = BookKeepingLoss(refused, squared_loss())(refused(x), targets)
+    with pytest.raises(BookKeepingError, match="input of layer 'layer' was modified in place"):
         loss.backward()
-    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is None for p in refused.parameters())
 
 
 def test_eval_and_no_grad_forwards_record_nothing() -> None:
@@ -131,3 +149,23 @@ def test_criterion_without_reduction_is_refused() -> None:
     model = BookKeepingModule(Small(), max_grad_norm=1.0)
     with pytest.raises(BookKeepingError, match="has no 'reduction'"):
         BookKeepingLoss(model, nn.Identity())(model(torch.tensor([[1, 2]])))
+
+
+class Unused(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.used = nn.Linear(3, 1)
+        self.unused = nn.Linear(3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.unused(x)  # runs, but its output never reaches the loss
+        return self.used(x).squeeze(1)
+
+
+def test_a_layer_whose_output_misses_the_loss_gets_zero_gradients_to_be_noised() -> None:
+    inner = Unused()
+    model = BookKeepingModule(inner, max_grad_norm=1.0)
+    BookKeepingLoss(model, squared_loss())(model(torch.randn(4, 3)), torch.randn(4)).backward()
+    assert inner.unused.weight.grad is not None and inner.unused.bias.grad is not None
+    assert not inner.unused.weight.grad.any() and not inner.unused.bias.grad.any()
+    assert inner.used.weight.grad is not None and inner.used.weight.grad.any()

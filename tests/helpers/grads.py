@@ -17,3 +17,23 @@ def per_example_grads(model: torch.nn.Module, x: list[torch.Tensor]) -> list[dic
         grads.append({n: p.grad.detach().clone() for n, p in model.named_parameters()
                       if p.requires_grad and p.grad is not None})
     return grads
+
+
+def clipped_mean(reference: list[dict[str, torch.Tensor]], max_grad_norm: float
+                 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """What DP-SGD without noise must produce from per-example gradients: per parameter,
+    Σ_i factor_i g_i / batch, with Opacus' clip factor min(1, C / (‖g_i‖ + 1e-6)); and the factors."""
+    names = list(reference[0])
+    norms = torch.stack([torch.stack([(g[n] ** 2).sum() for n in names]).sum().sqrt() for g in reference])
+    factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
+    mean = {}
+    for name in names:
+        per_example = torch.stack([r[name] for r in reference])
+        mean[name] = (factor.view(-1, *([1] * (per_example.dim() - 1))) * per_example).sum(0) / len(reference)
+    return mean, factor
+
+
+def median_norm(reference: list[dict[str, torch.Tensor]]) -> float:
+    """A clipping bound that clips some records and not others (the median per-example norm)."""
+    norms = torch.stack([torch.stack([(g[n] ** 2).sum() for n in g]).sum().sqrt() for g in reference])
+    return float(norms.sort().values[(len(norms) - 1) // 2 : len(norms) // 2 + 1].mean())
