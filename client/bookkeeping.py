@@ -15,7 +15,8 @@ One step:
 2. one ``backward`` of Σ_i loss_i: as each layer's output gradient ``g`` arrives, the hook turns
    it into each record's squared gradient norm for that layer, without forming the gradient
    (ghost norms: Gram matrices over the sequence), and keeps ``g``;
-3. clip factor ``min(1, C / (‖∇_i‖ + 1e-6))`` (Opacus' factor) from the norms summed over layers;
+3. clip factor ``min(1, C / (‖∇_i‖ + 1e-6))`` (Opacus' factor) from the norms summed over layers
+   (or, with clipping groups, per group against ``C / sqrt(G)``);
 4. every parameter's ``.grad`` = Σ_i factor_i ∇_i, from ``(a, factor · g)``.
 
 Noise and the division by the expected batch size are left to Opacus' optimizer for
@@ -30,7 +31,8 @@ is changed in place after it ran, is refused at that step (either would make the
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import math
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -66,13 +68,21 @@ class _Call:
 class BookKeepingModule(nn.Module):
     """Wraps ``module`` (kept as ``_module``, like Opacus' wrappers) for book-keeping clipping."""
 
-    def __init__(self, module: nn.Module, *, max_grad_norm: float) -> None:
+    def __init__(self, module: nn.Module, *, max_grad_norm: float,
+                 group_of: Callable[[str], str] | None = None) -> None:
+        """``group_of`` maps a layer name to its clipping group; each of the G groups is clipped
+        to ``max_grad_norm / sqrt(G)`` on its own, so a record's whole gradient still has norm
+        at most ``max_grad_norm`` (the sensitivity the noise is calibrated to) whatever G is."""
         super().__init__()
         if not max_grad_norm > 0:
             raise BookKeepingError(f"max_grad_norm = {max_grad_norm}: must be > 0")
         self._module = module
         self.max_grad_norm = float(max_grad_norm)
         self._layers = dict(_trainable_layers(module))
+        self._group = {name: (group_of(name) if group_of else "all") for name in self._layers}
+        # G counts every group with trainable layers, not only those a step reaches: the
+        # bound per group must not depend on the data.
+        self._group_bound = self.max_grad_norm / math.sqrt(len(set(self._group.values())))
         self._params = [p for layer in self._layers.values() for p in _own_trainable(layer)]
         self._names = {layer: name for name, layer in self._layers.items()}
         self._calls: list[_Call] = []
@@ -146,18 +156,19 @@ class BookKeepingModule(nn.Module):
         # Only activation gradients: no parameter required grad while the graph was built.
         torch.autograd.backward(per_sample_loss.sum())
         self._grams = {}
-        squared = torch.zeros(batch, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
+        squared = {group: torch.zeros(batch, dtype=per_sample_loss.dtype, device=per_sample_loss.device)
+                   for group in set(self._group.values())}
         for call in calls:
             if call.squared is not None:  # None: the layer's output did not reach the loss
                 if call.squared.shape[0] != batch:
                     raise BookKeepingError(f"layer {call.name!r} saw a batch of {call.squared.shape[0]}, the loss "
                                            f"{batch}: the batch must be the first dimension")
-                squared += call.squared.to(squared.dtype)
-        factor = (self.max_grad_norm / (squared.sqrt() + 1e-6)).clamp(max=1.0)
+                squared[self._group[call.name]] += call.squared.to(per_sample_loss.dtype)
+        factor = {group: (self._group_bound / (sq.sqrt() + 1e-6)).clamp(max=1.0) for group, sq in squared.items()}
         # Layer by layer, dropping each layer's (a, g) once its sums are formed.
         while calls:
             call = calls.pop()
-            for p, grad in _clipped_sums(call, factor):
+            for p, grad in _clipped_sums(call, factor[self._group[call.name]]):
                 p.grad = grad if p.grad is None else p.grad + grad
             call.release()
 

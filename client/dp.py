@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
@@ -30,8 +30,19 @@ log = logging.getLogger(__name__)
 AUTO_GRAD_SAMPLE_MODE = {"heads": "ew", "lora": "ew", "top-k": "bk", "full": "bk"}
 
 
-def grad_sample_mode_for(trainable: str, requested: str = "auto") -> str:
+def grad_sample_mode_for(trainable: str, requested: str = "auto", clipping: str = "flat") -> str:
+    if clipping != "flat":  # only book-keeping clips parameter groups apart (config checks the request)
+        return "bk"
     return AUTO_GRAD_SAMPLE_MODE[trainable] if requested == "auto" else requested
+
+
+def clip_groups(clipping: str) -> Callable[[str], str] | None:
+    """Layer name -> clipping group, for ``BookKeepingModule``; None = one group (flat)."""
+    if clipping == "flat":
+        return None
+    if clipping == "heads-apart":
+        return lambda name: "heads" if name.startswith("heads.") else "encoder"
+    raise ValueError(f"clipping = {clipping!r}: must be 'flat' or 'heads-apart'")
 
 
 @dataclasses.dataclass
@@ -55,12 +66,15 @@ def make_private(
     max_grad_norm: float,
     mode: str,
     seed: int | None = None,
+    clipping: str = "flat",
 ) -> PrivateTraining:
     """Wrap for DP-SGD with Poisson sampling (the sampling the accountants assume)."""
     if mode == "bk":
         return _make_private_bookkeeping(model=model, optimizer=optimizer, data_loader=data_loader,
                                          criterion=criterion, noise_multiplier=noise_multiplier,
-                                         max_grad_norm=max_grad_norm, seed=seed)
+                                         max_grad_norm=max_grad_norm, seed=seed, clipping=clipping)
+    if clipping != "flat":
+        raise ValueError(f"clipping = {clipping!r} needs mode 'bk', not {mode!r}")
     from opacus import PrivacyEngine
 
     # The engine's own accountant is not used for reporting (the merchant's persisted
@@ -96,7 +110,7 @@ def make_private(
 
 def _make_private_bookkeeping(*, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
                               criterion: nn.Module, noise_multiplier: float, max_grad_norm: float,
-                              seed: int | None) -> PrivateTraining:
+                              seed: int | None, clipping: str) -> PrivateTraining:
     """Book-keeping clipping with Opacus' Poisson loader and its optimizer for pre-clipped
     gradients (noise N(0, σ²C²) on the clipped sum, then ÷ expected batch size), set up as
     ``PrivacyEngine.make_private`` sets up ghost clipping."""
@@ -107,7 +121,7 @@ def _make_private_bookkeeping(*, model: nn.Module, optimizer: torch.optim.Optimi
 
     loader = DPDataLoader.from_data_loader(data_loader)
     sample_rate = 1 / len(loader)
-    private_model = BookKeepingModule(model, max_grad_norm=max_grad_norm)
+    private_model = BookKeepingModule(model, max_grad_norm=max_grad_norm, group_of=clip_groups(clipping))
     private_optimizer = DPOptimizerFastGradientClipping(
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]

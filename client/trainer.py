@@ -179,10 +179,10 @@ def train(
     train_model: nn.Module = model
     if config.dp:
         assert planned is not None
-        mode = dp.grad_sample_mode_for(config.trainable, config.grad_sample_mode)
+        mode = dp.grad_sample_mode_for(config.trainable, config.grad_sample_mode, config.clipping)
         private = dp.make_private(model=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
                                   noise_multiplier=planned.noise_multiplier, max_grad_norm=config.max_grad_norm,
-                                  mode=mode)
+                                  mode=mode, clipping=config.clipping)
         train_model, optimizer, loader, criterion = (private.model, private.optimizer,
                                                      private.data_loader, private.criterion)
 

@@ -17,6 +17,7 @@ Trainable = Literal["heads", "top-k", "lora", "full"]
 StrategyName = Literal["fedavg", "fedadam", "fedprox"]
 OptimizerName = Literal["adamw", "sgd"]
 GradSampleMode = Literal["auto", "hooks", "ghost", "bk", "ew", "functorch"]
+Clipping = Literal["flat", "heads-apart"]
 Accountant = Literal["prv", "rdp"]
 ConversionLabel = Literal["click", "purchase"]
 
@@ -87,6 +88,12 @@ class RunConfig:
     target_delta: float = 1e-5
     accountant: Accountant = "prv"
     grad_sample_mode: GradSampleMode = "auto"
+    # heads-apart: a record's head gradients and its encoder/adapter gradients are clipped
+    # separately, each to max-grad-norm / sqrt(2), so the whole stays within max-grad-norm
+    # (same noise, same ε) but the heads keep their share of it: otherwise the far larger
+    # encoder part fills the clipping norm and the heads' signal drowns in the noise. Needs
+    # grad-sample-mode auto or bk.
+    clipping: Clipping = "flat"
 
     # ---------------------------------------------------------------------------------
     @classmethod
@@ -145,6 +152,9 @@ class RunConfig:
             raise bad("noise_multiplier", "must be > 0 when dp = true (set dp = false for a non-private run)")
         if self.weight_decay < 0:
             raise bad("weight_decay", "must be >= 0")
+        if self.clipping != "flat" and self.grad_sample_mode not in ("auto", "bk"):
+            raise bad("clipping", f"needs grad-sample-mode 'auto' or 'bk' (book-keeping clipping), "
+                                  f"not {self.grad_sample_mode!r}")
         known = {"ctr", "rating", "relevance"}
         unknown = [t for t in self.task_names if t not in known]
         if unknown or not self.task_names:

@@ -78,9 +78,13 @@ def per_example_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     """Loss of each record: the sum of its tasks' losses, each under its own head; ``[batch]``.
 
     ``scores`` is ``[batch, len(TASKS)]`` (every head's raw output), ``targets`` the packed
-    ``[batch, len(TASKS)]`` targets with NaN where a record has no target for a task. Heads
-    are compared on comparable scales: the rating is regressed in [0, 1] units and relevance
-    is a graded binary cross-entropy on ``label / 3``, so no task dominates the clipped gradient.
+    ``[batch, len(TASKS)]`` targets with NaN where a record has no target for a task. Every
+    head is a cross-entropy on a [0, 1] target, so no task dominates the clipped gradient: the
+    click label; the rating as ``(stars - 1) / 4``; relevance as ``label / 3``. A soft-target
+    cross-entropy is minimised by the conditional mean, as squared error is, but its gradient
+    is ``sigmoid(s) - target``; squared error through the sigmoid scales that by
+    ``2 sigmoid(s)(1 - sigmoid(s)) <= 1/2``, and under DP-SGD's clipping and noise the rating
+    head then barely learned (RMSE 1.29 vs 1.03 on one merchant at ε = 8).
     """
     present = ~torch.isnan(targets)
     # NaN targets become 0 *before* the losses: masking a NaN loss afterwards would still
@@ -88,8 +92,8 @@ def per_example_loss(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     safe = torch.where(present, targets, torch.zeros_like(targets))
     ctr_i, rating_i, relevance_i = TASK_INDEX["ctr"], TASK_INDEX["rating"], TASK_INDEX["relevance"]
     ctr = F.binary_cross_entropy_with_logits(scores[:, ctr_i], safe[:, ctr_i], reduction="none")
-    rating_unit = (safe[:, rating_i] - RATING_MIN) / (RATING_MAX - RATING_MIN)
-    rating = (torch.sigmoid(scores[:, rating_i]) - rating_unit) ** 2
+    rating_unit = ((safe[:, rating_i] - RATING_MIN) / (RATING_MAX - RATING_MIN)).clamp(0.0, 1.0)
+    rating = F.binary_cross_entropy_with_logits(scores[:, rating_i], rating_unit, reduction="none")
     relevance = F.binary_cross_entropy_with_logits(
         scores[:, relevance_i], (safe[:, relevance_i] / RELEVANCE_MAX).clamp(0.0, 1.0), reduction="none"
     )

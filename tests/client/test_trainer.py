@@ -17,7 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 import client.dp as dp
 from client.budget import BudgetExceededError, PrivacyState
 from client.trainer import PairDataset, encode, evaluate, planned_steps, train
-from shared.config import RunConfig
+from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy import MechanismEvent
 from shared.tasks import Example, PerExampleLoss
@@ -305,6 +305,55 @@ def test_clipping_without_per_sample_gradients_sums_clipped_per_example_gradient
         unclipped_differs |= not torch.allclose(_grad(p), unclipped, atol=1e-4)
     assert unclipped_differs  # clipping did something, and the mode reproduced it
     private_model.remove_hooks()
+
+
+@pytest.mark.parametrize("trainable", ["lora", "full"])
+def test_heads_apart_clips_heads_and_encoder_each_to_c_over_root_two(
+    trainable: str, tokenizer: PreTrainedTokenizerBase
+) -> None:
+    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
+    dataset, x = _batch(tokenizer)
+    reference = per_example_grads(copy.deepcopy(model), x)
+    groups = {"heads": [n for n in reference[0] if n.startswith("heads.")],
+              "encoder": [n for n in reference[0] if not n.startswith("heads.")]}
+    max_grad_norm = median_norm(reference)
+    bound = max_grad_norm / 2**0.5
+    factors = {}
+    for group, names in groups.items():
+        norms = torch.stack([torch.stack([(g[n] ** 2).sum() for n in names]).sum().sqrt() for g in reference])
+        factors[group] = (bound / (norms + 1e-6)).clamp(max=1.0)
+    assert any(bool((f < 1).any()) for f in factors.values())  # something is clipped
+    assert not torch.equal(factors["heads"], factors["encoder"])  # ... and not alike in both groups
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    private = dp.make_private(model=model, optimizer=torch.optim.SGD(params, lr=1.0),
+                              data_loader=DataLoader(dataset, batch_size=4), criterion=PerExampleLoss(),
+                              noise_multiplier=0.0, max_grad_norm=max_grad_norm, mode="bk", clipping="heads-apart")
+    private.optimizer.zero_grad()
+    private.criterion(private.model(x[0], x[1], x[2]), x[3]).backward()
+    private.optimizer.pre_step()
+    for group, names in groups.items():
+        for name in names:
+            per_example = torch.stack([r[name] for r in reference])
+            clip = factors[group].view(-1, *([1] * (per_example.dim() - 1)))
+            _close(_grad(dict(model.named_parameters())[name]), (clip * per_example).sum(0) / 4, name)
+    private.model.remove_hooks()  # type: ignore[operator]
+
+
+def test_heads_apart_trains_through_book_keeping_and_refuses_other_modes(
+    tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+) -> None:
+    cfg = config("lora", max_local_steps=3, clipping="heads-apart")
+    model = build_model(ModelSpec.from_config(cfg))
+    result = train(model, TRAIN[:256], tokenizer, cfg, privacy=privacy_state(tmp_path / "p.json"))
+    assert result.grad_sample_mode == "bk" and result.steps == 3 and result.epsilon > 0
+    assert_plain(model)
+    with pytest.raises(ConfigError, match="'clipping' = 'heads-apart': needs grad-sample-mode 'auto' or 'bk'"):
+        config("lora").replace(clipping="heads-apart", grad_sample_mode="ghost")
+    with pytest.raises(ValueError, match="needs mode 'bk'"):
+        dp.make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                        data_loader=DataLoader(TensorDataset(torch.zeros(4)), batch_size=4), criterion=PerExampleLoss(),
+                        noise_multiplier=1.0, max_grad_norm=1.0, mode="ew", clipping="heads-apart")
 
 
 # ----------------------------------------------------------------------------- (c) budget stop
