@@ -14,7 +14,7 @@ records of every merchant (``client.merchant.split_merchant``):
 - ``federated-dp-eps-E``: the same simulation with DP-SGD at ε = E per merchant. Each
   merchant plans its own σ (``noise-plan-calls`` = rounds, at least ``NOISE_FLOOR``) so that
   a call in every round fits its budget: small merchants add more noise instead of being
-  refused;
+  refused; heads and encoder are clipped apart (``DP_CLIPPING``);
 - cold start: the ε = 8 federation again with one merchant left out, evaluated on that
   merchant's held-out records (it never trained, nor sent anything).
 
@@ -63,6 +63,10 @@ TARGET_RELATIVE_GAP = 0.05
 # The least σ a merchant may plan (large merchants could afford less at ε = 8, but below ~0.5
 # a DP-SGD step releases much of a record for little utility gained).
 NOISE_FLOOR = 0.5
+# Heads and encoder clipped apart (each to C/sqrt(2); same noise, same ε): with one clipping
+# norm the adapters' gradient fills it and the heads barely learn. Reviews, ε = 8, one seed:
+# macro AUC 0.757 -> 0.779, log-loss 0.729 -> 0.586, RMSE 1.060 -> 1.028.
+DP_CLIPPING = "heads-apart"
 
 
 @dataclasses.dataclass
@@ -228,7 +232,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path) -> dict[str
     for eps in epsilons:
         # Each merchant plans its own σ so that a call in every round fits its budget.
         dp_runs[eps] = {"dp": True, "target-epsilon": eps, "noise-plan-calls": c.num_server_rounds,
-                        "noise-multiplier": NOISE_FLOOR}
+                        "noise-multiplier": NOISE_FLOOR, "clipping": DP_CLIPPING}
         timed(f"federated-dp-eps-{eps:g}", federated(f"dp-eps-{eps:g}", dp_runs[eps]))
 
     cold = cold_start(dataset, work, dp_runs.get(8.0) or dp_runs[max(dp_runs)], arms)
