@@ -260,7 +260,8 @@ def test_expanded_weights_per_sample_gradients_match_per_example_reference(
     private.model.remove_hooks()  # type: ignore[operator]
 
 
-def _clipping_engine(mode: str, model: torch.nn.Module, dataset: TensorDataset, max_grad_norm: float) -> Any:
+def _clipping_engine(mode: str, model: torch.nn.Module, dataset: TensorDataset, max_grad_norm: float,
+                     clipping: str = "flat") -> Any:
     """(private model, optimizer, criterion) of a clipping-only mode: no noise, fixed batch of 4."""
     params = [p for p in model.parameters() if p.requires_grad]
     if mode == "ghost":
@@ -272,7 +273,7 @@ def _clipping_engine(mode: str, model: torch.nn.Module, dataset: TensorDataset, 
         return private_model, optimizer, criterion
     private = dp.make_private(model=model, optimizer=torch.optim.SGD(params, lr=1.0),
                               data_loader=DataLoader(dataset, batch_size=4), criterion=PerExampleLoss(),
-                              noise_multiplier=0.0, max_grad_norm=max_grad_norm, mode=mode)
+                              noise_multiplier=0.0, max_grad_norm=max_grad_norm, mode=mode, clipping=clipping)
     return private.model, private.optimizer, private.criterion
 
 
@@ -325,19 +326,16 @@ def test_heads_apart_clips_heads_and_encoder_each_to_c_over_root_two(
     assert any(bool((f < 1).any()) for f in factors.values())  # something is clipped
     assert not torch.equal(factors["heads"], factors["encoder"])  # ... and not alike in both groups
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    private = dp.make_private(model=model, optimizer=torch.optim.SGD(params, lr=1.0),
-                              data_loader=DataLoader(dataset, batch_size=4), criterion=PerExampleLoss(),
-                              noise_multiplier=0.0, max_grad_norm=max_grad_norm, mode="bk", clipping="heads-apart")
-    private.optimizer.zero_grad()
-    private.criterion(private.model(x[0], x[1], x[2]), x[3]).backward()
-    private.optimizer.pre_step()
+    private_model, optimizer, criterion = _clipping_engine("bk", model, dataset, max_grad_norm, "heads-apart")
+    optimizer.zero_grad()
+    criterion(private_model(x[0], x[1], x[2]), x[3]).backward()
+    optimizer.pre_step()
     for group, names in groups.items():
         for name in names:
             per_example = torch.stack([r[name] for r in reference])
             clip = factors[group].view(-1, *([1] * (per_example.dim() - 1)))
             _close(_grad(dict(model.named_parameters())[name]), (clip * per_example).sum(0) / 4, name)
-    private.model.remove_hooks()  # type: ignore[operator]
+    private_model.remove_hooks()
 
 
 def test_heads_apart_trains_through_book_keeping_and_refuses_other_modes(
