@@ -22,7 +22,7 @@ from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy import MechanismEvent
 from shared.tasks import Example, PerExampleLoss
 from tests.helpers.examples import product_examples
-from tests.helpers.grads import clipped_mean, median_norm, per_example_grads
+from tests.helpers.grads import clipped_mean, median_norm, per_example_grads, record_norms
 
 # Encoder learning rates found by trying 3e-4..3e-2 on this task (noise 0.3, 24 steps, Poisson
 # batches of several rounds' seeds): 1e-2 for LoRA and one top layer, 3e-3 for everything; at
@@ -197,6 +197,14 @@ def test_a_record_whose_examples_disagree_on_the_pair_is_refused(tokenizer: PreT
         PairDataset(broken, tokenizer, max_seq_len=24)
 
 
+def _model_and_reference(tokenizer: PreTrainedTokenizerBase, trainable: str, top_k_layers: int = 2
+                         ) -> tuple[torch.nn.Module, TensorDataset, list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """A tiny model without dropout, the four records of MIXED, and their per-example gradients."""
+    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, top_k_layers=top_k_layers, dropout=0.0))
+    dataset, x = _batch(tokenizer)
+    return model, dataset, x, per_example_grads(copy.deepcopy(model), x)
+
+
 def _grad(p: torch.nn.Parameter) -> torch.Tensor:
     assert p.grad is not None
     return p.grad.detach()
@@ -227,9 +235,7 @@ def _assert_grad_samples_match(module: torch.nn.Module, reference: list[dict[str
 def test_hooks_per_sample_gradients_match_per_example_reference(
     trainable: str, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
-    _, x = _batch(tokenizer)
-    reference = per_example_grads(copy.deepcopy(model), x)
+    model, _, x, reference = _model_and_reference(tokenizer, trainable)
 
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     scores = wrapped(x[0], x[1], x[2])
@@ -247,9 +253,7 @@ def test_hooks_per_sample_gradients_match_per_example_reference(
 def test_expanded_weights_per_sample_gradients_match_per_example_reference(
     trainable: str, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
-    dataset, x = _batch(tokenizer)
-    reference = per_example_grads(copy.deepcopy(model), x)
+    model, dataset, x, reference = _model_and_reference(tokenizer, trainable)
     params = [p for p in model.parameters() if p.requires_grad]
     private = dp.make_private(model=model, optimizer=torch.optim.SGD(params, lr=1.0),
                               data_loader=DataLoader(dataset, batch_size=4), criterion=PerExampleLoss(),
@@ -284,9 +288,7 @@ def _clipping_engine(mode: str, model: torch.nn.Module, dataset: TensorDataset, 
 def test_clipping_without_per_sample_gradients_sums_clipped_per_example_gradients(
     mode: str, trainable: str, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, top_k_layers=1, dropout=0.0))
-    dataset, x = _batch(tokenizer)
-    reference = per_example_grads(copy.deepcopy(model), x)
+    model, dataset, x, reference = _model_and_reference(tokenizer, trainable, top_k_layers=1)
     assert len(reference[0]) == sum(p.requires_grad for p in model.parameters())  # all have a gradient
     max_grad_norm = median_norm(reference)
     expected, factor = clipped_mean(reference, max_grad_norm)
@@ -312,17 +314,13 @@ def test_clipping_without_per_sample_gradients_sums_clipped_per_example_gradient
 def test_heads_apart_clips_heads_and_encoder_each_to_c_over_root_two(
     trainable: str, tokenizer: PreTrainedTokenizerBase
 ) -> None:
-    model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0))
-    dataset, x = _batch(tokenizer)
-    reference = per_example_grads(copy.deepcopy(model), x)
+    model, dataset, x, reference = _model_and_reference(tokenizer, trainable)
     groups = {"heads": [n for n in reference[0] if n.startswith("heads.")],
               "encoder": [n for n in reference[0] if not n.startswith("heads.")]}
     max_grad_norm = median_norm(reference)
     bound = max_grad_norm / 2**0.5
-    factors = {}
-    for group, names in groups.items():
-        norms = torch.stack([torch.stack([(g[n] ** 2).sum() for n in names]).sum().sqrt() for g in reference])
-        factors[group] = (bound / (norms + 1e-6)).clamp(max=1.0)
+    factors = {group: (bound / (record_norms(reference, names) + 1e-6)).clamp(max=1.0)
+               for group, names in groups.items()}
     assert any(bool((f < 1).any()) for f in factors.values())  # something is clipped
     assert not torch.equal(factors["heads"], factors["encoder"])  # ... and not alike in both groups
 
