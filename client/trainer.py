@@ -250,7 +250,7 @@ def _strip_opacus(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def evaluate(
+def predict(
     model: nn.Module,
     examples: Sequence[Example],
     tokenizer: PreTrainedTokenizerBase,
@@ -258,12 +258,10 @@ def evaluate(
     *,
     device: torch.device | None = None,
     batch_size: int = 64,
-) -> EvalResult:
-    """Loss and every task's metrics on held-out examples (no privacy cost: nothing released
-    but aggregate metrics, which the record-level guarantee does not cover; see README)."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """(per-example loss, per-example prediction on its task's natural scale), in ``examples``
+    order; the model is left in the mode it was in."""
     device = device or torch.device("cpu")
-    if not examples:
-        return EvalResult(num_examples=0, loss=float("nan"), metrics={})
     dataset = encode(examples, tokenizer, max_seq_len=config.max_seq_len)
     was_training = model.training
     model.to(device)
@@ -276,7 +274,11 @@ def evaluate(
         own = task_of(packed).unsqueeze(1)
         preds.append(predictions(scores).gather(1, own).squeeze(1).cpu())
     model.train(was_training)
-    all_preds = torch.cat(preds).numpy()
+    return torch.cat(losses).numpy(), torch.cat(preds).numpy()
+
+
+def metrics_of(examples: Sequence[Example], preds: np.ndarray) -> dict[str, float]:
+    """Every task's metrics from per-example predictions (as ``predict`` returns them)."""
     result: dict[str, float] = {}
     for task in TASKS:
         idx = [i for i, e in enumerate(examples) if e.task == task]
@@ -285,7 +287,24 @@ def evaluate(
         result.update(metrics_lib.task_metrics(
             task,
             targets=np.array([examples[i].target for i in idx]),
-            preds=all_preds[idx],
+            preds=preds[idx],
             groups=[examples[i].group for i in idx],
         ))
-    return EvalResult(num_examples=len(examples), loss=float(torch.cat(losses).mean()), metrics=result)
+    return result
+
+
+def evaluate(
+    model: nn.Module,
+    examples: Sequence[Example],
+    tokenizer: PreTrainedTokenizerBase,
+    config: RunConfig,
+    *,
+    device: torch.device | None = None,
+    batch_size: int = 64,
+) -> EvalResult:
+    """Loss and every task's metrics on held-out examples (no privacy cost: nothing released
+    but aggregate metrics, which the record-level guarantee does not cover; see README)."""
+    if not examples:
+        return EvalResult(num_examples=0, loss=float("nan"), metrics={})
+    losses, preds = predict(model, examples, tokenizer, config, device=device, batch_size=batch_size)
+    return EvalResult(num_examples=len(examples), loss=float(losses.mean()), metrics=metrics_of(examples, preds))

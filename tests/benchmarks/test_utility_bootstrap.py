@@ -1,0 +1,74 @@
+"""The utility benchmark's paired bootstrap: the interval it reports for an arm's gap to a reference."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+
+from shared.tasks import Example
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def utility() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("utility_benchmark", ROOT / "benchmarks" / "utility.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def _ctr(n: int, seed: int) -> tuple[list[Example], np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n).astype(float)
+    return [Example(task="ctr", context="", product=f"p{i}", target=y) for i, y in enumerate(labels)], labels
+
+
+def _arm(utility: ModuleType, name: str, preds: dict[str, np.ndarray]) -> object:
+    return utility.Arm(name, per_merchant={}, seconds=0.0, preds=preds)
+
+
+def test_identical_arms_have_a_zero_gap_in_every_resample(utility: ModuleType) -> None:
+    tests = {"a": _ctr(80, 0)[0], "b": _ctr(50, 1)[0]}
+    rng = np.random.default_rng(2)
+    preds = {m: rng.random(len(t)) for m, t in tests.items()}
+    ci = utility.bootstrap_gaps(tests, _arm(utility, "x", preds), _arm(utility, "ref", preds),
+                                ("ctr_auc", "ctr_logloss"), resamples=50)
+    assert ci == {"ctr_auc": [0.0, 0.0], "ctr_logloss": [0.0, 0.0]}
+
+
+def test_a_clearly_worse_arm_has_an_interval_above_zero_and_a_small_test_set_a_wider_one(utility: ModuleType) -> None:
+    rng = np.random.default_rng(3)
+
+    def interval(n: int) -> list[float]:
+        examples, labels = _ctr(n, 4)
+        good = np.clip(labels * 0.6 + 0.2 + rng.normal(0, 0.15, n), 0.01, 0.99)  # informative
+        noise = rng.random(n)  # uninformative
+        return utility.bootstrap_gaps({"m": examples}, _arm(utility, "x", {"m": noise}),
+                                      _arm(utility, "ref", {"m": good}), ("ctr_auc",), resamples=200)["ctr_auc"]
+
+    small, large = interval(40), interval(400)
+    assert 0 < large[0] < large[1]  # worse AUC: positive gap, and the whole interval says so
+    assert large[1] - large[0] < small[1] - small[0]
+
+
+def test_relevance_resamples_whole_queries(utility: ModuleType) -> None:
+    # Two queries; the arm ranks query q0 perfectly and q1 backwards. Any resample holds whole
+    # queries, so every resampled MRR is an average of 1.0 and 0.5 values: never a broken query.
+    examples = [Example(task="relevance", context=q, product=f"{q}-{j}", target=g, group=q)
+                for q in ("q0", "q1") for j, g in enumerate((3.0, 0.0))]
+    arm = np.array([2.0, 0.0, 0.0, 2.0])  # q0: relevant first; q1: relevant second
+    ref = np.array([2.0, 0.0, 2.0, 0.0])  # both relevant first: MRR 1
+    units = utility._units(examples)[0]
+    assert sorted(map(list, units)) == [[0, 1], [2, 3]]
+    ci = utility.bootstrap_gaps({"m": examples}, _arm(utility, "x", {"m": arm}), _arm(utility, "ref", {"m": ref}),
+                                ("relevance_mrr",), resamples=200)["relevance_mrr"]
+    # Gap = 1 - MRR(arm) with MRR over two drawn queries in {1.0, 0.75, 0.5}: gaps 0, 0.25, 0.5.
+    assert ci[0] == pytest.approx(0.0) and ci[1] == pytest.approx(0.5)
