@@ -15,13 +15,16 @@ records of every merchant (``client.merchant.split_merchant``):
   merchant plans its own σ (``noise-plan-calls`` = rounds, at least ``NOISE_FLOOR``) so that
   a call in every round fits its budget: small merchants add more noise instead of being
   refused; heads and encoder are clipped apart (``DP_CLIPPING``);
-- cold start: the ε = 8 federation again with one merchant left out, evaluated on that
-  merchant's held-out records (it never trained, nor sent anything).
+- cold start: the non-private and the ε = 8 federations again with one merchant left out,
+  evaluated on that merchant's held-out records (it never trained, nor sent anything).
 
 Relevance is measured on held-out *queries* (a query's judgments all land on one side of the
 split) that have candidates of at least two grades, so ranking decides the score.
 Every arm's metrics are the macro average over merchants (each merchant counts once: a shared
-model must serve small merchants too), with every merchant's own figures beside them.
+model must serve small merchants too), with every merchant's own figures beside them. The
+judged gaps (ε = 8 against centralised and against local) carry a 95 % paired-bootstrap
+interval over the held-out examples (``bootstrap_gaps``): how far the test sets' size alone
+could move them.
 Outputs: ``utility.json``, ``utility.md`` and ``utility.png`` under ``--out-dir``.
 """
 

@@ -146,7 +146,10 @@ class FedShopModel(nn.Module):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
         ).last_hidden_state
-        pooled = mean_pool(hidden, attention_mask)
+        return self.score(mean_pool(hidden, attention_mask))
+
+    def score(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Every head's raw output for pooled encoder states ``[batch, hidden]``: ``[batch, len(TASKS)]``."""
         pooled = self.dropout(pooled)
         return torch.cat([self.heads[task](pooled) for task in TASKS], dim=1)
 
