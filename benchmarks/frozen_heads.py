@@ -118,7 +118,7 @@ class Cached:
 def train_heads(heads: Heads, pooled: torch.Tensor, packed: torch.Tensor, *, steps: int, batch: int, lr: float,
                 sigma: float | None, seed: int) -> Heads:
     """``steps`` AdamW steps on a copy of ``heads``; DP-SGD (Poisson, clip 1.0, noise σ) when σ is set."""
-    heads = copy.deepcopy(heads)
+    template, heads = heads, copy.deepcopy(heads)
     heads.train()
     optimizer: Any = torch.optim.AdamW(heads.parameters(), lr=lr)
     loader = DataLoader(TensorDataset(pooled, packed), batch_size=batch, shuffle=True,
@@ -140,7 +140,10 @@ def train_heads(heads: Heads, pooled: torch.Tensor, packed: torch.Tensor, *, ste
             optimizer.zero_grad(set_to_none=True)
             criterion(model(x), y).backward()
             optimizer.step()
-    return heads
+    # Hand back an unwrapped module: Opacus leaves hooks and flags on the one it wrapped.
+    clean = copy.deepcopy(template)
+    clean.load_state_dict(heads.state_dict())
+    return clean
 
 
 def average(models: list[tuple[Heads, int]]) -> Heads:
@@ -175,6 +178,8 @@ def main() -> int:
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--head-learning-rate", type=float, default=0.05)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--cache", type=Path, default=None,
+                        help="keep the encoded states in this file and reuse them on the next run")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     torch.set_num_threads(2)
@@ -182,8 +187,13 @@ def main() -> int:
     start = time.perf_counter()
     config = RunConfig(encoder="minilm", trainable="heads", tasks="ctr,rating", max_seq_len=48, eval_max_examples=1024)
     lr = args.head_learning_rate
-    with tempfile.TemporaryDirectory(prefix="fedshop-frozen-") as tmp:
-        cached = Cached(Path(tmp), config, args.records_per_merchant)
+    if args.cache and args.cache.exists():
+        cached = torch.load(args.cache, weights_only=False)
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedshop-frozen-") as tmp:
+            cached = Cached(Path(tmp), config, args.records_per_merchant)
+        if args.cache:
+            torch.save(cached, args.cache)
     fresh = Heads(cached.model)
     pooled = torch.cat([p for p, _ in cached.train.values()])
     packed = torch.cat([t for _, t in cached.train.values()])
