@@ -61,7 +61,7 @@ HEADLINE = {
 # merchant takes part in every round, for half the scenario's local steps (the same 144 steps
 # in all): a merchant's σ is then planned for the calls it really makes (with 3 of 6 sampled,
 # it planned 4 calls and made about 2, leaving ε unspent), and the aggregate averages six
-# merchants' noise instead of three. Reviews at ε = 8, 1,024 held-out examples per merchant,
+# merchants' noise instead of three. Reviews at ε = 8, 512 held-out examples per merchant,
 # one seed: AUC 0.807 -> 0.817, log-loss 0.591 -> 0.556, RMSE 1.11 -> 1.13.
 # ESCI holds out 30 % of queries (not the default 20 %): few of its queries have candidates of
 # two or more grades, and those are the ones a ranking metric can tell apart.
