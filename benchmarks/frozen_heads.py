@@ -45,7 +45,7 @@ from client import dp, trainer  # noqa: E402
 from client.data import load_merchant  # noqa: E402
 from client.merchant import merchant_dirs, split_merchant  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
-from shared.model import FedShopModel, ModelSpec, build_model, load_tokenizer, mean_pool  # noqa: E402
+from shared.model import FedShopModel, ModelSpec, build_model, load_tokenizer  # noqa: E402
 from shared.tasks import PerExampleLoss, predictions, task_of  # noqa: E402
 from simulations import adapters  # noqa: E402
 
@@ -97,9 +97,7 @@ class Cached:
         for start in range(0, len(items), 128):
             chunk = items[start:start + 128]
             ids, mask, types = (torch.stack([x[k] for x in chunk]) for k in range(3))
-            hidden = self.model.encoder(input_ids=ids, attention_mask=mask, token_type_ids=types,
-                                        position_ids=torch.arange(ids.shape[1]).expand_as(ids)).last_hidden_state
-            pooled.append(mean_pool(hidden, mask))
+            pooled.append(self.model.pool(ids, mask, types))
             packed.append(torch.stack([x[3] for x in chunk]))
         return torch.cat(pooled), torch.cat(packed)
 

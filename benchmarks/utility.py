@@ -332,9 +332,10 @@ def bootstrap_gaps(tests: dict[str, list[Any]], arm: Arm, reference: Arm, metric
             index = np.concatenate([units[u] for u in picked])
             parts = []
             for task in sorted(set(tasks[index])):
-                sel = index[tasks[index] == task]
+                of_task = tasks[index] == task
+                sel = index[of_task]
                 if task == "relevance":  # a query drawn twice is two queries: relabel each draw
-                    draw = np.concatenate([[k] * len(units[u]) for k, u in enumerate(picked)])[tasks[index] == task]
+                    draw = np.concatenate([[k] * len(units[u]) for k, u in enumerate(picked)])[of_task]
                     grp: Any = [f"{groups[i]}#{d}" for i, d in zip(sel, draw, strict=True)]
                 else:  # only relevance reads groups
                     grp = np.zeros(len(sel))

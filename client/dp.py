@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from shared.model import is_head
 from shared.privacy import MechanismEvent, compose_history
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def clip_groups(clipping: str) -> Callable[[str], str] | None:
     if clipping == "flat":
         return None
     if clipping == "heads-apart":
-        return lambda name: "heads" if name.startswith("heads.") else "encoder"
+        return lambda name: "heads" if is_head(name) else "encoder"
     raise ValueError(f"clipping = {clipping!r}: must be 'flat' or 'heads-apart'")
 
 

@@ -27,6 +27,7 @@ from client import dp
 from client.budget import PrivacyState
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
+from shared.model import is_head
 from shared.privacy import MechanismEvent
 from shared.tasks import TASKS, Example, PerExampleLoss, group_records, pack_targets, predictions, task_of
 
@@ -114,8 +115,8 @@ def _trim(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Te
 
 def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
     """Two parameter groups: heads at ``head-learning-rate``, everything else at ``learning-rate``."""
-    heads = [p for n, p in model.named_parameters() if p.requires_grad and n.startswith("heads.")]
-    body = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("heads.")]
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and is_head(n)]
+    body = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]
     groups = [{"params": heads, "lr": config.head_learning_rate}]
     if body:
         groups.append({"params": body, "lr": config.learning_rate})

@@ -36,6 +36,11 @@ TINY = "tiny"
 MINILM = "minilm"
 
 
+def is_head(name: str) -> bool:
+    """Whether a parameter or layer name of a ``FedShopModel`` belongs to a task head."""
+    return name.startswith("heads.")
+
+
 class ModelError(ValueError):
     """A model folder or a parameter set does not fit; the message names what and where."""
 
@@ -136,6 +141,12 @@ class FedShopModel(nn.Module):
     def forward(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
     ) -> torch.Tensor:
+        return self.score(self.pool(input_ids, attention_mask, token_type_ids))
+
+    def pool(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
+        """The encoder's mean-pooled states ``[batch, hidden]`` (what the heads read)."""
         # Explicit position ids: without them BERT reads a registered buffer and Opacus cannot
         # attribute the position-embedding gradient to single examples.
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -146,7 +157,7 @@ class FedShopModel(nn.Module):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
         ).last_hidden_state
-        return self.score(mean_pool(hidden, attention_mask))
+        return mean_pool(hidden, attention_mask)
 
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         """Every head's raw output for pooled encoder states ``[batch, hidden]``: ``[batch, len(TASKS)]``."""
