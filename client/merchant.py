@@ -155,6 +155,13 @@ class Merchant:
     def split(self) -> MerchantSplit:
         return split_merchant(self.load_data(), self.config)
 
+    @property
+    def feature_cache(self) -> Path:
+        """Where this merchant's frozen-encoder states are kept (``trainable = heads``)."""
+        if self.config.feature_cache_dir:
+            return Path(self.config.feature_cache_dir).expanduser() / self.identity.merchant_id
+        return self.identity.state_dir / "features"
+
     def privacy_state(self) -> PrivacyState:
         return PrivacyState.open(self.identity.state_path, merchant_id=self.identity.merchant_id,
                                  target_epsilon=self.identity.target_epsilon,
@@ -177,7 +184,7 @@ class Merchant:
         try:
             result = trainer.train(model, split.train, tokenizer, self.config, privacy=privacy,
                                    round=server_round, model_version=model_version, run_id=run_id,
-                                   device=device)
+                                   device=device, feature_cache=self.feature_cache)
         except BudgetExceededError as exc:
             log.warning("%s", exc)
             assert privacy is not None

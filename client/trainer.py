@@ -16,6 +16,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,11 +24,11 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from client import dp
+from client import dp, features
 from client.budget import PrivacyState
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
-from shared.model import is_head
+from shared.model import FedShopModel, is_head
 from shared.privacy import MechanismEvent
 from shared.tasks import TASKS, Example, PerExampleLoss, group_records, pack_targets, predictions, task_of
 
@@ -148,14 +149,18 @@ def train(
     run_id: str = "",
     device: torch.device | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
+    feature_cache: Path | None = None,
 ) -> TrainResult:
-    """Train ``model`` in place on one merchant's examples; private iff ``config.dp``."""
+    """Train ``model`` in place on one merchant's examples; private iff ``config.dp``.
+
+    ``feature_cache``: where a frozen encoder's pooled states are kept between calls
+    (``trainable = heads`` only; None = encode on every call)."""
     start = time.perf_counter()
     device = device or torch.device("cpu")
     if config.dp and privacy is None:
         raise ValueError("dp = true needs the merchant's PrivacyState (its persisted accountant)")
-    dataset = PairDataset(examples, tokenizer, max_seq_len=config.max_seq_len)
-    sample_rate, steps = planned_steps(len(dataset), config)
+    records = PairDataset(examples, tokenizer, max_seq_len=config.max_seq_len)
+    sample_rate, steps = planned_steps(len(records), config)
     planned = None
     if config.dp:
         assert privacy is not None
@@ -175,13 +180,25 @@ def train(
     optimizer = make_optimizer(model, config)
     criterion: nn.Module = PerExampleLoss()
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
+    # A frozen encoder (trainable = heads): train the heads on each record's pooled state,
+    # encoded once and cached, instead of running the encoder at every step. Same records,
+    # same Poisson sampling over them, same clipping and noise: only the cost differs.
+    frozen = config.trainable == "heads"
+    dataset: Dataset = records
+    train_model: nn.Module = model
+    if frozen:
+        if not isinstance(model, FedShopModel):
+            raise TypeError(f"trainable = heads trains a FedShopModel's heads; got {type(model).__name__}")
+        states = features.pooled_states(model, tokenizer, records.pairs, max_seq_len=config.max_seq_len,
+                                        device=device, cache_dir=feature_cache)
+        dataset = TensorDataset(states, records.targets)
+        train_model = features.HeadsOnly(model)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     mode = "none"
-    train_model: nn.Module = model
     if config.dp:
         assert planned is not None
         mode = dp.grad_sample_mode_for(config.trainable, config.grad_sample_mode, config.clipping)
-        private = dp.make_private(model=model, optimizer=optimizer, data_loader=loader, criterion=criterion,
+        private = dp.make_private(model=train_model, optimizer=optimizer, data_loader=loader, criterion=criterion,
                                   noise_multiplier=planned.noise_multiplier, max_grad_norm=config.max_grad_norm,
                                   mode=mode, clipping=config.clipping)
         train_model, optimizer, loader, criterion = (private.model, private.optimizer,
@@ -194,15 +211,15 @@ def train(
             for batch in loader:
                 if done >= steps:
                     break
-                input_ids, attention_mask, token_type_ids, packed = _trim(batch, device)
+                *inputs, packed = [t.to(device) for t in batch] if frozen else _trim(batch, device)
                 optimizer.zero_grad(set_to_none=True)
-                if len(input_ids) == 0:
+                if len(packed) == 0:
                     # An empty Poisson batch is still one mechanism invocation: release a
                     # noise-only step so what is released matches what is accounted.
                     _zero_batch_grads(params, mode)
                     optimizer.step()
                 else:
-                    scores = train_model(input_ids, attention_mask, token_type_ids)
+                    scores = train_model(*inputs)
                     loss = criterion(scores, packed)
                     with warnings.catch_warnings():
                         # Opacus' hooks sit on layers whose inputs (token ids) need no
@@ -227,7 +244,7 @@ def train(
         assert privacy is not None and planned is not None
         epsilon = privacy.commit(planned, round=round, model_version=model_version, run_id=run_id)
     return TrainResult(
-        num_examples=len(dataset), steps=done, mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        num_examples=len(records), steps=done, mean_loss=float(np.mean(losses)) if losses else float("nan"),
         losses=losses, mechanism=planned, epsilon=epsilon,
         delta=privacy.target_delta if privacy is not None else 0.0, grad_sample_mode=mode,
         duration_s=time.perf_counter() - start,

@@ -20,6 +20,7 @@ GradSampleMode = Literal["auto", "hooks", "ghost", "bk", "ew", "functorch"]
 Clipping = Literal["flat", "heads-apart"]
 Accountant = Literal["prv", "rdp"]
 ConversionLabel = Literal["click", "purchase"]
+Pooling = Literal["mean", "mean-l2"]
 
 
 class ConfigError(ValueError):
@@ -63,6 +64,11 @@ class RunConfig:
     dropout: float = 0.1
     max_seq_len: int = 64
     tasks: str = "ctr,rating,relevance"
+    # mean-l2 scales each pooled vector to unit length (what MiniLM's sentence embeddings were
+    # trained for). A head's per-record gradient is then bounded by its error alone, so DP-SGD
+    # clips little and its noise, not clipping bias, is what remains: private heads on a frozen
+    # encoder, reviews ε = 8, log-loss 0.385 -> 0.343 (benchmarks/results/utility-heads.md).
+    pooling: Pooling = "mean"
 
     # --- local training -------------------------------------------------------------
     optimizer: OptimizerName = "adamw"
@@ -75,6 +81,10 @@ class RunConfig:
     max_local_steps: int = 20  # cap per training call; 0 = no cap
     batch_size: int = 32  # Poisson batch size; sample_rate = 1 / ceil(N / batch_size) (Opacus' rate)
     device: str = "auto"
+    # trainable = heads: the frozen encoder's pooled states of a merchant's records are
+    # computed once and kept here (one file per encoder, pooling and record set), so each
+    # round trains the heads on them instead of re-encoding. "" = the node's state folder.
+    feature_cache_dir: str = ""
 
     # --- privacy --------------------------------------------------------------------
     dp: bool = True

@@ -34,6 +34,7 @@ HEADS_FILE = "heads.safetensors"
 MANIFEST_FILE = "fedshop.json"
 TINY = "tiny"
 MINILM = "minilm"
+POOLINGS = ("mean", "mean-l2")
 
 
 def is_head(name: str) -> bool:
@@ -56,6 +57,7 @@ class ModelSpec:
     lora_alpha: int = 16
     dropout: float = 0.1
     max_seq_len: int = 64
+    pooling: str = "mean"
     seed: int = 0
 
     @classmethod
@@ -68,6 +70,7 @@ class ModelSpec:
             lora_alpha=config.lora_alpha,
             dropout=config.dropout,
             max_seq_len=config.max_seq_len,
+            pooling=config.pooling,
             seed=config.seed,
         )
 
@@ -132,9 +135,12 @@ def load_encoder(spec: ModelSpec) -> PreTrainedModel:
 class FedShopModel(nn.Module):
     """Encoder + one linear head per task; ``forward`` returns ``[batch, len(TASKS)]`` scores."""
 
-    def __init__(self, encoder: nn.Module, *, hidden_size: int, dropout: float = 0.1) -> None:
+    def __init__(self, encoder: nn.Module, *, hidden_size: int, dropout: float = 0.1, pooling: str = "mean") -> None:
         super().__init__()
+        if pooling not in POOLINGS:
+            raise ModelError(f"pooling = {pooling!r}: must be one of {list(POOLINGS)}")
         self.encoder = encoder
+        self.pooling = pooling
         self.dropout = nn.Dropout(dropout)
         self.heads = nn.ModuleDict({task: nn.Linear(hidden_size, 1) for task in TASKS})
 
@@ -146,7 +152,8 @@ class FedShopModel(nn.Module):
     def pool(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
     ) -> torch.Tensor:
-        """The encoder's mean-pooled states ``[batch, hidden]`` (what the heads read)."""
+        """The encoder's pooled states ``[batch, hidden]`` (what the heads read): the mean over
+        the attention mask, scaled to unit length when ``pooling`` is ``mean-l2``."""
         # Explicit position ids: without them BERT reads a registered buffer and Opacus cannot
         # attribute the position-embedding gradient to single examples.
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)
@@ -157,12 +164,18 @@ class FedShopModel(nn.Module):
             token_type_ids=token_type_ids,
             position_ids=position_ids,
         ).last_hidden_state
-        return mean_pool(hidden, attention_mask)
+        pooled = mean_pool(hidden, attention_mask)
+        return nn.functional.normalize(pooled, dim=1) if self.pooling == "mean-l2" else pooled
 
     def score(self, pooled: torch.Tensor) -> torch.Tensor:
         """Every head's raw output for pooled encoder states ``[batch, hidden]``: ``[batch, len(TASKS)]``."""
-        pooled = self.dropout(pooled)
-        return torch.cat([self.heads[task](pooled) for task in TASKS], dim=1)
+        return head_scores(self.heads, self.dropout, pooled)
+
+
+def head_scores(heads: nn.ModuleDict, dropout: nn.Module, pooled: torch.Tensor) -> torch.Tensor:
+    """The heads' raw outputs, in ``TASKS`` order, for pooled states (after dropout)."""
+    pooled = dropout(pooled)
+    return torch.cat([heads[task](pooled) for task in TASKS], dim=1)
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -175,7 +188,7 @@ def build_model(spec: ModelSpec) -> FedShopModel:
     encoder = load_encoder(spec)
     hidden = int(encoder.config.hidden_size)
     torch.manual_seed(spec.seed)
-    model = FedShopModel(encoder, hidden_size=hidden, dropout=spec.dropout)
+    model = FedShopModel(encoder, hidden_size=hidden, dropout=spec.dropout, pooling=spec.pooling)
     apply_trainable(model, spec)
     model.train()  # from_pretrained returns eval mode; Opacus records nothing in eval mode
     return model
@@ -275,7 +288,7 @@ def export_model(
     save_file(heads, str(tmp / HEADS_FILE))
     manifest = {
         "format": "fedshop-model/1",
-        "pooling": "mean",
+        "pooling": model.pooling,
         "heads": list(TASKS),
         "head_file": HEADS_FILE,
         "max_seq_len": spec.max_seq_len,
@@ -326,7 +339,8 @@ def load_exported(model_dir: Path) -> tuple[FedShopModel, PreTrainedTokenizerBas
     except TypeError:
         encoder = AutoModel.from_pretrained(str(model_dir))
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = FedShopModel(encoder, hidden_size=int(encoder.config.hidden_size), dropout=0.0)
+    model = FedShopModel(encoder, hidden_size=int(encoder.config.hidden_size), dropout=0.0,
+                         pooling=manifest.get("pooling", "mean"))
     heads = load_file(str(model_dir / manifest.get("head_file", HEADS_FILE)))
     for task in TASKS:
         model.heads[task].load_state_dict({k: heads[f"{task}.{k}"] for k in ("weight", "bias")})

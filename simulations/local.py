@@ -61,8 +61,9 @@ def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_pr
         if epochs_progress and (step == total or step % max(1, total // 10) == 0):
             log.info("step %d/%d  loss %.4f", step, total, loss)
 
+    cache = Path(config.feature_cache_dir).expanduser() if config.feature_cache_dir else out_dir / "features"
     result = trainer.train(model, train_examples, tokenizer, config, privacy=privacy, device=device,
-                           on_step=progress)
+                           on_step=progress, feature_cache=cache)
     after = trainer.evaluate(model, test_all, tokenizer, config, device=device)
     per_merchant = {m: trainer.evaluate(model, t, tokenizer, config, device=device) for m, t in tests.items()}
     export_model(model.cpu(), tokenizer, out_dir / "model", spec=spec)

@@ -189,11 +189,11 @@ def _scores(model: FedShopModel, inputs: dict[str, torch.Tensor]) -> torch.Tenso
     return model(inputs["input_ids"], inputs["attention_mask"], inputs["token_type_ids"])
 
 
-@pytest.mark.parametrize("trainable", ["lora", "full"])
+@pytest.mark.parametrize(("trainable", "pooling"), [("lora", "mean"), ("full", "mean"), ("heads", "mean-l2")])
 def test_export_then_load_gives_same_scores(
-    trainable: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+    trainable: str, pooling: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
-    model_spec = spec(trainable)
+    model_spec = spec(trainable, pooling=pooling)
     model = build_model(model_spec)
     torch.manual_seed(7)
     with torch.no_grad():  # move away from the initialisation: LoRA B != 0, heads non-trivial
@@ -213,7 +213,7 @@ def test_export_then_load_gives_same_scores(
 
     loaded, loaded_tokenizer, manifest = load_exported(out)
     assert not loaded.training
-    assert manifest["pooling"] == "mean" and manifest["heads"] == list(TASKS)
+    assert manifest["pooling"] == pooling and manifest["heads"] == list(TASKS)
     assert manifest["trained_as"]["trainable"] == trainable
     torch.testing.assert_close(_scores(loaded, _inputs(loaded_tokenizer)), expected, atol=1e-5, rtol=1e-5)
 
@@ -221,9 +221,10 @@ def test_export_then_load_gives_same_scores(
     torch.testing.assert_close(_scores(model, inputs), expected, atol=0, rtol=0)
 
 
-def test_export_loads_with_plain_transformers(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+@pytest.mark.parametrize("pooling", ["mean", "mean-l2"])
+def test_export_loads_with_plain_transformers(pooling: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
     """What a consumer without fedshop does: AutoModel + safetensors + fedshop.json."""
-    model_spec = spec("lora")
+    model_spec = spec("lora", pooling=pooling)
     model = build_model(model_spec)
     torch.manual_seed(11)
     with torch.no_grad():
@@ -246,6 +247,10 @@ def test_export_loads_with_plain_transformers(tokenizer: PreTrainedTokenizerBase
         hidden = encoder(**inputs, position_ids=position_ids).last_hidden_state
         mask = inputs["attention_mask"].unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1)
+        if manifest["pooling"] == "mean-l2":
+            pooled = pooled / pooled.norm(dim=1, keepdim=True)
+        else:
+            assert manifest["pooling"] == "mean"
         by_hand = torch.stack(
             [pooled @ heads[f"{task}.weight"][0] + heads[f"{task}.bias"][0] for task in manifest["heads"]],
             dim=1,
@@ -254,6 +259,19 @@ def test_export_loads_with_plain_transformers(tokenizer: PreTrainedTokenizerBase
     # The scale documented for ratings maps the rating head into [1, 5].
     stars = 1 + 4 * torch.sigmoid(by_hand[:, TASKS.index("rating")])
     assert bool(((stars >= 1) & (stars <= 5)).all())
+
+
+def test_mean_l2_pooling_gives_unit_vectors(tokenizer: PreTrainedTokenizerBase) -> None:
+    plain = build_model(spec("heads"))
+    unit = build_model(spec("heads", pooling="mean-l2"))
+    inputs = _inputs(tokenizer)
+    with torch.no_grad():
+        raw = plain.pool(**inputs)
+        scaled = unit.pool(**inputs)
+    torch.testing.assert_close(scaled.norm(dim=1), torch.ones(len(PAIRS)))
+    torch.testing.assert_close(scaled, raw / raw.norm(dim=1, keepdim=True))  # same encoder, same direction
+    with pytest.raises(ModelError, match="pooling = 'max'"):
+        FedShopModel(torch.nn.Identity(), hidden_size=4, pooling="max")
 
 
 def test_load_exported_rejects_non_fedshop_folder(tmp_path: Path) -> None:

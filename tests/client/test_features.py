@@ -1,0 +1,159 @@
+"""client.features: heads trained on cached frozen-encoder states are the same training, cheaper."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from client import features
+from client.budget import PrivacyState
+from client.trainer import PairDataset, train
+from shared.config import RunConfig
+from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
+from tests.helpers.examples import product_examples
+
+TRAIN = product_examples(256, seed=0)
+
+
+def config(**changes: Any) -> RunConfig:
+    base: dict[str, Any] = dict(encoder="tiny", trainable="heads", batch_size=64, local_epochs=2.0,
+                                max_local_steps=0, dropout=0.0, max_seq_len=16, dp=False, pooling="mean-l2")
+    base.update(changes)
+    return RunConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerBase:
+    return load_tokenizer(ModelSpec(encoder="tiny"))
+
+
+def pairs(n: int = 40) -> list[tuple[str, str]]:
+    return PairDataset(TRAIN, load_tokenizer(ModelSpec(encoder="tiny")), max_seq_len=16).pairs[:n]
+
+
+def test_heads_only_shares_the_models_heads(tokenizer: PreTrainedTokenizerBase) -> None:
+    model = build_model(ModelSpec.from_config(config()))
+    model.eval()
+    heads = features.HeadsOnly(model)
+    enc = tokenizer(["a red scarf", "oak table"], ["wool scarf, red", "solid oak dining table"],
+                    padding=True, return_tensors="pt")
+    with torch.no_grad():
+        full = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        pooled = model.pool(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        torch.testing.assert_close(heads(pooled), full)
+    assert {n for n, _ in heads.named_parameters()} == {n for n in get_trainable(model)}
+    with torch.no_grad():
+        heads.heads["ctr"].bias.add_(1.0)  # the same tensor, not a copy
+        assert model.heads["ctr"].bias.item() == heads.heads["ctr"].bias.item()
+
+
+def test_states_are_cached_and_reused(tokenizer: PreTrainedTokenizerBase, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    model = build_model(ModelSpec.from_config(config()))
+    records = pairs()
+    first = features.pooled_states(model, tokenizer, records, max_seq_len=16, device=torch.device("cpu"),
+                                   cache_dir=tmp_path)
+    assert first.shape == (len(records), 64)
+    torch.testing.assert_close(first.norm(dim=1), torch.ones(len(records)))  # mean-l2
+    assert [p.suffix for p in tmp_path.iterdir()] == [".pt"]  # one file, no temporary left
+
+    def no_encoding(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("encoded again although the cache holds these records")
+
+    monkeypatch.setattr(features, "encode_pairs", no_encoding)
+    again = features.pooled_states(model, tokenizer, records, max_seq_len=16, device=torch.device("cpu"),
+                                   cache_dir=tmp_path)
+    torch.testing.assert_close(again, first, atol=0, rtol=0)
+
+
+def test_cache_key_follows_records_encoder_and_pooling(tokenizer: PreTrainedTokenizerBase) -> None:
+    model = build_model(ModelSpec.from_config(config()))
+    records = pairs()
+    key = features.cache_key(model, tokenizer, records, max_seq_len=16)
+    assert features.cache_key(model, tokenizer, list(records), max_seq_len=16) == key
+    assert features.cache_key(model, tokenizer, records[:-1], max_seq_len=16) != key
+    assert features.cache_key(model, tokenizer, [("x", "y")] + records[1:], max_seq_len=16) != key
+    assert features.cache_key(model, tokenizer, records, max_seq_len=32) != key
+    plain = build_model(ModelSpec.from_config(config(pooling="mean")))
+    assert features.cache_key(plain, tokenizer, records, max_seq_len=16) != key
+    with torch.no_grad():
+        next(model.encoder.parameters()).add_(1e-3)  # a different encoder: its states differ
+    assert features.cache_key(model, tokenizer, records, max_seq_len=16) != key
+
+
+def test_damaged_cache_is_encoded_again(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    model = build_model(ModelSpec.from_config(config()))
+    records = pairs()
+    good = features.pooled_states(model, tokenizer, records, max_seq_len=16, device=torch.device("cpu"),
+                                  cache_dir=tmp_path)
+    (cached,) = tmp_path.iterdir()
+    cached.write_bytes(b"not a tensor")
+    again = features.pooled_states(model, tokenizer, records, max_seq_len=16, device=torch.device("cpu"),
+                                   cache_dir=tmp_path)
+    torch.testing.assert_close(again, good)
+    assert torch.equal(torch.load(cached, weights_only=True), again)  # and the file is whole again
+
+
+def test_cached_states_train_the_heads_exactly_as_the_full_forward(tokenizer: PreTrainedTokenizerBase,
+                                                                   tmp_path: Path) -> None:
+    """Same records, same batches, same steps: training on cached states ends at the heads the
+    full forward pass reaches (the reference trains the same heads with the encoder run at each
+    step, as every other trainable set does)."""
+    cfg = config()
+    model = build_model(ModelSpec.from_config(cfg))
+    reference = build_model(ModelSpec.from_config(cfg))
+    result = train(model, TRAIN, tokenizer, cfg, privacy=None, feature_cache=tmp_path)
+
+    # The reference: the trainer's own loop with the frozen path switched off.
+    from client import trainer
+
+    records = PairDataset(TRAIN, tokenizer, max_seq_len=16)
+    optimizer = trainer.make_optimizer(reference, cfg)
+    loader = torch.utils.data.DataLoader(records, batch_size=cfg.batch_size, shuffle=True,
+                                         generator=torch.Generator().manual_seed(cfg.seed * 1_000_003))
+    criterion = trainer.PerExampleLoss()
+    done = 0
+    while done < result.steps:
+        for batch in loader:
+            if done >= result.steps:
+                break
+            input_ids, attention_mask, token_type_ids, packed = trainer._trim(batch, torch.device("cpu"))
+            optimizer.zero_grad()
+            criterion(reference(input_ids, attention_mask, token_type_ids), packed).backward()
+            optimizer.step()
+            done += 1
+    got, want = get_trainable(model), get_trainable(reference)
+    assert result.steps == 8  # 2 epochs of 256 records in batches of 64
+    fresh = get_trainable(build_model(ModelSpec.from_config(cfg)))
+    assert any(not torch.equal(torch.as_tensor(want[n]), torch.as_tensor(fresh[n])) for n in want)  # it trained
+    for name in want:
+        torch.testing.assert_close(torch.as_tensor(got[name]), torch.as_tensor(want[name]), atol=2e-5, rtol=1e-4)
+
+
+def test_private_heads_on_cached_states_spend_and_leave_the_encoder(tokenizer: PreTrainedTokenizerBase,
+                                                                    tmp_path: Path) -> None:
+    cfg = config(dp=True, noise_multiplier=1.0, batch_size=128, local_epochs=3.0, max_local_steps=6,
+                 target_epsilon=50.0)
+    model = build_model(ModelSpec.from_config(cfg))
+    encoder_before = {k: v.clone() for k, v in model.encoder.state_dict().items()}
+    heads_before = get_trainable(model)
+    privacy = PrivacyState.open(tmp_path / "privacy-state.json", merchant_id="shop-1", target_epsilon=50.0,
+                                target_delta=1e-5)
+    result = train(model, TRAIN, tokenizer, cfg, privacy=privacy, feature_cache=tmp_path / "features")
+    assert result.steps == 6 and result.mechanism is not None
+    assert result.mechanism.sample_rate == pytest.approx(0.5)  # 1 / ceil(256 records / 128)
+    assert result.epsilon > 0
+    reopened = PrivacyState.open(tmp_path / "privacy-state.json", merchant_id="shop-1", target_epsilon=50.0,
+                                 target_delta=1e-5)
+    assert reopened.epsilon() == pytest.approx(result.epsilon)  # the spend is on disk
+    for k, v in model.encoder.state_dict().items():
+        assert torch.equal(v, encoder_before[k]), k
+    after = get_trainable(model)
+    assert any(not torch.equal(torch.as_tensor(after[n]), torch.as_tensor(heads_before[n])) for n in after)
+    assert len(list((tmp_path / "features").glob("features-*.pt"))) == 1
+    for p in model.parameters():
+        assert not hasattr(p, "grad_sample") and p.grad is None  # no Opacus leftovers
