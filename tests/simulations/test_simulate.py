@@ -158,6 +158,31 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
     torch.testing.assert_close(hidden, ours, rtol=1e-4, atol=1e-5)
 
 
+def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None:
+    """trainable = heads through the Flower simulation engine: each virtual merchant encodes its
+    records once (one cache file in its own state folder, reused in round 2), only the heads
+    travel, the spend is recorded, and the exported model keeps the mean-l2 pooling."""
+    data = tmp_path / "data"
+    write_merchants(data, MERCHANTS)
+    scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data), "trainable": "heads",
+                                                           "pooling": "mean-l2", "batch-size": 64})
+    result = simulate(scenario, tmp_path / "run", log_dir=tmp_path / "log")
+    assert result.returncode == 0, result.describe()
+    run_dir = tmp_path / "run"
+    rows = ledger_rows(run_dir)
+    assert sorted((r.round, r.merchant_id) for r in rows) == [(n, m) for n in (1, 2) for m in MERCHANTS]
+    assert all(r.status == "accepted" and 1 <= r.steps <= 3 and r.epsilon_reported > 0 for r in rows)
+    check_client_state_matches_ledger(run_dir)
+    for merchant in MERCHANTS:
+        cached = list((run_dir / "nodes" / merchant / "features").iterdir())
+        assert len(cached) == 1 and cached[0].name.startswith("features-")  # encoded once, both rounds
+    latest = ckpt.load_latest(run_dir)
+    assert latest is not None and sorted(latest.parameters) == sorted(
+        f"heads.{task}.{kind}" for task in ("ctr", "rating", "relevance") for kind in ("weight", "bias"))
+    exported, _, manifest = load_exported(run_dir / "model")
+    assert manifest["pooling"] == "mean-l2" and exported.pooling == "mean-l2"
+
+
 def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_merchants(data, MERCHANTS)
