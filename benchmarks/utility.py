@@ -1,6 +1,6 @@
 """Utility versus privacy on the bundled real data (not a test).
 
-    .venv/bin/python benchmarks/utility.py [--datasets reviews esci] [--epsilons 1 3 8]
+    .venv/bin/python benchmarks/utility.py [--trainable lora|heads] [--datasets reviews esci] [--epsilons 1 3 8]
 
 For each dataset (the ``reviews`` and ``esci`` scenarios, same encoder, trainable set, batch
 and sequence length in every arm) it trains and then evaluates, on the *same* held-out
@@ -25,7 +25,12 @@ model must serve small merchants too), with every merchant's own figures beside 
 judged gaps (ε = 8 against centralised and against local) carry a 95 % paired-bootstrap
 interval over the held-out examples (``bootstrap_gaps``): how far the test sets' size alone
 could move them.
-Outputs: ``utility.json``, ``utility.md`` and ``utility.png`` under ``--out-dir``.
+
+``--trainable`` picks the trainable set every arm shares (``SETTINGS``): ``lora`` (adapters +
+heads, the scenarios' own, batch 64) or ``heads`` (a frozen encoder, unit-length pooled states,
+each record encoded once and cached, batches of 1,024 records; ``client.features``).
+Outputs: ``utility.json``, ``utility.md`` and ``utility.png`` under ``--out-dir``
+(``utility-heads.*`` for ``--trainable heads``).
 """
 
 from __future__ import annotations
@@ -79,10 +84,32 @@ JUDGED_ARM = "federated-dp-eps-8"  # the arm the targets are set for
 # The least σ a merchant may plan. With every merchant in every round the large merchants'
 # planned σ at ε = 8 is ~0.47, so a floor of 0.5 left part of their budget unspent.
 NOISE_FLOOR = 0.3
-# Heads and encoder clipped apart (each to C/sqrt(2); same noise, same ε): with one clipping
-# norm the adapters' gradient fills it and the heads barely learn. Reviews, ε = 8, one seed:
-# macro AUC 0.757 -> 0.779, log-loss 0.729 -> 0.586, RMSE 1.060 -> 1.028.
-DP_CLIPPING = "heads-apart"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """The trainable set every arm of one benchmark run shares, and what goes with it."""
+
+    overrides: dict[str, Any]  # run-config keys on top of the scenario and DATASET_OVERRIDES
+    clipping: str  # for the DP arms
+    suffix: str  # of the output files
+
+
+SETTINGS = {
+    # Heads and encoder clipped apart (each to C/sqrt(2); same noise, same ε): with one clipping
+    # norm the adapters' gradient fills it and the heads barely learn. Reviews, ε = 8, one seed:
+    # macro AUC 0.757 -> 0.779, log-loss 0.729 -> 0.586, RMSE 1.060 -> 1.028.
+    "lora": Setting(overrides={}, clipping="heads-apart", suffix=""),
+    # A frozen encoder makes a step cost a matrix product, so a DP step can take 1,024 records:
+    # the noise on the mean gradient is σ·C / batch, and at a fixed ε σ grows far more slowly
+    # than the batch. Unit-length pooled states bound a record's head gradient by its error,
+    # so clipping at C = 1 barely binds. 30 steps a round (local-epochs high enough that the
+    # step cap decides), head rate 0.1, no dropout: the settings of the frozen-heads study
+    # (benchmarks/frozen_heads.py) that reached log-loss 0.343 at ε = 8 on cached states.
+    "heads": Setting(overrides={"trainable": "heads", "pooling": "mean-l2", "batch-size": 1024,
+                                "local-epochs": 30.0, "max-local-steps": 30, "head-learning-rate": 0.1,
+                                "dropout": 0.0}, clipping="flat", suffix="-heads"),
+}
 
 
 @dataclasses.dataclass
@@ -103,15 +130,21 @@ class Arm:
 class Dataset:
     """One scenario's merchants, split once; evaluation of any trainable-parameter set."""
 
-    def __init__(self, name: str, work: Path, *, encoder: str, quick: bool) -> None:
+    def __init__(self, name: str, work: Path, *, encoder: str, quick: bool, setting: Setting = SETTINGS["lora"]
+                 ) -> None:
         from client.data import load_merchant
         from client.merchant import merchant_dirs, split_merchant
         from simulations import adapters, engine
 
         self.name = name
         scenario = engine.load_scenario(name)
-        overrides = dict(DATASET_OVERRIDES[name])
+        overrides = {**DATASET_OVERRIDES[name], **setting.overrides}
         overrides["encoder"] = encoder
+        # One cache of frozen-encoder states for every arm (keyed by records and encoder, so
+        # arms share a merchant's states safely); unused unless the encoder is frozen.
+        self.feature_cache = work / "features"
+        overrides["feature-cache-dir"] = str(self.feature_cache)
+        self.setting = setting
         if quick:  # a smoke run of the whole pipeline in a minute or two (tiny encoder)
             overrides.update({"num-server-rounds": 1, "max-local-steps": 2, "eval-max-examples": 32})
         self.data_dir = work / "merchants" / name
@@ -170,7 +203,7 @@ def train_params(dataset: Dataset, merchants: list[str], *, steps: int, epochs: 
     model = build_model(spec)
     examples = [e for m in merchants for e in dataset.splits[m].train]
     trainer.train(model, examples, load_tokenizer(spec), config, privacy=None,
-                  device=choose_device(config.device))
+                  device=choose_device(config.device), feature_cache=dataset.feature_cache / "+".join(merchants))
     return dict(get_trainable(model.cpu()))
 
 
@@ -255,7 +288,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path) -> dict[str
     for eps in epsilons:
         # Each merchant plans its own σ so that a call in every round fits its budget.
         dp_runs[eps] = {"dp": True, "target-epsilon": eps, "noise-plan-calls": c.num_server_rounds,
-                        "noise-multiplier": NOISE_FLOOR, "clipping": DP_CLIPPING}
+                        "noise-multiplier": NOISE_FLOOR, "clipping": dataset.setting.clipping}
         timed(f"federated-dp-eps-{eps:g}", federated(f"dp-eps-{eps:g}", dp_runs[eps]))
 
     cold = cold_start(dataset, work, dp_runs.get(8.0) or dp_runs[max(dp_runs)], arms)
@@ -408,7 +441,8 @@ def judge(name: str, result: dict[str, Any]) -> dict[str, Any]:
 
 def markdown(results: dict[str, Any]) -> str:
     lines = ["# Utility versus privacy", "",
-             f"Machine: {results['machine']}. Encoder: {results['encoder']}. Total run time "
+             f"Machine: {results['machine']}. Encoder: {results['encoder']}. Trainable set (every arm): "
+             f"{results.get('trainable', 'lora')}. Total run time "
              f"{results['total_seconds'] / 60:.1f} min. Command: `{results['command']}`.", "",
              "Metrics are macro averages over merchants, on each merchant's held-out records. "
              "Gaps are relative to centralised non-private (positive = worse).", ""]
@@ -518,6 +552,8 @@ def main() -> int:
     parser.add_argument("--datasets", nargs="+", default=["reviews", "esci"], choices=sorted(HEADLINE))
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     parser.add_argument("--encoder", default="minilm", help="minilm (default), tiny, or a model folder")
+    parser.add_argument("--trainable", choices=sorted(SETTINGS), default="lora",
+                        help="the trainable set all arms share (default lora; heads: frozen encoder, cached states)")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps: checks the pipeline, not utility")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs and logs here (default: temporary)")
@@ -530,21 +566,23 @@ def main() -> int:
     start = time.perf_counter()
     results: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPU cores, {sys.platform}", "encoder": args.encoder,
+        "trainable": args.trainable,
         "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "datasets": {}}
     with tempfile.TemporaryDirectory(prefix="fedshop-utility-") as tmp:
         work = args.work_dir or Path(tmp)
         for name in args.datasets:
-            dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick)
+            dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=SETTINGS[args.trainable])
             result = run_dataset(dataset, args.epsilons, work)
             result["verdict"] = judge(name, result)
             results["datasets"][name] = result
     results["total_seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out_dir / "utility.json", json.dumps(finite(results), indent=1))
-    write_atomic(args.out_dir / "utility.md", markdown(results))
-    plot(results, args.out_dir / "utility.png")
+    stem = args.out_dir / f"utility{SETTINGS[args.trainable].suffix}"
+    write_atomic(stem.with_suffix(".json"), json.dumps(finite(results), indent=1))
+    write_atomic(stem.with_suffix(".md"), markdown(results))
+    plot(results, stem.with_suffix(".png"))
     print(markdown(results))
-    print(f"written: {args.out_dir / 'utility.json'}, utility.md, utility.png")
+    print(f"written: {stem}.json, .md, .png")
     return 0
 
 
