@@ -538,6 +538,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
         ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="best")
+    fig.suptitle(f"Utility against ε, trainable set: {results.get('trainable', 'lora')}", fontsize=10)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp, dpi=120)

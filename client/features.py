@@ -4,8 +4,9 @@ With ``trainable = heads`` the encoder never changes (neither locally nor in the
 so a record's pooled state is the same in every round. Encoding is then the whole cost of a
 step; done once, a DP step can take batches of a thousand records for the price of a matrix
 product. That matters for privacy: the noise on a step's mean gradient is σ·C / batch, and at a
-fixed ε, σ grows far more slowly than the batch (reviews, ε = 8: batches of 64 records need
-σ ≈ 0.5-1.7, of 1,024 records σ ≈ 2.4-6.6, so the mean gradient is 5-6 times less noisy).
+fixed ε, σ grows far more slowly than the batch (reviews, ε = 8, 4 rounds: 6 steps of 64
+records a round need σ 0.40-1.11 across merchants, 30 steps of up to 1,024 records σ
+1.11-6.57, so each step's mean gradient is several times less noisy).
 
 The cache holds states derived from the merchant's private records, so it lives where the
 records' privacy state lives (the node's state folder) unless the run names another folder.

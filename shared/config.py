@@ -65,9 +65,9 @@ class RunConfig:
     max_seq_len: int = 64
     tasks: str = "ctr,rating,relevance"
     # mean-l2 scales each pooled vector to unit length (what MiniLM's sentence embeddings were
-    # trained for). A head's per-record gradient is then bounded by its error alone, so DP-SGD
-    # clips little and its noise, not clipping bias, is what remains: private heads on a frozen
-    # encoder, reviews ε = 8, log-loss 0.385 -> 0.343 (benchmarks/results/utility-heads.md).
+    # trained for). A head's per-record gradient is then bounded by its error alone, so a
+    # clipping norm of 1 binds only on badly predicted records: private heads on a frozen
+    # encoder, reviews ε = 8, log-loss 0.385 -> 0.343 (a probe; README, "Utility versus privacy").
     pooling: Pooling = "mean"
 
     # --- local training -------------------------------------------------------------
