@@ -9,7 +9,6 @@ Ray (and everything it started) when the run ends, fails or is interrupted.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import tomllib
@@ -157,7 +156,6 @@ def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = N
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     _size_worker_pool_to_actors()
-    _keep_ctrl_c()
     try:
         # The Flower simulation runtime: the ServerApp runs in a thread here, ClientApps
         # in Ray actors, one virtual SuperNode per merchant. (Private entry point: the
@@ -190,23 +188,6 @@ class _ActorSizedPool(ThreadPoolExecutor):
 
 # Upper bound on clients in flight at once; each costs one mostly idle thread in this process.
 MAX_PARALLEL_CLIENTS = 256
-
-
-def _keep_ctrl_c() -> None:
-    """Stop Ray from deferring SIGINT in this driver, so Ctrl-C always stops the run.
-
-    Ray wraps some main-thread calls in ``DeferSigint``, which swaps the SIGINT handler for one
-    that only records the signal and monkey-patches ``signal.signal`` until it exits. Nested,
-    the inner exit restores the handler through the outer one's patch, so the recording
-    handler stays installed for good: from then on Ctrl-C is silently ignored and the run goes
-    on to its last round (seen, rarely, in the Ctrl-C test). fedshop needs no deferral: on
-    Ctrl-C it shuts Ray down and exits, and every ledger row and checkpoint it committed is
-    already on disk.
-    """
-    from ray._private import utils as ray_utils
-
-    ray_utils.DeferSigint.create_if_main_thread = classmethod(  # type: ignore[method-assign,assignment]
-        lambda cls: contextlib.nullcontext())
 
 
 def _size_worker_pool_to_actors() -> None:

@@ -29,27 +29,3 @@ def test_every_actor_gets_a_worker_thread_on_a_small_machine() -> None:
         # Flower's worker loops (each blocked on its actor) must.
         results = list(pool.map(lambda _: barrier.wait(), range(workers)))
     assert sorted(results) == list(range(workers))
-
-
-def test_nested_ray_sigint_deferral_no_longer_swallows_ctrl_c() -> None:
-    import signal
-
-    from ray._private.utils import DeferSigint
-
-    original = DeferSigint.__dict__["create_if_main_thread"]
-    before = signal.getsignal(signal.SIGINT)
-    try:
-        # What Ray does unpatched: nested deferrals leave a handler that only records SIGINT.
-        with DeferSigint.create_if_main_thread(), DeferSigint.create_if_main_thread():
-            pass
-        assert signal.getsignal(signal.SIGINT) != before
-        signal.signal(signal.SIGINT, before)
-
-        engine._keep_ctrl_c()
-        with DeferSigint.create_if_main_thread(), DeferSigint.create_if_main_thread():
-            assert signal.getsignal(signal.SIGINT) == before  # nothing deferred
-        assert signal.getsignal(signal.SIGINT) == before
-        assert signal.signal.__name__ == "signal"  # signal.signal itself not monkey-patched
-    finally:
-        DeferSigint.create_if_main_thread = original
-        signal.signal(signal.SIGINT, before)
