@@ -112,6 +112,13 @@ class Run:
         return f"exit code {self.returncode}\n--- output (tail) ---\n{self.output[-tail:]}"
 
 
+def _default_sigint() -> None:
+    """In the child: SIGINT as in a terminal's foreground job. A test run started as a
+    background job of a non-interactive shell (``pytest &``) has SIGINT ignored, children
+    inherit that, and Python then leaves it ignored: Ctrl-C tests would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def session(cmd: Sequence[str], *, log_dir: Path, env: Mapping[str, str] | None = None
             ) -> Iterator[subprocess.Popen[bytes]]:
@@ -119,7 +126,8 @@ def session(cmd: Sequence[str], *, log_dir: Path, env: Mapping[str, str] | None 
     log_dir.mkdir(parents=True, exist_ok=True)
     with (log_dir / "stdout.txt").open("wb") as out, (log_dir / "stderr.txt").open("wb") as err:
         proc = subprocess.Popen(list(cmd), cwd=REPO, env=dict(env or subprocess_env()), stdout=out,
-                                stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+                                stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                                preexec_fn=_default_sigint)
     try:
         yield proc
     finally:
