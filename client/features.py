@@ -47,6 +47,14 @@ class HeadsOnly(nn.Module):
         return head_scores(self.heads, self.dropout, pooled)
 
 
+def cache_dir(configured: str, default: Path, owner: str = "") -> Path:
+    """Where a merchant's states live: ``feature-cache-dir`` (one subfolder per owner, so
+    merchants can share it) when the run names one, else ``default`` beside its privacy state."""
+    if configured:
+        return Path(configured).expanduser() / owner if owner else Path(configured).expanduser()
+    return default
+
+
 def cache_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
               *, max_seq_len: int) -> str:
     """A digest of everything a record's pooled state depends on."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from client import trainer
+from client import features, trainer
 from client.budget import BudgetExceededError, PrivacyState
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from shared.config import RunConfig
@@ -158,9 +158,8 @@ class Merchant:
     @property
     def feature_cache(self) -> Path:
         """Where this merchant's frozen-encoder states are kept (``trainable = heads``)."""
-        if self.config.feature_cache_dir:
-            return Path(self.config.feature_cache_dir).expanduser() / self.identity.merchant_id
-        return self.identity.state_dir / "features"
+        return features.cache_dir(self.config.feature_cache_dir, self.identity.state_dir / "features",
+                                  self.identity.merchant_id)
 
     def privacy_state(self) -> PrivacyState:
         return PrivacyState.open(self.identity.state_path, merchant_id=self.identity.merchant_id,

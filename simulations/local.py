@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from client import trainer
+from client import features, trainer
 from client.budget import PrivacyState
 from client.data import load_merchant
 from client.merchant import split_merchant
@@ -61,7 +61,7 @@ def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_pr
         if epochs_progress and (step == total or step % max(1, total // 10) == 0):
             log.info("step %d/%d  loss %.4f", step, total, loss)
 
-    cache = Path(config.feature_cache_dir).expanduser() if config.feature_cache_dir else out_dir / "features"
+    cache = features.cache_dir(config.feature_cache_dir, out_dir / "features")
     result = trainer.train(model, train_examples, tokenizer, config, privacy=privacy, device=device,
                            on_step=progress, feature_cache=cache)
     after = trainer.evaluate(model, test_all, tokenizer, config, device=device)
