@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -46,6 +47,28 @@ def clip_groups(clipping: str) -> Callable[[str], str] | None:
     raise ValueError(f"clipping = {clipping!r}: must be 'flat' or 'heads-apart'")
 
 
+def private_generators(model: nn.Module, seed: int | None) -> tuple[torch.Generator, torch.Generator]:
+    """(Poisson sampling, noise) generators for one private call, seeded from the OS's entropy
+    pool unless a test asks for ``seed``.
+
+    Never torch's global generator, nor one seeded from the run config: ``build_model`` resets
+    the global seed and every fresh process starts from the same default one, so the noise
+    (and with a seeded loader, the batches) repeated from call to call and from merchant to
+    merchant. Two rounds' updates then carried the same noise, which their difference cancels,
+    and the accounting's independent-noise, secret-sampling assumption did not hold.
+    """
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    sampling_seed, noise_seed = (seed, seed + 1) if seed is not None else (secrets.randbits(63), secrets.randbits(63))
+    return (torch.Generator().manual_seed(sampling_seed),  # the sampler draws on the CPU
+            torch.Generator(device=device).manual_seed(noise_seed))  # noise is drawn where the parameters are
+
+
+def _resampled(data_loader: DataLoader, generator: torch.Generator) -> DataLoader:
+    """The same dataset and batch size (so the same sample rate) with ``generator`` for sampling."""
+    return DataLoader(data_loader.dataset, batch_size=data_loader.batch_size, collate_fn=data_loader.collate_fn,
+                      generator=generator)
+
+
 @dataclasses.dataclass
 class PrivateTraining:
     """The objects Opacus hands back; ``criterion`` is only wrapped in ghost and bk modes."""
@@ -69,11 +92,14 @@ def make_private(
     seed: int | None = None,
     clipping: str = "flat",
 ) -> PrivateTraining:
-    """Wrap for DP-SGD with Poisson sampling (the sampling the accountants assume)."""
+    """Wrap for DP-SGD with Poisson sampling (the sampling the accountants assume), its batches
+    and noise drawn from fresh generators (``private_generators``); ``seed`` only for tests."""
+    sampling, noise = private_generators(model, seed)
+    data_loader = _resampled(data_loader, sampling)
     if mode == "bk":
         return _make_private_bookkeeping(model=model, optimizer=optimizer, data_loader=data_loader,
                                          criterion=criterion, noise_multiplier=noise_multiplier,
-                                         max_grad_norm=max_grad_norm, seed=seed, clipping=clipping)
+                                         max_grad_norm=max_grad_norm, noise=noise, clipping=clipping)
     if clipping != "flat":
         raise ValueError(f"clipping = {clipping!r} needs mode 'bk', not {mode!r}")
     from opacus import PrivacyEngine
@@ -93,9 +119,8 @@ def make_private(
         max_grad_norm=max_grad_norm,
         poisson_sampling=True,
         grad_sample_mode=mode,
+        noise_generator=noise,
     )
-    if seed is not None:
-        kwargs["noise_generator"] = torch.Generator().manual_seed(seed)
     if mode == "ghost":
         private_model, private_optimizer, private_criterion, loader = engine.make_private(
             criterion=criterion, **kwargs
@@ -111,7 +136,7 @@ def make_private(
 
 def _make_private_bookkeeping(*, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
                               criterion: nn.Module, noise_multiplier: float, max_grad_norm: float,
-                              seed: int | None, clipping: str) -> PrivateTraining:
+                              noise: torch.Generator, clipping: str) -> PrivateTraining:
     """Book-keeping clipping with Opacus' Poisson loader and its optimizer for pre-clipped
     gradients (noise N(0, σ²C²) on the clipped sum, then ÷ expected batch size), set up as
     ``PrivacyEngine.make_private`` sets up ghost clipping."""
@@ -127,7 +152,7 @@ def _make_private_bookkeeping(*, model: nn.Module, optimizer: torch.optim.Optimi
         optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
         expected_batch_size=int(len(loader.dataset) * sample_rate),  # type: ignore[arg-type]
         loss_reduction="mean",
-        generator=torch.Generator().manual_seed(seed) if seed is not None else None,
+        generator=noise,
     )
     return PrivateTraining(model=private_model, optimizer=private_optimizer, data_loader=loader,
                            criterion=BookKeepingLoss(private_model, criterion),  # type: ignore[arg-type]
