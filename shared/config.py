@@ -43,7 +43,7 @@ class RunConfig:
     early_stopping_metric: str = "ctr_auc"
     run_dir: str = "runs/latest"
     resume: bool = False  # continue the run in run-dir from its last checkpoint
-    seed: int = 0
+    seed: int = 0  # model init, non-private batch order, node sampling; never DP noise or Poisson batches
 
     # --- data -----------------------------------------------------------------------
     data_dir: str = ""  # folder of merchant folders, or "synthetic:N" for generated merchants

@@ -313,7 +313,8 @@ def run_canary_audit(
     training; ``noise=False`` trains non-privately on the same data for the same number of
     steps and claims the ε the DP configuration would have reported: the audit is then
     expected to find a lower bound above that claim. ``seed`` draws the canaries and their
-    coins; ``config.seed`` still draws the model and the batches. The result is also
+    coins; ``config.seed`` still draws the model (and, with ``noise=False``, the batches; a
+    private run draws its batches and noise afresh, ``client.dp.private_generators``). The result is also
     written to ``out_dir / canary_audit.json``.
     """
     if base_examples is None:
