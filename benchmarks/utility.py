@@ -106,13 +106,9 @@ SETTINGS = {
     # so clipping at C = 1 binds only on badly predicted records. No dropout. 8 rounds of 15
     # steps at head rate 0.1 (local-epochs high enough that the step cap decides): what limits
     # this model is how far 120 steps get, not the noise (with the noise removed, the same DP
-    # run reaches log-loss 0.316 against 0.322), so fewer, larger rounds and a fast rate win.
-    # Reviews, ε = 8, plain-torch replica of these runs, mean of 3-4 seeds (AUC / log-loss /
-    # RMSE): 4 x 30 at rate 0.03 0.875 / 0.342 / 0.891; 8 x 15 at 0.1 0.889 / 0.322 / 0.875;
-    # 12 x 10 0.892 / 0.319 / 0.875; 16 x 15 0.892 / 0.327 / 0.869; 8 x 30 0.892 / 0.324 /
-    # 0.872; rate 0.15 0.892 / 0.319 / 0.885; batch 2,048 0.891 / 0.322 / 0.872; C 1.5 0.890 /
-    # 0.320 / 0.877; rate decayed to 0.3x over the rounds 0.885 / 0.324 / 0.879; plain SGD
-    # (rate 10, momentum 0.9) 0.888 / 0.327 / 0.899.
+    # run reaches log-loss 0.316 against 0.322), so fewer, larger rounds and a fast rate win
+    # (reviews, ε = 8: 4 x 30 at rate 0.03 0.875 / 0.342 / 0.891, 8 x 15 at 0.1 0.889 / 0.322 /
+    # 0.875; the whole grid is in the README, "Private heads on a frozen encoder").
     "heads": Setting(overrides={"trainable": "heads", "pooling": "mean-l2", "batch-size": 1024,
                                 "num-server-rounds": 8, "local-epochs": 15.0, "max-local-steps": 15,
                                 "head-learning-rate": 0.1, "dropout": 0.0}, clipping="flat", suffix="-heads"),

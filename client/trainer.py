@@ -179,6 +179,8 @@ def train(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(model, config)
     criterion: nn.Module = PerExampleLoss()
+    # Reproducible batch order for non-private calls only: a private call samples from its own
+    # fresh generator (client.dp.make_private), since batches known in advance are not secret.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
     # A frozen encoder (trainable = heads): train the heads on each record's pooled state,
     # encoded once and cached, instead of running the encoder at every step. Same records,
