@@ -134,9 +134,13 @@ class PrivacyState:
 
     def planned_noise(self, *, sample_rate: float, steps: int, max_grad_norm: float, calls: int, floor: float) -> float:
         """σ (at least ``floor``) at which ``calls`` more calls like this one fit the budget."""
+        # The last call's σ is the likely answer within a run (its plan, followed, leaves the
+        # same σ for the calls after): a hint makes the search a couple of ε evaluations.
+        events = self.events
         return dp.noise_for_budget(self.target_epsilon, self.target_delta, sample_rate=sample_rate, steps=steps,
                                    calls=calls, max_grad_norm=max_grad_norm, accountant=self.accountant,
-                                   history=self.events, floor=floor)
+                                   history=events, floor=floor,
+                                   hint=events[-1].noise_multiplier if events else None)
 
     @property
     def total_steps(self) -> int:

@@ -67,3 +67,38 @@ def test_a_smaller_merchant_plans_more_noise(tmp_path: Path) -> None:
         # same σ up to the bisection's 1 % (spending any slack the first rounding left).
         assert state.events[1].noise_multiplier == pytest.approx(sigma[name], rel=0.02)
     assert sigma["small"] > sigma["large"]
+
+
+@pytest.mark.parametrize("factor", [1.0, 1.004, 3.0, 1 / 3, 1e3])
+def test_a_hint_narrows_the_search_without_changing_its_guarantee(factor: float, monkeypatch: pytest.MonkeyPatch
+                                                                  ) -> None:
+    """Whatever the hint (right, slightly off, far off, outside [floor, 100]), the planned σ fits
+    the budget and 2 % less would not; the right hint costs two ε evaluations, not a dozen."""
+    import client.dp as dp
+
+    q, steps, calls, delta, target = 0.05, 12, 4, 1e-5, 3.0
+    past = [MechanismEvent(noise_multiplier=1.2, sample_rate=q, steps=steps, max_grad_norm=1.0)]
+    exact = noise_for_budget(target, delta, sample_rate=q, steps=steps, calls=calls, history=past)
+    evaluations = []
+    real = dp.epsilon
+    monkeypatch.setattr(dp, "epsilon", lambda *a, **k: evaluations.append(1) or real(*a, **k))
+    sigma = noise_for_budget(target, delta, sample_rate=q, steps=steps, calls=calls, history=past,
+                             hint=exact * factor)
+    monkeypatch.undo()
+
+    def eps(s: float) -> float:
+        return epsilon(past + [MechanismEvent(noise_multiplier=s, sample_rate=q, steps=steps, max_grad_norm=1.0)]
+                       * calls, delta)
+
+    assert eps(sigma) <= target
+    assert eps(sigma / 1.02) > target
+    if factor == 1.0:
+        assert sigma == exact and len(evaluations) == 2
+
+
+def test_the_hint_floor_and_ceiling_still_hold() -> None:
+    # A generous budget: the floor is the answer even when the hint sits above it.
+    assert noise_for_budget(50.0, 1e-5, sample_rate=0.05, steps=12, calls=1, floor=2.5, hint=4.0) == 2.5
+    # A budget nothing fits: the ceiling (100) comes back, for the budget check to refuse.
+    spent = [MechanismEvent(noise_multiplier=2.0, sample_rate=1.0, steps=20, max_grad_norm=1.0)]  # ε ≈ 11.5
+    assert noise_for_budget(1.0, 1e-5, sample_rate=1.0, steps=5, calls=1, history=spent, hint=5.0) == 100.0
