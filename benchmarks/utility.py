@@ -26,6 +26,11 @@ judged gaps (ε = 8 against centralised and against local) carry a 95 % paired-b
 interval over the held-out examples (``bootstrap_gaps``): how far the test sets' size alone
 could move them.
 
+``--repeats K`` runs every trained arm K times (the run-config seed shifted by the repeat;
+each DP run draws fresh noise anyway) and reports the mean with the lowest and highest
+repeat: with a few held-out queries a merchant, one run's relevance figures move by more
+than the gaps being judged.
+
 ``--trainable`` picks the trainable set every arm shares (``SETTINGS``): ``lora`` (adapters +
 heads, the scenarios' own, batch 64) or ``heads`` (a frozen encoder, unit-length pooled states,
 each record encoded once and cached, batches of 1,024 records; ``client.features``).
@@ -117,16 +122,36 @@ SETTINGS = {
 
 @dataclasses.dataclass
 class Arm:
+    """One arm: each repeat's per-merchant metrics, and its per-example predictions."""
+
     name: str
-    per_merchant: dict[str, dict[str, float]]
+    runs: list[dict[str, dict[str, float]]]  # one per repeat: merchant -> metric -> value
     seconds: float
     notes: dict[str, Any] = dataclasses.field(default_factory=dict)
-    # Each merchant's per-example predictions on its held-out examples (for the bootstrap).
-    preds: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
+    # Each repeat's per-merchant predictions on the held-out examples (for the bootstrap).
+    preds: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
+
+    @property
+    def per_merchant(self) -> dict[str, dict[str, float]]:
+        """Each merchant's metrics, averaged over the repeats."""
+        out: dict[str, dict[str, float]] = {}
+        for m in self.runs[0]:
+            keys = set.intersection(*(set(run.get(m, {})) for run in self.runs))
+            out[m] = {k: statistics.fmean(run[m][k] for run in self.runs) for k in sorted(keys)}
+        return out
+
+    def run_macros(self, metric: str) -> list[float]:
+        """Each repeat's macro average over merchants."""
+        return [macro_of(run, metric) for run in self.runs]
 
     def macro(self, metric: str) -> float:
-        values = [m[metric] for m in self.per_merchant.values() if metric in m]
+        values = [v for v in self.run_macros(metric) if math.isfinite(v)]
         return statistics.fmean(values) if values else math.nan
+
+
+def macro_of(per_merchant: dict[str, dict[str, float]], metric: str) -> float:
+    values = [m[metric] for m in per_merchant.values() if metric in m]
+    return statistics.fmean(values) if values else math.nan
 
 
 # --------------------------------------------------------------------------- data and models
@@ -196,12 +221,15 @@ def informative(test: list[Any]) -> list[Any]:
     return [e for e in test if e.task != "relevance" or len(grades[e.group]) > 1]
 
 
-def train_params(dataset: Dataset, merchants: list[str], *, steps: int, epochs: float) -> dict[str, Any]:
-    """Non-private training on the union of ``merchants``' training data; the trainable params."""
+def train_params(dataset: Dataset, merchants: list[str], *, steps: int, epochs: float, repeat: int = 0
+                 ) -> dict[str, Any]:
+    """Non-private training on the union of ``merchants``' training data; the trainable params.
+    ``repeat`` shifts the seed (head initialisation, batch order)."""
     from client import trainer
     from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer
 
-    config = dataset.config.replace(dp=False, max_local_steps=steps, local_epochs=epochs)
+    config = dataset.config.replace(dp=False, max_local_steps=steps, local_epochs=epochs,
+                                    seed=dataset.config.seed + repeat)
     spec = ModelSpec.from_config(config)
     model = build_model(spec)
     examples = [e for m in merchants for e in dataset.splits[m].train]
@@ -244,30 +272,37 @@ def noise_used(run_dir: Path) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- the arms
-def run_dataset(dataset: Dataset, epsilons: list[float], work: Path) -> dict[str, Any]:
+def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: int = 1) -> dict[str, Any]:
     arms: list[Arm] = []
     total_steps, merchant_steps = dataset.train_steps()
     c = dataset.config
 
-    def timed(name: str, fn: Any, **notes: Any) -> Arm:
-        log.info("[%s] %s ...", dataset.name, name)
+    def timed(name: str, fn: Any, times: int = repeats, **notes: Any) -> Arm:
+        """Run ``fn(repeat)`` ``times`` times: one arm, every repeat's metrics and predictions."""
         start = time.perf_counter()
-        (per_merchant, preds), extra = fn()
-        arm = Arm(name, per_merchant, time.perf_counter() - start, {**notes, **extra}, preds)
+        runs, preds, extras = [], [], []
+        for r in range(times):
+            log.info("[%s] %s%s ...", dataset.name, name, f" (repeat {r + 1}/{times})" if times > 1 else "")
+            (per_merchant, p), extra = fn(r)
+            runs.append(per_merchant)
+            preds.append(p)
+            extras.append(extra)
+        arm = Arm(name, runs, time.perf_counter() - start, {**notes, **merge_notes(extras)}, preds)
         log.info("[%s] %s done in %.0f s: %s", dataset.name, name, arm.seconds,
-                 {m: round(arm.macro(m), 4) for m in HEADLINE[dataset.name]})
+                 {m: [round(v, 4) for v in arm.run_macros(m)] for m in HEADLINE[dataset.name]})
         arms.append(arm)
         return arm
 
-    timed("untrained", lambda: (dataset.evaluate(None), {}))
-    timed("centralised", lambda: (dataset.evaluate(train_params(dataset, dataset.merchants, steps=total_steps,
-                                                                epochs=1e9)), {}), steps=total_steps)
+    timed("untrained", lambda r: (dataset.evaluate(None), {}), times=1)
+    timed("centralised", lambda r: (dataset.evaluate(train_params(dataset, dataset.merchants, steps=total_steps,
+                                                                  epochs=1e9, repeat=r)), {}), steps=total_steps)
 
-    def local() -> tuple[tuple[dict[str, dict[str, float]], dict[str, Any]], dict[str, Any]]:
+    def local(r: int) -> tuple[tuple[dict[str, dict[str, float]], dict[str, Any]], dict[str, Any]]:
         out: dict[str, dict[str, float]] = {}
         preds: dict[str, Any] = {}
         for m in dataset.merchants:
-            params = train_params(dataset, [m], steps=merchant_steps, epochs=c.local_epochs * c.num_server_rounds)
+            params = train_params(dataset, [m], steps=merchant_steps, epochs=c.local_epochs * c.num_server_rounds,
+                                  repeat=r)
             metrics, own = dataset.evaluate(params, [m])
             out.update(metrics)
             preds.update(own)
@@ -276,9 +311,9 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path) -> dict[str
     timed("local", local, steps_per_merchant=merchant_steps)
 
     def federated(name: str, overrides: dict[str, Any]) -> Any:
-        def run() -> tuple[tuple[dict[str, dict[str, float]], dict[str, Any]], dict[str, Any]]:
-            run_dir = work / "runs" / dataset.name / name
-            params, summary = simulate(dataset, run_dir, overrides)
+        def run(r: int) -> tuple[tuple[dict[str, dict[str, float]], dict[str, Any]], dict[str, Any]]:
+            run_dir = work / "runs" / dataset.name / (f"{name}-r{r + 1}" if repeats > 1 else name)
+            params, summary = simulate(dataset, run_dir, {**overrides, "seed": c.seed + r})
             notes: dict[str, Any] = {"rounds": summary["rounds_completed"],
                                      "epsilon_spent": {m: p["epsilon"] for m, p in summary["privacy"].items()}}
             if overrides.get("dp"):
@@ -299,13 +334,26 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path) -> dict[str
     judged = by_name.get(JUDGED_ARM)
     gap_ci = {} if judged is None else {ref: bootstrap_gaps(dataset.tests, judged, by_name[ref], HEADLINE[dataset.name])
                                         for ref in ("centralised", "local")}
-    return {"gap_ci95": gap_ci, "config": dataset.scenario, "merchants": dataset.merchants,
+    return {"gap_ci95": gap_ci, "config": dataset.scenario, "merchants": dataset.merchants, "repeats": repeats,
             "train_records": {m: len(s.train) for m, s in dataset.splits.items()},
             "test_examples": {m: len(t) for m, t in dataset.tests.items()},
             "test_queries": {m: len({e.group for e in t if e.task == "relevance"}) for m, t in dataset.tests.items()},
             "arms": {a.name: {"seconds": a.seconds, "notes": a.notes, "per_merchant": a.per_merchant,
-                              "macro": {k: a.macro(k) for k in HIGHER_IS_BETTER}} for a in arms},
+                              "macro": {k: a.macro(k) for k in HIGHER_IS_BETTER},
+                              "macro_runs": {k: a.run_macros(k) for k in HIGHER_IS_BETTER}} for a in arms},
             "cold_start": cold}
+
+
+def merge_notes(extras: list[dict[str, Any]]) -> dict[str, Any]:
+    """An arm's notes from its repeats: the first repeat's, and each repeat's own beside them."""
+    if len(extras) <= 1:
+        return extras[0] if extras else {}
+    return {**extras[0], "per_repeat": extras}
+
+
+def noise_range(notes: dict[str, Any]) -> list[float]:
+    """Every merchant's σ in every repeat of a DP arm (empty for a non-private one)."""
+    return [sigma for n in notes.get("per_repeat", [notes]) for sigma in (n.get("noise_multiplier") or {}).values()]
 
 
 def cold_start(dataset: Dataset, work: Path, dp_overrides: dict[str, Any], arms: list[Arm]) -> dict[str, Any]:
@@ -350,14 +398,16 @@ def bootstrap_gaps(tests: dict[str, list[Any]], arm: Arm, reference: Arm, metric
     Paired bootstrap: each resample draws every merchant's held-out units with replacement
     (an example; for relevance a whole query, since its judgments are ranked together) and
     scores both arms on that same draw, so what the interval reflects is the test set's size,
-    not the arms' shared luck. Training randomness (one seed per arm) is not in it.
+    not the arms' shared luck. An arm with several repeats scores each on the draw and takes
+    their mean, as its point estimate does; the spread between repeats (training randomness)
+    is reported beside the interval, not in it.
     """
     import numpy as np
 
     from shared.metrics import task_metrics
 
     rng = np.random.default_rng(seed)
-    merchants = [m for m in tests if m in arm.preds and m in reference.preds]
+    merchants = [m for m in tests if all(m in p for p in arm.preds + reference.preds)]
     layout = {m: _units(tests[m]) for m in merchants}
     draws: dict[str, list[float]] = {metric: [] for metric in metrics}
     for _ in range(resamples):
@@ -376,13 +426,15 @@ def bootstrap_gaps(tests: dict[str, list[Any]], arm: Arm, reference: Arm, metric
                 else:  # only relevance reads groups
                     grp = np.zeros(len(sel))
                 parts.append((task, sel, grp))
-            for side, preds in (("arm", arm.preds[m]), ("ref", reference.preds[m])):
-                scored: dict[str, float] = {}
-                for task, sel, grp in parts:
-                    scored.update(task_metrics(task, targets=targets[sel], preds=preds[sel], groups=grp))
+            for side, runs in (("arm", arm.preds), ("ref", reference.preds)):
+                scored: dict[str, list[float]] = {}
+                for preds in runs:
+                    for task, sel, grp in parts:
+                        for k, v in task_metrics(task, targets=targets[sel], preds=preds[m][sel], groups=grp).items():
+                            scored.setdefault(k, []).append(v)
                 for k in metrics:
                     if k in scored:
-                        values[side][k].append(scored[k])
+                        values[side][k].append(statistics.fmean(scored[k]))
         for k in metrics:
             if values["arm"][k] and values["ref"][k]:
                 draws[k].append(relative_gap(k, statistics.fmean(values["arm"][k]), statistics.fmean(values["ref"][k])))
@@ -428,8 +480,11 @@ def judge(name: str, result: dict[str, Any]) -> dict[str, Any]:
                 for m in result["merchants"]}
         finite_gaps = {m: g for m, g in gaps.items() if math.isfinite(g)}
         worst = max(finite_gaps, key=lambda m: finite_gaps[m]) if finite_gaps else None
+        runs = arms[best_dp]["macro_runs"][metric]
         verdict["metrics"][metric] = {
             "gap_vs_centralised": relative_gap(metric, dp_value, central),
+            # Each repeat's own gap: how often one run, as a user would train once, meets the target.
+            "gap_vs_centralised_runs": [relative_gap(metric, v, central) for v in runs],
             "gap_vs_centralised_ci95": ci.get("centralised", {}).get(metric, [math.nan, math.nan]),
             "gap_vs_local": relative_gap(metric, dp_value, local),
             "gap_vs_local_ci95": ci.get("local", {}).get(metric, [math.nan, math.nan]),
@@ -451,22 +506,30 @@ def markdown(results: dict[str, Any]) -> str:
              "Gaps are relative to centralised non-private (positive = worse).", ""]
     for name, result in results["datasets"].items():
         metrics = HEADLINE[name]
-        lines += [f"## {name}", "", "| arm | " + " | ".join(metrics) + " | σ (merchants) | run time |",
+        repeats = result.get("repeats", 1)
+        lines += [f"## {name}", ""]
+        if repeats > 1:
+            lines += [f"Every trained arm ran {repeats} times (seed + repeat; each DP run draws fresh noise): "
+                      "the mean over repeats, and in brackets the lowest and highest repeat.", ""]
+        lines += ["| arm | " + " | ".join(metrics) + " | σ (merchants) | run time |",
                   "|---|" + "---:|" * (len(metrics) + 2)]
         for arm, data in result["arms"].items():
-            sigmas = list((data["notes"].get("noise_multiplier") or {}).values())
+            sigmas = noise_range(data["notes"])
             sigma = f"{min(sigmas):.2f}-{max(sigmas):.2f}" if sigmas else "-"
-            lines.append(f"| {arm} | " + " | ".join(_fmt(data["macro"][m]) for m in metrics)
+            lines.append(f"| {arm} | " + " | ".join(_fmt(data["macro"][m]) + _spread(data["macro_runs"][m])
+                                                     for m in metrics)
                          + f" | {sigma} | {data['seconds']:.0f} s |")
         verdict = result.get("verdict", {})
         if verdict:
             lines += ["", "Federated DP at ε = 8 against the targets (gaps: point estimate [95 % paired "
                       "bootstrap interval over the held-out examples; queries for relevance]; positive = worse):", "",
-                      "| metric | gap vs centralised | within 5 % | gap vs local | better than local | "
-                      "worst merchant (gap) |", "|---|---:|:---:|---:|:---:|---|"]
+                      "| metric | gap vs centralised | within 5 % | runs within 5 % | gap vs local | "
+                      "better than local | worst merchant (gap) |", "|---|---:|:---:|:---:|---:|:---:|---|"]
             for metric, v in verdict["metrics"].items():
+                runs = v["gap_vs_centralised_runs"]
                 lines.append(f"| {metric} | {_pct(v['gap_vs_centralised'])} {_interval(v['gap_vs_centralised_ci95'])}"
                              f" | {_yes(v['within_5pct_of_centralised'])}"
+                             f" | {sum(g <= TARGET_RELATIVE_GAP for g in runs)} / {len(runs)}"
                              f" | {_pct(v['gap_vs_local'])} {_interval(v['gap_vs_local_ci95'])}"
                              f" | {_yes(v['better_than_local'])} | {v['worst_merchant']} "
                              f"({_pct(v['worst_merchant_gap'])}) |")
@@ -495,6 +558,14 @@ def markdown(results: dict[str, Any]) -> str:
 
 def _fmt(value: float | None, digits: int = 4) -> str:
     return "-" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _spread(values: list[float]) -> str:
+    """`` (lowest-highest)`` over an arm's repeats; nothing for a single run."""
+    finite_values = [v for v in values if math.isfinite(v)]
+    if len(finite_values) < 2:
+        return ""
+    return f" ({min(finite_values):.3f}-{max(finite_values):.3f})"
 
 
 def _pct(value: float) -> str:
@@ -526,10 +597,19 @@ def plot(results: dict[str, Any], path: Path) -> None:
         no_dp_x = 2 * max(x for x, _ in dp) if dp else 16.0
         xs = [x for x, _ in dp] + [no_dp_x]
         ys = [y for _, y in dp] + [arms["federated"]["macro"][metric]]
-        ax.plot(xs, ys, "o-", color="tab:blue", label="federated (DP; last point: no DP)")
+        runs = [arms[f"federated-dp-eps-{x:g}"]["macro_runs"][metric] for x, _ in dp] + \
+            [arms["federated"]["macro_runs"][metric]]
+        # Bars: the lowest and highest repeat (none when each arm ran once).
+        low = [y - min(r) for y, r in zip(ys, runs, strict=True)]
+        high = [max(r) - y for y, r in zip(ys, runs, strict=True)]
+        ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", color="tab:blue", capsize=3,
+                    label="federated (DP; last point: no DP)")
         for arm, style, color in (("centralised", "--", "tab:green"), ("local", ":", "tab:orange"),
                                   ("untrained", "-.", "grey")):
             ax.axhline(arms[arm]["macro"][metric], linestyle=style, color=color, label=arm)
+            if len(arms[arm]["macro_runs"][metric]) > 1:
+                ax.axhspan(min(arms[arm]["macro_runs"][metric]), max(arms[arm]["macro_runs"][metric]),
+                           color=color, alpha=0.12)
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{x:g}" for x in xs[:-1]] + ["no DP"])
         ax.minorticks_off()
@@ -558,10 +638,15 @@ def main() -> int:
     parser.add_argument("--encoder", default="minilm", help="minilm (default), tiny, or a model folder")
     parser.add_argument("--trainable", choices=sorted(SETTINGS), default="lora",
                         help="the trainable set all arms share (default lora; heads: frozen encoder, cached states)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every trained arm this many times (seed + repeat; fresh DP noise each time) and "
+                             "report the mean and the spread (default 1)")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps: checks the pipeline, not utility")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs and logs here (default: temporary)")
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: must be at least 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from simulations.engine import FLOWER_ENV
 
@@ -576,7 +661,7 @@ def main() -> int:
         work = args.work_dir or Path(tmp)
         for name in args.datasets:
             dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=SETTINGS[args.trainable])
-            result = run_dataset(dataset, args.epsilons, work)
+            result = run_dataset(dataset, args.epsilons, work, repeats=args.repeats)
             result["verdict"] = judge(name, result)
             results["datasets"][name] = result
     results["total_seconds"] = time.perf_counter() - start

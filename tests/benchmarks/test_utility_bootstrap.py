@@ -31,8 +31,9 @@ def _ctr(n: int, seed: int) -> tuple[list[Example], np.ndarray]:
     return [Example(task="ctr", context="", product=f"p{i}", target=y) for i, y in enumerate(labels)], labels
 
 
-def _arm(utility: ModuleType, name: str, preds: dict[str, np.ndarray]) -> object:
-    return utility.Arm(name, per_merchant={}, seconds=0.0, preds=preds)
+def _arm(utility: ModuleType, name: str, *preds: dict[str, np.ndarray]) -> object:
+    """An arm with one repeat per ``preds`` (each: merchant -> per-example predictions)."""
+    return utility.Arm(name, runs=[{} for _ in preds], seconds=0.0, preds=list(preds))
 
 
 def test_identical_arms_have_a_zero_gap_in_every_resample(utility: ModuleType) -> None:
@@ -72,3 +73,31 @@ def test_relevance_resamples_whole_queries(utility: ModuleType) -> None:
                                 ("relevance_mrr",), resamples=200)["relevance_mrr"]
     # Gap = 1 - MRR(arm) with MRR over two drawn queries in {1.0, 0.75, 0.5}: gaps 0, 0.25, 0.5.
     assert ci[0] == pytest.approx(0.0) and ci[1] == pytest.approx(0.5)
+
+
+def test_an_arm_with_repeats_is_scored_on_the_mean_of_its_repeats(utility: ModuleType) -> None:
+    """Two repeats, one as good as the reference and one uninformative: on every resample the
+    arm's AUC is their mean, so its gap lies between the gaps of each repeat alone."""
+    rng = np.random.default_rng(5)
+    examples, labels = _ctr(300, 6)
+    good = np.clip(labels * 0.6 + 0.2 + rng.normal(0, 0.15, 300), 0.01, 0.99)
+    noise = rng.random(300)
+    tests, ref = {"m": examples}, _arm(utility, "ref", {"m": good})
+
+    def interval(*runs: np.ndarray) -> list[float]:
+        arm = _arm(utility, "x", *({"m": r} for r in runs))
+        return utility.bootstrap_gaps(tests, arm, ref, ("ctr_auc",), resamples=100)["ctr_auc"]
+
+    alone_good, alone_noise, both = interval(good), interval(noise), interval(good, noise)
+    assert alone_good == [0.0, 0.0]
+    assert 0 < both[0] < alone_noise[0] and both[1] < alone_noise[1]
+
+
+def test_an_arms_figures_are_the_mean_over_repeats_with_each_repeat_kept(utility: ModuleType) -> None:
+    runs = [{"a": {"ctr_auc": 0.8}, "b": {"ctr_auc": 0.6}}, {"a": {"ctr_auc": 0.9}, "b": {"ctr_auc": 0.7}}]
+    arm = utility.Arm("x", runs=runs, seconds=0.0)
+    assert arm.per_merchant == {"a": {"ctr_auc": pytest.approx(0.85)}, "b": {"ctr_auc": pytest.approx(0.65)}}
+    assert arm.run_macros("ctr_auc") == [pytest.approx(0.7), pytest.approx(0.8)]
+    assert arm.macro("ctr_auc") == pytest.approx(0.75)
+    assert utility._spread(arm.run_macros("ctr_auc")) == " (0.700-0.800)"
+    assert utility._spread([0.7]) == ""
