@@ -657,6 +657,13 @@ def main() -> int:
         "machine": f"{os.cpu_count()} CPU cores, {sys.platform}", "encoder": args.encoder,
         "trainable": args.trainable,
         "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "datasets": {}}
+    if args.work_dir is not None:
+        # Simulations refuse a run folder that holds a run: say so now, not an hour in.
+        used = [args.work_dir / "runs" / name for name in args.datasets
+                if (args.work_dir / "runs" / name).is_dir() and any((args.work_dir / "runs" / name).iterdir())]
+        if used:
+            parser.error(f"--work-dir {args.work_dir}: {', '.join(map(str, used))} already hold runs; "
+                         "choose a new folder (its features/ cache may be copied in)")
     with tempfile.TemporaryDirectory(prefix="fedshop-utility-") as tmp:
         work = args.work_dir or Path(tmp)
         for name in args.datasets:
