@@ -604,18 +604,27 @@ def plot(results: dict[str, Any], path: Path) -> None:
         high = [max(r) - y for y, r in zip(ys, runs, strict=True)]
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", color="tab:blue", capsize=3,
                     label="federated (DP; last point: no DP)")
-        for arm, style, color in (("centralised", "--", "tab:green"), ("local", ":", "tab:orange"),
-                                  ("untrained", "-.", "grey")):
+        for arm, style, color in (("centralised", "--", "tab:green"), ("local", ":", "tab:orange")):
             ax.axhline(arms[arm]["macro"][metric], linestyle=style, color=color, label=arm)
             if len(arms[arm]["macro_runs"][metric]) > 1:
                 ax.axhspan(min(arms[arm]["macro_runs"][metric]), max(arms[arm]["macro_runs"][metric]),
                            color=color, alpha=0.12)
+        # The untrained model sits far off on some metrics; drawn there, it would flatten the
+        # differences that matter, so it is named in the title instead when off the scale.
+        untrained = arms["untrained"]["macro"][metric]
+        bottom, top = ax.get_ylim()
+        span = top - bottom
+        untrained_note = ""
+        if bottom - 0.5 * span <= untrained <= top + 0.5 * span:
+            ax.axhline(untrained, linestyle="-.", color="grey", label="untrained")
+        else:
+            untrained_note = f"\nuntrained: {untrained:.3f} (off the scale)"
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{x:g}" for x in xs[:-1]] + ["no DP"])
         ax.minorticks_off()
         ax.set_xlabel("ε per merchant")
         better = "higher" if HIGHER_IS_BETTER[metric] else "lower"
-        ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
+        ax.set_title(f"{name}: {metric} ({better} is better){untrained_note}", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"Utility against ε, trainable set: {results.get('trainable', 'lora')}", fontsize=10)
     fig.tight_layout()
