@@ -58,10 +58,11 @@ class SpendEntry:
     model_version: int
     recorded_at: float
     run_id: str = ""
+    noise: str = ""  # the noise source of the call (dp.NOISE_SOURCE); "" = recorded before it was kept
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": self.event.to_dict(), "round": self.round, "run_id": self.run_id,
-                "model_version": self.model_version, "recorded_at": self.recorded_at}
+                "model_version": self.model_version, "recorded_at": self.recorded_at, "noise": self.noise}
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -97,7 +98,7 @@ class PrivacyState:
             entries = [
                 SpendEntry(event=MechanismEvent.from_dict(e["event"]), round=int(e["round"]),
                            model_version=int(e["model_version"]), recorded_at=float(e["recorded_at"]),
-                           run_id=str(e.get("run_id", "")))
+                           run_id=str(e.get("run_id", "")), noise=str(e.get("noise", "")))
                 for e in raw["entries"]
             ]
             stored_eps, stored_delta = float(raw["target_epsilon"]), float(raw["target_delta"])
@@ -159,7 +160,7 @@ class PrivacyState:
         """Durably record a released call, then return the new cumulative ε."""
         event.validate()
         self.entries.append(SpendEntry(event=event, round=round, model_version=model_version,
-                                       recorded_at=time.time(), run_id=run_id))
+                                       recorded_at=time.time(), run_id=run_id, noise=dp.NOISE_SOURCE))
         try:
             self.save()
         except BaseException:

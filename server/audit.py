@@ -294,6 +294,11 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
         findings.append(f"PRV ε {eps_prv:.4f} and PLD ε {eps_pld:.4f} disagree beyond tolerance")
     if eps_prv > state.target_epsilon + 1e-9:
         findings.append(f"over budget: ε {eps_prv:.4f} > budget {state.target_epsilon:.4f}")
+    unmarked = [i for i, e in enumerate(state.entries) if e.noise != dp.NOISE_SOURCE]
+    if unmarked:
+        findings.append(f"{len(unmarked)} of {len(state.entries)} call(s) (entries {_spans(unmarked)}) carry no "
+                        f"noise-source mark {dp.NOISE_SOURCE!r}: recorded by a version whose noise repeated "
+                        "across calls, so the ε reported for them does not hold")
     if run_dir is not None:
         findings += _compare_with_ledger(state, Path(run_dir), tolerance_abs=tolerance_abs,
                                          tolerance_rel=tolerance_rel)
@@ -302,6 +307,17 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
                           epsilon_prv=eps_prv, epsilon_pld=eps_pld,
                           epsilon_rdp=epsilon_rdp(events, state.target_delta),
                           compared_with=str(run_dir) if run_dir else None, findings=findings)
+
+
+def _spans(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    spans: list[list[int]] = []
+    for i in indices:
+        if spans and i == spans[-1][1] + 1:
+            spans[-1][1] = i
+        else:
+            spans.append([i, i])
+    return ", ".join(f"{a}-{b}" if a != b else f"{a}" for a, b in spans)
 
 
 def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tolerance_rel: float) -> list[str]:

@@ -11,6 +11,7 @@ from opacus.accountants import PRVAccountant
 
 import client.budget as budget
 from client.budget import BudgetExceededError, PrivacyState, PrivacyStateError
+from client.dp import NOISE_SOURCE
 from shared.privacy import MechanismEvent
 
 DELTA = 1e-5
@@ -62,6 +63,23 @@ def test_epsilon_composes_across_a_restart(tmp_path: Path, second: MechanismEven
     # And the file on disk says the same after yet another restart.
     assert open_state(path).epsilon() == pytest.approx(expected, rel=1e-9)
     assert [e["round"] for e in json.loads(path.read_text())["entries"]] == [1, 2]
+    # Each call carries the noise source it was made with, across the restart too.
+    assert [e["noise"] for e in json.loads(path.read_text())["entries"]] == [NOISE_SOURCE] * 2
+    assert [e.noise for e in open_state(path).entries] == [NOISE_SOURCE] * 2
+
+
+def test_state_written_before_the_noise_source_was_kept_still_opens(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    open_state(path).commit(event(10), round=1, model_version=1)
+    raw = json.loads(path.read_text())
+    del raw["entries"][0]["noise"]
+    path.write_text(json.dumps(raw))
+
+    state = open_state(path)  # spend is never dropped for a missing field: it is kept, unmarked
+
+    assert state.events == [event(10)] and state.entries[0].noise == ""
+    state.commit(event(10), round=2, model_version=2)
+    assert [e["noise"] for e in json.loads(path.read_text())["entries"]] == ["", NOISE_SOURCE]
 
 
 def test_new_state_is_not_written_until_a_commit(tmp_path: Path) -> None:

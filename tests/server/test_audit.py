@@ -432,3 +432,22 @@ def test_accountants_match_the_exact_gaussian_mechanism(sigma: float, steps: int
     assert dp.epsilon_prv([event], DELTA) == pytest.approx(exact, rel=0.01)
     # RDP is an upper bound: never below the exact value.
     assert epsilon_rdp([event], DELTA) >= exact
+
+
+def test_node_state_flags_spend_recorded_without_the_noise_source(run_dir: Path) -> None:
+    # Every call recorded today carries the mark; a state written by a version whose noise
+    # repeated across calls has none, and the audit must not pass its ε as if it held.
+    path = state_path(run_dir, "m1")
+    raw = json.loads(path.read_text())
+    assert all(e["noise"] == dp.NOISE_SOURCE for e in raw["entries"])
+    for entry in raw["entries"][:2]:
+        del entry["noise"]
+    path.write_text(json.dumps(raw))
+
+    result = audit_node_state(path, run_dir=run_dir)
+
+    assert not result.passed
+    assert result.findings == [f"2 of {ROUNDS} call(s) (entries 0-1) carry no noise-source mark "
+                               f"{dp.NOISE_SOURCE!r}: recorded by a version whose noise repeated across calls, "
+                               "so the ε reported for them does not hold"]
+    assert audit_node_state(state_path(run_dir, "m2"), run_dir=run_dir).passed
