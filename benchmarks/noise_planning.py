@@ -70,10 +70,8 @@ def main() -> int:
                   f"{row['seconds_without_hint']:.2f} s without the hint, {row['seconds_with_hint']:.2f} s with: "
                   f"{row['ratio']:.1f}x", flush=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"repeats": args.repeats, "steps": STEPS, "calls": CALLS, "spent_calls": SPENT,
-                               "delta": DELTA, "rows": rows}, indent=1))
-    tmp.replace(args.out)
+    args.out.write_text(json.dumps({"repeats": args.repeats, "steps": STEPS, "calls": CALLS, "spent_calls": SPENT,
+                                    "delta": DELTA, "rows": rows}, indent=1) + "\n")
     print(f"written: {args.out}")
     return 0
 

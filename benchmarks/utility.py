@@ -668,8 +668,7 @@ def main() -> int:
         "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "datasets": {}}
     if args.work_dir is not None:
         # Simulations refuse a run folder that holds a run: say so now, not an hour in.
-        used = [args.work_dir / "runs" / name for name in args.datasets
-                if (args.work_dir / "runs" / name).is_dir() and any((args.work_dir / "runs" / name).iterdir())]
+        used = [d for d in (args.work_dir / "runs" / name for name in args.datasets) if d.is_dir() and any(d.iterdir())]
         if used:
             parser.error(f"--work-dir {args.work_dir}: {', '.join(map(str, used))} already hold runs; "
                          "choose a new folder (its features/ cache may be copied in)")

@@ -227,7 +227,8 @@ def noise_for_budget(target_epsilon: float, delta: float, *, sample_rate: float,
                                max_grad_norm=max_grad_norm)
         return epsilon(past + [event] * calls, delta, accountant) <= target_epsilon
 
-    low, high = floor, max(100.0, floor)
+    ceiling = max(100.0, floor)
+    low, high = floor, ceiling
     if hint is not None and low < hint < high:
         if not fits(hint):
             low = hint  # too little noise: the answer lies above it
@@ -235,14 +236,13 @@ def noise_for_budget(target_epsilon: float, delta: float, *, sample_rate: float,
             below = max(low, hint / (1.0 + tolerance))
             if not fits(below):
                 return hint
-            high = below  # more noise than needed: search beneath it
-            if fits(low):
+            if below == low:
                 return low
-    else:
-        if fits(low):
-            return low
-        if not fits(high):
-            return high
+            high = below  # more noise than needed: search beneath it
+    if low == floor and fits(low):
+        return low
+    if high == ceiling and not fits(high):
+        return high
     while high / low > 1.0 + tolerance:
         mid = (low * high) ** 0.5
         if fits(mid):
