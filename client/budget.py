@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from client import dp
-from shared.privacy import MechanismEvent
+from shared.privacy import NOISE_SOURCE, MechanismEvent
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class SpendEntry:
     model_version: int
     recorded_at: float
     run_id: str = ""
-    noise: str = ""  # the noise source of the call (dp.NOISE_SOURCE); "" = recorded before it was kept
+    noise: str = ""  # the noise source of the call (shared.privacy.NOISE_SOURCE); "" = recorded before it was kept
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": self.event.to_dict(), "round": self.round, "run_id": self.run_id,
@@ -160,7 +160,7 @@ class PrivacyState:
         """Durably record a released call, then return the new cumulative ε."""
         event.validate()
         self.entries.append(SpendEntry(event=event, round=round, model_version=model_version,
-                                       recorded_at=time.time(), run_id=run_id, noise=dp.NOISE_SOURCE))
+                                       recorded_at=time.time(), run_id=run_id, noise=NOISE_SOURCE))
         try:
             self.save()
         except BaseException:

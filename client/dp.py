@@ -47,13 +47,6 @@ def clip_groups(clipping: str) -> Callable[[str], str] | None:
     raise ValueError(f"clipping = {clipping!r}: must be 'flat' or 'heads-apart'")
 
 
-# Recorded with every spend (``client.budget.SpendEntry.noise``): private calls draw their
-# noise and batches from ``private_generators``. Spend recorded without it was made by an
-# earlier version whose noise repeated across calls (its reported ε does not hold); the
-# node-state audit says so.
-NOISE_SOURCE = "fresh-per-call"
-
-
 def private_generators(model: nn.Module, seed: int | None) -> tuple[torch.Generator, torch.Generator]:
     """(Poisson sampling, noise) generators for one private call, seeded from the OS's entropy
     pool unless a test asks for ``seed``.

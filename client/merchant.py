@@ -26,6 +26,7 @@ from client.budget import BudgetExceededError, PrivacyState
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
+from shared.privacy import NOISE_SOURCE
 from shared.tasks import Example
 from shared.wire import STATUS_OK, STATUS_REFUSED, PrivacyFacts, TrainReply
 
@@ -210,6 +211,7 @@ class Merchant:
             delta=privacy.target_delta if privacy else 0.0, epsilon=epsilon,
             epsilon_budget=privacy.target_epsilon if privacy else float(self.identity.target_epsilon),
             accountant=self.config.accountant, model_version=model_version, reason=reason,
+            noise=NOISE_SOURCE if self.config.dp and status == STATUS_OK else "",
         )
 
     def evaluate(self, params: dict[str, np.ndarray]) -> trainer.EvalResult:

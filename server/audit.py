@@ -10,7 +10,9 @@ reference), and fails the audit when:
   (PRV and PLD agree to ~0.2% on the same mechanism, so a larger gap means a row was
   altered, removed, or spend happened that this run's ledger does not show);
 - the ledger is inconsistent: missing rounds, a (round, merchant) recorded twice, or a
-  merchant the run log says trained in a round without a spend row there.
+  merchant the run log says trained in a round without a spend row there;
+- a private update carries no noise-source mark (``shared.privacy.NOISE_SOURCE``): it came
+  from a version whose noise repeated across calls, or one that did not say.
 
 The ledger is read with plain SQL, not through ``server.ledger``: the audit must also see
 a file whose constraints were tampered with.
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.jsonable import finite
-from shared.privacy import MechanismEvent, epsilon_pld, epsilon_rdp
+from shared.privacy import NOISE_SOURCE, MechanismEvent, epsilon_pld, epsilon_rdp
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +57,7 @@ class Row:
     epsilon_budget: float
     status: str
     dp: bool
+    noise: str = ""
 
     @property
     def spent(self) -> bool:
@@ -122,16 +125,19 @@ def read_rows(ledger_path: Path) -> list[Row]:
     try:
         conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
         try:
+            # Schema 1 ledgers have no noise column: their rows read as unmarked.
+            columns = {r[1] for r in conn.execute("PRAGMA table_info(spend)")}
+            noise = "noise" if "noise" in columns else "''"
             cursor = conn.execute(
                 "SELECT round, merchant_id, noise_multiplier, sample_rate, steps, max_grad_norm, delta, "
-                "epsilon_reported, epsilon_budget, status, dp FROM spend ORDER BY round, merchant_id")
+                f"epsilon_reported, epsilon_budget, status, dp, {noise} FROM spend ORDER BY round, merchant_id")
             raw = cursor.fetchall()
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
         raise AuditInputError(f"{ledger_path}: not a readable privacy ledger ({exc})") from exc
     return [Row(int(r[0]), str(r[1]), float(r[2]), float(r[3]), int(r[4]), float(r[5]), float(r[6]),
-                float(r[7]), float(r[8]), str(r[9]), bool(r[10])) for r in raw]
+                float(r[7]), float(r[8]), str(r[9]), bool(r[10]), str(r[11])) for r in raw]
 
 
 def _within(recorded: float, derived: float, *, tol_abs: float, tol_rel: float) -> bool:
@@ -166,6 +172,9 @@ def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel
         findings.append(f"over budget: recorded ε {recorded:.4f} > budget {budget:.4f}")
     if dp and pld > budget + tol_abs:
         findings.append(f"over budget: re-derived ε {pld:.4f} > budget {budget:.4f}")
+    unmarked = [r.round for r in spent if r.noise != NOISE_SOURCE]
+    if unmarked:
+        findings.append(_unmarked(len(unmarked), len(spent), f"round(s) {_spans(unmarked)}", "update(s)"))
     return MerchantAudit(
         merchant_id=merchant_id,
         rounds_joined=len(spent),
@@ -294,11 +303,9 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
         findings.append(f"PRV ε {eps_prv:.4f} and PLD ε {eps_pld:.4f} disagree beyond tolerance")
     if eps_prv > state.target_epsilon + 1e-9:
         findings.append(f"over budget: ε {eps_prv:.4f} > budget {state.target_epsilon:.4f}")
-    unmarked = [i for i, e in enumerate(state.entries) if e.noise != dp.NOISE_SOURCE]
+    unmarked = [i for i, e in enumerate(state.entries) if e.noise != NOISE_SOURCE]
     if unmarked:
-        findings.append(f"{len(unmarked)} of {len(state.entries)} call(s) (entries {_spans(unmarked)}) carry no "
-                        f"noise-source mark {dp.NOISE_SOURCE!r}: recorded by a version whose noise repeated "
-                        "across calls, so the ε reported for them does not hold")
+        findings.append(_unmarked(len(unmarked), len(state.entries), f"entries {_spans(unmarked)}", "call(s)"))
     if run_dir is not None:
         findings += _compare_with_ledger(state, Path(run_dir), tolerance_abs=tolerance_abs,
                                          tolerance_rel=tolerance_rel)
@@ -307,6 +314,11 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
                           epsilon_prv=eps_prv, epsilon_pld=eps_pld,
                           epsilon_rdp=epsilon_rdp(events, state.target_delta),
                           compared_with=str(run_dir) if run_dir else None, findings=findings)
+
+
+def _unmarked(count: int, total: int, where: str, what: str) -> str:
+    return (f"{count} of {total} {what} ({where}) carry no noise-source mark {NOISE_SOURCE!r}: recorded by a "
+            "version whose noise repeated across calls, so the ε reported for them does not hold")
 
 
 def _spans(indices: list[int]) -> str:

@@ -278,7 +278,7 @@ class Federation:
                 sample_rate=facts.sample_rate, steps=facts.steps, max_grad_norm=facts.max_grad_norm,
                 delta=facts.delta, epsilon_reported=facts.epsilon if facts.dp else float("inf"),
                 epsilon_budget=facts.epsilon_budget, accountant=facts.accountant, status=status,
-                reason=reason[:500], dp=facts.dp))
+                reason=reason[:500], dp=facts.dp, noise=facts.noise))
         # The ledger is written before this round's aggregate is used for anything.
         if records:
             self.ledger.record_round(records)

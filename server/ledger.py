@@ -39,7 +39,7 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Marks the file as a fedshop ledger, so opening some other SQLite file fails loudly
 # instead of adding tables to it. ("FSL1" as a big-endian 32-bit int.)
 APPLICATION_ID = 0x46534C31
@@ -65,6 +65,8 @@ CREATE TABLE spend (
     status           TEXT    NOT NULL CHECK (status IN ('accepted', 'rejected', 'refused')),
     reason           TEXT    NOT NULL,
     dp               INTEGER NOT NULL CHECK (dp IN (0, 1)),
+    -- the noise source the merchant reported (shared.privacy.NOISE_SOURCE); '' = none said
+    noise            TEXT    NOT NULL DEFAULT '',
     -- audit only: when this row was first written; not part of the replay comparison
     recorded_at      TEXT    NOT NULL,
     PRIMARY KEY (run_id, round, merchant_id),
@@ -120,6 +122,7 @@ _COLUMNS: tuple[str, ...] = (
     "status",
     "reason",
     "dp",
+    "noise",
 )
 _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM spend"
 
@@ -157,6 +160,7 @@ class SpendRecord:
     status: str  # one of STATUSES; "refused": the merchant declined for budget and took no steps
     reason: str = ""
     dp: bool = True
+    noise: str = ""  # the merchant's noise source (shared.privacy.NOISE_SOURCE); "" = none reported
 
     def __post_init__(self) -> None:
         # Fail where the record is built, with a message naming the field; the table's
@@ -266,11 +270,21 @@ class PrivacyLedger:
                 f"{self.path} has ledger schema version {version}, newer than this fedshop "
                 f"understands ({SCHEMA_VERSION}); upgrade fedshop to read it"
             )
-        if has_tables and version != SCHEMA_VERSION:
-            # Only one version exists so far; a migration goes here when a second one does.
+        if has_tables and version == 1:
+            self._migrate_from_1()
+        elif has_tables and version != SCHEMA_VERSION:
             raise LedgerError(f"{self.path} has ledger schema version {version}; no migration known")
         if not has_tables:
             self._create_schema()
+
+    def _migrate_from_1(self) -> None:
+        # Version 2 adds the noise source. Rows written before it keep '' (nothing was
+        # reported), which the audit flags: spend is never rewritten, only described.
+        with self._transaction() as conn:
+            conn.execute("ALTER TABLE spend ADD COLUMN noise TEXT NOT NULL DEFAULT ''")
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        logger.info("privacy ledger %s: schema 1 -> %d (rows keep an empty noise source)", self.path,
+                    SCHEMA_VERSION)
 
     def _create_schema(self) -> None:
         created_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")

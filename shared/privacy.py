@@ -17,6 +17,13 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+# Recorded with every private call's spend, by the merchant (``client.budget.SpendEntry.noise``)
+# and on the wire (``shared.wire.PrivacyFacts.noise``, so the server's ledger keeps it): private
+# calls draw their noise and batches from fresh generators (``client.dp.private_generators``).
+# Spend recorded without it was made by an earlier version whose noise repeated across calls
+# (its reported ε does not hold); both audits say so.
+NOISE_SOURCE = "fresh-per-call"
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MechanismEvent:

@@ -63,6 +63,9 @@ class PrivacyFacts:
     accountant: str
     model_version: int
     reason: str = ""
+    # The noise source of a private call (shared.privacy.NOISE_SOURCE); "" when the call drew
+    # no noise (refused, non-private) or came from a version that did not send it.
+    noise: str = ""
 
     def to_record(self) -> ConfigRecord:
         return ConfigRecord({k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()})
@@ -73,7 +76,7 @@ class PrivacyFacts:
         for field in dataclasses.fields(cls):
             key = field.name.replace("_", "-")
             if key not in record:
-                if field.name == "reason":
+                if field.name in ("reason", "noise"):  # optional: absent means empty
                     continue
                 raise WireError(f"privacy facts lack key {key!r}")
             values[field.name] = record[key]

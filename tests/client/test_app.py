@@ -8,6 +8,7 @@ back with ``shared.wire``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -22,7 +23,7 @@ import client.app as client_app
 from client.dp import epsilon_prv
 from shared.config import RunConfig
 from shared.model import ModelError, ModelSpec, build_model, get_trainable
-from shared.privacy import MechanismEvent
+from shared.privacy import NOISE_SOURCE, MechanismEvent
 from shared.wire import (
     ARRAYS,
     CONFIG,
@@ -33,7 +34,9 @@ from shared.wire import (
     STATUS_OK,
     STATUS_REFUSED,
     TRAIN_METRIC_KEYS,
+    PrivacyFacts,
     TrainReply,
+    WireError,
     params_to_record,
 )
 from tests.helpers.merchants import write_merchant
@@ -114,6 +117,7 @@ def test_train_replies_with_trainable_arrays_metrics_and_privacy_facts(
     assert facts.merchant_id == "shop-a"
     assert facts.dp and facts.steps == 3 and facts.model_version == 0
     assert facts.noise_multiplier == 1.0 and facts.max_grad_norm == 1.0 and facts.delta == 1e-5
+    assert facts.noise == NOISE_SOURCE and content.config_records[PRIVACY]["noise"] == NOISE_SOURCE
     assert 0 < facts.sample_rate <= 1
     assert 0 < facts.epsilon <= facts.epsilon_budget == 8.0
     # The reported ε is the merchant's persisted accountant, recomputable from its events.
@@ -154,6 +158,7 @@ def test_budget_refusal_is_a_typed_reply_and_spends_nothing(
     assert facts.epsilon_budget == 0.01
     assert facts.model_version == 2
     assert "budget" in facts.reason and "shop-a" in facts.reason
+    assert facts.noise == ""  # no noise was drawn
     # Nothing spent: no state entry was written.
     path = state_dir / "privacy-state.json"
     assert not path.exists() or json.loads(path.read_text())["entries"] == []
@@ -213,3 +218,16 @@ def test_planned_noise_is_the_merchants_own_and_travels_in_the_facts(
     assert all(e.noise_multiplier > 0.5 for e in events)  # the floor alone would overspend
     assert facts[-1].epsilon <= 2.0
     assert facts[-1].epsilon > 1.8  # and the plan used the budget, not a fraction of it
+
+
+def test_facts_from_a_version_that_did_not_send_the_noise_source_read_as_unmarked() -> None:
+    facts = PrivacyFacts(merchant_id="shop-a", status=STATUS_OK, dp=True, noise_multiplier=1.0, sample_rate=0.1,
+                         steps=3, max_grad_norm=1.0, delta=1e-5, epsilon=0.5, epsilon_budget=8.0,
+                         accountant="prv", model_version=0, noise=NOISE_SOURCE)
+    record = facts.to_record()
+    assert PrivacyFacts.from_record(record) == facts
+    del record["noise"]
+    assert PrivacyFacts.from_record(record) == dataclasses.replace(facts, noise="")
+    del record["steps"]
+    with pytest.raises(WireError, match="'steps'"):
+        PrivacyFacts.from_record(record)

@@ -11,8 +11,7 @@ from opacus.accountants import PRVAccountant
 
 import client.budget as budget
 from client.budget import BudgetExceededError, PrivacyState, PrivacyStateError
-from client.dp import NOISE_SOURCE
-from shared.privacy import MechanismEvent
+from shared.privacy import NOISE_SOURCE, MechanismEvent
 
 DELTA = 1e-5
 SIGMA, Q = 1.0, 0.05

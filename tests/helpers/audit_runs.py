@@ -6,6 +6,8 @@
 the Opacus PRV ε the ledger records as ``epsilon_reported``) and ``metrics.jsonl`` (the
 shape ``server.run_log`` writes for a ``RoundReport``).
 
+``as_schema_1`` rewrites a ledger as schema 1 (before the noise source was kept) left it.
+
 ``tamper`` opens a ledger with raw ``sqlite3`` after dropping the append-only triggers,
 the only way to rewrite history the ledger's docstring admits.
 
@@ -29,7 +31,7 @@ import pytest
 from client import dp as client_dp
 from client.budget import PrivacyState
 from server.ledger import PrivacyLedger, SpendRecord
-from shared.privacy import MechanismEvent, compose_history
+from shared.privacy import NOISE_SOURCE, MechanismEvent, compose_history
 
 RUN_ID = "run-audit-1"
 DELTA = 1e-5
@@ -84,7 +86,8 @@ def build_run(
                     run_id=RUN_ID, round=rnd, merchant_id=m, node_id=1000 + i, model_version=rnd - 1,
                     noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps,
                     max_grad_norm=event.max_grad_norm, delta=DELTA, epsilon_reported=eps,
-                    epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted"))
+                    epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted",
+                    noise=NOISE_SOURCE))
             ledger.record_round(records)
             with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(metrics_line(rnd, merchants), sort_keys=True) + "\n")
@@ -99,6 +102,16 @@ def tamper(run_dir: Path) -> Iterator[sqlite3.Connection]:
         for trigger in TRIGGERS:
             conn.execute(f"DROP TRIGGER {trigger}")
         yield conn
+    finally:
+        conn.close()
+
+
+def as_schema_1(ledger: Path) -> None:
+    """Turn a ledger into what schema 1 wrote: the same rows, no noise-source column."""
+    conn = sqlite3.connect(ledger, isolation_level=None)
+    try:
+        conn.execute("ALTER TABLE spend DROP COLUMN noise")
+        conn.execute("PRAGMA user_version = 1")
     finally:
         conn.close()
 

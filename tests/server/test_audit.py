@@ -20,7 +20,7 @@ from client import dp
 from client.budget import PrivacyState
 from server.audit import AuditInputError, AuditReport, MerchantAudit, audit_node_state, audit_run
 from server.ledger import PrivacyLedger
-from shared.privacy import MechanismEvent, epsilon_pld, epsilon_rdp
+from shared.privacy import NOISE_SOURCE, MechanismEvent, epsilon_pld, epsilon_rdp
 from simulations.cli import main
 from tests.helpers.audit_runs import (
     BUDGET,
@@ -29,6 +29,7 @@ from tests.helpers.audit_runs import (
     MERCHANTS,
     ROUNDS,
     RUN_ID,
+    as_schema_1,
     build_run,
     state_path,
     tamper,
@@ -439,7 +440,7 @@ def test_node_state_flags_spend_recorded_without_the_noise_source(run_dir: Path)
     # repeated across calls has none, and the audit must not pass its ε as if it held.
     path = state_path(run_dir, "m1")
     raw = json.loads(path.read_text())
-    assert all(e["noise"] == dp.NOISE_SOURCE for e in raw["entries"])
+    assert all(e["noise"] == NOISE_SOURCE for e in raw["entries"])
     for entry in raw["entries"][:2]:
         del entry["noise"]
     path.write_text(json.dumps(raw))
@@ -448,6 +449,39 @@ def test_node_state_flags_spend_recorded_without_the_noise_source(run_dir: Path)
 
     assert not result.passed
     assert result.findings == [f"2 of {ROUNDS} call(s) (entries 0-1) carry no noise-source mark "
-                               f"{dp.NOISE_SOURCE!r}: recorded by a version whose noise repeated across calls, "
+                               f"{NOISE_SOURCE!r}: recorded by a version whose noise repeated across calls, "
                                "so the ε reported for them does not hold"]
     assert audit_node_state(state_path(run_dir, "m2"), run_dir=run_dir).passed
+
+
+def test_run_flags_private_updates_sent_without_the_noise_source(run_dir: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # A merchant on a version that did not send the mark (or whose noise repeated): its rows
+    # keep their ε, which the accountants re-derive fine; only the mark tells them apart.
+    with tamper(run_dir) as conn:
+        assert conn.execute("UPDATE spend SET noise = '' WHERE merchant_id = 'm2' AND round <= 2").rowcount == 2
+
+    report = audit_run(run_dir)
+
+    assert report.findings == [f"m2: 2 of {ROUNDS} update(s) (round(s) 1-2) carry no noise-source mark "
+                               f"{NOISE_SOURCE!r}: recorded by a version whose noise repeated across calls, "
+                               "so the ε reported for them does not hold"]
+    status, out = cli(capsys, str(run_dir))
+    assert status == 1 and "m2: 2 of 3 update(s)" in out
+
+
+def test_schema_1_ledger_is_audited_as_unmarked(run_dir: Path) -> None:
+    # Ledgers written before the noise source was kept: every private update is unmarked.
+    before = audit_run(run_dir)
+    as_schema_1(run_dir / "ledger.sqlite")
+
+    report = audit_run(run_dir)
+
+    assert sorted(report.findings) == [
+        f"{m}: {ROUNDS} of {ROUNDS} update(s) (round(s) 1-{ROUNDS}) carry no noise-source mark {NOISE_SOURCE!r}: "
+        "recorded by a version whose noise repeated across calls, so the ε reported for them does not hold"
+        for m in MERCHANTS]
+    # Everything else is read as before: same ε recorded and re-derived, nothing else found.
+    assert before.passed
+    assert [(m.epsilon_recorded, m.epsilon_pld) for m in report.merchants] == [
+        (m.epsilon_recorded, m.epsilon_pld) for m in before.merchants]

@@ -16,6 +16,7 @@ import pytest
 
 from client.budget import PrivacyState
 from server import checkpoint as ckpt
+from shared.privacy import NOISE_SOURCE
 from tests.helpers.federation import (
     FAST,
     faulty_simulation,
@@ -96,8 +97,10 @@ def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(tmp_pa
     refused = round1["shop-b"]
     assert refused.status == "refused" and refused.steps == 0
     assert refused.epsilon_budget == 0.01 and refused.epsilon_reported == 0.0
+    assert refused.noise == ""  # drew no noise, so names no source
     assert "budget" in refused.reason and "shop-b" in refused.reason
     assert round1["shop-a"].status == round1["shop-c"].status == "accepted"
+    assert round1["shop-a"].noise == round1["shop-c"].noise == NOISE_SOURCE
     assert round1["shop-a"].epsilon_budget == 8.0
     # Round 2: shop-b is not sampled at all; the others go on.
     assert sorted(round2) == ["shop-a", "shop-c"]

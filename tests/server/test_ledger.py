@@ -19,6 +19,7 @@ from server.ledger import (
     PrivacyLedger,
     SpendRecord,
 )
+from tests.helpers.audit_runs import as_schema_1
 
 RUN = "run-1"
 
@@ -80,6 +81,30 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
     conn.close()
     with pytest.raises(LedgerError, match="newer"):
         PrivacyLedger(path)
+
+
+def test_schema_1_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.sqlite"
+    with PrivacyLedger(path) as ledger:
+        ledger.record_round([spend("m1", 1, noise="fresh-per-call"), spend("m2", 1, noise="fresh-per-call")])
+    as_schema_1(path)
+    conn = raw(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert "noise" not in [row[1] for row in conn.execute("PRAGMA table_info(spend)")]
+    conn.close()
+
+    with PrivacyLedger(path) as ledger:
+        # Old rows keep their spend and read as unmarked: nothing is rewritten.
+        assert ledger.rows() == [spend("m1", 1), spend("m2", 1)]
+        ledger.record_round([spend("m1", 2, noise="fresh-per-call")])
+        assert [r.noise for r in ledger.rows()] == ["", "", "fresh-per-call"]
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            ledger._conn.execute("UPDATE spend SET noise = 'x'")
+    conn = raw(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    conn.close()
+    with PrivacyLedger(path) as ledger:  # a second open finds schema 2: nothing to migrate
+        assert len(ledger.rows()) == 3
 
 
 def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:

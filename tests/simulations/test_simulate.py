@@ -25,7 +25,7 @@ from server import checkpoint as ckpt
 from server.ledger import PrivacyLedger
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, load_exported, load_tokenizer, set_trainable, trainable_names
-from shared.privacy import MechanismEvent
+from shared.privacy import NOISE_SOURCE, MechanismEvent
 from tests.helpers import proc
 from tests.helpers.federation import FAST, ledger_rows, metrics_rows, resume, simulate, write_scenario
 from tests.helpers.merchants import write_merchants
@@ -80,6 +80,7 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
         assert r.steps == 3  # max-local-steps
         assert r.model_version == r.round - 1
         assert r.dp and r.noise_multiplier == 1.0 and r.max_grad_norm == 1.0 and r.delta == 1e-5
+        assert r.noise == NOISE_SOURCE  # the merchant's noise source, carried with its update
         assert 0 < r.sample_rate <= 1
         assert 0 < r.epsilon_reported <= r.epsilon_budget == 8.0
         assert r.run_id == run_id
