@@ -11,7 +11,10 @@ records a round need σ 0.40-1.11 across merchants, 30 steps of up to 1,024 reco
 The cache holds states derived from the merchant's private records, so it lives where the
 records' privacy state lives (the node's state folder) unless the run names another folder.
 It is keyed by everything the states depend on: the encoder's weights, the tokenizer, the
-pooling, the sequence length and the records' text, so a stale file is never read.
+pooling, the sequence length and the records' text, so a stale file is never read. A folder
+holds one owner's current records: writing a new set's states removes any other set's, so
+states derived from records the merchant has since changed or deleted do not outlive its next
+training call, and the folder does not grow with every change of data or encoder.
 """
 
 from __future__ import annotations
@@ -127,4 +130,9 @@ def pooled_states(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    stale = [p for p in path.parent.glob("features-*.pt") if p != path and p.is_file()]
+    for old in stale:
+        old.unlink(missing_ok=True)
+    if stale:
+        log.info("feature cache %s: removed %d other record set(s)' states", path.parent, len(stale))
     return states

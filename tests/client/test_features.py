@@ -85,6 +85,29 @@ def test_cache_key_follows_records_encoder_and_pooling(tokenizer: PreTrainedToke
     assert features.cache_key(model, tokenizer, records, max_seq_len=16) != key
 
 
+def test_a_new_record_set_replaces_the_folders_old_states(tokenizer: PreTrainedTokenizerBase, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # A merchant deletes a record: the states derived from the old set must not stay behind.
+    model = build_model(ModelSpec.from_config(config()))
+    before, after = pairs(), pairs()[1:]
+    kwargs: dict[str, Any] = dict(max_seq_len=16, device=torch.device("cpu"), cache_dir=tmp_path)
+    features.pooled_states(model, tokenizer, before, **kwargs)
+    (old,) = tmp_path.iterdir()
+    (tmp_path / "shop-b").mkdir()  # another owner's subfolder is not this folder's to prune
+
+    states = features.pooled_states(model, tokenizer, after, **kwargs)
+
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert old.name not in files and len(files) == 2 and "shop-b" in files
+    (new,) = [p for p in tmp_path.iterdir() if p.is_file()]
+    assert torch.equal(torch.load(new, weights_only=True), states)
+    encoded: list[int] = []
+    real = features.encode_pairs
+    monkeypatch.setattr(features, "encode_pairs", lambda m, t, p, **kw: encoded.append(len(p)) or real(m, t, p, **kw))
+    features.pooled_states(model, tokenizer, before, **kwargs)  # the old set is gone: encoded anew
+    assert encoded == [len(before)]
+
+
 def test_damaged_cache_is_encoded_again(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
     model = build_model(ModelSpec.from_config(config()))
     records = pairs()
