@@ -12,7 +12,7 @@ reference), and fails the audit when:
 - the ledger is inconsistent: missing rounds, a (round, merchant) recorded twice, or a
   merchant the run log says trained in a round without a spend row there;
 - a private update carries no noise-source mark (``shared.privacy.NOISE_SOURCE``): it came
-  from a version whose noise repeated across calls, or one that did not say.
+  from a version that did not mark its noise, as every version whose noise repeated did not.
 
 The ledger is read with plain SQL, not through ``server.ledger``: the audit must also see
 a file whose constraints were tampered with.
@@ -317,8 +317,11 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
 
 
 def _unmarked(count: int, total: int, where: str, what: str) -> str:
+    # Versions whose noise repeated across calls never marked their spend; neither did the
+    # first versions with fresh noise, so an unmarked call is unproven, not proven bad.
     return (f"{count} of {total} {what} ({where}) carry no noise-source mark {NOISE_SOURCE!r}: recorded by a "
-            "version whose noise repeated across calls, so the ε reported for them does not hold")
+            "version that did not mark its noise, as every version whose noise repeated across calls was, "
+            "so the ε reported for them is not shown to hold")
 
 
 def _spans(indices: list[int]) -> str:

@@ -435,6 +435,11 @@ def test_accountants_match_the_exact_gaussian_mechanism(sigma: float, steps: int
     assert epsilon_rdp([event], DELTA) >= exact
 
 
+# What an unmarked call is: unproven (the first versions with fresh noise did not mark it either).
+UNMARKED = ("recorded by a version that did not mark its noise, as every version whose noise repeated across "
+            "calls was, so the ε reported for them is not shown to hold")
+
+
 def test_node_state_flags_spend_recorded_without_the_noise_source(run_dir: Path) -> None:
     # Every call recorded today carries the mark; a state written by a version whose noise
     # repeated across calls has none, and the audit must not pass its ε as if it held.
@@ -449,8 +454,7 @@ def test_node_state_flags_spend_recorded_without_the_noise_source(run_dir: Path)
 
     assert not result.passed
     assert result.findings == [f"2 of {ROUNDS} call(s) (entries 0-1) carry no noise-source mark "
-                               f"{NOISE_SOURCE!r}: recorded by a version whose noise repeated across calls, "
-                               "so the ε reported for them does not hold"]
+                               f"{NOISE_SOURCE!r}: {UNMARKED}"]
     assert audit_node_state(state_path(run_dir, "m2"), run_dir=run_dir).passed
 
 
@@ -464,8 +468,7 @@ def test_run_flags_private_updates_sent_without_the_noise_source(run_dir: Path,
     report = audit_run(run_dir)
 
     assert report.findings == [f"m2: 2 of {ROUNDS} update(s) (round(s) 1-2) carry no noise-source mark "
-                               f"{NOISE_SOURCE!r}: recorded by a version whose noise repeated across calls, "
-                               "so the ε reported for them does not hold"]
+                               f"{NOISE_SOURCE!r}: {UNMARKED}"]
     status, out = cli(capsys, str(run_dir))
     assert status == 1 and "m2: 2 of 3 update(s)" in out
 
@@ -479,8 +482,7 @@ def test_schema_1_ledger_is_audited_as_unmarked(run_dir: Path) -> None:
 
     assert sorted(report.findings) == [
         f"{m}: {ROUNDS} of {ROUNDS} update(s) (round(s) 1-{ROUNDS}) carry no noise-source mark {NOISE_SOURCE!r}: "
-        "recorded by a version whose noise repeated across calls, so the ε reported for them does not hold"
-        for m in MERCHANTS]
+        f"{UNMARKED}" for m in MERCHANTS]
     # Everything else is read as before: same ε recorded and re-derived, nothing else found.
     assert before.passed
     assert [(m.epsilon_recorded, m.epsilon_pld) for m in report.merchants] == [
