@@ -16,7 +16,8 @@ records of every merchant (``client.merchant.split_merchant``):
   a call in every round fits its budget: small merchants add more noise instead of being
   refused; heads and encoder are clipped apart (``DP_CLIPPING``);
 - cold start: the non-private and the ε = 8 federations again with one merchant left out,
-  evaluated on that merchant's held-out records (it never trained, nor sent anything).
+  evaluated on that merchant's held-out records (it never trained, nor sent anything); with
+  ``--repeats`` each of the two runs as often as the other arms.
 
 Relevance is measured on held-out *queries* (a query's judgments all land on one side of the
 split) that have candidates of at least two grades, so ranking decides the score.
@@ -329,7 +330,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
                         "noise-multiplier": NOISE_FLOOR, "clipping": dataset.setting.clipping}
         timed(f"federated-dp-eps-{eps:g}", federated(f"dp-eps-{eps:g}", dp_runs[eps]))
 
-    cold = cold_start(dataset, work, dp_runs.get(8.0) or dp_runs[max(dp_runs)], arms)
+    cold = cold_start(dataset, work, dp_runs.get(8.0) or dp_runs[max(dp_runs)], arms, repeats=repeats)
     by_name = {a.name: a for a in arms}
     judged = by_name.get(JUDGED_ARM)
     gap_ci = {} if judged is None else {ref: bootstrap_gaps(dataset.tests, judged, by_name[ref], HEADLINE[dataset.name])
@@ -356,9 +357,12 @@ def noise_range(notes: dict[str, Any]) -> list[float]:
     return [sigma for n in notes.get("per_repeat", [notes]) for sigma in (n.get("noise_multiplier") or {}).values()]
 
 
-def cold_start(dataset: Dataset, work: Path, dp_overrides: dict[str, Any], arms: list[Arm]) -> dict[str, Any]:
+def cold_start(dataset: Dataset, work: Path, dp_overrides: dict[str, Any], arms: list[Arm], *,
+               repeats: int = 1) -> dict[str, Any]:
     """The federation without one merchant (non-private, and DP at ``dp_overrides``' ε), scored
-    on that merchant's held-out records: what a merchant with no interactions gets on day one."""
+    on that merchant's held-out records: what a merchant with no interactions gets on day one.
+    Each federation runs ``repeats`` times like the other arms (seed + repeat, fresh noise): the
+    metrics are the mean, every run's are kept beside them."""
     held_out = COLD_START[dataset.name] if COLD_START[dataset.name] in dataset.merchants else dataset.merchants[-1]
     subset = work / "merchants" / f"{dataset.name}-without-{held_out}"
     subset.mkdir(parents=True, exist_ok=True)
@@ -367,11 +371,14 @@ def cold_start(dataset: Dataset, work: Path, dp_overrides: dict[str, Any], arms:
             (subset / d.name).symlink_to(d.resolve(), target_is_directory=True)
     per_round = min(dataset.config.merchants_per_round, len(dataset.dirs) - 1)
     start = time.perf_counter()
-    metrics = {}
-    for label, overrides in (("federated", {"dp": False}), ("dp", dp_overrides)):
-        params, _ = simulate(dataset, work / "runs" / dataset.name / f"cold-start-{label}", {
-            **overrides, "merchants-per-round": per_round}, data_dir=subset)
-        metrics[label] = dataset.evaluate(params, [held_out])[0][held_out]
+    runs: dict[str, list[dict[str, float]]] = {"federated": [], "dp": []}
+    for r in range(repeats):
+        for label, overrides in (("federated", {"dp": False}), ("dp", dp_overrides)):
+            name = f"cold-start-{label}" + (f"-r{r + 1}" if repeats > 1 else "")
+            params, _ = simulate(dataset, work / "runs" / dataset.name / name, {
+                **overrides, "merchants-per-round": per_round, "seed": dataset.config.seed + r}, data_dir=subset)
+            runs[label].append(dataset.evaluate(params, [held_out])[0][held_out])
+    metrics = {label: {k: sum(run[k] for run in rs) / len(rs) for k in rs[0]} for label, rs in runs.items()}
     by_name = {a.name: a for a in arms}
     trained_with = f"federated-dp-eps-{dp_overrides['target-epsilon']:g}"
     return {
@@ -379,6 +386,8 @@ def cold_start(dataset: Dataset, work: Path, dp_overrides: dict[str, Any], arms:
         "epsilon": dp_overrides["target-epsilon"],
         "metrics_federated": metrics["federated"],
         "metrics": metrics["dp"],
+        "runs_federated": runs["federated"],
+        "runs": runs["dp"],
         "untrained": by_name["untrained"].per_merchant[held_out],
         "local": by_name["local"].per_merchant[held_out],
         "federated_with_it": by_name["federated"].per_merchant[held_out],
@@ -551,7 +560,10 @@ def markdown(results: dict[str, Any]) -> str:
                            ("federation with it, non-private", "federated_with_it"),
                            (f"DP federation (ε = {cold['epsilon']:g}) with it", "dp_with_it"),
                            ("its own data alone", "local")):
-            lines.append(f"| {label} | " + " | ".join(_fmt(cold[key].get(m, math.nan)) for m in metrics) + " |")
+            spread = cold.get({"metrics_federated": "runs_federated", "metrics": "runs"}.get(key, ""), [])
+            lines.append(f"| {label} | " + " | ".join(
+                _fmt(cold[key].get(m, math.nan)) + _spread([run.get(m, math.nan) for run in spread])
+                for m in metrics) + " |")
         lines.append("")
     return "\n".join(lines)
 

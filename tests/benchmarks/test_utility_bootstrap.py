@@ -123,7 +123,8 @@ def test_the_report_gives_each_arms_spread_and_how_many_dp_runs_meet_the_target(
                               "macro": {"ctr_auc": a.macro("ctr_auc")},
                               "macro_runs": {"ctr_auc": a.run_macros("ctr_auc")}} for name, a in arms.items()},
               "cold_start": {"held_out_merchant": "b", "epsilon": 8.0, **{k: {"ctr_auc": 0.7} for k in (
-                  "untrained", "metrics_federated", "metrics", "federated_with_it", "dp_with_it", "local")}}}
+                  "untrained", "metrics_federated", "metrics", "federated_with_it", "dp_with_it", "local")},
+                             "runs": [{"ctr_auc": 0.65}, {"ctr_auc": 0.75}]}}
     original = dict(utility.HEADLINE)
     utility.HEADLINE["toy"] = ("ctr_auc",)
     try:
@@ -144,4 +145,7 @@ def test_the_report_gives_each_arms_spread_and_how_many_dp_runs_meet_the_target(
     assert "0.8600 (0.840-0.880)" in row and "1.00-3.00" in row  # σ over both repeats, both merchants
     verdict_row = next(line for line in text.splitlines() if line.startswith("| ctr_auc | +4.4 %"))
     assert "| 1 / 2 |" in verdict_row
+    # Cold start: the DP federation without `b` ran twice (its spread shown); the rest once.
+    cold_rows = [line for line in text.splitlines() if "without it" in line]
+    assert cold_rows[0].endswith("| 0.7000 |") and cold_rows[1].endswith("| 0.7000 (0.650-0.750) |")
     assert (tmp_path / "u.png").stat().st_size > 0
