@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from shared import atomic
 from shared.model import FedShopModel, head_scores
 
 log = logging.getLogger(__name__)
@@ -39,12 +38,13 @@ ENCODE_BATCH = 256
 
 class HeadsOnly(nn.Module):
     """A model's heads (and the dropout before them) over pooled states. The parameters are the
-    model's own, shared, not copied: training this module trains the model's heads."""
+    model's own, shared, not copied: training this module trains the model's heads — unless
+    ``heads`` gives others to train (``client.precondition``'s copy in its coordinates)."""
 
-    def __init__(self, model: FedShopModel) -> None:
+    def __init__(self, model: FedShopModel, heads: nn.ModuleDict | None = None) -> None:
         super().__init__()
         self.dropout = model.dropout
-        self.heads = model.heads
+        self.heads = model.heads if heads is None else heads
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return head_scores(self.heads, self.dropout, pooled)
@@ -121,15 +121,7 @@ def pooled_states(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs
         except Exception as exc:  # a damaged cache is only lost time: encode again
             log.warning("feature cache %s unreadable (%s); encoding again", path, exc)
     states = encode_pairs(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(states, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.torch_save(states, path)
     stale = [p for p in path.parent.glob("features-*.pt") if p != path and p.is_file()]
     for old in stale:
         old.unlink(missing_ok=True)

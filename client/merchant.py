@@ -162,6 +162,12 @@ class Merchant:
         return features.cache_dir(self.config.feature_cache_dir, self.identity.state_dir / "features",
                                   self.identity.merchant_id)
 
+    @property
+    def corpus_cache(self) -> Path:
+        """Where ``precondition-corpus``'s states are kept: public text, so one folder may serve
+        every merchant that shares ``feature-cache-dir``."""
+        return features.cache_dir(self.config.feature_cache_dir, self.feature_cache) / "precondition-corpus"
+
     def privacy_state(self) -> PrivacyState:
         return PrivacyState.open(self.identity.state_path, merchant_id=self.identity.merchant_id,
                                  target_epsilon=self.identity.target_epsilon,
@@ -184,7 +190,8 @@ class Merchant:
         try:
             result = trainer.train(model, split.train, tokenizer, self.config, privacy=privacy,
                                    round=server_round, model_version=model_version, run_id=run_id,
-                                   device=device, feature_cache=self.feature_cache)
+                                   device=device, feature_cache=self.feature_cache, corpus_cache=self.corpus_cache,
+                                   optimizer_state=self.identity.state_dir / "optimizer-state.pt")
         except BudgetExceededError as exc:
             log.warning("%s", exc)
             assert privacy is not None

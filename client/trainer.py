@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from client import dp, features
+from client import dp, features, precondition
+from client import optimizer_state as optimizer_state_lib
 from client.budget import PrivacyState
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
@@ -150,11 +151,16 @@ def train(
     device: torch.device | None = None,
     on_step: Callable[[int, int, float], None] | None = None,
     feature_cache: Path | None = None,
+    corpus_cache: Path | None = None,
+    optimizer_state: Path | None = None,
 ) -> TrainResult:
     """Train ``model`` in place on one merchant's examples; private iff ``config.dp``.
 
     ``feature_cache``: where a frozen encoder's pooled states are kept between calls
-    (``trainable = heads`` only; None = encode on every call)."""
+    (``trainable = heads`` only; None = encode on every call). ``corpus_cache``: the same for
+    ``precondition-corpus``'s public texts (default: a folder inside ``feature_cache``).
+    ``optimizer_state``: the file that carries the optimizer's state from call to call with
+    ``keep-optimizer-state`` (None = never carried)."""
     start = time.perf_counter()
     device = device or torch.device("cpu")
     if config.dp and privacy is None:
@@ -176,8 +182,6 @@ def train(
 
     model.to(device)
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(model, config)
     criterion: nn.Module = PerExampleLoss()
     # Reproducible batch order for non-private calls only: a private call samples from its own
     # fresh generator (client.dp.make_private), since batches known in advance are not secret.
@@ -188,13 +192,27 @@ def train(
     frozen = config.trainable == "heads"
     dataset: Dataset = records
     train_model: nn.Module = model
+    preconditioner, local_heads = None, None
     if frozen:
         if not isinstance(model, FedShopModel):
             raise TypeError(f"trainable = heads trains a FedShopModel's heads; got {type(model).__name__}")
         states = features.pooled_states(model, tokenizer, records.pairs, max_seq_len=config.max_seq_len,
                                         device=device, cache_dir=feature_cache)
+        if config.precondition_corpus:
+            if corpus_cache is None and feature_cache is not None:
+                corpus_cache = feature_cache / "precondition-corpus"
+            preconditioner = precondition.from_corpus(
+                Path(config.precondition_corpus), model, tokenizer, max_seq_len=config.max_seq_len,
+                shrink=config.precondition_shrink, device=device, cache_dir=corpus_cache)
+            states = preconditioner.states(states)
+            local_heads = preconditioner.to_local(model.heads)
         dataset = TensorDataset(states, records.targets)
-        train_model = features.HeadsOnly(model)
+        train_model = features.HeadsOnly(model, local_heads)
+    params = [p for p in train_model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(train_model, config)
+    base_optimizer = optimizer  # Opacus wraps it; its state is what a next call may continue
+    if config.keep_optimizer_state and optimizer_state is not None:
+        optimizer_state_lib.load(optimizer, optimizer_state, run_id=run_id)
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     mode = "none"
     if config.dp:
@@ -241,10 +259,15 @@ def train(
             train_model.remove_hooks()  # type: ignore[operator]
             _strip_opacus(model)
 
+    if preconditioner is not None:
+        assert local_heads is not None and isinstance(model, FedShopModel)
+        preconditioner.to_global(local_heads, model.heads)
     epsilon = 0.0
     if config.dp:
         assert privacy is not None and planned is not None
         epsilon = privacy.commit(planned, round=round, model_version=model_version, run_id=run_id)
+    if config.keep_optimizer_state and optimizer_state is not None:
+        optimizer_state_lib.save(base_optimizer, optimizer_state, run_id=run_id)
     return TrainResult(
         num_examples=len(records), steps=done, mean_loss=float(np.mean(losses)) if losses else float("nan"),
         losses=losses, mechanism=planned, epsilon=epsilon,

@@ -85,6 +85,15 @@ class RunConfig:
     # computed once and kept here (one file per encoder, pooling and record set), so each
     # round trains the heads on them instead of re-encoding. "" = the node's state folder.
     feature_cache_dir: str = ""
+    # trainable = heads: public text (a file, one text per line, "context<TAB>product" for
+    # pairs) whose frozen-encoder states set the geometry the heads train in: centred and
+    # whitened (client.precondition). The model and what travels stay the same; only the
+    # steps change. "" = off.
+    precondition_corpus: str = ""
+    precondition_shrink: float = 0.003  # added to the states' covariance eigenvalues
+    # Carry the optimizer's state (Adam's moments) from one training call of the run to the
+    # next, in the node's state folder, instead of starting it afresh every round.
+    keep_optimizer_state: bool = False
 
     # --- privacy --------------------------------------------------------------------
     dp: bool = True
@@ -162,6 +171,10 @@ class RunConfig:
             raise bad("noise_multiplier", "must be > 0 when dp = true (set dp = false for a non-private run)")
         if self.weight_decay < 0:
             raise bad("weight_decay", "must be >= 0")
+        if not (math.isfinite(self.precondition_shrink) and self.precondition_shrink > 0):
+            raise bad("precondition_shrink", "must be a finite number > 0")
+        if self.precondition_corpus and self.trainable != "heads":
+            raise bad("precondition_corpus", f"needs trainable = 'heads' (a frozen encoder), not {self.trainable!r}")
         if self.clipping != "flat" and self.grad_sample_mode not in ("auto", "bk"):
             raise bad("clipping", f"needs grad-sample-mode 'auto' or 'bk' (book-keeping clipping), "
                                   f"not {self.grad_sample_mode!r}")

@@ -161,12 +161,18 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
 
 def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None:
     """trainable = heads through the Flower simulation engine: each virtual merchant encodes its
-    records once (one cache file in its own state folder, reused in round 2), only the heads
-    travel, the spend is recorded, and the exported model keeps the mean-l2 pooling."""
+    records once (one cache file in its own state folder, reused in round 2), trains in the
+    geometry of a public corpus and continues its optimizer's state from round 1 in round 2;
+    only the heads travel, the spend is recorded, and the exported model keeps the mean-l2
+    pooling."""
     data = tmp_path / "data"
     write_merchants(data, MERCHANTS)
+    corpus = tmp_path / "public.txt"
+    corpus.write_text("\n".join(f"catalogue item {i}\tproduct {i} in size {i % 9}" for i in range(120)))
     scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data), "trainable": "heads",
-                                                           "pooling": "mean-l2", "batch-size": 64})
+                                                           "pooling": "mean-l2", "batch-size": 64,
+                                                           "precondition-corpus": str(corpus),
+                                                           "keep-optimizer-state": True})
     result = simulate(scenario, tmp_path / "run", log_dir=tmp_path / "log")
     assert result.returncode == 0, result.describe()
     run_dir = tmp_path / "run"
@@ -175,8 +181,13 @@ def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None
     assert all(r.status == "accepted" and 1 <= r.steps <= 3 and r.epsilon_reported > 0 for r in rows)
     check_client_state_matches_ledger(run_dir)
     for merchant in MERCHANTS:
-        cached = list((run_dir / "nodes" / merchant / "features").iterdir())
+        node = run_dir / "nodes" / merchant
+        cached = [p for p in (node / "features").iterdir() if p.is_file()]
         assert len(cached) == 1 and cached[0].name.startswith("features-")  # encoded once, both rounds
+        assert len(list((node / "features" / "precondition-corpus").iterdir())) == 1
+        kept = torch.load(node / "optimizer-state.pt", weights_only=True)
+        steps = sum(r.steps for r in rows if r.merchant_id == merchant)
+        assert {int(s["step"]) for s in kept["state"]["state"].values()} == {steps}  # round 2 went on from 1
     latest = ckpt.load_latest(run_dir)
     assert latest is not None and sorted(latest.parameters) == sorted(
         f"heads.{task}.{kind}" for task in ("ctr", "rating", "relevance") for kind in ("weight", "bias"))

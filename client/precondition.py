@@ -1,0 +1,110 @@
+"""Heads trained in a whitened geometry that public text sets (``precondition-corpus``).
+
+A frozen MiniLM's pooled states are far from isotropic: on the reviews records their mean has
+length 0.67 (of 1), and the covariance's eigenvalues fall 50-fold over its top hundred
+directions. Gradient steps on a linear head then crawl along the weak directions, and in the
+steps a federation affords (8 rounds of 15) the rating head stops short: a plain-PyTorch
+replica of the private reviews federation (ε = 8, 6 seeds) reaches RMSE 0.870 as it is and
+0.850 with states whitened by public text and Adam's state kept across rounds
+(``keep-optimizer-state``), against 0.827 centralised.
+
+States ``x`` become ``x' = (x - μ) M`` with ``M = c·(C + s·I)^(-1/2)``, where μ and C are the
+mean and covariance of the *corpus'* states (never a merchant's: the corpus is public text,
+e.g. another shop's catalogue), ``s`` is ``precondition-shrink`` and ``c`` scales the corpus'
+transformed states to mean length 1 (so clipping at C = 1 keeps its meaning). A head
+``s = W x + b`` trains as ``s = W' x' + b'`` with ``W' = W M⁻¹``, ``b' = b + W μ``: the same
+function, so the global model, what a merchant sends and what is exported are unchanged;
+after training the heads are mapped back (``W = W' M``, ``b = b' − W μ``). DP-SGD clips and
+noises the gradients in the new coordinates; M depends on public data only, so the guarantee
+and its accounting are unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from client import features
+from shared.model import FedShopModel
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Preconditioner:
+    mean: torch.Tensor  # μ, [hidden]
+    matrix: torch.Tensor  # M, [hidden, hidden], symmetric
+    inverse: torch.Tensor  # M⁻¹
+
+    @classmethod
+    def fit(cls, states: torch.Tensor, shrink: float) -> Preconditioner:
+        """From the public corpus' pooled states ``[n, hidden]``."""
+        if states.ndim != 2 or len(states) < 2:
+            raise ValueError(f"need at least two states to fit a preconditioner, got shape {tuple(states.shape)}")
+        x = states.double()
+        mean = x.mean(0)
+        centred = x - mean
+        eigenvalues, eigenvectors = torch.linalg.eigh(centred.T @ centred / len(x))
+        scale = eigenvalues.clamp(min=0.0) + shrink
+        matrix = eigenvectors @ torch.diag(scale.rsqrt()) @ eigenvectors.T
+        c = 1.0 / float((centred @ matrix).norm(dim=1).mean())
+        inverse = eigenvectors @ torch.diag(scale.sqrt()) @ eigenvectors.T / c
+        return cls(mean=mean.float(), matrix=(matrix * c).float(), inverse=inverse.float())
+
+    def states(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled states in the heads' training coordinates."""
+        return (pooled - self.mean) @ self.matrix
+
+    def to_local(self, heads: nn.ModuleDict) -> nn.ModuleDict:
+        """A copy of ``heads`` that computes the same scores from ``states(pooled)``."""
+        local = copy.deepcopy(heads)
+        with torch.no_grad():
+            for task in heads:
+                head, mine = _linear(heads[task]), _linear(local[task])
+                mine.weight.copy_(head.weight @ self.inverse)
+                mine.bias.copy_(head.bias + head.weight @ self.mean)
+        return local
+
+    def to_global(self, local: nn.ModuleDict, heads: nn.ModuleDict) -> None:
+        """Write trained ``local`` heads back into ``heads``, in pooled-state coordinates."""
+        with torch.no_grad():
+            for task in heads:
+                head, mine = _linear(heads[task]), _linear(local[task])
+                weight = mine.weight @ self.matrix
+                head.weight.copy_(weight)
+                head.bias.copy_(mine.bias - weight @ self.mean)
+
+
+def _linear(module: nn.Module) -> nn.Linear:
+    if not isinstance(module, nn.Linear):
+        raise TypeError(f"a head must be an nn.Linear to be preconditioned, not {type(module).__name__}")
+    return module
+
+
+def read_corpus(path: Path) -> list[tuple[str, str]]:
+    """(context, product) pairs: one text per line, ``context<TAB>product`` for a pair."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"precondition-corpus {path}: cannot read it ({exc})") from exc
+    pairs = [tuple(line.split("\t", 1)) if "\t" in line else ("", line) for line in lines if line.strip()]
+    if len(pairs) < 2:
+        raise ValueError(f"precondition-corpus {path}: {len(pairs)} text(s); a covariance needs at least two "
+                         "(hundreds, in practice)")
+    return pairs  # type: ignore[return-value]
+
+
+def from_corpus(path: Path, model: FedShopModel, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int,
+                shrink: float, device: torch.device, cache_dir: Path | None) -> Preconditioner:
+    """The preconditioner of ``path``'s texts under ``model``'s frozen encoder (their states
+    cached in ``cache_dir`` like a merchant's, encoded once)."""
+    pairs = read_corpus(path)
+    states = features.pooled_states(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device,
+                                    cache_dir=cache_dir)
+    return Preconditioner.fit(states, shrink)
