@@ -149,3 +149,16 @@ def test_the_report_gives_each_arms_spread_and_how_many_dp_runs_meet_the_target(
     cold_rows = [line for line in text.splitlines() if "without it" in line]
     assert cold_rows[0].endswith("| 0.7000 |") and cold_rows[1].endswith("| 0.7000 (0.650-0.750) |")
     assert (tmp_path / "u.png").stat().st_size > 0
+
+
+def test_the_public_corpus_is_the_other_shops_text_and_reads_as_one(utility: ModuleType, tmp_path: Path) -> None:
+    """The reviews federation's preconditioning corpus: every ESCI query-product text, once each,
+    in the file format ``precondition-corpus`` reads; none of it is a reviews record."""
+    from client.precondition import read_corpus
+
+    assert utility.SETTINGS["heads"].public_corpus == {"reviews": "esci"}
+    path = utility.write_corpus("esci", tmp_path)
+    pairs = read_corpus(path)
+    assert len(pairs) > 1000 and len(set(pairs)) == len(pairs)
+    assert sum(1 for c, _ in pairs if c) > 0.9 * len(pairs)  # queries with their products
+    assert all("\t" not in c and "\t" not in p and "\n" not in p for c, p in pairs)
