@@ -67,8 +67,9 @@ class Preconditioner:
         with torch.no_grad():
             for task in heads:
                 head, mine = _linear(heads[task]), _linear(local[task])
-                mine.weight.copy_(head.weight @ self.inverse)
-                mine.bias.copy_(head.bias + head.weight @ self.mean)
+                # The heads may sit on a GPU; the transform is kept on the CPU with the states.
+                mine.weight.copy_(head.weight @ self.inverse.to(head.weight))
+                mine.bias.copy_(head.bias + head.weight @ self.mean.to(head.weight))
         return local
 
     def to_global(self, local: nn.ModuleDict, heads: nn.ModuleDict) -> None:
@@ -76,9 +77,9 @@ class Preconditioner:
         with torch.no_grad():
             for task in heads:
                 head, mine = _linear(heads[task]), _linear(local[task])
-                weight = mine.weight @ self.matrix
+                weight = mine.weight @ self.matrix.to(mine.weight)
                 head.weight.copy_(weight)
-                head.bias.copy_(mine.bias - weight @ self.mean)
+                head.bias.copy_(mine.bias - weight @ self.mean.to(weight))
 
 
 def _linear(module: nn.Module) -> nn.Linear:
