@@ -12,18 +12,9 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from client import features
 from client.budget import PrivacyState
 from client.trainer import PairDataset, train
-from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
-from tests.helpers.examples import product_examples
-
-TRAIN = product_examples(256, seed=0)
-
-
-def config(**changes: Any) -> RunConfig:
-    base: dict[str, Any] = dict(encoder="tiny", trainable="heads", batch_size=64, local_epochs=2.0,
-                                max_local_steps=0, dropout=0.0, max_seq_len=16, dp=False, pooling="mean-l2")
-    base.update(changes)
-    return RunConfig(**base)
+from tests.helpers.heads import TRAIN
+from tests.helpers.heads import heads_config as config
 
 
 @pytest.fixture(scope="module")

@@ -17,17 +17,10 @@ from client.precondition import Preconditioner
 from client.trainer import train
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
-from tests.helpers.examples import product_examples
+from tests.helpers.heads import TRAIN
+from tests.helpers.heads import heads_config as config
 
-TRAIN = product_examples(256, seed=0)
 HIDDEN = 64  # the tiny encoder's
-
-
-def config(**changes: Any) -> RunConfig:
-    base: dict[str, Any] = dict(encoder="tiny", trainable="heads", batch_size=64, local_epochs=2.0,
-                                max_local_steps=0, dropout=0.0, max_seq_len=16, dp=False, pooling="mean-l2")
-    base.update(changes)
-    return RunConfig(**base)
 
 
 @pytest.fixture(scope="module")
