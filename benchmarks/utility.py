@@ -257,7 +257,7 @@ def train_params(dataset: Dataset, merchants: list[str], *, steps: int, epochs: 
                  ) -> dict[str, Any]:
     """Non-private training on the union of ``merchants``' training data; the trainable params.
     ``repeat`` shifts the seed (head initialisation, batch order)."""
-    from client import trainer
+    from client import precondition, trainer
     from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer
 
     config = dataset.config.replace(dp=False, max_local_steps=steps, local_epochs=epochs,
@@ -267,7 +267,7 @@ def train_params(dataset: Dataset, merchants: list[str], *, steps: int, epochs: 
     examples = [e for m in merchants for e in dataset.splits[m].train]
     trainer.train(model, examples, load_tokenizer(spec), config, privacy=None,
                   device=choose_device(config.device), feature_cache=dataset.feature_cache / "+".join(merchants),
-                  corpus_cache=dataset.feature_cache / "precondition-corpus")
+                  corpus_cache=dataset.feature_cache / precondition.CACHE_FOLDER)
     return dict(get_trainable(model.cpu()))
 
 

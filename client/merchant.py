@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from client import features, trainer
+from client import features, precondition, trainer
 from client.budget import BudgetExceededError, PrivacyState
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from shared.config import RunConfig
@@ -166,7 +166,7 @@ class Merchant:
     def corpus_cache(self) -> Path:
         """Where ``precondition-corpus``'s states are kept: public text, so one folder may serve
         every merchant that shares ``feature-cache-dir``."""
-        return features.cache_dir(self.config.feature_cache_dir, self.feature_cache) / "precondition-corpus"
+        return features.cache_dir(self.config.feature_cache_dir, self.feature_cache) / precondition.CACHE_FOLDER
 
     def privacy_state(self) -> PrivacyState:
         return PrivacyState.open(self.identity.state_path, merchant_id=self.identity.merchant_id,

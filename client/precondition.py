@@ -35,6 +35,10 @@ from shared.model import FedShopModel
 
 log = logging.getLogger(__name__)
 
+# The folder, inside a feature cache, that keeps the corpus' states (pruned apart from a
+# merchant's own: client.features keeps one record set per folder).
+CACHE_FOLDER = "precondition-corpus"
+
 
 @dataclasses.dataclass(frozen=True)
 class Preconditioner:

@@ -200,7 +200,7 @@ def train(
                                         device=device, cache_dir=feature_cache)
         if config.precondition_corpus:
             if corpus_cache is None and feature_cache is not None:
-                corpus_cache = feature_cache / "precondition-corpus"
+                corpus_cache = feature_cache / precondition.CACHE_FOLDER
             preconditioner = precondition.from_corpus(
                 Path(config.precondition_corpus), model, tokenizer, max_seq_len=config.max_seq_len,
                 shrink=config.precondition_shrink, device=device, cache_dir=corpus_cache)
