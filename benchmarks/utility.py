@@ -35,6 +35,10 @@ than the gaps being judged.
 ``--trainable`` picks the trainable set every arm shares (``SETTINGS``): ``lora`` (adapters +
 heads, the scenarios' own, batch 64) or ``heads`` (a frozen encoder, unit-length pooled states,
 each record encoded once and cached, batches of 1,024 records; ``client.features``).
+``--split-seed N`` draws another held-out split (``split-seed``; the scenario's otherwise) and
+names the outputs ``...-splitN``: ESCI's held-out set is a few dozen queries, so one split is
+one draw of them. ``benchmarks/utility_splits.py`` pools such runs, split by split.
+
 Outputs: ``utility.json``, ``utility.md`` and ``utility.png`` under ``--out-dir``
 (``utility-heads.*`` for ``--trainable heads``).
 """
@@ -167,8 +171,8 @@ def macro_of(per_merchant: dict[str, dict[str, float]], metric: str) -> float:
 class Dataset:
     """One scenario's merchants, split once; evaluation of any trainable-parameter set."""
 
-    def __init__(self, name: str, work: Path, *, encoder: str, quick: bool, setting: Setting = SETTINGS["lora"]
-                 ) -> None:
+    def __init__(self, name: str, work: Path, *, encoder: str, quick: bool, setting: Setting = SETTINGS["lora"],
+                 split_seed: int | None = None) -> None:
         from client.data import load_merchant
         from client.merchant import merchant_dirs, split_merchant
         from simulations import adapters, engine
@@ -177,6 +181,8 @@ class Dataset:
         scenario = engine.load_scenario(name)
         overrides = {**DATASET_OVERRIDES[name], **setting.overrides}
         overrides["encoder"] = encoder
+        if split_seed is not None:  # in the scenario, so the simulations split alike
+            overrides["split-seed"] = split_seed
         # One cache of frozen-encoder states for every arm (keyed by records and encoder, so
         # arms share a merchant's states safely); unused unless the encoder is frozen.
         self.feature_cache = work / "features"
@@ -368,6 +374,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
     gap_ci = {} if judged is None else {ref: bootstrap_gaps(dataset.tests, judged, by_name[ref], HEADLINE[dataset.name])
                                         for ref in ("centralised", "local")}
     return {"gap_ci95": gap_ci, "config": dataset.scenario, "merchants": dataset.merchants, "repeats": repeats,
+            "split_seed": c.split_seed,
             "train_records": {m: len(s.train) for m, s in dataset.splits.items()},
             "test_examples": {m: len(t) for m, t in dataset.tests.items()},
             "test_queries": {m: len({e.group for e in t if e.task == "relevance"}) for m, t in dataset.tests.items()},
@@ -543,6 +550,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Machine: {results['machine']}. Encoder: {results['encoder']}. Trainable set (every arm): "
              f"{results.get('trainable', 'lora')}. Total run time "
              f"{results['total_seconds'] / 60:.1f} min. Command: `{results['command']}`.", "",
+             *([f"Held-out split: `split-seed = {results['split_seed']}`.", ""]
+               if results.get("split_seed") is not None else []),
              "Metrics are macro averages over merchants, on each merchant's held-out records. "
              "Gaps are relative to centralised non-private (positive = worse).", ""]
     for name, result in results["datasets"].items():
@@ -694,6 +703,8 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every trained arm this many times (seed + repeat; fresh DP noise each time) and "
                              "report the mean and the spread (default 1)")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="draw this held-out split (split-seed) instead of the scenario's; outputs ...-splitN")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps: checks the pipeline, not utility")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs and logs here (default: temporary)")
@@ -709,7 +720,8 @@ def main() -> int:
     results: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPU cores, {sys.platform}", "encoder": args.encoder,
         "trainable": args.trainable,
-        "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "datasets": {}}
+        "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "split_seed": args.split_seed,
+        "datasets": {}}
     if args.work_dir is not None:
         # Simulations refuse a run folder that holds a run: say so now, not an hour in.
         used = [d for d in (args.work_dir / "runs" / name for name in args.datasets) if d.is_dir() and any(d.iterdir())]
@@ -719,13 +731,15 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedshop-utility-") as tmp:
         work = args.work_dir or Path(tmp)
         for name in args.datasets:
-            dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=SETTINGS[args.trainable])
+            dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=SETTINGS[args.trainable],
+                              split_seed=args.split_seed)
             result = run_dataset(dataset, args.epsilons, work, repeats=args.repeats)
             result["verdict"] = judge(name, result)
             results["datasets"][name] = result
     results["total_seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = args.out_dir / f"utility{SETTINGS[args.trainable].suffix}"
+    split = "" if args.split_seed is None else f"-split{args.split_seed}"
+    stem = args.out_dir / f"utility{SETTINGS[args.trainable].suffix}{split}"
     write_atomic(stem.with_suffix(".json"), json.dumps(finite(results), indent=1))
     write_atomic(stem.with_suffix(".md"), markdown(results))
     plot(results, stem.with_suffix(".png"))

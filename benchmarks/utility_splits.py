@@ -1,0 +1,194 @@
+"""Pool utility-benchmark runs made on different held-out splits (not a test).
+
+    .venv/bin/python benchmarks/utility.py --trainable heads --datasets esci --split-seed 1 ...
+    .venv/bin/python benchmarks/utility_splits.py RESULTS.json [RESULTS.json ...] [--out STEM]
+
+One held-out split is one draw of the test set: ESCI's is a few dozen queries, and which
+queries it holds moves every arm's figures by more than the gaps being judged, the same way
+for every arm of that run. Each input is one ``benchmarks/utility.py`` run (any ``--repeats``)
+on its own ``--split-seed``; this takes, for every dataset the runs share, each arm's macro
+figure per split (the mean over that run's repeats) and their mean over the splits, and
+judges the federated ε = 8 arm against the issue's targets on those means: within 5 %
+(relative) of centralised and better than the merchants alone, also split by split. Every
+arm of a split is scored on the same queries, so the comparison stays paired within a split.
+
+Writes ``STEM.json``, ``STEM.md`` and ``STEM.png`` (default ``benchmarks/results/utility-splits``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import utility  # this folder's benchmark: its metrics, target and gap are the ones judged here
+
+from shared.config import RunConfig
+from shared.jsonable import finite
+
+REFERENCES = ("centralised", "local")
+
+
+def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
+    """Each file's results, checked to be poolable: one split each, no split twice, one setting."""
+    runs = []
+    for path in paths:
+        try:
+            results = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read utility results ({exc})") from exc
+        if not isinstance(results, dict) or not isinstance(results.get("datasets"), dict):
+            raise ValueError(f"{path}: not a benchmarks/utility.py results file (no 'datasets')")
+        results["_path"] = str(path)
+        runs.append(results)
+    if len(runs) < 2:
+        raise ValueError(f"pooling splits needs at least two results files, got {len(runs)}")
+    for key in ("trainable", "encoder"):
+        values = {r.get(key) for r in runs}
+        if len(values) > 1:
+            each = ", ".join(f"{r['_path']}: {r.get(key)}" for r in runs)
+            raise ValueError(f"the runs differ in {key!r} ({each}); pool runs of one setting")
+    seen: dict[tuple[str, int], str] = {}
+    for r in runs:
+        for name, result in r["datasets"].items():
+            seed = split_seed(result)
+            if (name, seed) in seen:
+                raise ValueError(f"{r['_path']}: {name} split-seed {seed} is already in {seen[name, seed]}; "
+                                 "each split may count once")
+            seen[name, seed] = r["_path"]
+    return runs
+
+
+def split_seed(result: dict[str, Any]) -> int:
+    """The split a dataset's run held out: its own record, else (a run from before
+    ``--split-seed``) its scenario's ``split-seed``, else the run config's default."""
+    if result.get("split_seed") is not None:
+        return int(result["split_seed"])
+    return int(result.get("config", {}).get("split-seed", RunConfig.split_seed))
+
+
+def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per dataset every run holds: each arm's per-split macros and their mean; the verdict."""
+    names = [n for n in runs[0]["datasets"] if all(n in r["datasets"] for r in runs)]
+    if not names:
+        raise ValueError("no dataset is in every results file: " + "; ".join(
+            f"{r['_path']}: {', '.join(r['datasets'])}" for r in runs))
+    pooled: dict[str, Any] = {}
+    for name in names:
+        results = [r["datasets"][name] for r in runs]
+        metrics = utility.HEADLINE[name]
+        arm_names = [a for a in results[0]["arms"] if all(a in res["arms"] for res in results)]
+        missing = [a for a in (*REFERENCES, utility.JUDGED_ARM) if a not in arm_names]
+        if missing:
+            raise ValueError(f"{name}: arm(s) {', '.join(missing)} missing from " + ", ".join(
+                r["_path"] for r in runs if any(a not in r["datasets"][name]["arms"] for a in missing)))
+        arms = {a: {m: [res["arms"][a]["macro"][m] for res in results] for m in metrics} for a in arm_names}
+        mean = {a: {m: statistics.fmean(v) for m, v in by_metric.items()} for a, by_metric in arms.items()}
+        verdict: dict[str, dict[str, Any]] = {}
+        for m in metrics:
+            dp = arms[utility.JUDGED_ARM][m]
+            judged: dict[str, dict[str, Any]] = {
+                ref: {"gap": utility.relative_gap(m, mean[utility.JUDGED_ARM][m], mean[ref][m]),
+                      "per_split": [utility.relative_gap(m, v, r) for v, r in zip(dp, arms[ref][m], strict=True)]}
+                for ref in REFERENCES}
+            verdict[m] = {**{f"gap_vs_{ref}": j["gap"] for ref, j in judged.items()},
+                          **{f"gap_vs_{ref}_per_split": j["per_split"] for ref, j in judged.items()},
+                          "within_5pct_of_centralised": judged["centralised"]["gap"] <= utility.TARGET_RELATIVE_GAP,
+                          "better_than_local": judged["local"]["gap"] < 0,
+                          "splits_within_5pct": sum(g <= utility.TARGET_RELATIVE_GAP
+                                                    for g in judged["centralised"]["per_split"]),
+                          "splits_better_than_local": sum(g < 0 for g in judged["local"]["per_split"])}
+        pooled[name] = {"split_seeds": [split_seed(res) for res in results],
+                        "repeats": [res.get("repeats", 1) for res in results],
+                        "test_queries": [sum(res.get("test_queries", {}).values()) for res in results],
+                        "files": [r["_path"] for r in runs],
+                        "per_split": arms, "mean": mean, "verdict": verdict}
+    return pooled
+
+
+def markdown(pooled: dict[str, Any]) -> str:
+    lines = ["# Utility over held-out splits", "",
+             "Each column is one `benchmarks/utility.py` run on its own held-out split (its arms' figures "
+             "the mean over that run's repeats); the last column is the mean over splits, on which the "
+             "targets are judged. Gaps are relative (positive = worse).", ""]
+    for name, p in pooled.items():
+        seeds = p["split_seeds"]
+        heads = [f"split {s} (×{k}{f', {q} queries' if q else ''})"
+                 for s, k, q in zip(seeds, p["repeats"], p["test_queries"], strict=True)]
+        lines += [f"## {name}", "", "| arm | metric | " + " | ".join(heads) + " | mean |",
+                  "|---|---|" + "---:|" * (len(seeds) + 1)]
+        for arm, by_metric in p["per_split"].items():
+            for metric, values in by_metric.items():
+                lines.append(f"| {arm} | {metric} | " + " | ".join(f"{v:.4f}" for v in values)
+                             + f" | **{p['mean'][arm][metric]:.4f}** |")
+        lines += ["", f"{utility.JUDGED_ARM} against the targets:", "",
+                  "| metric | gap vs centralised (mean) | within 5 % | splits within 5 % | gap vs local (mean) | "
+                  "better than local | splits better than local | per split vs centralised / vs local |",
+                  "|---|---:|:---:|:---:|---:|:---:|:---:|---|"]
+        for metric, v in p["verdict"].items():
+            per_split = ", ".join(f"{100 * c:+.1f} / {100 * lo:+.1f}" for c, lo in
+                                  zip(v["gap_vs_centralised_per_split"], v["gap_vs_local_per_split"], strict=True))
+            lines.append(f"| {metric} | {100 * v['gap_vs_centralised']:+.1f} % | "
+                         f"{utility._yes(v['within_5pct_of_centralised'])} | {v['splits_within_5pct']} / {len(seeds)}"
+                         f" | {100 * v['gap_vs_local']:+.1f} % | {utility._yes(v['better_than_local'])} | "
+                         f"{v['splits_better_than_local']} / {len(seeds)} | {per_split} |")
+        lines += ["", "Runs: " + ", ".join(f"`{f}`" for f in p["files"]), ""]
+    return "\n".join(lines)
+
+
+def plot(pooled: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(name, metric) for name, p in pooled.items() for metric in utility.HEADLINE[name]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
+    styles = {"centralised": ("s", "tab:green"), "local": ("^", "tab:orange"), "federated": ("D", "tab:grey"),
+              utility.JUDGED_ARM: ("o", "tab:blue")}
+    for ax, (name, metric) in zip(axes[0], panels, strict=True):
+        p = pooled[name]
+        xs = list(range(len(p["split_seeds"])))
+        for arm, (marker, color) in styles.items():
+            if arm not in p["per_split"]:
+                continue
+            ax.plot(xs, p["per_split"][arm][metric], marker=marker, linestyle="", color=color, label=arm)
+            ax.axhline(p["mean"][arm][metric], color=color, linewidth=1, alpha=0.7)
+        ax.set_xticks(xs, [str(s) for s in p["split_seeds"]])
+        ax.set_xlabel("split seed (line: mean over splits)")
+        better = "higher" if utility.HIGHER_IS_BETTER[metric] else "lower"
+        ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
+    axes[0][0].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", nargs="+", type=Path, help="benchmarks/utility.py JSON files, one split each")
+    parser.add_argument("--out", type=Path, default=utility.ROOT / "benchmarks" / "results" / "utility-splits",
+                        help="output stem: STEM.json, STEM.md, STEM.png")
+    args = parser.parse_args()
+    try:
+        pooled = pool(load_runs(args.results))
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    utility.write_atomic(args.out.with_suffix(".json"), json.dumps(finite(pooled), indent=1))
+    utility.write_atomic(args.out.with_suffix(".md"), markdown(pooled))
+    plot(pooled, args.out.with_suffix(".png"))
+    print(markdown(pooled))
+    print(f"written: {args.out}.json, .md, .png")
+    return 0 if all(not math.isnan(v["gap_vs_centralised"]) for p in pooled.values()
+                    for v in p["verdict"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

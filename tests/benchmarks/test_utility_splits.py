@@ -1,0 +1,108 @@
+"""Pooling utility-benchmark runs over held-out splits: per-split figures, their mean, the verdict."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def splits() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: it imports its sibling
+    try:
+        spec = importlib.util.spec_from_file_location("utility_splits", ROOT / "benchmarks" / "utility_splits.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def _results(tmp_path: Path, name: str, seed: int | None, figures: dict[str, tuple[float, float]],
+             trainable: str = "heads") -> Path:
+    """A utility.py results file for ESCI: arm -> (NDCG@10, MRR). ``seed`` None: a run from
+    before ``--split-seed`` (its split only in the scenario config)."""
+    arms = {arm: {"macro": {"relevance_ndcg@10": ndcg, "relevance_mrr": mrr}} for arm, (ndcg, mrr) in figures.items()}
+    dataset: dict[str, Any] = {"arms": arms, "repeats": 3, "config": {"split-seed": 0},
+                               "test_queries": {"esci-0": 5, "esci-1": 6}}
+    if seed is not None:
+        dataset["split_seed"] = seed
+    path = tmp_path / name
+    path.write_text(json.dumps({"trainable": trainable, "encoder": "minilm", "datasets": {"esci": dataset}}))
+    return path
+
+
+SPLIT_0 = {"centralised": (0.80, 0.90), "local": (0.70, 0.85), "federated": (0.75, 0.88),
+           "federated-dp-eps-8": (0.78, 0.84)}
+SPLIT_1 = {"centralised": (0.70, 0.90), "local": (0.72, 0.85), "federated": (0.70, 0.86),
+           "federated-dp-eps-8": (0.68, 0.90)}
+
+
+def test_each_arm_is_the_mean_over_splits_and_the_target_is_judged_on_it(splits: ModuleType,
+                                                                         tmp_path: Path) -> None:
+    runs = splits.load_runs([_results(tmp_path, "a.json", None, SPLIT_0), _results(tmp_path, "b.json", 1, SPLIT_1)])
+    esci = splits.pool(runs)["esci"]
+    assert esci["split_seeds"] == [0, 1]  # the older run's split read from its scenario
+    assert esci["per_split"]["centralised"]["relevance_ndcg@10"] == [0.80, 0.70]
+    assert esci["mean"]["federated-dp-eps-8"]["relevance_ndcg@10"] == pytest.approx(0.73)
+    ndcg, mrr = esci["verdict"]["relevance_ndcg@10"], esci["verdict"]["relevance_mrr"]
+    # NDCG@10: mean 0.73 against 0.75 centralised (+2.7 %, within 5 %) and 0.71 alone (better);
+    # split 0 alone is within 5 % (+2.5 %), split 1 too (+2.9 %); split 1 is below its local arm.
+    assert ndcg["gap_vs_centralised"] == pytest.approx(0.02 / 0.75)
+    assert ndcg["within_5pct_of_centralised"] and ndcg["better_than_local"]
+    assert ndcg["gap_vs_centralised_per_split"] == [pytest.approx(0.02 / 0.80), pytest.approx(0.02 / 0.70)]
+    assert ndcg["splits_within_5pct"] == 2 and ndcg["splits_better_than_local"] == 1
+    # MRR: mean 0.87 against 0.90 (+3.3 %) and 0.85 alone; split 0 (0.84) misses by 6.7 %.
+    assert mrr["gap_vs_centralised"] == pytest.approx(0.03 / 0.90)
+    assert mrr["splits_within_5pct"] == 1 and mrr["splits_better_than_local"] == 1
+
+    text = splits.markdown({"esci": esci})
+    row = next(line for line in text.splitlines() if line.startswith("| federated-dp-eps-8 | relevance_ndcg@10 |"))
+    assert "| 0.7800 | 0.6800 | **0.7300** |" in row
+    verdict = next(line for line in text.splitlines() if line.startswith("| relevance_mrr | +3.3 %"))
+    assert "| 1 / 2 |" in verdict and "+6.7 / +1.2" in verdict
+    splits.plot({"esci": esci}, tmp_path / "s.png")
+    assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_runs_that_cannot_be_pooled_are_refused_with_the_file_named(splits: ModuleType, tmp_path: Path) -> None:
+    a = _results(tmp_path, "a.json", 0, SPLIT_0)
+    with pytest.raises(ValueError, match="b.json: esci split-seed 0 is already in .*a.json"):
+        splits.load_runs([a, _results(tmp_path, "b.json", None, SPLIT_1)])
+    with pytest.raises(ValueError, match="'trainable'.*c.json: lora"):
+        splits.load_runs([a, _results(tmp_path, "c.json", 2, SPLIT_1, trainable="lora")])
+    with pytest.raises(ValueError, match="at least two"):
+        splits.load_runs([a])
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: cannot read"):
+        splits.load_runs([a, broken])
+    no_dp = {k: v for k, v in SPLIT_1.items() if k != "federated-dp-eps-8"}
+    runs = splits.load_runs([a, _results(tmp_path, "d.json", 3, no_dp)])
+    with pytest.raises(ValueError, match="federated-dp-eps-8 missing from .*d.json"):
+        splits.pool(runs)
+
+
+def test_a_split_seed_holds_out_other_queries_for_every_arm_and_the_simulations(splits: ModuleType,
+                                                                                 tmp_path: Path) -> None:
+    """``--split-seed``: the benchmark's own split and the scenario its simulations read agree."""
+    utility = splits.utility
+    held_out = {}
+    for seed in (None, 5):
+        dataset = utility.Dataset("esci", tmp_path / str(seed), encoder="tiny", quick=True,
+                                  setting=utility.SETTINGS["heads"], split_seed=seed)
+        assert dataset.config.split_seed == (0 if seed is None else 5)
+        assert dataset.scenario.get("split-seed") == seed
+        held_out[seed] = {e.group for s in dataset.splits.values() for e in s.test}
+        train = {e.group for s in dataset.splits.values() for e in s.train}
+        assert held_out[seed] and not held_out[seed] & train  # whole queries on one side
+    assert held_out[None] != held_out[5]
