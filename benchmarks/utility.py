@@ -652,9 +652,10 @@ def plot(results: dict[str, Any], path: Path) -> None:
         ys = [y for _, y in dp] + [arms["federated"]["macro"][metric]]
         runs = [arms[f"federated-dp-eps-{x:g}"]["macro_runs"][metric] for x, _ in dp] + \
             [arms["federated"]["macro_runs"][metric]]
-        # Bars: the lowest and highest repeat (none when each arm ran once).
-        low = [y - min(r) for y, r in zip(ys, runs, strict=True)]
-        high = [max(r) - y for y, r in zip(ys, runs, strict=True)]
+        # Bars: the lowest and highest repeat (none when each arm ran once). Clamped at zero:
+        # equal repeats give a mean a rounding error above its own lowest run.
+        low = [max(0.0, y - min(r)) for y, r in zip(ys, runs, strict=True)]
+        high = [max(0.0, max(r) - y) for y, r in zip(ys, runs, strict=True)]
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", color="tab:blue", capsize=3,
                     label="federated (DP; last point: no DP)")
         for arm, style, color in (("centralised", "--", "tab:green"), ("local", ":", "tab:orange")):
