@@ -35,12 +35,13 @@ than the gaps being judged.
 ``--trainable`` picks the trainable set every arm shares (``SETTINGS``): ``lora`` (adapters +
 heads, the scenarios' own, batch 64) or ``heads`` (a frozen encoder, unit-length pooled states,
 each record encoded once and cached, batches of 1,024 records; ``client.features``).
-``--split-seed N`` draws another held-out split (``split-seed``; the scenario's otherwise) and
-names the outputs ``...-splitN``: ESCI's held-out set is a few dozen queries, so one split is
-one draw of them. ``benchmarks/utility_splits.py`` pools such runs, split by split.
+``--split-seed N`` draws another held-out split (``split-seed``; the scenario's otherwise):
+ESCI's held-out set is a few dozen queries, so one split is one draw of them.
+``benchmarks/utility_splits.py`` pools such runs, split by split.
 
 Outputs: ``utility.json``, ``utility.md`` and ``utility.png`` under ``--out-dir``
-(``utility-heads.*`` for ``--trainable heads``).
+(``utility-heads.*`` for ``--trainable heads``; a run of some of the datasets adds their names,
+one on another split ``-splitN``: ``output_stem``).
 """
 
 from __future__ import annotations
@@ -688,6 +689,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def output_stem(out_dir: Path, trainable: str, datasets: list[str], split_seed: int | None) -> Path:
+    """``utility[-heads][-DATASET...][-splitN]``: a run of some datasets, or on another split,
+    never overwrites another run's files (the full run on the scenarios' split keeps the plain name)."""
+    subset = "" if set(datasets) == set(HEADLINE) else "-" + "-".join(sorted(set(datasets)))
+    split = "" if split_seed is None else f"-split{split_seed}"
+    return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{split}"
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -739,8 +748,7 @@ def main() -> int:
             results["datasets"][name] = result
     results["total_seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    split = "" if args.split_seed is None else f"-split{args.split_seed}"
-    stem = args.out_dir / f"utility{SETTINGS[args.trainable].suffix}{split}"
+    stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed)
     write_atomic(stem.with_suffix(".json"), json.dumps(finite(results), indent=1))
     write_atomic(stem.with_suffix(".md"), markdown(results))
     plot(results, stem.with_suffix(".png"))

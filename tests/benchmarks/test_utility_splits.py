@@ -106,3 +106,14 @@ def test_a_split_seed_holds_out_other_queries_for_every_arm_and_the_simulations(
         train = {e.group for s in dataset.splits.values() for e in s.train}
         assert held_out[seed] and not held_out[seed] & train  # whole queries on one side
     assert held_out[None] != held_out[5]
+
+
+def test_runs_of_other_datasets_or_splits_write_other_files(splits: ModuleType, tmp_path: Path) -> None:
+    """A reviews run on split 1 must not overwrite the ESCI run on split 1, nor either the full run."""
+    stem = splits.utility.output_stem
+    names = {stem(tmp_path, "heads", ["esci", "reviews"], None).name,
+             stem(tmp_path, "heads", ["reviews", "esci"], None).name,
+             stem(tmp_path, "heads", ["esci"], 1).name, stem(tmp_path, "heads", ["reviews"], 1).name,
+             stem(tmp_path, "heads", ["esci"], None).name, stem(tmp_path, "lora", ["esci"], 1).name}
+    assert names == {"utility-heads", "utility-heads-esci-split1", "utility-heads-reviews-split1",
+                     "utility-heads-esci", "utility-esci-split1"}
