@@ -91,17 +91,16 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
         verdict: dict[str, dict[str, Any]] = {}
         for m in metrics:
             dp = arms[utility.JUDGED_ARM][m]
-            judged: dict[str, dict[str, Any]] = {
-                ref: {"gap": utility.relative_gap(m, mean[utility.JUDGED_ARM][m], mean[ref][m]),
-                      "per_split": [utility.relative_gap(m, v, r) for v, r in zip(dp, arms[ref][m], strict=True)]}
-                for ref in REFERENCES}
-            verdict[m] = {**{f"gap_vs_{ref}": j["gap"] for ref, j in judged.items()},
-                          **{f"gap_vs_{ref}_per_split": j["per_split"] for ref, j in judged.items()},
-                          "within_5pct_of_centralised": judged["centralised"]["gap"] <= utility.TARGET_RELATIVE_GAP,
-                          "better_than_local": judged["local"]["gap"] < 0,
-                          "splits_within_5pct": sum(g <= utility.TARGET_RELATIVE_GAP
-                                                    for g in judged["centralised"]["per_split"]),
-                          "splits_better_than_local": sum(g < 0 for g in judged["local"]["per_split"])}
+            v: dict[str, Any] = {}
+            for ref in REFERENCES:
+                v[f"gap_vs_{ref}"] = utility.relative_gap(m, mean[utility.JUDGED_ARM][m], mean[ref][m])
+                v[f"gap_vs_{ref}_per_split"] = [utility.relative_gap(m, d, r) for d, r in zip(dp, arms[ref][m],
+                                                                                               strict=True)]
+            v["within_5pct_of_centralised"] = utility.within_target(v["gap_vs_centralised"])
+            v["better_than_local"] = v["gap_vs_local"] < 0
+            v["splits_within_5pct"] = sum(map(utility.within_target, v["gap_vs_centralised_per_split"]))
+            v["splits_better_than_local"] = sum(g < 0 for g in v["gap_vs_local_per_split"])
+            verdict[m] = v
         pooled[name] = {"split_seeds": [split_seed(res) for res in results],
                         "repeats": [res.get("repeats", 1) for res in results],
                         "test_queries": [sum(res.get("test_queries", {}).values()) for res in results],
