@@ -36,12 +36,15 @@ than the gaps being judged.
 heads, the scenarios' own, batch 64) or ``heads`` (a frozen encoder, unit-length pooled states,
 each record encoded once and cached, batches of 1,024 records; ``client.features``).
 ``--split-seed N`` draws another held-out split (``split-seed``; the scenario's otherwise):
-ESCI's held-out set is a few dozen queries, so one split is one draw of them.
-``benchmarks/utility_splits.py`` pools such runs, split by split.
+ESCI's held-out set is a few dozen queries, so one split is one draw of them. ``--fold k/K``
+holds out fold k of K instead (``test-fraction`` 1/K, ``test-offset`` k/K): the K runs hold
+out disjoint folds that together cover every record once. ``benchmarks/utility_splits.py``
+pools such runs, split by split. ``--no-cold-start`` skips the cold-start federations (they
+double the cost of a run made only to pool).
 
 Outputs: ``utility.json``, ``utility.md`` and ``utility.png`` under ``--out-dir``
 (``utility-heads.*`` for ``--trainable heads``; a run of some of the datasets adds their names,
-one on another split ``-splitN``: ``output_stem``).
+one on another split ``-splitN``, on a fold ``-foldkofK``: ``output_stem``).
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -141,6 +145,32 @@ SETTINGS = {
 }
 
 
+@dataclasses.dataclass(frozen=True)
+class Fold:
+    """Fold ``index`` of ``count``: the held-out window [index/count, (index+1)/count)."""
+
+    index: int
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Fold:
+        """From ``k/K`` (0 <= k < K, K >= 2); the error names the value."""
+        try:
+            index, count = (int(part) for part in text.split("/"))
+        except ValueError:
+            raise ValueError(f"fold {text!r}: expected k/K, e.g. 0/3") from None
+        if count < 2 or not 0 <= index < count:
+            raise ValueError(f"fold {text!r}: need K >= 2 and 0 <= k < K")
+        return cls(index, count)
+
+    @property
+    def overrides(self) -> dict[str, float]:
+        return {"test-fraction": 1.0 / self.count, "test-offset": self.index / self.count}
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 @dataclasses.dataclass
 class Arm:
     """One arm: each repeat's per-merchant metrics, and its per-example predictions."""
@@ -180,7 +210,7 @@ class Dataset:
     """One scenario's merchants, split once; evaluation of any trainable-parameter set."""
 
     def __init__(self, name: str, work: Path, *, encoder: str, quick: bool, setting: Setting = SETTINGS["lora"],
-                 split_seed: int | None = None) -> None:
+                 split_seed: int | None = None, fold: Fold | None = None) -> None:
         from client.data import load_merchant
         from client.merchant import merchant_dirs, split_merchant
         from simulations import adapters, engine
@@ -191,6 +221,9 @@ class Dataset:
         overrides["encoder"] = encoder
         if split_seed is not None:  # in the scenario, so the simulations split alike
             overrides["split-seed"] = split_seed
+        if fold is not None:
+            overrides.update(fold.overrides)
+        self.fold = fold
         # One cache of frozen-encoder states for every arm (keyed by records and encoder, so
         # arms share a merchant's states safely); unused unless the encoder is frozen.
         self.feature_cache = work / "features"
@@ -307,6 +340,9 @@ def simulate(dataset: Dataset, run_dir: Path, overrides: dict[str, Any], *, data
     if checkpoint is None:
         raise RuntimeError(f"simulation {run_dir.name} left no checkpoint in {run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
+    # The benchmark scores the checkpoint's parameters; the run's exported model (the whole
+    # encoder again, ~90 MB) is not needed, and a full run makes ~40 of them.
+    shutil.rmtree(run_dir / "model", ignore_errors=True)
     return checkpoint.parameters, summary
 
 
@@ -319,7 +355,8 @@ def noise_used(run_dir: Path) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------- the arms
-def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: int = 1) -> dict[str, Any]:
+def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: int = 1, *,
+                with_cold_start: bool = True) -> dict[str, Any]:
     arms: list[Arm] = []
     total_steps, merchant_steps = dataset.train_steps()
     c = dataset.config
@@ -376,13 +413,14 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
                         "noise-multiplier": NOISE_FLOOR, "clipping": dataset.setting.clipping}
         timed(f"federated-dp-eps-{eps:g}", federated(f"dp-eps-{eps:g}", dp_runs[eps]))
 
-    cold = cold_start(dataset, work, dp_runs.get(8.0) or dp_runs[max(dp_runs)], arms, repeats=repeats)
+    cold = (cold_start(dataset, work, dp_runs.get(8.0) or dp_runs[max(dp_runs)], arms, repeats=repeats)
+            if with_cold_start else None)
     by_name = {a.name: a for a in arms}
     judged = by_name.get(JUDGED_ARM)
     gap_ci = {} if judged is None else {ref: bootstrap_gaps(dataset.tests, judged, by_name[ref], HEADLINE[dataset.name])
                                         for ref in ("centralised", "local")}
     return {"gap_ci95": gap_ci, "config": dataset.scenario, "merchants": dataset.merchants, "repeats": repeats,
-            "split_seed": c.split_seed,
+            "split_seed": c.split_seed, "fold": None if dataset.fold is None else str(dataset.fold),
             "train_records": {m: len(s.train) for m, s in dataset.splits.items()},
             "test_examples": {m: len(t) for m, t in dataset.tests.items()},
             "test_queries": {m: len({e.group for e in t if e.task == "relevance"}) for m, t in dataset.tests.items()},
@@ -563,7 +601,9 @@ def markdown(results: dict[str, Any]) -> str:
     for name, result in results["datasets"].items():
         metrics = HEADLINE[name]
         repeats = result.get("repeats", 1)
-        lines += [f"## {name}", "", f"Held-out split: `split-seed = {result.get('split_seed', 0)}`.", ""]
+        fold = (f", fold {result['fold']} (every record held out by exactly one of the folds)"
+                if result.get("fold") else "")
+        lines += [f"## {name}", "", f"Held-out split: `split-seed = {result.get('split_seed', 0)}`{fold}.", ""]
         if repeats > 1:
             lines += [f"Every trained arm ran {repeats} times (seed + repeat; each DP run draws fresh noise): "
                       "the mean over repeats, and in brackets the lowest and highest repeat.", ""]
@@ -598,6 +638,9 @@ def markdown(results: dict[str, Any]) -> str:
             lines.append(f"| {m} | {result['train_records'][m]} | {result['test_examples'][m]} | "
                          + " | ".join(cells) + " |")
         cold = result["cold_start"]
+        if cold is None:
+            lines += ["", "Cold start: not measured in this run (`--no-cold-start`).", ""]
+            continue
         lines += ["", f"Cold start: `{cold['held_out_merchant']}` left out of the federation (non-private, "
                   f"and DP at ε = {cold['epsilon']:g}), scored on its held-out records:", "",
                   "| model | " + " | ".join(metrics) + " |", "|---|" + "---:|" * len(metrics)]
@@ -694,12 +737,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
-def output_stem(out_dir: Path, trainable: str, datasets: list[str], split_seed: int | None) -> Path:
-    """``utility[-heads][-DATASET...][-splitN]``: a run of some datasets, or on another split,
-    never overwrites another run's files (the full run on the scenarios' split keeps the plain name)."""
+def output_stem(out_dir: Path, trainable: str, datasets: list[str], split_seed: int | None,
+                fold: Fold | None = None) -> Path:
+    """``utility[-heads][-DATASET...][-splitN][-foldkofK]``: a run of some datasets, or on another
+    split, never overwrites another run's files (the full run on the scenarios' split keeps the plain name)."""
     subset = "" if set(datasets) == set(HEADLINE) else "-" + "-".join(sorted(set(datasets)))
     split = "" if split_seed is None else f"-split{split_seed}"
-    return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{split}"
+    folded = "" if fold is None else f"-fold{fold.index}of{fold.count}"
+    return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{split}{folded}"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -720,12 +765,21 @@ def main() -> int:
                              "report the mean and the spread (default 1)")
     parser.add_argument("--split-seed", type=int, default=None,
                         help="draw this held-out split (split-seed) instead of the scenario's; outputs ...-splitN")
+    parser.add_argument("--fold", default=None, metavar="k/K",
+                        help="hold out fold k of K (test-fraction 1/K, test-offset k/K) instead of the scenario's "
+                             "split; outputs ...-foldkofK")
+    parser.add_argument("--no-cold-start", action="store_true",
+                        help="skip the cold-start federations (for runs made to pool over splits)")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps: checks the pipeline, not utility")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs and logs here (default: temporary)")
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be at least 1")
+    try:
+        fold = None if args.fold is None else Fold.parse(args.fold)
+    except ValueError as exc:
+        parser.error(f"--fold: {exc}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     from simulations.engine import FLOWER_ENV
 
@@ -746,13 +800,14 @@ def main() -> int:
         work = args.work_dir or Path(tmp)
         for name in args.datasets:
             dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=SETTINGS[args.trainable],
-                              split_seed=args.split_seed)
-            result = run_dataset(dataset, args.epsilons, work, repeats=args.repeats)
+                              split_seed=args.split_seed, fold=fold)
+            result = run_dataset(dataset, args.epsilons, work, repeats=args.repeats,
+                                 with_cold_start=not args.no_cold_start)
             result["verdict"] = judge(name, result)
             results["datasets"][name] = result
     results["total_seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed)
+    stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold)
     write_atomic(stem.with_suffix(".json"), json.dumps(finite(results), indent=1))
     write_atomic(stem.with_suffix(".md"), markdown(results))
     plot(results, stem.with_suffix(".png"))

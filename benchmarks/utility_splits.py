@@ -6,11 +6,12 @@
 One held-out split is one draw of the test set: ESCI's is a few dozen queries, and which
 queries it holds moves every arm's figures by more than the gaps being judged, the same way
 for every arm of that run. Each input is one ``benchmarks/utility.py`` run (any ``--repeats``)
-on its own ``--split-seed``; this takes, for every dataset the runs share, each arm's macro
-figure per split (the mean over that run's repeats) and their mean over the splits, and
-judges the federated ε = 8 arm against the issue's targets on those means: within 5 %
-(relative) of centralised and better than the merchants alone, also split by split. Every
-arm of a split is scored on the same queries, so the comparison stays paired within a split.
+on its own ``--split-seed`` or ``--fold`` (the K folds of a seed cover every record once);
+this takes, for every dataset the runs share, each arm's macro figure per split (the mean
+over that run's repeats) and their mean over the splits, and judges the federated ε = 8 arm
+against the issue's targets on those means: within 5 % (relative) of centralised and better
+than the merchants alone, also split by split. Every arm of a split is scored on the same
+queries, so the comparison stays paired within a split.
 
 Writes ``STEM.json``, ``STEM.md`` and ``STEM.png`` (default ``benchmarks/results/utility-splits``).
 """
@@ -52,23 +53,26 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
         if len(values) > 1:
             each = ", ".join(f"{r['_path']}: {r.get(key)}" for r in runs)
             raise ValueError(f"the runs differ in {key!r} ({each}); pool runs of one setting")
-    seen: dict[tuple[str, int], str] = {}
+    seen: dict[tuple[str, str], str] = {}
     for r in runs:
         for name, result in r["datasets"].items():
-            seed = split_seed(result)
-            if (name, seed) in seen:
-                raise ValueError(f"{r['_path']}: {name} split-seed {seed} is already in {seen[name, seed]}; "
+            split = split_name(result)
+            if (name, split) in seen:
+                raise ValueError(f"{r['_path']}: {name} split {split} is already in {seen[name, split]}; "
                                  "each split may count once")
-            seen[name, seed] = r["_path"]
+            seen[name, split] = r["_path"]
     return runs
 
 
-def split_seed(result: dict[str, Any]) -> int:
-    """The split a dataset's run held out: its own record, else (a run from before
-    ``--split-seed``) its scenario's ``split-seed``, else the run config's default."""
+def split_name(result: dict[str, Any]) -> str:
+    """The split a dataset's run held out: its seed (its own record, else, for a run from before
+    ``--split-seed``, its scenario's ``split-seed``, else the run config's default), and its
+    fold when it held out one (``"1 fold 2/3"``)."""
     if result.get("split_seed") is not None:
-        return int(result["split_seed"])
-    return int(result.get("config", {}).get("split-seed", RunConfig.split_seed))
+        seed = int(result["split_seed"])
+    else:
+        seed = int(result.get("config", {}).get("split-seed", RunConfig.split_seed))
+    return f"{seed} fold {result['fold']}" if result.get("fold") else str(seed)
 
 
 def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -101,7 +105,7 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
             v["splits_within_5pct"] = sum(map(utility.within_target, v["gap_vs_centralised_per_split"]))
             v["splits_better_than_local"] = sum(g < 0 for g in v["gap_vs_local_per_split"])
             verdict[m] = v
-        pooled[name] = {"split_seeds": [split_seed(res) for res in results],
+        pooled[name] = {"splits": [split_name(res) for res in results],
                         "repeats": [res.get("repeats", 1) for res in results],
                         "test_queries": [sum(res.get("test_queries", {}).values()) for res in results],
                         "files": [r["_path"] for r in runs],
@@ -115,7 +119,7 @@ def markdown(pooled: dict[str, Any]) -> str:
              "the mean over that run's repeats); the last column is the mean over splits, on which the "
              "targets are judged. Gaps are relative (positive = worse).", ""]
     for name, p in pooled.items():
-        seeds = p["split_seeds"]
+        seeds = p["splits"]
         heads = [f"split {s} (×{k}{f', {q} queries' if q else ''})"
                  for s, k, q in zip(seeds, p["repeats"], p["test_queries"], strict=True)]
         lines += [f"## {name}", "", "| arm | metric | " + " | ".join(heads) + " | mean |",
@@ -151,14 +155,14 @@ def plot(pooled: dict[str, Any], path: Path) -> None:
               utility.JUDGED_ARM: ("o", "tab:blue")}
     for ax, (name, metric) in zip(axes[0], panels, strict=True):
         p = pooled[name]
-        xs = list(range(len(p["split_seeds"])))
+        xs = list(range(len(p["splits"])))
         for arm, (marker, color) in styles.items():
             if arm not in p["per_split"]:
                 continue
             ax.plot(xs, p["per_split"][arm][metric], marker=marker, linestyle="", color=color, label=arm)
             ax.axhline(p["mean"][arm][metric], color=color, linewidth=1, alpha=0.7)
-        ax.set_xticks(xs, [str(s) for s in p["split_seeds"]])
-        ax.set_xlabel("split seed (line: mean over splits)")
+        ax.set_xticks(xs, p["splits"], fontsize=7)
+        ax.set_xlabel("held-out split (line: mean over splits)")
         better = "higher" if utility.HIGHER_IS_BETTER[metric] else "lower"
         ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="best")

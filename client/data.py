@@ -732,9 +732,13 @@ def _unit_interval(*parts: object) -> float:
 
 
 def split_examples(
-    examples: Sequence[Example], *, test_fraction: float, seed: int
+    examples: Sequence[Example], *, test_fraction: float, seed: int, offset: float = 0.0
 ) -> tuple[list[Example], list[Example]]:
     """Deterministic (train, test) split, record by record; judgments query by query.
+
+    A record is held out when its hash, a uniform number in [0, 1), lies in the window
+    ``[offset, offset + test_fraction)`` (wrapping past 1): windows of one seed that do not
+    overlap hold out disjoint records, so ``K`` of width ``1/K`` make K-fold folds.
 
     An interaction's side depends only on ``(seed, user, product_id, k)``, ``k`` counting
     earlier interactions of the same user and product; a judgment's side only on
@@ -746,6 +750,8 @@ def split_examples(
     """
     if not (math.isfinite(test_fraction) and 0.0 <= test_fraction <= 1.0):
         raise ValueError(f"test_fraction {test_fraction!r} must lie in [0, 1]")
+    if not (math.isfinite(offset) and 0.0 <= offset < 1.0):
+        raise ValueError(f"offset {offset!r} must lie in [0, 1)")
     seen: collections.Counter[tuple[str, str, str]] = collections.Counter()
     train: list[Example] = []
     test: list[Example] = []
@@ -757,7 +763,7 @@ def split_examples(
             key = (first.group, first.product_id, "interaction")
             occurrence = seen[key]
             seen[key] += 1
-        side = test if _unit_interval(seed, *key, occurrence) < test_fraction else train
+        side = test if (_unit_interval(seed, *key, occurrence) - offset) % 1.0 < test_fraction else train
         side.extend(members)
     return train, test
 

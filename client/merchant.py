@@ -131,7 +131,8 @@ def split_merchant(data: MerchantData, config: RunConfig) -> MerchantSplit:
                               history_length=config.history_length, tasks=config.task_names)
     if not examples:
         raise NodeConfigError(f"merchant {data.merchant_id!r} has no examples for tasks {config.tasks!r}")
-    train, test = split_examples(examples, test_fraction=config.test_fraction, seed=config.split_seed)
+    train, test = split_examples(examples, test_fraction=config.test_fraction, seed=config.split_seed,
+                                 offset=config.test_offset)
     train = _subsample(train, config.max_train_examples, f"train:{data.merchant_id}")
     test = _subsample(test, config.eval_max_examples, f"test:{data.merchant_id}")
     return MerchantSplit(train=train, test=test)

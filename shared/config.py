@@ -50,6 +50,11 @@ class RunConfig:
     synthetic_seed: int = 0
     test_fraction: float = 0.2
     split_seed: int = 0
+    # Where the held-out window starts in the split's [0, 1) hash range: the records whose
+    # hash lies in [test-offset, test-offset + test-fraction) (wrapping) are held out. K runs
+    # with test-fraction 1/K and test-offset 0, 1/K, ... hold out disjoint folds that cover
+    # every record once (K-fold cross-validation); 0 keeps the plain split.
+    test_offset: float = 0.0
     conversion_label: ConversionLabel = "purchase"
     history_length: int = 3  # recent products used as context for recommendation
     eval_max_examples: int = 256  # per merchant per evaluation call; bounds eval time
@@ -165,6 +170,8 @@ class RunConfig:
             raise bad("target_delta", "must lie strictly between 0 and 1")
         if not (0.0 < self.test_fraction < 1.0):
             raise bad("test_fraction", "must lie strictly between 0 and 1")
+        if not (0.0 <= self.test_offset < 1.0):
+            raise bad("test_offset", "must lie in [0, 1)")
         if not (0.0 <= self.dropout < 1.0):
             raise bad("dropout", "must lie in [0, 1)")
         if self.dp and not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):

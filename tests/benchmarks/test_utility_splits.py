@@ -28,7 +28,7 @@ def splits() -> ModuleType:
 
 
 def _results(tmp_path: Path, name: str, seed: int | None, figures: dict[str, tuple[float, float]],
-             trainable: str = "heads") -> Path:
+             trainable: str = "heads", fold: str | None = None) -> Path:
     """A utility.py results file for ESCI: arm -> (NDCG@10, MRR). ``seed`` None: a run from
     before ``--split-seed`` (its split only in the scenario config)."""
     arms = {arm: {"macro": {"relevance_ndcg@10": ndcg, "relevance_mrr": mrr}} for arm, (ndcg, mrr) in figures.items()}
@@ -36,6 +36,8 @@ def _results(tmp_path: Path, name: str, seed: int | None, figures: dict[str, tup
                                "test_queries": {"esci-0": 5, "esci-1": 6}}
     if seed is not None:
         dataset["split_seed"] = seed
+    if fold is not None:
+        dataset["fold"] = fold
     path = tmp_path / name
     path.write_text(json.dumps({"trainable": trainable, "encoder": "minilm", "datasets": {"esci": dataset}}))
     return path
@@ -51,7 +53,7 @@ def test_each_arm_is_the_mean_over_splits_and_the_target_is_judged_on_it(splits:
                                                                          tmp_path: Path) -> None:
     runs = splits.load_runs([_results(tmp_path, "a.json", None, SPLIT_0), _results(tmp_path, "b.json", 1, SPLIT_1)])
     esci = splits.pool(runs)["esci"]
-    assert esci["split_seeds"] == [0, 1]  # the older run's split read from its scenario
+    assert esci["splits"] == ["0", "1"]  # the older run's split read from its scenario
     assert esci["per_split"]["centralised"]["relevance_ndcg@10"] == [0.80, 0.70]
     assert esci["mean"]["federated-dp-eps-8"]["relevance_ndcg@10"] == pytest.approx(0.73)
     ndcg, mrr = esci["verdict"]["relevance_ndcg@10"], esci["verdict"]["relevance_mrr"]
@@ -76,7 +78,7 @@ def test_each_arm_is_the_mean_over_splits_and_the_target_is_judged_on_it(splits:
 
 def test_runs_that_cannot_be_pooled_are_refused_with_the_file_named(splits: ModuleType, tmp_path: Path) -> None:
     a = _results(tmp_path, "a.json", 0, SPLIT_0)
-    with pytest.raises(ValueError, match="b.json: esci split-seed 0 is already in .*a.json"):
+    with pytest.raises(ValueError, match="b.json: esci split 0 is already in .*a.json"):
         splits.load_runs([a, _results(tmp_path, "b.json", None, SPLIT_1)])
     with pytest.raises(ValueError, match="'trainable'.*c.json: lora"):
         splits.load_runs([a, _results(tmp_path, "c.json", 2, SPLIT_1, trainable="lora")])
@@ -108,12 +110,46 @@ def test_a_split_seed_holds_out_other_queries_for_every_arm_and_the_simulations(
     assert held_out[None] != held_out[5]
 
 
+def test_folds_hold_out_every_query_once_for_every_arm_and_the_simulations(splits: ModuleType,
+                                                                          tmp_path: Path) -> None:
+    """``--fold k/K``: K runs hold out disjoint query sets that together are every query."""
+    utility = splits.utility
+    trained_on = []
+    for k in range(3):
+        fold = utility.Fold.parse(f"{k}/3")
+        dataset = utility.Dataset("esci", tmp_path / str(k), encoder="tiny", quick=True,
+                                  setting=utility.SETTINGS["heads"], fold=fold)
+        assert dataset.scenario["test-offset"] == dataset.config.test_offset == k / 3
+        assert dataset.scenario["test-fraction"] == dataset.config.test_fraction == 1 / 3
+        held_out = {e.group for s in dataset.splits.values() for e in s.test}
+        trained_on.append({e.group for s in dataset.splits.values() for e in s.train})
+        assert held_out and not held_out & trained_on[-1]
+    # (--quick caps the held-out sets, never the training sets: count on the training side.)
+    queries = set().union(*trained_on)
+    assert all(sum(q not in train for train in trained_on) == 1 for q in queries)  # held out exactly once
+
+
+@pytest.mark.parametrize("text", ["3/3", "1", "a/b", "0/1", "-1/3"])
+def test_a_bad_fold_is_refused_with_its_value(splits: ModuleType, text: str) -> None:
+    with pytest.raises(ValueError, match=f"fold {text!r}"):
+        splits.utility.Fold.parse(text)
+
+
+def test_the_same_fold_twice_is_refused_but_other_folds_pool(splits: ModuleType, tmp_path: Path) -> None:
+    a = _results(tmp_path, "a.json", 0, SPLIT_0, fold="0/3")
+    with pytest.raises(ValueError, match="b.json: esci split 0 fold 0/3 is already in .*a.json"):
+        splits.load_runs([a, _results(tmp_path, "b.json", 0, SPLIT_1, fold="0/3")])
+    runs = splits.load_runs([a, _results(tmp_path, "c.json", 0, SPLIT_1, fold="1/3")])
+    assert splits.pool(runs)["esci"]["splits"] == ["0 fold 0/3", "0 fold 1/3"]
+
+
 def test_runs_of_other_datasets_or_splits_write_other_files(splits: ModuleType, tmp_path: Path) -> None:
     """A reviews run on split 1 must not overwrite the ESCI run on split 1, nor either the full run."""
     stem = splits.utility.output_stem
     names = {stem(tmp_path, "heads", ["esci", "reviews"], None).name,
              stem(tmp_path, "heads", ["reviews", "esci"], None).name,
              stem(tmp_path, "heads", ["esci"], 1).name, stem(tmp_path, "heads", ["reviews"], 1).name,
-             stem(tmp_path, "heads", ["esci"], None).name, stem(tmp_path, "lora", ["esci"], 1).name}
+             stem(tmp_path, "heads", ["esci"], None).name, stem(tmp_path, "lora", ["esci"], 1).name,
+             stem(tmp_path, "heads", ["esci"], None, splits.utility.Fold(1, 3)).name}
     assert names == {"utility-heads", "utility-heads-esci-split1", "utility-heads-reviews-split1",
-                     "utility-heads-esci", "utility-esci-split1"}
+                     "utility-heads-esci", "utility-esci-split1", "utility-heads-esci-fold1of3"}

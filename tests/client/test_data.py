@@ -451,6 +451,28 @@ def test_split_separates_repeated_records() -> None:
 PINNED_TEST_IDS = ["p1", "p2", "p4", "p6", "p10", "p11"]
 
 
+def test_split_windows_make_k_folds() -> None:
+    examples = _examples(300)
+    ids = lambda part: {e.product_id for e in part}  # noqa: E731
+    folds = [split_examples(examples, test_fraction=0.25, seed=2, offset=k / 4)[1] for k in range(4)]
+    # Disjoint, and together every record exactly once.
+    assert sum(len(f) for f in folds) == len(examples)
+    assert set().union(*map(ids, folds)) == ids(examples)
+    # Offset 0 is the plain split; a fold's training set is every other fold.
+    assert folds[0] == split_examples(examples, test_fraction=0.25, seed=2)[1]
+    train, _ = split_examples(examples, test_fraction=0.25, seed=2, offset=0.5)
+    assert ids(train) == ids(folds[0]) | ids(folds[1]) | ids(folds[3])
+    # A window past 1 wraps round to the start of the range.
+    _, wrapped = split_examples(examples, test_fraction=0.5, seed=2, offset=0.75)
+    assert ids(wrapped) == ids(folds[3]) | ids(folds[0])
+
+
+@pytest.mark.parametrize("offset", [-0.1, 1.0, float("nan")])
+def test_split_refuses_an_offset_outside_the_range(offset: float) -> None:
+    with pytest.raises(ValueError, match="offset"):
+        split_examples(_examples(10), test_fraction=0.5, seed=0, offset=offset)
+
+
 def test_split_holds_out_whole_queries() -> None:
     judgments = [Example("relevance", f"q{i % 23}", f"item {i}", float(i % 4), group=f"q{i % 23}",
                          product_id=f"p{i}") for i in range(230)]

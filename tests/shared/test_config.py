@@ -93,6 +93,8 @@ def test_wrong_type_names_key_and_value(key: str, value: Any, value_text: str) -
         ("target-delta", 1.0),
         ("target-delta", 0.0),
         ("test-fraction", 1.0),
+        ("test-offset", 1.0),
+        ("test-offset", -0.25),
         ("dropout", 1.0),
         ("dropout", -0.1),
         ("noise-multiplier", 0.0),  # dp defaults to true
