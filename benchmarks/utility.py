@@ -42,7 +42,8 @@ out disjoint folds that together cover every record once. ``benchmarks/utility_s
 pools such runs, split by split. ``--no-cold-start`` skips the cold-start federations (they
 double the cost of a run made only to pool).
 
-Outputs: ``utility.json``, ``utility.md`` and ``utility.png`` under ``--out-dir``
+Outputs: ``utility.json``, ``utility.md``, ``utility.png`` and ``utility.heldout.json.gz`` (the
+judged arm's and its references' held-out predictions, for pooled intervals) under ``--out-dir``
 (``utility-heads.*`` for ``--trainable heads``; a run of some of the datasets adds their names,
 one on another split ``-splitN``, on a fold ``-foldkofK``: ``output_stem``).
 """
@@ -103,6 +104,7 @@ def within_target(gap: float) -> bool:
 
 
 JUDGED_ARM = "federated-dp-eps-8"  # the arm the targets are set for
+REFERENCES = ("centralised", "local")  # what it is judged against
 # The least σ a merchant may plan. With every merchant in every round the large merchants'
 # planned σ at ε = 8 is ~0.47, so a floor of 0.5 left part of their budget unspent.
 NOISE_FLOOR = 0.3
@@ -356,7 +358,8 @@ def noise_used(run_dir: Path) -> dict[str, float]:
 
 # --------------------------------------------------------------------------- the arms
 def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: int = 1, *,
-                with_cold_start: bool = True) -> dict[str, Any]:
+                with_cold_start: bool = True) -> tuple[dict[str, Any], HeldOut]:
+    """The dataset's results, and the judged arm's and its references' held-out predictions."""
     arms: list[Arm] = []
     total_steps, merchant_steps = dataset.train_steps()
     c = dataset.config
@@ -418,7 +421,8 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
     by_name = {a.name: a for a in arms}
     judged = by_name.get(JUDGED_ARM)
     gap_ci = {} if judged is None else {ref: bootstrap_gaps(dataset.tests, judged, by_name[ref], HEADLINE[dataset.name])
-                                        for ref in ("centralised", "local")}
+                                        for ref in REFERENCES}
+    held_out = HeldOut.of(dataset.tests, {a.name: a.preds for a in arms if a.name in (JUDGED_ARM, *REFERENCES)})
     return {"gap_ci95": gap_ci, "config": dataset.scenario, "merchants": dataset.merchants, "repeats": repeats,
             "split_seed": c.split_seed, "fold": None if dataset.fold is None else str(dataset.fold),
             "train_records": {m: len(s.train) for m, s in dataset.splits.items()},
@@ -427,7 +431,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
             "arms": {a.name: {"seconds": a.seconds, "notes": a.notes, "per_merchant": a.per_merchant,
                               "macro": {k: a.macro(k) for k in HIGHER_IS_BETTER},
                               "macro_runs": {k: a.run_macros(k) for k in HIGHER_IS_BETTER}} for a in arms},
-            "cold_start": cold}
+            "cold_start": cold}, held_out
 
 
 def merge_notes(extras: list[dict[str, Any]]) -> dict[str, Any]:
@@ -496,60 +500,115 @@ def bootstrap_gaps(tests: dict[str, list[Any]], arm: Arm, reference: Arm, metric
     their mean, as its point estimate does; the spread between repeats (training randomness)
     is reported beside the interval, not in it.
     """
+    held_out = HeldOut.of(tests, {arm.name: arm.preds, reference.name: reference.preds})
+    return pooled_bootstrap_gaps([held_out], arm.name, reference.name, metrics, resamples=resamples, seed=seed)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeldOut:
+    """One run's held-out examples (what a bootstrap resamples) and its arms' predictions on them."""
+
+    tasks: dict[str, Any]  # merchant -> each example's task
+    targets: dict[str, Any]  # merchant -> each example's target
+    groups: dict[str, Any]  # merchant -> each example's group (relevance: its query)
+    preds: dict[str, list[dict[str, Any]]]  # arm -> one {merchant: predictions} per repeat
+
+    @classmethod
+    def of(cls, tests: dict[str, list[Any]], preds: dict[str, list[dict[str, Any]]]) -> HeldOut:
+        import numpy as np
+
+        return cls(tasks={m: np.array([e.task for e in t]) for m, t in tests.items()},
+                   targets={m: np.array([e.target for e in t], dtype=float) for m, t in tests.items()},
+                   groups={m: np.array([str(e.group) for e in t], dtype=object) for m, t in tests.items()},
+                   preds=preds)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tasks": {m: v.tolist() for m, v in self.tasks.items()},
+                "targets": {m: v.tolist() for m, v in self.targets.items()},
+                "groups": {m: v.tolist() for m, v in self.groups.items()},
+                "preds": {side: [{m: [float(x) for x in p] for m, p in run.items()} for run in runs]
+                          for side, runs in self.preds.items()}}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> HeldOut:
+        import numpy as np
+
+        return cls(tasks={m: np.array(v) for m, v in raw["tasks"].items()},
+                   targets={m: np.array(v, dtype=float) for m, v in raw["targets"].items()},
+                   groups={m: np.array(v, dtype=object) for m, v in raw["groups"].items()},
+                   preds={side: [{m: np.array(p, dtype=float) for m, p in run.items()} for run in runs]
+                          for side, runs in raw["preds"].items()})
+
+    def units(self, merchant: str) -> list[Any]:
+        """Resampling units as index arrays: an example, or a whole query's judgments."""
+        import numpy as np
+
+        by_query: dict[str, list[int]] = {}
+        units: list[Any] = []
+        for i, (task, group) in enumerate(zip(self.tasks[merchant], self.groups[merchant], strict=True)):
+            if task == "relevance":
+                by_query.setdefault(group, []).append(i)
+            else:
+                units.append(np.array([i]))
+        return units + [np.array(ix) for ix in by_query.values()]
+
+
+def pooled_bootstrap_gaps(runs: list[HeldOut], arm: str, reference: str, metrics: tuple[str, ...], *,
+                          resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, list[float]]:
+    """95 % interval of ``arm``'s gap to ``reference``, each one's figure the mean over ``runs``
+    (held-out splits, e.g. the K folds) of its macro average, as the pooled point estimate is.
+    Each resample draws every run's units afresh (``bootstrap_gaps``: one run)."""
     import numpy as np
 
-    from shared.metrics import task_metrics
-
     rng = np.random.default_rng(seed)
-    merchants = [m for m in tests if all(m in p for p in arm.preds + reference.preds)]
-    layout = {m: _units(tests[m]) for m in merchants}
+    sides = (arm, reference)
+    layouts = []
+    for run in runs:
+        merchants = [m for m in run.tasks if all(m in p for side in sides for p in run.preds[side])]
+        layouts.append((run, {m: run.units(m) for m in merchants}))
     draws: dict[str, list[float]] = {metric: [] for metric in metrics}
     for _ in range(resamples):
-        values: dict[str, dict[str, list[float]]] = {"arm": {k: [] for k in metrics}, "ref": {k: [] for k in metrics}}
-        for m in merchants:
-            units, tasks, targets, groups = layout[m]
-            picked = rng.integers(0, len(units), len(units))
-            index = np.concatenate([units[u] for u in picked])
-            parts = []
-            for task in sorted(set(tasks[index])):
-                of_task = tasks[index] == task
-                sel = index[of_task]
-                if task == "relevance":  # a query drawn twice is two queries: relabel each draw
-                    draw = np.concatenate([[k] * len(units[u]) for k, u in enumerate(picked)])[of_task]
-                    grp: Any = [f"{groups[i]}#{d}" for i, d in zip(sel, draw, strict=True)]
-                else:  # only relevance reads groups
-                    grp = np.zeros(len(sel))
-                parts.append((task, sel, grp))
-            for side, runs in (("arm", arm.preds), ("ref", reference.preds)):
-                scored: dict[str, list[float]] = {}
-                for preds in runs:
-                    for task, sel, grp in parts:
-                        for k, v in task_metrics(task, targets=targets[sel], preds=preds[m][sel], groups=grp).items():
-                            scored.setdefault(k, []).append(v)
-                for k in metrics:
-                    if k in scored:
-                        values[side][k].append(statistics.fmean(scored[k]))
+        per_run = [_score_draw(rng, run, layout, sides, metrics) for run, layout in layouts]
         for k in metrics:
-            if values["arm"][k] and values["ref"][k]:
-                draws[k].append(relative_gap(k, statistics.fmean(values["arm"][k]), statistics.fmean(values["ref"][k])))
+            figures = [[r[side][k] for r in per_run if k in r[side]] for side in sides]
+            if all(len(f) == len(runs) for f in figures):
+                draws[k].append(relative_gap(k, statistics.fmean(figures[0]), statistics.fmean(figures[1])))
     return {k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan, math.nan]
             for k, v in draws.items()}
 
 
-def _units(examples: list[Any]) -> tuple[list[Any], Any, Any, Any]:
-    """(resampling units as index arrays, each example's task, target and group)."""
+def _score_draw(rng: Any, run: HeldOut, layout: dict[str, list[Any]], sides: tuple[str, ...],
+                metrics: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """Each of ``sides``' (arms') macro figures on one resample of ``run``'s held-out units."""
     import numpy as np
 
-    by_query: dict[str, list[int]] = {}
-    units: list[Any] = []
-    for i, e in enumerate(examples):
-        if e.task == "relevance":
-            by_query.setdefault(e.group, []).append(i)
-        else:
-            units.append(np.array([i]))
-    units += [np.array(ix) for ix in by_query.values()]
-    return (units, np.array([e.task for e in examples]), np.array([e.target for e in examples], dtype=float),
-            np.array([str(e.group) for e in examples], dtype=object))
+    from shared.metrics import task_metrics
+
+    values: dict[str, dict[str, list[float]]] = {side: {k: [] for k in metrics} for side in sides}
+    for m, units in layout.items():
+        tasks, targets, groups = run.tasks[m], run.targets[m], run.groups[m]
+        picked = rng.integers(0, len(units), len(units))
+        index = np.concatenate([units[u] for u in picked])
+        parts = []
+        for task in sorted(set(tasks[index])):
+            of_task = tasks[index] == task
+            sel = index[of_task]
+            if task == "relevance":  # a query drawn twice is two queries: relabel each draw
+                draw = np.concatenate([[k] * len(units[u]) for k, u in enumerate(picked)])[of_task]
+                grp: Any = [f"{groups[i]}#{d}" for i, d in zip(sel, draw, strict=True)]
+            else:  # only relevance reads groups
+                grp = np.zeros(len(sel))
+            parts.append((task, sel, grp))
+        for side in sides:
+            scored: dict[str, list[float]] = {}
+            for preds in run.preds[side]:
+                for task, sel, grp in parts:
+                    for k, v in task_metrics(task, targets=targets[sel], preds=preds[m][sel], groups=grp).items():
+                        scored.setdefault(k, []).append(v)
+            for k in metrics:
+                if k in scored:
+                    values[side][k].append(statistics.fmean(scored[k]))
+    return {side: {k: statistics.fmean(v) for k, v in by_metric.items() if v} for side, by_metric in values.items()}
 
 
 def relative_gap(metric: str, value: float, reference: float) -> float:
@@ -747,6 +806,28 @@ def output_stem(out_dir: Path, trainable: str, datasets: list[str], split_seed: 
     return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{split}{folded}"
 
 
+def held_out_path(stem: Path) -> Path:
+    """Where a run keeps its held-out predictions, beside ``STEM.json``: what
+    ``benchmarks/utility_splits.py`` resamples for an interval over pooled splits."""
+    return stem.parent / f"{stem.name}.heldout.json.gz"
+
+
+def write_held_out(path: Path, held_out: dict[str, HeldOut]) -> None:
+    import gzip
+
+    tmp = path.with_name(path.name + ".tmp")
+    with gzip.open(tmp, "wt") as out:
+        json.dump({name: h.to_json() for name, h in held_out.items()}, out)
+    tmp.replace(path)
+
+
+def read_held_out(path: Path) -> dict[str, HeldOut]:
+    import gzip
+
+    with gzip.open(path, "rt") as raw:
+        return {name: HeldOut.from_json(h) for name, h in json.load(raw).items()}
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -796,13 +877,14 @@ def main() -> int:
         if used:
             parser.error(f"--work-dir {args.work_dir}: {', '.join(map(str, used))} already hold runs; "
                          "choose a new folder (its features/ cache may be copied in)")
+    held_out: dict[str, HeldOut] = {}
     with tempfile.TemporaryDirectory(prefix="fedshop-utility-") as tmp:
         work = args.work_dir or Path(tmp)
         for name in args.datasets:
             dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=SETTINGS[args.trainable],
                               split_seed=args.split_seed, fold=fold)
-            result = run_dataset(dataset, args.epsilons, work, repeats=args.repeats,
-                                 with_cold_start=not args.no_cold_start)
+            result, held_out[name] = run_dataset(dataset, args.epsilons, work, repeats=args.repeats,
+                                                 with_cold_start=not args.no_cold_start)
             result["verdict"] = judge(name, result)
             results["datasets"][name] = result
     results["total_seconds"] = time.perf_counter() - start
@@ -810,9 +892,10 @@ def main() -> int:
     stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold)
     write_atomic(stem.with_suffix(".json"), json.dumps(finite(results), indent=1))
     write_atomic(stem.with_suffix(".md"), markdown(results))
+    write_held_out(held_out_path(stem), held_out)
     plot(results, stem.with_suffix(".png"))
     print(markdown(results))
-    print(f"written: {stem}.json, .md, .png")
+    print(f"written: {stem}.json, .md, .png, .heldout.json.gz")
     return 0
 
 

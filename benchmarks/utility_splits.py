@@ -11,7 +11,11 @@ this takes, for every dataset the runs share, each arm's macro figure per split 
 over that run's repeats) and their mean over the splits, and judges the federated ε = 8 arm
 against the issue's targets on those means: within 5 % (relative) of centralised and better
 than the merchants alone, also split by split. Every arm of a split is scored on the same
-queries, so the comparison stays paired within a split.
+queries, so the comparison stays paired within a split. When every run has its held-out
+predictions beside it (``STEM.heldout.json.gz``, written since ``--fold``), each pooled gap also
+gets a 95 % paired-bootstrap interval over the held-out examples of all the splits at once
+(``utility.pooled_bootstrap_gaps``); splits should then hold out disjoint records (the K folds
+of one seed), or the interval counts the records held out twice as independent.
 
 Writes ``STEM.json``, ``STEM.md`` and ``STEM.png`` (default ``benchmarks/results/utility-splits``).
 """
@@ -31,7 +35,7 @@ import utility  # this folder's benchmark: its metrics, target and gap are the o
 from shared.config import RunConfig
 from shared.jsonable import finite
 
-REFERENCES = ("centralised", "local")
+REFERENCES = utility.REFERENCES
 
 
 def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
@@ -92,12 +96,16 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 r["_path"] for r in runs if any(a not in r["datasets"][name]["arms"] for a in missing)))
         arms = {a: {m: [res["arms"][a]["macro"][m] for res in results] for m in metrics} for a in arm_names}
         mean = {a: {m: statistics.fmean(v) for m, v in by_metric.items()} for a, by_metric in arms.items()}
+        held_out = held_out_of(runs, name)
+        intervals = {} if held_out is None else {
+            ref: utility.pooled_bootstrap_gaps(held_out, utility.JUDGED_ARM, ref, metrics) for ref in REFERENCES}
         verdict: dict[str, dict[str, Any]] = {}
         for m in metrics:
             dp = arms[utility.JUDGED_ARM][m]
             v: dict[str, Any] = {}
             for ref in REFERENCES:
                 v[f"gap_vs_{ref}"] = utility.relative_gap(m, mean[utility.JUDGED_ARM][m], mean[ref][m])
+                v[f"gap_vs_{ref}_ci95"] = intervals[ref][m] if intervals else None
                 v[f"gap_vs_{ref}_per_split"] = [utility.relative_gap(m, d, r) for d, r in zip(dp, arms[ref][m],
                                                                                                strict=True)]
             v["within_5pct_of_centralised"] = utility.within_target(v["gap_vs_centralised"])
@@ -111,6 +119,20 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
                         "files": [r["_path"] for r in runs],
                         "per_split": arms, "mean": mean, "verdict": verdict}
     return pooled
+
+
+def held_out_of(runs: list[dict[str, Any]], name: str) -> list[utility.HeldOut] | None:
+    """Each run's held-out predictions for dataset ``name``, or None unless every run has them."""
+    paths = [utility.held_out_path(Path(r["_path"]).with_suffix("")) for r in runs]
+    if not all(p.is_file() for p in paths):
+        return None
+    held_out = []
+    for path in paths:
+        try:
+            held_out.append(utility.read_held_out(path)[name])
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"{path}: cannot read {name}'s held-out predictions ({exc!r})") from exc
+    return held_out
 
 
 def markdown(pooled: dict[str, Any]) -> str:
@@ -135,11 +157,17 @@ def markdown(pooled: dict[str, Any]) -> str:
         for metric, v in p["verdict"].items():
             per_split = ", ".join(f"{100 * c:+.1f} / {100 * lo:+.1f}" for c, lo in
                                   zip(v["gap_vs_centralised_per_split"], v["gap_vs_local_per_split"], strict=True))
-            lines.append(f"| {metric} | {100 * v['gap_vs_centralised']:+.1f} % | "
+            ci = {ref: " " + utility._interval(v[f"gap_vs_{ref}_ci95"]) if v[f"gap_vs_{ref}_ci95"] else ""
+                  for ref in REFERENCES}
+            lines.append(f"| {metric} | {100 * v['gap_vs_centralised']:+.1f} %{ci['centralised']} | "
                          f"{utility._yes(v['within_5pct_of_centralised'])} | {v['splits_within_5pct']} / {len(seeds)}"
-                         f" | {100 * v['gap_vs_local']:+.1f} % | {utility._yes(v['better_than_local'])} | "
+                         f" | {100 * v['gap_vs_local']:+.1f} %{ci['local']} | {utility._yes(v['better_than_local'])} | "
                          f"{v['splits_better_than_local']} / {len(seeds)} | {per_split} |")
-        lines += ["", "Runs: " + ", ".join(f"`{f}`" for f in p["files"]), ""]
+        pooled_ci = any(v["gap_vs_centralised_ci95"] for v in p["verdict"].values())
+        lines += ["", ("In brackets: 95 % paired-bootstrap interval of the pooled gap over the held-out examples "
+                       "(queries for relevance) of all the splits at once." if pooled_ci else
+                       "No pooled interval: not every run has its held-out predictions (`.heldout.json.gz`)."),
+                  "", "Runs: " + ", ".join(f"`{f}`" for f in p["files"]), ""]
     return "\n".join(lines)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -67,7 +68,7 @@ def test_relevance_resamples_whole_queries(utility: ModuleType) -> None:
                 for q in ("q0", "q1") for j, g in enumerate((3.0, 0.0))]
     arm = np.array([2.0, 0.0, 0.0, 2.0])  # q0: relevant first; q1: relevant second
     ref = np.array([2.0, 0.0, 2.0, 0.0])  # both relevant first: MRR 1
-    units = utility._units(examples)[0]
+    units = utility.HeldOut.of({"m": examples}, {}).units("m")
     assert sorted(map(list, units)) == [[0, 1], [2, 3]]
     ci = utility.bootstrap_gaps({"m": examples}, _arm(utility, "x", {"m": arm}), _arm(utility, "ref", {"m": ref}),
                                 ("relevance_mrr",), resamples=200)["relevance_mrr"]
@@ -164,3 +165,25 @@ def test_the_public_corpus_is_the_other_shops_text_and_reads_as_one(utility: Mod
     assert len(pairs) > 1000 and len(set(pairs)) == len(pairs)
     assert sum(1 for c, _ in pairs if c) > 0.9 * len(pairs)  # queries with their products
     assert all("\t" not in c and "\t" not in p and "\n" not in p for c, p in pairs)
+
+
+def test_a_pooled_interval_is_on_the_mean_over_splits_and_survives_its_file(utility: ModuleType,
+                                                                             tmp_path: Path) -> None:
+    """Split 1: the arm ranks like the reference (MRR 1 everywhere); split 2: it ranks one of two
+    queries backwards. Pooled, each resample's arm MRR is (1 + MRR on split 2) / 2 against 1, so
+    the gap takes the values 0, 0.125 and 0.25 only (half split 2's alone: 0, 0.25, 0.5)."""
+    examples = [Example(task="relevance", context=q, product=f"{q}-{j}", target=g, group=q)
+                for q in ("q0", "q1") for j, g in enumerate((3.0, 0.0))]
+    right, backwards = np.array([2.0, 0.0, 2.0, 0.0]), np.array([2.0, 0.0, 0.0, 2.0])
+    split1 = utility.HeldOut.of({"m": examples}, {"dp": [{"m": right}], "central": [{"m": right}]})
+    split2 = utility.HeldOut.of({"m": examples}, {"dp": [{"m": backwards}], "central": [{"m": right}]})
+    alone = utility.pooled_bootstrap_gaps([split2], "dp", "central", ("relevance_mrr",), resamples=200)
+    pooled = utility.pooled_bootstrap_gaps([split1, split2], "dp", "central", ("relevance_mrr",), resamples=200)
+    assert alone["relevance_mrr"] == [pytest.approx(0.0), pytest.approx(0.5)]
+    assert pooled["relevance_mrr"] == [pytest.approx(0.0), pytest.approx(0.25)]
+    # What a run writes beside its results (JSON) gives the same interval back.
+    path = tmp_path / "heldout.json"
+    path.write_text(json.dumps(split2.to_json()))
+    again = utility.HeldOut.from_json(json.loads(path.read_text()))
+    assert utility.pooled_bootstrap_gaps([split1, again], "dp", "central", ("relevance_mrr",),
+                                         resamples=200) == pooled

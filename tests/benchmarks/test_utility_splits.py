@@ -9,7 +9,10 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import pytest
+
+from shared.tasks import Example
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -153,3 +156,32 @@ def test_runs_of_other_datasets_or_splits_write_other_files(splits: ModuleType, 
              stem(tmp_path, "heads", ["esci"], None, splits.utility.Fold(1, 3)).name}
     assert names == {"utility-heads", "utility-heads-esci-split1", "utility-heads-reviews-split1",
                      "utility-heads-esci", "utility-esci-split1", "utility-heads-esci-fold1of3"}
+
+
+def test_folds_with_their_held_out_predictions_get_a_pooled_interval(splits: ModuleType, tmp_path: Path) -> None:
+    """Two folds, each with its held-out predictions: the pooled gaps carry the interval of the
+    pooled bootstrap; without one fold's predictions there is no interval, and the report says why."""
+    utility = splits.utility
+    examples = [Example(task="relevance", context=q, product=f"{q}-{j}", target=g, group=q)
+                for q in ("q0", "q1", "q2") for j, g in enumerate((3.0, 0.0))]
+    right = {"esci-0": np.array([2.0, 0.0, 2.0, 0.0, 2.0, 0.0])}
+    backwards = {"esci-0": np.array([0.0, 2.0, 0.0, 2.0, 0.0, 2.0])}
+    paths = []
+    for k, dp in enumerate((right, backwards)):
+        path = _results(tmp_path, f"fold{k}.json", 0, SPLIT_0, fold=f"{k}/2")
+        held = utility.HeldOut.of({"esci-0": examples}, {utility.JUDGED_ARM: [dp], "centralised": [right],
+                                                         "local": [right]})
+        utility.write_held_out(utility.held_out_path(path.with_suffix("")), {"esci": held})
+        paths.append(path)
+    verdict = splits.pool(splits.load_runs(paths))["esci"]["verdict"]["relevance_mrr"]
+    # Fold 0 ranks like centralised, fold 1 puts every relevant product second (MRR 0.5): every
+    # resample's pooled MRR is (1 + 0.5) / 2 against 1, a gap of 0.25 exactly.
+    assert verdict["gap_vs_centralised_ci95"] == [pytest.approx(0.25), pytest.approx(0.25)]
+    assert verdict["gap_vs_local_ci95"] == [pytest.approx(0.25), pytest.approx(0.25)]
+    assert "| relevance_mrr | " in (text := splits.markdown({"esci": splits.pool(splits.load_runs(paths))["esci"]}))
+    assert "[+25.0, +25.0]" in text
+
+    utility.held_out_path(paths[1].with_suffix("")).unlink()
+    pooled = splits.pool(splits.load_runs(paths))
+    assert pooled["esci"]["verdict"]["relevance_mrr"]["gap_vs_centralised_ci95"] is None
+    assert "No pooled interval" in splits.markdown(pooled)
