@@ -185,3 +185,11 @@ def test_folds_with_their_held_out_predictions_get_a_pooled_interval(splits: Mod
     pooled = splits.pool(splits.load_runs(paths))
     assert pooled["esci"]["verdict"]["relevance_mrr"]["gap_vs_centralised_ci95"] is None
     assert "No pooled interval" in splits.markdown(pooled)
+
+
+def test_a_damaged_held_out_file_is_refused_with_its_path(splits: ModuleType, tmp_path: Path) -> None:
+    paths = [_results(tmp_path, f"fold{k}.json", 0, SPLIT_0, fold=f"{k}/2") for k in range(2)]
+    for path in paths:
+        splits.utility.held_out_path(path.with_suffix("")).write_bytes(b"not gzip")
+    with pytest.raises(ValueError, match=r"fold0\.heldout\.json\.gz: cannot read esci's held-out predictions"):
+        splits.pool(splits.load_runs(paths))
