@@ -420,9 +420,9 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
             if with_cold_start else None)
     by_name = {a.name: a for a in arms}
     judged = by_name.get(JUDGED_ARM)
-    gap_ci = {} if judged is None else {ref: bootstrap_gaps(dataset.tests, judged, by_name[ref], HEADLINE[dataset.name])
-                                        for ref in REFERENCES}
     held_out = HeldOut.of(dataset.tests, {a.name: a.preds for a in arms if a.name in (JUDGED_ARM, *REFERENCES)})
+    gap_ci = {} if judged is None else {
+        ref: pooled_bootstrap_gaps([held_out], JUDGED_ARM, ref, HEADLINE[dataset.name]) for ref in REFERENCES}
     return {"gap_ci95": gap_ci, "config": dataset.scenario, "merchants": dataset.merchants, "repeats": repeats,
             "split_seed": c.split_seed, "fold": None if dataset.fold is None else str(dataset.fold),
             "train_records": {m: len(s.train) for m, s in dataset.splits.items()},
@@ -815,10 +815,7 @@ def held_out_path(stem: Path) -> Path:
 def write_held_out(path: Path, held_out: dict[str, HeldOut]) -> None:
     import gzip
 
-    tmp = path.with_name(path.name + ".tmp")
-    with gzip.open(tmp, "wt") as out:
-        json.dump({name: h.to_json() for name, h in held_out.items()}, out)
-    tmp.replace(path)
+    write_atomic(path, gzip.compress(json.dumps({name: h.to_json() for name, h in held_out.items()}).encode()))
 
 
 def read_held_out(path: Path) -> dict[str, HeldOut]:
@@ -828,9 +825,12 @@ def read_held_out(path: Path) -> dict[str, HeldOut]:
         return {name: HeldOut.from_json(h) for name, h in json.load(raw).items()}
 
 
-def write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, content: str | bytes) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content)
     tmp.replace(path)
 
 

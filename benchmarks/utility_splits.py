@@ -86,6 +86,7 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
         raise ValueError("no dataset is in every results file: " + "; ".join(
             f"{r['_path']}: {', '.join(r['datasets'])}" for r in runs))
     pooled: dict[str, Any] = {}
+    read: dict[Path, dict[str, utility.HeldOut]] = {}
     for name in names:
         results = [r["datasets"][name] for r in runs]
         metrics = utility.HEADLINE[name]
@@ -96,7 +97,7 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 r["_path"] for r in runs if any(a not in r["datasets"][name]["arms"] for a in missing)))
         arms = {a: {m: [res["arms"][a]["macro"][m] for res in results] for m in metrics} for a in arm_names}
         mean = {a: {m: statistics.fmean(v) for m, v in by_metric.items()} for a, by_metric in arms.items()}
-        held_out = held_out_of(runs, name)
+        held_out = held_out_of(runs, name, read)
         intervals = {} if held_out is None else {
             ref: utility.pooled_bootstrap_gaps(held_out, utility.JUDGED_ARM, ref, metrics) for ref in REFERENCES}
         verdict: dict[str, dict[str, Any]] = {}
@@ -121,15 +122,19 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return pooled
 
 
-def held_out_of(runs: list[dict[str, Any]], name: str) -> list[utility.HeldOut] | None:
-    """Each run's held-out predictions for dataset ``name``, or None unless every run has them."""
+def held_out_of(runs: list[dict[str, Any]], name: str,
+                read: dict[Path, dict[str, utility.HeldOut]]) -> list[utility.HeldOut] | None:
+    """Each run's held-out predictions for dataset ``name``, or None unless every run has them;
+    ``read`` keeps the files already read (a file holds every dataset of its run: read once)."""
     paths = [utility.held_out_path(Path(r["_path"]).with_suffix("")) for r in runs]
     if not all(p.is_file() for p in paths):
         return None
     held_out = []
     for path in paths:
         try:
-            held_out.append(utility.read_held_out(path)[name])
+            if path not in read:
+                read[path] = utility.read_held_out(path)
+            held_out.append(read[path][name])
         except (OSError, ValueError, KeyError) as exc:
             raise ValueError(f"{path}: cannot read {name}'s held-out predictions ({exc!r})") from exc
     return held_out
