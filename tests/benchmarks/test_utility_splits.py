@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -130,6 +131,18 @@ def test_folds_hold_out_every_query_once_for_every_arm_and_the_simulations(split
     # (--quick caps the held-out sets, never the training sets: count on the training side.)
     queries = set().union(*trained_on)
     assert all(sum(q not in train for train in trained_on) == 1 for q in queries)  # held out exactly once
+
+
+def test_a_settings_per_dataset_keys_reach_that_dataset_only(splits: ModuleType, tmp_path: Path) -> None:
+    """``Setting.dataset_overrides``: a key set for one dataset reaches its scenario (so its
+    simulations) and its config, and leaves the other dataset on the shared value."""
+    utility = splits.utility
+    base = utility.SETTINGS["heads"]
+    for target, expected in (("esci", 0.7), ("reviews", base.overrides.get("max-grad-norm", 1.0))):
+        setting = dataclasses.replace(base, dataset_overrides={target: {"max-grad-norm": 0.7}})
+        dataset = utility.Dataset("esci", tmp_path / target, encoder="tiny", quick=True, setting=setting)
+        assert dataset.config.max_grad_norm == expected
+        assert dataset.scenario.get("max-grad-norm", 1.0) == expected
 
 
 @pytest.mark.parametrize("text", ["3/3", "1", "a/b", "0/1", "-1/3"])
