@@ -97,6 +97,7 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 r["_path"] for r in runs if any(a not in r["datasets"][name]["arms"] for a in missing)))
         arms = {a: {m: [res["arms"][a]["macro"][m] for res in results] for m in metrics} for a in arm_names}
         mean = {a: {m: statistics.fmean(v) for m, v in by_metric.items()} for a, by_metric in arms.items()}
+        merchants = per_merchant(results, arm_names, metrics)
         held_out = held_out_of(runs, name, read)
         intervals = {} if held_out is None else {
             ref: utility.pooled_bootstrap_gaps(held_out, utility.JUDGED_ARM, ref, metrics) for ref in REFERENCES}
@@ -113,13 +114,40 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
             v["better_than_local"] = v["gap_vs_local"] < 0
             v["splits_within_5pct"] = sum(map(utility.within_target, v["gap_vs_centralised_per_split"]))
             v["splits_better_than_local"] = sum(g < 0 for g in v["gap_vs_local_per_split"])
+            gaps = {merchant: utility.relative_gap(m, merchants[utility.JUDGED_ARM][merchant][m],
+                                                   merchants["centralised"][merchant][m])
+                    for merchant in merchants["centralised"]}
+            finite_gaps = {k: g for k, g in gaps.items() if math.isfinite(g)}
+            worst = max(finite_gaps, key=lambda k: finite_gaps[k]) if finite_gaps else None
+            v["per_merchant_gap_vs_centralised"] = gaps
+            v["worst_merchant"] = worst
+            v["worst_merchant_gap"] = finite_gaps[worst] if worst else math.nan
             verdict[m] = v
         pooled[name] = {"splits": [split_name(res) for res in results],
                         "repeats": [res.get("repeats", 1) for res in results],
                         "test_queries": [sum(res.get("test_queries", {}).values()) for res in results],
                         "files": [r["_path"] for r in runs],
-                        "per_split": arms, "mean": mean, "verdict": verdict}
+                        "per_split": arms, "mean": mean, "per_merchant": merchants, "verdict": verdict}
     return pooled
+
+
+def per_merchant(results: list[dict[str, Any]], arm_names: list[str],
+                 metrics: tuple[str, ...]) -> dict[str, dict[str, dict[str, float]]]:
+    """arm -> merchant -> metric: the mean over the splits that score it (a merchant whose
+    held-out share of a split has no informative query has no ranking figure there; NaN if
+    none has). Merchants of every split only: the same merchants are compared in every arm."""
+    names = [m for m in results[0]["merchants"] if all(m in res["merchants"] for res in results)]
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for arm in arm_names:
+        out[arm] = {}
+        for merchant in names:
+            figures = {}
+            for metric in metrics:
+                scored = [res["arms"][arm]["per_merchant"].get(merchant, {}) for res in results]
+                values = [v for figures_of in scored if math.isfinite(v := figures_of.get(metric, math.nan))]
+                figures[metric] = statistics.fmean(values) if values else math.nan
+            out[arm][merchant] = figures
+    return out
 
 
 def held_out_of(runs: list[dict[str, Any]], name: str,
@@ -157,8 +185,9 @@ def markdown(pooled: dict[str, Any]) -> str:
                              + f" | **{p['mean'][arm][metric]:.4f}** |")
         lines += ["", f"{utility.JUDGED_ARM} against the targets:", "",
                   "| metric | gap vs centralised (mean) | within 5 % | splits within 5 % | gap vs local (mean) | "
-                  "better than local | splits better than local | per split vs centralised / vs local |",
-                  "|---|---:|:---:|:---:|---:|:---:|:---:|---|"]
+                  "better than local | splits better than local | worst merchant (gap vs centralised) | "
+                  "per split vs centralised / vs local |",
+                  "|---|---:|:---:|:---:|---:|:---:|:---:|---|---|"]
         for metric, v in p["verdict"].items():
             per_split = ", ".join(f"{100 * c:+.1f} / {100 * lo:+.1f}" for c, lo in
                                   zip(v["gap_vs_centralised_per_split"], v["gap_vs_local_per_split"], strict=True))
@@ -167,13 +196,29 @@ def markdown(pooled: dict[str, Any]) -> str:
             lines.append(f"| {metric} | {100 * v['gap_vs_centralised']:+.1f} %{ci['centralised']} | "
                          f"{utility._yes(v['within_5pct_of_centralised'])} | {v['splits_within_5pct']} / {len(seeds)}"
                          f" | {100 * v['gap_vs_local']:+.1f} %{ci['local']} | {utility._yes(v['better_than_local'])} | "
-                         f"{v['splits_better_than_local']} / {len(seeds)} | {per_split} |")
+                         f"{v['splits_better_than_local']} / {len(seeds)} | {v['worst_merchant']} "
+                         f"({utility._pct(v['worst_merchant_gap'])}) | {per_split} |")
+        lines += per_merchant_table(p)
         pooled_ci = any(v["gap_vs_centralised_ci95"] for v in p["verdict"].values())
         lines += ["", ("In brackets: 95 % paired-bootstrap interval of the pooled gap over the held-out examples "
                        "(queries for relevance) of all the splits at once." if pooled_ci else
                        "No pooled interval: not every run has its held-out predictions (`.heldout.json.gz`)."),
                   "", "Runs: " + ", ".join(f"`{f}`" for f in p["files"]), ""]
     return "\n".join(lines)
+
+
+def per_merchant_table(p: dict[str, Any]) -> list[str]:
+    """Each merchant's mean over the splits: the judged arm against its two references."""
+    shown = (utility.JUDGED_ARM, *REFERENCES)
+    metrics = list(p["verdict"])
+    lines = ["", "Per merchant, mean over the splits (" + ", ".join(metrics) + "; gap of "
+             f"{utility.JUDGED_ARM} vs centralised, positive = worse):", "",
+             "| merchant | " + " | ".join(shown) + " | gap vs centralised |", "|---|" + "---|" * (len(shown) + 1)]
+    for merchant in p["per_merchant"]["centralised"]:
+        cells = [" / ".join(utility._fmt(p["per_merchant"][arm][merchant][m]) for m in metrics) for arm in shown]
+        gaps = " / ".join(utility._pct(p["verdict"][m]["per_merchant_gap_vs_centralised"][merchant]) for m in metrics)
+        lines.append(f"| {merchant} | " + " | ".join(cells) + f" | {gaps} |")
+    return lines
 
 
 def plot(pooled: dict[str, Any], path: Path) -> None:

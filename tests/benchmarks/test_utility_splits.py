@@ -32,11 +32,18 @@ def splits() -> ModuleType:
 
 
 def _results(tmp_path: Path, name: str, seed: int | None, figures: dict[str, tuple[float, float]],
-             trainable: str = "heads", fold: str | None = None) -> Path:
+             trainable: str = "heads", fold: str | None = None,
+             merchants: dict[str, dict[str, dict[str, float]]] | None = None) -> Path:
     """A utility.py results file for ESCI: arm -> (NDCG@10, MRR). ``seed`` None: a run from
-    before ``--split-seed`` (its split only in the scenario config)."""
-    arms = {arm: {"macro": {"relevance_ndcg@10": ndcg, "relevance_mrr": mrr}} for arm, (ndcg, mrr) in figures.items()}
+    before ``--split-seed`` (its split only in the scenario config). ``merchants``: arm ->
+    merchant -> its figures (default: one merchant, ``esci-0``, at the macro figures)."""
+    arms = {arm: {"macro": {"relevance_ndcg@10": ndcg, "relevance_mrr": mrr},
+                  "per_merchant": {"esci-0": {"relevance_ndcg@10": ndcg, "relevance_mrr": mrr}}}
+            for arm, (ndcg, mrr) in figures.items()}
+    for arm, by_merchant in (merchants or {}).items():
+        arms[arm]["per_merchant"] = by_merchant
     dataset: dict[str, Any] = {"arms": arms, "repeats": 3, "config": {"split-seed": 0},
+                               "merchants": list(next(iter(arms.values()))["per_merchant"]),
                                "test_queries": {"esci-0": 5, "esci-1": 6}}
     if seed is not None:
         dataset["split_seed"] = seed
@@ -78,6 +85,39 @@ def test_each_arm_is_the_mean_over_splits_and_the_target_is_judged_on_it(splits:
     assert "| 1 / 2 |" in verdict and "+6.7 / +1.2" in verdict
     splits.plot({"esci": esci}, tmp_path / "s.png")
     assert (tmp_path / "s.png").stat().st_size > 0
+
+
+def test_each_merchant_is_its_mean_over_the_splits_that_score_it_and_the_worst_is_named(
+        splits: ModuleType, tmp_path: Path) -> None:
+    """Per merchant: the mean over splits of each arm's figure, skipping a split where the
+    merchant had no informative query; the worst merchant's gap to centralised is named."""
+    def figures(a: tuple[float, float], b: tuple[float, float] | None) -> dict[str, dict[str, float]]:
+        out = {"a": {"relevance_ndcg@10": a[0], "relevance_mrr": a[1]}, "b": {}}
+        if b is not None:
+            out["b"] = {"relevance_ndcg@10": b[0], "relevance_mrr": b[1]}
+        return out
+
+    split_0 = {arm: figures((0.8, 0.9), (0.6, 0.8)) for arm in SPLIT_0}
+    split_0["federated-dp-eps-8"] = figures((0.8, 0.9), (0.54, 0.7))
+    split_1 = {arm: figures((0.7, 0.9), None) for arm in SPLIT_1}  # b: nothing to rank here
+    split_1["federated-dp-eps-8"] = figures((0.77, 0.9), None)
+    runs = splits.load_runs([_results(tmp_path, "a.json", 0, SPLIT_0, merchants=split_0),
+                             _results(tmp_path, "b.json", 1, SPLIT_1, merchants=split_1)])
+    esci = splits.pool(runs)["esci"]
+    dp, central = esci["per_merchant"]["federated-dp-eps-8"], esci["per_merchant"]["centralised"]
+    assert dp["a"]["relevance_ndcg@10"] == pytest.approx(0.785)
+    assert central["a"]["relevance_ndcg@10"] == pytest.approx(0.75)
+    assert dp["b"] == {"relevance_ndcg@10": 0.54, "relevance_mrr": 0.7}  # split 0 only
+    ndcg, mrr = esci["verdict"]["relevance_ndcg@10"], esci["verdict"]["relevance_mrr"]
+    assert ndcg["per_merchant_gap_vs_centralised"] == {"a": pytest.approx(-0.035 / 0.75), "b": pytest.approx(0.1)}
+    assert (ndcg["worst_merchant"], ndcg["worst_merchant_gap"]) == ("b", pytest.approx(0.1))
+    assert (mrr["worst_merchant"], mrr["worst_merchant_gap"]) == ("b", pytest.approx(0.125))
+
+    text = splits.markdown({"esci": esci})
+    row = next(line for line in text.splitlines() if line.startswith("| b |"))
+    assert row.startswith("| b | 0.5400 / 0.7000 | 0.6000 / 0.8000 |") and row.endswith("| +10.0 % / +12.5 % |")
+    verdict = next(line for line in text.splitlines() if line.startswith("| relevance_mrr |"))
+    assert "| b (+12.5 %) |" in verdict
 
 
 def test_runs_that_cannot_be_pooled_are_refused_with_the_file_named(splits: ModuleType, tmp_path: Path) -> None:
