@@ -40,7 +40,9 @@ ESCI's held-out set is a few dozen queries, so one split is one draw of them. ``
 holds out fold k of K instead (``test-fraction`` 1/K, ``test-offset`` k/K): the K runs hold
 out disjoint folds that together cover every record once. ``benchmarks/utility_splits.py``
 pools such runs, split by split. ``--no-cold-start`` skips the cold-start federations (they
-double the cost of a run made only to pool).
+double the cost of a run made only to pool). ``--set KEY=VALUE`` puts a run-config key on top
+of the setting for every arm (``--set max-grad-norm=1.25``); the outputs' names carry it, and
+``utility_splits`` pools only runs made with the same keys.
 
 Outputs: ``utility.json``, ``utility.md``, ``utility.png`` and ``utility.heldout.json.gz`` (the
 judged arm's and its references' held-out predictions, for pooled intervals) under ``--out-dir``
@@ -68,6 +70,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from shared.config import ConfigError  # noqa: E402
 from shared.jsonable import finite  # noqa: E402
 from shared.metrics import HIGHER_IS_BETTER  # noqa: E402
 
@@ -120,8 +123,6 @@ class Setting:
     # dataset -> the bundled dataset whose text is its public corpus (``precondition-corpus``):
     # another shop's, never any of the federation's own records.
     public_corpus: dict[str, str] = dataclasses.field(default_factory=dict)
-    # dataset -> run-config keys on top of ``overrides`` for that dataset only
-    dataset_overrides: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
 
 
 SETTINGS = {
@@ -132,7 +133,7 @@ SETTINGS = {
     # A frozen encoder makes a step cost a matrix product, so a DP step can take 1,024 records:
     # the noise on the mean gradient is σ·C / batch, and at a fixed ε σ grows far more slowly
     # than the batch. Unit-length pooled states bound a record's head gradient by its error,
-    # so a clipping norm near 1 binds only on badly predicted records. No dropout. 8 rounds of 15
+    # so clipping at C = 1 binds only on badly predicted records. No dropout. 8 rounds of 15
     # steps at head rate 0.1 (local-epochs high enough that the step cap decides): what limits
     # this model is how far 120 steps get, not the noise (with the noise removed, the same DP
     # run reaches log-loss 0.316 against 0.322), so fewer, larger rounds and a fast rate win
@@ -142,18 +143,13 @@ SETTINGS = {
     # geometry of the ESCI texts (client.precondition): replica, ε = 8, 6 seeds, RMSE 0.870 ->
     # 0.850, log-loss 0.324 -> 0.316. ESCI is not preconditioned: with the reviews texts its
     # MRR fell (0.871 -> 0.856, 12 seeds) while its centralised arm rose.
-    # Reviews clips at C = 1.25, not 1: clipping the badly predicted records (the confident
-    # mistakes) bounds their pull, which leaves the conversion head overconfident; a larger C
-    # buys calibration for a little more noise on the rating head. Replica of the reviews
-    # federation over all five folds, 4 seeds each, ε = 8, gap to centralised in log-loss /
-    # RMSE: C = 1 +5.8 % / +4.1 %, 1.25 +4.3 % / +4.3 %, 1.5 +3.6 % / +4.5 %. ESCI keeps C = 1
-    # (replica, 5 folds x 8 seeds, NDCG@10 / MRR: C = 1 0.764 / 0.834, 1.25 0.762 / 0.830,
-    # 1.5 0.759 / 0.824): a ranking head gains nothing from calibration and only pays the noise.
+    # C = 1 for both. A larger C trades the reviews heads' calibration against their rating
+    # noise, and neither C met both targets: cross-validated (5 folds), C = 1 gives log-loss
+    # +5.6 % / RMSE +4.1 % against centralised, C = 1.25 +4.0 % / +5.3 % (README, "Clipping norm").
     "heads": Setting(overrides={"trainable": "heads", "pooling": "mean-l2", "batch-size": 1024,
                                 "num-server-rounds": 8, "local-epochs": 15.0, "max-local-steps": 15,
                                 "head-learning-rate": 0.1, "dropout": 0.0, "keep-optimizer-state": True},
-                     clipping="flat", suffix="-heads", public_corpus={"reviews": "esci"},
-                     dataset_overrides={"reviews": {"max-grad-norm": 1.25}}),
+                     clipping="flat", suffix="-heads", public_corpus={"reviews": "esci"}),
 }
 
 
@@ -229,7 +225,7 @@ class Dataset:
 
         self.name = name
         scenario = engine.load_scenario(name)
-        overrides = {**DATASET_OVERRIDES[name], **setting.overrides, **setting.dataset_overrides.get(name, {})}
+        overrides = {**DATASET_OVERRIDES[name], **setting.overrides}
         overrides["encoder"] = encoder
         if split_seed is not None:  # in the scenario, so the simulations split alike
             overrides["split-seed"] = split_seed
@@ -806,14 +802,21 @@ def plot(results: dict[str, Any], path: Path) -> None:
     tmp.replace(path)
 
 
+def with_overrides(setting: Setting, overrides: dict[str, Any]) -> Setting:
+    """``setting`` with run-config keys (``--set``) on top of its own, for every dataset."""
+    return dataclasses.replace(setting, overrides={**setting.overrides, **overrides}) if overrides else setting
+
+
 def output_stem(out_dir: Path, trainable: str, datasets: list[str], split_seed: int | None,
-                fold: Fold | None = None) -> Path:
-    """``utility[-heads][-DATASET...][-splitN][-foldkofK]``: a run of some datasets, or on another
-    split, never overwrites another run's files (the full run on the scenarios' split keeps the plain name)."""
+                fold: Fold | None = None, overrides: dict[str, Any] | None = None) -> Path:
+    """``utility[-heads][-DATASET...][-KEY-VALUE...][-splitN][-foldkofK]``: a run of some datasets,
+    with ``--set`` keys, or on another split, never overwrites another run's files (the full run on
+    the scenarios' split keeps the plain name)."""
     subset = "" if set(datasets) == set(HEADLINE) else "-" + "-".join(sorted(set(datasets)))
+    variant = "".join(f"-{key}-{value}" for key, value in sorted((overrides or {}).items()))
     split = "" if split_seed is None else f"-split{split_seed}"
     folded = "" if fold is None else f"-fold{fold.index}of{fold.count}"
-    return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{split}{folded}"
+    return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{variant}{split}{folded}"
 
 
 def held_out_path(stem: Path) -> Path:
@@ -861,6 +864,9 @@ def main() -> int:
                              "split; outputs ...-foldkofK")
     parser.add_argument("--no-cold-start", action="store_true",
                         help="skip the cold-start federations (for runs made to pool over splits)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                        help="a run-config key on top of the setting, for every arm and dataset (e.g. "
+                             "max-grad-norm=1.25); recorded in the results and in the output names")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps: checks the pipeline, not utility")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs and logs here (default: temporary)")
@@ -871,15 +877,21 @@ def main() -> int:
         fold = None if args.fold is None else Fold.parse(args.fold)
     except ValueError as exc:
         parser.error(f"--fold: {exc}")
+    from simulations.engine import FLOWER_ENV, parse_overrides
+
+    try:
+        overrides = parse_overrides(args.overrides)
+    except ValueError as exc:
+        parser.error(str(exc))
+    setting = with_overrides(SETTINGS[args.trainable], overrides)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from simulations.engine import FLOWER_ENV
 
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     start = time.perf_counter()
     results: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPU cores, {sys.platform}", "encoder": args.encoder,
-        "trainable": args.trainable,
+        "trainable": args.trainable, "set": overrides,
         "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "datasets": {}}
     if args.work_dir is not None:
         # Simulations refuse a run folder that holds a run: say so now, not an hour in.
@@ -891,15 +903,18 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedshop-utility-") as tmp:
         work = args.work_dir or Path(tmp)
         for name in args.datasets:
-            dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=SETTINGS[args.trainable],
-                              split_seed=args.split_seed, fold=fold)
+            try:
+                dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=setting,
+                                  split_seed=args.split_seed, fold=fold)
+            except ConfigError as exc:  # a --set key or value the run config refuses
+                parser.error(str(exc))
             result, held_out[name] = run_dataset(dataset, args.epsilons, work, repeats=args.repeats,
                                                  with_cold_start=not args.no_cold_start)
             result["verdict"] = judge(name, result)
             results["datasets"][name] = result
     results["total_seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold)
+    stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold, overrides)
     write_atomic(stem.with_suffix(".json"), json.dumps(finite(results), indent=1))
     write_atomic(stem.with_suffix(".md"), markdown(results))
     write_held_out(held_out_path(stem), held_out)

@@ -52,8 +52,8 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
         runs.append(results)
     if len(runs) < 2:
         raise ValueError(f"pooling splits needs at least two results files, got {len(runs)}")
-    for key in ("trainable", "encoder"):
-        values = {r.get(key) for r in runs}
+    for key in ("trainable", "encoder", "set"):  # "set": utility.py's --set keys (none before it had them)
+        values = {json.dumps(r.get(key) or None, sort_keys=True) for r in runs}
         if len(values) > 1:
             each = ", ".join(f"{r['_path']}: {r.get(key)}" for r in runs)
             raise ValueError(f"the runs differ in {key!r} ({each}); pool runs of one setting")

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -173,18 +173,6 @@ def test_folds_hold_out_every_query_once_for_every_arm_and_the_simulations(split
     assert all(sum(q not in train for train in trained_on) == 1 for q in queries)  # held out exactly once
 
 
-def test_a_settings_per_dataset_keys_reach_that_dataset_only(splits: ModuleType, tmp_path: Path) -> None:
-    """``Setting.dataset_overrides``: a key set for one dataset reaches its scenario (so its
-    simulations) and its config, and leaves the other dataset on the shared value."""
-    utility = splits.utility
-    base = utility.SETTINGS["heads"]
-    for target, expected in (("esci", 0.7), ("reviews", base.overrides.get("max-grad-norm", 1.0))):
-        setting = dataclasses.replace(base, dataset_overrides={target: {"max-grad-norm": 0.7}})
-        dataset = utility.Dataset("esci", tmp_path / target, encoder="tiny", quick=True, setting=setting)
-        assert dataset.config.max_grad_norm == expected
-        assert dataset.scenario.get("max-grad-norm", 1.0) == expected
-
-
 @pytest.mark.parametrize("text", ["3/3", "1", "a/b", "0/1", "-1/3"])
 def test_a_bad_fold_is_refused_with_its_value(splits: ModuleType, text: str) -> None:
     with pytest.raises(ValueError, match=f"fold {text!r}"):
@@ -206,9 +194,43 @@ def test_runs_of_other_datasets_or_splits_write_other_files(splits: ModuleType, 
              stem(tmp_path, "heads", ["reviews", "esci"], None).name,
              stem(tmp_path, "heads", ["esci"], 1).name, stem(tmp_path, "heads", ["reviews"], 1).name,
              stem(tmp_path, "heads", ["esci"], None).name, stem(tmp_path, "lora", ["esci"], 1).name,
-             stem(tmp_path, "heads", ["esci"], None, splits.utility.Fold(1, 3)).name}
+             stem(tmp_path, "heads", ["esci"], None, splits.utility.Fold(1, 3)).name,
+             stem(tmp_path, "heads", ["reviews"], None, splits.utility.Fold(0, 5), {"max-grad-norm": 1.25}).name}
     assert names == {"utility-heads", "utility-heads-esci-split1", "utility-heads-reviews-split1",
-                     "utility-heads-esci", "utility-esci-split1", "utility-heads-esci-fold1of3"}
+                     "utility-heads-esci", "utility-esci-split1", "utility-heads-esci-fold1of3",
+                     "utility-heads-reviews-max-grad-norm-1.25-fold0of5"}
+
+
+def test_set_keys_reach_every_arm_and_runs_with_other_keys_are_not_pooled(splits: ModuleType,
+                                                                           tmp_path: Path) -> None:
+    """``--set``: the key reaches the config and the scenario the simulations read; pooling
+    refuses to mix runs made with different keys, naming the files."""
+    utility = splits.utility
+    setting = utility.with_overrides(utility.SETTINGS["heads"], {"max-grad-norm": 0.7})
+    assert utility.SETTINGS["heads"].overrides.get("max-grad-norm") is None  # the shared setting untouched
+    dataset = utility.Dataset("esci", tmp_path / "d", encoder="tiny", quick=True, setting=setting)
+    assert dataset.config.max_grad_norm == 0.7 and dataset.scenario["max-grad-norm"] == 0.7
+    assert dataset.config.batch_size == 1024  # the setting's own keys stay
+
+    plain = _results(tmp_path, "a.json", 0, SPLIT_0)
+    varied = _results(tmp_path, "b.json", 1, SPLIT_1)
+    data = json.loads(varied.read_text())
+    varied.write_text(json.dumps({**data, "set": {"max-grad-norm": 0.7}}))
+    with pytest.raises(ValueError, match=r"'set'.*b.json: \{'max-grad-norm': 0.7\}"):
+        splits.load_runs([plain, varied])
+    same = _results(tmp_path, "c.json", 2, SPLIT_1)
+    same.write_text(json.dumps({**json.loads(same.read_text()), "set": {}}))  # no keys = a run from before --set
+    assert len(splits.load_runs([plain, same])) == 2
+
+
+@pytest.mark.parametrize("pair, message", [("max-grad-norm", "expected KEY=VALUE"),
+                                           ("no-such-key=1", "unknown run-config key 'no-such-key'")])
+def test_a_bad_set_is_refused_with_its_key(pair: str, message: str, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "utility.py"), "--trainable", "heads",
+                           "--datasets", "esci", "--encoder", "tiny", "--quick", "--set", pair,
+                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_folds_with_their_held_out_predictions_get_a_pooled_interval(splits: ModuleType, tmp_path: Path) -> None:
