@@ -58,6 +58,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -813,7 +814,9 @@ def output_stem(out_dir: Path, trainable: str, datasets: list[str], split_seed: 
     with ``--set`` keys, or on another split, never overwrites another run's files (the full run on
     the scenarios' split keeps the plain name)."""
     subset = "" if set(datasets) == set(HEADLINE) else "-" + "-".join(sorted(set(datasets)))
-    variant = "".join(f"-{key}-{value}" for key, value in sorted((overrides or {}).items()))
+    # A value may be a path: only characters that keep the stem one file name.
+    variant = "".join(re.sub(r"[^A-Za-z0-9._-]+", "_", f"-{key}-{value}")
+                      for key, value in sorted((overrides or {}).items()))
     split = "" if split_seed is None else f"-split{split_seed}"
     folded = "" if fold is None else f"-fold{fold.index}of{fold.count}"
     return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{variant}{split}{folded}"

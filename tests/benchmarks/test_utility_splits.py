@@ -195,10 +195,12 @@ def test_runs_of_other_datasets_or_splits_write_other_files(splits: ModuleType, 
              stem(tmp_path, "heads", ["esci"], 1).name, stem(tmp_path, "heads", ["reviews"], 1).name,
              stem(tmp_path, "heads", ["esci"], None).name, stem(tmp_path, "lora", ["esci"], 1).name,
              stem(tmp_path, "heads", ["esci"], None, splits.utility.Fold(1, 3)).name,
-             stem(tmp_path, "heads", ["reviews"], None, splits.utility.Fold(0, 5), {"max-grad-norm": 1.25}).name}
+             stem(tmp_path, "heads", ["reviews"], None, splits.utility.Fold(0, 5), {"max-grad-norm": 1.25}).name,
+             stem(tmp_path, "heads", ["esci"], None, None, {"precondition-corpus": "/a b/c.txt"}).name}
     assert names == {"utility-heads", "utility-heads-esci-split1", "utility-heads-reviews-split1",
                      "utility-heads-esci", "utility-esci-split1", "utility-heads-esci-fold1of3",
-                     "utility-heads-reviews-max-grad-norm-1.25-fold0of5"}
+                     "utility-heads-reviews-max-grad-norm-1.25-fold0of5",
+                     "utility-heads-esci-precondition-corpus-_a_b_c.txt"}
 
 
 def test_set_keys_reach_every_arm_and_runs_with_other_keys_are_not_pooled(splits: ModuleType,
