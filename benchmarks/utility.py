@@ -635,11 +635,6 @@ def judge(name: str, result: dict[str, Any]) -> dict[str, Any]:
     verdict: dict[str, Any] = {"arm": best_dp, "metrics": {}}
     for metric in HEADLINE[name]:
         dp_value, central, local = (arms[a]["macro"][metric] for a in (best_dp, "centralised", "local"))
-        gaps = {m: relative_gap(metric, arms[best_dp]["per_merchant"][m].get(metric, math.nan),
-                                arms["centralised"]["per_merchant"][m].get(metric, math.nan))
-                for m in result["merchants"]}
-        finite_gaps = {m: g for m, g in gaps.items() if math.isfinite(g)}
-        worst = max(finite_gaps, key=lambda m: finite_gaps[m]) if finite_gaps else None
         runs = arms[best_dp]["macro_runs"][metric]
         verdict["metrics"][metric] = {
             "gap_vs_centralised": relative_gap(metric, dp_value, central),
@@ -650,11 +645,22 @@ def judge(name: str, result: dict[str, Any]) -> dict[str, Any]:
             "gap_vs_local_ci95": ci.get("local", {}).get(metric, [math.nan, math.nan]),
             "within_5pct_of_centralised": within_target(relative_gap(metric, dp_value, central)),
             "better_than_local": relative_gap(metric, dp_value, local) < 0,
-            "per_merchant_gap_vs_centralised": gaps,
-            "worst_merchant": worst,
-            "worst_merchant_gap": finite_gaps[worst] if worst else math.nan,
+            **merchant_gaps(metric, {m: arms[best_dp]["per_merchant"][m] for m in result["merchants"]},
+                            {m: arms["centralised"]["per_merchant"][m] for m in result["merchants"]}),
         }
     return verdict
+
+
+def merchant_gaps(metric: str, figures: dict[str, dict[str, float]],
+                  reference: dict[str, dict[str, float]]) -> dict[str, Any]:
+    """Each merchant's gap to ``reference`` in ``metric`` (merchant -> its figures) and the worst
+    merchant with its gap (a merchant with no finite gap is never the worst)."""
+    gaps = {m: relative_gap(metric, figures[m].get(metric, math.nan), reference[m].get(metric, math.nan))
+            for m in figures}
+    finite_gaps = {m: g for m, g in gaps.items() if math.isfinite(g)}
+    worst = max(finite_gaps, key=lambda m: finite_gaps[m]) if finite_gaps else None
+    return {"per_merchant_gap_vs_centralised": gaps, "worst_merchant": worst,
+            "worst_merchant_gap": finite_gaps[worst] if worst else math.nan}
 
 
 def markdown(results: dict[str, Any]) -> str:
@@ -905,16 +911,16 @@ def main() -> int:
     held_out: dict[str, HeldOut] = {}
     with tempfile.TemporaryDirectory(prefix="fedshop-utility-") as tmp:
         work = args.work_dir or Path(tmp)
-        for name in args.datasets:
-            try:
-                dataset = Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=setting,
-                                  split_seed=args.split_seed, fold=fold)
-            except ConfigError as exc:  # a --set key or value the run config refuses
-                parser.error(str(exc))
-            result, held_out[name] = run_dataset(dataset, args.epsilons, work, repeats=args.repeats,
-                                                 with_cold_start=not args.no_cold_start)
-            result["verdict"] = judge(name, result)
-            results["datasets"][name] = result
+        try:  # every dataset's config checked before any trains: a refused --set now, not an hour in
+            datasets = [Dataset(name, work, encoder=args.encoder, quick=args.quick, setting=setting,
+                                split_seed=args.split_seed, fold=fold) for name in args.datasets]
+        except ConfigError as exc:
+            parser.error(str(exc))
+        for dataset in datasets:
+            result, held_out[dataset.name] = run_dataset(dataset, args.epsilons, work, repeats=args.repeats,
+                                                         with_cold_start=not args.no_cold_start)
+            result["verdict"] = judge(dataset.name, result)
+            results["datasets"][dataset.name] = result
     results["total_seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold, overrides)

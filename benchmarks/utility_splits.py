@@ -114,14 +114,7 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
             v["better_than_local"] = v["gap_vs_local"] < 0
             v["splits_within_5pct"] = sum(map(utility.within_target, v["gap_vs_centralised_per_split"]))
             v["splits_better_than_local"] = sum(g < 0 for g in v["gap_vs_local_per_split"])
-            gaps = {merchant: utility.relative_gap(m, merchants[utility.JUDGED_ARM][merchant][m],
-                                                   merchants["centralised"][merchant][m])
-                    for merchant in merchants["centralised"]}
-            finite_gaps = {k: g for k, g in gaps.items() if math.isfinite(g)}
-            worst = max(finite_gaps, key=lambda k: finite_gaps[k]) if finite_gaps else None
-            v["per_merchant_gap_vs_centralised"] = gaps
-            v["worst_merchant"] = worst
-            v["worst_merchant_gap"] = finite_gaps[worst] if worst else math.nan
+            v.update(utility.merchant_gaps(m, merchants[utility.JUDGED_ARM], merchants["centralised"]))
             verdict[m] = v
         pooled[name] = {"splits": [split_name(res) for res in results],
                         "repeats": [res.get("repeats", 1) for res in results],
@@ -141,9 +134,9 @@ def per_merchant(results: list[dict[str, Any]], arm_names: list[str],
     for arm in arm_names:
         out[arm] = {}
         for merchant in names:
+            scored = [res["arms"][arm]["per_merchant"].get(merchant, {}) for res in results]
             figures = {}
             for metric in metrics:
-                scored = [res["arms"][arm]["per_merchant"].get(merchant, {}) for res in results]
                 values = [v for figures_of in scored if math.isfinite(v := figures_of.get(metric, math.nan))]
                 figures[metric] = statistics.fmean(values) if values else math.nan
             out[arm][merchant] = figures
