@@ -14,7 +14,11 @@ records of every merchant (``client.merchant.split_merchant``):
 - ``federated-dp-eps-E``: the same simulation with DP-SGD at ε = E per merchant. Each
   merchant plans its own σ (``noise-plan-calls`` = rounds, at least ``NOISE_FLOOR``) so that
   a call in every round fits its budget: small merchants add more noise instead of being
-  refused; heads and encoder are clipped apart (``DP_CLIPPING``);
+  refused; clipped as the trainable set's ``Setting.clipping`` says;
+- ``centralised-dp-eps-E``: the centralised arm with DP-SGD at ε = E per record (one curator
+  holding every merchant's records, its σ planned for the whole run): what privacy costs
+  without federation, so that the federated DP arm's gap splits into privacy's share and
+  federation's;
 - cold start: the non-private and the ε = 8 federations again with one merchant left out,
   evaluated on that merchant's held-out records (it never trained, nor sent anything); with
   ``--repeats`` each of the two runs as often as the other arms.
@@ -313,18 +317,47 @@ def train_params(dataset: Dataset, merchants: list[str], *, steps: int, epochs: 
                  ) -> dict[str, Any]:
     """Non-private training on the union of ``merchants``' training data; the trainable params.
     ``repeat`` shifts the seed (head initialisation, batch order)."""
+    config = dataset.config.replace(dp=False, max_local_steps=steps, local_epochs=epochs,
+                                    seed=dataset.config.seed + repeat)
+    return _train_pooled(dataset, merchants, config, privacy=None)[0]
+
+
+def train_private(dataset: Dataset, merchants: list[str], *, steps: int, epsilon: float, state: Path,
+                  repeat: int = 0) -> tuple[dict[str, Any], dict[str, Any]]:
+    """DP-SGD at ``epsilon`` per record on the union of ``merchants``' training data, as one
+    learner holding every record (a trusted curator): the centralised arm, privately. Its σ is
+    planned for the whole run as one call (``noise-plan-calls`` = 1), its spend recorded in a
+    fresh privacy state at ``state``. (trainable params, notes with σ and ε spent)."""
+    from client.budget import PrivacyState
+
+    if state.exists():
+        raise FileExistsError(f"{state}: a privacy state is already there; each private arm starts a fresh one")
+    config = dataset.config.replace(dp=True, target_epsilon=epsilon, noise_plan_calls=1,
+                                    noise_multiplier=NOISE_FLOOR, clipping=dataset.setting.clipping,
+                                    max_local_steps=steps, local_epochs=1e9, seed=dataset.config.seed + repeat)
+    name = "+".join(merchants)
+    privacy = PrivacyState.open(state, merchant_id=name, target_epsilon=epsilon, target_delta=config.target_delta,
+                                accountant=config.accountant)
+    params, result = _train_pooled(dataset, merchants, config, privacy=privacy)
+    assert result.mechanism is not None
+    return params, {"noise_multiplier": {name: result.mechanism.noise_multiplier},
+                    "epsilon_spent": {name: result.epsilon}}
+
+
+def _train_pooled(dataset: Dataset, merchants: list[str], config: Any, *, privacy: Any) -> tuple[dict[str, Any], Any]:
+    """One training call on the union of ``merchants``' training data under ``config``;
+    (trainable params, the trainer's result)."""
     from client import precondition, trainer
     from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer
 
-    config = dataset.config.replace(dp=False, max_local_steps=steps, local_epochs=epochs,
-                                    seed=dataset.config.seed + repeat)
     spec = ModelSpec.from_config(config)
     model = build_model(spec)
     examples = [e for m in merchants for e in dataset.splits[m].train]
-    trainer.train(model, examples, load_tokenizer(spec), config, privacy=None,
-                  device=choose_device(config.device), feature_cache=dataset.feature_cache / "+".join(merchants),
-                  corpus_cache=dataset.feature_cache / precondition.CACHE_FOLDER)
-    return dict(get_trainable(model.cpu()))
+    result = trainer.train(model, examples, load_tokenizer(spec), config, privacy=privacy,
+                           device=choose_device(config.device),
+                           feature_cache=dataset.feature_cache / "+".join(merchants),
+                           corpus_cache=dataset.feature_cache / precondition.CACHE_FOLDER)
+    return dict(get_trainable(model.cpu())), result
 
 
 def simulate(dataset: Dataset, run_dir: Path, overrides: dict[str, Any], *, data_dir: Path | None = None
@@ -422,6 +455,17 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
         dp_runs[eps] = {"dp": True, "target-epsilon": eps, "noise-plan-calls": c.num_server_rounds,
                         "noise-multiplier": NOISE_FLOOR, "clipping": dataset.setting.clipping}
         timed(f"federated-dp-eps-{eps:g}", federated(f"dp-eps-{eps:g}", dp_runs[eps]))
+    for eps in epsilons:
+        # What privacy costs without federation: had one curator held every record, the same
+        # ε per record, the centralised arm's steps. The federated DP arm's gap to it is what
+        # federating costs on top of privacy.
+        def central_private(r: int, eps: float = eps) -> tuple[tuple[dict[str, dict[str, float]], dict[str, Any]],
+                                                                dict[str, Any]]:
+            state = work / "privacy" / dataset.name / f"centralised-dp-eps-{eps:g}-r{r + 1}.json"
+            params, notes = train_private(dataset, dataset.merchants, steps=total_steps, epsilon=eps, state=state,
+                                          repeat=r)
+            return dataset.evaluate(params), notes
+        timed(f"centralised-dp-eps-{eps:g}", central_private, steps=total_steps)
 
     cold = (cold_start(dataset, work, dp_runs.get(8.0) or dp_runs[max(dp_runs)], arms, repeats=repeats)
             if with_cold_start else None)
@@ -779,6 +823,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
         high = [max(0.0, max(r) - y) for y, r in zip(ys, runs, strict=True)]
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", color="tab:blue", capsize=3,
                     label="federated (DP; last point: no DP)")
+        central_dp = sorted((float(a.rsplit("-", 1)[1]), d["macro"][metric]) for a, d in arms.items()
+                            if a.startswith("centralised-dp-eps-"))
+        if central_dp:
+            ax.plot([x for x, _ in central_dp], [y for _, y in central_dp], "s--", color="tab:green", alpha=0.8,
+                    markersize=4, label="centralised DP (one curator)")
         for arm, style, color in (("centralised", "--", "tab:green"), ("local", ":", "tab:orange")):
             ax.axhline(arms[arm]["macro"][metric], linestyle=style, color=color, label=arm)
             if len(arms[arm]["macro_runs"][metric]) > 1:

@@ -120,7 +120,12 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
                         "repeats": [res.get("repeats", 1) for res in results],
                         "test_queries": [sum(res.get("test_queries", {}).values()) for res in results],
                         "files": [r["_path"] for r in runs],
-                        "per_split": arms, "mean": mean, "per_merchant": merchants, "verdict": verdict}
+                        "per_split": arms, "mean": mean,
+                        # Every arm's, not only the judged one's: the centralised DP arm's gap is
+                        # what privacy costs without federation.
+                        "gap_vs_centralised": {a: {m: utility.relative_gap(m, v, mean["centralised"][m])
+                                                   for m, v in by_metric.items()} for a, by_metric in mean.items()},
+                        "per_merchant": merchants, "verdict": verdict}
     return pooled
 
 
@@ -170,12 +175,13 @@ def markdown(pooled: dict[str, Any]) -> str:
         seeds = p["splits"]
         heads = [f"split {s} (×{k}{f', {q} queries' if q else ''})"
                  for s, k, q in zip(seeds, p["repeats"], p["test_queries"], strict=True)]
-        lines += [f"## {name}", "", "| arm | metric | " + " | ".join(heads) + " | mean |",
-                  "|---|---|" + "---:|" * (len(seeds) + 1)]
+        lines += [f"## {name}", "", "| arm | metric | " + " | ".join(heads) + " | mean | mean vs centralised |",
+                  "|---|---|" + "---:|" * (len(seeds) + 2)]
         for arm, by_metric in p["per_split"].items():
             for metric, values in by_metric.items():
+                gap = utility._pct(p["gap_vs_centralised"][arm][metric])
                 lines.append(f"| {arm} | {metric} | " + " | ".join(f"{v:.4f}" for v in values)
-                             + f" | **{p['mean'][arm][metric]:.4f}** |")
+                             + f" | **{p['mean'][arm][metric]:.4f}** | {gap} |")
         lines += ["", f"{utility.JUDGED_ARM} against the targets:", "",
                   "| metric | gap vs centralised (mean) | within 5 % | splits within 5 % | gap vs local (mean) | "
                   "better than local | splits better than local | worst merchant (gap vs centralised) | "
@@ -223,7 +229,7 @@ def plot(pooled: dict[str, Any], path: Path) -> None:
     panels = [(name, metric) for name, p in pooled.items() for metric in utility.HEADLINE[name]]
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
     styles = {"centralised": ("s", "tab:green"), "local": ("^", "tab:orange"), "federated": ("D", "tab:grey"),
-              utility.JUDGED_ARM: ("o", "tab:blue")}
+              "centralised-dp-eps-8": ("v", "tab:purple"), utility.JUDGED_ARM: ("o", "tab:blue")}
     for ax, (name, metric) in zip(axes[0], panels, strict=True):
         p = pooled[name]
         xs = list(range(len(p["splits"])))

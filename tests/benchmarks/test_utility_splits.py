@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -78,9 +79,13 @@ def test_each_arm_is_the_mean_over_splits_and_the_target_is_judged_on_it(splits:
     assert mrr["gap_vs_centralised"] == pytest.approx(0.03 / 0.90)
     assert mrr["splits_within_5pct"] == 1 and mrr["splits_better_than_local"] == 1
 
+    # Every arm's mean gap to centralised, not only the judged one's.
+    assert esci["gap_vs_centralised"]["local"]["relevance_ndcg@10"] == pytest.approx(0.04 / 0.75)
+    assert esci["gap_vs_centralised"]["centralised"]["relevance_mrr"] == 0.0
+
     text = splits.markdown({"esci": esci})
     row = next(line for line in text.splitlines() if line.startswith("| federated-dp-eps-8 | relevance_ndcg@10 |"))
-    assert "| 0.7800 | 0.6800 | **0.7300** |" in row
+    assert "| 0.7800 | 0.6800 | **0.7300** | +2.7 % |" in row
     verdict = next(line for line in text.splitlines() if line.startswith("| relevance_mrr | +3.3 %"))
     assert "| 1 / 2 |" in verdict and "+6.7 / +1.2" in verdict
     splits.plot({"esci": esci}, tmp_path / "s.png")
@@ -270,3 +275,31 @@ def test_a_damaged_held_out_file_is_refused_with_its_path(splits: ModuleType, tm
         splits.utility.held_out_path(path.with_suffix("")).write_bytes(b"not gzip")
     with pytest.raises(ValueError, match=r"fold0\.heldout\.json\.gz: cannot read esci's held-out predictions"):
         splits.pool(splits.load_runs(paths))
+
+
+def test_the_centralised_private_arm_spends_its_budget_once_in_a_fresh_state(splits: ModuleType,
+                                                                            tmp_path: Path) -> None:
+    """``centralised-dp-eps-E``: DP-SGD on every merchant's records as one learner, its σ planned
+    for the whole run and its spend recorded, within ε, in a privacy state of its own."""
+    from client.budget import PrivacyState
+    from shared.model import ModelSpec, build_model, get_trainable
+    from shared.tasks import count_records
+
+    utility = splits.utility
+    dataset = utility.Dataset("esci", tmp_path / "w", encoder="tiny", quick=True, setting=utility.SETTINGS["heads"])
+    state = tmp_path / "privacy" / "central.json"
+    params, notes = utility.train_private(dataset, dataset.merchants, steps=4, epsilon=3.0, state=state)
+    untrained = get_trainable(build_model(ModelSpec.from_config(dataset.config)))
+    assert any(not np.array_equal(params[k], untrained[k]) for k in params)
+
+    name = "+".join(dataset.merchants)
+    recorded = PrivacyState.open(state, merchant_id=name, target_epsilon=3.0, target_delta=dataset.config.target_delta)
+    [event] = recorded.events
+    records = count_records([e for m in dataset.merchants for e in dataset.splits[m].train])
+    assert event.steps == 4 and event.sample_rate == 1.0 / math.ceil(records / dataset.config.batch_size)
+    assert event.noise_multiplier == notes["noise_multiplier"][name] >= utility.NOISE_FLOOR
+    # One call planned to fill the budget: it spends most of ε and never more.
+    assert notes["epsilon_spent"][name] == pytest.approx(recorded.epsilon())
+    assert 0.5 * 3.0 < notes["epsilon_spent"][name] <= 3.0
+    with pytest.raises(FileExistsError, match="central.json"):
+        utility.train_private(dataset, dataset.merchants, steps=4, epsilon=3.0, state=state)
