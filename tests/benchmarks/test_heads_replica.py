@@ -1,0 +1,114 @@
+"""The heads replica: its closed-form DP-SGD pieces against the system's, and its arms."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from shared.tasks import per_example_loss
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def replica() -> ModuleType:
+    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: it imports its sibling
+    try:
+        spec = importlib.util.spec_from_file_location("heads_replica", ROOT / "benchmarks" / "heads_replica.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # its dataclasses look their module up by name
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    return module
+
+
+def _batch(records: int = 6, hidden: int = 5) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(records, hidden, generator=g, dtype=torch.float64)
+    targets = torch.full((records, 3), math.nan, dtype=torch.float64)
+    targets[:, 0] = torch.tensor([0, 1, 1, 0, 1, 0], dtype=torch.float64)[:records]  # a click label
+    targets[::2, 1] = 4.0  # half the records also rated (two tasks, one DP unit)
+    targets[-1, :] = math.nan
+    targets[-1, 2] = 2.0  # a relevance judgment
+    heads = [torch.randn(3, hidden, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)]
+    return x, targets, heads
+
+
+def test_each_records_gradient_is_autograd_of_its_own_loss(replica: ModuleType) -> None:
+    x, targets, heads = _batch()
+    grad = replica.record_gradients(heads, x, targets)
+    for i in range(len(x)):
+        weight, bias = (h.clone().requires_grad_(True) for h in heads)
+        loss = per_example_loss(x[i:i + 1] @ weight.T + bias, targets[i:i + 1]).sum()
+        d_weight, d_bias = torch.autograd.grad(loss, (weight, bias))
+        assert torch.allclose(torch.outer(grad[i], x[i]), d_weight) and torch.allclose(grad[i], d_bias)
+
+
+def test_clipping_bounds_every_records_whole_gradient_and_leaves_small_ones_alone(replica: ModuleType) -> None:
+    x, targets, heads = _batch()
+    grad = replica.record_gradients(heads, x, targets)
+    norms = grad.norm(dim=1) * (x.pow(2).sum(1) + 1).sqrt()  # over every head's weights and bias
+    c = float(norms.median())
+    clipped = grad * replica.clip_factors(grad, x, c)[:, None]
+    clipped_norms = clipped.norm(dim=1) * (x.pow(2).sum(1) + 1).sqrt()
+    assert bool((clipped_norms <= c + 1e-9).all())
+    small = norms < c
+    assert small.any() and torch.equal(clipped[small], grad[small])
+
+
+def test_a_merchant_plans_its_noise_as_the_system_merchant_does(replica: ModuleType, tmp_path: Path) -> None:
+    from client.budget import PrivacyState
+
+    recipe = replica.Recipe(rounds=8, local_steps=15, batch=1024, rate=0.1, max_grad_norm=1.0, delta=1e-5,
+                            central_steps=720)
+    state = PrivacyState.open(tmp_path / "s.json", merchant_id="m", target_epsilon=8.0, target_delta=1e-5)
+    for records in (95, 2939, 18211):
+        system = state.planned_noise(sample_rate=1.0 / math.ceil(records / 1024), steps=15, max_grad_norm=1.0,
+                                     calls=8, floor=replica.utility.NOISE_FLOOR)
+        assert replica.sigma_for(records, recipe, 8.0, steps=15, calls=8) == pytest.approx(system, rel=1e-6)
+    # Fewer records: a larger sample rate, so more noise for the same ε.
+    assert replica.sigma_for(95, recipe, 8.0, steps=15, calls=8) > replica.sigma_for(18211, recipe, 8.0, steps=15,
+                                                                                     calls=8)
+
+
+def test_groups_partition_the_merchants_and_bad_ones_are_named(replica: ModuleType) -> None:
+    merchants = ["a", "b", "c", "d"]
+    assert replica.parse_groups(["a+c"], merchants) == [["a", "c"], ["b"], ["d"]]
+    with pytest.raises(ValueError, match=r"'a\+z'.*unknown merchant\(s\) z"):
+        replica.parse_groups(["a+z"], merchants)
+    with pytest.raises(ValueError, match=r"'b\+a'.*a already in a group"):
+        replica.parse_groups(["a+c", "b+a"], merchants)
+
+
+def test_every_arm_runs_on_a_tiny_dataset_and_merging_lowers_the_merged_merchants_noise(
+        replica: ModuleType, tmp_path: Path) -> None:
+    utility = replica.utility
+    dataset = utility.Dataset("esci", tmp_path, encoder="tiny", quick=True, setting=utility.SETTINGS["heads"])
+    merchants, whiten = replica.load(dataset)
+    assert whiten is None  # ESCI trains in the plain pooled states (no public corpus)
+    # Batches smaller than a merchant (as 1,024 is for the reviews merchants): then more records
+    # mean a lower sample rate.
+    recipe = dataclasses.replace(replica.recipe_of(dataset, None), batch=32)
+    assert all(len(m.states) > 32 for m in merchants.values())
+    names = dataset.merchants
+    partition = replica.parse_groups([f"{names[0]}+{names[1]}"], names)
+    results = replica.run(merchants, recipe, epsilon=8.0, seeds=1, partitions=[partition])
+    merged = f"federated-dp-eps-8 merged {names[0]}+{names[1]},{','.join(names[2:])}"
+    assert set(results) == {"centralised", "federated", "federated-dp-eps-8", "centralised-dp-eps-8", merged}
+    for arm in results.values():
+        assert all(math.isfinite(arm["macro"][k]) for k in utility.HEADLINE["esci"])
+    alone = results["federated-dp-eps-8"]["sigma"]
+    together = results[merged]["sigma"][f"{names[0]}+{names[1]}"]
+    assert together < min(alone[names[0]], alone[names[1]])
+    assert results["centralised-dp-eps-8"]["sigma"]["all"] <= max(alone.values())
+    text = replica.markdown("esci", results, "cmd")
+    assert "| centralised | " in text and "(+0.0 %)" in text
