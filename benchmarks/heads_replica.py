@@ -1,7 +1,7 @@
 """A fast plain-PyTorch model of the private-heads benchmark, for what-ifs (not a test).
 
     .venv/bin/python benchmarks/heads_replica.py --dataset reviews --fold 0/5 [--seeds 4]
-        [--epsilon 8] [--max-grad-norm 1.0] [--group tops+trend --group dresses+jackets ...] [--out FILE]
+        [--epsilon 8] [--max-grad-norm 1.0] [--merge tops+trend,dresses+jackets ...] [--out STEM]
 
 ``benchmarks/utility.py --trainable heads`` takes ~10 minutes a fold, most of it Flower's
 simulation machinery. With a frozen encoder every head is linear on cached pooled states, so a
@@ -20,8 +20,8 @@ Adam with each merchant's state kept across rounds; FedAvg weighted by records.
 Arms (macro over merchants, on the same held-out records as the benchmark):
 ``centralised`` and ``federated`` (non-private), ``federated-dp`` (each merchant its own σ for
 a call every round), ``centralised-dp`` (every record in one DP learner, the centralised
-arm's steps) and, per ``--group``, the DP federation with those merchants merged into one
-(more records per merchant, the same records in all), always scored per original merchant.
+arm's steps) and, per ``--merge``, the DP federation with those groups of merchants each merged
+into one (more records per merchant, the same records in all), scored per original merchant.
 
 It is a model, not the system: it reproduces the system's cross-validated reviews gaps at
 C = 1 (log-loss / RMSE +5.8 / +4.1 % against the system's +5.6 / +4.1 %), but it put C = 1.25's
@@ -261,17 +261,18 @@ def recipe_of(dataset: utility.Dataset, max_grad_norm: float | None) -> Recipe:
 
 
 def parse_groups(texts: list[str], merchants: list[str]) -> list[list[str]]:
-    """``--group a+b`` values: each merchant in exactly one group (the unnamed ones alone)."""
+    """One ``--merge`` value's groups (``a+b``): each merchant in exactly one group (the unnamed
+    ones alone)."""
     groups, seen = [], set()
     for text in texts:
         group = [m for m in text.split("+") if m]
         unknown = [m for m in group if m not in merchants]
         if unknown:
-            raise ValueError(f"--group {text!r}: unknown merchant(s) {', '.join(unknown)} "
+            raise ValueError(f"group {text!r}: unknown merchant(s) {', '.join(unknown)} "
                              f"(the dataset has {', '.join(merchants)})")
         twice = [m for m in group if m in seen]
         if twice or len(set(group)) != len(group):
-            raise ValueError(f"--group {text!r}: {', '.join(twice or group)} already in a group")
+            raise ValueError(f"group {text!r}: {', '.join(twice or group)} already in a group")
         seen.update(group)
         groups.append(group)
     return groups + [[m] for m in merchants if m not in seen]
@@ -298,9 +299,9 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--max-grad-norm", type=float, default=None, help="C (default: the setting's)")
-    parser.add_argument("--group", action="append", default=[], metavar="A+B",
-                        help="merge these merchants into one; with several, one extra DP federation of "
-                             "the groups (the merchants not named stay alone)")
+    parser.add_argument("--merge", action="append", default=[], metavar="A+B,C+D",
+                        help="an extra DP federation with each group merged into one merchant (the merchants "
+                             "not named stay alone); repeatable, one federation each")
     parser.add_argument("--encoder", default="minilm")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedshop-replica",
                         help="data and feature cache (reused between runs)")
@@ -313,7 +314,7 @@ def main() -> int:
             raise ValueError(f"--seeds {args.seeds}: need at least 1")
         dataset = utility.Dataset(args.dataset, args.work / args.dataset, encoder=args.encoder, quick=False,
                                   setting=utility.SETTINGS["heads"], fold=fold)
-        partitions = [parse_groups(args.group, dataset.merchants)] if args.group else []
+        partitions = [parse_groups(text.split(","), dataset.merchants) for text in args.merge]
     except ValueError as exc:
         parser.error(str(exc))
     merchants, whiten = load(dataset)

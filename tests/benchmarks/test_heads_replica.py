@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import math
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -101,6 +102,7 @@ def test_every_arm_runs_on_a_tiny_dataset_and_merging_lowers_the_merged_merchant
     assert all(len(m.states) > 32 for m in merchants.values())
     names = dataset.merchants
     partition = replica.parse_groups([f"{names[0]}+{names[1]}"], names)
+    assert partition == [[names[0], names[1]], *([m] for m in names[2:])]
     results = replica.run(merchants, recipe, epsilon=8.0, seeds=1, partitions=[partition])
     merged = f"federated-dp-eps-8 merged {names[0]}+{names[1]},{','.join(names[2:])}"
     assert set(results) == {"centralised", "federated", "federated-dp-eps-8", "centralised-dp-eps-8", merged}
@@ -112,3 +114,14 @@ def test_every_arm_runs_on_a_tiny_dataset_and_merging_lowers_the_merged_merchant
     assert results["centralised-dp-eps-8"]["sigma"]["all"] <= max(alone.values())
     text = replica.markdown("esci", results, "cmd")
     assert "| centralised | " in text and "(+0.0 %)" in text
+
+
+@pytest.mark.parametrize(("args", "message"), [(["--merge", "esci-0+nope"], "unknown merchant(s) nope"),
+                                                (["--fold", "3/3"], "fold '3/3'"),
+                                                (["--seeds", "0"], "--seeds 0")])
+def test_bad_arguments_are_refused_with_their_value(args: list[str], message: str, tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heads_replica.py"), "--dataset", "esci",
+                           "--encoder", "tiny", "--work", str(tmp_path), "--out", str(tmp_path / "r"), *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 2 and message in done.stderr
+    assert not list(tmp_path.glob("r.*"))  # nothing written
