@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/heads_replica.py --dataset reviews --fold 0/5 [--seeds 4]
         [--epsilon 8] [--max-grad-norm 1.0] [--merge tops+trend,dresses+jackets ...] [--out STEM]
+    .venv/bin/python benchmarks/heads_replica.py --pool STEM.json [STEM.json ...] --out STEM
 
 ``benchmarks/utility.py --trainable heads`` takes ~10 minutes a fold, most of it Flower's
 simulation machinery. With a frozen encoder every head is linear on cached pooled states, so a
@@ -278,10 +279,10 @@ def parse_groups(texts: list[str], merchants: list[str]) -> list[list[str]]:
     return groups + [[m] for m in merchants if m not in seen]
 
 
-def markdown(name: str, results: dict[str, dict[str, Any]], command: str) -> str:
+def markdown(name: str, results: dict[str, dict[str, Any]], command: str, *, averaged: str = "seeds") -> str:
     metrics = METRICS[name]
     central = results["centralised"]["macro"]
-    lines = [f"# Heads replica: {name}", "", f"Command: `{command}`. Mean over seeds; in brackets the gap "
+    lines = [f"# Heads replica: {name}", "", f"Command: `{command}`. Mean over {averaged}; in brackets the gap "
              "to centralised (relative, positive = worse).", "",
              "| arm | " + " | ".join(metrics) + " | σ |", "|---|" + "---:|" * (len(metrics) + 1)]
     for arm, r in results.items():
@@ -290,6 +291,33 @@ def markdown(name: str, results: dict[str, dict[str, Any]], command: str) -> str
                  for k in metrics]
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {sigma} |")
     return "\n".join(lines) + "\n"
+
+
+def pool(paths: list[Path]) -> tuple[str, dict[str, dict[str, Any]]]:
+    """Runs of one dataset on different folds: each arm's mean over them (of its mean over
+    seeds), as ``run`` returns it; the arms every run has."""
+    runs = []
+    for path in paths:
+        try:
+            runs.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"{path}: cannot read replica results ({exc})") from exc
+    names = {r.get("dataset") for r in runs}
+    if len(names) != 1:
+        raise ValueError(f"the runs are of different datasets ({', '.join(map(str, names))}); pool one dataset")
+    folds = [r.get("fold") for r in runs]
+    if len(set(folds)) != len(folds):
+        raise ValueError(f"a fold appears twice ({', '.join(map(str, folds))}); each fold may count once")
+    arms = [a for a in runs[0]["arms"] if all(a in r["arms"] for r in runs)]
+    def sigmas(arm: str) -> dict[str, float]:  # the range over every run's merchants
+        values = [v for r in runs for v in (r["arms"][arm]["sigma"] or {}).values()]
+        return {"least": min(values), "most": max(values)} if values else {}
+
+    pooled = {a: {"sigma": sigmas(a),
+                  "runs": [r["arms"][a]["macro"] for r in runs],
+                  "macro": {k: statistics.fmean(r["arms"][a]["macro"][k] for r in runs)
+                            for k in runs[0]["arms"][a]["macro"]}} for a in arms}
+    return str(runs[0]["dataset"]), pooled
 
 
 def main() -> int:
@@ -306,7 +334,17 @@ def main() -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedshop-replica",
                         help="data and feature cache (reused between runs)")
     parser.add_argument("--out", type=Path, help="write STEM.json and STEM.md")
+    parser.add_argument("--pool", nargs="+", type=Path, metavar="JSON",
+                        help="instead of training: each arm's mean over these runs' folds (with --out)")
     args = parser.parse_args()
+    command = "python benchmarks/heads_replica.py " + " ".join(sys.argv[1:])
+    if args.pool:
+        try:
+            name, results = pool(args.pool)
+        except ValueError as exc:
+            parser.error(str(exc))
+        return write(name, results, command, args.out, extra={"pooled": [str(p) for p in args.pool]},
+                     averaged="the runs (each the mean over its seeds)")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
         fold = utility.Fold.parse(args.fold) if args.fold else None
@@ -320,14 +358,19 @@ def main() -> int:
     merchants, whiten = load(dataset)
     results = run(merchants, recipe_of(dataset, args.max_grad_norm), epsilon=args.epsilon, seeds=args.seeds,
                   partitions=partitions, whiten=whiten)
-    command = "python benchmarks/heads_replica.py " + " ".join(sys.argv[1:])
-    text = markdown(args.dataset, results, command)
+    return write(args.dataset, results, command, args.out, extra={"fold": args.fold})
+
+
+def write(name: str, results: dict[str, dict[str, Any]], command: str, out: Path | None, *,
+          extra: dict[str, Any], averaged: str = "seeds") -> int:
+    """Print the table; with ``out``, STEM.md and STEM.json beside it."""
+    text = markdown(name, results, command, averaged=averaged)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        utility.write_atomic(args.out.with_suffix(".json"), json.dumps(finite(
-            {"dataset": args.dataset, "fold": args.fold, "command": command, "arms": results}), indent=1))
-        utility.write_atomic(args.out.with_suffix(".md"), text)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        utility.write_atomic(out.with_suffix(".json"), json.dumps(finite(
+            {"dataset": name, **extra, "command": command, "arms": results}), indent=1))
+        utility.write_atomic(out.with_suffix(".md"), text)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import math
 import subprocess
 import sys
@@ -125,3 +126,24 @@ def test_bad_arguments_are_refused_with_their_value(args: list[str], message: st
                           capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert done.returncode == 2 and message in done.stderr
     assert not list(tmp_path.glob("r.*"))  # nothing written
+
+
+def test_runs_on_folds_pool_to_each_arms_mean_and_a_fold_counts_once(replica: ModuleType, tmp_path: Path) -> None:
+    def run_file(name: str, fold: str, dataset: str = "esci", ndcg: float = 0.7) -> Path:
+        arms = {"centralised": {"sigma": None, "macro": {"relevance_ndcg@10": 0.8, "relevance_mrr": 0.9}},
+                "federated-dp-eps-8": {"sigma": {"esci-0": 1.0 + ndcg, "esci-1": 2.0},
+                                       "macro": {"relevance_ndcg@10": ndcg, "relevance_mrr": 0.85}}}
+        path = tmp_path / name
+        path.write_text(json.dumps({"dataset": dataset, "fold": fold, "arms": arms}))
+        return path
+
+    name, pooled = replica.pool([run_file("a.json", "0/2", ndcg=0.7), run_file("b.json", "1/2", ndcg=0.6)])
+    assert name == "esci"
+    assert pooled["federated-dp-eps-8"]["macro"]["relevance_ndcg@10"] == pytest.approx(0.65)
+    assert pooled["federated-dp-eps-8"]["sigma"] == {"least": 1.6, "most": 2.0}
+    text = replica.markdown(name, pooled, "cmd", averaged="folds")
+    assert "| federated-dp-eps-8 | 0.6500 (+18.8 %) | 0.8500 (+5.6 %) | 1.60-2.00 |" in text
+    with pytest.raises(ValueError, match="a fold appears twice"):
+        replica.pool([run_file("a.json", "0/2"), run_file("c.json", "0/2")])
+    with pytest.raises(ValueError, match="different datasets"):
+        replica.pool([run_file("a.json", "0/2"), run_file("d.json", "1/2", dataset="reviews")])
