@@ -256,6 +256,9 @@ def run(merchants: dict[str, Merchant], recipe: Recipe, *, epsilon: float, seeds
 
 def recipe_of(dataset: utility.Dataset, max_grad_norm: float | None) -> Recipe:
     c = dataset.config
+    if c.merchants_per_round < len(dataset.merchants):  # what both benchmark settings do
+        raise ValueError(f"merchants-per-round = {c.merchants_per_round} of {len(dataset.merchants)} merchants: "
+                         "the replica trains every merchant in every round")
     return Recipe(rounds=c.num_server_rounds, local_steps=c.max_local_steps, batch=c.batch_size,
                   rate=c.head_learning_rate, max_grad_norm=max_grad_norm or c.max_grad_norm,
                   delta=c.target_delta, central_steps=dataset.train_steps()[0])
@@ -353,10 +356,11 @@ def main() -> int:
         dataset = utility.Dataset(args.dataset, args.work / args.dataset, encoder=args.encoder, quick=False,
                                   setting=utility.SETTINGS["heads"], fold=fold)
         partitions = [parse_groups(text.split(","), dataset.merchants) for text in args.merge]
+        recipe = recipe_of(dataset, args.max_grad_norm)
     except ValueError as exc:
         parser.error(str(exc))
     merchants, whiten = load(dataset)
-    results = run(merchants, recipe_of(dataset, args.max_grad_norm), epsilon=args.epsilon, seeds=args.seeds,
+    results = run(merchants, recipe, epsilon=args.epsilon, seeds=args.seeds,
                   partitions=partitions, whiten=whiten)
     return write(args.dataset, results, command, args.out, extra={"fold": args.fold})
 

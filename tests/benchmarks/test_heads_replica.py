@@ -115,6 +115,10 @@ def test_every_arm_runs_on_a_tiny_dataset_and_merging_lowers_the_merged_merchant
     assert results["centralised-dp-eps-8"]["sigma"]["all"] <= max(alone.values())
     text = replica.markdown("esci", results, "cmd")
     assert "| centralised | " in text and "(+0.0 %)" in text
+    # A federation that samples some merchants a round is not what the replica models.
+    dataset.config = dataset.config.replace(merchants_per_round=2)
+    with pytest.raises(ValueError, match="merchants-per-round = 2 of 4"):
+        replica.recipe_of(dataset, None)
 
 
 @pytest.mark.parametrize(("args", "message"), [(["--merge", "esci-0+nope"], "unknown merchant(s) nope"),
