@@ -318,9 +318,15 @@ def pool(paths: list[Path]) -> tuple[str, dict[str, dict[str, Any]]]:
 
     pooled = {a: {"sigma": sigmas(a),
                   "runs": [r["arms"][a]["macro"] for r in runs],
-                  "macro": {k: statistics.fmean(r["arms"][a]["macro"][k] for r in runs)
+                  "macro": {k: _mean(r["arms"][a]["macro"][k] for r in runs)
                             for k in runs[0]["arms"][a]["macro"]}} for a in arms}
     return str(runs[0]["dataset"]), pooled
+
+
+def _mean(values: Any) -> float:
+    """Mean of the finite values (a metric the dataset lacks is stored as null): NaN if none."""
+    finite_values = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(finite_values) if finite_values else math.nan
 
 
 def main() -> int:

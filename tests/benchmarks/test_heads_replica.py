@@ -134,7 +134,8 @@ def test_bad_arguments_are_refused_with_their_value(args: list[str], message: st
 
 def test_runs_on_folds_pool_to_each_arms_mean_and_a_fold_counts_once(replica: ModuleType, tmp_path: Path) -> None:
     def run_file(name: str, fold: str, dataset: str = "esci", ndcg: float = 0.7) -> Path:
-        arms = {"centralised": {"sigma": None, "macro": {"relevance_ndcg@10": 0.8, "relevance_mrr": 0.9}},
+        arms = {"centralised": {"sigma": None, "macro": {"relevance_ndcg@10": 0.8, "relevance_mrr": 0.9,
+                                                         "ctr_auc": None}},  # NaN, as written
                 "federated-dp-eps-8": {"sigma": {"esci-0": 1.0 + ndcg, "esci-1": 2.0},
                                        "macro": {"relevance_ndcg@10": ndcg, "relevance_mrr": 0.85}}}
         path = tmp_path / name
@@ -145,6 +146,7 @@ def test_runs_on_folds_pool_to_each_arms_mean_and_a_fold_counts_once(replica: Mo
     assert name == "esci"
     assert pooled["federated-dp-eps-8"]["macro"]["relevance_ndcg@10"] == pytest.approx(0.65)
     assert pooled["federated-dp-eps-8"]["sigma"] == {"least": 1.6, "most": 2.0}
+    assert math.isnan(pooled["centralised"]["macro"]["ctr_auc"])
     text = replica.markdown(name, pooled, "cmd", averaged="folds")
     assert "| federated-dp-eps-8 | 0.6500 (+18.8 %) | 0.8500 (+5.6 %) | 1.60-2.00 |" in text
     with pytest.raises(ValueError, match="a fold appears twice"):
