@@ -85,7 +85,11 @@ def load(dataset: utility.Dataset) -> tuple[dict[str, Merchant], Any]:
     spec = ModelSpec.from_config(config)
     model, tokenizer = build_model(spec), load_tokenizer(spec)
     device = choose_device(config.device)
-    cache = dataset.feature_cache / "replica"
+    # One folder per split: the feature cache keeps one record set per folder, so folds sharing
+    # one would encode again every time.
+    fold = dataset.fold
+    cache = dataset.feature_cache / "replica" / (f"fold{fold.index}of{fold.count}" if fold else
+                                                 f"split{dataset.config.split_seed}")
     whiten = None
     if config.precondition_corpus:
         whiten = precondition.from_corpus(Path(config.precondition_corpus), model, tokenizer,
