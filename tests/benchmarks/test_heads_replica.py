@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,20 +16,6 @@ import torch
 from shared.tasks import per_example_loss
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def replica() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: it imports its sibling
-    try:
-        spec = importlib.util.spec_from_file_location("heads_replica", ROOT / "benchmarks" / "heads_replica.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # its dataclasses look their module up by name
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
 
 
 def _batch(records: int = 6, hidden: int = 5) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,19 +16,6 @@ import pytest
 from shared.tasks import Example
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def splits() -> ModuleType:
-    sys.path.insert(0, str(ROOT / "benchmarks"))  # as when run as a script: it imports its sibling
-    try:
-        spec = importlib.util.spec_from_file_location("utility_splits", ROOT / "benchmarks" / "utility_splits.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
-    return module
 
 
 def _results(tmp_path: Path, name: str, seed: int | None, figures: dict[str, tuple[float, float]],
