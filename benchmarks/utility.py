@@ -70,12 +70,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the heavy imports stay inside the functions that run them
+    from client.budget import PrivacyState
+    from client.trainer import TrainResult
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from shared.config import ConfigError  # noqa: E402
+from shared.config import ConfigError, RunConfig  # noqa: E402
 from shared.jsonable import finite  # noqa: E402
 from shared.metrics import HIGHER_IS_BETTER  # noqa: E402
 
@@ -344,7 +348,8 @@ def train_private(dataset: Dataset, merchants: list[str], *, steps: int, epsilon
                     "epsilon_spent": {name: result.epsilon}}
 
 
-def _train_pooled(dataset: Dataset, merchants: list[str], config: Any, *, privacy: Any) -> tuple[dict[str, Any], Any]:
+def _train_pooled(dataset: Dataset, merchants: list[str], config: RunConfig, *,
+                  privacy: PrivacyState | None) -> tuple[dict[str, Any], TrainResult]:
     """One training call on the union of ``merchants``' training data under ``config``;
     (trainable params, the trainer's result)."""
     from client import precondition, trainer
