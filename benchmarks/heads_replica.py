@@ -132,11 +132,11 @@ def clip_factors(grad: torch.Tensor, x: torch.Tensor, max_grad_norm: float) -> t
     return (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
 
 
-def train(heads: list[torch.Tensor], data: Merchant | tuple[torch.Tensor, torch.Tensor], steps: int,
+def train(heads: list[torch.Tensor], data: tuple[torch.Tensor, torch.Tensor], steps: int,
           optimizer: torch.optim.Optimizer | None, recipe: Recipe, generator: torch.Generator, *,
           sigma: float | None) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
-    """``steps`` steps from ``heads``: non-private minibatches, or DP-SGD at ``sigma``."""
-    x_all, t_all = (data.states, data.targets) if isinstance(data, Merchant) else data
+    """``steps`` steps from ``heads`` on (states, targets): non-private minibatches, or DP-SGD at ``sigma``."""
+    x_all, t_all = data
     heads = [h.detach().clone().requires_grad_(True) for h in heads]
     if optimizer is None:
         optimizer = torch.optim.Adam(heads, lr=recipe.rate)
@@ -193,6 +193,7 @@ def evaluate(heads: list[torch.Tensor], merchants: dict[str, Merchant]) -> dict[
 
 
 def merged(merchants: dict[str, Merchant], groups: list[list[str]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each group's (states, targets), named by its merchants (a group of one keeps its name)."""
     return {"+".join(g): (torch.cat([merchants[m].states for m in g]), torch.cat([merchants[m].targets for m in g]))
             for g in groups}
 
@@ -206,8 +207,8 @@ def sigma_for(records: int, recipe: Recipe, epsilon: float, *, steps: int, calls
                                history=[], floor=utility.NOISE_FLOOR, hint=None)
 
 
-def federate(parts: dict[str, Any], heads: list[torch.Tensor], recipe: Recipe, seed: int,
-             sigmas: dict[str, float] | None) -> list[torch.Tensor]:
+def federate(parts: dict[str, tuple[torch.Tensor, torch.Tensor]], heads: list[torch.Tensor], recipe: Recipe,
+             seed: int, sigmas: dict[str, float] | None) -> list[torch.Tensor]:
     """Every part trains every round from the global heads (its Adam state kept); FedAvg by records."""
     generator = torch.Generator().manual_seed(seed + 7)
     optimizers: dict[str, torch.optim.Optimizer | None] = dict.fromkeys(parts)
@@ -216,7 +217,7 @@ def federate(parts: dict[str, Any], heads: list[torch.Tensor], recipe: Recipe, s
         for name, data in parts.items():
             local, optimizers[name] = train(heads, data, recipe.local_steps, optimizers[name], recipe, generator,
                                             sigma=None if sigmas is None else sigmas[name])
-            updates.append((len(data.states if isinstance(data, Merchant) else data[0]), local))
+            updates.append((len(data[0]), local))
         total = sum(n for n, _ in updates)
         heads = [torch.stack([n * local[k] for n, local in updates]).sum(0) / total for k in range(2)]
     return heads
@@ -228,24 +229,27 @@ def run(merchants: dict[str, Merchant], recipe: Recipe, *, epsilon: float, seeds
     (groups), a DP federation of the merged groups."""
     first = next(iter(merchants.values()))
     hidden, tasks = first.states.shape[1], first.targets.shape[1]
-    plan = {m: sigma_for(len(d.states), recipe, epsilon, steps=recipe.local_steps, calls=recipe.rounds)
-            for m, d in merchants.items()}
+    alone = merged(merchants, [[m] for m in merchants])  # the federation as it is: each merchant its own part
     pooled = (torch.cat([d.states for d in merchants.values()]), torch.cat([d.targets for d in merchants.values()]))
     central_sigma = sigma_for(len(pooled[0]), recipe, epsilon, steps=recipe.central_steps, calls=1)
+
+    def private_federation(parts: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict[str, float], Any]:
+        """Each part plans its own σ for a call every round, as a merchant does."""
+        sigmas = {k: sigma_for(len(v[0]), recipe, epsilon, steps=recipe.local_steps, calls=recipe.rounds)
+                  for k, v in parts.items()}
+        return sigmas, lambda h, s: federate(parts, h, recipe, s, sigmas)
+
     arms: dict[str, Any] = {
         "centralised": (None, lambda h, s: train(h, pooled, recipe.central_steps, None, recipe,
                                                  torch.Generator().manual_seed(s), sigma=None)[0]),
-        "federated": (None, lambda h, s: federate(dict(merchants), h, recipe, s, None)),
-        f"federated-dp-eps-{epsilon:g}": (plan, lambda h, s: federate(dict(merchants), h, recipe, s, plan)),
+        "federated": (None, lambda h, s: federate(alone, h, recipe, s, None)),
+        f"federated-dp-eps-{epsilon:g}": private_federation(alone),
         f"centralised-dp-eps-{epsilon:g}": ({"all": central_sigma}, lambda h, s: train(
             h, pooled, recipe.central_steps, None, recipe, torch.Generator().manual_seed(s), sigma=central_sigma)[0]),
     }
     for partition in partitions:
         parts = merged(merchants, partition)
-        sigmas = {k: sigma_for(len(v[0]), recipe, epsilon, steps=recipe.local_steps, calls=recipe.rounds)
-                  for k, v in parts.items()}
-        arms[f"federated-dp-eps-{epsilon:g} merged {','.join(parts)}"] = (
-            sigmas, lambda h, s, parts=parts, sigmas=sigmas: federate(parts, h, recipe, s, sigmas))
+        arms[f"federated-dp-eps-{epsilon:g} merged {','.join(parts)}"] = private_federation(parts)
     results: dict[str, dict[str, Any]] = {}
     for name, (sigmas, fn) in arms.items():
         runs = []

@@ -815,8 +815,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.4), squeeze=False)
     for ax, (name, metric) in zip(axes[0], panels, strict=True):
         arms = results["datasets"][name]["arms"]
-        dp = sorted((float(a.rsplit("-", 1)[1]), d["macro"][metric]) for a, d in arms.items()
-                    if a.startswith("federated-dp-eps-"))
+        dp = _by_epsilon(arms, "federated-dp-eps-", metric)
         no_dp_x = 2 * max(x for x, _ in dp) if dp else 16.0
         xs = [x for x, _ in dp] + [no_dp_x]
         ys = [y for _, y in dp] + [arms["federated"]["macro"][metric]]
@@ -828,8 +827,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
         high = [max(0.0, max(r) - y) for y, r in zip(ys, runs, strict=True)]
         ax.errorbar(xs, ys, yerr=[low, high], fmt="o-", color="tab:blue", capsize=3,
                     label="federated (DP; last point: no DP)")
-        central_dp = sorted((float(a.rsplit("-", 1)[1]), d["macro"][metric]) for a, d in arms.items()
-                            if a.startswith("centralised-dp-eps-"))
+        central_dp = _by_epsilon(arms, "centralised-dp-eps-", metric)
         if central_dp:
             ax.plot([x for x, _ in central_dp], [y for _, y in central_dp], "s--", color="tab:green", alpha=0.8,
                     markersize=4, label="centralised DP (one curator)")
@@ -861,6 +859,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _by_epsilon(arms: dict[str, Any], prefix: str, metric: str) -> list[tuple[float, float]]:
+    """(ε, macro ``metric``) of the arms named ``PREFIX<ε>``, by ε."""
+    return sorted((float(a.removeprefix(prefix)), d["macro"][metric]) for a, d in arms.items() if a.startswith(prefix))
 
 
 def with_overrides(setting: Setting, overrides: dict[str, Any]) -> Setting:
