@@ -1,7 +1,8 @@
 """A fast plain-PyTorch model of the private-heads benchmark, for what-ifs (not a test).
 
     .venv/bin/python benchmarks/heads_replica.py --dataset reviews --fold 0/5 [--seeds 4]
-        [--epsilon 8] [--max-grad-norm 1.0] [--merge tops+trend,dresses+jackets ...] [--out STEM]
+        [--epsilon 8] [--max-grad-norm 1.0] [--weight-decay W] [--private-weight-decay W]
+        [--merge tops+trend,dresses+jackets ...] [--out STEM]
     .venv/bin/python benchmarks/heads_replica.py --pool STEM.json [STEM.json ...] --out STEM
 
 ``benchmarks/utility.py --trainable heads`` takes ~10 minutes a fold, most of it Flower's
@@ -16,7 +17,8 @@ folds (``utility.Dataset``), the cached pooled states and the public-corpus whit
 metrics (``client.trainer.metrics_of``). What it writes again is the training loop, in closed
 form for linear heads: Poisson sampling at the accounted rate, each record's head gradient
 clipped to C, Gaussian noise σ·C on the sum, divided by the expected batch (as Opacus does);
-Adam with each merchant's state kept across rounds; FedAvg weighted by records.
+AdamW (the setting's weight decay, the DP arms' own in theirs) with each merchant's state kept
+across rounds; FedAvg weighted by records.
 
 Arms (macro over merchants, on the same held-out records as the benchmark):
 ``centralised`` and ``federated`` (non-private), ``federated-dp`` (each merchant its own σ for
@@ -72,6 +74,8 @@ class Recipe:
     max_grad_norm: float
     delta: float
     central_steps: int
+    weight_decay: float = 0.0  # AdamW's, every arm (the setting's ``weight-decay``)
+    private_weight_decay: float = 0.0  # the DP arms' (``weight-decay`` in the setting's private keys)
 
 
 def load(dataset: utility.Dataset) -> tuple[dict[str, Merchant], Any]:
@@ -138,8 +142,9 @@ def train(heads: list[torch.Tensor], data: tuple[torch.Tensor, torch.Tensor], st
     """``steps`` steps from ``heads`` on (states, targets): non-private minibatches, or DP-SGD at ``sigma``."""
     x_all, t_all = data
     heads = [h.detach().clone().requires_grad_(True) for h in heads]
-    if optimizer is None:
-        optimizer = torch.optim.Adam(heads, lr=recipe.rate)
+    if optimizer is None:  # AdamW, as client.trainer.make_optimizer
+        decay = recipe.weight_decay if sigma is None else recipe.private_weight_decay
+        optimizer = torch.optim.AdamW(heads, lr=recipe.rate, weight_decay=decay)
     else:  # the merchant's kept Adam state continues on the new global heads
         for group_param, head in zip(optimizer.param_groups[0]["params"], heads, strict=True):
             group_param.data = head.data
@@ -262,14 +267,19 @@ def run(merchants: dict[str, Merchant], recipe: Recipe, *, epsilon: float, seeds
     return results
 
 
-def recipe_of(dataset: utility.Dataset, max_grad_norm: float | None) -> Recipe:
+def recipe_of(dataset: utility.Dataset, max_grad_norm: float | None, *, weight_decay: float | None = None,
+              private_weight_decay: float | None = None) -> Recipe:
+    """The setting's recipe; a knob given here replaces the setting's."""
     c = dataset.config
     if c.merchants_per_round < len(dataset.merchants):  # what both benchmark settings do
         raise ValueError(f"merchants-per-round = {c.merchants_per_round} of {len(dataset.merchants)} merchants: "
                          "the replica trains every merchant in every round")
     return Recipe(rounds=c.num_server_rounds, local_steps=c.max_local_steps, batch=c.batch_size,
                   rate=c.head_learning_rate, max_grad_norm=max_grad_norm or c.max_grad_norm,
-                  delta=c.target_delta, central_steps=dataset.train_steps()[0])
+                  delta=c.target_delta, central_steps=dataset.train_steps()[0],
+                  weight_decay=c.weight_decay if weight_decay is None else weight_decay,
+                  private_weight_decay=(dataset.private_config(8.0, calls=1).weight_decay
+                                        if private_weight_decay is None else private_weight_decay))
 
 
 def parse_groups(texts: list[str], merchants: list[str]) -> list[list[str]]:
@@ -344,6 +354,10 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=4)
     parser.add_argument("--epsilon", type=float, default=8.0)
     parser.add_argument("--max-grad-norm", type=float, default=None, help="C (default: the setting's)")
+    parser.add_argument("--weight-decay", type=float, default=None,
+                        help="AdamW's weight decay in the non-private arms (default: the setting's)")
+    parser.add_argument("--private-weight-decay", type=float, default=None,
+                        help="AdamW's weight decay in the DP arms (default: the setting's for them)")
     parser.add_argument("--merge", action="append", default=[], metavar="A+B,C+D",
                         help="an extra DP federation with each group merged into one merchant (the merchants "
                              "not named stay alone); repeatable, one federation each")
@@ -367,10 +381,15 @@ def main() -> int:
         fold = utility.Fold.parse(args.fold) if args.fold else None
         if args.seeds < 1:
             raise ValueError(f"--seeds {args.seeds}: need at least 1")
+        for flag, value in (("--weight-decay", args.weight_decay),
+                            ("--private-weight-decay", args.private_weight_decay)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{flag} {value}: must be a finite number >= 0")
         dataset = utility.Dataset(args.dataset, args.work / args.dataset, encoder=args.encoder, quick=False,
                                   setting=utility.SETTINGS["heads"], fold=fold)
         partitions = [parse_groups(text.split(","), dataset.merchants) for text in args.merge]
-        recipe = recipe_of(dataset, args.max_grad_norm)
+        recipe = recipe_of(dataset, args.max_grad_norm, weight_decay=args.weight_decay,
+                           private_weight_decay=args.private_weight_decay)
     except ValueError as exc:
         parser.error(str(exc))
     merchants, whiten = load(dataset)

@@ -14,7 +14,8 @@ records of every merchant (``client.merchant.split_merchant``):
 - ``federated-dp-eps-E``: the same simulation with DP-SGD at ε = E per merchant. Each
   merchant plans its own σ (``noise-plan-calls`` = rounds, at least ``NOISE_FLOOR``) so that
   a call in every round fits its budget: small merchants add more noise instead of being
-  refused; clipped as the trainable set's ``Setting.clipping`` says;
+  refused; with the keys the trainable set gives its private arms (``Setting.private``: how
+  they clip, and DP-SGD's own tuning);
 - ``centralised-dp-eps-E``: the centralised arm with DP-SGD at ε = E per record (one curator
   holding every merchant's records, its σ planned for the whole run): what privacy costs
   without federation, so that the federated DP arm's gap splits into privacy's share and
@@ -127,7 +128,9 @@ class Setting:
     """The trainable set every arm of one benchmark run shares, and what goes with it."""
 
     overrides: dict[str, Any]  # run-config keys on top of the scenario and DATASET_OVERRIDES
-    clipping: str  # for the DP arms
+    # Run-config keys the DP arms add on top of ``overrides`` (``Dataset.private_config``): how
+    # they clip, and any tuning DP-SGD wants that non-private training does not.
+    private: dict[str, Any]
     suffix: str  # of the output files
     # dataset -> the bundled dataset whose text is its public corpus (``precondition-corpus``):
     # another shop's, never any of the federation's own records.
@@ -138,7 +141,7 @@ SETTINGS = {
     # Heads and encoder clipped apart (each to C/sqrt(2); same noise, same ε): with one clipping
     # norm the adapters' gradient fills it and the heads barely learn. Reviews, ε = 8, one seed:
     # macro AUC 0.757 -> 0.779, log-loss 0.729 -> 0.586, RMSE 1.060 -> 1.028.
-    "lora": Setting(overrides={}, clipping="heads-apart", suffix=""),
+    "lora": Setting(overrides={}, private={"clipping": "heads-apart"}, suffix=""),
     # A frozen encoder makes a step cost a matrix product, so a DP step can take 1,024 records:
     # the noise on the mean gradient is σ·C / batch, and at a fixed ε σ grows far more slowly
     # than the batch. Unit-length pooled states bound a record's head gradient by its error,
@@ -158,7 +161,7 @@ SETTINGS = {
     "heads": Setting(overrides={"trainable": "heads", "pooling": "mean-l2", "batch-size": 1024,
                                 "num-server-rounds": 8, "local-epochs": 15.0, "max-local-steps": 15,
                                 "head-learning-rate": 0.1, "dropout": 0.0, "keep-optimizer-state": True},
-                     clipping="flat", suffix="-heads", public_corpus={"reviews": "esci"}),
+                     private={"clipping": "flat"}, suffix="-heads", public_corpus={"reviews": "esci"}),
 }
 
 
@@ -254,9 +257,20 @@ class Dataset:
         getattr(adapters, f"prepare_{name}")(self.data_dir, overwrite=True)
         self.scenario = {**scenario, **overrides, "data-dir": str(self.data_dir)}
         self.config = engine.build_config(self.scenario, {}, out=work / "runs" / name)
+        self.private_config(8.0, calls=1)  # the private arms' keys checked now, not an hour in
         self.dirs = merchant_dirs(self.data_dir)
         self.splits = {d.name: split_merchant(load_merchant(d), self.config) for d in self.dirs}
         self.tests = {m: informative(s.test) for m, s in self.splits.items()}
+
+    def private_keys(self, epsilon: float, *, calls: int) -> dict[str, Any]:
+        """The run-config keys every DP arm adds: DP-SGD at ``epsilon`` per record, σ planned so
+        that ``calls`` calls fit it (at least ``NOISE_FLOOR``), and the setting's ``private`` keys."""
+        return {"dp": True, "target-epsilon": epsilon, "noise-plan-calls": calls, "noise-multiplier": NOISE_FLOOR,
+                **self.setting.private}
+
+    def private_config(self, epsilon: float, *, calls: int) -> RunConfig:
+        """The run config with ``private_keys`` on top (for training in this process)."""
+        return RunConfig.from_mapping({**self.config.to_mapping(), **self.private_keys(epsilon, calls=calls)})
 
     @property
     def merchants(self) -> list[str]:
@@ -336,9 +350,8 @@ def train_private(dataset: Dataset, merchants: list[str], *, steps: int, epsilon
 
     if state.exists():
         raise FileExistsError(f"{state}: a privacy state is already there; each private arm starts a fresh one")
-    config = dataset.config.replace(dp=True, target_epsilon=epsilon, noise_plan_calls=1,
-                                    noise_multiplier=NOISE_FLOOR, clipping=dataset.setting.clipping,
-                                    max_local_steps=steps, local_epochs=1e9, seed=dataset.config.seed + repeat)
+    config = dataset.private_config(epsilon, calls=1).replace(max_local_steps=steps, local_epochs=1e9,
+                                                              seed=dataset.config.seed + repeat)
     name = "+".join(merchants)
     privacy = PrivacyState.open(state, merchant_id=name, target_epsilon=epsilon, target_delta=config.target_delta,
                                 accountant=config.accountant)
@@ -457,8 +470,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
     dp_runs: dict[float, dict[str, Any]] = {}
     for eps in epsilons:
         # Each merchant plans its own σ so that a call in every round fits its budget.
-        dp_runs[eps] = {"dp": True, "target-epsilon": eps, "noise-plan-calls": c.num_server_rounds,
-                        "noise-multiplier": NOISE_FLOOR, "clipping": dataset.setting.clipping}
+        dp_runs[eps] = dataset.private_keys(eps, calls=c.num_server_rounds)
         timed(f"federated-dp-eps-{eps:g}", federated(f"dp-eps-{eps:g}", dp_runs[eps]))
     for eps in epsilons:
         # What privacy costs without federation: had one curator held every record, the same
@@ -717,6 +729,8 @@ def markdown(results: dict[str, Any]) -> str:
              f"Machine: {results['machine']}. Encoder: {results['encoder']}. Trainable set (every arm): "
              f"{results.get('trainable', 'lora')}. Total run time "
              f"{results['total_seconds'] / 60:.1f} min. Command: `{results['command']}`.", "",
+             *([f"The DP arms add: {', '.join(f'`{k} = {v}`' for k, v in results['private'].items())}.", ""]
+               if results.get("private") else []),
              "Metrics are macro averages over merchants, on each merchant's held-out records. "
              "Gaps are relative to centralised non-private (positive = worse).", ""]
     for name, result in results["datasets"].items():
@@ -866,20 +880,25 @@ def _by_epsilon(arms: dict[str, Any], prefix: str, metric: str) -> list[tuple[fl
     return sorted((float(a.removeprefix(prefix)), d["macro"][metric]) for a, d in arms.items() if a.startswith(prefix))
 
 
-def with_overrides(setting: Setting, overrides: dict[str, Any]) -> Setting:
-    """``setting`` with run-config keys (``--set``) on top of its own, for every dataset."""
-    return dataclasses.replace(setting, overrides={**setting.overrides, **overrides}) if overrides else setting
+def with_overrides(setting: Setting, overrides: dict[str, Any], private: dict[str, Any] | None = None) -> Setting:
+    """``setting`` with run-config keys on top of its own, for every dataset: ``overrides``
+    (``--set``) for every arm, replacing a key the private arms set as well, and ``private``
+    (``--set-private``) for the DP arms alone."""
+    private = {**setting.private, **{k: v for k, v in overrides.items() if k in setting.private}, **(private or {})}
+    return dataclasses.replace(setting, overrides={**setting.overrides, **overrides}, private=private)
 
 
 def output_stem(out_dir: Path, trainable: str, datasets: list[str], split_seed: int | None,
-                fold: Fold | None = None, overrides: dict[str, Any] | None = None) -> Path:
-    """``utility[-heads][-DATASET...][-KEY-VALUE...][-splitN][-foldkofK]``: a run of some datasets,
-    with ``--set`` keys, or on another split, never overwrites another run's files (the full run on
-    the scenarios' split keeps the plain name)."""
+                fold: Fold | None = None, overrides: dict[str, Any] | None = None,
+                private: dict[str, Any] | None = None) -> Path:
+    """``utility[-heads][-DATASET...][-KEY-VALUE...][-private-KEY-VALUE...][-splitN][-foldkofK]``: a
+    run of some datasets, with ``--set`` or ``--set-private`` keys, or on another split, never
+    overwrites another run's files (the full run on the scenarios' split keeps the plain name)."""
     subset = "" if set(datasets) == set(HEADLINE) else "-" + "-".join(sorted(set(datasets)))
+    keys = [(key, value) for key, value in sorted((overrides or {}).items())]
+    keys += [(f"private-{key}", value) for key, value in sorted((private or {}).items())]
     # A value may be a path: only characters that keep the stem one file name.
-    variant = "".join(re.sub(r"[^A-Za-z0-9._-]+", "_", f"-{key}-{value}")
-                      for key, value in sorted((overrides or {}).items()))
+    variant = "".join(re.sub(r"[^A-Za-z0-9._-]+", "_", f"-{key}-{value}") for key, value in keys)
     split = "" if split_seed is None else f"-split{split_seed}"
     folded = "" if fold is None else f"-fold{fold.index}of{fold.count}"
     return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{variant}{split}{folded}"
@@ -933,6 +952,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                         help="a run-config key on top of the setting, for every arm and dataset (e.g. "
                              "max-grad-norm=1.25); recorded in the results and in the output names")
+    parser.add_argument("--set-private", action="append", default=[], metavar="KEY=VALUE", dest="private",
+                        help="a run-config key for the DP arms alone, on top of the setting's own for them "
+                             "(e.g. weight-decay=0); recorded like --set")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps: checks the pipeline, not utility")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs and logs here (default: temporary)")
@@ -946,10 +968,10 @@ def main() -> int:
     from simulations.engine import FLOWER_ENV, parse_overrides
 
     try:
-        overrides = parse_overrides(args.overrides)
+        overrides, private = parse_overrides(args.overrides), parse_overrides(args.private)
     except ValueError as exc:
         parser.error(str(exc))
-    setting = with_overrides(SETTINGS[args.trainable], overrides)
+    setting = with_overrides(SETTINGS[args.trainable], overrides, private)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
     for key, value in FLOWER_ENV.items():
@@ -957,7 +979,7 @@ def main() -> int:
     start = time.perf_counter()
     results: dict[str, Any] = {
         "machine": f"{os.cpu_count()} CPU cores, {sys.platform}", "encoder": args.encoder,
-        "trainable": args.trainable, "set": overrides,
+        "trainable": args.trainable, "set": overrides, "set_private": private, "private": setting.private,
         "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]), "datasets": {}}
     if args.work_dir is not None:
         # Simulations refuse a run folder that holds a run: say so now, not an hour in.
@@ -980,7 +1002,7 @@ def main() -> int:
             results["datasets"][dataset.name] = result
     results["total_seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold, overrides)
+    stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold, overrides, private)
     write_atomic(stem.with_suffix(".json"), json.dumps(finite(results), indent=1))
     write_atomic(stem.with_suffix(".md"), markdown(results))
     write_held_out(held_out_path(stem), held_out)

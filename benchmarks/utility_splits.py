@@ -52,7 +52,9 @@ def load_runs(paths: list[Path]) -> list[dict[str, Any]]:
         runs.append(results)
     if len(runs) < 2:
         raise ValueError(f"pooling splits needs at least two results files, got {len(runs)}")
-    for key in ("trainable", "encoder", "set"):  # "set": utility.py's --set keys (none before it had them)
+    # "set": utility.py's --set keys, "private": the keys its DP arms add (runs older than either
+    # had none, i.e. flat clipping alone).
+    for key in ("trainable", "encoder", "set", "private"):
         values = {json.dumps(r.get(key) or None, sort_keys=True) for r in runs}
         if len(values) > 1:
             each = ", ".join(f"{r['_path']}: {r.get(key)}" for r in runs)

@@ -52,6 +52,23 @@ def test_clipping_bounds_every_records_whole_gradient_and_leaves_small_ones_alon
     assert small.any() and torch.equal(clipped[small], grad[small])
 
 
+def test_weight_decay_is_adamws_and_the_dp_arms_take_their_own(replica: ModuleType) -> None:
+    """One step: AdamW's decoupled decay moves each weight by rate x decay x its value, on top of
+    the same Adam step; the DP path (σ = 0 here) decays by the private value, the non-private
+    path by the other."""
+    x, targets, heads = _batch()
+    recipe = replica.Recipe(rounds=1, local_steps=1, batch=len(x), rate=0.1, max_grad_norm=1.0, delta=1e-5,
+                            central_steps=1, weight_decay=0.0, private_weight_decay=0.5)
+
+    def step(recipe: object, sigma: float | None) -> list[torch.Tensor]:
+        return replica.train(heads, (x, targets), 1, None, recipe, torch.Generator().manual_seed(0), sigma=sigma)[0]
+
+    private, undecayed = step(recipe, 0.0), step(dataclasses.replace(recipe, private_weight_decay=0.0), 0.0)
+    plain, decayed = step(recipe, None), step(dataclasses.replace(recipe, weight_decay=0.5), None)
+    for start, a, b, c, d in zip(heads, private, undecayed, plain, decayed, strict=True):
+        assert torch.allclose(b - a, 0.1 * 0.5 * start) and torch.allclose(c - d, 0.1 * 0.5 * start)
+
+
 def test_a_merchant_plans_its_noise_as_the_system_merchant_does(replica: ModuleType, tmp_path: Path) -> None:
     from client.budget import PrivacyState
 
@@ -100,6 +117,9 @@ def test_every_arm_runs_on_a_tiny_dataset_and_merging_lowers_the_merged_merchant
     assert results["centralised-dp-eps-8"]["sigma"]["all"] <= max(alone.values())
     text = replica.markdown("esci", results, "cmd")
     assert "| centralised | " in text and "(+0.0 %)" in text
+    assert recipe.weight_decay == dataset.config.weight_decay
+    assert recipe.private_weight_decay == dataset.private_config(8.0, calls=1).weight_decay  # the setting's
+    assert replica.recipe_of(dataset, None, private_weight_decay=0.3).private_weight_decay == 0.3
     # A federation that samples some merchants a round is not what the replica models.
     dataset.config = dataset.config.replace(merchants_per_round=2)
     with pytest.raises(ValueError, match="merchants-per-round = 2 of 4"):
@@ -108,7 +128,8 @@ def test_every_arm_runs_on_a_tiny_dataset_and_merging_lowers_the_merged_merchant
 
 @pytest.mark.parametrize(("args", "message"), [(["--merge", "esci-0+nope"], "unknown merchant(s) nope"),
                                                 (["--fold", "3/3"], "fold '3/3'"),
-                                                (["--seeds", "0"], "--seeds 0")])
+                                                (["--seeds", "0"], "--seeds 0"),
+                                                (["--private-weight-decay", "-1"], "--private-weight-decay -1.0")])
 def test_bad_arguments_are_refused_with_their_value(args: list[str], message: str, tmp_path: Path) -> None:
     done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "heads_replica.py"), "--dataset", "esci",
                            "--encoder", "tiny", "--work", str(tmp_path), "--out", str(tmp_path / "r"), *args],

@@ -216,6 +216,37 @@ def test_set_keys_reach_every_arm_and_runs_with_other_keys_are_not_pooled(splits
     assert len(splits.load_runs([plain, same])) == 2
 
 
+def test_private_keys_reach_the_dp_arms_alone_and_runs_with_other_ones_are_not_pooled(splits: ModuleType,
+                                                                                      tmp_path: Path) -> None:
+    """``Setting.private`` (and ``--set-private``): on top of the setting in the DP arms' keys
+    and config only; a ``--set`` key the private arms also set replaces theirs too."""
+    utility = splits.utility
+    setting = utility.with_overrides(utility.SETTINGS["heads"], {}, {"weight-decay": 0.2})
+    dataset = utility.Dataset("esci", tmp_path / "d", encoder="tiny", quick=True, setting=setting)
+    assert dataset.config.weight_decay == 0.0 and "weight-decay" not in dataset.scenario  # non-private arms
+    keys = dataset.private_keys(3.0, calls=8)  # what a DP simulation gets as --set keys
+    assert keys["weight-decay"] == 0.2 and keys["clipping"] == "flat"
+    assert keys["dp"] is True and keys["target-epsilon"] == 3.0 and keys["noise-plan-calls"] == 8
+    private = dataset.private_config(3.0, calls=1)  # the centralised private arm's config
+    assert private.dp and private.weight_decay == 0.2 and private.noise_plan_calls == 1
+    assert private.batch_size == dataset.config.batch_size == 1024  # the setting's own keys stay
+    assert utility.SETTINGS["heads"].private.get("weight-decay") != 0.2  # the shared setting untouched
+    everywhere = utility.with_overrides(utility.SETTINGS["heads"], {"clipping": "heads-apart"})
+    assert everywhere.private["clipping"] == everywhere.overrides["clipping"] == "heads-apart"
+    with pytest.raises(utility.ConfigError, match="'weight-decay' = -1"):
+        utility.Dataset("esci", tmp_path / "e", encoder="tiny", quick=True,
+                        setting=utility.with_overrides(utility.SETTINGS["heads"], {}, {"weight-decay": -1}))
+    stem = utility.output_stem(tmp_path, "heads", ["esci"], None, utility.Fold(1, 3), {}, {"weight-decay": 0.2})
+    assert stem.name == "utility-heads-esci-private-weight-decay-0.2-fold1of3"
+
+    plain = _results(tmp_path, "a.json", 0, SPLIT_0)
+    varied = _results(tmp_path, "b.json", 1, SPLIT_1)
+    private = {"clipping": "flat", "weight-decay": 0.2}
+    varied.write_text(json.dumps({**json.loads(varied.read_text()), "private": private}))
+    with pytest.raises(ValueError, match=r"'private'.*b.json: \{'clipping': 'flat', 'weight-decay': 0.2\}"):
+        splits.load_runs([plain, varied])
+
+
 @pytest.mark.parametrize("pair, message", [("max-grad-norm", "expected KEY=VALUE"),
                                            ("no-such-key=1", "unknown run-config key 'no-such-key'")])
 def test_a_bad_set_is_refused_with_its_key(pair: str, message: str, tmp_path: Path) -> None:
