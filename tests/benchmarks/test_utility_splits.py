@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import subprocess
@@ -233,6 +234,13 @@ def test_private_keys_reach_the_dp_arms_alone_and_runs_with_other_ones_are_not_p
     assert utility.SETTINGS["heads"].private.get("weight-decay") != 0.2  # the shared setting untouched
     everywhere = utility.with_overrides(utility.SETTINGS["heads"], {"clipping": "heads-apart"})
     assert everywhere.private["clipping"] == everywhere.overrides["clipping"] == "heads-apart"
+    # A dataset's own private keys go on top of the setting's, for that dataset's DP arms only.
+    per_dataset = dataclasses.replace(utility.SETTINGS["heads"], dataset_private={"esci": {"weight-decay": 0.3},
+                                                                                 "reviews": {"weight-decay": 0.4}})
+    esci = utility.Dataset("esci", tmp_path / "p", encoder="tiny", quick=True, setting=per_dataset)
+    assert esci.private == {"clipping": "flat", "weight-decay": 0.3} and esci.config.weight_decay == 0.0
+    assert utility.with_overrides(per_dataset, {}, {"weight-decay": 0.2}).dataset_private == {
+        "esci": {"weight-decay": 0.2}, "reviews": {"weight-decay": 0.2}}  # --set-private wins everywhere
     with pytest.raises(utility.ConfigError, match="'weight-decay' = -1"):
         utility.Dataset("esci", tmp_path / "e", encoder="tiny", quick=True,
                         setting=utility.with_overrides(utility.SETTINGS["heads"], {}, {"weight-decay": -1}))
