@@ -405,9 +405,9 @@ def write(name: str, results: dict[str, dict[str, Any]], command: str, out: Path
     print(text)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        utility.write_atomic(out.with_suffix(".json"), json.dumps(finite(
+        utility.write_atomic(utility.with_extension(out, ".json"), json.dumps(finite(
             {"dataset": name, **extra, "command": command, "arms": results}), indent=1))
-        utility.write_atomic(out.with_suffix(".md"), text)
+        utility.write_atomic(utility.with_extension(out, ".md"), text)
     return 0
 
 

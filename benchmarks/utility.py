@@ -922,6 +922,12 @@ def output_stem(out_dir: Path, trainable: str, datasets: list[str], split_seed: 
     return out_dir / f"utility{SETTINGS[trainable].suffix}{subset}{variant}{split}{folded}"
 
 
+def with_extension(stem: Path, extension: str) -> Path:
+    """``STEM.EXT`` beside ``stem``. A stem may hold dots (``-max-grad-norm-1.25``), and
+    ``Path.with_suffix`` would cut the stem at its last one instead."""
+    return stem.parent / f"{stem.name}{extension}"
+
+
 def held_out_path(stem: Path) -> Path:
     """Where a run keeps its held-out predictions, beside ``STEM.json``: what
     ``benchmarks/utility_splits.py`` resamples for an interval over pooled splits."""
@@ -1022,10 +1028,10 @@ def main() -> int:
     results["total_seconds"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
     stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold, overrides, private)
-    write_atomic(stem.with_suffix(".json"), json.dumps(finite(results), indent=1))
-    write_atomic(stem.with_suffix(".md"), markdown(results))
+    write_atomic(with_extension(stem, ".json"), json.dumps(finite(results), indent=1))
+    write_atomic(with_extension(stem, ".md"), markdown(results))
     write_held_out(held_out_path(stem), held_out)
-    plot(results, stem.with_suffix(".png"))
+    plot(results, with_extension(stem, ".png"))
     print(markdown(results))
     print(f"written: {stem}.json, .md, .png, .heldout.json.gz")
     return 0

@@ -263,9 +263,9 @@ def main() -> int:
     except ValueError as exc:
         parser.error(str(exc))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    utility.write_atomic(args.out.with_suffix(".json"), json.dumps(finite(pooled), indent=1))
-    utility.write_atomic(args.out.with_suffix(".md"), markdown(pooled))
-    plot(pooled, args.out.with_suffix(".png"))
+    utility.write_atomic(utility.with_extension(args.out, ".json"), json.dumps(finite(pooled), indent=1))
+    utility.write_atomic(utility.with_extension(args.out, ".md"), markdown(pooled))
+    plot(pooled, utility.with_extension(args.out, ".png"))
     print(markdown(pooled))
     print(f"written: {args.out}.json, .md, .png")
     return 0 if all(not math.isnan(v["gap_vs_centralised"]) for p in pooled.values()

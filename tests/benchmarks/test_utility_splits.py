@@ -193,6 +193,11 @@ def test_runs_of_other_datasets_or_splits_write_other_files(splits: ModuleType, 
                      "utility-heads-esci", "utility-esci-split1", "utility-heads-esci-fold1of3",
                      "utility-heads-reviews-max-grad-norm-1.25-fold0of5",
                      "utility-heads-esci-precondition-corpus-_a_b_c.txt"}
+    # The files keep the whole stem, dots and all: the folds of a --set run write apart.
+    folds = [stem(tmp_path, "heads", ["reviews"], None, splits.utility.Fold(k, 5), {"max-grad-norm": 1.25})
+             for k in range(2)]
+    assert {splits.utility.with_extension(f, ".json").name for f in folds} == {
+        f"utility-heads-reviews-max-grad-norm-1.25-fold{k}of5.json" for k in range(2)}
 
 
 def test_set_keys_reach_every_arm_and_runs_with_other_keys_are_not_pooled(splits: ModuleType,
