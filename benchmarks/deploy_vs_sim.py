@@ -37,7 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from simulations import deploy  # noqa: E402
+from server import deploy  # noqa: E402
 from tests.helpers import deployment as dh  # noqa: E402
 from tests.helpers import proc  # noqa: E402
 from tests.helpers.merchants import write_merchants  # noqa: E402

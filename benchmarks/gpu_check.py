@@ -29,9 +29,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from client import dp, trainer  # noqa: E402
-from client.budget import PrivacyState  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.model import ModelSpec, build_model, choose_device, load_tokenizer  # noqa: E402
+from shared.privacy.budget import PrivacyState  # noqa: E402
 from shared.tasks import Example, PerExampleLoss  # noqa: E402
 from tests.helpers.examples import product_examples  # noqa: E402
 from tests.helpers.grads import clipped_mean, median_norm, per_example_grads  # noqa: E402

@@ -205,9 +205,9 @@ def merged(merchants: dict[str, Merchant], groups: list[list[str]]) -> dict[str,
 
 def sigma_for(records: int, recipe: Recipe, epsilon: float, *, steps: int, calls: int) -> float:
     """The σ a merchant with ``records`` plans so that ``calls`` calls of ``steps`` fit ``epsilon``."""
-    from client import dp
+    from shared.privacy import accounting
 
-    return dp.noise_for_budget(epsilon, recipe.delta, sample_rate=1.0 / math.ceil(records / recipe.batch),
+    return accounting.noise_for_budget(epsilon, recipe.delta, sample_rate=1.0 / math.ceil(records / recipe.batch),
                                steps=steps, calls=calls, max_grad_norm=recipe.max_grad_norm, accountant="prv",
                                history=[], floor=utility.NOISE_FLOOR, hint=None)
 

@@ -1,4 +1,4 @@
-"""Time of planning a merchant's σ (``client.dp.noise_for_budget``), with and without the hint.
+"""Time of planning a merchant's σ (``shared.privacy.accounting.noise_for_budget``), with and without the hint.
 
     .venv/bin/python benchmarks/noise_planning.py [--repeats R] [--out FILE]
 
@@ -25,8 +25,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from client.dp import epsilon, noise_for_budget  # noqa: E402
-from shared.privacy import MechanismEvent  # noqa: E402
+from shared.privacy.accounting import epsilon, noise_for_budget  # noqa: E402
+from shared.privacy.events import MechanismEvent  # noqa: E402
 
 DELTA, STEPS, CALLS, SPENT = 1e-4, 15, 8, 3
 

@@ -74,8 +74,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the heavy imports stay inside the functions that run them
-    from client.budget import PrivacyState
     from client.trainer import TrainResult
+    from shared.privacy.budget import PrivacyState
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -243,7 +243,8 @@ class Dataset:
                  split_seed: int | None = None, fold: Fold | None = None) -> None:
         from client.data import load_merchant
         from client.merchant import merchant_dirs, split_merchant
-        from simulations import adapters, engine
+        from client.sources import adapters
+        from simulations import engine
 
         self.name = name
         scenario = engine.load_scenario(name)
@@ -319,7 +320,8 @@ def write_corpus(source: str, work: Path) -> Path:
     line: a public corpus for a federation of *other* shops."""
     from client.data import load_merchant
     from client.merchant import merchant_dirs, split_merchant
-    from simulations import adapters, engine
+    from client.sources import adapters
+    from simulations import engine
 
     data_dir = work / "public" / source
     getattr(adapters, f"prepare_{source}")(data_dir, overwrite=True)
@@ -361,7 +363,7 @@ def train_private(dataset: Dataset, merchants: list[str], *, steps: int, epsilon
     learner holding every record (a trusted curator): the centralised arm, privately. Its σ is
     planned for the whole run as one call (``noise-plan-calls`` = 1), its spend recorded in a
     fresh privacy state at ``state``. (trainable params, notes with σ and ε spent)."""
-    from client.budget import PrivacyState
+    from shared.privacy.budget import PrivacyState
 
     if state.exists():
         raise FileExistsError(f"{state}: a privacy state is already there; each private arm starts a fresh one")

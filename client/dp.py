@@ -11,7 +11,7 @@ import dataclasses
 import logging
 import secrets
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +19,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from shared.model import is_head
-from shared.privacy import MechanismEvent, compose_history
 
 log = logging.getLogger(__name__)
 
@@ -163,83 +162,3 @@ def unwrap(model: nn.Module) -> nn.Module:
     """The user's module inside an Opacus GradSampleModule (drops the ``_module.`` prefix once)."""
     inner = getattr(model, "_module", None)
     return inner if isinstance(inner, nn.Module) else model
-
-
-def _opacus_epsilon(accountant_class: Any, events: Iterable[MechanismEvent], delta: float) -> float:
-    history = compose_history(events)
-    if not history:
-        return 0.0
-    accountant = accountant_class()
-    accountant.history = list(history)
-    return float(accountant.get_epsilon(delta))
-
-
-def epsilon_prv(events: Iterable[MechanismEvent], delta: float) -> float:
-    """ε by Opacus' PRV accountant (the default; agrees with PLD to ~0.01 ε)."""
-    from opacus.accountants import PRVAccountant
-
-    return _opacus_epsilon(PRVAccountant, events, delta)
-
-
-def epsilon_opacus_rdp(events: Iterable[MechanismEvent], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    return _opacus_epsilon(RDPAccountant, events, delta)
-
-
-def epsilon(events: Iterable[MechanismEvent], delta: float, accountant: str = "prv") -> float:
-    if accountant == "prv":
-        return epsilon_prv(events, delta)
-    if accountant == "rdp":
-        return epsilon_opacus_rdp(events, delta)
-    raise ValueError(f"accountant = {accountant!r}: must be 'prv' or 'rdp'")
-
-
-def noise_for_budget(target_epsilon: float, delta: float, *, sample_rate: float, steps: int, calls: int,
-                     max_grad_norm: float = 1.0, accountant: str = "prv", history: Iterable[MechanismEvent] = (),
-                     floor: float = 0.3, tolerance: float = 0.01, hint: float | None = None) -> float:
-    """The smallest noise multiplier, at least ``floor`` (within ``tolerance``, relative), at
-    which ``calls`` more training calls of ``steps`` steps at ``sample_rate``, after the events
-    already in ``history``, stay within ``target_epsilon``; never above it.
-
-    Bisection on log σ: ε falls as σ grows. When even σ = 100 does not fit, 100 is returned
-    and the budget check that follows refuses the call.
-
-    ``hint``: a σ likely to be the answer (the one the previous call of a run planned: that
-    plan, followed, leaves exactly its own σ for the calls after). It only narrows the search
-    — two ε evaluations instead of about a dozen when it is right — and the answer keeps the
-    same guarantee either way.
-    """
-    if not (target_epsilon > 0 and 0 < delta < 1 and calls >= 1 and steps >= 1 and floor > 0):
-        raise ValueError(f"need target_epsilon > 0, 0 < delta < 1, calls >= 1, steps >= 1, floor > 0; got "
-                         f"{target_epsilon}, {delta}, {calls}, {steps}, {floor}")
-    past = list(history)
-
-    def fits(sigma: float) -> bool:
-        event = MechanismEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
-                               max_grad_norm=max_grad_norm)
-        return epsilon(past + [event] * calls, delta, accountant) <= target_epsilon
-
-    ceiling = max(100.0, floor)
-    low, high = floor, ceiling
-    if hint is not None and low < hint < high:
-        if not fits(hint):
-            low = hint  # too little noise: the answer lies above it
-        else:
-            below = max(low, hint / (1.0 + tolerance))
-            if not fits(below):
-                return hint
-            if below == low:
-                return low
-            high = below  # more noise than needed: search beneath it
-    if low == floor and fits(low):
-        return low
-    if high == ceiling and not fits(high):
-        return high
-    while high / low > 1.0 + tolerance:
-        mid = (low * high) ** 0.5
-        if fits(mid):
-            high = mid
-        else:
-            low = mid
-    return high

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 
 from client import features, precondition, trainer
-from client.budget import BudgetExceededError, PrivacyState
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
-from shared.privacy import NOISE_SOURCE
+from shared.privacy.budget import BudgetExceededError, PrivacyState
+from shared.privacy.events import NOISE_SOURCE
 from shared.tasks import Example
 from shared.wire import STATUS_OK, STATUS_REFUSED, PrivacyFacts, TrainReply
 
@@ -82,9 +82,9 @@ def resolve_node(node_config: Mapping[str, Any], config: RunConfig) -> NodeIdent
     pid = int(node_config["partition-id"])
     nodes_root = Path(config.run_dir) / "nodes"
     if config.data_dir.startswith(SYNTHETIC_PREFIX):
-        from simulations.synthetic import SyntheticFederation  # simulated merchants only
+        from client.sources.synthetic import SyntheticFederation  # simulated merchants only
 
-        federation = SyntheticFederation(_synthetic_count(config.data_dir), seed=config.synthetic_seed)
+        federation = SyntheticFederation(synthetic_count(config.data_dir), seed=config.synthetic_seed)
         merchant_id = federation.merchant_id(pid)
         return NodeIdentity(merchant_id=merchant_id, data_dir=None, synthetic_index=pid,
                             state_dir=nodes_root / merchant_id, target_epsilon=target_epsilon,
@@ -99,7 +99,7 @@ def resolve_node(node_config: Mapping[str, Any], config: RunConfig) -> NodeIdent
                         target_delta=target_delta, device=device)
 
 
-def _synthetic_count(data_dir: str) -> int:
+def synthetic_count(data_dir: str) -> int:
     raw = data_dir[len(SYNTHETIC_PREFIX):]
     if not raw.isdigit() or int(raw) < 1:
         raise NodeConfigError(f"data-dir {data_dir!r}: expected 'synthetic:N' with N >= 1")
@@ -147,9 +147,9 @@ class Merchant:
 
     def load_data(self) -> MerchantData:
         if self.identity.synthetic_index is not None:
-            from simulations.synthetic import SyntheticFederation
+            from client.sources.synthetic import SyntheticFederation
 
-            federation = SyntheticFederation(_synthetic_count(self.config.data_dir), seed=self.config.synthetic_seed)
+            federation = SyntheticFederation(synthetic_count(self.config.data_dir), seed=self.config.synthetic_seed)
             return federation.merchant(self.identity.synthetic_index)
         assert self.identity.data_dir is not None
         return load_merchant(self.identity.data_dir)  # raises DataValidationError, writes nothing

@@ -26,11 +26,11 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import dp, features, precondition
 from client import optimizer_state as optimizer_state_lib
-from client.budget import PrivacyState
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
 from shared.model import FedShopModel, is_head
-from shared.privacy import MechanismEvent
+from shared.privacy.budget import PrivacyState
+from shared.privacy.events import MechanismEvent
 from shared.tasks import TASKS, Example, PerExampleLoss, group_records, pack_targets, predictions, task_of
 
 log = logging.getLogger(__name__)

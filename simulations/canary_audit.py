@@ -68,11 +68,12 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from client import dp, trainer
-from client.budget import PrivacyState
+from client import trainer
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, choose_device, load_tokenizer
-from shared.privacy import MechanismEvent
+from shared.privacy import accounting
+from shared.privacy.budget import PrivacyState
+from shared.privacy.events import MechanismEvent
 from shared.tasks import Example, count_records, task_of
 from simulations.local import load_examples
 
@@ -362,12 +363,12 @@ def run_canary_audit(
 
     if noise:
         assert result.mechanism is not None
-        claimed = dp.epsilon([result.mechanism], train_config.target_delta, train_config.accountant)
+        claimed = accounting.epsilon([result.mechanism], train_config.target_delta, train_config.accountant)
     else:
         sample_rate, steps = trainer.planned_steps(count_records(examples), config)
         planned = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate,
                                  steps=steps, max_grad_norm=config.max_grad_norm)
-        claimed = dp.epsilon([planned], config.target_delta, config.accountant)
+        claimed = accounting.epsilon([planned], config.target_delta, config.accountant)
 
     # Ranked within each label (public, fixed before training, so the counts per label are
     # fixed too): the shared layers' drift towards one label lifts every excluded canary of

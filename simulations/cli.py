@@ -112,7 +112,8 @@ def cmd_train_local(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from server import audit, privacy_report
+    from server import audit
+    from server.audit import report as privacy_report
 
     if args.empirical:
         return _empirical_audit(args)
@@ -227,7 +228,7 @@ def cmd_data_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> int:
-    from simulations import adapters
+    from client.sources import adapters
 
     if args.dataset == "reviews":
         dirs = adapters.prepare_reviews(Path(args.out), overwrite=args.overwrite)
@@ -239,7 +240,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
-    from simulations.synthetic import SyntheticFederation, write_merchants
+    from client.sources.synthetic import SyntheticFederation, write_merchants
 
     federation = SyntheticFederation(args.merchants, seed=args.seed)
     indices = range(min(args.limit, args.merchants)) if args.limit else None
@@ -249,9 +250,9 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
-    from simulations import deploy
+    from simulations import deploy_cli
 
-    return deploy.main(args)
+    return deploy_cli.main(args)
 
 
 # --------------------------------------------------------------------------- parser
@@ -326,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--limit", type=int, default=0, help="write only the first K merchants")
     syn.set_defaults(func=cmd_data_synth)
 
-    from simulations.deploy import add_arguments as add_deploy_arguments
+    from simulations.deploy_cli import add_arguments as add_deploy_arguments
 
     dep = sub.add_parser("deploy", help="real federation: SuperLink certificates, merchants' SuperNode folders")
     add_deploy_arguments(dep)
@@ -338,12 +339,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
-    from client.budget import BudgetExceededError, PrivacyStateError
     from client.data import DataValidationError
     from server.audit import AuditInputError
     from server.federation import FederationError
     from server.ledger import LedgerError
     from shared.config import ConfigError
+    from shared.privacy.budget import BudgetExceededError, PrivacyStateError
     from simulations.engine import ScenarioError
 
     try:

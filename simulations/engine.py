@@ -86,10 +86,10 @@ def build_config(scenario: Mapping[str, Any], overrides: Mapping[str, Any], *, o
 
 
 def count_merchants(config: RunConfig) -> int:
-    from client.merchant import SYNTHETIC_PREFIX, _synthetic_count, merchant_dirs
+    from client.merchant import SYNTHETIC_PREFIX, merchant_dirs, synthetic_count
 
     if config.data_dir.startswith(SYNTHETIC_PREFIX):
-        return _synthetic_count(config.data_dir)
+        return synthetic_count(config.data_dir)
     return len(merchant_dirs(Path(config.data_dir)))
 
 
@@ -98,7 +98,7 @@ def ensure_data(config: RunConfig, scenario_name: str) -> None:
     data_dir = Path(config.data_dir)
     if config.data_dir.startswith("synthetic:") or (data_dir.is_dir() and any(data_dir.iterdir())):
         return
-    from simulations import adapters
+    from client.sources import adapters
 
     if scenario_name == "reviews":
         log.info("preparing the bundled reviews data into %s", data_dir)

@@ -12,11 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from client import features, trainer
-from client.budget import PrivacyState
 from client.data import load_merchant
 from client.merchant import split_merchant
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, export_model, load_tokenizer
+from shared.privacy.budget import PrivacyState
 from shared.tasks import Example
 
 log = logging.getLogger(__name__)

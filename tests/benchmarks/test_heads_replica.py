@@ -70,7 +70,7 @@ def test_weight_decay_is_adamws_and_the_dp_arms_take_their_own(replica: ModuleTy
 
 
 def test_a_merchant_plans_its_noise_as_the_system_merchant_does(replica: ModuleType, tmp_path: Path) -> None:
-    from client.budget import PrivacyState
+    from shared.privacy.budget import PrivacyState
 
     recipe = replica.Recipe(rounds=8, local_steps=15, batch=1024, rate=0.1, max_grad_norm=1.0, delta=1e-5,
                             central_steps=720)

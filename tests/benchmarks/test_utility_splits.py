@@ -311,8 +311,8 @@ def test_the_centralised_private_arm_spends_its_budget_once_in_a_fresh_state(spl
                                                                             tmp_path: Path) -> None:
     """``centralised-dp-eps-E``: DP-SGD on every merchant's records as one learner, its σ planned
     for the whole run and its spend recorded, within ε, in a privacy state of its own."""
-    from client.budget import PrivacyState
     from shared.model import ModelSpec, build_model, get_trainable
+    from shared.privacy.budget import PrivacyState
     from shared.tasks import count_records
 
     utility = splits.utility

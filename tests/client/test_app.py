@@ -20,10 +20,10 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 import client.app as client_app
-from client.dp import epsilon_prv
 from shared.config import RunConfig
 from shared.model import ModelError, ModelSpec, build_model, get_trainable
-from shared.privacy import NOISE_SOURCE, MechanismEvent
+from shared.privacy.accounting import epsilon_prv
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent
 from shared.wire import (
     ARRAYS,
     CONFIG,

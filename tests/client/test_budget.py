@@ -1,4 +1,4 @@
-"""client.budget: the merchant's persisted accountant and its hard budget stop."""
+"""shared.privacy.budget: the merchant's persisted accountant and its hard budget stop."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from opacus.accountants import PRVAccountant
 
-import client.budget as budget
-from client.budget import BudgetExceededError, PrivacyState, PrivacyStateError
-from shared.privacy import NOISE_SOURCE, MechanismEvent
+import shared.privacy.budget as budget
+from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent
 
 DELTA = 1e-5
 SIGMA, Q = 1.0, 0.05
@@ -134,7 +134,7 @@ def test_stored_budget_cannot_be_loosened(tmp_path: Path, caplog: pytest.LogCapt
     state = open_state(path, eps=2.0)
     state.commit(event(10), round=1, model_version=1)
 
-    with caplog.at_level("WARNING", logger="client.budget"):
+    with caplog.at_level("WARNING", logger="shared.privacy.budget"):
         louder = open_state(path, eps=100.0)
     assert louder.target_epsilon == 2.0
     assert "100.000" in caplog.text and "2.000" in caplog.text

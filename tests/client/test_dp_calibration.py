@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from client.budget import PrivacyState
-from client.dp import epsilon, noise_for_budget
 from client.trainer import train
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, load_tokenizer
-from shared.privacy import MechanismEvent
+from shared.privacy.accounting import epsilon, noise_for_budget
+from shared.privacy.budget import PrivacyState
+from shared.privacy.events import MechanismEvent
 from tests.helpers.examples import product_examples
 
 
@@ -74,7 +74,7 @@ def test_a_hint_narrows_the_search_without_changing_its_guarantee(factor: float,
                                                                   ) -> None:
     """Whatever the hint (right, slightly off, far off, outside [floor, 100]), the planned σ fits
     the budget and 2 % less would not; the right hint costs two ε evaluations, not a dozen."""
-    import client.dp as dp
+    import shared.privacy.accounting as dp
 
     q, steps, calls, delta, target = 0.05, 12, 4, 1e-5, 3.0
     past = [MechanismEvent(noise_multiplier=1.2, sample_rate=q, steps=steps, max_grad_norm=1.0)]

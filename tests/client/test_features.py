@@ -10,9 +10,9 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import features
-from client.budget import PrivacyState
 from client.trainer import PairDataset, train
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
+from shared.privacy.budget import PrivacyState
 from tests.helpers.heads import TRAIN
 from tests.helpers.heads import heads_config as config
 

@@ -12,11 +12,11 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import features, precondition
 from client import optimizer_state as optimizer_state_lib
-from client.budget import PrivacyState
 from client.precondition import Preconditioner
 from client.trainer import train
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
+from shared.privacy.budget import PrivacyState
 from tests.helpers.heads import TRAIN
 from tests.helpers.heads import heads_config as config
 

@@ -15,11 +15,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import client.dp as dp
-from client.budget import BudgetExceededError, PrivacyState
 from client.trainer import PairDataset, encode, evaluate, planned_steps, train
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
-from shared.privacy import MechanismEvent
+from shared.privacy import accounting
+from shared.privacy.budget import BudgetExceededError, PrivacyState
+from shared.privacy.events import MechanismEvent
 from shared.tasks import Example, PerExampleLoss
 from tests.helpers.examples import product_examples
 from tests.helpers.grads import clipped_mean, median_norm, per_example_grads, record_norms
@@ -117,7 +118,7 @@ def test_two_calls_on_one_model_compose(
     assert state.events == [event, event]
     assert second.epsilon > first.epsilon > 0
     both = MechanismEvent(noise_multiplier=1.0, sample_rate=1 / 8, steps=6, max_grad_norm=1.0)
-    assert second.epsilon == pytest.approx(dp.epsilon_prv([both], 1e-5), rel=1e-9)
+    assert second.epsilon == pytest.approx(accounting.epsilon_prv([both], 1e-5), rel=1e-9)
     assert_plain(model)
 
 

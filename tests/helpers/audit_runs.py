@@ -2,7 +2,7 @@
 
 ``build_run`` writes what a finished run leaves behind: ``ledger.sqlite`` (a
 ``server.ledger.PrivacyLedger`` with its ``run_id`` meta), each merchant's own
-``nodes/<m>/privacy-state.json`` (``client.budget.PrivacyState``, whose ``commit`` returns
+``nodes/<m>/privacy-state.json`` (``shared.privacy.budget.PrivacyState``, whose ``commit`` returns
 the Opacus PRV ε the ledger records as ``epsilon_reported``) and ``metrics.jsonl`` (the
 shape ``server.run_log`` writes for a ``RoundReport``).
 
@@ -28,10 +28,10 @@ from typing import Any
 
 import pytest
 
-from client import dp as client_dp
-from client.budget import PrivacyState
 from server.ledger import PrivacyLedger, SpendRecord
-from shared.privacy import NOISE_SOURCE, MechanismEvent, compose_history
+from shared.privacy import accounting
+from shared.privacy.budget import PrivacyState
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent, compose_history
 
 RUN_ID = "run-audit-1"
 DELTA = 1e-5
@@ -118,7 +118,7 @@ def as_schema_1(ledger: Path) -> None:
 
 # ------------------------------------------------------------------ fast, exact accountants
 _CACHES: dict[str, dict[Any, float]] = {}
-_ORIGINAL_PRV = client_dp.epsilon_prv
+_ORIGINAL_PRV = accounting.epsilon_prv
 
 
 def _memoized(name: str, fn: Callable[..., float]) -> Callable[..., float]:
@@ -139,12 +139,12 @@ def _memoized(name: str, fn: Callable[..., float]) -> Callable[..., float]:
 @contextmanager
 def memoized_accountants() -> Iterator[None]:
     """Cache the audit's PLD/RDP and the merchant's PRV by (history, δ); results are unchanged."""
-    import server.audit
-    from shared import privacy
+    from server.audit import ledger_audit
+    from shared.privacy import accounting as privacy
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(server.audit, "epsilon_pld", _memoized("pld", privacy.epsilon_pld))
-        mp.setattr(server.audit, "epsilon_rdp", _memoized("rdp", privacy.epsilon_rdp))
-        mp.setattr(client_dp, "epsilon_prv", _memoized("prv", _ORIGINAL_PRV))
+        mp.setattr(ledger_audit, "epsilon_pld", _memoized("pld", privacy.epsilon_pld))
+        mp.setattr(ledger_audit, "epsilon_rdp", _memoized("rdp", privacy.epsilon_rdp))
+        mp.setattr(accounting, "epsilon_prv", _memoized("prv", _ORIGINAL_PRV))
         yield
 

@@ -1,6 +1,6 @@
 """Small merchant folders in the documented format (``docs/data-format.md``), written as CSV.
 
-Written by hand rather than by ``simulations.synthetic`` so that the federation tests do not
+Written by hand rather than by ``client.sources.synthetic`` so that the federation tests do not
 depend on the generator: a few dozen rows per merchant, enough for all three tasks.
 """
 

@@ -16,11 +16,12 @@ from statistics import NormalDist
 
 import pytest
 
-from client import dp
-from client.budget import PrivacyState
 from server.audit import AuditInputError, AuditReport, MerchantAudit, audit_node_state, audit_run
 from server.ledger import PrivacyLedger
-from shared.privacy import NOISE_SOURCE, MechanismEvent, epsilon_pld, epsilon_rdp
+from shared.privacy import accounting
+from shared.privacy.accounting import epsilon_pld, epsilon_rdp
+from shared.privacy.budget import PrivacyState
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent
 from simulations.cli import main
 from tests.helpers.audit_runs import (
     BUDGET,
@@ -430,7 +431,7 @@ def test_accountants_match_the_exact_gaussian_mechanism(sigma: float, steps: int
     assert exact == pytest.approx(4.3772 if steps == 1 else 2.7534, abs=1e-4)
 
     assert epsilon_pld([event], DELTA) == pytest.approx(exact, rel=0.01)
-    assert dp.epsilon_prv([event], DELTA) == pytest.approx(exact, rel=0.01)
+    assert accounting.epsilon_prv([event], DELTA) == pytest.approx(exact, rel=0.01)
     # RDP is an upper bound: never below the exact value.
     assert epsilon_rdp([event], DELTA) >= exact
 

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.budget import PrivacyState
 from server import checkpoint as ckpt
-from shared.privacy import NOISE_SOURCE
+from shared.privacy.budget import PrivacyState
+from shared.privacy.events import NOISE_SOURCE
 from tests.helpers.federation import (
     FAST,
     faulty_simulation,

@@ -1,4 +1,4 @@
-"""server.privacy_report and ``fedshop audit --plot/--report``: the table, the ε plot, the report."""
+"""server.audit.report and ``fedshop audit --plot/--report``: the table, the ε plot, the report."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from server.audit import audit_run
-from server.privacy_report import audit_table, plot_epsilon, write_privacy_report
+from server.audit.report import audit_table, plot_epsilon, write_privacy_report
 from simulations.cli import main
 from tests.helpers.audit_runs import DELTA, MERCHANTS, tamper
 

@@ -20,8 +20,8 @@ import math
 import numpy as np
 import pytest
 
-from client.dp import epsilon, epsilon_opacus_rdp, epsilon_prv
-from shared.privacy import MechanismEvent, compose_history, epsilon_pld, epsilon_rdp
+from shared.privacy.accounting import epsilon, epsilon_opacus_rdp, epsilon_pld, epsilon_prv, epsilon_rdp
+from shared.privacy.events import MechanismEvent, compose_history
 
 DELTA = 1e-5
 

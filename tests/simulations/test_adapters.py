@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from client.data import DataValidationError, MerchantData, load_merchant, validate_merchant_dir
-from simulations.adapters import (
+from client.sources.adapters import (
     ESCI_SOURCE,
     REVIEWS_SOURCE,
     esci_merchant,
@@ -73,7 +73,7 @@ def test_review_fields_and_labels_are_mapped(reviews: dict[str, MerchantData]) -
 
 
 def test_reviews_log_what_was_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="simulations.adapters"):
+    with caplog.at_level(logging.INFO, logger="client.sources.adapters"):
         prepare_reviews(tmp_path / "m", file_format="csv")
     assert "dropped 14 without a department and 844 more with blank review text; 22628 kept" in caplog.text
 

@@ -171,7 +171,7 @@ def test_training_without_noise_fails_the_audit(audits: dict[bool, tuple[CanaryA
 
 
 def test_audit_reads_a_merchant_folder(tmp_path: Path) -> None:
-    from simulations.synthetic import SyntheticFederation, write_merchants
+    from client.sources.synthetic import SyntheticFederation, write_merchants
 
     (merchant,) = write_merchants(SyntheticFederation(1, seed=0, products_per_merchant=10,
                                                       interactions_per_merchant=40, judgments_per_merchant=10),

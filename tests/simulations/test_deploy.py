@@ -35,14 +35,15 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from client.dp import epsilon
 from client.merchant import Merchant, NodeIdentity
 from client.trainer import planned_steps
+from server import deploy
 from server.ledger import PrivacyLedger
 from shared.config import RunConfig
-from shared.privacy import MechanismEvent
+from shared.privacy.accounting import epsilon
+from shared.privacy.events import MechanismEvent
 from shared.tasks import count_records
-from simulations import cli, deploy
+from simulations import cli
 from tests.helpers import deployment as dh
 from tests.helpers import proc
 from tests.helpers.merchants import write_merchants
@@ -140,7 +141,7 @@ def test_add_merchant_writes_its_key_node_config_and_start_script(tmp_path: Path
     data = tmp_path / "data dir" / "shop-a"  # a space in a path is fine
     assert cli.main(["deploy", "add-merchant", "shop-a", "--dir", str(dep.root), "--data-dir", str(data),
                      "--budget", "3.5", "--delta", "1e-6", "--device", "cuda", "--no-register"]) == 0
-    a = deploy.Merchant.load(dep.merchants_dir / "shop-a")
+    a = deploy.MerchantKit.load(dep.merchants_dir / "shop-a")
     key = load_ssh_private_key((a.dir / deploy.NODE_KEY).read_bytes(), None)
     assert isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp384r1"
     assert (a.dir / deploy.NODE_KEY).stat().st_mode & 0o077 == 0
@@ -202,7 +203,7 @@ def test_insecure_mode_needs_the_flag_and_says_so(tmp_path: Path, capsys: pytest
     assert cli.main(["deploy", "add-merchant", "shop-a", "--dir", str(root), "--data-dir", str(tmp_path),
                      "--budget", "8", "--delta", "1e-5"]) == 0  # nothing to register without node auth
     assert "NOT encrypted" in capsys.readouterr().err
-    node = deploy.supernode_command(deploy.Merchant.load(dep.merchants_dir / "shop-a"))
+    node = deploy.supernode_command(deploy.MerchantKit.load(dep.merchants_dir / "shop-a"))
     assert "--insecure" in node and "--root-certificates" not in node
     # and without --insecure there is no way to get an unencrypted SuperLink
     secure = deploy.init_deployment(tmp_path / "secure", names=[], addresses=["127.0.0.1"])

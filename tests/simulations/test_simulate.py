@@ -20,12 +20,12 @@ import pytest
 import torch
 from transformers import AutoModel, BertModel
 
-from client.dp import epsilon_prv
 from server import checkpoint as ckpt
 from server.ledger import PrivacyLedger
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, load_exported, load_tokenizer, set_trainable, trainable_names
-from shared.privacy import NOISE_SOURCE, MechanismEvent
+from shared.privacy.accounting import epsilon_prv
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent
 from tests.helpers import proc
 from tests.helpers.federation import FAST, ledger_rows, metrics_rows, resume, simulate, write_scenario
 from tests.helpers.merchants import write_merchants

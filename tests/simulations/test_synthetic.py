@@ -12,8 +12,8 @@ import pandas as pd
 import pytest
 
 from client.data import MerchantData, build_examples, load_merchant, split_examples, validate_merchant_dir
+from client.sources.synthetic import SyntheticFederation, planted_quality, purchase_probability, write_merchants
 from shared.tasks import Example
-from simulations.synthetic import SyntheticFederation, planted_quality, purchase_probability, write_merchants
 
 
 def assert_same(a: MerchantData, b: MerchantData) -> None:

@@ -30,7 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from shared.jsonable import finite
-from shared.privacy import NOISE_SOURCE, MechanismEvent, epsilon_pld, epsilon_rdp
+from shared.privacy.accounting import epsilon_pld, epsilon_rdp
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent
 
 log = logging.getLogger(__name__)
 
@@ -282,8 +283,8 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
     The node's state is the merchant's lifetime record; the ledger covers one run. They must
     agree on every call of that run (matched by run id and round): same mechanism, same ε.
     """
-    from client import dp
-    from client.budget import PrivacyState, PrivacyStateError
+    from shared.privacy import accounting
+    from shared.privacy.budget import PrivacyState, PrivacyStateError
 
     state_path = Path(state_path)
     if not state_path.is_file():
@@ -297,7 +298,7 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
         raise AuditInputError(f"{state_path}: unreadable privacy state ({exc})") from exc
     events = state.events
     findings: list[str] = []
-    eps_prv = dp.epsilon_prv(events, state.target_delta)
+    eps_prv = accounting.epsilon_prv(events, state.target_delta)
     eps_pld = epsilon_pld(events, state.target_delta)
     if not _within(eps_prv, eps_pld, tol_abs=tolerance_abs, tol_rel=tolerance_rel):
         findings.append(f"PRV ε {eps_prv:.4f} and PLD ε {eps_pld:.4f} disagree beyond tolerance")
@@ -336,7 +337,7 @@ def _spans(indices: list[int]) -> str:
 
 
 def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tolerance_rel: float) -> list[str]:
-    from client import dp
+    from shared.privacy import accounting
 
     findings: list[str] = []
     rows = [r for r in read_rows(run_dir / LEDGER_FILE) if r.merchant_id == state.merchant_id]
@@ -370,7 +371,7 @@ def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tol
         row = ledger_spent[rnd]
         if entry.event != row.event():
             findings.append(f"round {rnd}: mechanism differs (merchant {entry.event}, ledger {row.event()})")
-        own = dp.epsilon(state.events[: index + 1], state.target_delta, state.accountant)
+        own = accounting.epsilon(state.events[: index + 1], state.target_delta, state.accountant)
         if not _within(row.epsilon_reported, own, tol_abs=tolerance_abs, tol_rel=tolerance_rel):
             findings.append(f"round {rnd}: ledger ε {row.epsilon_reported:.4f} != merchant's own ε {own:.4f}")
     return findings

@@ -1,52 +1,28 @@
-"""Operator tooling for a real federation: one SuperLink, one SuperNode per merchant.
-
-    fedshop deploy init DIR --name HOST [HOST ...] --address IP [IP ...] [--port 9092] [--insecure]
-    fedshop deploy add-merchant NAME --dir DIR --data-dir PATH --budget EPS --delta D
-                                [--device auto] [--port P] [--state-dir PATH] [--public-key FILE]
-    fedshop deploy register NAME --dir DIR
-
-``init`` makes a certificate authority and a server certificate whose subject alternative
-names are the given host names and IP addresses (plus loopback, which the SuperLink's own
-ServerApp process uses), the SuperLink's start script (TLS on every API, SuperNode
-authentication on, runtime dependency installation and telemetry off, a database file so
-registered merchants survive a restart), and a ``flwr`` connection for the operator.
-
-``add-merchant`` makes one merchant's folder (hand it to the merchant): its node key pair
-(ECDSA P-384, OpenSSH encoding, as ``flower-supernode --auth-supernode-private-key`` and
-``flwr supernode register`` expect), the CA certificate, its node config (merchant id, data
-and state folders, its own privacy budget, device) and its start script; then it registers
-the public key with the running SuperLink through its Control API (``flwr supernode
-register``). With ``--public-key`` the merchant keeps its private key and only the public
-half is registered. ``register`` retries the registration later (SuperLink not yet up).
-
-Layout of DIR (the operator's machine)::
-
-    deployment.json                 what init was asked for
-    ca/ca.crt, ca/ca.key            the CA (keep ca.key offline once merchants are set up)
-    superlink/server.crt, server.key, start-superlink.sh, state.db
-    flwr-home/config.toml           FLWR_HOME for the operator's ``flwr`` (connection "fedshop")
-    merchants/NAME/                 one folder per merchant, see add_merchant
-
-Insecure mode (no TLS, no node authentication: anyone who reaches the port can join) exists
-only behind an explicit ``--insecure`` and says so loudly; it is for isolated test networks.
-"""
+"""The operator's deployment folder and each merchant's kit: node config, start scripts,
+registration with the SuperLink (see ``server.deploy`` for the layout)."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import ipaddress
 import json
 import os
 import re
 import shlex
 import shutil
-import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from server.deploy.pki import (  # noqa: E501
+    DeployError,
+    _private_pem,
+    _write_secret,
+    check_public_key,
+    make_ca,
+    make_node_key,
+    make_server_certificate,
+)
 
 DEPLOYMENT_FILE = "deployment.json"
 MERCHANT_FILE = "merchant.json"
@@ -76,10 +52,6 @@ PROCESS_ENV = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-
-
-class DeployError(ValueError):
-    """The deployment cannot be set up as asked; the message says what to change."""
 
 
 # --------------------------------------------------------------------------- data
@@ -130,14 +102,14 @@ class Deployment:
                    public_address=str(raw["public_address"]), names=tuple(raw["names"]),
                    addresses=tuple(raw["addresses"]), insecure=bool(raw.get("insecure", False)))
 
-    def merchants(self) -> list[Merchant]:
+    def merchants(self) -> list[MerchantKit]:
         if not self.merchants_dir.is_dir():
             return []
-        return [Merchant.load(p) for p in sorted(self.merchants_dir.iterdir()) if (p / MERCHANT_FILE).is_file()]
+        return [MerchantKit.load(p) for p in sorted(self.merchants_dir.iterdir()) if (p / MERCHANT_FILE).is_file()]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
-class Merchant:
+class MerchantKit:
     """One merchant's folder: identity, own budget and device, and how its SuperNode starts."""
 
     name: str
@@ -186,7 +158,7 @@ class Merchant:
         (self.dir / MERCHANT_FILE).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, directory: Path) -> Merchant:
+    def load(cls, directory: Path) -> MerchantKit:
         raw = json.loads((directory / MERCHANT_FILE).read_text(encoding="utf-8"))
         return cls(name=str(raw["name"]), dir=directory.resolve(), data_dir=Path(raw["data_dir"]),
                    state_dir=Path(raw["state_dir"]) if raw.get("state_dir") else None,
@@ -205,119 +177,6 @@ def _toml_scalar(value: str | float) -> str:
     return f"'{value}'"  # a TOML literal string: backslashes and spaces stay as they are
 
 
-# --------------------------------------------------------------------------- crypto
-def _now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.UTC)
-
-
-def _private_pem(key: Any) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())
-
-
-def _write_secret(path: Path, data: bytes) -> None:
-    """Write a private key readable by its owner only (created 0600, never world-readable)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600)
-
-
-def make_ca(common_name: str, *, days: int = 3650) -> tuple[Any, Any]:
-    """A self-signed CA: (private key, certificate). ECDSA P-384, may sign end-entity certs only."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedshop"),
-                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    start = _now() - datetime.timedelta(minutes=5)  # tolerate small clock skew between machines
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name).issuer_name(name).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA384())
-    )
-    return key, cert
-
-
-def make_server_certificate(ca_key: Any, ca_cert: Any, *, names: Sequence[str], addresses: Sequence[str],
-                            days: int = 825) -> tuple[Any, Any]:
-    """The SuperLink's TLS certificate, signed by the CA; SANs = names + addresses (+ loopback)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    # The SuperLink starts its ServerApp processes against its own Runtime API on loopback,
-    # over the same TLS certificate: loopback must be a valid name for it.
-    dns = list(dict.fromkeys([*names, "localhost"]))
-    ips = list(dict.fromkeys([*addresses, "127.0.0.1", "::1"]))
-    sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns]
-    sans += [x509.IPAddress(ipaddress.ip_address(a)) for a in ips]
-    start = _now() - datetime.timedelta(minutes=5)
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedshop"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, (names or addresses)[0])])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(ca_cert.subject).public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=days))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_agreement=True, key_cert_sign=False,
-                                     crl_sign=False, content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, encipher_only=False, decipher_only=False),
-                       critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA384())
-    )
-    return key, cert
-
-
-def make_node_key() -> tuple[bytes, bytes]:
-    """A SuperNode's authentication key pair: (OpenSSH private key, OpenSSH public key), P-384."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    key = ec.generate_private_key(ec.SECP384R1())
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
-                                serialization.NoEncryption())
-    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    return private, public + b"\n"
-
-
-def check_public_key(path: Path) -> bytes:
-    """A merchant-supplied public key, checked to be an OpenSSH NIST-curve EC key."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    raw = Path(path).expanduser().read_bytes()
-    try:
-        key = serialization.load_ssh_public_key(raw)
-    except (ValueError, TypeError) as exc:
-        raise DeployError(f"--public-key {path}: not an OpenSSH public key ({exc})") from None
-    if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in ("secp256r1", "secp384r1",
-                                                                                 "secp521r1"):
-        raise DeployError(f"--public-key {path}: must be an ECDSA key on a NIST curve (e.g. ssh-keygen -t ecdsa "
-                          "-b 384), as Flower's SuperNode authentication expects")
-    return raw if raw.endswith(b"\n") else raw + b"\n"
-
-
 # --------------------------------------------------------------------------- commands
 def superlink_command(dep: Deployment) -> list[str]:
     """``flower-superlink`` for this deployment (absolute paths; run it on the operator's machine)."""
@@ -333,7 +192,7 @@ def superlink_command(dep: Deployment) -> list[str]:
     return cmd
 
 
-def supernode_command(merchant: Merchant, *, here: str | None = None) -> list[str]:
+def supernode_command(merchant: MerchantKit, *, here: str | None = None) -> list[str]:
     """``flower-supernode`` for one merchant; run it with the merchant's folder as working directory."""
     cmd = ["flower-supernode", "--superlink", merchant.superlink_address]
     if merchant.insecure:
@@ -492,7 +351,7 @@ def _next_port(dep: Deployment) -> int:
 
 def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, delta: float,
                  device: str = "auto", port: int | None = None, state_dir: Path | None = None,
-                 public_key: Path | None = None) -> Merchant:
+                 public_key: Path | None = None) -> MerchantKit:
     """Create ``merchants/NAME``: key pair (or the merchant's public key), CA, node config, start script."""
     if not _NAME.fullmatch(name):
         raise DeployError(f"merchant name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
@@ -512,7 +371,7 @@ def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, d
     data_dir = Path(data_dir).expanduser().resolve()
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else None
     pub = check_public_key(public_key) if public_key else None
-    merchant = Merchant(name=name, dir=directory, data_dir=data_dir, state_dir=state_dir,
+    merchant = MerchantKit(name=name, dir=directory, data_dir=data_dir, state_dir=state_dir,
                         target_epsilon=float(budget), target_delta=float(delta), device=device, port=port,
                         superlink_address=dep.superlink_address, insecure=dep.insecure,
                         has_private_key=pub is None)
@@ -534,138 +393,3 @@ def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, d
                           keep_running=True))
     merchant.save()
     return merchant
-
-
-# --------------------------------------------------------------------------- registration
-def flwr_executable(name: str = "flwr") -> str:
-    """A Flower CLI from this interpreter's environment, else from PATH."""
-    here = Path(sys.executable).parent / name
-    if here.is_file():
-        return str(here)
-    found = shutil.which(name)
-    if found is None:
-        raise DeployError(f"{name!r} not found: install fedshop (it brings flwr) or activate its environment")
-    return found
-
-
-def register_merchant(dep: Deployment, merchant: Merchant, *, timeout_s: float = 60.0) -> int:
-    """Register the merchant's public key with the running SuperLink; returns its node id."""
-    if dep.insecure:
-        raise DeployError("an --insecure deployment has no SuperNode authentication: nothing to register")
-    cmd = [flwr_executable(), "supernode", "register", str(merchant.public_key), CONNECTION,
-           "--name", merchant.name, "--format", "json"]
-    try:
-        proc = subprocess.run(cmd, env=process_env(flwr_home=dep.flwr_home), capture_output=True, text=True,
-                              timeout=timeout_s, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        raise DeployError(f"registering {merchant.name!r}: no answer from the SuperLink at "
-                          f"{dep.superlink_address} within {timeout_s:.0f} s") from None
-    payload = _last_json(proc.stdout)
-    if proc.returncode == 0 and payload.get("success") and payload.get("node-id"):
-        node_id = int(payload["node-id"])
-        dataclasses.replace(merchant, node_id=node_id).save()
-        return node_id
-    why = payload.get("error-message") or (proc.stderr or proc.stdout).strip()[-1000:]
-    raise DeployError(f"registering merchant {merchant.name!r} with the SuperLink at {dep.superlink_address} "
-                      f"failed: {why}\n(is the SuperLink running? start {dep.superlink_dir / SUPERLINK_SCRIPT}, "
-                      f"then: fedshop deploy register {merchant.name} --dir {dep.root})")
-
-
-def _last_json(text: str) -> dict[str, Any]:
-    start = text.find("{")
-    while start != -1:
-        try:
-            value = json.loads(text[start:])
-            return value if isinstance(value, dict) else {}
-        except json.JSONDecodeError:
-            start = text.find("{", start + 1)
-    return {}
-
-
-# --------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``fedshop deploy`` subcommands (wired into simulations/cli.py)."""
-    sub = parser.add_subparsers(dest="deploy_command", required=True)
-    init = sub.add_parser("init", help="create the CA, the SuperLink certificate and start script")
-    init.add_argument("dir", type=Path, help="new deployment folder")
-    init.add_argument("--name", nargs="+", default=[], metavar="HOST", help="DNS names merchants dial")
-    init.add_argument("--address", nargs="+", default=[], metavar="IP", help="IP addresses merchants dial")
-    init.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="the SuperLink's one port (HTTPS)")
-    init.add_argument("--bind", help="interface to listen on (default: 127.0.0.1 for loopback-only "
-                      "deployments, else 0.0.0.0)")
-    init.add_argument("--public-address", help="host merchants dial (default: first --address, else first --name)")
-    init.add_argument("--days", type=int, default=825, help="server certificate validity")
-    init.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only)")
-
-    add = sub.add_parser("add-merchant", help="create a merchant's SuperNode folder and register its key")
-    add.add_argument("name", help="merchant id (also its folder name)")
-    add.add_argument("--dir", type=Path, default=Path("."), help="deployment folder (default: .)")
-    add.add_argument("--data-dir", type=Path, required=True, help="the merchant's data folder (on its machine)")
-    add.add_argument("--budget", type=float, required=True, help="the merchant's total ε budget (a hard stop)")
-    add.add_argument("--delta", type=float, required=True, help="the merchant's δ")
-    add.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    add.add_argument("--port", type=int, help="its SuperNode's Runtime API port (default: next free from 9094)")
-    add.add_argument("--state-dir", type=Path, help="where its privacy state lives (default: merchants/NAME/state)")
-    add.add_argument("--public-key", type=Path, help="the merchant's own OpenSSH ECDSA public key (it keeps the "
-                     "private key); default: generate a key pair into the folder")
-    add.add_argument("--no-register", action="store_true", help="do not contact the SuperLink now")
-
-    reg = sub.add_parser("register", help="register a merchant's public key with the running SuperLink")
-    reg.add_argument("name", nargs="+")
-    reg.add_argument("--dir", type=Path, default=Path("."), help="deployment folder (default: .)")
-
-
-def main(args: argparse.Namespace) -> int:
-    if args.deploy_command == "init":
-        return _cmd_init(args)
-    dep = Deployment.load(args.dir)
-    if args.deploy_command == "add-merchant":
-        return _cmd_add_merchant(dep, args)
-    for name in args.name:
-        directory = dep.merchants_dir / name
-        if not (directory / MERCHANT_FILE).is_file():
-            raise DeployError(f"no merchant {name!r} in {dep.root} (add it with `fedshop deploy add-merchant`)")
-        print(f"merchant {name}: registered, node id {register_merchant(dep, Merchant.load(directory))}")
-    return 0
-
-
-def _cmd_init(args: argparse.Namespace) -> int:
-    if args.insecure:
-        print(INSECURE_WARNING, file=sys.stderr)
-    dep = init_deployment(args.dir, names=args.name, addresses=args.address, port=args.port, bind_host=args.bind,
-                          public_address=args.public_address, insecure=args.insecure, days=args.days)
-    print(f"deployment in {dep.root}")
-    if not dep.insecure:
-        print(f"  CA certificate  {dep.ca_cert}  (merchants get a copy; keep ca/ca.key offline)")
-        print(f"  server cert     {dep.superlink_dir / 'server.crt'}  (SANs: "
-              f"{', '.join(dict.fromkeys([*dep.names, 'localhost', *dep.addresses, '127.0.0.1', '::1']))})")
-    print(f"start the SuperLink (listens on {dep.bind_host}:{dep.port}; merchants dial {dep.superlink_address}):")
-    print(f"  {dep.superlink_dir / SUPERLINK_SCRIPT}")
-    print("  # = " + shell_join(superlink_command(dep)))
-    print("then add merchants:  fedshop deploy add-merchant NAME --dir "
-          f"{shlex.quote(str(dep.root))} --data-dir PATH --budget EPS --delta D")
-    print("and submit a run:    FLWR_HOME=" + shlex.quote(str(dep.flwr_home))
-          + f" flwr run PATH/TO/fedshop {CONNECTION} --run-config \"run-dir='/abs/run/dir' ...\" --stream")
-    return 0
-
-
-def _cmd_add_merchant(dep: Deployment, args: argparse.Namespace) -> int:
-    if dep.insecure:
-        print(INSECURE_WARNING, file=sys.stderr)
-    merchant = add_merchant(dep, args.name, data_dir=args.data_dir, budget=args.budget, delta=args.delta,
-                            device=args.device, port=args.port, state_dir=args.state_dir,
-                            public_key=args.public_key)
-    print(f"merchant {merchant.name}: folder {merchant.dir}")
-    print(f"  budget ε = {merchant.target_epsilon:g} at δ = {merchant.target_delta:g}; device {merchant.device}; "
-          f"privacy state {merchant.privacy_state}")
-    if not merchant.has_private_key and not dep.insecure:
-        print(f"  the merchant keeps its private key: it goes into {merchant.dir / NODE_KEY} on its machine")
-    print(f"  start its SuperNode (on the merchant's machine): {merchant.dir / SUPERNODE_SCRIPT}")
-    print("  # = (cd " + shlex.quote(str(merchant.dir)) + " && " + shell_join(supernode_command(merchant)) + ")")
-    if dep.insecure or args.no_register:
-        if not dep.insecure:
-            print(f"  not registered yet: fedshop deploy register {merchant.name} --dir {shlex.quote(str(dep.root))}")
-        return 0
-    node_id = register_merchant(dep, merchant)
-    print(f"  registered with the SuperLink: node id {node_id}")
-    return 0

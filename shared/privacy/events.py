@@ -1,23 +1,19 @@
-"""Privacy vocabulary shared by the client, the server and the auditor.
+"""What happened: the mechanism events of DP-SGD calls, in Opacus / dp_accounting vocabulary.
 
-A ``MechanismEvent`` records *what happened*: a run of ``steps`` DP-SGD steps with
-Poisson sampling at ``sample_rate``, Gaussian noise ``noise_multiplier`` and clipping norm
-``max_grad_norm``. How those events are *accounted* (PRV, PLD, RDP) is a separate choice;
-any accountant can recompute ε from the recorded events.
-
-This module accounts with Google's ``dp_accounting`` (PLD and RDP): the independent
-accountant the server and auditors use. The merchant's own default accountant (Opacus PRV)
-lives with the trainer in ``client.dp``.
+A ``MechanismEvent`` records a run of ``steps`` DP-SGD steps with Poisson sampling at
+``sample_rate``, Gaussian noise ``noise_multiplier`` and clipping norm ``max_grad_norm``. How
+those events are *accounted* (PRV, PLD, RDP) is ``shared.privacy.accounting``'s concern; any
+accountant can recompute ε from the recorded events.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
-# Recorded with every private call's spend, by the merchant (``client.budget.SpendEntry.noise``)
+# Recorded with every private call's spend, by the merchant (``shared.privacy.budget.SpendEntry.noise``)
 # and on the wire (``shared.wire.PrivacyFacts.noise``, so the server's ledger keeps it): private
 # calls draw their noise and batches from fresh generators (``client.dp.private_generators``).
 # Spend recorded without it was made by an earlier version whose noise repeated across calls
@@ -74,43 +70,3 @@ def compose_history(events: Iterable[MechanismEvent]) -> list[tuple[float, float
         else:
             history.append((event.noise_multiplier, event.sample_rate, event.steps))
     return history
-
-
-def _dp_event(history: Sequence[tuple[float, float, int]]) -> Any:
-    import dp_accounting
-
-    return dp_accounting.ComposedDpEvent(
-        [
-            dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
-            )
-            for sigma, q, steps in history
-        ]
-    )
-
-
-def epsilon_pld(events: Iterable[MechanismEvent], delta: float, *, discretization: float = 1e-4) -> float:
-    """ε by Google's privacy-loss-distribution accountant (tight; the audit reference)."""
-    from dp_accounting.pld import pld_privacy_accountant
-
-    history = compose_history(events)
-    if not history:
-        return 0.0
-    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=discretization)
-    accountant.compose(_dp_event(history))
-    return float(accountant.get_epsilon(delta))
-
-
-def epsilon_rdp(events: Iterable[MechanismEvent], delta: float) -> float:
-    """ε by Rényi DP (dp_accounting); an upper bound that typically over-reports by 6-21%."""
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    history = compose_history(events)
-    if not history:
-        return 0.0
-    # Fractional orders below 2 fail to converge in dp_accounting for q ~ 0.1 (it then drops
-    # them with a warning each); from 2 up the bound loses little at the ε of interest.
-    orders = [2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 4.5] + list(range(5, 64)) + [128, 256, 512, 1024]
-    accountant = rdp_privacy_accountant.RdpAccountant(orders)
-    accountant.compose(_dp_event(history))
-    return float(accountant.get_epsilon(delta))

@@ -29,7 +29,7 @@ from client.data import FileFormat, MerchantData, check_output_dir, write_mercha
 logger = logging.getLogger(__name__)
 
 # The repository's data/ folder (present in a checkout and in an editable install).
-DATA_DIR = Path(__file__).resolve().parents[1] / "data"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data"
 REVIEWS_SOURCE = DATA_DIR / "womens_ecommerce_reviews" / "WomensClothingE-CommerceReviews.parquet.brotli"
 ESCI_SOURCE = DATA_DIR / "esci_subset_500q" / "esci_subset.json"
 

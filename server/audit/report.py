@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from server.audit import AuditReport
+from server.audit.ledger_audit import AuditReport
 
 
 def _eps(value: float) -> str:

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client import dp
-from shared.privacy import NOISE_SOURCE, MechanismEvent
+from shared.privacy import accounting
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class PrivacyState:
         events = tuple(self.events + ([extra] if extra is not None else []))
         key = (events, self.target_delta, self.accountant)
         if key not in self._epsilon_cache:
-            self._epsilon_cache[key] = dp.epsilon(events, self.target_delta, self.accountant)
+            self._epsilon_cache[key] = accounting.epsilon(events, self.target_delta, self.accountant)
         return self._epsilon_cache[key]
 
     def calls_in_run(self, run_id: str) -> int:
@@ -138,7 +138,7 @@ class PrivacyState:
         # The last call's σ is the likely answer within a run (its plan, followed, leaves the
         # same σ for the calls after): a hint makes the search a couple of ε evaluations.
         events = self.events
-        return dp.noise_for_budget(self.target_epsilon, self.target_delta, sample_rate=sample_rate, steps=steps,
+        return accounting.noise_for_budget(self.target_epsilon, self.target_delta, sample_rate=sample_rate, steps=steps,
                                    calls=calls, max_grad_norm=max_grad_norm, accountant=self.accountant,
                                    history=events, floor=floor,
                                    hint=events[-1].noise_multiplier if events else None)

@@ -1,0 +1,69 @@
+"""Operator tooling for a real federation (``fedshop deploy``): one SuperLink, one SuperNode per merchant.
+
+    fedshop deploy init DIR --name HOST [HOST ...] --address IP [IP ...] [--port 9092] [--insecure]
+    fedshop deploy add-merchant NAME --dir DIR --data-dir PATH --budget EPS --delta D
+                                [--device auto] [--port P] [--state-dir PATH] [--public-key FILE]
+    fedshop deploy register NAME --dir DIR
+
+``init`` makes a certificate authority and a server certificate whose subject alternative
+names are the given host names and IP addresses (plus loopback, which the SuperLink's own
+ServerApp process uses), the SuperLink's start script (TLS on every API, SuperNode
+authentication on, runtime dependency installation and telemetry off, a database file so
+registered merchants survive a restart), and a ``flwr`` connection for the operator.
+
+``add-merchant`` makes one merchant's folder (hand it to the merchant): its node key pair
+(ECDSA P-384, OpenSSH encoding, as ``flower-supernode --auth-supernode-private-key`` and
+``flwr supernode register`` expect), the CA certificate, its node config (merchant id, data
+and state folders, its own privacy budget, device) and its start script; then it registers
+the public key with the running SuperLink through its Control API (``flwr supernode
+register``). With ``--public-key`` the merchant keeps its private key and only the public
+half is registered. ``register`` retries the registration later (SuperLink not yet up).
+
+Layout of DIR (the operator's machine)::
+
+    deployment.json                 what init was asked for
+    ca/ca.crt, ca/ca.key            the CA (keep ca.key offline once merchants are set up)
+    superlink/server.crt, server.key, start-superlink.sh, state.db
+    flwr-home/config.toml           FLWR_HOME for the operator's ``flwr`` (connection "fedshop")
+    merchants/NAME/                 one folder per merchant, see add_merchant
+
+Insecure mode (no TLS, no node authentication: anyone who reaches the port can join) exists
+only behind an explicit ``--insecure`` and says so loudly; it is for isolated test networks.
+
+The rooms: ``pki`` (keys and certificates), ``kit`` (the deployment folder, merchants' kits,
+start scripts), ``registration`` (node keys onto the running SuperLink). The ``fedshop
+deploy`` command line is ``simulations.deploy_cli``. This package re-exports their public names.
+"""
+
+from server.deploy.kit import (
+    CONNECTION,
+    DEFAULT_SUPERLINK_PORT,
+    DEPLOYMENT_FILE,
+    FIRST_SUPERNODE_PORT,
+    HERE,
+    INSECURE_WARNING,
+    MERCHANT_FILE,
+    NODE_KEY,
+    PROCESS_ENV,
+    SUPERLINK_SCRIPT,
+    SUPERNODE_SCRIPT,
+    Deployment,
+    MerchantKit,
+    add_merchant,
+    init_deployment,
+    process_env,
+    shell_join,
+    superlink_command,
+    supernode_command,
+    write_flwr_config,
+)
+from server.deploy.pki import DeployError, check_public_key, make_ca, make_node_key, make_server_certificate
+from server.deploy.registration import flwr_executable, register_merchant
+
+__all__ = [
+    "CONNECTION", "DEFAULT_SUPERLINK_PORT", "DEPLOYMENT_FILE", "FIRST_SUPERNODE_PORT", "HERE", "INSECURE_WARNING",
+    "MERCHANT_FILE", "NODE_KEY", "PROCESS_ENV", "SUPERLINK_SCRIPT", "SUPERNODE_SCRIPT", "DeployError", "Deployment",
+    "MerchantKit", "add_merchant", "check_public_key", "flwr_executable", "init_deployment", "make_ca",
+    "make_node_key", "make_server_certificate", "process_env", "register_merchant", "shell_join",
+    "superlink_command", "supernode_command", "write_flwr_config",
+]
