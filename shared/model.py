@@ -48,31 +48,22 @@ class ModelError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """The model-shaping subset of the run config."""
+    """The model-shaping subset of the run config: same names, same defaults (read from
+    ``RunConfig``, so the two cannot drift), small enough to build a model from in tests."""
 
-    encoder: str = MINILM
-    trainable: str = "lora"
-    top_k_layers: int = 2
-    lora_r: int = 8
-    lora_alpha: int = 16
-    dropout: float = 0.1
-    max_seq_len: int = 64
-    pooling: str = "mean"
-    seed: int = 0
+    encoder: str = RunConfig.encoder
+    trainable: str = RunConfig.trainable
+    top_k_layers: int = RunConfig.top_k_layers
+    lora_r: int = RunConfig.lora_r
+    lora_alpha: int = RunConfig.lora_alpha
+    dropout: float = RunConfig.dropout
+    max_seq_len: int = RunConfig.max_seq_len
+    pooling: str = RunConfig.pooling
+    seed: int = RunConfig.seed
 
     @classmethod
     def from_config(cls, config: RunConfig) -> ModelSpec:
-        return cls(
-            encoder=config.encoder,
-            trainable=config.trainable,
-            top_k_layers=config.top_k_layers,
-            lora_r=config.lora_r,
-            lora_alpha=config.lora_alpha,
-            dropout=config.dropout,
-            max_seq_len=config.max_seq_len,
-            pooling=config.pooling,
-            seed=config.seed,
-        )
+        return cls(**{field.name: getattr(config, field.name) for field in dataclasses.fields(cls)})
 
 
 def default_encoder_path() -> Path:
