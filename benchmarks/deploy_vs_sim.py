@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from server import deploy  # noqa: E402
+from shared.run_files import CHECKPOINTS_DIR, METRICS_FILE  # noqa: E402
 from tests.helpers import deployment as dh  # noqa: E402
 from tests.helpers import proc  # noqa: E402
 from tests.helpers.merchants import write_merchants  # noqa: E402
@@ -75,13 +76,13 @@ class LineClock(threading.Thread):
 
 def checkpoint_times(run_dir: Path) -> list[float]:
     """mtime of each round's checkpoint folder, in round order."""
-    dirs = sorted((run_dir / "checkpoints").glob("round-*"))
+    dirs = sorted((run_dir / CHECKPOINTS_DIR).glob("round-*"))
     return [d.stat().st_mtime for d in dirs]
 
 
 def round_times(run_dir: Path) -> dict[str, Any]:
     marks = checkpoint_times(run_dir)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     steady = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     return {"round_s_from_round_2": [round(x, 2) for x in steady],
             "train_phase_s": [round(r["wall_s"], 2) for r in rows],

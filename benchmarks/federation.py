@@ -25,6 +25,8 @@ import threading
 import time
 from pathlib import Path
 
+from shared.run_files import METRICS_FILE
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,7 +46,7 @@ def overhead(rounds: int, workdir: Path, *, client_cpus: float) -> dict[str, flo
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     # Round 1 includes Ray actor start-up; later rounds are the steady state.
     steady = rows[1:] if len(rows) > 1 else rows
     over_train = [r["wall_s"] - r["slowest_train_s"] for r in steady]
@@ -103,7 +105,7 @@ def scale_memory(workdir: Path) -> dict[str, float]:
         sampler.join()
         if proc.poll() is None:
             os.killpg(proc.pid, 9)
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     return {"exit_code": code, "rounds": len(rows), "peak_total_rss_gb": peak / 1e9,
             "wall_s": time.monotonic() - start,
             "median_round_wall_s": statistics.median(r["wall_s"] for r in rows) if rows else float("nan")}

@@ -12,6 +12,7 @@ from server.federation import Federation
 from server.report import format_summary, run_summary, write_summary
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, export_model, get_trainable, load_tokenizer, set_trainable
+from shared.run_files import MODEL_DIR
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ def main(grid: Grid, context: Context) -> None:
     finally:
         federation.close()
     set_trainable(model, result.params)
-    export_model(model, load_tokenizer(spec), Path(config.run_dir) / "model", spec=spec)
+    export_model(model, load_tokenizer(spec), Path(config.run_dir) / MODEL_DIR, spec=spec)
     summary = run_summary(Path(config.run_dir), stopped_because=result.stopped_because)
     write_summary(Path(config.run_dir), summary)
     log.info("\n%s", format_summary(summary))

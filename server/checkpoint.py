@@ -34,10 +34,11 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from shared.run_files import CHECKPOINTS_DIR
+
 logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "LATEST"
 COMPLETE_FILE = "COMPLETE"
 MANIFEST_FILE = "checkpoint.json"

@@ -37,9 +37,11 @@ from server.screening import screen_update
 from server.strategy import EligibleNodesGrid, build_strategy, restore_strategy_state, strategy_state
 from shared.config import RunConfig
 from shared.metrics import HIGHER_IS_BETTER
+from shared.run_files import CONFIG_FILE, LEDGER_FILE
 from shared.wire import (
     METRICS,
     MODEL_VERSION,
+    PRIVACY,
     RUN_ID,
     STATUS_REFUSED,
     TrainReply,
@@ -50,8 +52,6 @@ from shared.wire import (
 )
 
 log = logging.getLogger(__name__)
-
-LEDGER_FILE = "ledger.sqlite"
 
 
 class FederationError(RuntimeError):
@@ -138,7 +138,7 @@ class Federation:
                 restore_strategy_state(self.strategy, latest.extra_arrays)
                 self.start_round = latest.round + 1
                 self.model_version = latest.round
-        (self.run_dir / "config.json").write_text(json.dumps(config.to_mapping(), indent=1))
+        (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_mapping(), indent=1))
 
     def _init_ledger_meta(self) -> None:
         meta = self.ledger.meta()
@@ -293,7 +293,7 @@ class Federation:
             raise RoundFailedError(f"round {rnd}: no update was accepted ({report.outcome_text()})")
         # Flower's aggregation reads exactly one ArrayRecord + one MetricRecord per reply.
         for msg in accepted:
-            del msg.content.config_records["privacy"]
+            del msg.content.config_records[PRIVACY]
         arrays, _ = self.strategy.aggregate_train(rnd, accepted)
         if arrays is None:
             raise RoundFailedError(f"round {rnd}: the strategy produced no aggregate")
@@ -363,7 +363,7 @@ class Federation:
         merchant = reply.content.config_records.get("merchant")
         if merchant is not None and "merchant-id" in merchant:
             self.node_merchant[node_id] = who = str(merchant["merchant-id"])
-        privacy = reply.content.config_records.get("privacy")
+        privacy = reply.content.config_records.get(PRIVACY)
         if privacy is not None:
             who = str(privacy.get("merchant-id", who))
             log.info("round %d %s [%d/%d] %s: %s, ε %.3f / %.3f", rnd, phase, done, total, who,

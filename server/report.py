@@ -10,12 +10,13 @@ from typing import Any
 from server.ledger import PrivacyLedger
 from server.run_log import RunLog
 from shared.jsonable import finite
+from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 
 
 def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
     run_dir = Path(run_dir)
     rows = RunLog(run_dir).rows()
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         latest = {r.merchant_id: r for r in ledger.rows()}  # rows are ordered: last one wins
         privacy = {
             m: {"epsilon": r.epsilon_reported, "budget": r.epsilon_budget, "delta": r.delta,
@@ -31,10 +32,10 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
         "final_eval": final_eval,
         "privacy": privacy,
         "outputs": {
-            "metrics": str(run_dir / "metrics.jsonl"),
-            "ledger": str(run_dir / "ledger.sqlite"),
-            "checkpoints": str(run_dir / "checkpoints"),
-            "model": str(run_dir / "model"),
+            "metrics": str(run_dir / METRICS_FILE),
+            "ledger": str(run_dir / LEDGER_FILE),
+            "checkpoints": str(run_dir / CHECKPOINTS_DIR),
+            "model": str(run_dir / MODEL_DIR),
         },
     }
 
@@ -57,7 +58,7 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
-    path = Path(run_dir) / "summary.json"
+    path = Path(run_dir) / SUMMARY_FILE
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(finite(summary), indent=1))
     tmp.replace(path)

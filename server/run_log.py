@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.jsonable import finite
-
-METRICS_FILE = "metrics.jsonl"
+from shared.run_files import METRICS_FILE
 
 
 class RunLog:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from shared.jsonable import finite
+from shared.run_files import CONFIG_FILE, LEDGER_FILE
 
 log = logging.getLogger("fedshop")
 
@@ -55,9 +56,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     if args.resume:
         run_dir = Path(args.resume)
-        config_path = run_dir / "config.json"
+        config_path = run_dir / CONFIG_FILE
         if not config_path.is_file():
-            raise engine.ScenarioError(f"--resume {run_dir}: no config.json there (not a fedshop run dir)")
+            raise engine.ScenarioError(f"--resume {run_dir}: no {CONFIG_FILE} there (not a fedshop run dir)")
         saved = json.loads(config_path.read_text())
         config = engine.build_config(saved, {**engine.parse_overrides(args.set), "resume": True}, out=run_dir)
         scenario_name = ""
@@ -65,7 +66,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         scenario = engine.load_scenario(args.scenario)
         config = engine.build_config(scenario, engine.parse_overrides(args.set), out=args.out)
         scenario_name = args.scenario
-        if args.out is None and (Path(config.run_dir) / "ledger.sqlite").exists():
+        if args.out is None and (Path(config.run_dir) / LEDGER_FILE).exists():
             # Re-running the same command must not fail on the previous run's folder, nor
             # touch it: a new, dated run directory beside it.
             stamp = time.strftime("%Y%m%d-%H%M%S")

@@ -32,6 +32,7 @@ from server.ledger import PrivacyLedger, SpendRecord
 from shared.privacy import accounting
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import NOISE_SOURCE, MechanismEvent, compose_history
+from shared.run_files import LEDGER_FILE, METRICS_FILE
 
 RUN_ID = "run-audit-1"
 DELTA = 1e-5
@@ -75,7 +76,7 @@ def build_run(
                              target_delta=DELTA)
         for m in merchants
     }
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         ledger.set_meta("run_id", RUN_ID)
         for rnd in range(1, rounds + 1):
             records = []
@@ -89,7 +90,7 @@ def build_run(
                     epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted",
                     noise=NOISE_SOURCE))
             ledger.record_round(records)
-            with (run_dir / "metrics.jsonl").open("a", encoding="utf-8") as fh:
+            with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(metrics_line(rnd, merchants), sort_keys=True) + "\n")
     return run_dir
 
@@ -97,7 +98,7 @@ def build_run(
 @contextmanager
 def tamper(run_dir: Path) -> Iterator[sqlite3.Connection]:
     """A raw connection to the run's ledger with the append-only triggers dropped."""
-    conn = sqlite3.connect(run_dir / "ledger.sqlite", isolation_level=None)
+    conn = sqlite3.connect(run_dir / LEDGER_FILE, isolation_level=None)
     try:
         for trigger in TRIGGERS:
             conn.execute(f"DROP TRIGGER {trigger}")

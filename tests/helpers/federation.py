@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from server.ledger import PrivacyLedger, SpendRecord
+from shared.run_files import LEDGER_FILE, METRICS_FILE
 from tests.helpers import proc
 
 # Tiny encoder, short local training, bounded waits: one round of 3 merchants takes a few
@@ -68,10 +69,10 @@ def faulty_simulation(config: Mapping[str, Any], *, num_merchants: int, log_dir:
 
 
 def ledger_rows(run_dir: Path) -> list[SpendRecord]:
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         return ledger.rows()
 
 
 def metrics_rows(run_dir: Path) -> list[dict[str, Any]]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

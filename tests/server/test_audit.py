@@ -22,6 +22,7 @@ from shared.privacy import accounting
 from shared.privacy.accounting import epsilon_pld, epsilon_rdp
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import NOISE_SOURCE, MechanismEvent
+from shared.run_files import LEDGER_FILE
 from simulations.cli import main
 from tests.helpers.audit_runs import (
     BUDGET,
@@ -122,7 +123,7 @@ def test_cli_json_has_every_per_merchant_field(run_dir: Path, capsys: pytest.Cap
 def test_missing_or_foreign_ledger_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(AuditInputError, match="no privacy ledger"):
         audit_run(tmp_path)
-    (tmp_path / "ledger.sqlite").write_bytes(b"not a database, just some bytes" * 100)
+    (tmp_path / LEDGER_FILE).write_bytes(b"not a database, just some bytes" * 100)
     with pytest.raises(AuditInputError, match="not a readable privacy ledger"):
         audit_run(tmp_path)
     capsys.readouterr()
@@ -311,7 +312,7 @@ def test_node_state_catches_a_lost_call_in_a_retried_round(tmp_path: Path) -> No
     state = PrivacyState.open(state_path(run, "m1"), merchant_id="m1", target_epsilon=BUDGET, target_delta=DELTA)
     state.commit(MECHANISMS["m1"], round=2, model_version=1, run_id=RUN_ID)  # the lost call
     eps = state.commit(MECHANISMS["m1"], round=2, model_version=1, run_id=RUN_ID)  # the retry
-    with PrivacyLedger(run / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run / LEDGER_FILE) as ledger:
         (first,) = ledger.rows("m1")
         ledger.record_round([dataclasses.replace(first, round=2, model_version=1, epsilon_reported=eps)])
 
@@ -477,7 +478,7 @@ def test_run_flags_private_updates_sent_without_the_noise_source(run_dir: Path,
 def test_schema_1_ledger_is_audited_as_unmarked(run_dir: Path) -> None:
     # Ledgers written before the noise source was kept: every private update is unmarked.
     before = audit_run(run_dir)
-    as_schema_1(run_dir / "ledger.sqlite")
+    as_schema_1(run_dir / LEDGER_FILE)
 
     report = audit_run(run_dir)
 

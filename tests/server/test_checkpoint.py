@@ -21,6 +21,7 @@ from server.checkpoint import (
     round_dir_name,
     save_checkpoint,
 )
+from shared.run_files import CHECKPOINTS_DIR
 
 CONFIG: dict[str, bool | int | float | str] = {
     "num-server-rounds": 5,
@@ -70,7 +71,7 @@ def latest_text(run_dir: Path) -> str:
 def test_round_trip_is_bit_identical(tmp_path: Path) -> None:
     original = make(7)
     path = save_checkpoint(tmp_path, original)
-    assert path == tmp_path / "checkpoints" / "round-0007"
+    assert path == tmp_path / CHECKPOINTS_DIR / "round-0007"
     assert sorted(p.name for p in path.iterdir()) == sorted(
         [COMPLETE_FILE, PARAMETERS_FILE, "extra_arrays.safetensors", "checkpoint.json"]
     )

@@ -15,8 +15,10 @@ import numpy as np
 import pytest
 
 from server import checkpoint as ckpt
+from shared.model import MANIFEST_FILE
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import NOISE_SOURCE
+from shared.run_files import MODEL_DIR, SUMMARY_FILE
 from tests.helpers.federation import (
     FAST,
     faulty_simulation,
@@ -110,7 +112,7 @@ def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(tmp_pa
     log_rows = metrics_rows(run_dir)
     assert list(log_rows[0]["refused"]) == ["shop-b"]
     assert "shop-b" not in log_rows[1]["sampled"] and sorted(log_rows[1]["sampled"]) == ["shop-a", "shop-c"]
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["rounds_completed"] == 2
     assert summary["privacy"]["shop-b"]["rounds"] == 0
 
@@ -136,7 +138,7 @@ def test_a_round_without_an_accepted_update_fails_the_run(tmp_path: Path) -> Non
     # No spend happened (validation refuses before training), and nothing pretends the run completed.
     assert ledger_rows(run_dir) == []
     assert ckpt.list_checkpoints(run_dir) == []
-    assert not (run_dir / "model").exists() and not (run_dir / "summary.json").exists()
+    assert not (run_dir / MODEL_DIR).exists() and not (run_dir / SUMMARY_FILE).exists()
     assert len(metrics_rows(run_dir)[0]["failed"]) == 3
 
 
@@ -154,6 +156,6 @@ def test_a_federation_whose_budgets_are_all_spent_ends_cleanly(tmp_path: Path) -
     assert [(r.round, r.status, r.steps) for r in rows] == [(1, "refused", 0)] * 3
     for r in rows:
         assert "over the budget" in r.reason, r.reason
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["stopped_because"] == "every merchant's privacy budget is spent"
-    assert (run_dir / "model" / "fedshop.json").is_file()  # the (unchanged) model is still exported
+    assert (run_dir / MODEL_DIR / MANIFEST_FILE).is_file()  # the (unchanged) model is still exported

@@ -19,6 +19,7 @@ from server.ledger import (
     PrivacyLedger,
     SpendRecord,
 )
+from shared.run_files import LEDGER_FILE
 from tests.helpers.audit_runs import as_schema_1
 
 RUN = "run-1"
@@ -47,7 +48,7 @@ def spend(merchant: str = "m1", round_: int = 1, **overrides: object) -> SpendRe
 
 @pytest.fixture
 def ledger(tmp_path: Path) -> Iterator[PrivacyLedger]:
-    with PrivacyLedger(tmp_path / "ledger.sqlite") as opened:
+    with PrivacyLedger(tmp_path / LEDGER_FILE) as opened:
         yield opened
 
 
@@ -74,7 +75,7 @@ def test_schema_wal_and_version(ledger: PrivacyLedger) -> None:
 
 
 def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite"
+    path = tmp_path / LEDGER_FILE
     PrivacyLedger(path).close()
     conn = raw(path)
     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
@@ -84,7 +85,7 @@ def test_newer_schema_version_is_refused(tmp_path: Path) -> None:
 
 
 def test_schema_1_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
-    path = tmp_path / "ledger.sqlite"
+    path = tmp_path / LEDGER_FILE
     with PrivacyLedger(path) as ledger:
         ledger.record_round([spend("m1", 1, noise="fresh-per-call"), spend("m2", 1, noise="fresh-per-call")])
     as_schema_1(path)
@@ -285,7 +286,7 @@ def test_meta_insert_once(ledger: PrivacyLedger) -> None:
 
 # ------------------------------------------------------------------------------ durability
 def test_reopen_keeps_rows(tmp_path: Path) -> None:
-    path = tmp_path / "nested" / "ledger.sqlite"
+    path = tmp_path / "nested" / LEDGER_FILE
     with PrivacyLedger(path) as ledger:
         ledger.set_meta("run_id", RUN)
         ledger.record_round([spend("m1"), spend("m2")])
@@ -304,7 +305,7 @@ def test_reopen_keeps_rows(tmp_path: Path) -> None:
 def test_process_killed_mid_round_leaves_previous_rounds_only(tmp_path: Path) -> None:
     # A real process dies (os._exit: no cleanup, no rollback) after inserting part of
     # round 2; the next open must see round 1 whole and nothing of round 2.
-    path = tmp_path / "ledger.sqlite"
+    path = tmp_path / LEDGER_FILE
     script = textwrap.dedent(
         f"""
         import os, sys

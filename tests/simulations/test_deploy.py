@@ -42,6 +42,7 @@ from server.ledger import PrivacyLedger
 from shared.config import RunConfig
 from shared.privacy.accounting import epsilon
 from shared.privacy.events import MechanismEvent
+from shared.run_files import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
 from shared.tasks import count_records
 from simulations import cli
 from tests.helpers import deployment as dh
@@ -326,7 +327,7 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
         t_starved = t_starved_done - t_starved
         assert re.search(r"NotEnoughNodesError: only \d node\(s\) connected after waiting 10 s", starved.text()), \
             starved.tail()
-        assert not (starved_dir / "metrics.jsonl").exists()
+        assert not (starved_dir / METRICS_FILE).exists()
 
         assert run.wait_exit(300) == 0, group.logs()
         t_done = time.monotonic()
@@ -340,12 +341,12 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
         assert "CERTIFICATE_VERIFY_FAILED" in no_ca.text()
 
     # ---- the ledger and the run's record ----------------------------------------------------
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         rows = ledger.rows()
     outcome = {(r.round, r.merchant_id): r for r in rows}
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     assert [m["round"] for m in metrics] == [1, 2, 3]
-    assert json.loads((run_dir / "summary.json").read_text())
+    assert json.loads((run_dir / SUMMARY_FILE).read_text())
 
     # round 1: everyone trained
     assert {m: outcome[(1, m)].status for m in MERCHANTS} == dict.fromkeys(MERCHANTS, "accepted")

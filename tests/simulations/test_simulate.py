@@ -23,9 +23,18 @@ from transformers import AutoModel, BertModel
 from server import checkpoint as ckpt
 from server.ledger import PrivacyLedger
 from shared.config import RunConfig
-from shared.model import ModelSpec, build_model, load_exported, load_tokenizer, set_trainable, trainable_names
+from shared.model import (
+    MANIFEST_FILE,
+    ModelSpec,
+    build_model,
+    load_exported,
+    load_tokenizer,
+    set_trainable,
+    trainable_names,
+)
 from shared.privacy.accounting import epsilon_prv
 from shared.privacy.events import NOISE_SOURCE, MechanismEvent
+from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, MODEL_DIR, SUMMARY_FILE
 from tests.helpers import proc
 from tests.helpers.federation import FAST, ledger_rows, metrics_rows, resume, simulate, write_scenario
 from tests.helpers.merchants import write_merchants
@@ -41,7 +50,7 @@ def merchant_state(run_dir: Path, merchant: str) -> dict:
 
 def check_client_state_matches_ledger(run_dir: Path) -> None:
     """Each merchant's own state file (kept by its node) reports the ε of its last ledger row."""
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         latest = ledger.latest_epsilon()
     assert sorted(latest) == MERCHANTS
     for merchant in MERCHANTS:
@@ -72,7 +81,7 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
     rows = ledger_rows(run_dir)
     assert len(rows) == 6
     assert Counter((r.round, r.merchant_id) for r in rows) == {(n, m): 1 for n in (1, 2) for m in MERCHANTS}
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         assert ledger.last_round() == 2
         run_id = ledger.meta()["run_id"]
     for r in rows:
@@ -128,7 +137,7 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
         assert row["epsilon"] == {r.merchant_id: r.epsilon_reported for r in rows if r.round == row["round"]}
 
     # --- summary.json
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["rounds_completed"] == 2
     assert summary["stopped_because"] == "all rounds done"
     assert summary["final_eval"] == log_rows[-1]["eval_metrics"]
@@ -137,7 +146,7 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
     assert all(p["rounds"] == 2 for p in summary["privacy"].values())
 
     # --- the exported model is the last checkpoint's model (LoRA merged) and loads two ways
-    exported, tokenizer, manifest = load_exported(run_dir / "model")
+    exported, tokenizer, manifest = load_exported(run_dir / MODEL_DIR)
     assert manifest["trained_as"]["encoder"] == "tiny" and manifest["trained_as"]["trainable"] == "lora"
     batch = tokenizer(["warm scarf", ""], ["Premium red wool scarf", "Cheap blue mug"], padding=True,
                       return_tensors="pt")
@@ -149,7 +158,7 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     assert tokenizer.vocab_size == load_tokenizer(spec).vocab_size
 
-    plain = AutoModel.from_pretrained(str(run_dir / "model"))
+    plain = AutoModel.from_pretrained(str(run_dir / MODEL_DIR))
     assert isinstance(plain, BertModel)
     assert not any("lora" in name for name in plain.state_dict())
     plain.eval()
@@ -191,7 +200,7 @@ def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None
     latest = ckpt.load_latest(run_dir)
     assert latest is not None and sorted(latest.parameters) == sorted(
         f"heads.{task}.{kind}" for task in ("ctr", "rating", "relevance") for kind in ("weight", "bias"))
-    exported, _, manifest = load_exported(run_dir / "model")
+    exported, _, manifest = load_exported(run_dir / MODEL_DIR)
     assert manifest["pooling"] == "mean-l2" and exported.pooling == "mean-l2"
 
 
@@ -201,7 +210,7 @@ def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     settings = {**FAST, "data-dir": str(data), "num-server-rounds": 3}
     scenario = write_scenario(tmp_path / "scenario.toml", settings)
-    latest_file = run_dir / "checkpoints" / "LATEST"
+    latest_file = run_dir / CHECKPOINTS_DIR / ckpt.LATEST_FILE
     cmd = proc.fedshop_command("simulate", "--scenario", str(scenario), "--out", str(run_dir))
 
     with proc.session(cmd, log_dir=tmp_path / "log-killed") as first:
@@ -226,7 +235,7 @@ def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
     assert left == [], f"processes of the killed run survived SIGKILL of its group: {left}"
     assert survivors == [], f"processes of the killed run survived: {survivors}"
 
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         last_at_kill = ledger.last_round()
         assert last_at_kill in (1, 2)  # round 2 may have been recorded just before the kill
         run_id = ledger.meta()["run_id"]
@@ -240,7 +249,7 @@ def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
     keys = [(r.round, r.merchant_id) for r in rows]
     assert len(keys) == len(set(keys)), "a (round, merchant) was recorded twice"
     assert {r.round for r in rows} == {1, 2, 3}
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         assert ledger.last_round() == 3
         assert ledger.meta()["run_id"] == run_id  # the resumed run kept its id
     for n in (1, 2, 3):
@@ -258,7 +267,7 @@ def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
     assert rounds == sorted(rounds) and rounds[0] == 1 and rounds[-1] == 3
     latest = ckpt.load_latest(run_dir)
     assert latest is not None and latest.round == 3 and latest.extra["run_id"] == run_id
-    assert (run_dir / "model" / "fedshop.json").is_file()
+    assert (run_dir / MODEL_DIR / MANIFEST_FILE).is_file()
 
 
 def test_resume_skips_a_round_recorded_but_not_checkpointed(two_round_run: tuple[Path, proc.Run],
@@ -269,8 +278,8 @@ def test_resume_skips_a_round_recorded_but_not_checkpointed(two_round_run: tuple
     assert first.returncode == 0, first.describe()
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
-    shutil.rmtree(run_dir / "checkpoints" / "round-0002")
-    (run_dir / "checkpoints" / "LATEST").write_text("1\n")
+    shutil.rmtree(run_dir / CHECKPOINTS_DIR / ckpt.round_dir_name(2))
+    (run_dir / CHECKPOINTS_DIR / ckpt.LATEST_FILE).write_text("1\n")
     before = {r.merchant_id: r.epsilon_reported for r in ledger_rows(run_dir) if r.round == 2}
 
     cmd = proc.fedshop_command("simulate", "--resume", str(run_dir),
@@ -300,7 +309,7 @@ def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data), "num-server-rounds": 20})
     cmd = proc.fedshop_command("simulate", "--scenario", str(scenario), "--out", str(run_dir))
-    latest_file = run_dir / "checkpoints" / "LATEST"
+    latest_file = run_dir / CHECKPOINTS_DIR / ckpt.LATEST_FILE
 
     with proc.session(cmd, log_dir=tmp_path / "log") as run:
         sid = run.pid
@@ -324,6 +333,6 @@ def test_ctrl_c_stops_the_run_and_everything_it_started(tmp_path: Path) -> None:
     assert "resume with: fedshop simulate --resume" in output.stderr
     assert left == [], f"processes of the interrupted run are still alive: {left}"
     # What was committed before the interrupt is intact and resumable.
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         assert ledger.last_round() >= 1
     assert ckpt.load_latest(run_dir) is not None
