@@ -32,6 +32,7 @@ from typing import Any
 
 import utility  # this folder's benchmark: its metrics, target and gap are the ones judged here
 
+from shared import atomic
 from shared.config import RunConfig
 from shared.jsonable import finite
 
@@ -246,10 +247,9 @@ def plot(pooled: dict[str, Any], path: Path) -> None:
         ax.set_title(f"{name}: {metric} ({better} is better)", fontsize=9)
     axes[0][0].legend(fontsize=7, loc="best")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format=path.suffix.lstrip(".") or "png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def main() -> int:
@@ -263,8 +263,8 @@ def main() -> int:
     except ValueError as exc:
         parser.error(str(exc))
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    utility.write_atomic(utility.with_extension(args.out, ".json"), json.dumps(finite(pooled), indent=1))
-    utility.write_atomic(utility.with_extension(args.out, ".md"), markdown(pooled))
+    atomic.write_text(utility.with_extension(args.out, ".json"), json.dumps(finite(pooled), indent=1))
+    atomic.write_text(utility.with_extension(args.out, ".md"), markdown(pooled))
     plot(pooled, utility.with_extension(args.out, ".png"))
     print(markdown(pooled))
     print(f"written: {args.out}.json, .md, .png")

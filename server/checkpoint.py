@@ -11,7 +11,7 @@ Layout under ``RUN_DIR/checkpoints/``::
     LATEST                       the round number of the newest committed checkpoint
 
 A save writes everything into the ``.tmp-<pid>`` dir, fsyncs it, renames it into place with
-``os.replace`` and only then rewrites ``LATEST`` (temp file + ``os.replace``). Updating
+``os.replace`` and only then rewrites ``LATEST`` (``shared.atomic``: temp file + rename). Updating
 ``LATEST`` is the commit point: a crash at any moment leaves either the previous checkpoint
 or the new one, never a torn one.
 
@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from shared import atomic
 from shared.run_files import CHECKPOINTS_DIR
 
 logger = logging.getLogger(__name__)
@@ -46,8 +47,9 @@ PARAMETERS_FILE = "parameters.safetensors"
 EXTRA_ARRAYS_FILE = "extra_arrays.safetensors"
 
 _ROUND_DIR = re.compile(r"^round-(\d+)$")
-# Leftovers of interrupted saves: the temp dir being written, or a replaced dir set aside.
-_LEFTOVER = re.compile(r"^(?:round-\d+\.(?:tmp|old)|LATEST\.tmp)-\d+$")
+# Leftovers of interrupted saves: the temp dir being written, a replaced dir set aside, or
+# shared.atomic's temporary file for LATEST.
+_LEFTOVER = re.compile(r"^(?:round-\d+\.(?:tmp|old)-\d+|LATEST\.[0-9a-f]+\.tmp)$")
 
 ConfigValue = bool | int | float | str
 
@@ -110,9 +112,9 @@ def save_checkpoint(run_dir: str | os.PathLike[str], checkpoint: Checkpoint, *, 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _fsync_dir(root)  # makes the rename durable before LATEST can name it
+    atomic.fsync_dir(root)  # makes the rename durable before LATEST can name it
 
-    _write_text_atomic(root / LATEST_FILE, f"{checkpoint.round}\n")
+    atomic.write_text(root / LATEST_FILE, f"{checkpoint.round}\n")
     logger.info("checkpoint: saved round %d to %s", checkpoint.round, final)
     _prune(root, keep_last=keep_last, latest=checkpoint.round)
     return final
@@ -138,7 +140,7 @@ def _write_round_dir(directory: Path, checkpoint: Checkpoint) -> None:
     for filename, arrays in files.items():
         path = directory / filename
         save_file(dict(arrays), str(path))
-        _fsync_file(path)
+        atomic.fsync_file(path)
         digests[filename] = _sha256(path)
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -152,7 +154,7 @@ def _write_round_dir(directory: Path, checkpoint: Checkpoint) -> None:
     _write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
     # Last, after everything else is on disk: its presence is what "complete" means.
     _write_text(directory / COMPLETE_FILE, f"{checkpoint.round}\n")
-    _fsync_dir(directory)
+    atomic.fsync_dir(directory)
 
 
 def _prune(root: Path, *, keep_last: int, latest: int) -> None:
@@ -272,32 +274,9 @@ def _read_latest(root: Path) -> int | None:
 
 # ---------------------------------------------------------------------------- file helpers
 def _write_text(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    _write_text(tmp, text)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Without this the rename itself may not survive a power cut (POSIX; no-op elsewhere).
-    if os.name != "posix":
-        return
-    _fsync_file(path)
+    # Inside the temporary round dir: not atomic by itself, the dir's rename is.
+    path.write_text(text, encoding="utf-8")
+    atomic.fsync_file(path)
 
 
 def _sha256(path: Path) -> str:

@@ -16,7 +16,6 @@ Guards for Flower's two silent failure modes:
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import random
 import re
@@ -35,6 +34,7 @@ from server.ledger import PrivacyLedger, SpendRecord
 from server.run_log import RunLog
 from server.screening import screen_update
 from server.strategy import EligibleNodesGrid, build_strategy, restore_strategy_state, strategy_state
+from shared import atomic
 from shared.config import RunConfig
 from shared.metrics import HIGHER_IS_BETTER
 from shared.run_files import CONFIG_FILE, LEDGER_FILE
@@ -138,7 +138,8 @@ class Federation:
                 restore_strategy_state(self.strategy, latest.extra_arrays)
                 self.start_round = latest.round + 1
                 self.model_version = latest.round
-        (self.run_dir / CONFIG_FILE).write_text(json.dumps(config.to_mapping(), indent=1))
+        # Atomic: --resume reads it back, and a torn one would leave the run unresumable.
+        atomic.write_json(self.run_dir / CONFIG_FILE, config.to_mapping())
 
     def _init_ledger_meta(self) -> None:
         meta = self.ledger.meta()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from server.ledger import PrivacyLedger
 from server.run_log import RunLog
+from shared import atomic
 from shared.jsonable import finite
 from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 
@@ -59,7 +59,5 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> Path:
     path = Path(run_dir) / SUMMARY_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(finite(summary), indent=1))
-    tmp.replace(path)
+    atomic.write_json(path, finite(summary))
     return path

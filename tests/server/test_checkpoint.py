@@ -115,6 +115,8 @@ def test_leftover_tmp_and_incomplete_dirs_are_ignored(tmp_path: Path) -> None:
     shutil.copytree(root / "round-0002", root / "round-0003")
     (root / "round-0003" / COMPLETE_FILE).unlink()
     os.remove(root / LATEST_FILE)  # force the fallback scan
+    # ... and LATEST's temporary file from shared.atomic, killed before its rename.
+    (root / f"{LATEST_FILE}.0123abcd.tmp").write_text("4\n")
 
     loaded = load_latest(tmp_path)
     assert loaded is not None and loaded.round == 2
@@ -125,6 +127,7 @@ def test_leftover_tmp_and_incomplete_dirs_are_ignored(tmp_path: Path) -> None:
     # The next save clears leftovers of interrupted saves.
     save_checkpoint(tmp_path, make(5))
     assert not (root / "round-0004.tmp-99999").exists()
+    assert not (root / f"{LATEST_FILE}.0123abcd.tmp").exists()
 
 
 def test_latest_pointing_to_missing_dir_falls_back(tmp_path: Path) -> None:
