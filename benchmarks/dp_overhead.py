@@ -100,6 +100,7 @@ def _reset_peak() -> bool:
 def _batch(tokenizer: Any, batch_size: int, seq_len: int) -> list[Any]:
     import torch
 
+    from shared.model import tokenize_pairs
     from shared.tasks import Example, pack_targets
 
     contexts, products, packed = [], [], []
@@ -112,12 +113,10 @@ def _batch(tokenizer: Any, batch_size: int, seq_len: int) -> list[Any]:
         contexts.append(QUERIES[i % len(QUERIES)] if task != "rating" else "")
         target = {"ctr": float(i % 2), "rating": float(1 + i % 5), "relevance": float(i % 4)}[task]
         packed.append(pack_targets([Example(task, contexts[-1], products[-1], target)]))
-    enc = tokenizer(contexts, products, truncation="longest_first", max_length=seq_len,
-                    padding="max_length", return_tensors="pt")
+    enc = tokenize_pairs(tokenizer, contexts, products, seq_len)
     if enc["input_ids"].shape != (batch_size, seq_len) or not bool(enc["attention_mask"].all()):
         raise RuntimeError("benchmark inputs must fill all positions with real tokens")
-    token_type_ids = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
-    return [enc["input_ids"].contiguous(), enc["attention_mask"].contiguous(), token_type_ids.contiguous(),
+    return [enc["input_ids"].contiguous(), enc["attention_mask"].contiguous(), enc["token_type_ids"].contiguous(),
             torch.tensor(packed, dtype=torch.float32)]
 
 

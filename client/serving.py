@@ -13,7 +13,7 @@ import pandas as pd
 import torch
 
 from client.data import HISTORY_SEPARATOR, DataValidationError, Problem, load_table, product_text
-from shared.model import load_exported
+from shared.model import load_exported, tokenize_pairs
 from shared.tasks import TASK_INDEX, predictions
 
 
@@ -46,10 +46,9 @@ def score_pairs(model_dir: Path, *, contexts: list[str], products: list[str], ta
     max_len = int(manifest.get("max_seq_len", 64))
     out = []
     for start in range(0, len(products), batch_size):
-        enc = tokenizer(contexts[start:start + batch_size], products[start:start + batch_size],
-                        truncation="longest_first", max_length=max_len, padding=True, return_tensors="pt")
-        token_type_ids = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
-        scores = model(enc["input_ids"], enc["attention_mask"], token_type_ids)
+        enc = tokenize_pairs(tokenizer, contexts[start:start + batch_size], products[start:start + batch_size],
+                             max_len, padding="longest")
+        scores = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
         out.append(predictions(scores)[:, TASK_INDEX[task]].numpy())
     return np.concatenate(out) if out else np.zeros(0)
 

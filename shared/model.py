@@ -16,6 +16,7 @@ import dataclasses
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +104,34 @@ def tiny_bert_config(vocab_size: int, *, dropout: float = 0.1) -> BertConfig:
 
 def load_tokenizer(spec: ModelSpec) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(str(resolve_encoder(spec.encoder)))
+
+
+def tokenize_pairs(
+    tokenizer: PreTrainedTokenizerBase,
+    contexts: Sequence[str],
+    products: Sequence[str],
+    max_seq_len: int,
+    *,
+    padding: bool | str = "max_length",
+) -> dict[str, torch.Tensor]:
+    """The model's inputs for (context, product) pairs: ``[CLS] context [SEP] product [SEP]``.
+
+    Training, evaluation and serving must cut pairs alike: ``longest_first`` truncation to
+    ``max_seq_len`` takes tokens from whichever side is longer, so a long description cannot
+    crowd out the query. ``padding="max_length"`` gives every batch the same shape (the
+    trainer's batches); ``"longest"`` pads only to the batch's longest pair, cheaper where
+    the shape may vary (inference). Returns ``input_ids``,
+    ``attention_mask`` and ``token_type_ids`` (the model's forward arguments, in order), each
+    ``[len(contexts), length]``; ``token_type_ids`` are zeros for a tokenizer without them
+    (the model takes them explicitly).
+    """
+    if len(contexts) != len(products):
+        raise ValueError(f"{len(contexts)} contexts but {len(products)} products: they must pair up")
+    enc = tokenizer(list(contexts), list(products), truncation="longest_first", max_length=max_seq_len,
+                    padding=padding, return_tensors="pt")
+    input_ids = enc["input_ids"]
+    token_type_ids = enc["token_type_ids"] if "token_type_ids" in enc else torch.zeros_like(input_ids)
+    return {"input_ids": input_ids, "attention_mask": enc["attention_mask"], "token_type_ids": token_type_ids}
 
 
 def load_encoder(spec: ModelSpec) -> PreTrainedModel:

@@ -25,6 +25,7 @@ from shared.model import (
     load_exported,
     load_tokenizer,
     set_trainable,
+    tokenize_pairs,
     trainable_names,
 )
 from shared.tasks import TASKS
@@ -177,10 +178,55 @@ PAIRS = [
 
 
 def _inputs(tokenizer: PreTrainedTokenizerBase) -> dict[str, torch.Tensor]:
-    enc = tokenizer([c for c, _ in PAIRS], [p for _, p in PAIRS], truncation="longest_first",
-                    max_length=32, padding="max_length", return_tensors="pt")
+    enc = tokenize_pairs(tokenizer, [c for c, _ in PAIRS], [p for _, p in PAIRS], 32)
     assert int(enc["attention_mask"].sum(1).min()) < 32  # padding is present, so pooling must mask it
-    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    return enc
+
+
+def test_tokenize_pairs_cross_encodes_each_pair_at_a_fixed_length(tokenizer: PreTrainedTokenizerBase) -> None:
+    enc = tokenize_pairs(tokenizer, ["red scarf", ""], ["wool scarf", "oak table"], 12)
+    assert list(enc) == ["input_ids", "attention_mask", "token_type_ids"]
+    assert all(v.shape == (2, 12) for v in enc.values())
+    first = tokenizer.convert_ids_to_tokens(enc["input_ids"][0][enc["attention_mask"][0].bool()])
+    assert first == ["[CLS]", "red", "scarf", "[SEP]", "wool", "scarf", "[SEP]"]
+    # Segment 0 is [CLS] context [SEP], segment 1 the product and its [SEP]; padding is 0.
+    assert enc["token_type_ids"][0].tolist() == [0, 0, 0, 0, 1, 1, 1] + [0] * 5
+    # An empty context still gets its own [SEP]: the product starts at the same place in every row.
+    second = tokenizer.convert_ids_to_tokens(enc["input_ids"][1][enc["attention_mask"][1].bool()])
+    assert second == ["[CLS]", "[SEP]", "oak", "table", "[SEP]"]
+
+
+def test_tokenize_pairs_cuts_the_longer_side_first(tokenizer: PreTrainedTokenizerBase) -> None:
+    product = "adjustable LED desk lamp with a long warranty and a heavy metal base " * 4
+    enc = tokenize_pairs(tokenizer, ["desk lamp"], [product], 16)
+    tokens = tokenizer.convert_ids_to_tokens(enc["input_ids"][0])
+    assert len(tokens) == 16 and bool(enc["attention_mask"].all())  # truncated, not padded
+    assert tokens[:4] == ["[CLS]", "desk", "lamp", "[SEP]"]  # the short query survives whole
+    assert tokens[-1] == "[SEP]"
+
+
+def test_tokenize_pairs_longest_padding_stops_at_the_longest_pair(tokenizer: PreTrainedTokenizerBase) -> None:
+    enc = tokenize_pairs(tokenizer, ["a", "a"], ["mug", "blue ceramic mug"], 64, padding="longest")
+    lengths = enc["attention_mask"].sum(1).tolist()
+    assert enc["input_ids"].shape == (2, max(lengths)) and lengths[0] < lengths[1]
+
+
+def test_tokenize_pairs_gives_zero_token_types_when_the_tokenizer_has_none(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    import copy
+
+    plain = copy.deepcopy(tokenizer)
+    plain.model_input_names = ["input_ids", "attention_mask"]
+    assert "token_type_ids" not in plain(["a"], ["b"], return_tensors="pt")  # the case being tested
+    enc = tokenize_pairs(plain, ["red scarf"], ["wool scarf"], 12)
+    assert torch.equal(enc["token_type_ids"], torch.zeros(1, 12, dtype=torch.long))
+    assert torch.equal(enc["input_ids"], tokenize_pairs(tokenizer, ["red scarf"], ["wool scarf"], 12)["input_ids"])
+
+
+def test_tokenize_pairs_refuses_unpaired_lists(tokenizer: PreTrainedTokenizerBase) -> None:
+    with pytest.raises(ValueError, match="2 contexts but 1 products"):
+        tokenize_pairs(tokenizer, ["a", "b"], ["c"], 12)
 
 
 @torch.no_grad()
