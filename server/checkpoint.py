@@ -37,7 +37,7 @@ from safetensors.numpy import load_file, save_file
 from shared import atomic
 from shared.run_files import CHECKPOINTS_DIR
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 LATEST_FILE = "LATEST"
@@ -115,7 +115,7 @@ def save_checkpoint(run_dir: str | os.PathLike[str], checkpoint: Checkpoint, *, 
     atomic.fsync_dir(root)  # makes the rename durable before LATEST can name it
 
     atomic.write_text(root / LATEST_FILE, f"{checkpoint.round}\n")
-    logger.info("checkpoint: saved round %d to %s", checkpoint.round, final)
+    log.info("checkpoint: saved round %d to %s", checkpoint.round, final)
     _prune(root, keep_last=keep_last, latest=checkpoint.round)
     return final
 
@@ -163,7 +163,7 @@ def _prune(root: Path, *, keep_last: int, latest: int) -> None:
     for round_ in complete:
         if round_ not in keep:
             shutil.rmtree(root / round_dir_name(round_), ignore_errors=True)
-            logger.debug("checkpoint: pruned round %d", round_)
+            log.debug("checkpoint: pruned round %d", round_)
 
 
 def _remove_leftovers(root: Path) -> None:
@@ -171,7 +171,7 @@ def _remove_leftovers(root: Path) -> None:
     # crashed; it is never read, only wasting disk.
     for entry in root.iterdir():
         if _LEFTOVER.match(entry.name):
-            logger.info("checkpoint: removing leftover %s from an interrupted save", entry.name)
+            log.info("checkpoint: removing leftover %s from an interrupted save", entry.name)
             if entry.is_dir():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
@@ -201,13 +201,13 @@ def load_latest(run_dir: str | os.PathLike[str]) -> Checkpoint | None:
             candidates.remove(latest)
             candidates.insert(0, latest)
         else:
-            logger.warning("checkpoint: LATEST names round %d, which has no complete checkpoint", latest)
+            log.warning("checkpoint: LATEST names round %d, which has no complete checkpoint", latest)
     for round_ in candidates:
         try:
             return load_checkpoint(root / round_dir_name(round_))
         # A malformed manifest surfaces as KeyError/TypeError; all of these mean "unusable".
         except (CheckpointError, OSError, ValueError, KeyError, TypeError) as exc:
-            logger.warning("checkpoint: skipping round %d: %s", round_, exc)
+            log.warning("checkpoint: skipping round %d: %s", round_, exc)
     return None
 
 
@@ -266,7 +266,7 @@ def _read_latest(root: Path) -> int | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as exc:
-        logger.warning(
+        log.warning(
             "checkpoint: unreadable %s (%s); falling back to the highest complete round", path, exc
         )
         return None

@@ -33,7 +33,7 @@ from client.data.schema import (
     _show,
 )
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 
 def _looks_like(head: bytes) -> str:
@@ -278,7 +278,7 @@ def load_merchant(path: str | os.PathLike[str]) -> MerchantData:
         interactions=_frame("interactions", checked["interactions"]) if "interactions" in checked else None,
         judgments=_frame("judgments", checked["judgments"]) if "judgments" in checked else None,
     )
-    logger.debug(
+    log.debug(
         "loaded merchant %s: %d products, %s interactions, %s judgments", data.merchant_id, len(data.catalog),
         "no" if data.interactions is None else len(data.interactions),
         "no" if data.judgments is None else len(data.judgments),

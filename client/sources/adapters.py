@@ -26,7 +26,7 @@ import pandas as pd
 
 from client.data import FileFormat, MerchantData, check_output_dir, write_merchant
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # The repository's data/ folder (present in a checkout and in an editable install).
 DATA_DIR = Path(__file__).resolve().parents[2] / "data"
@@ -62,7 +62,7 @@ def _write_all(
         p.name for p in directory.iterdir() if p.name not in expected and not p.name.startswith(".")
     )
     if others:
-        logger.warning("%s also holds entries this run did not write (left alone): %s", directory, others)
+        log.warning("%s also holds entries this run did not write (left alone): %s", directory, others)
     return written
 
 
@@ -102,7 +102,7 @@ def prepare_reviews(
     for row, (d, t) in enumerate(zip(department, text, strict=True)):
         if d and t:
             rows_by_merchant[_merchant_name(d)].append(row)
-    logger.info(
+    log.info(
         "%s: %d reviews; dropped %d without a department and %d more with blank review text; %d kept",
         path.name, len(frame), no_department, no_text, len(frame) - no_department - no_text,
     )
@@ -198,14 +198,14 @@ def prepare_esci(
                     "query_id": record["query_id"],
                 }
             )
-    logger.info(
+    log.info(
         "%s: %d queries, %d judgments into %d merchants; %d products had several titles (first kept)",
         path.name, len(queries), sum(len(rows) for rows in judgments), merchants, len(retitled),
     )
     built = []
     for index in range(merchants):
         if not judgments[index]:
-            logger.info("merchant esci-%d received no query; not written", index)
+            log.info("merchant esci-%d received no query; not written", index)
             continue
         catalog = pd.DataFrame(
             {"product_id": list(titles[index]), "title": list(titles[index].values())}

@@ -38,7 +38,7 @@ import pandas as pd
 
 from client.data import FileFormat, MerchantData, check_output_dir, write_merchant
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CATEGORIES: Mapping[str, tuple[str, ...]] = {
     "apparel": ("shirt", "dress", "jacket", "scarf", "sweater", "jeans"),
@@ -397,5 +397,5 @@ def write_merchants(
         write_merchant(federation.merchant(i), directory, file_format=file_format, overwrite=overwrite)
         for i in chosen
     ]
-    logger.info("wrote %d synthetic merchants to %s", len(written), directory)
+    log.info("wrote %d synthetic merchants to %s", len(written), directory)
     return written
