@@ -22,7 +22,6 @@ import re
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Message
@@ -382,12 +381,4 @@ def short_reason(reason: str) -> str:
         text = text.rsplit("Message:", 1)[1]
     return " ".join(text.split())[:300]
 
-
-def summarise(result: FederationResult) -> dict[str, Any]:
-    last = result.reports[-1] if result.reports else None
-    return {
-        "rounds_completed": result.rounds_completed,
-        "stopped_because": result.stopped_because,
-        "final_eval": last.eval_metrics if last else {},
-    }
 
