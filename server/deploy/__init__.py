@@ -57,13 +57,20 @@ from server.deploy.kit import (
     supernode_command,
     write_flwr_config,
 )
-from server.deploy.pki import DeployError, check_public_key, make_ca, make_node_key, make_server_certificate
+from server.deploy.pki import (
+    DeployError,
+    check_public_key,
+    make_ca,
+    make_node_key,
+    make_server_certificate,
+    write_secret,
+)
 from server.deploy.registration import flwr_executable, register_merchant
 
 __all__ = [
     "CONNECTION", "DEFAULT_SUPERLINK_PORT", "DEPLOYMENT_FILE", "FIRST_SUPERNODE_PORT", "HERE", "INSECURE_WARNING",
     "MERCHANT_FILE", "NODE_KEY", "PROCESS_ENV", "SUPERLINK_SCRIPT", "SUPERNODE_SCRIPT", "DeployError", "Deployment",
     "MerchantKit", "add_merchant", "check_public_key", "flwr_executable", "init_deployment", "make_ca",
-    "make_node_key", "make_server_certificate", "process_env", "register_merchant", "shell_join",
+    "make_node_key", "make_server_certificate", "write_secret", "process_env", "register_merchant", "shell_join",
     "superlink_command", "supernode_command", "write_flwr_config",
 ]

@@ -294,7 +294,7 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
         rogue_dir = tmp_path / "rogue"
         rogue_dir.mkdir()
         private, public = deploy.make_node_key()
-        deploy._write_secret(rogue_dir / "key", private)
+        deploy.write_secret(rogue_dir / "key", private)
         rogue_config = f"merchant-id='rogue' data-dir='{data / 'shop-a'}' state-dir='{rogue_dir / 'state'}'"
         base = ["flower-supernode", "--superlink", dep.superlink_address, "--node-config", rogue_config]
         unregistered = group.start("rogue-unregistered", [*base, "--root-certificates", str(dep.ca_cert),
