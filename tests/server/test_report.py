@@ -1,0 +1,121 @@
+"""server.report: the end-of-run summary from a ledger and a run log — its values, text and file."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.federation import RoundReport
+from server.ledger import PrivacyLedger, SpendRecord
+from server.report import format_summary, run_summary, write_summary
+from server.run_log import RunLog
+from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
+
+
+def spend(merchant: str, round_: int, epsilon: float, **overrides: Any) -> SpendRecord:
+    fields: dict[str, Any] = dict(
+        run_id="run-1", round=round_, merchant_id=merchant, node_id=round_, model_version=round_ - 1,
+        noise_multiplier=1.0, sample_rate=0.1, steps=3, max_grad_norm=1.0, delta=1e-5,
+        epsilon_reported=epsilon, epsilon_budget=4.0, accountant="prv", status="accepted",
+    )
+    fields.update(overrides)
+    return SpendRecord(**fields)
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path) -> Path:
+    """Three rounds: shop-a trains in all (once rejected), shop-b is refused in round 2 and
+    not sampled after, shop-c trains without DP in round 1 only."""
+    with PrivacyLedger(tmp_path / LEDGER_FILE) as ledger:
+        ledger.record_round([
+            spend("shop-a", 1, 1.25),
+            spend("shop-b", 1, 2.5, epsilon_budget=3.0, delta=1e-6),
+            spend("shop-c", 1, math.inf, dp=False, epsilon_budget=math.inf, noise_multiplier=0.0),
+        ])
+        ledger.record_round([
+            spend("shop-a", 2, 2.0, status="rejected", reason="exceeds max-update-norm"),
+            spend("shop-b", 2, 2.5, epsilon_budget=3.0, delta=1e-6, status="refused", steps=0,
+                  reason="budget spent"),
+        ])
+        ledger.record_round([spend("shop-a", 3, 3.0)])
+    log = RunLog(tmp_path)
+    log.append(RoundReport(round=1, eval_metrics={"ctr_auc": 0.5, "eval-loss": 0.75}))
+    log.append(RoundReport(round=2, eval_metrics={"ctr_auc": 0.75, "rating_rmse": 1.0625, "eval-loss": 0.5,
+                                                  "relevance_ndcg@10": float("nan")}))
+    log.append(RoundReport(round=3))  # evaluation failed: no metrics this round
+    return tmp_path
+
+
+def test_summary_values(run_dir: Path) -> None:
+    summary = run_summary(run_dir, stopped_because="all rounds done")
+    assert summary["run_dir"] == str(run_dir)
+    assert summary["rounds_completed"] == 3
+    assert summary["stopped_because"] == "all rounds done"
+    # The last round that has metrics; NaN was written as null.
+    assert summary["final_eval"] == {"ctr_auc": 0.75, "rating_rmse": 1.0625, "eval-loss": 0.5,
+                                     "relevance_ndcg@10": None}
+    assert list(summary["privacy"]) == ["shop-a", "shop-b", "shop-c"]
+    # Each merchant's latest row; a refused call is not a round it trained in, a rejected one is.
+    assert summary["privacy"]["shop-a"] == {"epsilon": 3.0, "budget": 4.0, "delta": 1e-5, "rounds": 3}
+    assert summary["privacy"]["shop-b"] == {"epsilon": 2.5, "budget": 3.0, "delta": 1e-6, "rounds": 1}
+    assert summary["privacy"]["shop-c"] == {"epsilon": math.inf, "budget": math.inf, "delta": 1e-5, "rounds": 1}
+    assert summary["outputs"] == {
+        "metrics": str(run_dir / METRICS_FILE),
+        "ledger": str(run_dir / LEDGER_FILE),
+        "checkpoints": str(run_dir / CHECKPOINTS_DIR),
+        "model": str(run_dir / MODEL_DIR),
+    }
+
+
+def test_summary_text(run_dir: Path) -> None:
+    text = format_summary(run_summary(run_dir, stopped_because="all rounds done"))
+    assert text.splitlines() == [
+        "fedshop run finished: 3 round(s); all rounds done",
+        "utility on merchants' held-out data (last round):",
+        # Sorted; the loss and the undefined metric are left out.
+        "  ctr_auc                0.7500",
+        "  rating_rmse            1.0625",
+        "privacy spent per merchant (ε at δ, cumulative / budget):",
+        "  shop-a                 ε 3.000 / 4.000 at δ 1e-05, 3 round(s)",
+        "  shop-b                 ε 2.500 / 3.000 at δ 1e-06, 1 round(s)",
+        "  shop-c                 ε no DP / inf at δ 1e-05, 1 round(s)",
+        "outputs:",
+        f"  metrics      {run_dir / METRICS_FILE}",
+        f"  ledger       {run_dir / LEDGER_FILE}",
+        f"  checkpoints  {run_dir / CHECKPOINTS_DIR}",
+        f"  model        {run_dir / MODEL_DIR}",
+    ]
+
+
+def test_a_run_that_recorded_nothing(tmp_path: Path) -> None:
+    PrivacyLedger(tmp_path / LEDGER_FILE).close()
+    summary = run_summary(tmp_path, stopped_because="every merchant's privacy budget is spent")
+    assert (summary["rounds_completed"], summary["final_eval"], summary["privacy"]) == (0, {}, {})
+    lines = format_summary(summary).splitlines()
+    assert lines[0] == "fedshop run finished: 0 round(s); every merchant's privacy budget is spent"
+    assert lines[1] == "privacy spent per merchant (ε at δ, cumulative / budget):"  # no utility section
+    assert lines[2] == "outputs:"
+
+
+def test_summary_file_is_strict_json(run_dir: Path) -> None:
+    summary = run_summary(run_dir, stopped_because="all rounds done")
+    path = write_summary(run_dir, summary)
+    assert path == run_dir / SUMMARY_FILE
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"{token} in {SUMMARY_FILE}")
+
+    written = json.loads(path.read_text(), parse_constant=refuse)
+    assert written["privacy"]["shop-c"] == {"epsilon": None, "budget": None, "delta": 1e-5, "rounds": 1}
+    assert written["privacy"]["shop-a"] == summary["privacy"]["shop-a"]
+    assert written["final_eval"]["relevance_ndcg@10"] is None
+    assert summary["privacy"]["shop-c"]["epsilon"] == math.inf  # the caller's dict is not changed
+    # Written again (a resumed run finishing): replaced whole, nothing left beside it.
+    write_summary(run_dir, {**summary, "stopped_because": "early stopping"})
+    assert json.loads(path.read_text())["stopped_because"] == "early stopping"
+    assert sorted(os.listdir(run_dir)) == sorted([LEDGER_FILE, METRICS_FILE, SUMMARY_FILE])
