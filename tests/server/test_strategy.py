@@ -57,7 +57,7 @@ def fedadam() -> Strategy:
 
 def train_round(strategy: Strategy, rnd: int, params: Params, updates: dict[int, tuple[Params, float]]) -> Params:
     """One round: instructions to the nodes in ``updates``, their replies, the aggregate."""
-    grid = EligibleNodesGrid(FakeGrid([1, 2, 3, 4, 5]), sorted(updates))
+    grid = EligibleNodesGrid(FakeGrid([1, 2, 3, 4, 5]), sorted(updates))  # type: ignore[arg-type]
     instructions = list(strategy.configure_train(rnd, params_to_record(params), ConfigRecord(), grid))  # type: ignore[arg-type]
     assert sorted(m.metadata.dst_node_id for m in instructions) == sorted(updates)
     replies = []
@@ -134,7 +134,7 @@ def test_fedavg_has_no_state_and_restoring_none_changes_nothing() -> None:
 def test_eligible_nodes_grid_lists_only_the_chosen_nodes_and_delegates_the_rest() -> None:
     grid = FakeGrid([1, 2, 3, 4, 5])
     chosen = [4, 2]
-    view = EligibleNodesGrid(grid, iter(chosen))  # any iterable; read once
+    view = EligibleNodesGrid(grid, iter(chosen))  # type: ignore[arg-type]  # any iterable; read once
     assert view.get_node_ids() == [4, 2]
     view.get_node_ids().append(9)  # a caller mutating the answer does not change the view
     assert view.get_node_ids() == [4, 2]
