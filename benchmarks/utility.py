@@ -428,7 +428,7 @@ def noise_used(run_dir: Path) -> dict[str, float]:
     from server.ledger import PrivacyLedger
 
     with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
-        return {r.merchant_id: r.noise_multiplier for r in ledger.rows() if r.status == "accepted"}
+        return {r.merchant_id: r.event.mechanism.noise_multiplier for r in ledger.rows() if r.status == "accepted"}
 
 
 # --------------------------------------------------------------------------- the arms

@@ -26,7 +26,7 @@ from client.data import MerchantData, build_examples, load_merchant, split_examp
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
 from shared.privacy.budget import BudgetExceededError, PrivacyState
-from shared.privacy.events import NOISE_SOURCE
+from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.tasks import Example
 from shared.wire import STATUS_OK, STATUS_REFUSED, PrivacyFacts, TrainReply
 
@@ -181,8 +181,9 @@ class Merchant:
         return model, load_tokenizer(spec)
 
     def train(self, params: dict[str, np.ndarray], *, server_round: int, model_version: int,
-              run_id: str = "") -> TrainReply:
-        """Train from the global parameters; a budget refusal is a typed reply, not a crash."""
+              run_id: str = "", proximal_mu: float = 0.0) -> TrainReply:
+        """Train from the global parameters; a budget refusal is a typed reply, not a crash.
+        ``proximal_mu``: FedProx's μ, when the server sent one (``trainer.proximal_term``)."""
         started = time.perf_counter()
         split = self.split()
         privacy = self.privacy_state() if self.config.dp else None
@@ -192,35 +193,46 @@ class Merchant:
             result = trainer.train(model, split.train, tokenizer, self.config, privacy=privacy,
                                    round=server_round, model_version=model_version, run_id=run_id,
                                    device=device, feature_cache=self.feature_cache, corpus_cache=self.corpus_cache,
-                                   optimizer_state=self.identity.state_dir / "optimizer-state.pt")
+                                   optimizer_state=self.identity.state_dir / "optimizer-state.pt",
+                                   proximal_mu=proximal_mu)
         except BudgetExceededError as exc:
             log.warning("%s", exc)
             assert privacy is not None
-            return TrainReply(facts=self._facts(privacy, status=STATUS_REFUSED, steps=0, sample_rate=0.0,
-                                                noise_multiplier=self.config.noise_multiplier,
+            return TrainReply(facts=self._facts(privacy, status=STATUS_REFUSED, event=self._refused(privacy),
                                                 model_version=model_version, epsilon=exc.epsilon_now,
                                                 reason=str(exc)), params=None, metrics={})
         model.cpu()
-        facts = self._facts(privacy, status=STATUS_OK, steps=result.steps,
-                            sample_rate=result.mechanism.sample_rate if result.mechanism else 0.0,
-                            noise_multiplier=result.mechanism.noise_multiplier if result.mechanism else 0.0,
+        facts = self._facts(privacy, status=STATUS_OK, event=self._released(privacy, result),
                             model_version=model_version, epsilon=result.epsilon)
         metrics = {"num-examples": float(result.num_examples), "train-loss": result.mean_loss,
                    "steps": float(result.steps), "duration-s": result.duration_s,
                    "client-s": time.perf_counter() - started}
         return TrainReply(facts=facts, params=dict(get_trainable(model)), metrics=metrics)
 
-    def _facts(self, privacy: PrivacyState | None, *, status: str, steps: int, sample_rate: float,
-               noise_multiplier: float, model_version: int, epsilon: float, reason: str = "") -> PrivacyFacts:
+    def _facts(self, privacy: PrivacyState | None, *, status: str, event: SpendEvent, model_version: int,
+               epsilon: float, reason: str = "") -> PrivacyFacts:
         return PrivacyFacts(
-            merchant_id=self.identity.merchant_id, status=status, dp=self.config.dp,
-            noise_multiplier=noise_multiplier if self.config.dp else 0.0,  # the σ this call used
-            sample_rate=sample_rate, steps=steps, max_grad_norm=self.config.max_grad_norm,
-            delta=privacy.target_delta if privacy else 0.0, epsilon=epsilon,
+            merchant_id=self.identity.merchant_id, status=status, dp=self.config.dp, event=event, epsilon=epsilon,
             epsilon_budget=privacy.target_epsilon if privacy else float(self.identity.target_epsilon),
             accountant=self.config.accountant, model_version=model_version, reason=reason,
-            noise=NOISE_SOURCE if self.config.dp and status == STATUS_OK else "",
         )
+
+    def _released(self, privacy: PrivacyState | None, result: trainer.TrainResult) -> SpendEvent:
+        """What a finished call released: a private call's spend is the one the trainer committed
+        to the merchant's state; a non-private call's has no noise (σ = q = 0) and no δ."""
+        if privacy is not None:
+            committed = privacy.entries[-1].event
+            assert committed.mechanism == result.mechanism, "the trainer did not commit this call's spend"
+            return committed
+        return SpendEvent.of(MechanismEvent(noise_multiplier=0.0, sample_rate=0.0, steps=result.steps,
+                                            max_grad_norm=self.config.max_grad_norm),
+                             unit_count=result.num_examples, delta=0.0, noise="")
+
+    def _refused(self, privacy: PrivacyState) -> SpendEvent:
+        """A refused call released nothing: no steps, no units, no noise drawn (σ is the run's floor)."""
+        return SpendEvent.of(MechanismEvent(noise_multiplier=self.config.noise_multiplier, sample_rate=0.0, steps=0,
+                                            max_grad_norm=self.config.max_grad_norm),
+                             unit_count=0, delta=privacy.target_delta, noise="")
 
     def evaluate(self, params: dict[str, np.ndarray]) -> trainer.EvalResult:
         split = self.split()

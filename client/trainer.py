@@ -265,7 +265,8 @@ def train(
     epsilon = 0.0
     if config.dp:
         assert privacy is not None and planned is not None
-        epsilon = privacy.commit(planned, round=round, model_version=model_version, run_id=run_id)
+        epsilon = privacy.commit(planned, unit_count=len(records), round=round, model_version=model_version,
+                                 run_id=run_id)
     if config.keep_optimizer_state and optimizer_state is not None:
         optimizer_state_lib.save(base_optimizer, optimizer_state, run_id=run_id)
     return TrainResult(

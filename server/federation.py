@@ -43,6 +43,7 @@ from shared.wire import (
     PRIVACY,
     RUN_ID,
     STATUS_REFUSED,
+    PrivacyFacts,
     TrainReply,
     WireError,
     array_bytes,
@@ -272,13 +273,8 @@ class Federation:
                     log.warning("round %d: rejected update from merchant %s: %s", rnd, facts.merchant_id, reason)
                 if facts.dp and facts.epsilon >= facts.epsilon_budget:
                     self.exhausted.add(facts.merchant_id)
-            records.append(SpendRecord(
-                run_id=self.run_id, round=rnd, merchant_id=facts.merchant_id, node_id=node_id,
-                model_version=facts.model_version, noise_multiplier=facts.noise_multiplier,
-                sample_rate=facts.sample_rate, steps=facts.steps, max_grad_norm=facts.max_grad_norm,
-                delta=facts.delta, epsilon_reported=facts.epsilon if facts.dp else float("inf"),
-                epsilon_budget=facts.epsilon_budget, accountant=facts.accountant, status=status,
-                reason=reason[:500], dp=facts.dp, noise=facts.noise))
+            records.append(spend_record(facts, run_id=self.run_id, round=rnd, node_id=node_id, status=status,
+                                        reason=reason))
         # The ledger is written before this round's aggregate is used for anything.
         if records:
             self.ledger.record_round(records)
@@ -371,6 +367,16 @@ class Federation:
                      float(privacy.get("epsilon-budget", 0.0)))  # type: ignore[arg-type]
         else:
             log.info("round %d %s [%d/%d] %s done", rnd, phase, done, total, who)
+
+
+def spend_record(facts: PrivacyFacts, *, run_id: str, round: int, node_id: int, status: str,
+                 reason: str) -> SpendRecord:
+    """The ledger row of one train reply: the merchant's spend as it sent it, the server's verdict."""
+    return SpendRecord(run_id=run_id, round=round, merchant_id=facts.merchant_id, node_id=node_id,
+                       model_version=facts.model_version, event=facts.event,
+                       epsilon_reported=facts.epsilon if facts.dp else float("inf"),
+                       epsilon_budget=facts.epsilon_budget, accountant=facts.accountant, status=status,
+                       reason=reason[:500], dp=facts.dp)
 
 
 def short_reason(reason: str) -> str:

@@ -19,7 +19,7 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
     with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         latest = {r.merchant_id: r for r in ledger.rows()}  # rows are ordered: last one wins
         privacy = {
-            m: {"epsilon": r.epsilon_reported, "budget": r.epsilon_budget, "delta": r.delta,
+            m: {"epsilon": r.epsilon_reported, "budget": r.epsilon_budget, "delta": r.event.delta,
                 "rounds": sum(1 for x in ledger.rows(m) if x.status != "refused")}
             for m, r in sorted(latest.items())
         }

@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from shared.privacy.events import SPEND_KEYS, SpendEvent
+
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
@@ -48,43 +50,50 @@ def record_to_params(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class PrivacyFacts:
-    """The privacy side of one train reply, in Opacus / dp_accounting vocabulary."""
+    """The privacy side of one train reply: the call's spend and the merchant's account of it.
+
+    On the wire the spend's keys (``shared.privacy.events.SPEND_KEYS``, kebab-cased) sit flat
+    beside the facts' own; all are required except ``reason`` and ``noise`` (absent: empty).
+    """
 
     merchant_id: str
     status: str  # STATUS_OK or STATUS_REFUSED
     dp: bool
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    delta: float
+    event: SpendEvent  # what this call released, and how (a refused call: steps = 0)
     epsilon: float  # the merchant's cumulative ε after this call (its own accountant)
     epsilon_budget: float
     accountant: str
     model_version: int
     reason: str = ""
-    # The noise source of a private call (shared.privacy.NOISE_SOURCE); "" when the call drew
-    # no noise (refused, non-private) or came from a version that did not send it.
-    noise: str = ""
 
     def to_record(self) -> ConfigRecord:
-        return ConfigRecord({k.replace("_", "-"): v for k, v in dataclasses.asdict(self).items()})
+        own = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "event"}
+        return ConfigRecord({_key(k): v for k, v in {**own, **self.event.to_dict()}.items()})
 
     @classmethod
     def from_record(cls, record: ConfigRecord) -> PrivacyFacts:
-        values: dict[str, Any] = {}
-        for field in dataclasses.fields(cls):
-            key = field.name.replace("_", "-")
-            if key not in record:
-                if field.name in ("reason", "noise"):  # optional: absent means empty
-                    continue
-                raise WireError(f"privacy facts lack key {key!r}")
-            values[field.name] = record[key]
-        facts = cls(**values)
-        for name in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon", "epsilon_budget"):
+        values: dict[str, Any] = {k.replace("-", "_"): v for k, v in record.items()}
+        for name in (*(f.name for f in dataclasses.fields(cls) if f.name != "event"), *SPEND_KEYS):
+            if name not in values and name not in _OPTIONAL:
+                raise WireError(f"privacy facts lack key {_key(name)!r}")
+        try:
+            event = SpendEvent.from_dict(values)
+            event.validate()
+        except (TypeError, ValueError) as exc:
+            raise WireError(f"privacy facts: {exc}") from exc
+        facts = cls(event=event, **{f.name: values[f.name] for f in dataclasses.fields(cls)
+                                    if f.name != "event" and f.name in values})
+        for name in ("epsilon", "epsilon_budget"):
             if not math.isfinite(float(getattr(facts, name))):
                 raise WireError(f"privacy fact {name!r} = {getattr(facts, name)!r} is not finite")
         return facts
+
+
+_OPTIONAL = frozenset({"reason", "noise"})  # absent means empty
+
+
+def _key(name: str) -> str:
+    return name.replace("_", "-")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -31,7 +31,7 @@ from typing import Any
 
 from shared.jsonable import finite
 from shared.privacy.accounting import epsilon_pld, epsilon_rdp
-from shared.privacy.events import NOISE_SOURCE, MechanismEvent
+from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, SPEND_KEYS, UNIT_RECORD, MechanismEvent, SpendEvent
 
 log = logging.getLogger(__name__)
 
@@ -47,26 +47,19 @@ class AuditInputError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Row:
+    """One ledger row as the audit reads it: the merchant's spend and the server's context."""
+
     round: int
     merchant_id: str
-    noise_multiplier: float
-    sample_rate: float
-    steps: int
-    max_grad_norm: float
-    delta: float
+    event: SpendEvent
     epsilon_reported: float
     epsilon_budget: float
     status: str
     dp: bool
-    noise: str = ""
 
     @property
     def spent(self) -> bool:
-        return self.dp and self.steps > 0 and self.status != "refused"
-
-    def event(self) -> MechanismEvent:
-        return MechanismEvent(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate,
-                              steps=self.steps, max_grad_norm=self.max_grad_norm)
+        return self.dp and self.event.mechanism.steps > 0 and self.status != "refused"
 
 
 @dataclasses.dataclass
@@ -120,25 +113,37 @@ class AuditReport:
         })
 
 
+# What a column an older ledger lacks reads as (see server.ledger_schema): schema 1 kept no
+# noise source (unmarked); schemas 1 and 2 knew one unit and one release and kept no N.
+_OLD_SCHEMA_VALUES = {"noise": "''", "unit": f"'{UNIT_RECORD}'", "release": f"'{RELEASE_UPDATE}'",
+                      "unit_count": "0", "expected_batch": "0.0"}
+_CONTEXT = ("round", "merchant_id", "epsilon_reported", "epsilon_budget", "status", "dp")
+
+
 def read_rows(ledger_path: Path) -> list[Row]:
     if not ledger_path.is_file():
         raise AuditInputError(f"{ledger_path}: no privacy ledger there")
     try:
         conn = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
         try:
-            # Schema 1 ledgers have no noise column: their rows read as unmarked.
             columns = {r[1] for r in conn.execute("PRAGMA table_info(spend)")}
-            noise = "noise" if "noise" in columns else "''"
-            cursor = conn.execute(
-                "SELECT round, merchant_id, noise_multiplier, sample_rate, steps, max_grad_norm, delta, "
-                f"epsilon_reported, epsilon_budget, status, dp, {noise} FROM spend ORDER BY round, merchant_id")
+            spend = [c if c in columns else f"{_OLD_SCHEMA_VALUES[c]} AS {c}" for c in SPEND_KEYS]
+            cursor = conn.execute(f"SELECT {', '.join([*_CONTEXT, *spend])} FROM spend ORDER BY round, merchant_id")
             raw = cursor.fetchall()
         finally:
             conn.close()
     except sqlite3.DatabaseError as exc:
         raise AuditInputError(f"{ledger_path}: not a readable privacy ledger ({exc})") from exc
-    return [Row(int(r[0]), str(r[1]), float(r[2]), float(r[3]), int(r[4]), float(r[5]), float(r[6]),
-                float(r[7]), float(r[8]), str(r[9]), bool(r[10]), str(r[11])) for r in raw]
+    rows = []
+    for values in raw:
+        context = dict(zip(_CONTEXT, values[:len(_CONTEXT)], strict=True))
+        # Read as recorded, not validated: a tampered row must reach the checks, not stop the audit.
+        event = SpendEvent.from_dict(dict(zip(SPEND_KEYS, values[len(_CONTEXT):], strict=True)))
+        rows.append(Row(round=int(context["round"]), merchant_id=str(context["merchant_id"]), event=event,
+                        epsilon_reported=float(context["epsilon_reported"]),
+                        epsilon_budget=float(context["epsilon_budget"]), status=str(context["status"]),
+                        dp=bool(context["dp"])))
+    return rows
 
 
 def _within(recorded: float, derived: float, *, tol_abs: float, tol_rel: float) -> bool:
@@ -148,13 +153,13 @@ def _within(recorded: float, derived: float, *, tol_abs: float, tol_rel: float) 
 def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel: float) -> MerchantAudit:
     spent = [r for r in rows if r.spent]
     dp = all(r.dp for r in rows)
-    delta = rows[-1].delta
+    delta = rows[-1].event.delta
     events: list[MechanismEvent] = []
     series: list[dict[str, float]] = []
     findings: list[str] = []
     for row in rows:
         if row.spent:
-            events.append(row.event())
+            events.append(row.event.mechanism)
         if not row.dp:
             continue
         derived = epsilon_pld(events, delta) if events else 0.0
@@ -164,8 +169,8 @@ def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel
             side = "under-reports" if row.epsilon_reported < derived else "exceeds"
             findings.append(f"round {row.round}: recorded ε {row.epsilon_reported:.4f} {side} ε re-derived "
                             f"from the recorded mechanisms ({derived:.4f}, PLD)")
-    if len({r.delta for r in rows if r.dp}) > 1:
-        findings.append(f"δ changed between rounds: {sorted({r.delta for r in rows})}")
+    if len({r.event.delta for r in rows if r.dp}) > 1:
+        findings.append(f"δ changed between rounds: {sorted({r.event.delta for r in rows})}")
     recorded = rows[-1].epsilon_reported if rows else 0.0
     budget = min(r.epsilon_budget for r in rows)
     pld = series[-1]["pld"] if series else 0.0
@@ -173,17 +178,17 @@ def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel
         findings.append(f"over budget: recorded ε {recorded:.4f} > budget {budget:.4f}")
     if dp and pld > budget + tol_abs:
         findings.append(f"over budget: re-derived ε {pld:.4f} > budget {budget:.4f}")
-    unmarked = [r.round for r in spent if r.noise != NOISE_SOURCE]
+    unmarked = [r.round for r in spent if r.event.noise != NOISE_SOURCE]
     if unmarked:
         findings.append(_unmarked(len(unmarked), len(spent), f"round(s) {_spans(unmarked)}", "update(s)"))
     return MerchantAudit(
         merchant_id=merchant_id,
         rounds_joined=len(spent),
         rounds_refused=sum(1 for r in rows if r.status == "refused"),
-        total_steps=sum(r.steps for r in spent),
-        noise_multipliers=sorted({r.noise_multiplier for r in spent}),
-        sample_rates=sorted({round(r.sample_rate, 8) for r in spent}),
-        max_grad_norms=sorted({r.max_grad_norm for r in spent}),
+        total_steps=sum(r.event.mechanism.steps for r in spent),
+        noise_multipliers=sorted({r.event.mechanism.noise_multiplier for r in spent}),
+        sample_rates=sorted({round(r.event.mechanism.sample_rate, 8) for r in spent}),
+        max_grad_norms=sorted({r.event.mechanism.max_grad_norm for r in spent}),
         delta=delta,
         epsilon_recorded=recorded if dp else math.inf,
         epsilon_pld=pld if dp else math.inf,
@@ -233,7 +238,7 @@ def ledger_findings(rows: list[Row], run_log: list[dict[str, Any]]) -> list[str]
             if found is None:
                 findings.append(f"ledger: merchant {merchant} trained in round {rnd} (run log) "
                                 "but the ledger has no spend for it")
-            elif found.dp and found.steps == 0:
+            elif found.dp and found.event.mechanism.steps == 0:
                 findings.append(f"ledger: merchant {merchant} trained in round {rnd} but its row records 0 steps")
     return findings
 
@@ -304,7 +309,7 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
         findings.append(f"PRV ε {eps_prv:.4f} and PLD ε {eps_pld:.4f} disagree beyond tolerance")
     if eps_prv > state.target_epsilon + 1e-9:
         findings.append(f"over budget: ε {eps_prv:.4f} > budget {state.target_epsilon:.4f}")
-    unmarked = [i for i, e in enumerate(state.entries) if e.noise != NOISE_SOURCE]
+    unmarked = [i for i, e in enumerate(state.entries) if e.event.noise != NOISE_SOURCE]
     if unmarked:
         findings.append(_unmarked(len(unmarked), len(state.entries), f"entries {_spans(unmarked)}", "call(s)"))
     if run_dir is not None:
@@ -369,8 +374,9 @@ def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tol
                             f"one, so {len(mine[rnd]) - 1} call(s) of spend are not on the ledger")
         index, entry = mine[rnd][-1]  # a retried round's ledger row is the last call's
         row = ledger_spent[rnd]
-        if entry.event != row.event():
-            findings.append(f"round {rnd}: mechanism differs (merchant {entry.event}, ledger {row.event()})")
+        if entry.event.mechanism != row.event.mechanism:
+            findings.append(f"round {rnd}: mechanism differs (merchant {entry.event.mechanism}, "
+                            f"ledger {row.event.mechanism})")
         own = accounting.epsilon(state.events[: index + 1], state.target_delta, state.accountant)
         if not _within(row.epsilon_reported, own, tol_abs=tolerance_abs, tol_rel=tolerance_rel):
             findings.append(f"round {rnd}: ledger ε {row.epsilon_reported:.4f} != merchant's own ε {own:.4f}")

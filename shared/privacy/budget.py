@@ -1,13 +1,20 @@
 """A merchant's own privacy budget and accountant state, persisted on the merchant's side.
 
-The state file (JSON) holds every mechanism event this merchant ever released, plus its
-budget. It is written atomically (temp file, fsync, rename) *before* an update leaves the
-trainer, so a crash can lose an update but never the record of its spend. ε is always
-recomputed from the full event history, so it composes across calls and restarts; a
-fresh accountant per round (which would report one round's ε as the total) cannot happen.
+The state file (JSON) holds every spend this merchant ever released (``SpendEvent``), plus
+its budget. It is written atomically and durably (``shared.atomic``) *before* an update
+leaves the trainer, so a crash can lose an update but never the record of its spend. ε is
+always recomputed from the full history of mechanisms, so it composes across calls and
+restarts; a fresh accountant per round (which would report one round's ε as the total)
+cannot happen.
 
 The budget here is the merchant's: a server's run config may ask for a larger ε, but
 ``check`` compares against the budget stored on this machine and the smaller one wins.
+
+File versions: 2 keeps each entry's whole ``SpendEvent`` under ``"event"``. Version 1 kept
+only the mechanism there (σ, q, steps, C) and the noise source beside it; it is read by
+migrating each entry: δ is the file's own (it cannot change once spending started), the
+unit and the release are the only ones version 1 knew ("record", "update"), and N and the
+expected batch read as 0 (not recorded). The next save writes version 2.
 """
 
 from __future__ import annotations
@@ -16,18 +23,17 @@ import dataclasses
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from shared import atomic
 from shared.privacy import accounting
-from shared.privacy.events import NOISE_SOURCE, MechanismEvent
+from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, UNIT_RECORD, MechanismEvent, SpendEvent
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2
 
 
 class BudgetExceededError(RuntimeError):
@@ -51,18 +57,33 @@ class PrivacyStateError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SpendEntry:
-    """One released training call: the mechanism plus where it happened."""
+    """One released call: its spend, and where in the federation it happened."""
 
-    event: MechanismEvent
+    event: SpendEvent
     round: int
     model_version: int
     recorded_at: float
     run_id: str = ""
-    noise: str = ""  # the noise source of the call (shared.privacy.NOISE_SOURCE); "" = recorded before it was kept
 
     def to_dict(self) -> dict[str, Any]:
         return {"event": self.event.to_dict(), "round": self.round, "run_id": self.run_id,
-                "model_version": self.model_version, "recorded_at": self.recorded_at, "noise": self.noise}
+                "model_version": self.model_version, "recorded_at": self.recorded_at}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], *, version: int, delta: float) -> SpendEntry:
+        """An entry of a version-``version`` file whose δ is ``delta``; validated."""
+        if version == 1:
+            event = SpendEvent(mechanism=MechanismEvent.from_dict(raw["event"]), delta=delta, unit=UNIT_RECORD,
+                               unit_count=0, expected_batch=0.0, release=RELEASE_UPDATE,
+                               noise=str(raw.get("noise", "")))
+        else:
+            event = SpendEvent.from_dict(raw["event"])
+            if not math.isclose(event.delta, delta):
+                raise ValueError(f"an entry's δ {event.delta} is not the state's δ {delta}")
+        event.validate()
+        event.mechanism.validate()  # every entry is a private call: its mechanism is accountable
+        return cls(event=event, round=int(raw["round"]), model_version=int(raw["model_version"]),
+                   recorded_at=float(raw["recorded_at"]), run_id=str(raw.get("run_id", "")))
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -95,13 +116,11 @@ class PrivacyState:
                        target_delta=target_delta, accountant=accountant)
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-            entries = [
-                SpendEntry(event=MechanismEvent.from_dict(e["event"]), round=int(e["round"]),
-                           model_version=int(e["model_version"]), recorded_at=float(e["recorded_at"]),
-                           run_id=str(e.get("run_id", "")), noise=str(e.get("noise", "")))
-                for e in raw["entries"]
-            ]
             stored_eps, stored_delta = float(raw["target_epsilon"]), float(raw["target_delta"])
+            version = int(raw.get("version", 1))
+            if version > STATE_VERSION:
+                raise ValueError(f"state version {version} is newer than this fedshop understands ({STATE_VERSION})")
+            entries = [SpendEntry.from_dict(e, version=version, delta=stored_delta) for e in raw["entries"]]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise PrivacyStateError(f"{path}: unreadable privacy state ({exc}); refusing to train") from exc
         if raw.get("merchant_id") != merchant_id:
@@ -121,7 +140,8 @@ class PrivacyState:
 
     @property
     def events(self) -> list[MechanismEvent]:
-        return [e.event for e in self.entries]
+        """The mechanisms of every released call, in order: what the accountants compose."""
+        return [e.event.mechanism for e in self.entries]
 
     def epsilon(self, extra: MechanismEvent | None = None) -> float:
         events = tuple(self.events + ([extra] if extra is not None else []))
@@ -156,11 +176,14 @@ class PrivacyState:
                                       epsilon_after=after, budget=self.target_epsilon)
         return after
 
-    def commit(self, event: MechanismEvent, *, round: int, model_version: int, run_id: str = "") -> float:
-        """Durably record a released call, then return the new cumulative ε."""
+    def commit(self, mechanism: MechanismEvent, *, unit_count: int, round: int, model_version: int,
+               run_id: str = "") -> float:
+        """Durably record a released call on ``unit_count`` units, then return the new cumulative ε."""
+        mechanism.validate()
+        event = SpendEvent.of(mechanism, unit_count=unit_count, delta=self.target_delta, noise=NOISE_SOURCE)
         event.validate()
         self.entries.append(SpendEntry(event=event, round=round, model_version=model_version,
-                                       recorded_at=time.time(), run_id=run_id, noise=NOISE_SOURCE))
+                                       recorded_at=time.time(), run_id=run_id))
         try:
             self.save()
         except BaseException:
@@ -169,27 +192,11 @@ class PrivacyState:
         return self.epsilon()
 
     def save(self) -> None:
-        payload = {
+        atomic.write_json(self.path, {
             "version": STATE_VERSION,
             "merchant_id": self.merchant_id,
             "target_epsilon": self.target_epsilon,
             "target_delta": self.target_delta,
             "accountant": self.accountant,
             "entries": [e.to_dict() for e in self.entries],
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=self.path.name + ".", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        dir_fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        })

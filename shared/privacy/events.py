@@ -1,24 +1,39 @@
-"""What happened: the mechanism events of DP-SGD calls, in Opacus / dp_accounting vocabulary.
+"""What happened: one privacy spend of a merchant, in Opacus / dp_accounting vocabulary.
 
-A ``MechanismEvent`` records a run of ``steps`` DP-SGD steps with Poisson sampling at
-``sample_rate``, Gaussian noise ``noise_multiplier`` and clipping norm ``max_grad_norm``. How
-those events are *accounted* (PRV, PLD, RDP) is ``shared.privacy.accounting``'s concern; any
-accountant can recompute ε from the recorded events.
+A ``MechanismEvent`` is what an accountant composes: ``steps`` DP-SGD steps with Poisson
+sampling at ``sample_rate``, Gaussian noise ``noise_multiplier`` and clipping norm
+``max_grad_norm``. A ``SpendEvent`` is one release as a whole: that mechanism, the δ it is
+accounted at, what was released (``release``), with respect to which unit (``unit``, and how
+many of them the merchant trained on: ``unit_count``), and where its noise came from.
+
+``SpendEvent`` is the one shape of a spend: the merchant's state entry, the train reply's
+privacy facts, the server's ledger row and the audit's row each carry it as their ``event``
+field and serialise it with its ``to_dict`` / ``from_dict`` (flat keys: the state file's
+``event``, the wire's keys and the ledger's columns are ``SPEND_KEYS``). How spends are
+*accounted* (PRV, PLD, RDP) is ``shared.privacy.accounting``'s concern; any accountant can
+recompute ε from the mechanisms.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-# Recorded with every private call's spend, by the merchant (``shared.privacy.budget.SpendEntry.noise``)
-# and on the wire (``shared.wire.PrivacyFacts.noise``, so the server's ledger keeps it): private
-# calls draw their noise and batches from fresh generators (``client.dp.private_generators``).
-# Spend recorded without it was made by an earlier version whose noise repeated across calls
-# (its reported ε does not hold); both audits say so.
+# Recorded with every private call's spend (``SpendEvent.noise``), by the merchant and on the
+# wire, so the server's ledger keeps it: private calls draw their noise and batches from fresh
+# generators (``client.dp.private_generators``). Spend recorded without it was made by an
+# earlier version whose noise repeated across calls (its reported ε does not hold); both
+# audits say so.
 NOISE_SOURCE = "fresh-per-call"
+
+# What a neighbouring dataset differs by. Today every merchant trains record-level DP-SGD.
+UNIT_RECORD = "record"
+UNITS: frozenset[str] = frozenset({UNIT_RECORD})
+# What left the merchant. Today only model updates; noised evaluations will be a second kind.
+RELEASE_UPDATE = "update"
+RELEASES: frozenset[str] = frozenset({RELEASE_UPDATE})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,6 +44,7 @@ class MechanismEvent:
     max_grad_norm: float
 
     def validate(self) -> None:
+        """The mechanism of a private call: every field must make it accountable."""
         if not (math.isfinite(self.noise_multiplier) and self.noise_multiplier > 0):
             raise ValueError(f"noise_multiplier = {self.noise_multiplier!r}: must be a finite number > 0")
         if not (0.0 < self.sample_rate <= 1.0):
@@ -42,15 +58,89 @@ class MechanismEvent:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> MechanismEvent:
+    def from_dict(cls, raw: Mapping[str, Any], *, validate: bool = True) -> MechanismEvent:
+        """Read the four fields (other keys are ignored); ``validate=False`` also reads the
+        mechanism of a call that drew no noise (refused, non-private), which is not accountable."""
         event = cls(
             noise_multiplier=float(raw["noise_multiplier"]),
             sample_rate=float(raw["sample_rate"]),
             steps=int(raw["steps"]),
             max_grad_norm=float(raw["max_grad_norm"]),
         )
-        event.validate()
+        if validate:
+            event.validate()
         return event
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SpendEvent:
+    """One release of one merchant: what left, and the mechanism that protected it.
+
+    A call that released nothing (refused) or released without DP keeps the same shape:
+    ``steps = 0`` (refused), ``noise_multiplier = sample_rate = 0`` (non-private; refused
+    calls have ``sample_rate = 0``), ``noise = ""``.
+    """
+
+    mechanism: MechanismEvent
+    delta: float  # the δ the merchant accounts at (0 for a non-private call)
+    unit: str = UNIT_RECORD
+    # Units the call trained on (N, declared public); 0 when the call trained on none
+    # (refused) or the spend was recorded before N was kept.
+    unit_count: int
+    # Expected Poisson batch, sample_rate · N (= N / ceil(N / batch_size)); 0 when nothing was
+    # sampled under DP (refused, non-private) or the spend was recorded before it was kept.
+    expected_batch: float
+    release: str = RELEASE_UPDATE
+    noise: str = ""  # NOISE_SOURCE for a private call that drew noise; "" otherwise or unrecorded
+
+    @classmethod
+    def of(cls, mechanism: MechanismEvent, *, unit_count: int, delta: float, noise: str,
+           unit: str = UNIT_RECORD, release: str = RELEASE_UPDATE) -> SpendEvent:
+        """The spend of a call that sampled ``unit_count`` units at ``mechanism.sample_rate``."""
+        return cls(mechanism=mechanism, delta=delta, unit=unit, unit_count=unit_count,
+                   expected_batch=mechanism.sample_rate * unit_count, release=release, noise=noise)
+
+    def validate(self) -> None:
+        """What any spend must satisfy (the ledger's CHECKs); a private call's mechanism is
+        checked further by ``MechanismEvent.validate``."""
+        m = self.mechanism
+        for name, value in (("noise_multiplier", m.noise_multiplier), ("sample_rate", m.sample_rate),
+                            ("max_grad_norm", m.max_grad_norm), ("delta", self.delta),
+                            ("expected_batch", self.expected_batch)):
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+        if m.sample_rate > 1:
+            raise ValueError(f"sample_rate must be <= 1, got {m.sample_rate}")
+        if self.delta >= 1:
+            raise ValueError(f"delta must be < 1, got {self.delta}")
+        if m.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {m.steps}")
+        if self.unit_count < 0:
+            raise ValueError(f"unit_count must be >= 0, got {self.unit_count}")
+        if self.unit not in UNITS:
+            raise ValueError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
+        if self.release not in RELEASES:
+            raise ValueError(f"release must be one of {sorted(RELEASES)}, got {self.release!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat: the mechanism's four fields next to the spend's own (``KEYS``, in order)."""
+        return {**self.mechanism.to_dict(), "delta": self.delta, "unit": self.unit, "unit_count": self.unit_count,
+                "expected_batch": self.expected_batch, "release": self.release, "noise": self.noise}
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> SpendEvent:
+        """Read ``to_dict``'s keys (``noise`` may be absent: unmarked); a missing key raises
+        ``KeyError`` naming it. Not validated: a reader of records (the audit) must see them as
+        they are; writers call ``validate``."""
+        return cls(mechanism=MechanismEvent.from_dict(raw, validate=False), delta=float(raw["delta"]),
+                   unit=str(raw["unit"]), unit_count=int(raw["unit_count"]),
+                   expected_batch=float(raw["expected_batch"]), release=str(raw["release"]),
+                   noise=str(raw.get("noise", "")))
+
+
+# The keys of ``SpendEvent.to_dict``: the ledger's spend columns, the wire's spend keys.
+SPEND_KEYS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(MechanismEvent)), "delta", "unit",
+                               "unit_count", "expected_batch", "release", "noise")
 
 
 def compose_history(events: Iterable[MechanismEvent]) -> list[tuple[float, float, int]]:

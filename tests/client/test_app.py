@@ -20,10 +20,15 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 import client.app as client_app
+from server.audit import read_rows
+from server.federation import spend_record
+from server.ledger import PrivacyLedger
 from shared.config import RunConfig
 from shared.model import ModelError, ModelSpec, build_model, get_trainable
 from shared.privacy.accounting import epsilon_prv
-from shared.privacy.events import NOISE_SOURCE, MechanismEvent
+from shared.privacy.budget import PrivacyState
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent, SpendEvent
+from shared.run_files import LEDGER_FILE
 from shared.wire import (
     ARRAYS,
     CONFIG,
@@ -115,23 +120,25 @@ def test_train_replies_with_trainable_arrays_metrics_and_privacy_facts(
     facts = parsed.facts
     assert facts.status == STATUS_OK and facts.reason == ""
     assert facts.merchant_id == "shop-a"
-    assert facts.dp and facts.steps == 3 and facts.model_version == 0
-    assert facts.noise_multiplier == 1.0 and facts.max_grad_norm == 1.0 and facts.delta == 1e-5
-    assert facts.noise == NOISE_SOURCE and content.config_records[PRIVACY]["noise"] == NOISE_SOURCE
-    assert 0 < facts.sample_rate <= 1
+    mechanism = facts.event.mechanism
+    assert facts.dp and mechanism.steps == 3 and facts.model_version == 0
+    assert mechanism.noise_multiplier == 1.0 and mechanism.max_grad_norm == 1.0 and facts.event.delta == 1e-5
+    assert facts.event.noise == NOISE_SOURCE and content.config_records[PRIVACY]["noise"] == NOISE_SOURCE
+    assert 0 < mechanism.sample_rate <= 1
     assert 0 < facts.epsilon <= facts.epsilon_budget == 8.0
     # The reported ε is the merchant's persisted accountant, recomputable from its events.
     events = state_events(state_dir)
-    assert events == [MechanismEvent(noise_multiplier=1.0, sample_rate=facts.sample_rate, steps=3,
+    assert events == [MechanismEvent(noise_multiplier=1.0, sample_rate=mechanism.sample_rate, steps=3,
                                      max_grad_norm=1.0)]
-    assert facts.epsilon == pytest.approx(epsilon_prv(events, facts.delta), rel=1e-9)
+    assert facts.epsilon == pytest.approx(epsilon_prv(events, facts.event.delta), rel=1e-9)
 
     # A second call composes with the first (one accountant across calls, never per round).
     second = TrainReply.from_recorddict(client_app.train(make_message("train", parsed.params, server_round=2,
                                                                       model_version=1), context).content)
     assert second.facts.status == STATUS_OK and second.facts.model_version == 1
     assert second.facts.epsilon > facts.epsilon
-    assert second.facts.epsilon == pytest.approx(epsilon_prv(state_events(state_dir), facts.delta), rel=1e-9)
+    assert second.facts.epsilon == pytest.approx(epsilon_prv(state_events(state_dir), facts.event.delta),
+                                                 rel=1e-9)
     rounds = [e["round"] for e in json.loads((state_dir / "privacy-state.json").read_text())["entries"]]
     assert rounds == [1, 2]
 
@@ -154,11 +161,11 @@ def test_budget_refusal_is_a_typed_reply_and_spends_nothing(
     assert parsed.params is None and parsed.metrics == {}
     facts = parsed.facts
     assert facts.status == STATUS_REFUSED
-    assert facts.steps == 0 and facts.epsilon == 0.0
+    assert facts.event.mechanism.steps == 0 and facts.epsilon == 0.0
     assert facts.epsilon_budget == 0.01
     assert facts.model_version == 2
     assert "budget" in facts.reason and "shop-a" in facts.reason
-    assert facts.noise == ""  # no noise was drawn
+    assert facts.event.noise == ""  # no noise was drawn
     # Nothing spent: no state entry was written.
     path = state_dir / "privacy-state.json"
     assert not path.exists() or json.loads(path.read_text())["entries"] == []
@@ -214,20 +221,76 @@ def test_planned_noise_is_the_merchants_own_and_travels_in_the_facts(
         facts.append(TrainReply.from_recorddict(reply.content).facts)
     assert [f.status for f in facts] == [STATUS_OK] * 3
     events = state_events(state_dir)
-    assert [f.noise_multiplier for f in facts] == [e.noise_multiplier for e in events]
+    assert [f.event.mechanism.noise_multiplier for f in facts] == [e.noise_multiplier for e in events]
     assert all(e.noise_multiplier > 0.5 for e in events)  # the floor alone would overspend
     assert facts[-1].epsilon <= 2.0
     assert facts[-1].epsilon > 1.8  # and the plan used the budget, not a fraction of it
 
 
 def test_facts_from_a_version_that_did_not_send_the_noise_source_read_as_unmarked() -> None:
-    facts = PrivacyFacts(merchant_id="shop-a", status=STATUS_OK, dp=True, noise_multiplier=1.0, sample_rate=0.1,
-                         steps=3, max_grad_norm=1.0, delta=1e-5, epsilon=0.5, epsilon_budget=8.0,
-                         accountant="prv", model_version=0, noise=NOISE_SOURCE)
+    event = SpendEvent.of(MechanismEvent(noise_multiplier=1.0, sample_rate=0.1, steps=3, max_grad_norm=1.0),
+                          unit_count=100, delta=1e-5, noise=NOISE_SOURCE)
+    facts = PrivacyFacts(merchant_id="shop-a", status=STATUS_OK, dp=True, event=event, epsilon=0.5,
+                         epsilon_budget=8.0, accountant="prv", model_version=0)
     record = facts.to_record()
     assert PrivacyFacts.from_record(record) == facts
     del record["noise"]
-    assert PrivacyFacts.from_record(record) == dataclasses.replace(facts, noise="")
+    assert PrivacyFacts.from_record(record) == dataclasses.replace(facts, event=dataclasses.replace(event, noise=""))
     del record["steps"]
     with pytest.raises(WireError, match="'steps'"):
         PrivacyFacts.from_record(record)
+
+
+def test_one_spend_is_one_value_at_every_hop(merchant_dir: Path, tmp_path: Path,
+                                             global_params: dict[str, np.ndarray],
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The spend the trainer commits to the merchant's state is, unchanged, the event in the reply's
+    privacy facts, in the server's ledger row read back, and in the row the audit reads."""
+    committed: list[SpendEvent] = []
+    real_commit = PrivacyState.commit
+
+    def commit(self: PrivacyState, *args: Any, **kwargs: Any) -> float:
+        epsilon = real_commit(self, *args, **kwargs)
+        committed.append(self.entries[-1].event)
+        return epsilon
+
+    monkeypatch.setattr(PrivacyState, "commit", commit)
+    state_dir = tmp_path / "state"
+    reply = client_app.app(make_message("train", global_params, server_round=1), make_context(merchant_dir, state_dir))
+    assert not reply.has_error()
+    wire = reply.content.config_records[PRIVACY]
+    facts = TrainReply.from_recorddict(reply.content).facts
+    run_dir = tmp_path / "run"
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
+        ledger.record_round([spend_record(facts, run_id="run-1", round=1, node_id=NODE_ID, status="accepted",
+                                          reason="")])
+        (row,) = ledger.rows()
+    (audited,) = read_rows(run_dir / LEDGER_FILE)
+    persisted = PrivacyState.open(state_dir / "privacy-state.json", merchant_id="shop-a", target_epsilon=8.0,
+                                  target_delta=1e-5).entries[-1].event
+
+    (event,) = committed
+    assert event == persisted == facts.event == row.event == audited.event
+    # What it says: N records (the same N the metrics count), q·N expected per batch, the unit
+    # and the release, δ and the noise source, each under its own key on the wire.
+    records = int(TrainReply.from_recorddict(reply.content).metrics["num-examples"])
+    assert event.unit_count == records > 0
+    assert event.expected_batch == pytest.approx(event.mechanism.sample_rate * records)
+    assert (event.unit, event.release, event.delta, event.noise) == ("record", "update", 1e-5, NOISE_SOURCE)
+    assert (wire["unit-count"], wire["expected-batch"], wire["unit"], wire["release"]) == (
+        records, event.expected_batch, "record", "update")
+    assert row.epsilon_reported == facts.epsilon and audited.epsilon_reported == facts.epsilon
+
+
+def test_refused_spend_reaches_the_ledger_as_nothing_released(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+) -> None:
+    context = make_context(merchant_dir, tmp_path / "state", **{"target-epsilon": 0.01})
+    facts = TrainReply.from_recorddict(client_app.app(make_message("train", global_params), context).content).facts
+    assert facts.status == STATUS_REFUSED
+    assert (facts.event.mechanism.steps, facts.event.mechanism.sample_rate, facts.event.unit_count,
+            facts.event.expected_batch, facts.event.noise) == (0, 0.0, 0, 0.0, "")
+    with PrivacyLedger(tmp_path / LEDGER_FILE) as ledger:
+        ledger.record_round([spend_record(facts, run_id="run-1", round=1, node_id=NODE_ID, status="refused",
+                                          reason=facts.reason)])
+        assert [r.event for r in ledger.rows()] == [facts.event]

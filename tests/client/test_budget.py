@@ -10,11 +10,13 @@ import pytest
 from opacus.accountants import PRVAccountant
 
 import shared.privacy.budget as budget
+from shared import atomic
 from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
-from shared.privacy.events import NOISE_SOURCE, MechanismEvent
+from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, UNIT_RECORD, MechanismEvent, SpendEvent
 
 DELTA = 1e-5
 SIGMA, Q = 1.0, 0.05
+N = 200  # records each call trains on
 
 
 def event(steps: int, *, sigma: float = SIGMA, q: float = Q) -> MechanismEvent:
@@ -44,14 +46,14 @@ def test_epsilon_composes_across_a_restart(tmp_path: Path, second: MechanismEven
 
     state = open_state(path)
     state.check(first)
-    eps_first = state.commit(first, round=1, model_version=1)
+    eps_first = state.commit(first, unit_count=N, round=1, model_version=1)
     del state  # the process ends
 
     reopened = open_state(path)
     assert reopened.events == [first]
     assert reopened.epsilon() == eps_first
     planned_eps = reopened.check(second)
-    eps_total = reopened.commit(second, round=2, model_version=2)
+    eps_total = reopened.commit(second, unit_count=N, round=2, model_version=2)
 
     expected = reference_epsilon([first, second])
     assert eps_total == pytest.approx(expected, rel=1e-9)
@@ -63,22 +65,66 @@ def test_epsilon_composes_across_a_restart(tmp_path: Path, second: MechanismEven
     assert open_state(path).epsilon() == pytest.approx(expected, rel=1e-9)
     assert [e["round"] for e in json.loads(path.read_text())["entries"]] == [1, 2]
     # Each call carries the noise source it was made with, across the restart too.
-    assert [e["noise"] for e in json.loads(path.read_text())["entries"]] == [NOISE_SOURCE] * 2
-    assert [e.noise for e in open_state(path).entries] == [NOISE_SOURCE] * 2
+    assert [e["event"]["noise"] for e in json.loads(path.read_text())["entries"]] == [NOISE_SOURCE] * 2
+    assert [e.event.noise for e in open_state(path).entries] == [NOISE_SOURCE] * 2
 
 
 def test_state_written_before_the_noise_source_was_kept_still_opens(tmp_path: Path) -> None:
     path = tmp_path / "privacy.json"
-    open_state(path).commit(event(10), round=1, model_version=1)
+    open_state(path).commit(event(10), unit_count=N, round=1, model_version=1)
     raw = json.loads(path.read_text())
-    del raw["entries"][0]["noise"]
+    del raw["entries"][0]["event"]["noise"]
     path.write_text(json.dumps(raw))
 
     state = open_state(path)  # spend is never dropped for a missing field: it is kept, unmarked
 
-    assert state.events == [event(10)] and state.entries[0].noise == ""
-    state.commit(event(10), round=2, model_version=2)
-    assert [e["noise"] for e in json.loads(path.read_text())["entries"]] == ["", NOISE_SOURCE]
+    assert state.events == [event(10)] and state.entries[0].event.noise == ""
+    state.commit(event(10), unit_count=N, round=2, model_version=2)
+    assert [e["event"]["noise"] for e in json.loads(path.read_text())["entries"]] == ["", NOISE_SOURCE]
+
+
+def test_a_commit_records_the_whole_spend(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    open_state(path).commit(event(10), unit_count=N, round=1, model_version=1)
+
+    (entry,) = open_state(path).entries
+
+    assert entry.event == SpendEvent(mechanism=event(10), delta=DELTA, unit=UNIT_RECORD, unit_count=N,
+                                     expected_batch=Q * N, release=RELEASE_UPDATE, noise=NOISE_SOURCE)
+    assert json.loads(path.read_text())["entries"][0]["event"] == entry.event.to_dict()
+
+
+def test_a_version_1_state_is_migrated_on_read(tmp_path: Path) -> None:
+    # Version 1 kept the mechanism alone under "event" and the noise source beside it.
+    path = tmp_path / "privacy.json"
+    old = [{"event": event(10).to_dict(), "round": 1, "run_id": "r", "model_version": 0, "recorded_at": 1.0,
+            "noise": NOISE_SOURCE},
+           {"event": event(5).to_dict(), "round": 2, "run_id": "r", "model_version": 1, "recorded_at": 2.0}]
+    path.write_text(json.dumps({"version": 1, "merchant_id": "m1", "target_epsilon": 50.0, "target_delta": DELTA,
+                                "accountant": "prv", "entries": old}))
+
+    state = open_state(path)
+
+    assert state.events == [event(10), event(5)]
+    assert [e.event for e in state.entries] == [
+        SpendEvent(mechanism=event(10), delta=DELTA, unit=UNIT_RECORD, unit_count=0, expected_batch=0.0,
+                   release=RELEASE_UPDATE, noise=NOISE_SOURCE),
+        SpendEvent(mechanism=event(5), delta=DELTA, unit=UNIT_RECORD, unit_count=0, expected_batch=0.0,
+                   release=RELEASE_UPDATE, noise=""),
+    ]
+    assert state.epsilon() == pytest.approx(reference_epsilon([event(10), event(5)]), rel=1e-9)
+    state.commit(event(1), unit_count=N, round=3, model_version=2)  # the next save writes version 2
+    raw = json.loads(path.read_text())
+    assert raw["version"] == budget.STATE_VERSION == 2
+    assert [e.event for e in open_state(path).entries][:2] == [e.event for e in state.entries][:2]
+
+
+def test_a_state_newer_than_this_fedshop_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    path.write_text(json.dumps({"version": budget.STATE_VERSION + 1, "merchant_id": "m1", "target_epsilon": 8.0,
+                                "target_delta": DELTA, "entries": []}))
+    with pytest.raises(PrivacyStateError, match="newer"):
+        open_state(path)
 
 
 def test_new_state_is_not_written_until_a_commit(tmp_path: Path) -> None:
@@ -87,7 +133,7 @@ def test_new_state_is_not_written_until_a_commit(tmp_path: Path) -> None:
     assert state.epsilon() == 0.0 and state.total_steps == 0
     state.check(event(10))
     assert not path.exists()
-    state.commit(event(10), round=0, model_version=0)
+    state.commit(event(10), unit_count=N, round=0, model_version=0)
     assert path.is_file() and state.total_steps == 10
 
 
@@ -98,7 +144,7 @@ def test_budget_stop_names_the_overshoot_and_spends_nothing(tmp_path: Path) -> N
     path = tmp_path / "privacy.json"
     state = open_state(path, eps=2.0)
     small = event(5)
-    state.commit(small, round=1, model_version=1)
+    state.commit(small, unit_count=N, round=1, model_version=1)
     before_bytes = path.read_bytes()
     before_eps = state.epsilon()
     assert 0 < before_eps < 2.0
@@ -132,7 +178,7 @@ def test_budget_boundary_is_inclusive(tmp_path: Path) -> None:
 def test_stored_budget_cannot_be_loosened(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = tmp_path / "privacy.json"
     state = open_state(path, eps=2.0)
-    state.commit(event(10), round=1, model_version=1)
+    state.commit(event(10), unit_count=N, round=1, model_version=1)
 
     with caplog.at_level("WARNING", logger="shared.privacy.budget"):
         louder = open_state(path, eps=100.0)
@@ -140,19 +186,19 @@ def test_stored_budget_cannot_be_loosened(tmp_path: Path, caplog: pytest.LogCapt
     assert "100.000" in caplog.text and "2.000" in caplog.text
     with pytest.raises(BudgetExceededError, match="budget 2.0000"):
         louder.check(event(300))
-    louder.commit(event(1), round=2, model_version=2)  # writes the stored budget back
+    louder.commit(event(1), unit_count=N, round=2, model_version=2)  # writes the stored budget back
     assert json.loads(path.read_text())["target_epsilon"] == 2.0
 
     # Tightening is allowed, and it sticks once written.
     tighter = open_state(path, eps=1.5)
     assert tighter.target_epsilon == 1.5
-    tighter.commit(event(1), round=3, model_version=3)
+    tighter.commit(event(1), unit_count=N, round=3, model_version=3)
     assert open_state(path, eps=100.0).target_epsilon == 1.5
 
 
 def test_delta_change_after_spending_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "privacy.json"
-    open_state(path).commit(event(10), round=1, model_version=1)
+    open_state(path).commit(event(10), unit_count=N, round=1, model_version=1)
     with pytest.raises(PrivacyStateError) as info:
         open_state(path, delta=1e-6)
     assert str(path) in str(info.value) and "1e-06" in str(info.value)
@@ -167,7 +213,7 @@ def test_delta_change_before_spending_is_allowed(tmp_path: Path) -> None:
 
 def test_state_of_another_merchant_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "privacy.json"
-    open_state(path, merchant="m1").commit(event(1), round=0, model_version=0)
+    open_state(path, merchant="m1").commit(event(1), unit_count=N, round=0, model_version=0)
     with pytest.raises(PrivacyStateError, match="'m1'.*'m2'"):
         open_state(path, merchant="m2")
 
@@ -201,7 +247,7 @@ def test_atomic_save_leaves_no_temp_files(tmp_path: Path) -> None:
     path = tmp_path / "privacy.json"
     state = open_state(path)
     for i in range(3):
-        state.commit(event(5), round=i, model_version=i)
+        state.commit(event(5), unit_count=N, round=i, model_version=i)
     assert os.listdir(tmp_path) == ["privacy.json"]
     raw = json.loads(path.read_text())
     assert raw["version"] == budget.STATE_VERSION and len(raw["entries"]) == 3
@@ -210,15 +256,15 @@ def test_atomic_save_leaves_no_temp_files(tmp_path: Path) -> None:
 def test_failed_save_keeps_old_file_and_rolls_back(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = tmp_path / "privacy.json"
     state = open_state(path)
-    state.commit(event(5), round=0, model_version=0)
+    state.commit(event(5), unit_count=N, round=0, model_version=0)
     before = path.read_bytes()
 
     def disk_full(*args: object, **kwargs: object) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(budget.os, "fsync", disk_full)
+    monkeypatch.setattr(atomic.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space"):
-        state.commit(event(7), round=1, model_version=1)
+        state.commit(event(7), unit_count=N, round=1, model_version=1)
     monkeypatch.undo()
 
     assert path.read_bytes() == before  # the old record is intact

@@ -6,7 +6,8 @@
 the Opacus PRV ε the ledger records as ``epsilon_reported``) and ``metrics.jsonl`` (the
 shape ``server.run_log`` writes for a ``RoundReport``).
 
-``as_schema_1`` rewrites a ledger as schema 1 (before the noise source was kept) left it.
+``as_schema_1`` and ``as_schema_2`` rewrite a ledger as schema 1 (before the noise source was
+kept) or schema 2 (before the unit, N and the release were kept) left it.
 
 ``tamper`` opens a ledger with raw ``sqlite3`` after dropping the append-only triggers,
 the only way to rewrite history the ledger's docstring admits.
@@ -31,7 +32,7 @@ import pytest
 from server.ledger import PrivacyLedger, SpendRecord
 from shared.privacy import accounting
 from shared.privacy.budget import PrivacyState
-from shared.privacy.events import NOISE_SOURCE, MechanismEvent, compose_history
+from shared.privacy.events import MechanismEvent, compose_history
 from shared.run_files import LEDGER_FILE, METRICS_FILE
 
 RUN_ID = "run-audit-1"
@@ -45,6 +46,8 @@ MECHANISMS: dict[str, MechanismEvent] = {
     "m2": MechanismEvent(noise_multiplier=1.0, sample_rate=0.05, steps=10, max_grad_norm=1.0),
     "m3": MechanismEvent(noise_multiplier=1.0, sample_rate=0.02, steps=20, max_grad_norm=1.0),
 }
+# Records each merchant trains on (N): q·N is the expected batch its spend records.
+UNIT_COUNTS: dict[str, int] = {"m1": 200, "m2": 200, "m3": 500}
 TRIGGERS = ("spend_no_update", "spend_no_delete", "spend_no_replace")
 
 
@@ -81,14 +84,12 @@ def build_run(
         for rnd in range(1, rounds + 1):
             records = []
             for i, m in enumerate(merchants):
-                event = MECHANISMS[m]
-                eps = states[m].commit(event, round=rnd, model_version=rnd - 1, run_id=RUN_ID)
+                eps = states[m].commit(MECHANISMS[m], unit_count=UNIT_COUNTS[m], round=rnd, model_version=rnd - 1,
+                                       run_id=RUN_ID)
                 records.append(SpendRecord(
                     run_id=RUN_ID, round=rnd, merchant_id=m, node_id=1000 + i, model_version=rnd - 1,
-                    noise_multiplier=event.noise_multiplier, sample_rate=event.sample_rate, steps=event.steps,
-                    max_grad_norm=event.max_grad_norm, delta=DELTA, epsilon_reported=eps,
-                    epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted",
-                    noise=NOISE_SOURCE))
+                    event=states[m].entries[-1].event, epsilon_reported=eps,
+                    epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted"))
             ledger.record_round(records)
             with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(metrics_line(rnd, merchants), sort_keys=True) + "\n")
@@ -108,11 +109,24 @@ def tamper(run_dir: Path) -> Iterator[sqlite3.Connection]:
 
 
 def as_schema_1(ledger: Path) -> None:
-    """Turn a ledger into what schema 1 wrote: the same rows, no noise-source column."""
+    """Turn a ledger into what schema 1 wrote: the same rows, no noise source, no unit, N or release."""
+    as_schema_2(ledger)
     conn = sqlite3.connect(ledger, isolation_level=None)
     try:
         conn.execute("ALTER TABLE spend DROP COLUMN noise")
         conn.execute("PRAGMA user_version = 1")
+    finally:
+        conn.close()
+
+
+def as_schema_2(ledger: Path) -> None:
+    """Turn a ledger into what schema 2 wrote: the same rows, without what the spend was of
+    (unit, unit_count, expected_batch, release)."""
+    conn = sqlite3.connect(ledger, isolation_level=None)
+    try:
+        for column in ("unit", "unit_count", "expected_batch", "release"):
+            conn.execute(f"ALTER TABLE spend DROP COLUMN {column}")
+        conn.execute("PRAGMA user_version = 2")
     finally:
         conn.close()
 

@@ -16,7 +16,7 @@ from statistics import NormalDist
 
 import pytest
 
-from server.audit import AuditInputError, AuditReport, MerchantAudit, audit_node_state, audit_run
+from server.audit import AuditInputError, AuditReport, MerchantAudit, audit_node_state, audit_run, read_rows
 from server.ledger import PrivacyLedger
 from shared.privacy import accounting
 from shared.privacy.accounting import epsilon_pld, epsilon_rdp
@@ -31,7 +31,9 @@ from tests.helpers.audit_runs import (
     MERCHANTS,
     ROUNDS,
     RUN_ID,
+    UNIT_COUNTS,
     as_schema_1,
+    as_schema_2,
     build_run,
     state_path,
     tamper,
@@ -297,7 +299,7 @@ def test_node_state_catches_spend_the_ledger_lacks(run_dir: Path) -> None:
     # no round 4, e.g. the server died before writing it.
     state = PrivacyState.open(state_path(run_dir, "m2"), merchant_id="m2", target_epsilon=BUDGET,
                               target_delta=DELTA)
-    state.commit(MECHANISMS["m2"], round=4, model_version=3, run_id=RUN_ID)
+    state.commit(MECHANISMS["m2"], unit_count=UNIT_COUNTS["m2"], round=4, model_version=3, run_id=RUN_ID)
 
     result = audit_node_state(state_path(run_dir, "m2"), run_dir=run_dir)
 
@@ -310,8 +312,9 @@ def test_node_state_catches_a_lost_call_in_a_retried_round(tmp_path: Path) -> No
     # merchant made two round-2 calls; the ledger shows one. Both audits must say so.
     run = build_run(tmp_path / "run", rounds=1, merchants=("m1",))
     state = PrivacyState.open(state_path(run, "m1"), merchant_id="m1", target_epsilon=BUDGET, target_delta=DELTA)
-    state.commit(MECHANISMS["m1"], round=2, model_version=1, run_id=RUN_ID)  # the lost call
-    eps = state.commit(MECHANISMS["m1"], round=2, model_version=1, run_id=RUN_ID)  # the retry
+    n = UNIT_COUNTS["m1"]
+    state.commit(MECHANISMS["m1"], unit_count=n, round=2, model_version=1, run_id=RUN_ID)  # the lost call
+    eps = state.commit(MECHANISMS["m1"], unit_count=n, round=2, model_version=1, run_id=RUN_ID)  # the retry
     with PrivacyLedger(run / LEDGER_FILE) as ledger:
         (first,) = ledger.rows("m1")
         ledger.record_round([dataclasses.replace(first, round=2, model_version=1, epsilon_reported=eps)])
@@ -350,7 +353,7 @@ def test_node_state_counts_a_merchants_earlier_runs(tmp_path: Path) -> None:
     # seeing only this run's mechanisms, reports the unexplained ε (as its docstring says).
     earlier = PrivacyState.open(state_path(tmp_path / "run", "m1"), merchant_id="m1", target_epsilon=BUDGET,
                                 target_delta=DELTA)
-    earlier.commit(MECHANISMS["m1"], round=1, model_version=0, run_id="run-0")
+    earlier.commit(MECHANISMS["m1"], unit_count=UNIT_COUNTS["m1"], round=1, model_version=0, run_id="run-0")
     run = build_run(tmp_path / "run", merchants=("m1",))
 
     result = audit_node_state(state_path(run, "m1"), run_dir=run)
@@ -447,9 +450,9 @@ def test_node_state_flags_spend_recorded_without_the_noise_source(run_dir: Path)
     # repeated across calls has none, and the audit must not pass its ε as if it held.
     path = state_path(run_dir, "m1")
     raw = json.loads(path.read_text())
-    assert all(e["noise"] == NOISE_SOURCE for e in raw["entries"])
+    assert all(e["event"]["noise"] == NOISE_SOURCE for e in raw["entries"])
     for entry in raw["entries"][:2]:
-        del entry["noise"]
+        del entry["event"]["noise"]
     path.write_text(json.dumps(raw))
 
     result = audit_node_state(path, run_dir=run_dir)
@@ -489,3 +492,18 @@ def test_schema_1_ledger_is_audited_as_unmarked(run_dir: Path) -> None:
     assert before.passed
     assert [(m.epsilon_recorded, m.epsilon_pld) for m in report.merchants] == [
         (m.epsilon_recorded, m.epsilon_pld) for m in before.merchants]
+
+
+def test_schema_2_ledger_is_audited_as_before(run_dir: Path) -> None:
+    # Ledgers written before the unit, N and the release were kept: the audit reads them as
+    # the one unit and release fedshop had, N unrecorded, and finds exactly what it found before.
+    before = audit_run(run_dir)
+    as_schema_2(run_dir / LEDGER_FILE)
+
+    report = audit_run(run_dir)
+
+    assert before.passed and report.passed, report.findings
+    assert [dataclasses.asdict(m) for m in report.merchants] == [dataclasses.asdict(m) for m in before.merchants]
+    rows = read_rows(run_dir / LEDGER_FILE)
+    assert {(r.event.unit, r.event.release, r.event.unit_count, r.event.expected_batch) for r in rows} == {
+        ("record", "update", 0, 0.0)}

@@ -57,7 +57,7 @@ def test_malformed_updates_are_rejected_and_their_spend_recorded(tmp_path: Path)
             assert r.status == "rejected", r
             assert expected_reason[r.merchant_id] in r.reason, r.reason
         # A rejected merchant did train: its spend is in the ledger like anyone else's.
-        assert r.steps == 3 and r.epsilon_reported > 0 and r.model_version == r.round - 1
+        assert r.event.mechanism.steps == 3 and r.epsilon_reported > 0 and r.model_version == r.round - 1
     for merchant in expected_reason:
         eps = [r.epsilon_reported for r in rows if r.merchant_id == merchant]
         assert eps[0] < eps[1]
@@ -97,16 +97,16 @@ def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(tmp_pa
     round2 = {r.merchant_id: r for r in rows if r.round == 2}
     assert sorted(round1) == ["shop-a", "shop-b", "shop-c"]
     refused = round1["shop-b"]
-    assert refused.status == "refused" and refused.steps == 0
+    assert refused.status == "refused" and refused.event.mechanism.steps == 0
     assert refused.epsilon_budget == 0.01 and refused.epsilon_reported == 0.0
-    assert refused.noise == ""  # drew no noise, so names no source
+    assert refused.event.noise == ""  # drew no noise, so names no source
     assert "budget" in refused.reason and "shop-b" in refused.reason
     assert round1["shop-a"].status == round1["shop-c"].status == "accepted"
-    assert round1["shop-a"].noise == round1["shop-c"].noise == NOISE_SOURCE
+    assert round1["shop-a"].event.noise == round1["shop-c"].event.noise == NOISE_SOURCE
     assert round1["shop-a"].epsilon_budget == 8.0
     # Round 2: shop-b is not sampled at all; the others go on.
     assert sorted(round2) == ["shop-a", "shop-c"]
-    assert all(r.status == "accepted" and r.steps > 0 for r in round2.values())
+    assert all(r.status == "accepted" and r.event.mechanism.steps > 0 for r in round2.values())
     assert json.loads(state_path.read_text())["entries"] == []  # shop-b spent nothing
 
     log_rows = metrics_rows(run_dir)
@@ -153,7 +153,7 @@ def test_a_federation_whose_budgets_are_all_spent_ends_cleanly(tmp_path: Path) -
     assert result.returncode == 0, result.describe()
     rows = ledger_rows(run_dir)
     # Round 1: everyone refuses (recorded, nothing spent); round 2 samples no one and the run stops.
-    assert [(r.round, r.status, r.steps) for r in rows] == [(1, "refused", 0)] * 3
+    assert [(r.round, r.status, r.event.mechanism.steps) for r in rows] == [(1, "refused", 0)] * 3
     for r in rows:
         assert "over the budget" in r.reason, r.reason
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())

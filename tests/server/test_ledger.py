@@ -19,30 +19,32 @@ from server.ledger import (
     PrivacyLedger,
     SpendRecord,
 )
+from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.run_files import LEDGER_FILE
-from tests.helpers.audit_runs import as_schema_1
+from tests.helpers.audit_runs import as_schema_1, as_schema_2
 
 RUN = "run-1"
 
 
 def spend(merchant: str = "m1", round_: int = 1, **overrides: object) -> SpendRecord:
+    """A ledger row; overrides name a row field or a field of its spend event (or its mechanism)."""
+    mechanism: dict[str, object] = dict(noise_multiplier=1.1, sample_rate=0.02, steps=20, max_grad_norm=1.0)
+    event: dict[str, object] = dict(delta=1e-5, unit="record", unit_count=500, expected_batch=10.0,
+                                    release="update", noise="")
     fields: dict[str, object] = dict(
         run_id=RUN,
         round=round_,
         merchant_id=merchant,
         node_id=1000 + int(merchant.lstrip("m") or 0),
         model_version=round_ - 1,
-        noise_multiplier=1.1,
-        sample_rate=0.02,
-        steps=20,
-        max_grad_norm=1.0,
-        delta=1e-5,
         epsilon_reported=0.5 * round_,
         epsilon_budget=8.0,
         accountant="prv",
         status="accepted",
     )
-    fields.update(overrides)
+    for name, value in overrides.items():
+        (mechanism if name in mechanism else event if name in event else fields)[name] = value
+    fields["event"] = SpendEvent(mechanism=MechanismEvent(**mechanism), **event)  # type: ignore[arg-type]
     return SpendRecord(**fields)  # type: ignore[arg-type]
 
 
@@ -96,16 +98,65 @@ def test_schema_1_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
 
     with PrivacyLedger(path) as ledger:
         # Old rows keep their spend and read as unmarked: nothing is rewritten.
-        assert ledger.rows() == [spend("m1", 1), spend("m2", 1)]
+        assert ledger.rows() == [spend("m1", 1, unit_count=0, expected_batch=0.0),
+                                 spend("m2", 1, unit_count=0, expected_batch=0.0)]
         ledger.record_round([spend("m1", 2, noise="fresh-per-call")])
-        assert [r.noise for r in ledger.rows()] == ["", "", "fresh-per-call"]
+        assert [r.event.noise for r in ledger.rows()] == ["", "", "fresh-per-call"]
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             ledger._conn.execute("UPDATE spend SET noise = 'x'")
     conn = raw(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     conn.close()
-    with PrivacyLedger(path) as ledger:  # a second open finds schema 2: nothing to migrate
+    with PrivacyLedger(path) as ledger:  # a second open finds schema 3: nothing to migrate
         assert len(ledger.rows()) == 3
+
+
+def test_schema_2_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    with PrivacyLedger(path) as ledger:
+        ledger.set_meta("run_id", RUN)
+        ledger.record_round([spend("m1", 1, noise="fresh-per-call"), spend("m2", 1, status="refused", steps=0)])
+    as_schema_2(path)
+    conn = raw(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert "unit_count" not in [row[1] for row in conn.execute("PRAGMA table_info(spend)")]
+    conn.close()
+
+    with PrivacyLedger(path) as ledger:
+        # Schema 2 knew one unit and one release and kept no N: rows read so, nothing rewritten.
+        old = [spend("m1", 1, noise="fresh-per-call", unit_count=0, expected_batch=0.0),
+               spend("m2", 1, status="refused", steps=0, unit_count=0, expected_batch=0.0)]
+        assert ledger.rows() == old
+        assert [(r.event.unit, r.event.release) for r in old] == [("record", "update")] * 2
+        assert ledger.record_round(old) == 0  # a replay of a migrated round is still idempotent
+        with pytest.raises(LedgerConflictError, match="unit_count: recorded 0, now 500"):
+            ledger.record_round([spend("m1", 1, noise="fresh-per-call"), old[1]])
+        ledger.record_round([spend("m1", 2, noise="fresh-per-call")])
+        assert ledger.rows("m1")[-1] == spend("m1", 2, noise="fresh-per-call")  # new rows keep N
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            ledger._conn.execute("UPDATE spend SET unit_count = 1")
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            ledger._conn.execute("DELETE FROM spend")
+    conn = raw(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    assert conn.execute("SELECT count(*) FROM spend").fetchone()[0] == 3
+    with pytest.raises(sqlite3.IntegrityError, match="CHECK"):  # the new columns' constraints hold
+        conn.execute("INSERT INTO spend (run_id, round, merchant_id, node_id, model_version, noise_multiplier, "
+                     "sample_rate, steps, max_grad_norm, delta, epsilon_reported, epsilon_budget, accountant, "
+                     "status, reason, dp, recorded_at, unit_count) "
+                     "VALUES ('run-1', 3, 'm1', '1', 0, 1, 0.1, 1, 1, 1e-5, 1, 8, 'prv', 'accepted', '', 1, 'x', -1)")
+    conn.close()
+
+
+def test_a_row_stores_the_spend_event_whole(ledger: PrivacyLedger) -> None:
+    record = spend("m1", unit_count=333, expected_batch=6.66, noise="fresh-per-call")
+    ledger.record_round([record])
+    (back,) = ledger.rows()
+    assert back == record and back.event == record.event
+    conn = raw(ledger.path)
+    stored = conn.execute("SELECT unit, unit_count, expected_batch, release, noise FROM spend").fetchone()
+    conn.close()
+    assert stored == ("record", 333, 6.66, "update", "fresh-per-call")
 
 
 def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
@@ -311,10 +362,12 @@ def test_process_killed_mid_round_leaves_previous_rounds_only(tmp_path: Path) ->
         import os, sys
         sys.path.insert(0, {str(Path(__file__).resolve().parents[2])!r})
         from server.ledger import PrivacyLedger, SpendRecord
+        from shared.privacy.events import MechanismEvent, SpendEvent
 
         def rec(m, r):
-            return SpendRecord(run_id="run-1", round=r, merchant_id=m, node_id=1, model_version=0,
-                noise_multiplier=1.0, sample_rate=0.1, steps=5, max_grad_norm=1.0, delta=1e-5,
+            event = SpendEvent.of(MechanismEvent(noise_multiplier=1.0, sample_rate=0.1, steps=5, max_grad_norm=1.0),
+                                  unit_count=50, delta=1e-5, noise="fresh-per-call")
+            return SpendRecord(run_id="run-1", round=r, merchant_id=m, node_id=1, model_version=0, event=event,
                 epsilon_reported=float(r), epsilon_budget=8.0, accountant="prv", status="accepted")
 
         ledger = PrivacyLedger({str(path)!r})
@@ -338,6 +391,6 @@ def test_process_killed_mid_round_leaves_previous_rounds_only(tmp_path: Path) ->
 def test_spend_record_is_frozen_kw_only() -> None:
     record = spend()
     with pytest.raises(dataclasses.FrozenInstanceError):
-        record.steps = 1  # type: ignore[misc]
+        record.event = spend(steps=1).event  # type: ignore[misc]
     with pytest.raises(TypeError):
         SpendRecord(RUN, 1, "m1")  # type: ignore[misc,call-arg]

@@ -15,13 +15,22 @@ Known values used here:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
 import pytest
 
 from shared.privacy.accounting import epsilon, epsilon_opacus_rdp, epsilon_pld, epsilon_prv, epsilon_rdp
-from shared.privacy.events import MechanismEvent, compose_history
+from shared.privacy.events import (
+    NOISE_SOURCE,
+    RELEASE_UPDATE,
+    SPEND_KEYS,
+    UNIT_RECORD,
+    MechanismEvent,
+    SpendEvent,
+    compose_history,
+)
 
 DELTA = 1e-5
 
@@ -176,3 +185,36 @@ def test_mechanism_event_round_trip_and_validation() -> None:
             MechanismEvent.from_dict(bad)
     with pytest.raises(KeyError):
         MechanismEvent.from_dict({"noise_multiplier": 1.0})
+
+
+def test_spend_event_is_one_flat_record_of_one_release() -> None:
+    mechanism = event(1.1, 1 / 4, 12)
+    spend = SpendEvent.of(mechanism, unit_count=100, delta=DELTA, noise=NOISE_SOURCE)
+    # q = 1/ceil(100/32) = 1/4 samples 25 records a step in expectation.
+    assert spend.expected_batch == 25.0 and (spend.unit, spend.release) == (UNIT_RECORD, RELEASE_UPDATE)
+    flat = spend.to_dict()
+    assert tuple(flat) == SPEND_KEYS  # the wire's keys and the ledger's columns, in order
+    assert {k: flat[k] for k in mechanism.to_dict()} == mechanism.to_dict()
+    assert MechanismEvent.from_dict(flat) == mechanism  # the mechanism reads out of the spend
+    assert SpendEvent.from_dict(flat) == spend
+    assert SpendEvent.from_dict({k: v for k, v in flat.items() if k != "noise"}) == dataclasses.replace(spend,
+                                                                                                        noise="")
+    with pytest.raises(KeyError, match="unit_count"):
+        SpendEvent.from_dict({k: v for k, v in flat.items() if k != "unit_count"})
+    # A call that released nothing, or released without DP, keeps the shape (σ = q = 0).
+    nothing = SpendEvent.of(MechanismEvent(noise_multiplier=0.0, sample_rate=0.0, steps=0, max_grad_norm=1.0),
+                            unit_count=0, delta=0.0, noise="")
+    nothing.validate()
+    assert SpendEvent.from_dict(nothing.to_dict()) == nothing
+    for bad, field in [
+        (dict(flat, sample_rate=1.5), "sample_rate"),
+        (dict(flat, noise_multiplier=float("nan")), "noise_multiplier"),
+        (dict(flat, delta=1.0), "delta"),
+        (dict(flat, steps=-1), "steps"),
+        (dict(flat, unit_count=-1), "unit_count"),
+        (dict(flat, expected_batch=float("inf")), "expected_batch"),
+        (dict(flat, unit="user"), "unit"),
+        (dict(flat, release="evaluation"), "release"),
+    ]:
+        with pytest.raises(ValueError, match=field):
+            SpendEvent.from_dict(bad).validate()

@@ -86,11 +86,12 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
         run_id = ledger.meta()["run_id"]
     for r in rows:
         assert r.status == "accepted" and r.reason == ""
-        assert r.steps == 3  # max-local-steps
+        assert r.event.mechanism.steps == 3  # max-local-steps
         assert r.model_version == r.round - 1
-        assert r.dp and r.noise_multiplier == 1.0 and r.max_grad_norm == 1.0 and r.delta == 1e-5
-        assert r.noise == NOISE_SOURCE  # the merchant's noise source, carried with its update
-        assert 0 < r.sample_rate <= 1
+        assert r.dp and r.event.mechanism.noise_multiplier == 1.0 and r.event.mechanism.max_grad_norm == 1.0
+        assert r.event.delta == 1e-5
+        assert r.event.noise == NOISE_SOURCE  # the merchant's noise source, carried with its update
+        assert 0 < r.event.mechanism.sample_rate <= 1
         assert 0 < r.epsilon_reported <= r.epsilon_budget == 8.0
         assert r.run_id == run_id
     for merchant in MERCHANTS:
@@ -106,8 +107,8 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
         entries = merchant_state(run_dir, merchant)["entries"]
         assert [e["round"] for e in entries] == [1, 2]
         assert [e["model_version"] for e in entries] == [0, 1]
-        ledger_mech = [(r.noise_multiplier, r.sample_rate, r.steps, r.max_grad_norm)
-                       for r in rows if r.merchant_id == merchant]
+        mechanisms = [r.event.mechanism for r in rows if r.merchant_id == merchant]
+        ledger_mech = [(m.noise_multiplier, m.sample_rate, m.steps, m.max_grad_norm) for m in mechanisms]
         assert [tuple(e["event"][k] for k in ("noise_multiplier", "sample_rate", "steps", "max_grad_norm"))
                 for e in entries] == ledger_mech
 
@@ -187,7 +188,7 @@ def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None
     run_dir = tmp_path / "run"
     rows = ledger_rows(run_dir)
     assert sorted((r.round, r.merchant_id) for r in rows) == [(n, m) for n in (1, 2) for m in MERCHANTS]
-    assert all(r.status == "accepted" and 1 <= r.steps <= 3 and r.epsilon_reported > 0 for r in rows)
+    assert all(r.status == "accepted" and 1 <= r.event.mechanism.steps <= 3 and r.epsilon_reported > 0 for r in rows)
     check_client_state_matches_ledger(run_dir)
     for merchant in MERCHANTS:
         node = run_dir / "nodes" / merchant
@@ -195,7 +196,7 @@ def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None
         assert len(cached) == 1 and cached[0].name.startswith("features-")  # encoded once, both rounds
         assert len(list((node / "features" / "precondition-corpus").iterdir())) == 1
         kept = torch.load(node / "optimizer-state.pt", weights_only=True)
-        steps = sum(r.steps for r in rows if r.merchant_id == merchant)
+        steps = sum(r.event.mechanism.steps for r in rows if r.merchant_id == merchant)
         assert {int(s["step"]) for s in kept["state"]["state"].values()} == {steps}  # round 2 went on from 1
     latest = ckpt.load_latest(run_dir)
     assert latest is not None and sorted(latest.parameters) == sorted(
