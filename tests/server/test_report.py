@@ -14,17 +14,21 @@ from server.federation import RoundReport
 from server.ledger import PrivacyLedger, SpendRecord
 from server.report import format_summary, run_summary, write_summary
 from server.run_log import RunLog
+from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 
 
 def spend(merchant: str, round_: int, epsilon: float, **overrides: Any) -> SpendRecord:
+    """A ledger row; overrides name a row field or a field of its spend event (or its mechanism)."""
+    mechanism: dict[str, Any] = dict(noise_multiplier=1.0, sample_rate=0.1, steps=3, max_grad_norm=1.0)
+    event: dict[str, Any] = dict(delta=1e-5, unit_count=30, expected_batch=3.0)
     fields: dict[str, Any] = dict(
         run_id="run-1", round=round_, merchant_id=merchant, node_id=round_, model_version=round_ - 1,
-        noise_multiplier=1.0, sample_rate=0.1, steps=3, max_grad_norm=1.0, delta=1e-5,
         epsilon_reported=epsilon, epsilon_budget=4.0, accountant="prv", status="accepted",
     )
-    fields.update(overrides)
-    return SpendRecord(**fields)
+    for name, value in overrides.items():
+        (mechanism if name in mechanism else event if name in event else fields)[name] = value
+    return SpendRecord(event=SpendEvent(mechanism=MechanismEvent(**mechanism), **event), **fields)
 
 
 @pytest.fixture
