@@ -32,11 +32,10 @@ from typing import Any
 from shared.jsonable import finite
 from shared.privacy.accounting import epsilon_pld, epsilon_rdp
 from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, SPEND_KEYS, UNIT_RECORD, MechanismEvent, SpendEvent
+from shared.run_files import LEDGER_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
 
-LEDGER_FILE = "ledger.sqlite"
-METRICS_FILE = "metrics.jsonl"
 TOLERANCE_ABS = 0.05
 TOLERANCE_REL = 0.02
 
