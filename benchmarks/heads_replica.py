@@ -97,8 +97,8 @@ def load(dataset: utility.Dataset) -> tuple[dict[str, Merchant], Any]:
     whiten = None
     if config.precondition_corpus:
         whiten = precondition.from_corpus(Path(config.precondition_corpus), model, tokenizer,
-                                          max_seq_len=config.max_seq_len, shrink=config.precondition_shrink,
-                                          device=device, cache_dir=cache / precondition.CACHE_FOLDER)
+                                          max_seq_len=config.max_seq_len, device=device,
+                                          cache_dir=cache / precondition.CACHE_FOLDER)
 
     def states(pairs: list[tuple[str, str]], folder: str) -> torch.Tensor:
         x = features.pooled_states(model, tokenizer, pairs, max_seq_len=config.max_seq_len, device=device,

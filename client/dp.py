@@ -31,10 +31,10 @@ log = logging.getLogger(__name__)
 AUTO_GRAD_SAMPLE_MODE = {"heads": "ew", "lora": "ew", "top-k": "bk", "full": "bk"}
 
 
-def grad_sample_mode_for(trainable: str, requested: str = "auto", clipping: str = "flat") -> str:
-    if clipping != "flat":  # only book-keeping clips parameter groups apart (config checks the request)
+def grad_sample_mode_for(trainable: str, clipping: str = "flat") -> str:
+    if clipping != "flat":  # only book-keeping clips parameter groups apart
         return "bk"
-    return AUTO_GRAD_SAMPLE_MODE[trainable] if requested == "auto" else requested
+    return AUTO_GRAD_SAMPLE_MODE[trainable]
 
 
 def clip_groups(clipping: str) -> Callable[[str], str] | None:

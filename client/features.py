@@ -19,17 +19,24 @@ training call, and the folder does not grow with every change of data or encoder
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.utils.data import TensorDataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from shared import atomic
 from shared.model import FedShopModel, head_scores
+
+if TYPE_CHECKING:  # client.precondition builds on this module
+    from client.precondition import Preconditioner
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +55,44 @@ class HeadsOnly(nn.Module):
 
     def forward(self, pooled: torch.Tensor) -> torch.Tensor:
         return head_scores(self.heads, self.dropout, pooled)
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadsView:
+    """What a training call trains when the encoder is frozen: the model's heads on each record's
+    pooled state, encoded once and cached (``pooled_states``), instead of running the encoder at
+    every step. Same records, same Poisson sampling over them, same clipping and noise: only the
+    cost differs. ``whitened`` moves the heads into a preconditioner's coordinates, and
+    ``finish`` writes them back into the model."""
+
+    model: HeadsOnly  # what trains: the model's heads, or their copy in the preconditioner's coordinates
+    dataset: TensorDataset  # (state, packed targets) per record
+    target: FedShopModel  # the model whose heads the call trains
+    preconditioner: Preconditioner | None = None
+
+    @classmethod
+    def of(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
+           targets: torch.Tensor, *, max_seq_len: int, device: torch.device, cache_dir: Path | None) -> HeadsView:
+        if not isinstance(model, FedShopModel):
+            raise TypeError(f"trainable = heads trains a FedShopModel's heads; got {type(model).__name__}")
+        states = pooled_states(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device, cache_dir=cache_dir)
+        return cls(model=HeadsOnly(model), dataset=TensorDataset(states, targets), target=model)
+
+    def whitened(self, preconditioner: Preconditioner) -> HeadsView:
+        """The heads trained in ``preconditioner``'s coordinates (a copy of them; the same function)."""
+        states, targets = self.dataset.tensors
+        return HeadsView(model=HeadsOnly(self.target, preconditioner.to_local(self.target.heads)),
+                         dataset=TensorDataset(preconditioner.states(states), targets), target=self.target,
+                         preconditioner=preconditioner)
+
+    @staticmethod
+    def batch(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+        return tuple(t.to(device) for t in batch)
+
+    def finish(self) -> None:
+        """After training: the heads back into the model, in pooled-state coordinates."""
+        if self.preconditioner is not None:
+            self.preconditioner.to_global(self.model.heads, self.target.heads)
 
 
 def cache_dir(configured: str, default: Path, owner: str = "") -> Path:

@@ -10,12 +10,13 @@ Order of a private call, and why:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ from client import dp, features, precondition
 from client import optimizer_state as optimizer_state_lib
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
-from shared.model import FedShopModel, is_head
+from shared.model import is_head
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import MechanismEvent
 from shared.tasks import TASKS, Example, PerExampleLoss, group_records, pack_targets, predictions, task_of
@@ -116,14 +117,12 @@ def _trim(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Te
 
 
 def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
-    """Two parameter groups: heads at ``head-learning-rate``, everything else at ``learning-rate``."""
+    """AdamW, two parameter groups: heads at ``head-learning-rate``, everything else at ``learning-rate``."""
     heads = [p for n, p in model.named_parameters() if p.requires_grad and is_head(n)]
     body = [p for n, p in model.named_parameters() if p.requires_grad and not is_head(n)]
     groups = [{"params": heads, "lr": config.head_learning_rate}]
     if body:
         groups.append({"params": body, "lr": config.learning_rate})
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.learning_rate, momentum=0.9, weight_decay=config.weight_decay)
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
@@ -138,143 +137,165 @@ def planned_steps(num_records: int, config: RunConfig) -> tuple[float, int]:
     return sample_rate, steps
 
 
-def train(
-    model: nn.Module,
-    examples: Sequence[Example],
-    tokenizer: PreTrainedTokenizerBase,
-    config: RunConfig,
-    *,
-    privacy: PrivacyState | None,
-    round: int = 0,
-    model_version: int = 0,
-    run_id: str = "",
-    device: torch.device | None = None,
-    on_step: Callable[[int, int, float], None] | None = None,
-    feature_cache: Path | None = None,
-    corpus_cache: Path | None = None,
-    optimizer_state: Path | None = None,
-) -> TrainResult:
+def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, config: RunConfig, *,
+          privacy: PrivacyState | None, round: int = 0, model_version: int = 0, run_id: str = "",
+          device: torch.device | None = None, on_step: Callable[[int, int, float], None] | None = None,
+          feature_cache: Path | None = None, corpus_cache: Path | None = None,
+          optimizer_state: Path | None = None) -> TrainResult:
     """Train ``model`` in place on one merchant's examples; private iff ``config.dp``.
 
-    ``feature_cache``: where a frozen encoder's pooled states are kept between calls
-    (``trainable = heads`` only; None = encode on every call). ``corpus_cache``: the same for
-    ``precondition-corpus``'s public texts (default: a folder inside ``feature_cache``).
-    ``optimizer_state``: the file that carries the optimizer's state from call to call with
-    ``keep-optimizer-state`` (None = never carried)."""
+    ``feature_cache`` / ``corpus_cache``: where a frozen encoder's pooled states of the records /
+    of ``precondition-corpus``'s texts are kept between calls (``training_view``; None = encode on
+    every call). ``optimizer_state``: the file that carries the optimizer's state from call to
+    call with ``keep-optimizer-state`` (None = never carried)."""
     start = time.perf_counter()
     device = device or torch.device("cpu")
     if config.dp and privacy is None:
         raise ValueError("dp = true needs the merchant's PrivacyState (its persisted accountant)")
     records = PairDataset(examples, tokenizer, max_seq_len=config.max_seq_len)
     sample_rate, steps = planned_steps(len(records), config)
-    planned = None
-    if config.dp:
-        assert privacy is not None
-        sigma = config.noise_multiplier
-        if config.noise_plan_calls:
-            # This merchant's own σ: enough noise that the run's remaining planned calls fit.
-            remaining = max(1, config.noise_plan_calls - privacy.calls_in_run(run_id))
-            sigma = privacy.planned_noise(sample_rate=sample_rate, steps=steps, max_grad_norm=config.max_grad_norm,
-                                          calls=remaining, floor=config.noise_multiplier)
-        planned = MechanismEvent(noise_multiplier=sigma, sample_rate=sample_rate,
-                                 steps=steps, max_grad_norm=config.max_grad_norm)
-        privacy.check(planned)  # raises BudgetExceededError; nothing trained, nothing spent
+    planned = plan_mechanism(config, privacy, sample_rate=sample_rate, steps=steps, run_id=run_id)
 
     model.to(device)
     model.train()
-    criterion: nn.Module = PerExampleLoss()
+    view = training_view(model, tokenizer, records, config, device=device, feature_cache=feature_cache,
+                         corpus_cache=corpus_cache)
+    optimizer = make_optimizer(view.model, config)
+    kept = optimizer_state if config.keep_optimizer_state else None
+    if kept is not None:
+        optimizer_state_lib.load(optimizer, kept, run_id=run_id)
     # Reproducible batch order for non-private calls only: a private call samples from its own
     # fresh generator (client.dp.make_private), since batches known in advance are not secret.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
-    # A frozen encoder (trainable = heads): train the heads on each record's pooled state,
-    # encoded once and cached, instead of running the encoder at every step. Same records,
-    # same Poisson sampling over them, same clipping and noise: only the cost differs.
-    frozen = config.trainable == "heads"
-    dataset: Dataset = records
-    train_model: nn.Module = model
-    preconditioner, local_heads = None, None
-    if frozen:
-        if not isinstance(model, FedShopModel):
-            raise TypeError(f"trainable = heads trains a FedShopModel's heads; got {type(model).__name__}")
-        states = features.pooled_states(model, tokenizer, records.pairs, max_seq_len=config.max_seq_len,
-                                        device=device, cache_dir=feature_cache)
-        if config.precondition_corpus:
-            if corpus_cache is None and feature_cache is not None:
-                corpus_cache = feature_cache / precondition.CACHE_FOLDER
-            preconditioner = precondition.from_corpus(
-                Path(config.precondition_corpus), model, tokenizer, max_seq_len=config.max_seq_len,
-                shrink=config.precondition_shrink, device=device, cache_dir=corpus_cache)
-            states = preconditioner.states(states)
-            local_heads = preconditioner.to_local(model.heads)
-        dataset = TensorDataset(states, records.targets)
-        train_model = features.HeadsOnly(model, local_heads)
-    params = [p for p in train_model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(train_model, config)
-    base_optimizer = optimizer  # Opacus wraps it; its state is what a next call may continue
-    if config.keep_optimizer_state and optimizer_state is not None:
-        optimizer_state_lib.load(optimizer, optimizer_state, run_id=run_id)
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
-    mode = "none"
-    if config.dp:
-        assert planned is not None
-        mode = dp.grad_sample_mode_for(config.trainable, config.grad_sample_mode, config.clipping)
-        private = dp.make_private(model=train_model, optimizer=optimizer, data_loader=loader, criterion=criterion,
-                                  noise_multiplier=planned.noise_multiplier, max_grad_norm=config.max_grad_norm,
-                                  mode=mode, clipping=config.clipping)
-        train_model, optimizer, loader, criterion = (private.model, private.optimizer,
-                                                     private.data_loader, private.criterion)
+    loader = DataLoader(view.dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
+    with made_private(model, view.model, optimizer, loader, config, planned) as training:
+        losses = step_loop(training, view.batch, steps, device=device, on_step=on_step)
+    view.finish()
 
-    losses: list[float] = []
-    done = 0
-    try:
-        while done < steps:
-            for batch in loader:
-                if done >= steps:
-                    break
-                *inputs, packed = [t.to(device) for t in batch] if frozen else _trim(batch, device)
-                optimizer.zero_grad(set_to_none=True)
-                if len(packed) == 0:
-                    # An empty Poisson batch is still one mechanism invocation: release a
-                    # noise-only step so what is released matches what is accounted.
-                    _zero_batch_grads(params, mode)
-                    optimizer.step()
-                else:
-                    scores = train_model(*inputs)
-                    loss = criterion(scores, packed)
-                    with warnings.catch_warnings():
-                        # Opacus' hooks sit on layers whose inputs (token ids) need no
-                        # gradient; torch warns about that harmless case on every step.
-                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                        loss.backward()
-                    optimizer.step()
-                    # Ghost clipping returns a wrapper, not a Tensor; both expose .item().
-                    losses.append(float(loss.item()))
-                done += 1
-                if on_step is not None:
-                    on_step(done, steps, losses[-1] if losses else float("nan"))
-    finally:
-        if config.dp:
-            # Remove GradSampleModule's hooks from ``model``: left attached, the next private
-            # call on the same model fails with "Trying to add hooks twice to the same model".
-            train_model.remove_hooks()  # type: ignore[operator]
-            _strip_opacus(model)
-
-    if preconditioner is not None:
-        assert local_heads is not None and isinstance(model, FedShopModel)
-        preconditioner.to_global(local_heads, model.heads)
     epsilon = 0.0
     if config.dp:
         assert privacy is not None and planned is not None
         epsilon = privacy.commit(planned, unit_count=len(records), round=round, model_version=model_version,
                                  run_id=run_id)
-    if config.keep_optimizer_state and optimizer_state is not None:
-        optimizer_state_lib.save(base_optimizer, optimizer_state, run_id=run_id)
+    if kept is not None:
+        optimizer_state_lib.save(optimizer, kept, run_id=run_id)
     return TrainResult(
-        num_examples=len(records), steps=done, mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        num_examples=len(records), steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"),
         losses=losses, mechanism=planned, epsilon=epsilon,
-        delta=privacy.target_delta if privacy is not None else 0.0, grad_sample_mode=mode,
+        delta=privacy.target_delta if privacy is not None else 0.0, grad_sample_mode=training.mode,
         duration_s=time.perf_counter() - start,
     )
+
+
+def plan_mechanism(config: RunConfig, privacy: PrivacyState | None, *, sample_rate: float, steps: int,
+                   run_id: str = "") -> MechanismEvent | None:
+    """The call's mechanism (None when non-private), checked against the merchant's budget: raises
+    ``BudgetExceededError`` before anything is trained or spent."""
+    if not config.dp:
+        return None
+    assert privacy is not None
+    sigma = config.noise_multiplier
+    if config.noise_plan_calls:
+        # This merchant's own σ: enough noise that the run's remaining planned calls fit.
+        remaining = max(1, config.noise_plan_calls - privacy.calls_in_run(run_id))
+        sigma = privacy.planned_noise(sample_rate=sample_rate, steps=steps, max_grad_norm=config.max_grad_norm,
+                                      calls=remaining, floor=config.noise_multiplier)
+    planned = MechanismEvent(noise_multiplier=sigma, sample_rate=sample_rate,
+                             steps=steps, max_grad_norm=config.max_grad_norm)
+    privacy.check(planned)  # raises BudgetExceededError; nothing trained, nothing spent
+    return planned
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordsView:
+    """What a training call trains when the encoder trains too: the whole model on every record's
+    tokens, padding trimmed per batch. (``features.HeadsView`` is the frozen-encoder one.)"""
+
+    model: nn.Module
+    dataset: Dataset
+
+    @staticmethod
+    def batch(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
+        return _trim(batch, device)
+
+    def finish(self) -> None:
+        pass
+
+
+def training_view(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: PairDataset, config: RunConfig, *,
+                  device: torch.device, feature_cache: Path | None = None,
+                  corpus_cache: Path | None = None) -> RecordsView | features.HeadsView:
+    """The module a call trains and the dataset its loader samples: the records through the whole
+    model, or with a frozen encoder (``trainable = heads``) the heads on each record's cached
+    pooled state, in ``precondition-corpus``'s whitened coordinates when the run names one."""
+    if config.trainable != "heads":
+        return RecordsView(model, records)
+    view = features.HeadsView.of(model, tokenizer, records.pairs, records.targets, max_seq_len=config.max_seq_len,
+                                 device=device, cache_dir=feature_cache)
+    if not config.precondition_corpus:
+        return view
+    if corpus_cache is None and feature_cache is not None:
+        corpus_cache = feature_cache / precondition.CACHE_FOLDER
+    return view.whitened(precondition.from_corpus(Path(config.precondition_corpus), view.target, tokenizer,
+                                                  max_seq_len=config.max_seq_len, device=device,
+                                                  cache_dir=corpus_cache))
+
+
+@contextlib.contextmanager
+def made_private(model: nn.Module, trained: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
+                 config: RunConfig, planned: MechanismEvent | None) -> Iterator[dp.PrivateTraining]:
+    """``trained``, ``optimizer`` and ``loader`` as the step loop drives them: wrapped by Opacus for
+    ``planned`` (Poisson sampling, per-sample clipping, noise; the per-sample mode chosen for the
+    trainable set and clipping), as they are for a non-private call (mode ``none``). On the way
+    out, whatever happened, Opacus' hooks and per-sample state leave ``model``: left attached,
+    the next private call on the same model fails with "Trying to add hooks twice"."""
+    criterion: nn.Module = PerExampleLoss()
+    if planned is None:
+        yield dp.PrivateTraining(model=trained, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                                 mode="none")
+        return
+    private = dp.make_private(model=trained, optimizer=optimizer, data_loader=loader, criterion=criterion,
+                              noise_multiplier=planned.noise_multiplier, max_grad_norm=config.max_grad_norm,
+                              mode=dp.grad_sample_mode_for(config.trainable, config.clipping),
+                              clipping=config.clipping)
+    try:
+        yield private
+    finally:
+        private.model.remove_hooks()  # type: ignore[operator]
+        _strip_opacus(model)
+
+
+def step_loop(training: dp.PrivateTraining, to_device: Callable[..., tuple[torch.Tensor, ...]], steps: int, *,
+              device: torch.device, on_step: Callable[[int, int, float], None] | None = None) -> list[float]:
+    """``steps`` optimizer steps, the loader iterated as often as that takes; each non-empty batch's loss."""
+    params = [p for group in training.optimizer.param_groups for p in group["params"]]
+    losses: list[float] = []
+    done = 0
+    while done < steps:
+        for batch in training.data_loader:
+            if done >= steps:
+                break
+            *inputs, packed = to_device(batch, device)
+            training.optimizer.zero_grad(set_to_none=True)
+            if len(packed) == 0:
+                # An empty Poisson batch is still one mechanism invocation: release a
+                # noise-only step so what is released matches what is accounted.
+                _zero_batch_grads(params, training.mode)
+                training.optimizer.step()
+            else:
+                loss = training.criterion(training.model(*inputs), packed)
+                with warnings.catch_warnings():
+                    # Opacus' hooks sit on layers whose inputs (token ids) need no
+                    # gradient; torch warns about that harmless case on every step.
+                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                    loss.backward()
+                training.optimizer.step()
+                # Ghost clipping returns a wrapper, not a Tensor; both expose .item().
+                losses.append(float(loss.item()))
+            done += 1
+            if on_step is not None:
+                on_step(done, steps, losses[-1] if losses else float("nan"))
+    return losses
 
 
 def _zero_batch_grads(params: list[nn.Parameter], mode: str) -> None:

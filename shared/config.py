@@ -15,8 +15,7 @@ from typing import Any, Literal, get_args, get_type_hints
 
 Trainable = Literal["heads", "top-k", "lora", "full"]
 StrategyName = Literal["fedavg", "fedadam", "fedprox"]
-OptimizerName = Literal["adamw", "sgd"]
-GradSampleMode = Literal["auto", "hooks", "ghost", "bk", "ew", "functorch"]
+OptimizerName = Literal["adamw"]
 Clipping = Literal["flat", "heads-apart"]
 Accountant = Literal["prv", "rdp"]
 ConversionLabel = Literal["click", "purchase"]
@@ -76,6 +75,8 @@ class RunConfig:
     pooling: Pooling = "mean"
 
     # --- local training -------------------------------------------------------------
+    # AdamW is the only optimizer (SGD was offered, used by no scenario or benchmark, and
+    # removed); the key stays so configs that name it keep loading.
     optimizer: OptimizerName = "adamw"
     learning_rate: float = 1e-3  # encoder weights / LoRA adapters
     # Heads get their own rate: under DP noise a rate high enough for the heads makes the
@@ -95,7 +96,6 @@ class RunConfig:
     # whitened (client.precondition). The model and what travels stay the same; only the
     # steps change. "" = off.
     precondition_corpus: str = ""
-    precondition_shrink: float = 0.003  # added to the states' covariance eigenvalues
     # Carry the optimizer's state (Adam's moments) from one training call of the run to the
     # next, in the node's state folder, instead of starting it afresh every round.
     keep_optimizer_state: bool = False
@@ -111,12 +111,11 @@ class RunConfig:
     target_epsilon: float = 8.0  # per-merchant budget; a hard stop
     target_delta: float = 1e-5
     accountant: Accountant = "prv"
-    grad_sample_mode: GradSampleMode = "auto"
     # heads-apart: a record's head gradients and its encoder/adapter gradients are clipped
     # separately, each to max-grad-norm / sqrt(2), so the whole stays within max-grad-norm
     # (same noise, same ε) but the heads keep their share of it: otherwise the far larger
-    # encoder part fills the clipping norm and the heads' signal drowns in the noise. Needs
-    # grad-sample-mode auto or bk.
+    # encoder part fills the clipping norm and the heads' signal drowns in the noise. Runs
+    # with book-keeping clipping (client.dp.grad_sample_mode_for).
     clipping: Clipping = "flat"
 
     # ---------------------------------------------------------------------------------
@@ -128,6 +127,8 @@ class RunConfig:
         values: dict[str, Any] = {}
         for key, value in raw.items():
             name = key.replace("-", "_")
+            if name in RETIRED and _retired_default(key, value, RETIRED[name]):
+                continue
             if name not in fields:
                 raise ConfigError(f"unknown run-config key {key!r} (value {value!r})")
             values[name] = _coerce(key, value, hints[name])
@@ -178,17 +179,27 @@ class RunConfig:
             raise bad("noise_multiplier", "must be > 0 when dp = true (set dp = false for a non-private run)")
         if self.weight_decay < 0:
             raise bad("weight_decay", "must be >= 0")
-        if not (math.isfinite(self.precondition_shrink) and self.precondition_shrink > 0):
-            raise bad("precondition_shrink", "must be a finite number > 0")
         if self.precondition_corpus and self.trainable != "heads":
             raise bad("precondition_corpus", f"needs trainable = 'heads' (a frozen encoder), not {self.trainable!r}")
-        if self.clipping != "flat" and self.grad_sample_mode not in ("auto", "bk"):
-            raise bad("clipping", f"needs grad-sample-mode 'auto' or 'bk' (book-keeping clipping), "
-                                  f"not {self.grad_sample_mode!r}")
         known = {"ctr", "rating", "relevance"}
         unknown = [t for t in self.task_names if t not in known]
         if unknown or not self.task_names:
             raise bad("tasks", f"must be a comma-separated subset of {sorted(known)}")
+
+
+# Keys fedshop no longer has, with the one value every run now uses. A saved run's config
+# (``--resume``) that names one at that value still loads; any other value is an error that
+# says the option is gone, never silently dropped.
+RETIRED: dict[str, Any] = {
+    "grad_sample_mode": "auto",  # the per-sample mode is chosen per trainable set (client.dp)
+    "precondition_shrink": 0.003,  # client.precondition.SHRINK
+}
+
+
+def _retired_default(key: str, value: Any, default: Any) -> bool:
+    if value == default:
+        return True
+    raise ConfigError(f"run-config key {key!r} = {value!r}: the option was removed (every run uses {default!r})")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

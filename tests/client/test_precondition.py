@@ -134,8 +134,6 @@ def test_bad_corpus_and_config_are_clear_errors(tokenizer: PreTrainedTokenizerBa
         precondition.read_corpus(tmp_path / "one.txt")
     with pytest.raises(ConfigError, match="'precondition-corpus' = .*needs trainable = 'heads'"):
         RunConfig(trainable="lora", precondition_corpus="c.txt").validate()
-    with pytest.raises(ConfigError, match="'precondition-shrink'"):
-        RunConfig(precondition_shrink=0.0).validate()
 
 
 def test_optimizer_state_continues_within_a_run_only(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import client.dp as dp
 from client.trainer import PairDataset, encode, evaluate, planned_steps, train
-from shared.config import ConfigError, RunConfig
+from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy import accounting
 from shared.privacy.budget import BudgetExceededError, PrivacyState
@@ -103,13 +103,13 @@ def test_dp_training_learns_and_commits_one_event(
     assert_plain(model)
 
 
-# Every per-sample mode: auto picks expanded weights for LoRA and ghost clipping for top-k.
-@pytest.mark.parametrize(("trainable", "mode"), [("lora", "auto"), ("lora", "hooks"), ("top-k", "auto")])
+# Both per-sample modes the trainer picks: expanded weights for LoRA, book-keeping for top-k.
+@pytest.mark.parametrize("trainable", ["lora", "top-k"])
 def test_two_calls_on_one_model_compose(
-    trainable: str, mode: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+    trainable: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
     """A client keeps its model across rounds: the second private call must work and add up."""
-    cfg = config(trainable, max_local_steps=3, noise_multiplier=1.0, batch_size=32, grad_sample_mode=mode)
+    cfg = config(trainable, max_local_steps=3, noise_multiplier=1.0, batch_size=32)
     model = build_model(ModelSpec.from_config(cfg))
     state = privacy_state(tmp_path / "privacy.json")
     first = train(model, TRAIN[:256], tokenizer, cfg, privacy=state, round=1)
@@ -157,7 +157,7 @@ def test_private_calls_draw_independent_noise(
     release independently noised updates: the noise is what hides a record, and noise repeated
     across calls cancels in the difference of their updates. ``build_model`` resets torch's global
     seed, so noise drawn from the global generator came out the same in every call (cosine 1)."""
-    cfg = config(trainable, optimizer="sgd", head_learning_rate=1.0, learning_rate=1.0, max_local_steps=1,
+    cfg = config(trainable, head_learning_rate=1.0, learning_rate=1.0, max_local_steps=1,
                  noise_multiplier=50.0, max_grad_norm=1e-3, clipping=clipping)
     deltas = []
     for call in range(2):
@@ -396,8 +396,6 @@ def test_heads_apart_trains_through_book_keeping_and_refuses_other_modes(
     result = train(model, TRAIN[:256], tokenizer, cfg, privacy=privacy_state(tmp_path / "p.json"))
     assert result.grad_sample_mode == "bk" and result.steps == 3 and result.epsilon > 0
     assert_plain(model)
-    with pytest.raises(ConfigError, match="'clipping' = 'heads-apart': needs grad-sample-mode 'auto' or 'bk'"):
-        config("lora").replace(clipping="heads-apart", grad_sample_mode="ghost")
     with pytest.raises(ValueError, match="needs mode 'bk'"):
         dp.make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
                         data_loader=DataLoader(TensorDataset(torch.zeros(4)), batch_size=4), criterion=PerExampleLoss(),
@@ -431,12 +429,12 @@ def test_dp_without_privacy_state_is_refused(tokenizer: PreTrainedTokenizerBase)
 # ----------------------------------------------------------------------------- (d) empty batches
 
 
-# Every per-sample mode: auto picks expanded weights for heads and ghost clipping for top-k.
-@pytest.mark.parametrize(("trainable", "mode"), [("heads", "auto"), ("heads", "hooks"), ("top-k", "auto")])
+# Both per-sample modes the trainer picks: expanded weights for heads, book-keeping for top-k.
+@pytest.mark.parametrize("trainable", ["heads", "top-k"])
 def test_empty_poisson_batches_are_noise_only_steps(
-    trainable: str, mode: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
+    trainable: str, tokenizer: PreTrainedTokenizerBase, tmp_path: Path
 ) -> None:
-    cfg = config(trainable, batch_size=1, local_epochs=10.0, noise_multiplier=1.0, grad_sample_mode=mode)
+    cfg = config(trainable, batch_size=1, local_epochs=10.0, noise_multiplier=1.0)
     model = build_model(ModelSpec.from_config(cfg))
     before = get_trainable(model)
     state = privacy_state(tmp_path / "p.json")
