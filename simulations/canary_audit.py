@@ -1,30 +1,49 @@
-"""Empirical privacy audit in one training run (Steinke, Nasr & Jagielski, NeurIPS 2023).
+"""Empirical privacy audit in one training run: canaries, K calls, two lower bounds, a verdict.
 
-"Privacy Auditing with One (1) Training Run" (arXiv:2305.08846) turns one ordinary training
-call into a statistical test of the ε the accountant claims:
+"Privacy Auditing with One (1) Training Run" (Steinke, Nasr & Jagielski, NeurIPS 2023,
+arXiv:2305.08846) turns ordinary training into a statistical test of the ε the accountant
+claims:
 
 1. make ``m`` canary records; include each one in the merchant's training data
    independently with probability 1/2 (a seeded coin per canary);
-2. train exactly as fedshop trains (``client.trainer.train``; DP-SGD when ``noise``);
-3. score every canary with the trained model, guess "included" for the ``k_plus`` highest
+2. train exactly as fedshop trains (``client.trainer.train``; DP-SGD when ``noise``), and
+   not once but ``calls`` consecutive calls of the same merchant on the same data, each
+   with its own fresh noise and batches, each checked and committed through the merchant's
+   ``PrivacyState`` as in a federation. The canaries go in once, before the first call;
+3. score every canary on the final model, guess "included" for the ``k_plus`` highest
    scores and "excluded" for the ``k_minus`` lowest (ranked within each label, see below),
    abstain on the rest;
-4. with ``r = k_plus + k_minus`` guesses of which ``v`` are right, an (ε, δ)-DP training
-   cannot make ``v`` large: the paper's theorem for (ε, δ)-DP bounds the chance of ``v`` or
-   more right guesses by
+4. turn ``v`` right guesses out of ``r`` into ε lower bounds (``shared.privacy.auditing``):
+   Steinke et al.'s for any (ε, δ)-DP training, and Mahloujifar, Melis & Chaudhuri's
+   (2024, f-DP in one run) for the Gaussian trade-off curve at that (ε, δ), which refutes far
+   larger claims from the same guesses (≈ 9.9 against ≈ 5.1 for 500 right out of 1,000).
 
-       P[Binomial(r, e^ε/(1+e^ε)) ≥ v] + 2·m·δ · max_{i=1..v} P[v > Binomial(r, e^ε/(1+e^ε)) ≥ v−i] / i,
+The claim is the ε of the ``calls`` calls composed (the accountant over the mechanisms the
+calls committed, what a fresh merchant state reports after them), so the leakage of K real
+calls is held against the accounting of K calls. A lower bound above
+the claim means the implementation leaks more than it says (noise not added or too small,
+sampling not Poisson, an accountant that does not compose, ...); the audit then *fails*.
+What scoring the final model cannot show is noise *reused* from call to call: reused noise
+adds up coherently in the final model (more noise there, not less), while the harm is in
+the noise-free difference of two released updates. (Tried on the tiny encoder, σ = 2, two
+calls, one noise draw for both: final-model scores and per-call-difference scores were both
+at chance.) That needs a test on the released updates themselves.
 
-   so every ε for which that p-value is below β = 1 − confidence is rejected, and the
-   largest such ε (``epsilon_lower_bound``) is an empirical lower bound on the training's
-   true ε at that confidence.
+A bound below the claim is what a correct implementation shows, but it is only
+evidence if the audit could have failed, so three settings are refused up front
+(``AuditPowerError``, ``check_canary_signal``):
 
-A lower bound above the accountant's ε would mean the implementation leaks more than it
-claims (a bug: noise not added, sampling not Poisson, a per-round accountant, ...). The
-bound from one run is loose by design (r guesses, all right, prove at most about
-ln(r / 3) at 95%), so a bound below the claim is what a correct implementation shows; to
-see that the audit *can* fail, run it with ``noise=False``: then the bound must exceed the
-ε the DP configuration claims.
+* a claim at or above the largest ε that ``r`` guesses among ``m`` canaries can ever prove
+  (every guess right): no outcome could refute it; more canaries can;
+* a training that samples too few of the canaries: an inserted canary that no batch ever
+  drew leaves the model exactly as if it had been left out, so even a perfect attack gets
+  only the expected right guesses of ``auditing.best_expected_correct``; if those cannot
+  refute the claim, neither can the audit (the case of few steps over many records);
+* a trainable set without the token embeddings (anything but ``trainable = "full"``):
+  the canaries' signal lives in their own embedding rows (below).
+
+``noise=False`` trains non-privately on the same data for the same steps and claims what the
+DP configuration would have claimed: that audit must fail, and is the control showing it can.
 
 Canary design (what makes the audit able to fail): each canary is a ``ctr`` record whose
 product text is 3-4 random whole-word vocabulary tokens used by no other canary and by no
@@ -46,7 +65,8 @@ and it lifts every excluded canary of that label, but within one label it is com
 
 The audit trains on the merchant's real records too: the trained model is discarded, but
 the audit's output is still a function of that training, so audit on data whose privacy
-budget may be spent (synthetic or test data), or count the spend.
+budget may be spent (synthetic or test data), or count the spend (each DP call is committed
+to ``out_dir/canary-privacy-state.json``, which accumulates over audits).
 """
 
 from __future__ import annotations
@@ -57,13 +77,13 @@ import logging
 import math
 import os
 import tempfile
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
@@ -71,7 +91,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from client import trainer
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, choose_device, load_tokenizer
-from shared.privacy import accounting
+from shared.privacy import accounting, auditing
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import MechanismEvent
 from shared.tasks import Example, count_records, task_of
@@ -80,76 +100,45 @@ from simulations.local import load_examples
 log = logging.getLogger(__name__)
 
 RESULT_FILE = "canary_audit.json"
+STATE_FILE = "canary-privacy-state.json"
 CANARY_PREFIX = "canary-"
-_BISECTION_STEPS = 60  # halves [0, ε_max] 60 times: far below any ε resolution that matters
+DEFAULT_CALLS = 2
+
+
+class AuditPowerError(ValueError):
+    """The audit could not fail whatever the training did; the message says what to change."""
 
 
 @dataclasses.dataclass(frozen=True)
 class CanaryAuditResult:
-    """One audit: the guesses, the empirical ε lower bound and the ε the accountant claims."""
+    """One audit: the guesses, both ε lower bounds, what the audit could show, and the claim."""
 
     m: int  # canaries made (each included with probability 1/2)
     k_plus: int  # guesses "included" (highest scores)
     k_minus: int  # guesses "excluded" (lowest scores)
     r: int  # guesses made: k_plus + k_minus
     v: int  # correct guesses
-    epsilon_lower_bound: float  # at ``confidence``, for δ = ``delta``
-    epsilon_claimed: float  # accountant's ε for this training (DP config's ε when noise was off)
+    epsilon_lower_bound: float  # the larger of the two bounds below: what the verdict compares
+    epsilon_lower_bound_steinke: float  # Steinke, Nasr & Jagielski 2023, any (ε, δ)-DP training
+    epsilon_lower_bound_fdp: float  # Mahloujifar, Melis & Chaudhuri 2024, the Gaussian curve at (ε, δ)
+    power_steinke: float  # the most each bound could show: all r guesses right
+    power_fdp: float
+    power_expected: float  # the most an attack could expect to show, given the canaries sampled
+    epsilon_claimed: float  # ε of the ``calls`` calls composed (the DP config's, when noise was off)
     delta: float
     dp: bool  # whether the training added noise (noise=True) or was non-private
     noise_multiplier: float  # σ of the DP configuration (claimed; applied only when dp)
-    steps: int
+    calls: int  # consecutive training calls of the merchant, canaries inserted once before them
+    steps: int  # steps over all calls
+    sample_rate: float  # q of each call (what the claim accounts)
+    seen: float  # chance that an inserted canary is drawn into at least one batch of the DP training
     confidence: float
+    epsilon_state: float  # the audit state's cumulative ε after the calls (all audits in out_dir; 0 if no noise)
+    mechanisms: list[dict[str, Any]]  # each call's mechanism as claimed (σ, q, steps, C)
+    passed: bool  # epsilon_lower_bound <= epsilon_claimed
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-# --------------------------------------------------------------------------- the bound
-def _p_value(*, m: int, r: int, v: int, epsilon: float, delta: float) -> float:
-    """Chance of ``v`` or more right guesses out of ``r`` if training were (ε, δ)-DP."""
-    p = 1.0 / (1.0 + math.exp(-epsilon))  # e^ε / (1 + e^ε): ε-DP randomized response's accuracy
-    tail = float(stats.binom.sf(v - 1, r, p))  # P[W >= v]
-    if delta == 0.0 or v == 0:
-        return min(1.0, tail)
-    # P[v > W >= v - i] for i = 1..v is the running sum of pmf(v-1), pmf(v-2), ..., pmf(0).
-    below = stats.binom.pmf(np.arange(v - 1, -1, -1), r, p)
-    band = np.cumsum(below) / np.arange(1, v + 1)
-    return min(1.0, tail + 2.0 * m * delta * float(band.max()))
-
-
-def epsilon_lower_bound(*, m: int, r: int, v: int, delta: float, confidence: float = 0.95) -> float:
-    """The largest ε that ``v`` right guesses out of ``r`` (``m`` canaries) reject at ``confidence``.
-
-    Steinke, Nasr & Jagielski's bound for (ε, δ)-DP, found by bisection on ε (the p-value's
-    binomial tail grows with ε): every ε below the returned value is rejected with
-    confidence ``confidence``; 0 when nothing is (e.g. no better than chance, ``v <= r / 2``).
-    """
-    if not (0 <= v <= r <= m):
-        raise ValueError(f"need 0 <= v <= r <= m; got m = {m!r}, r = {r!r}, v = {v!r}")
-    if not (0.0 <= delta < 1.0):
-        raise ValueError(f"delta = {delta!r}: must lie in [0, 1)")
-    if not (0.0 < confidence < 1.0):
-        raise ValueError(f"confidence = {confidence!r}: must lie strictly between 0 and 1")
-    beta = 1.0 - confidence
-
-    def rejected(epsilon: float) -> bool:
-        return _p_value(m=m, r=r, v=v, epsilon=epsilon, delta=delta) < beta
-
-    if r == 0 or not rejected(0.0):
-        return 0.0
-    low, high = 0.0, 1.0
-    while rejected(high):  # even v = r stops rejecting near ln(r / ln(1/β)): a few doublings
-        low, high = high, 2.0 * high
-        if high > 1e4:
-            raise ArithmeticError(f"ε lower bound did not converge (m = {m}, r = {r}, v = {v})")
-    for _ in range(_BISECTION_STEPS):
-        mid = 0.5 * (low + high)
-        if rejected(mid):
-            low = mid
-        else:
-            high = mid
-    return low
 
 
 # --------------------------------------------------------------------------- canaries
@@ -294,6 +283,88 @@ def guesses(
     return guess
 
 
+# --------------------------------------------------------------------------- power
+def check_canary_signal(config: RunConfig) -> None:
+    """Refuse a trainable set in which the canaries cannot leave a trace of their own.
+
+    A canary's signal is its unique tokens' embedding rows, trained only when it is in a
+    batch. ``heads``, ``lora`` and ``top-k`` freeze the token embeddings, so inserted and
+    left-out canaries differ only through layers every record shares, and the no-noise
+    control cannot refute anything: the audit would pass whatever the noise.
+    """
+    if config.trainable != "full":
+        raise ConfigError(
+            f"run-config key 'trainable' = {config.trainable!r}: the canary audit needs trainable = 'full' "
+            "(its canaries are told apart by their own token-embedding rows, which only 'full' trains); "
+            "run it with --set trainable=full"
+        )
+
+
+def _check_embeddings_train(model: nn.Module) -> None:
+    """The model-level fact ``check_canary_signal`` relies on, checked on the built model."""
+    encoder = getattr(model, "encoder", None)
+    embeddings = encoder.get_input_embeddings() if encoder is not None else None
+    if embeddings is None or not embeddings.weight.requires_grad:
+        raise ConfigError("the model's token embeddings do not train, so canaries cannot carry signal: "
+                          "the canary audit needs run-config key 'trainable' = 'full'")
+
+
+@dataclasses.dataclass(frozen=True)
+class AuditPlan:
+    """What one audit claims and the most it could show, known before any training."""
+
+    calls: int
+    mechanism: MechanismEvent  # one call, as the DP configuration plans it
+    epsilon_claimed: float  # ``calls`` such calls composed
+    seen: float  # chance that an inserted canary reaches at least one batch over all calls
+    power: auditing.Bounds  # every guess right
+    power_expected: float  # what the best attack's expected right guesses prove, given ``seen``
+
+
+def plan_audit(
+    num_records: int, config: RunConfig, *, calls: int, m: int, k_plus: int, k_minus: int, confidence: float
+) -> AuditPlan:
+    """The claim and power of an audit training ``calls`` calls on ``num_records`` records
+    (canaries included); raises ``AuditPowerError`` when no outcome could refute the claim."""
+    sample_rate, steps = trainer.planned_steps(num_records, config)
+    mechanism = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate, steps=steps,
+                               max_grad_norm=config.max_grad_norm)
+    claimed = accounting.epsilon([mechanism] * calls, config.target_delta, config.accountant)
+    r = k_plus + k_minus
+    best = auditing.power(m=m, r=r, delta=config.target_delta, confidence=confidence)
+    if claimed >= best.largest:
+        needed = auditing.canaries_to_prove(claimed, delta=config.target_delta, confidence=confidence,
+                                            guess_fraction=r / m, start=2 * m)
+        more = (f"about --canaries {needed} could (guessing on the same share of them; more records also move "
+                "the claim)" if needed is not None else "no canary count this audit can make could")
+        raise AuditPowerError(
+            f"the claimed ε = {claimed:.3f} ({calls} call(s) of σ = {config.noise_multiplier:g}, "
+            f"q = {sample_rate:.4g}, {steps} steps each, δ = {config.target_delta:g}) is beyond what this audit "
+            f"can ever prove: {r} guesses among {m} canaries, all right, prove at most ε = {best.fdp:.3f} "
+            f"(f-DP) / {best.steinke:.3f} (Steinke) at {confidence:.0%} confidence, so it could not fail; "
+            f"{more}, or audit a smaller claim "
+            "(more noise, fewer --calls)"
+        )
+    # Poisson sampling: a record is in each of the calls·steps batches independently with
+    # probability q. The claim is about that (DP) training, so its sampling sets what any
+    # attack on it could see, with or without noise.
+    seen = -math.expm1(calls * steps * math.log1p(-sample_rate)) if sample_rate < 1.0 else 1.0
+    expected_v = auditing.best_expected_correct(m=m, k_plus=k_plus, k_minus=k_minus, seen=seen)
+    expected = auditing.lower_bounds(m=m, r=r, v=int(math.floor(expected_v)), delta=config.target_delta,
+                                     confidence=confidence).largest
+    if claimed >= expected:
+        raise AuditPowerError(
+            f"this training draws an inserted canary into any batch with probability only {seen:.1%} "
+            f"(q = {sample_rate:.4g}, {calls} call(s) of {steps} steps): a canary never drawn leaves no trace, so "
+            f"even an attack that spots every drawn one expects {expected_v:.0f} of {r} guesses right, which "
+            f"proves at most ε = {expected:.3f}, below the claimed ε = {claimed:.3f}; the audit could not fail. "
+            f"Raise run-config key 'local-epochs' (now {config.local_epochs:g}) or 'max-local-steps' "
+            f"(now {config.max_local_steps}, 0 = no cap), or --calls, or audit on fewer records"
+        )
+    return AuditPlan(calls=calls, mechanism=mechanism, epsilon_claimed=claimed, seen=seen, power=best,
+                     power_expected=expected)
+
+
 # --------------------------------------------------------------------------- the audit
 def run_canary_audit(
     data_dirs: list[Path] | None,
@@ -302,40 +373,52 @@ def run_canary_audit(
     m: int = 1000,
     k_plus: int | None = None,
     k_minus: int | None = None,
+    calls: int = DEFAULT_CALLS,
     noise: bool = True,
     seed: int = 0,
     out_dir: Path,
     base_examples: list[Example] | None = None,
     confidence: float = 0.95,
 ) -> CanaryAuditResult:
-    """Audit one merchant's training (its ``data_dirs`` pooled, or ``base_examples``) with ``m`` canaries.
+    """Audit ``calls`` consecutive training calls of one merchant (its ``data_dirs`` pooled, or
+    ``base_examples``) with ``m`` canaries inserted once before the first.
 
-    ``noise=True`` trains with DP-SGD as configured and claims the accountant's ε for that
-    training; ``noise=False`` trains non-privately on the same data for the same number of
-    steps and claims the ε the DP configuration would have reported: the audit is then
-    expected to find a lower bound above that claim. ``seed`` draws the canaries and their
-    coins; ``config.seed`` still draws the model (and, with ``noise=False``, the batches; a
-    private run draws its batches and noise afresh, ``client.dp.private_generators``). The result is also
-    written to ``out_dir / canary_audit.json``.
+    ``noise=True`` trains with DP-SGD as configured (each call its own fresh noise and
+    batches, committed to the audit's ``PrivacyState``) and claims the ε of the calls
+    composed; ``noise=False`` trains non-privately on the same data for the same steps and
+    claims the ε the DP configuration would have reported: the audit is then expected to
+    find a lower bound above that claim. ``seed`` draws the canaries and their coins;
+    ``config.seed`` still draws the model (and, with ``noise=False``, the batches, call k
+    from ``config.seed`` and round k; a private run draws its batches and noise afresh,
+    ``client.dp.private_generators``). Raises ``ConfigError`` / ``AuditPowerError`` (before
+    training) for a setting in which the audit could not fail. The result is also written to
+    ``out_dir / canary_audit.json``.
     """
-    if base_examples is None:
-        if not data_dirs:
-            raise ValueError("give the merchant's data_dirs or base_examples")
-        base_examples, _ = load_examples(list(data_dirs), config)
-        if config.max_train_examples:
-            base_examples = base_examples[: config.max_train_examples]
+    if base_examples is None and not data_dirs:
+        raise ValueError("give the merchant's data_dirs or base_examples")
     # The guess counts are fixed here, before any score exists. Choosing them after looking
     # at the scores (say, the cut that maximises the bound) would be a data-dependent test,
     # and the confidence level below would no longer hold.
     k_plus = m // 4 if k_plus is None else k_plus
     k_minus = m // 4 if k_minus is None else k_minus
-    if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m:
-        raise ValueError(f"k_plus = {k_plus}, k_minus = {k_minus}: need both >= 0 and a sum <= m = {m}")
+    if k_plus < 0 or k_minus < 0 or k_plus + k_minus > m or k_plus + k_minus == 0:
+        raise ValueError(f"k_plus = {k_plus}, k_minus = {k_minus}: need both >= 0, a sum > 0 and <= m = {m}")
+    if calls < 1:
+        raise ValueError(f"calls = {calls!r}: need at least one training call")
     if not (0.0 < confidence < 1.0):
         raise ValueError(f"confidence = {confidence!r}: must lie strictly between 0 and 1")
     if not (math.isfinite(config.noise_multiplier) and config.noise_multiplier > 0):
         raise ConfigError(f"run-config key 'noise-multiplier' = {config.noise_multiplier!r}: the audit "
                           "compares against the ε of a DP configuration, so it must be > 0")
+    if not (0.0 < config.target_delta < 1.0):
+        raise ConfigError(f"run-config key 'target-delta' = {config.target_delta!r}: the audit's bounds need "
+                          "0 < δ < 1")
+    check_canary_signal(config)
+    if base_examples is None:
+        assert data_dirs
+        base_examples, _ = load_examples(list(data_dirs), config)
+        if config.max_train_examples:
+            base_examples = base_examples[: config.max_train_examples]
     train_config = config.replace(dp=noise)
 
     spec = ModelSpec.from_config(train_config)
@@ -345,30 +428,40 @@ def run_canary_audit(
     coins = np.random.default_rng(np.random.SeedSequence([seed, 0xC011])).integers(0, 2, size=m).astype(bool)
     included = [c for c, inside in zip(canaries, coins, strict=True) if inside]
     examples = list(base_examples) + included
+    # Before any training: a setting whose audit cannot fail is refused, not run.
+    plan = plan_audit(count_records(examples), config, calls=calls, m=m, k_plus=k_plus, k_minus=k_minus,
+                      confidence=confidence)
 
     model = build_model(spec)
+    _check_embeddings_train(model)
     before = label_log_odds(model, canaries, tokenizer, train_config, device=device)
     # The audit trains on real records, so its spend is recorded durably like any other
-    # (out_dir/canary-privacy-state.json accumulates every audit run there). The *claim*
-    # tested is this training's ε alone, computed from its own mechanism below.
+    # (out_dir/canary-privacy-state.json accumulates every audit run there), each call
+    # checked and committed as a merchant's would be. The *claim* tested is this audit's
+    # calls composed, computed from their own mechanisms below.
     privacy = None
     if noise:
         out_dir.mkdir(parents=True, exist_ok=True)
-        privacy = PrivacyState.open(out_dir / "canary-privacy-state.json", merchant_id="canary-audit",
+        privacy = PrivacyState.open(out_dir / STATE_FILE, merchant_id="canary-audit",
                                     target_epsilon=math.inf, target_delta=train_config.target_delta,
                                     accountant=train_config.accountant)
-    result = trainer.train(model, examples, tokenizer, train_config, privacy=privacy, device=device)
+    run_id = f"canary-audit-{uuid.uuid4().hex[:12]}"
+    results = [trainer.train(model, examples, tokenizer, train_config, privacy=privacy, round=call,
+                             model_version=call, run_id=run_id, device=device)
+               for call in range(calls)]
     after = label_log_odds(model, canaries, tokenizer, train_config, device=device)
     scores = after - before  # how much more likely training made each canary's own label
 
+    mechanisms: list[MechanismEvent]
     if noise:
-        assert result.mechanism is not None
-        claimed = accounting.epsilon([result.mechanism], train_config.target_delta, train_config.accountant)
+        mechanisms = [result.mechanism for result in results if result.mechanism is not None]
+        assert len(mechanisms) == calls, "a private call returned no mechanism"
+        claimed = accounting.epsilon(mechanisms, train_config.target_delta, train_config.accountant)
+        epsilon_state = results[-1].epsilon
     else:
-        sample_rate, steps = trainer.planned_steps(count_records(examples), config)
-        planned = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate,
-                                 steps=steps, max_grad_norm=config.max_grad_norm)
-        claimed = accounting.epsilon([planned], config.target_delta, config.accountant)
+        mechanisms = [plan.mechanism] * calls
+        claimed = plan.epsilon_claimed
+        epsilon_state = 0.0
 
     # Ranked within each label (public, fixed before training, so the counts per label are
     # fixed too): the shared layers' drift towards one label lifts every excluded canary of
@@ -378,14 +471,19 @@ def run_canary_audit(
     truth = np.where(coins, 1, -1)
     r = int(np.count_nonzero(guess))
     v = int(np.count_nonzero(guess == truth))
-    bound = epsilon_lower_bound(m=m, r=r, v=v, delta=config.target_delta, confidence=confidence)
+    bounds = auditing.lower_bounds(m=m, r=r, v=v, delta=config.target_delta, confidence=confidence)
     audit = CanaryAuditResult(
-        m=m, k_plus=k_plus, k_minus=k_minus, r=r, v=v, epsilon_lower_bound=bound,
+        m=m, k_plus=k_plus, k_minus=k_minus, r=r, v=v, epsilon_lower_bound=bounds.largest,
+        epsilon_lower_bound_steinke=bounds.steinke, epsilon_lower_bound_fdp=bounds.fdp,
+        power_steinke=plan.power.steinke, power_fdp=plan.power.fdp, power_expected=plan.power_expected,
         epsilon_claimed=float(claimed), delta=config.target_delta, dp=noise,
-        noise_multiplier=config.noise_multiplier, steps=result.steps, confidence=confidence,
+        noise_multiplier=config.noise_multiplier, calls=calls, steps=sum(result.steps for result in results),
+        sample_rate=plan.mechanism.sample_rate, seen=plan.seen, confidence=confidence,
+        epsilon_state=float(epsilon_state), mechanisms=[mechanism.to_dict() for mechanism in mechanisms],
+        passed=bounds.largest <= claimed,
     )
-    log.info("canary audit (%s): %d/%d right guesses, ε lower bound %.3f vs claimed %.3f",
-             "DP" if noise else "no noise", v, r, audit.epsilon_lower_bound, audit.epsilon_claimed)
+    log.info("canary audit (%s, %d calls): %d/%d right guesses, ε lower bound %.3f (f-DP) / %.3f (Steinke) "
+             "vs claimed %.3f", "DP" if noise else "no noise", calls, v, r, bounds.fdp, bounds.steinke, claimed)
     _write_json(Path(out_dir) / RESULT_FILE, audit.to_dict())
     return audit
 

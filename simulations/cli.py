@@ -4,7 +4,7 @@
     fedshop train-local --data DIR [DIR ...] [--scenario NAME] [--set KEY=VALUE ...] [--out DIR]
     fedshop audit RUN_DIR [--json] [--plot FILE.png] [--report FILE.md]
     fedshop audit --node-state PATH [RUN_DIR]
-    fedshop audit --empirical --data DIR [--canaries M] [--no-noise] [--set KEY=VALUE ...]
+    fedshop audit --empirical --data DIR [--canaries M] [--calls K] [--no-noise] [--set KEY=VALUE ...]
     fedshop rank --model DIR --catalog FILE --query TEXT [-k 10] [--json]
     fedshop recommend --model DIR --catalog FILE --history FILE [-k 10] [--json]
     fedshop data validate DIR
@@ -152,6 +152,8 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def _empirical_audit(args: argparse.Namespace) -> int:
+    """One-run canary audit; 0 when both lower bounds stay at or below the claim, 1 when either
+    exceeds it (the claim is refuted), 2 (via ``main``) when the setting could not fail."""
     from simulations import engine
     from simulations.canary_audit import run_canary_audit
 
@@ -160,20 +162,31 @@ def _empirical_audit(args: argparse.Namespace) -> int:
     scenario = engine.load_scenario(args.scenario) if args.scenario else {}
     config = engine.build_config(scenario, engine.parse_overrides(args.set), out=None)
     out = Path(args.out or "runs/canary-audit")
-    result = run_canary_audit([Path(d) for d in args.data], config, m=args.canaries, noise=not args.no_noise,
-                              seed=config.seed, out_dir=out)
+    result = run_canary_audit([Path(d) for d in args.data], config, m=args.canaries, calls=args.calls,
+                              noise=not args.no_noise, seed=config.seed, out_dir=out)
     info = result.to_dict()
     if args.json:
         print(json.dumps(finite(info), indent=1))
     else:
-        print(f"canary audit: {info['m']} canaries, {info['r']} guesses, {info['v']} correct")
-        print(f"  empirical lower bound ε ≥ {info['epsilon_lower_bound']:.3f} (95% confidence)")
-        print(f"  claimed ε = {info['epsilon_claimed']:.3f} at δ = {info['delta']:g}"
-              + ("" if info["dp"] else " (what the DP configuration would claim; this run had no noise)"))
-        ok = info["epsilon_lower_bound"] <= info["epsilon_claimed"]
-        print("  consistent with the claim" if ok else "  the lower bound EXCEEDS the claim")
+        mode = "DP-SGD" if info["dp"] else "NO NOISE, a control"
+        print(f"canary audit, {mode}: {info['m']} canaries, {info['calls']} consecutive call(s), "
+              f"{info['steps']} steps at q = {info['sample_rate']:.4g}, σ = {info['noise_multiplier']:g}")
+        print(f"  guesses: {info['r']} ({info['k_plus']} included, {info['k_minus']} excluded), {info['v']} correct")
+        print(f"  lower bound ε ≥ {info['epsilon_lower_bound_fdp']:.3f} (f-DP, Mahloujifar et al. 2024), "
+              f"ε ≥ {info['epsilon_lower_bound_steinke']:.3f} (Steinke et al. 2023), "
+              f"{info['confidence']:.0%} confidence")
+        print(f"  claimed ε = {info['epsilon_claimed']:.3f} at δ = {info['delta']:g} for the {info['calls']} call(s) "
+              "composed" + ("" if info["dp"] else " (what the DP configuration would claim; this run had no noise)"))
+        print(f"  power: all {info['r']} guesses right would prove ε ≥ {info['power_fdp']:.3f} (f-DP) / "
+              f"{info['power_steinke']:.3f} (Steinke); the DP training draws {info['seen']:.1%} of the canaries "
+              f"into some batch, so even a perfect attack on it expects to prove about {info['power_expected']:.3f}")
+        if info["passed"]:
+            print("  PASSED: both lower bounds are at or below the claim")
+        else:
+            print(f"  FAILED: the lower bound {info['epsilon_lower_bound']:.3f} EXCEEDS the claimed ε "
+                  f"{info['epsilon_claimed']:.3f}" + ("" if info["dp"] else " (as a no-noise control must)"))
         print(f"  result written to {out / 'canary_audit.json'}")
-    return 0
+    return 0 if info["passed"] else 1
 
 
 def _print_scored(results: list[Any], *, as_json: bool, what: str) -> None:
@@ -287,12 +300,18 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--node-state", metavar="PATH", help="a merchant's privacy-state.json (compared with RUN_DIR)")
     aud.add_argument("--tolerance-abs", type=float, default=0.05, help="allowed |recorded - re-derived| ε (+ rel)")
     aud.add_argument("--tolerance-rel", type=float, default=0.02, help="allowed relative disagreement")
-    aud.add_argument("--empirical", action="store_true", help="one-run canary audit (Steinke et al. 2023)")
+    aud.add_argument("--empirical", action="store_true",
+                     help="one-run canary audit (Steinke et al. 2023; Mahloujifar et al. 2024): exit 1 if it "
+                          "refutes the claimed ε, 2 if the setting could not refute it")
     aud.add_argument("--data", nargs="+", metavar="DIR", help="with --empirical: the merchant folder(s)")
     aud.add_argument("--scenario", help="with --empirical: run-config defaults from this scenario")
     aud.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     aud.add_argument("--canaries", type=int, default=1000, help="with --empirical: number of canaries m")
-    aud.add_argument("--no-noise", action="store_true", help="with --empirical: train without DP (must fail)")
+    aud.add_argument("--calls", type=int, default=2, metavar="K",
+                     help="with --empirical: consecutive training calls of the merchant, canaries inserted once "
+                          "(the claim is the K calls composed; default 2)")
+    aud.add_argument("--no-noise", action="store_true",
+                     help="with --empirical: train without DP, a control that must fail (exit 1)")
     aud.add_argument("--out", help="with --empirical: output folder")
     aud.set_defaults(func=cmd_audit)
 
