@@ -13,6 +13,10 @@ from shared.wire import ARRAYS, CONFIG, METRICS, MODEL_VERSION, RUN_ID, SERVER_R
 
 log = logging.getLogger(__name__)
 
+# The key under which Flower's FedProx strategy sends μ in every train instruction's config
+# (flwr.serverapp.strategy.FedProx.configure_train); absent from other strategies' (μ = 0).
+PROXIMAL_MU = "proximal-mu"
+
 app = ClientApp()
 
 
@@ -30,6 +34,7 @@ def train(msg: Message, context: Context) -> Message:
         server_round=int(server_config.get(SERVER_ROUND, 0)),  # type: ignore[arg-type]
         model_version=int(server_config.get(MODEL_VERSION, 0)),  # type: ignore[arg-type]
         run_id=str(server_config.get(RUN_ID, "")),
+        proximal_mu=float(server_config.get(PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
     )
     return Message(reply.to_recorddict(), reply_to=msg)
 

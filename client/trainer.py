@@ -140,14 +140,15 @@ def planned_steps(num_records: int, config: RunConfig) -> tuple[float, int]:
 def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, config: RunConfig, *,
           privacy: PrivacyState | None, round: int = 0, model_version: int = 0, run_id: str = "",
           device: torch.device | None = None, on_step: Callable[[int, int, float], None] | None = None,
-          feature_cache: Path | None = None, corpus_cache: Path | None = None,
-          optimizer_state: Path | None = None) -> TrainResult:
+          feature_cache: Path | None = None, corpus_cache: Path | None = None, optimizer_state: Path | None = None,
+          proximal_mu: float = 0.0) -> TrainResult:
     """Train ``model`` in place on one merchant's examples; private iff ``config.dp``.
 
     ``feature_cache`` / ``corpus_cache``: where a frozen encoder's pooled states of the records /
     of ``precondition-corpus``'s texts are kept between calls (``training_view``; None = encode on
     every call). ``optimizer_state``: the file that carries the optimizer's state from call to
-    call with ``keep-optimizer-state`` (None = never carried)."""
+    call with ``keep-optimizer-state`` (None = never carried). ``proximal_mu``: FedProx's μ, as the
+    server sent it (``proximal_term``; 0 = none)."""
     start = time.perf_counter()
     device = device or torch.device("cpu")
     if config.dp and privacy is None:
@@ -168,7 +169,8 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     # fresh generator (client.dp.make_private), since batches known in advance are not secret.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
     loader = DataLoader(view.dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
-    with made_private(model, view.model, optimizer, loader, config, planned) as training:
+    with (made_private(model, view.model, optimizer, loader, config, planned) as training,
+          proximal_term(optimizer, proximal_mu)):
         losses = step_loop(training, view.batch, steps, device=device, on_step=on_step)
     view.finish()
 
@@ -263,6 +265,43 @@ def made_private(model: nn.Module, trained: nn.Module, optimizer: torch.optim.Op
     finally:
         private.model.remove_hooks()  # type: ignore[operator]
         _strip_opacus(model)
+
+
+@contextlib.contextmanager
+def proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> Iterator[None]:
+    """FedProx's local objective: the loss plus (μ/2)‖w − w_global‖² over the parameters
+    ``optimizer`` trains, w_global being their values on entry (the global model received).
+
+    The term's gradient, μ(w − w_global), is added to each parameter's gradient as ``optimizer``
+    steps: for a non-private call exactly the gradient of the loss with the term added. In a
+    private call ``optimizer`` is the one Opacus wraps, and Opacus' step clips the per-sample
+    gradients, sums, noises and scales them *before* it calls this optimizer's step
+    (``DPOptimizer.step``: ``pre_step()``, then ``original_optimizer.step()``), so the term
+    joins after the mechanism: it is not clipped and does not eat the clipping norm. That costs no
+    privacy: the term reads no record, only the parameters (the output of the call's earlier,
+    already noised steps) and the global model the server sent, so adding it is post-processing,
+    and the mechanism — σ, q, steps, C — is what the call accounts either way. (Heads trained
+    in ``precondition-corpus``'s coordinates are held near the global heads in those
+    coordinates: the same term in another metric.)"""
+    if not (math.isfinite(mu) and mu >= 0):
+        raise ValueError(f"proximal-mu = {mu!r}: must be a finite number >= 0")
+    if mu == 0:
+        yield
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    anchors = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def add_term(*_: object) -> None:
+        for p, anchor in zip(params, anchors, strict=True):
+            pull = (p - anchor) * mu
+            p.grad = pull if p.grad is None else p.grad + pull
+
+    handle = optimizer.register_step_pre_hook(add_term)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def step_loop(training: dp.PrivateTraining, to_device: Callable[..., tuple[torch.Tensor, ...]], steps: int, *,

@@ -33,7 +33,9 @@ class RunConfig:
     merchants_per_round: int = 3
     strategy: StrategyName = "fedavg"
     server_learning_rate: float = 0.01  # FedAdam's eta
-    proximal_mu: float = 0.01  # FedProx's mu
+    # FedProx's μ: the server sends it with every train instruction and each merchant adds
+    # (μ/2)‖w − w_global‖² to its local objective (client.trainer.proximal_term).
+    proximal_mu: float = 0.01
     max_update_norm: float = 1000.0  # L2 bound on an accepted update (delta from global)
     round_timeout_s: float = 900.0  # bounded wait for one round's replies
     node_wait_timeout_s: float = 60.0  # bounded wait for enough nodes to connect
@@ -179,6 +181,8 @@ class RunConfig:
             raise bad("noise_multiplier", "must be > 0 when dp = true (set dp = false for a non-private run)")
         if self.weight_decay < 0:
             raise bad("weight_decay", "must be >= 0")
+        if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
+            raise bad("proximal_mu", "must be a finite number >= 0")
         if self.precondition_corpus and self.trainable != "heads":
             raise bad("precondition_corpus", f"needs trainable = 'heads' (a frozen encoder), not {self.trainable!r}")
         known = {"ctr", "rating", "relevance"}

@@ -100,6 +100,8 @@ def test_wrong_type_names_key_and_value(key: str, value: Any, value_text: str) -
         ("noise-multiplier", 0.0),  # dp defaults to true
         ("noise-plan-calls", -1),
         ("weight-decay", -0.01),
+        ("proximal-mu", -0.1),
+        ("proximal-mu", float("nan")),
         ("tasks", "ctr,clicks"),
         ("tasks", " , "),
     ],
