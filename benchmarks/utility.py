@@ -39,7 +39,8 @@ than the gaps being judged.
 
 ``--trainable`` picks the trainable set every arm shares (``SETTINGS``): ``lora`` (adapters +
 heads, the scenarios' own, batch 64) or ``heads`` (a frozen encoder, unit-length pooled states,
-each record encoded once and cached, batches of 1,024 records; ``client.features``).
+each record encoded once and cached, batches of 1,024 records; ``client.features``): the
+recommended private recipe, read from the ``reviews-heads`` scenario (``RECIPE``).
 ``--split-seed N`` draws another held-out split (``split-seed``; the scenario's otherwise):
 ESCI's held-out set is a few dozen queries, so one split is one draw of them. ``--fold k/K``
 holds out fold k of K instead (``test-fraction`` 1/K, ``test-offset`` k/K): the K runs hold
@@ -83,6 +84,7 @@ sys.path.insert(0, str(ROOT))
 from shared.config import ConfigError, RunConfig  # noqa: E402
 from shared.jsonable import finite  # noqa: E402
 from shared.metrics import HIGHER_IS_BETTER  # noqa: E402
+from simulations.engine import load_scenario  # noqa: E402
 
 log = logging.getLogger("utility")
 
@@ -118,9 +120,21 @@ def within_target(gap: float) -> bool:
 
 JUDGED_ARM = "federated-dp-eps-8"  # the arm the targets are set for
 REFERENCES = ("centralised", "local")  # what it is judged against
-# The least σ a merchant may plan. With every merchant in every round the large merchants'
-# planned σ at ε = 8 is ~0.47, so a floor of 0.5 left part of their budget unspent.
-NOISE_FLOOR = 0.3
+
+# The recommended private recipe (heads on a frozen MiniLM, large private batches, weight
+# decay) is written in one place, the scenario ``reviews-heads``, with why each value: the
+# heads setting and the DP arms read it from there (tests/benchmarks/test_recipe.py checks
+# that the reviews federated DP arm at ε = 8 is that scenario, key for key).
+RECIPE = "reviews-heads"
+_RECIPE = load_scenario(RECIPE)
+# The recipe's keys that make the heads setting: every arm of every dataset takes them. Its
+# other keys are the reviews data's own (the reviews scenario and DATASET_OVERRIDES say the
+# same), the DP arms' (below) and the run's noise planning (``Dataset.private_keys``).
+RECIPE_SETTING_KEYS = ("trainable", "pooling", "batch-size", "num-server-rounds", "local-epochs", "max-local-steps",
+                       "head-learning-rate", "dropout", "keep-optimizer-state")
+# The least σ a merchant may plan, in every setting's DP arms: the recipe's noise-multiplier
+# (its comment says why).
+NOISE_FLOOR = float(_RECIPE["noise-multiplier"])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,34 +158,20 @@ SETTINGS = {
     # norm the adapters' gradient fills it and the heads barely learn. Reviews, ε = 8, one seed:
     # macro AUC 0.757 -> 0.779, log-loss 0.729 -> 0.586, RMSE 1.060 -> 1.028.
     "lora": Setting(overrides={}, private={"clipping": "heads-apart"}, suffix=""),
-    # A frozen encoder makes a step cost a matrix product, so a DP step can take 1,024 records:
-    # the noise on the mean gradient is σ·C / batch, and at a fixed ε σ grows far more slowly
-    # than the batch. Unit-length pooled states bound a record's head gradient by its error,
-    # so clipping at C = 1 binds only on badly predicted records. No dropout. 8 rounds of 15
-    # steps at head rate 0.1 (local-epochs high enough that the step cap decides): what limits
-    # this model is how far 120 steps get, not the noise (with the noise removed, the same DP
-    # run reaches log-loss 0.316 against 0.322), so fewer, larger rounds and a fast rate win
-    # (reviews, ε = 8: 4 x 30 at rate 0.03 0.875 / 0.342 / 0.891, 8 x 15 at 0.1 0.889 / 0.322 /
-    # 0.875; the whole grid is in the README, "Private heads on a frozen encoder").
-    # Each merchant's Adam state carries across its calls, and the reviews heads train in the
-    # geometry of the ESCI texts (client.precondition): replica, ε = 8, 6 seeds, RMSE 0.870 ->
-    # 0.850, log-loss 0.324 -> 0.316. ESCI is not preconditioned: with the reviews texts its
-    # MRR fell (0.871 -> 0.856, 12 seeds) while its centralised arm rose.
-    # C = 1 for both. A larger C trades the reviews heads' calibration against their rating
-    # noise, and neither C met both targets: cross-validated (5 folds), C = 1 gives log-loss
-    # +5.6 % / RMSE +4.1 % against centralised, C = 1.25 +4.0 % / +5.3 % (README, "Clipping norm").
-    # The reviews DP arms decay their weights (AdamW, 0.05): Adam scales every coordinate's step
-    # to about the rate, so on noisy gradients the heads random-walk, and decay keeps the walk
-    # short. Replica, 5 folds x 4 seeds, ε = 8: log-loss 0.3044 -> 0.2990, RMSE 0.8553 -> 0.8532
-    # (gap to centralised +5.0 / +4.0 % -> +3.1 / +3.8 %; the curator 0.3149 -> 0.2988). The
-    # non-private arms have no walk to shorten and stay at 0 (centralised at 0.03: log-loss
-    # -1.0 %, RMSE +0.3 %; federated +0.0 / +0.1 %); nor does ESCI's DP arm gain (NDCG@10 /
-    # MRR 0.755 / 0.829 -> 0.752 / 0.823, 3 folds x 8 seeds). README, "Weight decay".
-    "heads": Setting(overrides={"trainable": "heads", "pooling": "mean-l2", "batch-size": 1024,
-                                "num-server-rounds": 8, "local-epochs": 15.0, "max-local-steps": 15,
-                                "head-learning-rate": 0.1, "dropout": 0.0, "keep-optimizer-state": True},
-                     private={"clipping": "flat"}, suffix="-heads", public_corpus={"reviews": "esci"},
-                     dataset_private={"reviews": {"weight-decay": 0.05}}),
+    # The recommended recipe (``RECIPE``; the scenario says why each value): heads on a frozen
+    # encoder, batches of 1,024 records, 8 rounds of 15 steps, flat clipping at C = 1 for both
+    # datasets. The reviews heads train in the geometry of the ESCI texts (client.precondition;
+    # with each merchant's Adam state kept, replica, ε = 8, 6 seeds: RMSE 0.870 -> 0.850,
+    # log-loss 0.324 -> 0.316). ESCI is not preconditioned: with the reviews texts its MRR fell
+    # (0.871 -> 0.856, 12 seeds) while its centralised arm rose. Only the reviews DP arms take
+    # the recipe's weight decay (gap to centralised +5.0 / +4.0 % -> +3.1 / +3.8 %; the curator
+    # 0.3149 -> 0.2988): the non-private arms have no noisy walk to shorten and stay at 0
+    # (centralised at 0.03: log-loss -1.0 %, RMSE +0.3 %; federated +0.0 / +0.1 %), nor does
+    # ESCI's DP arm gain (NDCG@10 / MRR 0.755 / 0.829 -> 0.752 / 0.823, 3 folds x 8 seeds).
+    # docs/benchmarks.md, "Private heads on a frozen encoder" and "Weight decay".
+    "heads": Setting(overrides={key: _RECIPE[key] for key in RECIPE_SETTING_KEYS},
+                     private={"clipping": _RECIPE["clipping"]}, suffix="-heads", public_corpus={"reviews": "esci"},
+                     dataset_private={"reviews": {"weight-decay": _RECIPE["weight-decay"]}}),
 }
 
 
@@ -278,6 +278,11 @@ class Dataset:
         that ``calls`` calls fit it (at least ``NOISE_FLOOR``), and the setting's ``private`` keys."""
         return {"dp": True, "target-epsilon": epsilon, "noise-plan-calls": calls, "noise-multiplier": NOISE_FLOOR,
                 **self.private}
+
+    def federated_private_keys(self, epsilon: float) -> dict[str, Any]:
+        """The keys of the federated DP arm at ``epsilon``: each merchant plans its own σ so that
+        a call in every round fits its budget."""
+        return self.private_keys(epsilon, calls=self.config.num_server_rounds)
 
     @property
     def private(self) -> dict[str, Any]:
@@ -486,8 +491,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
     timed("federated", federated("federated", {"dp": False}))
     dp_runs: dict[float, dict[str, Any]] = {}
     for eps in epsilons:
-        # Each merchant plans its own σ so that a call in every round fits its budget.
-        dp_runs[eps] = dataset.private_keys(eps, calls=c.num_server_rounds)
+        dp_runs[eps] = dataset.federated_private_keys(eps)
         timed(f"federated-dp-eps-{eps:g}", federated(f"dp-eps-{eps:g}", dp_runs[eps]))
     for eps in epsilons:
         # What privacy costs without federation: had one curator held every record, the same
