@@ -298,8 +298,10 @@ def build_parser() -> argparse.ArgumentParser:
     aud.add_argument("--report", metavar="FILE.md", help="one-page privacy report (Markdown + plot)")
     aud.add_argument("--empirical-result", metavar="FILE", help="canary audit JSON to include in --report")
     aud.add_argument("--node-state", metavar="PATH", help="a merchant's privacy-state.json (compared with RUN_DIR)")
-    aud.add_argument("--tolerance-abs", type=float, default=0.05, help="allowed |recorded - re-derived| ε (+ rel)")
-    aud.add_argument("--tolerance-rel", type=float, default=0.02, help="allowed relative disagreement")
+    aud.add_argument("--tolerance-abs", type=float, default=0.05,
+                     help="RUN_DIR: recorded ε above re-derived by more than this (+ rel) is a warning (below it "
+                          "by more than 0.001 always fails); --node-state: the allowed disagreement (+ rel)")
+    aud.add_argument("--tolerance-rel", type=float, default=0.02, help="relative part of --tolerance-abs")
     aud.add_argument("--empirical", action="store_true",
                      help="one-run canary audit (Steinke et al. 2023; Mahloujifar et al. 2024): exit 1 if it "
                           "refutes the claimed ε, 2 if the setting could not refute it")

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from server.audit.ledger_audit import AuditReport
+from server.audit.ledger_audit import UNDER_REPORT_TOLERANCE, AuditReport
 
 
 def _eps(value: float) -> str:
@@ -27,13 +27,24 @@ def audit_table(report: AuditReport) -> str:
                      f"{_eps(m.epsilon_rdp):>7} {m.budget:>7.3f} {m.remaining:>7.3f}")
     lines.append("")
     if report.passed:
-        lines.append(f"audit PASSED: {report.rounds} round(s); recorded ε agrees with the independent PLD "
-                     f"accountant within {report.tolerance_abs} + {report.tolerance_rel:.0%}; no merchant over "
-                     "budget; ledger consistent")
+        lines.append(f"audit PASSED: {report.rounds} round(s); {_passed(report)}")
     else:
         lines.append(f"audit FAILED ({len(report.findings)} finding(s)):")
         lines += [f"  - {f}" for f in report.findings]
+    if report.warnings:
+        lines.append(f"{len(report.warnings)} warning(s) (not failures):")
+        lines += [f"  - {w}" for w in report.warnings]
     return "\n".join(lines)
+
+
+def _passed(report: AuditReport) -> str:
+    """What a passed audit showed, in one sentence."""
+    if not report.claims_dp:
+        return "a non-private run (no DP claimed, none recorded); ledger consistent"
+    config = "C and δ as the run config says" if report.config else "no run config to compare C and δ with"
+    return (f"no recorded ε below the independent PLD accountant's (by more than {UNDER_REPORT_TOLERANCE}); "
+            "no merchant over budget; every update private with facts consistent (σ > 0, q = expected batch / N, "
+            f"δ ≤ 1/(10·N); {config}); ledger consistent")
 
 
 def plot_epsilon(report: AuditReport, path: Path) -> Path:
@@ -108,14 +119,17 @@ def write_privacy_report(report: AuditReport, path: Path, *, empirical: dict[str
                      f"{_eps(m.epsilon_pld)} | {_eps(m.epsilon_rdp)} | {m.budget:.3f} | {m.remaining:.3f} |")
     lines += ["", f"![ε per merchant over rounds]({plot.name})", "", "## Accountant agreement and ledger checks", ""]
     if report.passed:
-        lines.append(f"**PASSED.** Every recorded ε agrees with the PLD re-derivation within "
-                     f"{report.tolerance_abs} + {report.tolerance_rel:.0%}; no merchant exceeds its budget; "
-                     "the ledger has no gaps, no duplicates, and a spend row for every training call "
-                     "the run log shows.")
+        said = _passed(report)
+        lines.append(f"**PASSED.** {said[0].upper()}{said[1:]}: no gaps, no duplicates, and a spend row for "
+                     "every training call the run log shows.")
     else:
         lines.append(f"**FAILED** — {len(report.findings)} finding(s):")
         lines.append("")
         lines += [f"- {f}" for f in report.findings]
+    if report.warnings:
+        lines += ["", f"Warnings ({len(report.warnings)}; recorded ε above the re-derived one is safe, but more "
+                  f"than {report.tolerance_abs} + {report.tolerance_rel:.0%} above it is unexplained spend):", ""]
+        lines += [f"- {w}" for w in report.warnings]
     lines += ["", "## Empirical audit", ""]
     if empirical:
         verdict = ("consistent with the claim" if empirical["epsilon_lower_bound"] <= empirical["epsilon_claimed"]

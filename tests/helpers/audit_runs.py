@@ -3,8 +3,11 @@
 ``build_run`` writes what a finished run leaves behind: ``ledger.sqlite`` (a
 ``server.ledger.PrivacyLedger`` with its ``run_id`` meta), each merchant's own
 ``nodes/<m>/privacy-state.json`` (``shared.privacy.budget.PrivacyState``, whose ``commit`` returns
-the Opacus PRV ε the ledger records as ``epsilon_reported``) and ``metrics.jsonl`` (the
-shape ``server.run_log`` writes for a ``RoundReport``).
+the Opacus PRV ε the ledger records as ``epsilon_reported``), ``metrics.jsonl`` (the
+shape ``server.run_log`` writes for a ``RoundReport``) and ``config.json`` (the run config as
+``server.federation`` writes it; ``RUN_CONFIG``'s batch size and epochs give the mechanisms'
+q and steps by the trainer's rule). ``dp=False`` builds a non-private run: rows as
+``client.merchant`` records a non-private call (``dp = 0``, σ = q = δ = 0, ε 0).
 
 ``as_schema_1`` and ``as_schema_2`` rewrite a ledger as schema 1 (before the noise source was
 kept) or schema 2 (before the unit, N and the release were kept) left it.
@@ -30,10 +33,11 @@ from typing import Any
 import pytest
 
 from server.ledger import PrivacyLedger, SpendRecord
+from shared.config import RunConfig
 from shared.privacy import accounting
 from shared.privacy.budget import PrivacyState
-from shared.privacy.events import MechanismEvent, compose_history
-from shared.run_files import LEDGER_FILE, METRICS_FILE
+from shared.privacy.events import MechanismEvent, SpendEvent, compose_history
+from shared.run_files import CONFIG_FILE, LEDGER_FILE, METRICS_FILE
 
 RUN_ID = "run-audit-1"
 DELTA = 1e-5
@@ -49,6 +53,10 @@ MECHANISMS: dict[str, MechanismEvent] = {
 # Records each merchant trains on (N): q·N is the expected batch its spend records.
 UNIT_COUNTS: dict[str, int] = {"m1": 200, "m2": 200, "m3": 500}
 TRIGGERS = ("spend_no_update", "spend_no_delete", "spend_no_replace")
+# The run config's keys that differ from RunConfig's defaults: batch 10 gives q = 1/ceil(N/10)
+# (m1, m2: 1/20; m3: 1/50) and half an epoch, capped at 20, gives their steps (10; 20).
+RUN_CONFIG: dict[str, Any] = {"batch-size": 10, "local-epochs": 0.5, "max-local-steps": 20,
+                              "target-epsilon": BUDGET, "target-delta": DELTA}
 
 
 def state_path(run_dir: Path, merchant: str) -> Path:
@@ -70,10 +78,21 @@ def build_run(
     budgets: Mapping[str, float] | None = None,
     rounds: int = ROUNDS,
     merchants: Sequence[str] = MERCHANTS,
+    mechanisms: Mapping[str, MechanismEvent] | None = None,
+    dp: bool = True,
+    config: Mapping[str, Any] | None = None,
+    write_config: bool = True,
 ) -> Path:
-    """A finished run of ``rounds`` rounds in which every merchant trained and was accepted."""
+    """A finished run of ``rounds`` rounds in which every merchant trained and was accepted.
+
+    ``mechanisms``: each merchant's mechanism (default ``MECHANISMS``); ``config``: run-config
+    keys over ``RUN_CONFIG``; ``write_config=False`` leaves no ``config.json`` (older runs)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     budgets = dict(budgets or {})
+    mechanisms = {**MECHANISMS, **(mechanisms or {})}
+    if write_config:
+        settings = {**RunConfig().to_mapping(), **RUN_CONFIG, "dp": dp, **(config or {})}
+        (run_dir / CONFIG_FILE).write_text(json.dumps(settings, indent=1, sort_keys=True), encoding="utf-8")
     states = {
         m: PrivacyState.open(state_path(run_dir, m), merchant_id=m, target_epsilon=budgets.get(m, BUDGET),
                              target_delta=DELTA)
@@ -84,16 +103,27 @@ def build_run(
         for rnd in range(1, rounds + 1):
             records = []
             for i, m in enumerate(merchants):
-                eps = states[m].commit(MECHANISMS[m], unit_count=UNIT_COUNTS[m], round=rnd, model_version=rnd - 1,
-                                       run_id=RUN_ID)
+                if dp:
+                    eps = states[m].commit(mechanisms[m], unit_count=UNIT_COUNTS[m], round=rnd,
+                                           model_version=rnd - 1, run_id=RUN_ID)
+                    event = states[m].entries[-1].event
+                else:
+                    eps, event = 0.0, non_private_event(mechanisms[m], UNIT_COUNTS[m])
                 records.append(SpendRecord(
                     run_id=RUN_ID, round=rnd, merchant_id=m, node_id=1000 + i, model_version=rnd - 1,
-                    event=states[m].entries[-1].event, epsilon_reported=eps,
-                    epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted"))
+                    event=event, epsilon_reported=eps, epsilon_budget=states[m].target_epsilon, accountant="prv",
+                    status="accepted", dp=dp))
             ledger.record_round(records)
             with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(metrics_line(rnd, merchants), sort_keys=True) + "\n")
     return run_dir
+
+
+def non_private_event(mechanism: MechanismEvent, unit_count: int) -> SpendEvent:
+    """What ``client.merchant`` records for a non-private call: no noise, no sampling, no δ."""
+    return SpendEvent.of(MechanismEvent(noise_multiplier=0.0, sample_rate=0.0, steps=mechanism.steps,
+                                        max_grad_norm=mechanism.max_grad_norm),
+                         unit_count=unit_count, delta=0.0, noise="")
 
 
 @contextmanager
@@ -154,12 +184,13 @@ def _memoized(name: str, fn: Callable[..., float]) -> Callable[..., float]:
 @contextmanager
 def memoized_accountants() -> Iterator[None]:
     """Cache the audit's PLD/RDP and the merchant's PRV by (history, δ); results are unchanged."""
-    from server.audit import ledger_audit
+    from server.audit import ledger_audit, node_state
     from shared.privacy import accounting as privacy
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ledger_audit, "epsilon_pld", _memoized("pld", privacy.epsilon_pld))
-        mp.setattr(ledger_audit, "epsilon_rdp", _memoized("rdp", privacy.epsilon_rdp))
+        for module in (ledger_audit, node_state):
+            mp.setattr(module, "epsilon_pld", _memoized("pld", privacy.epsilon_pld))
+            mp.setattr(module, "epsilon_rdp", _memoized("rdp", privacy.epsilon_rdp))
         mp.setattr(accounting, "epsilon_prv", _memoized("prv", _ORIGINAL_PRV))
         yield
 

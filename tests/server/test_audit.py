@@ -16,12 +16,20 @@ from statistics import NormalDist
 
 import pytest
 
-from server.audit import AuditInputError, AuditReport, MerchantAudit, audit_node_state, audit_run, read_rows
+from server.audit import (
+    AuditInputError,
+    AuditReport,
+    MerchantAudit,
+    audit_node_state,
+    audit_run,
+    pld_allowance,
+    read_rows,
+)
 from server.ledger import PrivacyLedger
 from shared.privacy import accounting
 from shared.privacy.accounting import epsilon_pld, epsilon_rdp
 from shared.privacy.budget import PrivacyState
-from shared.privacy.events import NOISE_SOURCE, MechanismEvent
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent, SpendEvent
 from shared.run_files import LEDGER_FILE
 from simulations.cli import main
 from tests.helpers.audit_runs import (
@@ -163,8 +171,9 @@ def test_tampered_row_removed_is_caught(run_dir: Path, capsys: pytest.CaptureFix
 
     assert not report.passed
     m2 = findings_about(report, "m2")
-    # m2's round-3 ε (3 calls) no longer matches the 2 calls the ledger shows...
-    assert any("round 3: recorded ε" in f and "re-derived" in f for f in m2), m2
+    # m2's round-3 ε (3 calls) no longer matches the 2 calls the ledger shows: over-reported,
+    # so a warning (recorded above re-derived is safe), not a finding...
+    assert any(w.startswith("m2: round 3: recorded ε") and "re-derived" in w for w in report.warnings), report.warnings
     # ...and the run log says m2 trained in round 2.
     assert any("merchant m2 trained in round 2 (run log)" in f for f in m2), m2
     assert findings_about(report, "m1") == [] and findings_about(report, "m3") == []
@@ -204,15 +213,30 @@ def test_tampered_noise_multiplier_is_caught_for_that_merchant_and_round(
 
     report = audit_run(run_dir)
 
-    assert not report.passed
-    m1 = findings_about(report, "m1")
-    # More noise on paper means less ε re-derived: the recorded ε now "exceeds" it.
-    assert any(f.startswith("m1: round 2: recorded ε") and "exceeds ε re-derived" in f for f in m1), m1
-    assert not any(f.startswith("m1: round 1:") for f in m1)  # round 1 is untouched
+    # More noise on paper means less ε re-derived: the recorded ε now "exceeds" it. That is
+    # over-reporting, safe for the claim: a warning, not a failure (the node-state audit, which
+    # compares mechanisms, fails it: test_node_state_catches_a_ledger_mechanism_that_differs).
+    assert report.passed, report.findings
+    m1 = [w for w in report.warnings if w.startswith("m1: ")]
+    assert any(w.startswith("m1: round 2: recorded ε") and "exceeds ε re-derived" in w for w in m1), m1
+    assert not any(w.startswith("m1: round 1:") for w in m1)  # round 1 is untouched
     assert by_merchant(report)["m1"].noise_multipliers == [1.0, 2.0]
     assert findings_about(report, "m2") == [] and findings_about(report, "m3") == []
+    assert not any(w.startswith(("m2", "m3")) for w in report.warnings)
     status, out = cli(capsys, str(run_dir))
-    assert status == 1 and "m1: round 2: recorded ε" in out
+    assert status == 0 and "m1: round 2: recorded ε" in out and "warning(s) (not failures)" in out
+
+
+def test_tampered_noise_multiplier_lowered_fails_for_that_merchant_and_rounds(run_dir: Path) -> None:
+    # Less noise on paper than the merchant accounted: the ledger's own mechanisms give more ε
+    # than it records, from that round on.
+    with tamper(run_dir) as conn:
+        conn.execute("UPDATE spend SET noise_multiplier = 0.8 WHERE merchant_id = 'm1' AND round = 2")
+
+    report = audit_run(run_dir)
+
+    assert [f.split(" recorded ε")[0] for f in report.findings] == ["m1: round 2:", "m1: round 3:"]
+    assert all("under-reports ε re-derived" in f for f in report.findings)
 
 
 def test_tampered_whole_round_removed_is_a_gap(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -258,11 +282,15 @@ def test_under_reported_epsilon_is_caught(run_dir: Path, capsys: pytest.CaptureF
 
 
 def test_tolerance_options_are_applied(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    # PRV and PLD differ by ~0.01 ε here: a zero tolerance must flag that, the default must not.
+    # PRV sits ~0.01 ε above PLD here: a zero tolerance must flag that, the default must not.
+    # Over-reporting is safe, so the flag is a warning: the tolerances set when it is raised.
     strict = audit_run(run_dir, tolerance_abs=0.0, tolerance_rel=0.0)
-    assert not strict.passed and all("re-derived" in f for f in strict.findings)
-    assert cli(capsys, str(run_dir), "--tolerance-abs", "0", "--tolerance-rel", "0")[0] == 1
-    assert cli(capsys, str(run_dir))[0] == 0
+    assert strict.passed and strict.warnings and all("re-derived" in w for w in strict.warnings)
+    status, out = cli(capsys, str(run_dir), "--tolerance-abs", "0", "--tolerance-rel", "0")
+    assert status == 0 and "warning(s) (not failures)" in out
+    status, out = cli(capsys, str(run_dir))
+    assert status == 0 and "warning" not in out
+    assert audit_run(run_dir).warnings == []
 
 
 # ------------------------------------------------------------------------------ node state
@@ -323,7 +351,8 @@ def test_node_state_catches_a_lost_call_in_a_retried_round(tmp_path: Path) -> No
 
     assert not result.passed
     assert any(f.startswith("round 2: the merchant recorded 2 training calls") for f in result.findings)
-    assert any(f.startswith("m1: round 2: recorded ε") and "exceeds" in f for f in audit_run(run).findings)
+    # The run audit sees recorded ε above what its rows explain: a warning (over-reporting).
+    assert any(w.startswith("m1: round 2: recorded ε") and "exceeds" in w for w in audit_run(run).warnings)
 
 
 def test_node_state_catches_a_ledger_row_removed(run_dir: Path) -> None:
@@ -361,7 +390,8 @@ def test_node_state_counts_a_merchants_earlier_runs(tmp_path: Path) -> None:
     assert result.passed, result.findings
     assert result.calls == ROUNDS + 1
     report = audit_run(run)
-    assert report.findings and all(f.startswith("m1: round") and "exceeds" in f for f in report.findings)
+    assert report.passed and report.warnings
+    assert all(w.startswith("m1: round") and "exceeds" in w for w in report.warnings)
 
 
 def test_node_state_unreadable_is_an_input_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -507,3 +537,143 @@ def test_schema_2_ledger_is_audited_as_before(run_dir: Path) -> None:
     rows = read_rows(run_dir / LEDGER_FILE)
     assert {(r.event.unit, r.event.release, r.event.unit_count, r.event.expected_batch) for r in rows} == {
         ("record", "update", 0, 0.0)}
+
+
+# ------------------------------------------------------------------------------ facts, not only arithmetic
+def test_non_private_run_passes_as_no_dp(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A run that is non-private throughout claims nothing: "no DP", not a failure.
+    for name, write_config in (("with-config", True), ("without-config", False)):
+        run = build_run(tmp_path / name, dp=False, write_config=write_config)
+
+        report = audit_run(run)
+
+        assert report.passed and not report.claims_dp, report.findings
+        assert all(not m.dp and m.epsilon_recorded == math.inf for m in report.merchants)
+        status, out = cli(capsys, str(run))
+        assert status == 0 and "a non-private run" in out and "no DP" in out
+
+
+def test_config_claiming_dp_fails_every_non_private_row(tmp_path: Path) -> None:
+    run = build_run(tmp_path / "run", dp=False, config={"dp": True})
+
+    report = audit_run(run)
+
+    assert report.claims_dp
+    assert sorted(report.findings) == sorted(
+        f"{m}: round {r}: non-private row (dp = 0, σ 0, ε 0) in a run that claims DP (config.json says dp = true)"
+        for m in MERCHANTS for r in range(1, ROUNDS + 1))
+
+
+def test_clipping_norm_other_than_the_run_configs_fails(tmp_path: Path) -> None:
+    run = build_run(tmp_path / "run", merchants=("m1",), config={"max-grad-norm": 2.0})
+
+    report = audit_run(run)
+
+    assert report.findings == [f"m1: round {r}: C = 1, the run config's max-grad-norm is 2" for r in (1, 2, 3)]
+
+
+def test_delta_stricter_than_the_run_configs_passes_and_looser_fails(tmp_path: Path) -> None:
+    stricter = build_run(tmp_path / "stricter", merchants=("m1",), config={"target-delta": 1e-4})
+    assert audit_run(stricter).passed
+    looser = build_run(tmp_path / "looser", merchants=("m1",), config={"target-delta": 1e-6})
+    assert audit_run(looser).findings == [
+        f"m1: round {r}: δ = 1e-05 above the run config's target-delta 1e-06" for r in (1, 2, 3)]
+
+
+def test_delta_too_large_for_the_unit_count_fails(run_dir: Path) -> None:
+    # m1 trains on N = 200 records: δ must be at most 1/2000. A run config asking for a larger
+    # δ than its data allows is no excuse.
+    (run_dir / "config.json").unlink()
+    with tamper(run_dir) as conn:
+        conn.execute("UPDATE spend SET delta = 1e-3 WHERE merchant_id = 'm1'")
+
+    findings = findings_about(audit_run(run_dir), "m1")
+
+    for r in (1, 2, 3):
+        assert f"m1: round {r}: δ = 0.001 too large for N = 200 records (must be ≤ 1/(10·N) = 0.0005)" in findings
+
+
+def test_private_update_without_noise_fails(run_dir: Path) -> None:
+    with tamper(run_dir) as conn:
+        conn.execute("UPDATE spend SET noise_multiplier = 0 WHERE merchant_id = 'm2' AND round = 3")
+
+    findings = findings_about(audit_run(run_dir), "m2")
+
+    assert "m2: round 3: a private update with σ = 0 (no noise)" in findings
+    assert any(f.startswith("m2: round 3: recorded ε") and "under-reports" in f and "(inf, PLD)" in f
+               for f in findings), findings
+
+
+def test_expected_batch_below_one_unit_fails(run_dir: Path) -> None:
+    # q and the expected batch rewritten together, consistent with N: a batch of a fifth of a
+    # record is no batch the merchant's rule (q = 1/ceil(N / batch), batch >= 1) can give.
+    with tamper(run_dir) as conn:
+        conn.execute("UPDATE spend SET sample_rate = 0.001, expected_batch = 0.2 "
+                     "WHERE merchant_id = 'm1' AND round = 1")
+
+    findings = findings_about(audit_run(run_dir), "m1")
+
+    assert "m1: round 1: expected batch 0.2 outside [1, N = 200]" in findings
+    assert not any("is not expected batch / N" in f for f in findings)
+
+
+def test_private_update_without_unit_count_fails_where_the_ledger_keeps_it(run_dir: Path) -> None:
+    with tamper(run_dir) as conn:
+        conn.execute("UPDATE spend SET unit_count = 0, expected_batch = 0 WHERE merchant_id = 'm3' AND round = 2")
+
+    assert audit_run(run_dir).findings == [
+        "m3: round 2: a private update with N = 0 recorded (its q cannot be checked)"]
+
+
+def test_unreadable_run_config_is_an_input_error(run_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (run_dir / "config.json").write_text("{not json")
+    with pytest.raises(AuditInputError, match="not a readable run config"):
+        audit_run(run_dir)
+    (run_dir / "config.json").write_text(json.dumps({"dp": "yes"}))
+    with pytest.raises(AuditInputError, match="'dp' = 'yes' is not a bool"):
+        audit_run(run_dir)
+    assert cli(capsys, str(run_dir))[0] == 2
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize(("sigma", "steps"), [(1.0, 1), (3.0, 4), (2.0, 10)])
+def test_pld_allowance_bounds_plds_discretisation_error(sigma: float, steps: int) -> None:
+    # At q = 1 the exact ε is known (Balle & Wang): PLD is pessimistic (never below it) and
+    # sits above it by no more than the allowance the over-budget check grants it.
+    event = MechanismEvent(noise_multiplier=sigma, sample_rate=1.0, steps=steps, max_grad_norm=1.0)
+    exact = gaussian_epsilon(DELTA, sigma / math.sqrt(steps))
+
+    assert exact <= epsilon_pld([event], DELTA) <= exact + pld_allowance(steps)
+
+
+def test_refused_call_passes_the_fact_checks(run_dir: Path) -> None:
+    # A refused call released nothing: the merchant records its δ, the run's σ floor and C, no
+    # sampling, no steps, no units (client.merchant); none of that is a finding.
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
+        last = ledger.rows("m1")[-1]
+        refused = SpendEvent.of(MechanismEvent(noise_multiplier=1.0, sample_rate=0.0, steps=0, max_grad_norm=1.0),
+                                unit_count=0, delta=DELTA, noise="")
+        ledger.record_round([dataclasses.replace(last, round=ROUNDS + 1, event=refused, status="refused",
+                                                 reason="budget")])
+
+    report = audit_run(run_dir)
+
+    assert report.passed, report.findings
+    m1 = by_merchant(report)["m1"]
+    assert m1.rounds_refused == 1 and m1.rounds_joined == ROUNDS
+
+
+def test_sample_rate_above_one_is_a_finding_not_a_crash(run_dir: Path) -> None:
+    # The ledger's CHECK keeps q <= 1; a file rebuilt without it reaches the audit anyway.
+    with tamper(run_dir) as conn:
+        conn.execute("CREATE TABLE spend2 AS SELECT * FROM spend")
+        conn.execute("DROP TABLE spend")
+        conn.execute("ALTER TABLE spend2 RENAME TO spend")
+        conn.execute("UPDATE spend SET sample_rate = 1.5 WHERE merchant_id = 'm2' AND round = 2")
+
+    report = audit_run(run_dir)
+
+    m2 = findings_about(report, "m2")
+    assert "m2: round 2: sample rate q = 1.5 outside (0, 1]" in m2
+    assert any(f.startswith("m2: round 3: recorded ε") and "(inf, PLD)" in f for f in m2), m2
+    assert by_merchant(report)["m2"].epsilon_pld == math.inf

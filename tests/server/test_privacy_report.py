@@ -133,8 +133,10 @@ def test_report_says_so_when_the_empirical_bound_violates_the_claim(
 def test_report_of_a_failed_audit_lists_the_findings(
     run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    # σ lowered on paper: the ledger's own mechanisms give more ε than m1 recorded (a raised σ
+    # would be over-reporting, a warning since over-reporting is safe).
     with tamper(run_dir) as conn:
-        conn.execute("UPDATE spend SET noise_multiplier = 2.0 WHERE merchant_id = 'm1' AND round = 2")
+        conn.execute("UPDATE spend SET noise_multiplier = 0.8 WHERE merchant_id = 'm1' AND round = 2")
     out_md = tmp_path / "privacy.md"
 
     status, _, _ = audit(capsys, str(run_dir), "--report", str(out_md), "--plot", str(tmp_path / "p.png"))
