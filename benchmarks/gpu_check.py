@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from client import dp, trainer  # noqa: E402
+from client import dp, encoding, evaluation, trainer  # noqa: E402
 from shared.config import RunConfig  # noqa: E402
 from shared.model import ModelSpec, build_model, choose_device, load_tokenizer  # noqa: E402
 from shared.privacy.budget import PrivacyState  # noqa: E402
@@ -55,7 +55,7 @@ def check_per_sample_gradients(device: torch.device) -> dict[str, float]:
     for trainable in ("lora", "full"):
         model = build_model(ModelSpec(encoder="tiny", trainable=trainable, dropout=0.0)).to(device)
         tokenizer = load_tokenizer(ModelSpec(encoder="tiny"))
-        x = [t.to(device) for t in trainer.encode(examples, tokenizer, max_seq_len=24).tensors]
+        x = [t.to(device) for t in encoding.encode(examples, tokenizer, max_seq_len=24).tensors]
         reference = per_example_grads(copy.deepcopy(model), x)
         wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
         PerExampleLoss(reduction="sum")(wrapped(x[0], x[1], x[2]), x[3]).backward()
@@ -117,9 +117,9 @@ def check_training(device: torch.device, encoder: str, steps: int) -> dict[str, 
         with tempfile.TemporaryDirectory() as tmp:
             state = PrivacyState.open(Path(tmp) / "state.json", merchant_id="gpu", target_epsilon=1e6,
                                       target_delta=1e-5, accountant="prv")
-            before = trainer.evaluate(model, train_set[:256], tokenizer, config, device=device).loss
+            before = evaluation.evaluate(model, train_set[:256], tokenizer, config, device=device).loss
             result = trainer.train(model, train_set, tokenizer, config, privacy=state, device=device)
-            after = trainer.evaluate(model, train_set[:256], tokenizer, config, device=device).loss
+            after = evaluation.evaluate(model, train_set[:256], tokenizer, config, device=device).loss
             reloaded = PrivacyState.open(Path(tmp) / "state.json", merchant_id="gpu", target_epsilon=1e6,
                                          target_delta=1e-5, accountant="prv")
         on_device = all(p.device.type == device.type for p in model.parameters())
@@ -142,7 +142,7 @@ def overhead(device: torch.device, encoder: str, repeats: int = 20) -> dict[str,
     tokenizer = load_tokenizer(ModelSpec(encoder=encoder))
     examples = [Example("ctr", f"query {i} " * 6, f"product {i} with a long description " * 6, float(i % 2))
                 for i in range(32)]
-    batch = [t.to(device) for t in trainer.encode(examples, tokenizer, max_seq_len=64).tensors]
+    batch = [t.to(device) for t in encoding.encode(examples, tokenizer, max_seq_len=64).tensors]
     out: dict[str, Any] = {}
     for trainable in TRAINABLE:
         row: dict[str, Any] = {}

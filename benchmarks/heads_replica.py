@@ -14,7 +14,7 @@ It uses the system's own pieces wherever they exist: the benchmark's datasets, s
 folds (``utility.Dataset``), the cached pooled states and the public-corpus whitening
 (``client.features``, ``client.precondition``), the per-record loss and predictions
 (``shared.tasks``), each merchant's σ from the merchant's own planner (``client.dp``), and the
-metrics (``client.trainer.metrics_of``). What it writes again is the training loop, in closed
+metrics (``client.evaluation.metrics_of``). What it writes again is the training loop, in closed
 form for linear heads: Poisson sampling at the accounted rate, each record's head gradient
 clipped to C, Gaussian noise σ·C on the sum, divided by the expected batch (as Opacus does);
 AdamW (the setting's weight decay, the DP arms' own in theirs) with each merchant's state kept
@@ -186,7 +186,7 @@ def init_heads(seed: int, hidden: int, tasks: int, whiten: Any = None) -> list[t
 
 
 def evaluate(heads: list[torch.Tensor], merchants: dict[str, Merchant]) -> dict[str, dict[str, float]]:
-    from client.trainer import metrics_of
+    from client.evaluation import metrics_of
     from shared.tasks import TASK_INDEX, predictions
 
     out = {}

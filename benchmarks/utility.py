@@ -306,7 +306,7 @@ class Dataset:
     def evaluate(self, params: dict[str, Any] | None,
                  merchants: list[str] | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
         """(each merchant's metrics, each merchant's per-example predictions) on its held-out set."""
-        from client import trainer
+        from client import evaluation
         from shared.model import ModelSpec, build_model, choose_device, load_tokenizer, set_trainable
 
         spec = ModelSpec.from_config(self.config)
@@ -315,9 +315,9 @@ class Dataset:
             set_trainable(model, params)
         tokenizer = load_tokenizer(spec)
         device = choose_device(self.config.device)
-        preds = {m: trainer.predict(model, self.tests[m], tokenizer, self.config, device=device)[1]
+        preds = {m: evaluation.predict(model, self.tests[m], tokenizer, self.config, device=device)[1]
                  for m in (merchants or self.merchants)}
-        return {m: trainer.metrics_of(self.tests[m], p) for m, p in preds.items()}, preds
+        return {m: evaluation.metrics_of(self.tests[m], p) for m, p in preds.items()}, preds
 
 
 def write_corpus(source: str, work: Path) -> Path:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from client import features, precondition, trainer
+from client import evaluation, features, precondition, trainer
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
@@ -234,8 +234,8 @@ class Merchant:
                                             max_grad_norm=self.config.max_grad_norm),
                              unit_count=0, delta=privacy.target_delta, noise="")
 
-    def evaluate(self, params: dict[str, np.ndarray]) -> trainer.EvalResult:
+    def evaluate(self, params: dict[str, np.ndarray]) -> evaluation.EvalResult:
         split = self.split()
         model, tokenizer = self._model(params)
-        return trainer.evaluate(model, split.test, tokenizer, self.config,
+        return evaluation.evaluate(model, split.test, tokenizer, self.config,
                                 device=choose_device(self.identity.device))

@@ -1,4 +1,4 @@
-"""One merchant's local training call: DP-SGD (Opacus) or non-private, plus evaluation.
+"""One merchant's local training call: DP-SGD (Opacus) or non-private.
 
 Order of a private call, and why:
 1. plan the mechanism (σ, q = batch / N records, steps) and check the merchant's budget: a call
@@ -22,17 +22,17 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import dp, features, precondition
 from client import optimizer_state as optimizer_state_lib
-from shared import metrics as metrics_lib
+from client.encoding import PairDataset, trim
 from shared.config import RunConfig
 from shared.model import is_head
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import MechanismEvent
-from shared.tasks import TASKS, Example, PerExampleLoss, group_records, pack_targets, predictions, task_of
+from shared.tasks import Example, PerExampleLoss
 
 log = logging.getLogger(__name__)
 
@@ -48,72 +48,6 @@ class TrainResult:
     delta: float
     grad_sample_mode: str
     duration_s: float
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class EvalResult:
-    num_examples: int
-    loss: float
-    metrics: dict[str, float]
-
-
-class PairDataset(Dataset):
-    """One sample per data record: its (context, product) pair, tokenised on access, and its
-    targets packed in ``TASKS`` order (NaN where it has none). The record is the DP unit, so
-    Poisson sampling, clipping and the sample rate all count records, not task examples.
-
-    Lazy on purpose: a call with a step cap touches a few hundred of a merchant's tens of
-    thousands of records, and tokenising them all up front cost more than the training.
-    """
-
-    def __init__(self, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int) -> None:
-        if not examples:
-            raise ValueError("no examples to encode")
-        records = group_records(examples)
-        self.pairs = [(members[0].context, members[0].product) for members in records]
-        self.targets = torch.tensor([pack_targets(members) for members in records], dtype=torch.float32)
-        self.tokenizer = tokenizer
-        self.max_seq_len = max_seq_len
-
-    def __len__(self) -> int:
-        return len(self.pairs)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        context, product = self.pairs[index]
-        enc = self.tokenizer(context, product, truncation="longest_first",
-                             max_length=self.max_seq_len, padding="max_length", return_tensors="pt")
-        input_ids = enc["input_ids"][0]
-        token_type_ids = enc["token_type_ids"][0] if "token_type_ids" in enc else torch.zeros_like(input_ids)
-        return input_ids, enc["attention_mask"][0], token_type_ids, self.targets[index]
-
-
-def encode(
-    examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int
-) -> TensorDataset:
-    """Tokenise all examples at once, one row each (batched; for evaluation, where every
-    example is used and each is scored on its own task)."""
-    if not examples:
-        raise ValueError("no examples to encode")
-    enc = tokenizer(
-        [e.context for e in examples],
-        [e.product for e in examples],
-        truncation="longest_first",
-        max_length=max_seq_len,
-        padding="max_length",
-        return_tensors="pt",
-    )
-    packed = torch.tensor([pack_targets([e]) for e in examples], dtype=torch.float32)
-    token_type_ids = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"]))
-    return TensorDataset(enc["input_ids"], enc["attention_mask"], token_type_ids, packed)
-
-
-def _trim(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
-    """Drop padding columns no example in the batch uses; saves most of the compute at seq 64."""
-    input_ids, attention_mask, token_type_ids, packed = batch
-    length = max(int(attention_mask.sum(1).max().item()), 1) if len(input_ids) else 1
-    # contiguous(): Opacus' embedding norm sampler calls .view() on the index tensor.
-    return (input_ids[:, :length].contiguous().to(device), attention_mask[:, :length].contiguous().to(device),
-            token_type_ids[:, :length].contiguous().to(device), packed.to(device))
 
 
 def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer:
@@ -218,7 +152,7 @@ class RecordsView:
 
     @staticmethod
     def batch(batch: Sequence[torch.Tensor], device: torch.device) -> tuple[torch.Tensor, ...]:
-        return _trim(batch, device)
+        return trim(batch, device)
 
     def finish(self) -> None:
         pass
@@ -351,64 +285,3 @@ def _strip_opacus(model: nn.Module) -> None:
             if hasattr(p, attr):
                 delattr(p, attr)
         p.grad = None
-
-
-@torch.no_grad()
-def predict(
-    model: nn.Module,
-    examples: Sequence[Example],
-    tokenizer: PreTrainedTokenizerBase,
-    config: RunConfig,
-    *,
-    device: torch.device | None = None,
-    batch_size: int = 64,
-) -> tuple[np.ndarray, np.ndarray]:
-    """(per-example loss, per-example prediction on its task's natural scale), in ``examples``
-    order; the model is left in the mode it was in."""
-    device = device or torch.device("cpu")
-    dataset = encode(examples, tokenizer, max_seq_len=config.max_seq_len)
-    was_training = model.training
-    model.to(device)
-    model.eval()
-    losses, preds = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        input_ids, attention_mask, token_type_ids, packed = _trim(batch, device)
-        scores = model(input_ids, attention_mask, token_type_ids)
-        losses.append(PerExampleLoss(reduction="none")(scores, packed).cpu())
-        own = task_of(packed).unsqueeze(1)
-        preds.append(predictions(scores).gather(1, own).squeeze(1).cpu())
-    model.train(was_training)
-    return torch.cat(losses).numpy(), torch.cat(preds).numpy()
-
-
-def metrics_of(examples: Sequence[Example], preds: np.ndarray) -> dict[str, float]:
-    """Every task's metrics from per-example predictions (as ``predict`` returns them)."""
-    result: dict[str, float] = {}
-    for task in TASKS:
-        idx = [i for i, e in enumerate(examples) if e.task == task]
-        if not idx:
-            continue
-        result.update(metrics_lib.task_metrics(
-            task,
-            targets=np.array([examples[i].target for i in idx]),
-            preds=preds[idx],
-            groups=[examples[i].group for i in idx],
-        ))
-    return result
-
-
-def evaluate(
-    model: nn.Module,
-    examples: Sequence[Example],
-    tokenizer: PreTrainedTokenizerBase,
-    config: RunConfig,
-    *,
-    device: torch.device | None = None,
-    batch_size: int = 64,
-) -> EvalResult:
-    """Loss and every task's metrics on held-out examples (no privacy cost: nothing released
-    but aggregate metrics, which the record-level guarantee does not cover; see README)."""
-    if not examples:
-        return EvalResult(num_examples=0, loss=float("nan"), metrics={})
-    losses, preds = predict(model, examples, tokenizer, config, device=device, batch_size=batch_size)
-    return EvalResult(num_examples=len(examples), loss=float(losses.mean()), metrics=metrics_of(examples, preds))

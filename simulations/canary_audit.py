@@ -88,7 +88,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from client import trainer
+from client import encoding, trainer
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, choose_device, load_tokenizer
 from shared.privacy import accounting, auditing
@@ -221,7 +221,7 @@ def label_log_odds(
     canary-like text "clicked", a memorised label-1 canary still gains log-odds over an
     unseen one, whereas its loss gain is capped at its initial loss, about ln 2.
     """
-    dataset = trainer.encode(canaries, tokenizer, max_seq_len=config.max_seq_len)
+    dataset = encoding.encode(canaries, tokenizer, max_seq_len=config.max_seq_len)
     was_training = model.training
     model.to(device)
     model.eval()

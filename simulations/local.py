@@ -11,7 +11,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from client import features, trainer
+from client import evaluation, features, trainer
 from client.data import load_merchant
 from client.merchant import split_merchant
 from shared.config import RunConfig
@@ -25,9 +25,9 @@ log = logging.getLogger(__name__)
 @dataclasses.dataclass(frozen=True)
 class LocalResult:
     train: trainer.TrainResult
-    before: trainer.EvalResult
-    after: trainer.EvalResult
-    per_merchant: dict[str, trainer.EvalResult]
+    before: evaluation.EvalResult
+    after: evaluation.EvalResult
+    per_merchant: dict[str, evaluation.EvalResult]
 
 
 def load_examples(dirs: list[Path], config: RunConfig) -> tuple[list[Example], dict[str, list[Example]]]:
@@ -49,7 +49,7 @@ def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_pr
     model = build_model(spec)
     tokenizer = load_tokenizer(spec)
     device = choose_device(config.device)
-    before = trainer.evaluate(model, test_all, tokenizer, config, device=device)
+    before = evaluation.evaluate(model, test_all, tokenizer, config, device=device)
     privacy = None
     if config.dp:
         merchant_id = "+".join(sorted(tests)) if len(tests) > 1 else next(iter(tests))
@@ -64,8 +64,8 @@ def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_pr
     cache = features.cache_dir(config.feature_cache_dir, out_dir / "features")
     result = trainer.train(model, train_examples, tokenizer, config, privacy=privacy, device=device,
                            on_step=progress, feature_cache=cache)
-    after = trainer.evaluate(model, test_all, tokenizer, config, device=device)
-    per_merchant = {m: trainer.evaluate(model, t, tokenizer, config, device=device) for m, t in tests.items()}
+    after = evaluation.evaluate(model, test_all, tokenizer, config, device=device)
+    per_merchant = {m: evaluation.evaluate(model, t, tokenizer, config, device=device) for m, t in tests.items()}
     export_model(model.cpu(), tokenizer, out_dir / "model", spec=spec)
     return LocalResult(train=result, before=before, after=after, per_merchant=per_merchant)
 

@@ -10,7 +10,8 @@ import torch
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import features
-from client.trainer import PairDataset, train
+from client.encoding import PairDataset
+from client.trainer import train
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy.budget import PrivacyState
 from tests.helpers.heads import TRAIN
@@ -123,7 +124,7 @@ def test_cached_states_train_the_heads_exactly_as_the_full_forward(tokenizer: Pr
     result = train(model, TRAIN, tokenizer, cfg, privacy=None, feature_cache=tmp_path)
 
     # The reference: the trainer's own loop with the frozen path switched off.
-    from client import trainer
+    from client import encoding, trainer
 
     records = PairDataset(TRAIN, tokenizer, max_seq_len=16)
     optimizer = trainer.make_optimizer(reference, cfg)
@@ -135,7 +136,7 @@ def test_cached_states_train_the_heads_exactly_as_the_full_forward(tokenizer: Pr
         for batch in loader:
             if done >= result.steps:
                 break
-            input_ids, attention_mask, token_type_ids, packed = trainer._trim(batch, torch.device("cpu"))
+            input_ids, attention_mask, token_type_ids, packed = encoding.trim(batch, torch.device("cpu"))
             optimizer.zero_grad()
             criterion(reference(input_ids, attention_mask, token_type_ids), packed).backward()
             optimizer.step()

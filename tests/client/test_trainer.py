@@ -15,7 +15,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 import client.dp as dp
-from client.trainer import PairDataset, encode, evaluate, planned_steps, train
+from client.encoding import PairDataset, encode
+from client.evaluation import evaluate
+from client.trainer import planned_steps, train
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy import accounting
