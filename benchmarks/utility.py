@@ -84,6 +84,7 @@ sys.path.insert(0, str(ROOT))
 from shared.config import ConfigError, RunConfig  # noqa: E402
 from shared.jsonable import finite  # noqa: E402
 from shared.metrics import HIGHER_IS_BETTER  # noqa: E402
+from shared.run_files import LEDGER_FILE, MODEL_DIR, SUMMARY_FILE  # noqa: E402
 from simulations.engine import load_scenario  # noqa: E402
 
 log = logging.getLogger("utility")
@@ -421,10 +422,10 @@ def simulate(dataset: Dataset, run_dir: Path, overrides: dict[str, Any], *, data
     checkpoint = load_latest(run_dir)
     if checkpoint is None:
         raise RuntimeError(f"simulation {run_dir.name} left no checkpoint in {run_dir}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     # The benchmark scores the checkpoint's parameters; the run's exported model (the whole
     # encoder again, ~90 MB) is not needed, and a full run makes ~40 of them.
-    shutil.rmtree(run_dir / "model", ignore_errors=True)
+    shutil.rmtree(run_dir / MODEL_DIR, ignore_errors=True)
     return checkpoint.parameters, summary
 
 
@@ -432,7 +433,7 @@ def noise_used(run_dir: Path) -> dict[str, float]:
     """Each merchant's σ in a DP run, from the run's ledger (accepted calls)."""
     from server.ledger import PrivacyLedger
 
-    with PrivacyLedger(run_dir / "ledger.sqlite") as ledger:
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         return {r.merchant_id: r.event.mechanism.noise_multiplier for r in ledger.rows() if r.status == "accepted"}
 
 
@@ -890,10 +891,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     axes[0][0].legend(fontsize=7, loc="best")
     fig.suptitle(f"Utility against ε, trainable set: {results.get('trainable', 'lora')}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    from shared import atomic
+
+    with atomic.replacing(path) as tmp:
+        fig.savefig(tmp, dpi=120, format="png")
     plt.close(fig)
-    tmp.replace(path)
 
 
 def _by_epsilon(arms: dict[str, Any], prefix: str, metric: str) -> list[tuple[float, float]]:
@@ -954,12 +956,13 @@ def read_held_out(path: Path) -> dict[str, HeldOut]:
 
 
 def write_atomic(path: Path, content: str | bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    """Benchmark outputs through the project's one atomic writer (temp file, fsync, rename)."""
+    from shared import atomic
+
     if isinstance(content, bytes):
-        tmp.write_bytes(content)
+        atomic.write_bytes(path, content)
     else:
-        tmp.write_text(content)
-    tmp.replace(path)
+        atomic.write_text(path, content)
 
 
 def main() -> int:

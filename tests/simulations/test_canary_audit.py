@@ -18,7 +18,8 @@ from shared.model import ModelSpec, load_tokenizer
 from shared.privacy import accounting
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import MechanismEvent
-from simulations.canary_audit import RESULT_FILE, STATE_FILE, guesses, make_canaries, run_canary_audit
+from simulations.canaries import guesses, make_canaries
+from simulations.canary_audit import RESULT_FILE, STATE_FILE, run_canary_audit
 from simulations.cli import main
 from tests.helpers.examples import product_examples
 
