@@ -7,15 +7,27 @@ Identity comes from the node config (deployment: ``merchant-id``, ``data-dir``,
 ``state-dir``, ``target-epsilon``, ``target-delta``, ``device``) or, in simulation, from the
 node's ``partition-id``, which indexes the sorted merchant folders under the run config's
 ``data-dir`` (or a synthetic merchant when ``data-dir`` is ``synthetic:N``).
+
+The privacy state (``privacy-state.json``, ``shared.privacy.budget``) lives with the
+merchant's data, so that every run spends one budget: in deployment in the node's
+``state-dir`` (default ``<data-dir>/.fedshop``), in simulation in ``<merchant folder>/.fedshop``
+as well, whatever the run folder. A deployed node never creates it (``fedshop deploy
+add-merchant`` or ``PrivacyState.create`` does): finding none, it refuses to train. A
+simulation creates a missing one (a scenario's first run on this data; ``fedshop simulate``
+does so for every merchant before the federation starts). Synthetic merchants
+(``synthetic:N``) have no folder: they are regenerated for each run, nobody's data, so their
+state stays in ``<run-dir>/nodes/<merchant>/`` and lasts as long as the run. Caches that are
+not privacy state (encoder features, optimizer state) stay in the node's ``state_dir``: the
+run folder in simulation, so nothing but the privacy state is written into merchant folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +35,7 @@ import numpy as np
 
 from client import evaluation, features, precondition, trainer
 from client.data import MerchantData, build_examples, load_merchant, split_examples
+from client.data.split import subsample_units
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
 from shared.privacy.budget import BudgetExceededError, PrivacyState
@@ -34,6 +47,7 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
 PRIVACY_STATE_FILE = "privacy-state.json"
+STATE_FOLDER = ".fedshop"  # inside a merchant's data folder (merchant_dirs skips dot folders)
 
 
 class NodeConfigError(ValueError):
@@ -45,14 +59,23 @@ class NodeIdentity:
     merchant_id: str
     data_dir: Path | None  # None for a synthetic merchant
     synthetic_index: int | None
-    state_dir: Path
+    state_dir: Path  # the node's own folder: caches, and the privacy state unless privacy_dir says otherwise
     target_epsilon: float
     target_delta: float
     device: str
+    privacy_dir: Path | None = None  # where privacy-state.json lives, if not in state_dir (simulation)
+    # A missing privacy state may be created by a training call: in simulation only (see the
+    # module docstring); a deployed node refuses instead of starting from zero.
+    creates_privacy_state: bool = False
 
     @property
     def state_path(self) -> Path:
-        return self.state_dir / PRIVACY_STATE_FILE
+        return (self.privacy_dir or self.state_dir) / PRIVACY_STATE_FILE
+
+
+def privacy_state_path(merchant_dir: Path) -> Path:
+    """The privacy state kept with a merchant's data folder (deployment default, simulation, train-local)."""
+    return Path(merchant_dir) / STATE_FOLDER / PRIVACY_STATE_FILE
 
 
 def merchant_dirs(root: Path) -> list[Path]:
@@ -73,7 +96,7 @@ def resolve_node(node_config: Mapping[str, Any], config: RunConfig) -> NodeIdent
     if "data-dir" in node_config:  # deployment: the merchant names its own folder
         data_dir = Path(str(node_config["data-dir"])).expanduser()
         merchant_id = str(node_config.get("merchant-id", data_dir.name))
-        state_dir = Path(str(node_config.get("state-dir", data_dir / ".fedshop"))).expanduser()
+        state_dir = Path(str(node_config.get("state-dir", data_dir / STATE_FOLDER))).expanduser()
         return NodeIdentity(merchant_id=merchant_id, data_dir=data_dir, synthetic_index=None,
                             state_dir=state_dir, target_epsilon=target_epsilon,
                             target_delta=target_delta, device=device)
@@ -88,7 +111,7 @@ def resolve_node(node_config: Mapping[str, Any], config: RunConfig) -> NodeIdent
         merchant_id = federation.merchant_id(pid)
         return NodeIdentity(merchant_id=merchant_id, data_dir=None, synthetic_index=pid,
                             state_dir=nodes_root / merchant_id, target_epsilon=target_epsilon,
-                            target_delta=target_delta, device=device)
+                            target_delta=target_delta, device=device, creates_privacy_state=True)
     if not config.data_dir:
         raise NodeConfigError("run-config key 'data-dir' is empty: set it to a folder of merchant folders")
     dirs = merchant_dirs(Path(config.data_dir))
@@ -96,7 +119,8 @@ def resolve_node(node_config: Mapping[str, Any], config: RunConfig) -> NodeIdent
         raise NodeConfigError(f"partition-id {pid} but data-dir {config.data_dir!r} has only {len(dirs)} merchants")
     return NodeIdentity(merchant_id=dirs[pid].name, data_dir=dirs[pid], synthetic_index=None,
                         state_dir=nodes_root / dirs[pid].name, target_epsilon=target_epsilon,
-                        target_delta=target_delta, device=device)
+                        target_delta=target_delta, device=device,
+                        privacy_dir=privacy_state_path(dirs[pid]).parent, creates_privacy_state=True)
 
 
 def synthetic_count(data_dir: str) -> int:
@@ -112,13 +136,11 @@ class MerchantSplit:
     test: list[Example]
 
 
-def _subsample(examples: list[Example], limit: int, salt: str) -> list[Example]:
-    """A deterministic subset (hash order), so evaluation sees the same records every round."""
-    if not limit or len(examples) <= limit:
-        return examples
-    keyed = sorted(range(len(examples)),
-                   key=lambda i: hashlib.sha1(f"{salt}:{i}".encode()).hexdigest())
-    return [examples[i] for i in sorted(keyed[:limit])]
+def _subsample(examples: list[Example], limit: int, salt: str, unit: str) -> list[Example]:
+    """A deterministic subset of whole units (``subsample_units``: by the hash of each unit's
+    stable key, never a position), so evaluation sees the same records every round and
+    removing a unit leaves the other units' membership as it was unless it frees room."""
+    return subsample_units(examples, limit, salt, unit=unit)
 
 
 def split_merchant(data: MerchantData, config: RunConfig) -> MerchantSplit:
@@ -128,13 +150,14 @@ def split_merchant(data: MerchantData, config: RunConfig) -> MerchantSplit:
     through here, so every comparison is on the same held-out records.
     """
     examples = build_examples(data, conversion_label=config.conversion_label,
-                              history_length=config.history_length, tasks=config.task_names)
+                              history_length=config.history_length, tasks=config.task_names,
+                              privacy_unit=config.privacy_unit)
     if not examples:
         raise NodeConfigError(f"merchant {data.merchant_id!r} has no examples for tasks {config.tasks!r}")
     train, test = split_examples(examples, test_fraction=config.test_fraction, seed=config.split_seed,
-                                 offset=config.test_offset)
-    train = _subsample(train, config.max_train_examples, f"train:{data.merchant_id}")
-    test = _subsample(test, config.eval_max_examples, f"test:{data.merchant_id}")
+                                 offset=config.test_offset, unit=config.privacy_unit)
+    train = _subsample(train, config.max_train_examples, f"train:{data.merchant_id}", config.privacy_unit)
+    test = _subsample(test, config.eval_max_examples, f"test:{data.merchant_id}", config.privacy_unit)
     return MerchantSplit(train=train, test=test)
 
 
@@ -169,10 +192,20 @@ class Merchant:
         every merchant that shares ``feature-cache-dir``."""
         return features.cache_dir(self.config.feature_cache_dir, self.feature_cache) / precondition.CACHE_FOLDER
 
-    def privacy_state(self) -> PrivacyState:
-        return PrivacyState.open(self.identity.state_path, merchant_id=self.identity.merchant_id,
+    @contextlib.contextmanager
+    def privacy_state(self) -> Iterator[PrivacyState | None]:
+        """The merchant's state, locked for one training call (check → train → commit); None without DP.
+
+        Raises ``PrivacyStateError`` naming the file if a deployed node has none (see the module
+        docstring); a simulation creates it."""
+        if not self.config.dp:
+            yield None
+            return
+        with PrivacyState.locked(self.identity.state_path, merchant_id=self.identity.merchant_id,
                                  target_epsilon=self.identity.target_epsilon,
-                                 target_delta=self.identity.target_delta, accountant=self.config.accountant)
+                                 target_delta=self.identity.target_delta, accountant=self.config.accountant,
+                                 create=self.identity.creates_privacy_state) as state:
+            yield state
 
     def _model(self, params: dict[str, np.ndarray]) -> Any:
         spec = ModelSpec.from_config(self.config)
@@ -186,21 +219,21 @@ class Merchant:
         ``proximal_mu``: FedProx's μ, when the server sent one (``trainer.proximal_term``)."""
         started = time.perf_counter()
         split = self.split()
-        privacy = self.privacy_state() if self.config.dp else None
         model, tokenizer = self._model(params)
         device = choose_device(self.identity.device)
-        try:
-            result = trainer.train(model, split.train, tokenizer, self.config, privacy=privacy,
-                                   round=server_round, model_version=model_version, run_id=run_id,
-                                   device=device, feature_cache=self.feature_cache, corpus_cache=self.corpus_cache,
-                                   optimizer_state=self.identity.state_dir / "optimizer-state.pt",
-                                   proximal_mu=proximal_mu)
-        except BudgetExceededError as exc:
-            log.warning("%s", exc)
-            assert privacy is not None
-            return TrainReply(facts=self._facts(privacy, status=STATUS_REFUSED, event=self._refused(privacy),
-                                                model_version=model_version, epsilon=exc.epsilon_now,
-                                                reason=str(exc)), params=None, metrics={})
+        with self.privacy_state() as privacy:  # held from the budget check to the committed spend
+            try:
+                result = trainer.train(model, split.train, tokenizer, self.config, privacy=privacy,
+                                       round=server_round, model_version=model_version, run_id=run_id,
+                                       device=device, feature_cache=self.feature_cache, corpus_cache=self.corpus_cache,
+                                       optimizer_state=self.identity.state_dir / "optimizer-state.pt",
+                                       proximal_mu=proximal_mu)
+            except BudgetExceededError as exc:
+                log.warning("%s", exc)
+                assert privacy is not None
+                return TrainReply(facts=self._facts(privacy, status=STATUS_REFUSED, event=self._refused(privacy),
+                                                    model_version=model_version, epsilon=exc.epsilon_now,
+                                                    reason=str(exc)), params=None, metrics={})
         model.cpu()
         facts = self._facts(privacy, status=STATUS_OK, event=self._released(privacy, result),
                             model_version=model_version, epsilon=result.epsilon)

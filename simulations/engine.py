@@ -3,8 +3,9 @@
 A scenario is a flat TOML file of run-config overrides in ``simulations/scenarios/``; the
 same file works with ``flwr run . --run-config simulations/scenarios/NAME.toml``. This
 module adds what a one-command local run needs around it: preparing bundled data the
-scenario names, counting the virtual merchants, choosing client resources, and stopping
-Ray (and everything it started) when the run ends, fails or is interrupted.
+scenario names, counting the virtual merchants, creating the privacy state of merchants that
+have none yet, choosing client resources, and stopping Ray (and everything it started) when
+the run ends, fails or is interrupted.
 """
 
 from __future__ import annotations
@@ -108,6 +109,45 @@ def ensure_data(config: RunConfig, scenario_name: str) -> None:
         adapters.prepare_esci(data_dir)
 
 
+def prepare_privacy_states(config: RunConfig, *, num_merchants: int) -> list[Path]:
+    """Create the privacy state of each of the run's merchant folders that has none; the paths created.
+
+    The state lives with the merchant's data (``<merchant folder>/.fedshop/privacy-state.json``,
+    ``client.merchant.resolve_node``), so a later run on the same folders continues its ε;
+    only a first run on a folder creates it (with the run's budget), and says so. A run folder
+    started by an earlier fedshop kept the state in ``<run-dir>/nodes/<merchant>/``: resuming
+    it moves that state to the merchant's folder instead of starting from zero. Synthetic
+    merchants have no folder (and no lasting state): their nodes keep it in the run folder.
+    """
+    from client.merchant import PRIVACY_STATE_FILE, SYNTHETIC_PREFIX, resolve_node
+    from shared.privacy.budget import PrivacyState
+
+    if not config.dp or config.data_dir.startswith(SYNTHETIC_PREFIX):
+        return []
+    created: list[Path] = []
+    for pid in range(num_merchants):
+        node = resolve_node({"partition-id": pid}, config)
+        path = node.state_path
+        legacy = Path(config.run_dir) / "nodes" / node.merchant_id / PRIVACY_STATE_FILE
+        if not path.exists() and legacy.is_file():
+            state = PrivacyState.open(legacy, merchant_id=node.merchant_id, target_epsilon=node.target_epsilon,
+                                      target_delta=node.target_delta, accountant=config.accountant)
+            state.path = path
+            state.save()
+            log.warning("merchant %s: its privacy state was in the run folder (%s, as an earlier fedshop kept it); "
+                        "moved to %s, where every run on this data spends it (ε so far %.4f)",
+                        node.merchant_id, legacy, path, state.epsilon())
+            continue
+        if PrivacyState.create(path, merchant_id=node.merchant_id, target_epsilon=node.target_epsilon,
+                               target_delta=node.target_delta, accountant=config.accountant):
+            created.append(path)
+    if created:
+        log.info("created the privacy state of %d merchant(s) training for the first time on this data "
+                 "(budget ε = %g at δ = %g): %s", len(created), config.target_epsilon, config.target_delta,
+                 ", ".join(str(p) for p in created))
+    return created
+
+
 def client_resources(client_cpus: float | None = None) -> dict[str, float]:
     import torch
 
@@ -126,6 +166,7 @@ def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = N
     """
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
+    prepare_privacy_states(config, num_merchants=num_merchants)
     import ray
     from flwr.app import Context, RecordDict
     from flwr.simulation.run_simulation import _run_simulation

@@ -2,19 +2,30 @@
 
 With one merchant folder this is what a merchant would get training alone; with several
 and ``dp = false`` it is the centralised, non-private reference (all data pooled).
+
+A private run spends the merchant's own budget: the same state file as its federated runs
+(``<folder>/.fedshop/privacy-state.json``, or ``state_dir`` for a node whose config names
+another ``state-dir``), locked across check → train → commit like a node's call, and created
+(with the run config's budget, logged) if this folder never trained. Several folders with
+``dp = true`` are refused: the pooled call would spend every merchant's budget at once, which
+one state file cannot record.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
+import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from client import evaluation, features, trainer
 from client.data import load_merchant
-from client.merchant import split_merchant
-from shared.config import RunConfig
+from client.merchant import PRIVACY_STATE_FILE, privacy_state_path, split_merchant
+from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, choose_device, export_model, load_tokenizer
 from shared.privacy.budget import PrivacyState
 from shared.tasks import Example
@@ -42,7 +53,24 @@ def load_examples(dirs: list[Path], config: RunConfig) -> tuple[list[Example], d
     return train_all, tests
 
 
-def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_progress: bool = True) -> LocalResult:
+@contextlib.contextmanager
+def merchant_privacy(merchant_id: str, merchant_dir: Path, config: RunConfig, *,
+                     state_dir: Path | None = None) -> Iterator[PrivacyState]:
+    """The merchant's own state (the federation's file), locked for one call; created if it has none."""
+    path = Path(state_dir) / PRIVACY_STATE_FILE if state_dir else privacy_state_path(merchant_dir)
+    with PrivacyState.locked(path, merchant_id=merchant_id, target_epsilon=config.target_epsilon,
+                             target_delta=config.target_delta, accountant=config.accountant,
+                             create=True) as state:
+        yield state
+
+
+def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_progress: bool = True,
+                state_dir: Path | None = None) -> LocalResult:
+    """Train on ``dirs`` and evaluate; with DP (one folder only) the spend goes to the merchant's state
+    (``state_dir``: the node's ``state-dir``, if not ``<folder>/.fedshop``)."""
+    if config.dp and len(dirs) > 1:
+        raise ConfigError("dp = true with several merchant folders: a pooled private call would spend each "
+                          "merchant's budget; train one folder at a time, or pool with dp = false")
     train_examples, tests = load_examples(dirs, config)
     test_all = [e for t in tests.values() for e in t]
     spec = ModelSpec.from_config(config)
@@ -50,20 +78,19 @@ def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_pr
     tokenizer = load_tokenizer(spec)
     device = choose_device(config.device)
     before = evaluation.evaluate(model, test_all, tokenizer, config, device=device)
-    privacy = None
-    if config.dp:
-        merchant_id = "+".join(sorted(tests)) if len(tests) > 1 else next(iter(tests))
-        privacy = PrivacyState.open(out_dir / "privacy-state.json", merchant_id=merchant_id,
-                                    target_epsilon=config.target_epsilon, target_delta=config.target_delta,
-                                    accountant=config.accountant)
 
     def progress(step: int, total: int, loss: float) -> None:
         if epochs_progress and (step == total or step % max(1, total // 10) == 0):
             log.info("step %d/%d  loss %.4f", step, total, loss)
 
     cache = features.cache_dir(config.feature_cache_dir, out_dir / "features")
-    result = trainer.train(model, train_examples, tokenizer, config, privacy=privacy, device=device,
-                           on_step=progress, feature_cache=cache)
+    # A run id of its own per invocation: the state shows where the spend came from, and σ
+    # planning (noise-plan-calls) counts this invocation's calls only.
+    run_id = f"train-local-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    with (merchant_privacy(next(iter(tests)), dirs[0], config, state_dir=state_dir) if config.dp
+          else contextlib.nullcontext()) as privacy:
+        result = trainer.train(model, train_examples, tokenizer, config, privacy=privacy, device=device,
+                               on_step=progress, feature_cache=cache, run_id=run_id)
     after = evaluation.evaluate(model, test_all, tokenizer, config, device=device)
     per_merchant = {m: evaluation.evaluate(model, t, tokenizer, config, device=device) for m, t in tests.items()}
     export_model(model.cpu(), tokenizer, out_dir / "model", spec=spec)

@@ -23,6 +23,7 @@ from server.deploy.pki import (
     make_server_certificate,
     write_secret,
 )
+from shared.privacy.budget import PrivacyState
 
 DEPLOYMENT_FILE = "deployment.json"
 MERCHANT_FILE = "merchant.json"
@@ -392,4 +393,12 @@ def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, d
                   _script(header, supernode_command(merchant, here=HERE), flwr_home="$PWD/flwr-home",
                           keep_running=True))
     merchant.save()
+    # The merchant's budget starts here, explicitly: its node refuses to train without a
+    # privacy state (a lost file is not a new budget). Written where the node will look when
+    # that is on this machine: in this folder by default (it travels with it), or at
+    # --state-dir if the data folder is here too; otherwise the merchant creates it there
+    # (``python -m shared.privacy.budget create``, named in the node's refusal).
+    if state_dir is None or data_dir.is_dir():
+        PrivacyState.create(merchant.privacy_state, merchant_id=name, target_epsilon=float(budget),
+                            target_delta=float(delta))
     return merchant

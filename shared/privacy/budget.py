@@ -10,20 +10,54 @@ cannot happen.
 The budget here is the merchant's: a server's run config may ask for a larger ε, but
 ``check`` compares against the budget stored on this machine and the smaller one wins.
 
-File versions: 2 keeps each entry's whole ``SpendEvent`` under ``"event"``. Version 1 kept
-only the mechanism there (σ, q, steps, C) and the noise source beside it; it is read by
-migrating each entry: δ is the file's own (it cannot change once spending started), the
-unit and the release are the only ones version 1 knew ("record", "update"), and N and the
-expected batch read as 0 (not recorded). The next save writes version 2.
+One budget for the lifetime of the data: the file lives with the merchant's data (see
+``client.merchant.resolve_node``), and it is never started from nothing by accident:
+
+- ``PrivacyState.create`` writes a state with a budget and no spend, and never overwrites one.
+  Explicit steps call it: ``fedshop deploy add-merchant`` (or ``python -m
+  shared.privacy.budget create ...`` on the merchant's machine), the first ``fedshop
+  simulate`` / ``train-local`` on a merchant folder. A deployed node that finds no state
+  refuses to train (``PrivacyStateError`` naming the path): a lost file is not a new budget.
+- ``PrivacyState.locked`` holds an exclusive lock (``fcntl.flock`` on the sibling
+  ``<name>.lock``) from before ``check`` until after ``commit``, and reads the file under it,
+  so a second call on the same state waits and then sees the first one's spend. Under the
+  lock ``check`` also *reserves* the planned spend: it is written to the file before any
+  training, and ``commit`` turns it into the released entry. A reservation still in the file
+  when the state is next opened belongs to a call that died between the two (killed, power
+  cut): it counts as spent, in every ε, from then on (never under-reported) and each opening
+  says so in the log. A call that fails with an exception before ``commit`` released nothing
+  (its update never left): ``locked`` withdraws its reservation.
+- Without the lock (``PrivacyState.open``: readers, audits, tests, benchmarks that own their
+  file) ``check`` only checks, and ``commit`` still re-reads the file under the lock and
+  appends to what is there, so overlapping commits never drop each other's spend.
+
+The lock file is removed when the lock is released (a waiter that then finds it gone or
+replaced locks again), so no stray file stays beside the state. ``flock`` needs a local file
+system (NFS may not honour it); the lock is not re-entrant: do not open a state ``locked``
+twice in one thread, nor ``commit`` through a second object while holding it.
+
+File versions: 3 adds ``reservations`` (a list of ``{"mechanism", "reserved_at", "pid",
+"host"}``) beside ``entries``; a file without it (versions 1 and 2) has none. 2 keeps each
+entry's whole ``SpendEvent`` under ``"event"``. Version 1 kept only the mechanism there (σ,
+q, steps, C) and the noise source beside it; it is read by migrating each entry: δ is the
+file's own (it cannot change once spending started), the unit and the release are the only
+ones version 1 knew ("record", "update"), and N and the expected batch read as 0 (not
+recorded). The next save writes version 3, which an older fedshop refuses to read rather
+than ignore the reservations.
 """
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import math
+import os
+import socket
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +67,8 @@ from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, UNIT_RECORD, Mec
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 2
+STATE_VERSION = 3
+LOCK_SUFFIX = ".lock"
 
 
 class BudgetExceededError(RuntimeError):
@@ -52,7 +87,7 @@ class BudgetExceededError(RuntimeError):
 
 
 class PrivacyStateError(ValueError):
-    """The persisted state file is unreadable or inconsistent; the message names the file."""
+    """The persisted state file is missing, unreadable or inconsistent; the message names the file."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -86,9 +121,118 @@ class SpendEntry:
                    recorded_at=float(raw["recorded_at"]), run_id=str(raw.get("run_id", "")))
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Reservation:
+    """A call's planned spend, written before it trains; ``commit`` replaces it by the entry.
+
+    ``pid`` and ``host`` only say who reserved it (for the log line about a call that died)."""
+
+    mechanism: MechanismEvent
+    reserved_at: float
+    pid: int
+    host: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"mechanism": self.mechanism.to_dict(), "reserved_at": self.reserved_at, "pid": self.pid,
+                "host": self.host}
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Reservation:
+        return cls(mechanism=MechanismEvent.from_dict(raw["mechanism"]), reserved_at=float(raw["reserved_at"]),
+                   pid=int(raw["pid"]), host=str(raw["host"]))
+
+    def describe(self) -> str:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(self.reserved_at))
+        return (f"{self.mechanism.steps} step(s) at σ = {self.mechanism.noise_multiplier:g}, "
+                f"q = {self.mechanism.sample_rate:g}, reserved {when} by pid {self.pid} on {self.host}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stored:
+    """A state file as read, validated in itself (not yet against what a caller asks)."""
+
+    merchant_id: Any
+    target_epsilon: float
+    target_delta: float
+    accountant: str | None
+    entries: list[SpendEntry]
+    reservations: list[Reservation]
+
+
+def _read(path: Path) -> _Stored:
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        stored_eps, stored_delta = float(raw["target_epsilon"]), float(raw["target_delta"])
+        version = int(raw.get("version", 1))
+        if version > STATE_VERSION:
+            raise ValueError(f"state version {version} is newer than this fedshop understands ({STATE_VERSION})")
+        entries = [SpendEntry.from_dict(e, version=version, delta=stored_delta) for e in raw["entries"]]
+        reservations = [Reservation.from_dict(r) for r in raw.get("reservations", [])]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise PrivacyStateError(f"{path}: unreadable privacy state ({exc}); refusing to train") from exc
+    accountant = raw.get("accountant")
+    return _Stored(merchant_id=raw.get("merchant_id"), target_epsilon=stored_eps, target_delta=stored_delta,
+                   accountant=str(accountant) if accountant is not None else None, entries=entries,
+                   reservations=reservations)
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of the state at ``path``: ``<name>.lock`` beside it (present while held)."""
+    return path.with_name(path.name + LOCK_SUFFIX)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path, *, timeout_s: float | None = None) -> Iterator[None]:
+    """Hold the exclusive lock of the state at ``path``; waits for another holder (``timeout_s``: at most)."""
+    import fcntl  # POSIX only; imported here so that readers elsewhere can still import this module
+
+    lock = lock_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    said = False
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if not said:
+                    log.info("%s: another call holds this privacy state; waiting for it to finish", path)
+                    said = True
+                if deadline is None:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                else:
+                    while True:
+                        if time.monotonic() > deadline:
+                            raise PrivacyStateError(
+                                f"{path}: still locked by another call after {timeout_s:g} s") from None
+                        time.sleep(0.05)
+                        try:
+                            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                            break
+                        except BlockingIOError:
+                            continue
+            # The holder before us removes the file as it releases it: if the name no longer
+            # points at the file we locked, someone may hold a newer one; lock that instead.
+            try:
+                current = os.stat(lock)
+            except FileNotFoundError:
+                continue
+            mine = os.fstat(fd)
+            if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                continue
+            try:
+                yield
+            finally:
+                lock.unlink(missing_ok=True)  # while still held: waiters on it then retry
+            return
+        finally:
+            os.close(fd)  # releases the lock
+
+
 @dataclasses.dataclass(kw_only=True)
 class PrivacyState:
-    """Budget + history of one merchant. Load with ``PrivacyState.open``; never build per round."""
+    """Budget + history of one merchant. Train through ``PrivacyState.locked``; never build per round."""
 
     path: Path
     merchant_id: str
@@ -96,52 +240,124 @@ class PrivacyState:
     target_delta: float
     accountant: str = "prv"
     entries: list[SpendEntry] = dataclasses.field(default_factory=list)
+    # Spend reserved by calls that have not committed (in flight, or died before committing):
+    # counted in every ε like the entries.
+    reservations: list[Reservation] = dataclasses.field(default_factory=list)
     # ε per exact event history: ``check`` accounts history + planned call, and ``commit``
     # asks for the very same history right after, so the accountant runs once per call.
     _epsilon_cache: dict[tuple[Any, ...], float] = dataclasses.field(
         default_factory=dict, repr=False, compare=False)
+    _locked: bool = dataclasses.field(default=False, repr=False, compare=False)
+    _pending: Reservation | None = dataclasses.field(default=None, repr=False, compare=False)
+    _created: bool = dataclasses.field(default=False, repr=False, compare=False)  # by ``locked(create=True)``
 
     @classmethod
     def open(
         cls, path: Path, *, merchant_id: str, target_epsilon: float, target_delta: float, accountant: str = "prv"
     ) -> PrivacyState:
-        """Load the merchant's state, or start one. A stored budget is never loosened.
+        """Load the merchant's state (a missing file reads as no spend). A stored budget is never loosened.
 
         The effective budget is the smaller of the stored one and the one asked for now; δ
         must not change once spending has started (ε at different δ is not comparable).
+        Not locked: for reading, and for callers that own their file (tests, benchmarks, the
+        canary audit). A merchant's training call goes through ``locked``.
         """
         path = Path(path)
         if not path.exists():
             return cls(path=path, merchant_id=merchant_id, target_epsilon=target_epsilon,
                        target_delta=target_delta, accountant=accountant)
-        try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-            stored_eps, stored_delta = float(raw["target_epsilon"]), float(raw["target_delta"])
-            version = int(raw.get("version", 1))
-            if version > STATE_VERSION:
-                raise ValueError(f"state version {version} is newer than this fedshop understands ({STATE_VERSION})")
-            entries = [SpendEntry.from_dict(e, version=version, delta=stored_delta) for e in raw["entries"]]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise PrivacyStateError(f"{path}: unreadable privacy state ({exc}); refusing to train") from exc
-        if raw.get("merchant_id") != merchant_id:
+        stored = _read(path)
+        if stored.merchant_id != merchant_id:
             raise PrivacyStateError(
-                f"{path}: state belongs to merchant {raw.get('merchant_id')!r}, not {merchant_id!r}"
+                f"{path}: state belongs to merchant {stored.merchant_id!r}, not {merchant_id!r}"
             )
-        if entries and not math.isclose(stored_delta, target_delta):
+        if stored.entries and not math.isclose(stored.target_delta, target_delta):
             raise PrivacyStateError(
-                f"{path}: δ was {stored_delta} when spending started; run asks for {target_delta}"
+                f"{path}: δ was {stored.target_delta} when spending started; run asks for {target_delta}"
             )
-        if target_epsilon > stored_eps:
+        if target_epsilon > stored.target_epsilon:
             log.warning("merchant %s: run asks for ε budget %.3f; the merchant's own budget %.3f applies",
-                        merchant_id, target_epsilon, stored_eps)
-        return cls(path=path, merchant_id=merchant_id, target_epsilon=min(stored_eps, target_epsilon),
-                   target_delta=stored_delta if entries else target_delta,
-                   accountant=str(raw.get("accountant", accountant)), entries=entries)
+                        merchant_id, target_epsilon, stored.target_epsilon)
+        if stored.reservations:
+            log.info("%s: %d reserved call(s) not committed (in flight, or a call that died before committing); "
+                     "counted as spent", path, len(stored.reservations))
+        return cls(path=path, merchant_id=merchant_id, target_epsilon=min(stored.target_epsilon, target_epsilon),
+                   target_delta=stored.target_delta if stored.entries else target_delta,
+                   accountant=stored.accountant or accountant, entries=stored.entries,
+                   reservations=stored.reservations)
+
+    @classmethod
+    @contextlib.contextmanager
+    def locked(cls, path: Path, *, merchant_id: str, target_epsilon: float, target_delta: float,
+               accountant: str = "prv", create: bool = False, timeout_s: float | None = None
+               ) -> Iterator[PrivacyState]:
+        """The merchant's state, read and held under its exclusive lock for one training call.
+
+        Inside the block ``check`` reserves the planned spend in the file and ``commit``
+        turns it into the entry. A missing file is refused (``PrivacyStateError`` naming it)
+        unless ``create`` (simulation, ``train-local``: a first run on this data), which
+        writes a state with the budget asked for and no spend, and logs it. Reservations found
+        in the file are of calls that died before committing: logged, and counted as spent.
+        If the block raises before ``commit``, this call's reservation is withdrawn (nothing
+        of the call left); a reservation still pending when the block ends normally stays.
+        ``timeout_s``: how long to wait for another call's lock (None: as long as it takes).
+        """
+        path = Path(path)
+        if not create and not path.is_file():
+            raise PrivacyStateError(cls._missing(path, merchant_id))
+        with _exclusive(path, timeout_s=timeout_s):
+            if not path.exists():
+                if not create:
+                    raise PrivacyStateError(cls._missing(path, merchant_id))
+                state = cls(path=path, merchant_id=merchant_id, target_epsilon=target_epsilon,
+                            target_delta=target_delta, accountant=accountant)
+                state._write(state.entries, state.reservations)
+                state._created = True
+                log.info("merchant %s: no privacy state yet; created %s (budget ε = %g at δ = %g, no spend)",
+                         merchant_id, path, target_epsilon, target_delta)
+            else:
+                state = cls.open(path, merchant_id=merchant_id, target_epsilon=target_epsilon,
+                                 target_delta=target_delta, accountant=accountant)
+                for reservation in state.reservations:
+                    log.warning("%s: a call reserved spend and died before committing it (%s); the state cannot "
+                                "tell how far it got, so it counts as spent", path, reservation.describe())
+            state._locked = True
+            try:
+                yield state
+            except BaseException:
+                if state._pending is not None:
+                    state._withdraw()
+                raise
+            finally:
+                if state._pending is not None:
+                    log.warning("%s: the call ended without committing its reserved spend; it stays counted", path)
+                state._locked = False
+                state._pending = None
+
+    @classmethod
+    def create(cls, path: Path, *, merchant_id: str, target_epsilon: float, target_delta: float,
+               accountant: str = "prv") -> bool:
+        """Write a state with this budget and no spend at ``path``, unless one is there: True if it wrote one.
+
+        Never overwrites: an existing state is only checked (same merchant; its stored budget
+        and δ stay). The explicit first step of a merchant's budget (``fedshop deploy
+        add-merchant``, ``fedshop simulate``'s first run on a merchant folder).
+        """
+        with cls.locked(Path(path), merchant_id=merchant_id, target_epsilon=target_epsilon,
+                        target_delta=target_delta, accountant=accountant, create=True) as state:
+            return state._created
+
+    @staticmethod
+    def _missing(path: Path, merchant_id: str) -> str:
+        return (f"{path}: no privacy state for merchant {merchant_id!r}; refusing to train, since a missing "
+                "state would start its budget from zero. If this merchant never trained, create it "
+                "(`fedshop deploy add-merchant`, or `python -m shared.privacy.budget create PATH --merchant-id ID "
+                "--epsilon EPS --delta DELTA`); if it did, restore the file from a backup")
 
     @property
     def events(self) -> list[MechanismEvent]:
-        """The mechanisms of every released call, in order: what the accountants compose."""
-        return [e.event.mechanism for e in self.entries]
+        """The mechanisms of every released call, then of every reservation: what the accountants compose."""
+        return [e.event.mechanism for e in self.entries] + [r.mechanism for r in self.reservations]
 
     def epsilon(self, extra: MechanismEvent | None = None) -> float:
         events = tuple(self.events + ([extra] if extra is not None else []))
@@ -168,35 +384,126 @@ class PrivacyState:
         return sum(e.steps for e in self.events)
 
     def check(self, planned: MechanismEvent) -> float:
-        """ε after ``planned``; raises ``BudgetExceededError`` (spending nothing) if over budget."""
+        """ε after ``planned``; raises ``BudgetExceededError`` (spending nothing) if over budget.
+
+        Under ``locked``, the planned spend is then reserved: written to the file before the
+        call trains, so that it counts even if the call dies before ``commit``."""
         planned.validate()
+        if self._pending is not None:
+            raise RuntimeError(f"{self.path}: this call already reserved its spend; commit it before checking again")
         after = self.epsilon(planned)
         if after > self.target_epsilon:
             raise BudgetExceededError(merchant_id=self.merchant_id, epsilon_now=self.epsilon(),
                                       epsilon_after=after, budget=self.target_epsilon)
+        if self._locked:
+            reservation = Reservation(mechanism=planned, reserved_at=time.time(), pid=os.getpid(),
+                                      host=socket.gethostname())
+            reservations = [*self.reservations, reservation]
+            self._write(self.entries, reservations)
+            self.reservations, self._pending = reservations, reservation
         return after
 
     def commit(self, mechanism: MechanismEvent, *, unit_count: int, round: int, model_version: int,
-               run_id: str = "") -> float:
-        """Durably record a released call on ``unit_count`` units, then return the new cumulative ε."""
+               run_id: str = "", unit: str = UNIT_RECORD) -> float:
+        """Durably record a released call on ``unit_count`` units (of kind ``unit``), then return
+        the new cumulative ε.
+
+        Under ``locked`` this replaces the call's reservation. Without it, the file is re-read
+        under the lock first and the entry appended to what is there (another call's spend
+        committed meanwhile is kept, and counted in the ε returned)."""
         mechanism.validate()
-        event = SpendEvent.of(mechanism, unit_count=unit_count, delta=self.target_delta, noise=NOISE_SOURCE)
+        event = SpendEvent.of(mechanism, unit_count=unit_count, delta=self.target_delta, noise=NOISE_SOURCE,
+                              unit=unit)
         event.validate()
-        self.entries.append(SpendEntry(event=event, round=round, model_version=model_version,
-                                       recorded_at=time.time(), run_id=run_id))
-        try:
-            self.save()
-        except BaseException:
-            self.entries.pop()
-            raise
+        entry = SpendEntry(event=event, round=round, model_version=model_version, recorded_at=time.time(),
+                           run_id=run_id)
+        with self._hold():
+            if not self._locked:
+                self._reload()
+            entries = [*self.entries, entry]
+            reservations = [r for r in self.reservations if r is not self._pending]
+            self._write(entries, reservations)
+            self.entries, self.reservations, self._pending = entries, reservations, None
         return self.epsilon()
 
     def save(self) -> None:
+        """Write the state as it is in memory (under the lock unless this object holds it)."""
+        with self._hold():
+            self._write(self.entries, self.reservations)
+
+    @contextlib.contextmanager
+    def _hold(self) -> Iterator[None]:
+        if self._locked:
+            yield
+        else:
+            with _exclusive(self.path):
+                yield
+
+    def _reload(self) -> None:
+        """Take the file's entries and reservations (the caller holds the lock); budget and δ as ``open``."""
+        if not self.path.exists():
+            return
+        stored = _read(self.path)
+        if stored.merchant_id != self.merchant_id:
+            raise PrivacyStateError(
+                f"{self.path}: state belongs to merchant {stored.merchant_id!r}, not {self.merchant_id!r}")
+        if stored.entries and not math.isclose(stored.target_delta, self.target_delta):
+            raise PrivacyStateError(
+                f"{self.path}: δ was {stored.target_delta} when spending started; this call accounts at "
+                f"{self.target_delta}")
+        self.target_epsilon = min(self.target_epsilon, stored.target_epsilon)
+        self.entries, self.reservations = stored.entries, stored.reservations
+
+    def _withdraw(self) -> None:
+        """Drop this call's reservation: it failed before its update could leave (the lock is held)."""
+        pending = self._pending
+        assert pending is not None
+        reservations = [r for r in self.reservations if r is not pending]
+        try:
+            self._write(self.entries, reservations)
+        except OSError as exc:  # then the reservation stays: over-reported, never under
+            log.warning("%s: could not withdraw the reservation of a failed call (%s); it stays counted",
+                        self.path, exc)
+            return
+        self.reservations, self._pending = reservations, None
+        log.info("%s: the call failed before releasing anything; its reserved spend is withdrawn", self.path)
+
+    def _write(self, entries: Sequence[SpendEntry], reservations: Sequence[Reservation]) -> None:
         atomic.write_json(self.path, {
             "version": STATE_VERSION,
             "merchant_id": self.merchant_id,
             "target_epsilon": self.target_epsilon,
             "target_delta": self.target_delta,
             "accountant": self.accountant,
-            "entries": [e.to_dict() for e in self.entries],
+            "entries": [e.to_dict() for e in entries],
+            "reservations": [r.to_dict() for r in reservations],
         })
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m shared.privacy.budget create PATH --merchant-id ID --epsilon EPS --delta D``: a
+    merchant's first state, on its own machine, when ``fedshop deploy add-merchant`` could not
+    write it there (a ``--state-dir`` on another machine)."""
+    parser = argparse.ArgumentParser(prog="python -m shared.privacy.budget")
+    sub = parser.add_subparsers(dest="command", required=True)
+    create = sub.add_parser("create", help="write a merchant's privacy state (budget, no spend) unless one exists")
+    create.add_argument("path", type=Path, help="the node's STATE_DIR/privacy-state.json")
+    create.add_argument("--merchant-id", required=True)
+    create.add_argument("--epsilon", type=float, required=True, help="the merchant's ε budget")
+    create.add_argument("--delta", type=float, required=True, help="the δ it accounts at")
+    create.add_argument("--accountant", default="prv")
+    args = parser.parse_args(argv)
+    if not (0 < args.epsilon < math.inf and 0 < args.delta < 1):
+        parser.error("--epsilon must be a finite number > 0 and --delta lie strictly between 0 and 1")
+    try:
+        created = PrivacyState.create(args.path, merchant_id=args.merchant_id, target_epsilon=args.epsilon,
+                                      target_delta=args.delta, accountant=args.accountant)
+    except PrivacyStateError as exc:
+        print(f"error: {exc}")
+        return 2
+    print(f"{args.path}: {'created' if created else 'already there; left as it is'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
@@ -113,9 +114,9 @@ def test_a_version_1_state_is_migrated_on_read(tmp_path: Path) -> None:
                    release=RELEASE_UPDATE, noise=""),
     ]
     assert state.epsilon() == pytest.approx(reference_epsilon([event(10), event(5)]), rel=1e-9)
-    state.commit(event(1), unit_count=N, round=3, model_version=2)  # the next save writes version 2
+    state.commit(event(1), unit_count=N, round=3, model_version=2)  # the next save writes version 3
     raw = json.loads(path.read_text())
-    assert raw["version"] == budget.STATE_VERSION == 2
+    assert raw["version"] == budget.STATE_VERSION == 3 and raw["reservations"] == []
     assert [e.event for e in open_state(path).entries][:2] == [e.event for e in state.entries][:2]
 
 
@@ -270,3 +271,133 @@ def test_failed_save_keeps_old_file_and_rolls_back(tmp_path: Path, monkeypatch: 
     assert path.read_bytes() == before  # the old record is intact
     assert os.listdir(tmp_path) == ["privacy.json"]  # the temp file was removed
     assert state.events == [event(5)]  # the unsaved spend is not counted as released
+
+
+# ----------------------------------------------------------------------------- locked calls, reservations
+
+
+def locked_state(path: Path, *, eps: float = 50.0, create: bool = False,
+                 timeout_s: float | None = None) -> AbstractContextManager[PrivacyState]:
+    return PrivacyState.locked(path, merchant_id="m1", target_epsilon=eps, target_delta=DELTA, create=create,
+                               timeout_s=timeout_s)
+
+
+def test_a_version_2_state_loads_and_the_next_save_writes_version_3(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    entry = {"event": SpendEvent.of(event(10), unit_count=N, delta=DELTA, noise=NOISE_SOURCE).to_dict(),
+             "round": 1, "run_id": "r", "model_version": 0, "recorded_at": 1.0}
+    path.write_text(json.dumps({"version": 2, "merchant_id": "m1", "target_epsilon": 50.0, "target_delta": DELTA,
+                                "accountant": "prv", "entries": [entry]}))  # no "reservations": version 2
+
+    assert open_state(path).events == [event(10)] and open_state(path).reservations == []
+    with locked_state(path) as state:
+        state.check(event(5))
+        state.commit(event(5), unit_count=N, round=2, model_version=1)
+
+    raw = json.loads(path.read_text())
+    assert raw["version"] == 3 and raw["reservations"] == [] and len(raw["entries"]) == 2
+    assert raw["entries"][0] == entry  # the old entry, as it was
+    assert open_state(path).epsilon() == pytest.approx(reference_epsilon([event(10), event(5)]), rel=1e-9)
+
+
+def test_locked_check_reserves_the_spend_before_training_and_commit_turns_it_into_the_entry(
+        tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    PrivacyState.create(path, merchant_id="m1", target_epsilon=50.0, target_delta=DELTA)
+    with locked_state(path) as state:
+        assert budget.lock_path(path).exists()  # held
+        planned_eps = state.check(event(10))
+        # On disk before any training: the reservation, counted by anyone who reads the file.
+        raw = json.loads(path.read_text())
+        assert raw["entries"] == [] and len(raw["reservations"]) == 1
+        assert raw["reservations"][0]["mechanism"] == event(10).to_dict()
+        assert raw["reservations"][0]["pid"] == os.getpid()
+        reader = open_state(path)
+        assert reader.events == [event(10)] and reader.epsilon() == pytest.approx(planned_eps, rel=1e-9)
+        eps = state.commit(event(10), unit_count=N, round=1, model_version=0, run_id="r")
+    assert eps == planned_eps
+    raw = json.loads(path.read_text())
+    assert raw["reservations"] == [] and [e["round"] for e in raw["entries"]] == [1]
+    assert not budget.lock_path(path).exists()  # released and removed: nothing stray beside the state
+    assert sorted(os.listdir(tmp_path)) == ["privacy.json"]
+
+
+def test_a_missing_state_is_refused_naming_the_path_unless_created(tmp_path: Path) -> None:
+    path = tmp_path / "node" / "state" / "privacy.json"
+    with pytest.raises(PrivacyStateError) as info, locked_state(path):
+        pass
+    assert str(path) in str(info.value) and "refusing to train" in str(info.value)
+    assert not (tmp_path / "node").exists()  # nothing written, not even the folder
+
+    with locked_state(path, eps=3.0, create=True) as state:
+        assert state.epsilon() == 0.0 and state.target_epsilon == 3.0
+    assert json.loads(path.read_text())["target_epsilon"] == 3.0  # the budget is stored at once
+
+
+def test_create_writes_a_budget_and_never_overwrites_a_state(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    assert PrivacyState.create(path, merchant_id="m1", target_epsilon=2.0, target_delta=DELTA)
+    open_state(path).commit(event(10), unit_count=N, round=1, model_version=0)
+    before = path.read_bytes()
+
+    assert not PrivacyState.create(path, merchant_id="m1", target_epsilon=50.0, target_delta=DELTA)
+    assert path.read_bytes() == before  # spend and stored budget as they were
+    with pytest.raises(PrivacyStateError, match="'m1'.*'m2'"):
+        PrivacyState.create(path, merchant_id="m2", target_epsilon=2.0, target_delta=DELTA)
+
+
+def test_the_budget_check_counts_reservations(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    exact = reference_epsilon([event(50)])
+    PrivacyState.create(path, merchant_id="m1", target_epsilon=exact, target_delta=DELTA)
+    with locked_state(path, eps=exact) as state:
+        state.check(event(25))  # reserved, never committed: the block ends without a commit
+    with locked_state(path, eps=exact) as state:
+        assert state.events == [event(25)]
+        state.check(event(25))  # the two halves fit exactly
+    with locked_state(path, eps=exact) as state, pytest.raises(BudgetExceededError):
+        state.check(event(1))
+
+
+def test_a_call_that_fails_before_commit_withdraws_its_reservation(tmp_path: Path,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / "privacy.json"
+    PrivacyState.create(path, merchant_id="m1", target_epsilon=50.0, target_delta=DELTA)
+    with caplog.at_level("INFO", logger="shared.privacy.budget"), pytest.raises(MemoryError):
+        with locked_state(path) as state:
+            state.check(event(10))
+            assert len(json.loads(path.read_text())["reservations"]) == 1
+            raise MemoryError("training ran out of memory")  # before commit: no update left
+    assert json.loads(path.read_text())["reservations"] == []
+    assert "withdrawn" in caplog.text
+    assert not budget.lock_path(path).exists()
+
+
+def test_check_twice_under_one_lock_is_an_error(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    PrivacyState.create(path, merchant_id="m1", target_epsilon=50.0, target_delta=DELTA)
+    with locked_state(path) as state:
+        state.check(event(10))
+        with pytest.raises(RuntimeError, match="already reserved"):
+            state.check(event(10))
+        state.commit(event(10), unit_count=N, round=1, model_version=0)
+    assert open_state(path).events == [event(10)]
+
+
+def test_a_waiting_call_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    path = tmp_path / "privacy.json"
+    PrivacyState.create(path, merchant_id="m1", target_epsilon=50.0, target_delta=DELTA)
+    with locked_state(path):
+        with pytest.raises(PrivacyStateError, match="still locked"), locked_state(path, timeout_s=0.2):
+            pass
+    with locked_state(path, timeout_s=0.2):  # released: the next one gets it at once
+        pass
+
+
+def test_the_module_command_creates_a_state_once(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "state" / "privacy-state.json"
+    args = ["create", str(path), "--merchant-id", "m1", "--epsilon", "4", "--delta", "1e-6"]
+    assert budget.main(args) == 0 and "created" in capsys.readouterr().out
+    raw = json.loads(path.read_text())
+    assert (raw["merchant_id"], raw["target_epsilon"], raw["target_delta"], raw["entries"]) == ("m1", 4.0, 1e-6, [])
+    assert budget.main(args) == 0 and "already there" in capsys.readouterr().out

@@ -34,7 +34,8 @@ from shared.model import (
 )
 from shared.privacy.accounting import epsilon_prv
 from shared.privacy.events import NOISE_SOURCE, MechanismEvent
-from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, MODEL_DIR, SUMMARY_FILE
+from shared.run_files import CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, MODEL_DIR, SUMMARY_FILE
+from simulations import local
 from tests.helpers import proc
 from tests.helpers.federation import FAST, ledger_rows, metrics_rows, resume, simulate, write_scenario
 from tests.helpers.merchants import write_merchants
@@ -44,16 +45,22 @@ pytestmark = pytest.mark.slow
 MERCHANTS = ["shop-a", "shop-b", "shop-c"]
 
 
+def state_file(run_dir: Path, merchant: str) -> Path:
+    """A merchant's privacy state: with its data (the run's data-dir), not in the run folder."""
+    data_dir = Path(json.loads((run_dir / CONFIG_FILE).read_text())["data-dir"])
+    return data_dir / merchant / ".fedshop" / "privacy-state.json"
+
+
 def merchant_state(run_dir: Path, merchant: str) -> dict:
-    return json.loads((run_dir / "nodes" / merchant / "privacy-state.json").read_text())
+    return json.loads(state_file(run_dir, merchant).read_text())
 
 
-def check_client_state_matches_ledger(run_dir: Path) -> None:
+def check_client_state_matches_ledger(run_dir: Path, merchants: list[str] = MERCHANTS) -> None:
     """Each merchant's own state file (kept by its node) reports the ε of its last ledger row."""
     with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         latest = ledger.latest_epsilon()
-    assert sorted(latest) == MERCHANTS
-    for merchant in MERCHANTS:
+    assert sorted(latest) == merchants
+    for merchant in merchants:
         state = merchant_state(run_dir, merchant)
         assert state["merchant_id"] == merchant
         events = [MechanismEvent.from_dict(e["event"]) for e in state["entries"]]
@@ -169,6 +176,41 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
     torch.testing.assert_close(hidden, ours, rtol=1e-4, atol=1e-5)
 
 
+def test_a_second_run_on_the_same_merchant_folders_continues_their_budget(tmp_path: Path) -> None:
+    """The budget lives with the data, not with the run folder (issue "Privacy end to end", finding
+    8): a second ``fedshop simulate`` on the same folders starts from the first's ε, and
+    ``train-local`` spends from the same file. Cheapest run: 2 merchants, 1 round each time."""
+    merchants = ["shop-a", "shop-b"]
+    data = tmp_path / "data"
+    write_merchants(data, merchants)
+    settings = {**FAST, "data-dir": str(data), "num-server-rounds": 1, "merchants-per-round": 2}
+    scenario = write_scenario(tmp_path / "scenario.toml", settings)
+
+    first = simulate(scenario, tmp_path / "run-1", log_dir=tmp_path / "log-1")
+    assert first.returncode == 0, first.describe()
+    assert "created the privacy state of 2 merchant(s)" in first.output
+    check_client_state_matches_ledger(tmp_path / "run-1", merchants)
+    second = simulate(scenario, tmp_path / "run-2", log_dir=tmp_path / "log-2")
+    assert second.returncode == 0, second.describe()
+    assert "created the privacy state" not in second.output
+    check_client_state_matches_ledger(tmp_path / "run-2", merchants)
+
+    summaries = [json.loads((tmp_path / run / SUMMARY_FILE).read_text())["privacy"] for run in ("run-1", "run-2")]
+    for merchant in merchants:
+        assert 0 < summaries[0][merchant]["epsilon"] < summaries[1][merchant]["epsilon"]  # both trained again
+        entries = merchant_state(tmp_path / "run-2", merchant)["entries"]
+        run_ids = [ledger_rows(tmp_path / run)[0].run_id for run in ("run-1", "run-2")]
+        assert [e["run_id"] for e in entries] == run_ids  # one call per run, one file for both
+        assert not (tmp_path / "run-2" / "nodes" / merchant / "privacy-state.json").exists()
+
+    # train-local on one of them spends from the same file, on top of both runs.
+    config = RunConfig.from_mapping(settings)
+    result = local.train_local([data / "shop-a"], config, out_dir=tmp_path / "local", epochs_progress=False)
+    entries = merchant_state(tmp_path / "run-2", "shop-a")["entries"]
+    assert len(entries) == 3 and entries[-1]["run_id"].startswith("train-local-")
+    assert result.train.epsilon > summaries[1]["shop-a"]["epsilon"]
+
+
 def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None:
     """trainable = heads through the Flower simulation engine: each virtual merchant encodes its
     records once (one cache file in its own state folder, reused in round 2), trains in the
@@ -279,6 +321,12 @@ def test_resume_skips_a_round_recorded_but_not_checkpointed(two_round_run: tuple
     assert first.returncode == 0, first.describe()
     run_dir = tmp_path / "run"
     shutil.copytree(finished, run_dir)
+    # The merchants' privacy states live in their folders: copy those too, so that this run's
+    # round 3 is spent from a copy, not from the folders the fixture's run shares.
+    config_file = run_dir / CONFIG_FILE
+    saved = json.loads(config_file.read_text())
+    shutil.copytree(saved["data-dir"], tmp_path / "data")
+    config_file.write_text(json.dumps({**saved, "data-dir": str(tmp_path / "data")}))
     shutil.rmtree(run_dir / CHECKPOINTS_DIR / ckpt.round_dir_name(2))
     (run_dir / CHECKPOINTS_DIR / ckpt.LATEST_FILE).write_text("1\n")
     before = {r.merchant_id: r.epsilon_reported for r in ledger_rows(run_dir) if r.round == 2}
