@@ -135,11 +135,18 @@ def write_privacy_report(report: AuditReport, path: Path, *, empirical: dict[str
         verdict = ("consistent with the claim" if empirical["epsilon_lower_bound"] <= empirical["epsilon_claimed"]
                    else "**the claim is violated**")
         lines.append(
-            f"One-run canary audit (Steinke, Nasr & Jagielski, NeurIPS 2023): {empirical['m']} canaries, "
+            f"One-run canary audit over {empirical.get('calls', 1)} consecutive call(s): {empirical['m']} canaries, "
             f"{empirical['r']} guesses, {empirical['v']} correct → ε ≥ {empirical['epsilon_lower_bound']:.3f} "
             f"at {empirical.get('confidence', 0.95):.0%} confidence, against a claimed ε of "
-            f"{empirical['epsilon_claimed']:.3f}: {verdict}. A lower bound is evidence, not proof: it can "
-            "catch a broken implementation, not certify a correct one.")
+            f"{empirical['epsilon_claimed']:.3f}: {verdict}.")
+        if "epsilon_lower_bound_fdp" in empirical:
+            lines.append(
+                f"Bounds: {empirical['epsilon_lower_bound_steinke']:.3f} (Steinke, Nasr & Jagielski 2023), "
+                f"{empirical['epsilon_lower_bound_fdp']:.3f} (f-DP, Mahloujifar, Melis & Chaudhuri 2024); "
+                f"the most these guesses could ever show: {empirical['power_steinke']:.3f} / "
+                f"{empirical['power_fdp']:.3f}.")
+        lines.append("A lower bound is evidence, not proof: it can catch a broken implementation, not certify a "
+                     "correct one.")
     else:
         lines.append("Not run for this report (`fedshop audit --empirical ...`).")
     lines.append("")

@@ -157,3 +157,12 @@ def test_write_privacy_report_directly(run_dir: Path, tmp_path: Path) -> None:
         assert f"| {merchant} |" in text
     assert "One-run canary audit" in text
     assert_png(tmp_path / "r.png")
+
+
+def test_the_report_gives_both_one_run_bounds_and_their_power(run_dir: Path, tmp_path: Path) -> None:
+    both = {**CANARY, "calls": 2, "epsilon_lower_bound_steinke": 0.301, "epsilon_lower_bound_fdp": 0.412,
+            "power_steinke": 5.088, "power_fdp": 9.919}
+    text = write_privacy_report(audit_run(run_dir), tmp_path / "r.md", empirical=both).read_text(encoding="utf-8")
+    assert "2 consecutive call(s)" in text
+    assert "0.301 (Steinke, Nasr & Jagielski 2023)" in text and "0.412 (f-DP" in text
+    assert "5.088 / 9.919" in text
