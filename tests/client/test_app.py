@@ -62,6 +62,10 @@ def merchant_dir(tmp_path: Path) -> Path:
 
 
 def make_context(merchant_dir: Path, state_dir: Path, **node: Any) -> Context:
+    # A deployed node trains only on a privacy state created explicitly (what `fedshop deploy
+    # add-merchant` does); finding none, it refuses rather than start from zero.
+    PrivacyState.create(state_dir / "privacy-state.json", merchant_id="shop-a", target_epsilon=CONFIG_.target_epsilon,
+                        target_delta=CONFIG_.target_delta)
     node_config = {"data-dir": str(merchant_dir), "merchant-id": "shop-a", "state-dir": str(state_dir),
                    **node}
     return Context(run_id=1, node_id=NODE_ID, node_config=node_config, state=RecordDict(),
@@ -188,7 +192,7 @@ def test_evaluate_replies_with_metrics(merchant_dir: Path, tmp_path: Path,
     assert reply.content.config_records["merchant"]["merchant-id"] == "shop-a"
     assert ARRAYS not in reply.content.array_records  # evaluation sends no parameters back
     # Evaluation spends no privacy budget.
-    assert not (tmp_path / "state" / "privacy-state.json").exists()
+    assert json.loads((tmp_path / "state" / "privacy-state.json").read_text())["entries"] == []
 
     # The decorated function is the handler itself: same result when called directly.
     direct = dict(client_app.evaluate(msg, context).content.metric_records[METRICS])
@@ -203,7 +207,7 @@ def test_train_with_foreign_parameters_fails_before_spending(
     wrong["not-a-parameter"] = np.zeros(3, dtype=np.float32)
     with pytest.raises(ModelError, match="not-a-parameter"):
         client_app.train(make_message("train", wrong), make_context(merchant_dir, state_dir))
-    assert not (state_dir / "privacy-state.json").exists()
+    assert json.loads((state_dir / "privacy-state.json").read_text())["entries"] == []
 
 
 def test_planned_noise_is_the_merchants_own_and_travels_in_the_facts(

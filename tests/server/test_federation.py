@@ -61,7 +61,7 @@ def test_malformed_updates_are_rejected_and_their_spend_recorded(tmp_path: Path)
     for merchant in expected_reason:
         eps = [r.epsilon_reported for r in rows if r.merchant_id == merchant]
         assert eps[0] < eps[1]
-        state = json.loads((run_dir / "nodes" / merchant / "privacy-state.json").read_text())
+        state = json.loads((data / merchant / ".fedshop" / "privacy-state.json").read_text())  # with its data
         assert [e["round"] for e in state["entries"]] == [1, 2]
     assert sum(1 for line in result.output.splitlines() if "rejected update from merchant" in line) == 6
 
@@ -83,8 +83,8 @@ def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(tmp_pa
     data = tmp_path / "data"
     write_merchants(data, ["shop-a", "shop-b", "shop-c"])
     run_dir = tmp_path / "run"
-    # shop-b's node already holds a budget of its own: far below the run's 8.0; it wins.
-    state_path = run_dir / "nodes" / "shop-b" / "privacy-state.json"
+    # shop-b already holds a budget of its own (with its data): far below the run's 8.0; it wins.
+    state_path = data / "shop-b" / ".fedshop" / "privacy-state.json"
     PrivacyState(path=state_path, merchant_id="shop-b", target_epsilon=0.01, target_delta=1e-5).save()
     scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data)})
 
