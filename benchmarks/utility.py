@@ -406,7 +406,13 @@ def simulate(dataset: Dataset, run_dir: Path, overrides: dict[str, Any], *, data
     """A real ``fedshop simulate`` run in a subprocess; (final global params, run summary)."""
     from server.checkpoint import load_latest
 
-    values = {"eval-max-examples": SIMULATION_EVAL_EXAMPLES, **overrides, "data-dir": str(data_dir or dataset.data_dir)}
+    # Each arm is a federation of its own: merchants whose budgets start at zero. A merchant's
+    # spend lives with its data (<merchant>/.fedshop/) and composes across runs on the same
+    # folders, so every simulation gets its own copy of the merchants' files, without any state.
+    merchants = run_dir.parent / f"{run_dir.name}-merchants"
+    shutil.rmtree(merchants, ignore_errors=True)
+    shutil.copytree(data_dir or dataset.data_dir, merchants, ignore=shutil.ignore_patterns(".fedshop"))
+    values = {"eval-max-examples": SIMULATION_EVAL_EXAMPLES, **overrides, "data-dir": str(merchants)}
     sets = [arg for key, value in values.items() for arg in ("--set", f"{key}={json.dumps(value)}")]
     scenario_file = run_dir.parent / f"{run_dir.name}.toml"
     scenario_file.parent.mkdir(parents=True, exist_ok=True)
