@@ -122,7 +122,11 @@ def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tol
         if entry.event.mechanism != row.event.mechanism:
             findings.append(f"round {rnd}: mechanism differs (merchant {entry.event.mechanism}, "
                             f"ledger {row.event.mechanism})")
-        own = accounting.epsilon(state.events[: index + 1], state.target_delta, state.accountant)
+        # What the merchant had counted when it reported this call: its calls so far, plus any
+        # reservation a crashed call left before it (counted as spent from then on).
+        counted = [e.event.mechanism for e in state.entries[: index + 1]]
+        counted += [r.mechanism for r in state.reservations if r.reserved_at <= entry.recorded_at]
+        own = accounting.epsilon(counted, state.target_delta, state.accountant)
         if not within(row.epsilon_reported, own, tol_abs=tolerance_abs, tol_rel=tolerance_rel):
             findings.append(f"round {rnd}: ledger ε {row.epsilon_reported:.4f} != merchant's own ε {own:.4f}")
     return findings

@@ -677,3 +677,39 @@ def test_sample_rate_above_one_is_a_finding_not_a_crash(run_dir: Path) -> None:
     assert "m2: round 2: sample rate q = 1.5 outside (0, 1]" in m2
     assert any(f.startswith("m2: round 3: recorded ε") and "(inf, PLD)" in f for f in m2), m2
     assert by_merchant(report)["m2"].epsilon_pld == math.inf
+
+
+def test_node_state_counts_a_crashed_calls_reservation_from_when_it_was_made(tmp_path: Path) -> None:
+    """A call that died between reserve and commit stays counted in the merchant's ε from then
+    on: the audit compares each later ledger row with the ε the merchant had counted when it
+    reported it (its calls so far plus that reservation), so an honest ledger passes."""
+    from server.ledger import SpendRecord
+    from tests.helpers.audit_runs import MECHANISMS, RUN_ID, UNIT_COUNTS
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    path = state_path(run_dir, "m1")
+    mechanism = MECHANISMS["m1"]
+    PrivacyState.create(path, merchant_id="m1", target_epsilon=BUDGET, target_delta=DELTA)
+    reported = []
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
+        ledger.set_meta("run_id", RUN_ID)
+        for rnd in (1, 2):
+            if rnd == 2:  # a call that reserved its spend, then ended without committing (a crash)
+                with PrivacyState.locked(path, merchant_id="m1", target_epsilon=BUDGET, target_delta=DELTA) as s:
+                    s.check(mechanism)
+            with PrivacyState.locked(path, merchant_id="m1", target_epsilon=BUDGET, target_delta=DELTA) as s:
+                s.check(mechanism)
+                eps = s.commit(mechanism, unit_count=UNIT_COUNTS["m1"], round=rnd, model_version=rnd - 1,
+                               run_id=RUN_ID)
+                event = s.entries[-1].event
+            reported.append(eps)
+            ledger.record_round([SpendRecord(
+                run_id=RUN_ID, round=rnd, merchant_id="m1", node_id=1000, model_version=rnd - 1, event=event,
+                epsilon_reported=eps, epsilon_budget=BUDGET, accountant="prv", status="accepted", dp=True)])
+
+    assert len(json.loads(path.read_text())["reservations"]) == 1
+    # Round 2's ε counts three calls (two committed, one reserved), not two.
+    assert reported[1] == pytest.approx(accounting.epsilon([mechanism] * 3, DELTA), rel=1e-6)
+    result = audit_node_state(path, run_dir=run_dir)
+    assert result.findings == [], result.findings
