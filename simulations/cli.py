@@ -101,7 +101,8 @@ def cmd_train_local(args: argparse.Namespace) -> int:
         print(f"trained on {report['examples']} examples, {report['steps']} steps, "
               f"mean train loss {report['train_loss']:.4f}")
         if config.dp:
-            print(f"privacy: ε = {report['epsilon']:.4f} at δ = {report['delta']:g} (PRV accountant)")
+            print(f"privacy: the merchant's cumulative ε = {report['epsilon']:.4f} at δ = {report['delta']:g} "
+                  "(PRV accountant; its state lives with its data and counts every run)")
         else:
             print("privacy: none (dp = false; a non-private baseline)")
         for key in sorted(report["metrics_after"]):
