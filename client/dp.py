@@ -11,12 +11,12 @@ import dataclasses
 import logging
 import secrets
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from shared.model import is_head
 
@@ -62,9 +62,25 @@ def private_generators(model: nn.Module, seed: int | None) -> tuple[torch.Genera
             torch.Generator(device=device).manual_seed(noise_seed))  # noise is drawn where the parameters are
 
 
-def _resampled(data_loader: DataLoader, generator: torch.Generator) -> DataLoader:
-    """The same dataset and batch size (so the same sample rate) with ``generator`` for sampling."""
-    return DataLoader(data_loader.dataset, batch_size=data_loader.batch_size, collate_fn=data_loader.collate_fn,
+def one_record_per_unit(dataset: Dataset, units: Sequence[Sequence[int]], generator: torch.Generator) -> Subset:
+    """User-level sampling with k = 1: ``dataset`` as one item per unit, each unit's item one of
+    its records (indices into ``dataset``), drawn uniformly with ``generator``, the call's private
+    sampling generator. Poisson sampling over these items samples units at q, and a sampled unit
+    contributes exactly one record, so per-sample clipping clips each unit's whole contribution."""
+    sizes = torch.tensor([len(unit) for unit in units], dtype=torch.float64)
+    if len(units) == 0 or bool((sizes == 0).any()):
+        raise ValueError("every unit needs at least one record")
+    draws = (torch.rand(len(units), generator=generator, dtype=torch.float64) * sizes).long()
+    picks = [unit[min(int(i), len(unit) - 1)] for unit, i in zip(units, draws.tolist(), strict=True)]
+    return Subset(dataset, picks)
+
+
+def _resampled(data_loader: DataLoader, generator: torch.Generator, units: Sequence[Sequence[int]] | None = None,
+               ) -> DataLoader:
+    """The same batch size with ``generator`` for sampling, over the same dataset (the same sample
+    rate), or with ``units`` over one record per unit (``one_record_per_unit``)."""
+    dataset = data_loader.dataset if units is None else one_record_per_unit(data_loader.dataset, units, generator)
+    return DataLoader(dataset, batch_size=data_loader.batch_size, collate_fn=data_loader.collate_fn,
                       generator=generator)
 
 
@@ -90,11 +106,16 @@ def make_private(
     mode: str,
     seed: int | None = None,
     clipping: str = "flat",
+    units: Sequence[Sequence[int]] | None = None,
 ) -> PrivateTraining:
     """Wrap for DP-SGD with Poisson sampling (the sampling the accountants assume), its batches
-    and noise drawn from fresh generators (``private_generators``); ``seed`` only for tests."""
+    and noise drawn from fresh generators (``private_generators``); ``seed`` only for tests.
+
+    ``units`` (record indices of the loader's dataset per privacy unit): user-level DP-SGD with
+    one record per unit (``one_record_per_unit``), the sample rate then 1 / ceil(units / batch);
+    None: record-level, the loader's records sampled."""
     sampling, noise = private_generators(model, seed)
-    data_loader = _resampled(data_loader, sampling)
+    data_loader = _resampled(data_loader, sampling, units)
     if mode == "bk":
         return _make_private_bookkeeping(model=model, optimizer=optimizer, data_loader=data_loader,
                                          criterion=criterion, noise_multiplier=noise_multiplier,

@@ -30,6 +30,12 @@ class PairDataset(Dataset):
             raise ValueError("no examples to encode")
         records = group_records(examples)
         self.pairs = [(members[0].context, members[0].product) for members in records]
+        # Record indices per privacy unit (``Example.unit``; none: the record is its own unit), in
+        # order of first appearance: what user-level DP-SGD samples (``client.dp.one_record_per_unit``).
+        by_unit: dict[str | int, list[int]] = {}
+        for index, members in enumerate(records):
+            by_unit.setdefault(members[0].unit or -1 - index, []).append(index)
+        self.units = list(by_unit.values())
         self.targets = torch.tensor([pack_targets(members) for members in records], dtype=torch.float32)
         self.tokenizer = tokenizer
         self.max_seq_len = max_seq_len

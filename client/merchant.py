@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
 import logging
 import time
 from collections.abc import Iterator, Mapping
@@ -36,6 +35,7 @@ import numpy as np
 
 from client import evaluation, features, precondition, trainer
 from client.data import MerchantData, build_examples, load_merchant, split_examples
+from client.data.split import subsample_units
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
 from shared.privacy.budget import BudgetExceededError, PrivacyState
@@ -136,13 +136,11 @@ class MerchantSplit:
     test: list[Example]
 
 
-def _subsample(examples: list[Example], limit: int, salt: str) -> list[Example]:
-    """A deterministic subset (hash order), so evaluation sees the same records every round."""
-    if not limit or len(examples) <= limit:
-        return examples
-    keyed = sorted(range(len(examples)),
-                   key=lambda i: hashlib.sha1(f"{salt}:{i}".encode()).hexdigest())
-    return [examples[i] for i in sorted(keyed[:limit])]
+def _subsample(examples: list[Example], limit: int, salt: str, unit: str) -> list[Example]:
+    """A deterministic subset of whole units (``subsample_units``: by the hash of each unit's
+    stable key, never a position), so evaluation sees the same records every round and
+    removing a unit leaves the other units' membership as it was unless it frees room."""
+    return subsample_units(examples, limit, salt, unit=unit)
 
 
 def split_merchant(data: MerchantData, config: RunConfig) -> MerchantSplit:
@@ -152,13 +150,14 @@ def split_merchant(data: MerchantData, config: RunConfig) -> MerchantSplit:
     through here, so every comparison is on the same held-out records.
     """
     examples = build_examples(data, conversion_label=config.conversion_label,
-                              history_length=config.history_length, tasks=config.task_names)
+                              history_length=config.history_length, tasks=config.task_names,
+                              privacy_unit=config.privacy_unit)
     if not examples:
         raise NodeConfigError(f"merchant {data.merchant_id!r} has no examples for tasks {config.tasks!r}")
     train, test = split_examples(examples, test_fraction=config.test_fraction, seed=config.split_seed,
-                                 offset=config.test_offset)
-    train = _subsample(train, config.max_train_examples, f"train:{data.merchant_id}")
-    test = _subsample(test, config.eval_max_examples, f"test:{data.merchant_id}")
+                                 offset=config.test_offset, unit=config.privacy_unit)
+    train = _subsample(train, config.max_train_examples, f"train:{data.merchant_id}", config.privacy_unit)
+    test = _subsample(test, config.eval_max_examples, f"test:{data.merchant_id}", config.privacy_unit)
     return MerchantSplit(train=train, test=test)
 
 

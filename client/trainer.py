@@ -1,9 +1,10 @@
 """One merchant's local training call: DP-SGD (Opacus) or non-private.
 
 Order of a private call, and why:
-1. plan the mechanism (σ, q = batch / N records, steps) and check the merchant's budget: a call
-   that would exceed it raises ``BudgetExceededError`` before touching the model;
-2. train with Poisson sampling, per-sample clipping and Gaussian noise;
+1. plan the mechanism (σ, q = 1 / ceil(N / batch) over N units, steps) and check the merchant's
+   budget: a call that would exceed it raises ``BudgetExceededError`` before touching the model;
+2. train with Poisson sampling, per-sample clipping and Gaussian noise; the unit is the run's
+   ``privacy-unit``: records, or users (ULS, ``sampled_units``: one record per sampled user);
 3. persist the spend (``PrivacyState.commit``) and only then return the parameters, so an
    update never leaves without its spend on disk.
 """
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class TrainResult:
-    num_examples: int  # records trained on (the DP units; a record may carry several tasks)
+    num_examples: int  # units sampled from (users under ULS, else records; a record may carry several tasks)
     steps: int
     mean_loss: float
     losses: list[float]
@@ -60,11 +61,26 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(groups, lr=config.learning_rate, weight_decay=config.weight_decay)
 
 
-def planned_steps(num_records: int, config: RunConfig) -> tuple[float, int]:
-    """(sample_rate, steps) of one call: epochs of N/batch steps, capped by max-local-steps."""
+def sampled_units(records: PairDataset, config: RunConfig) -> list[list[int]] | None:
+    """What a private call's Poisson sampling draws under ``privacy-unit = "user"`` (ULS): each
+    unit's record indices, one record of each sampled unit per step, so clipping a record clips
+    its unit (``client.dp.one_record_per_unit``). None: records are sampled (``privacy-unit =
+    "record"``, or a non-private call, which trains on every record)."""
+    if not config.dp or config.privacy_unit != "user":
+        return None
+    if config.max_records_per_unit != 1:
+        raise ValueError(
+            f"max-records-per-unit = {config.max_records_per_unit}: user-level DP-SGD takes one record per "
+            f"sampled unit (k = 1) for trainable = {config.trainable!r}; summing a unit's records' per-sample "
+            "gradients before clipping (k > 1) is not implemented")
+    return records.units
+
+
+def planned_steps(num_units: int, config: RunConfig) -> tuple[float, int]:
+    """(sample_rate, steps) of one call: epochs of N/batch steps (N units), capped by max-local-steps."""
     # Opacus' Poisson loader samples at 1 / len(DataLoader) = 1 / ceil(N / batch); account
     # exactly that rate (batch / N over-states it whenever batch does not divide N).
-    sample_rate = 1.0 / math.ceil(num_records / config.batch_size)
+    sample_rate = 1.0 / math.ceil(num_units / config.batch_size)
     steps = max(1, math.ceil(config.local_epochs / sample_rate))
     if config.max_local_steps:
         steps = min(steps, config.max_local_steps)
@@ -88,7 +104,9 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     if config.dp and privacy is None:
         raise ValueError("dp = true needs the merchant's PrivacyState (its persisted accountant)")
     records = PairDataset(examples, tokenizer, max_seq_len=config.max_seq_len)
-    sample_rate, steps = planned_steps(len(records), config)
+    units = sampled_units(records, config)
+    unit_count = len(records) if units is None else len(units)
+    sample_rate, steps = planned_steps(unit_count, config)
     planned = plan_mechanism(config, privacy, sample_rate=sample_rate, steps=steps, run_id=run_id)
 
     model.to(device)
@@ -103,7 +121,7 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     # fresh generator (client.dp.make_private), since batches known in advance are not secret.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
     loader = DataLoader(view.dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
-    with (made_private(model, view.model, optimizer, loader, config, planned) as training,
+    with (made_private(model, view.model, optimizer, loader, config, planned, units=units) as training,
           proximal_term(optimizer, proximal_mu)):
         losses = step_loop(training, view.batch, steps, device=device, on_step=on_step)
     view.finish()
@@ -111,12 +129,12 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     epsilon = 0.0
     if config.dp:
         assert privacy is not None and planned is not None
-        epsilon = privacy.commit(planned, unit_count=len(records), round=round, model_version=model_version,
-                                 run_id=run_id)
+        epsilon = privacy.commit(planned, unit_count=unit_count, unit=config.privacy_unit, round=round,
+                                 model_version=model_version, run_id=run_id)
     if kept is not None:
         optimizer_state_lib.save(optimizer, kept, run_id=run_id)
     return TrainResult(
-        num_examples=len(records), steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"),
+        num_examples=unit_count, steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"),
         losses=losses, mechanism=planned, epsilon=epsilon,
         delta=privacy.target_delta if privacy is not None else 0.0, grad_sample_mode=training.mode,
         duration_s=time.perf_counter() - start,
@@ -179,10 +197,12 @@ def training_view(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records:
 
 @contextlib.contextmanager
 def made_private(model: nn.Module, trained: nn.Module, optimizer: torch.optim.Optimizer, loader: DataLoader,
-                 config: RunConfig, planned: MechanismEvent | None) -> Iterator[dp.PrivateTraining]:
+                 config: RunConfig, planned: MechanismEvent | None,
+                 units: list[list[int]] | None = None) -> Iterator[dp.PrivateTraining]:
     """``trained``, ``optimizer`` and ``loader`` as the step loop drives them: wrapped by Opacus for
     ``planned`` (Poisson sampling, per-sample clipping, noise; the per-sample mode chosen for the
-    trainable set and clipping), as they are for a non-private call (mode ``none``). On the way
+    trainable set and clipping; ``units``: one record per sampled unit, ``sampled_units``), as they
+    are for a non-private call (mode ``none``). On the way
     out, whatever happened, Opacus' hooks and per-sample state leave ``model``: left attached,
     the next private call on the same model fails with "Trying to add hooks twice"."""
     criterion: nn.Module = PerExampleLoss()
@@ -193,7 +213,7 @@ def made_private(model: nn.Module, trained: nn.Module, optimizer: torch.optim.Op
     private = dp.make_private(model=trained, optimizer=optimizer, data_loader=loader, criterion=criterion,
                               noise_multiplier=planned.noise_multiplier, max_grad_norm=config.max_grad_norm,
                               mode=dp.grad_sample_mode_for(config.trainable, config.clipping),
-                              clipping=config.clipping)
+                              clipping=config.clipping, units=units)
     try:
         yield private
     finally:

@@ -20,6 +20,7 @@ Clipping = Literal["flat", "heads-apart"]
 Accountant = Literal["prv", "rdp"]
 ConversionLabel = Literal["click", "purchase"]
 Pooling = Literal["mean", "mean-l2"]
+PrivacyUnit = Literal["user", "record"]
 
 
 class ConfigError(ValueError):
@@ -119,6 +120,18 @@ class RunConfig:
     # encoder part fills the clipping norm and the heads' signal drowns in the noise. Runs
     # with book-keeping clipping (client.dp.grad_sample_mode_for).
     clipping: Clipping = "flat"
+    # What a neighbouring dataset removes (docs/privacy.md; DESIGN.md "Privacy model"). "user":
+    # all of one user's interactions (one query's judgments), the unit whenever history
+    # contexts make a row's features read the user's other rows; DP-SGD then samples users
+    # and each sampled user contributes at most max-records-per-unit records, their summed
+    # gradient clipped to max-grad-norm (client.trainer). "record": one row, refused when a
+    # row's context came from other rows (history-length > 0).
+    privacy_unit: PrivacyUnit = "user"
+    # k, the records a sampled unit contributes to one step. 1: a per-record clip is then a
+    # per-unit clip, so every trainable set and per-sample mode runs unchanged (every shipped
+    # scenario, full fine-tuning included); it costs a user with many rows all but one of
+    # them per call (reviews, one row per user, loses nothing).
+    max_records_per_unit: int = 1
 
     # ---------------------------------------------------------------------------------
     @classmethod
@@ -155,7 +168,8 @@ class RunConfig:
         def bad(name: str, why: str) -> ConfigError:
             return ConfigError(f"run-config key {name.replace('_', '-')!r} = {getattr(self, name)!r}: {why}")
 
-        positive_ints = ("num_server_rounds", "merchants_per_round", "batch_size", "max_seq_len")
+        positive_ints = ("num_server_rounds", "merchants_per_round", "batch_size", "max_seq_len",
+                         "max_records_per_unit")
         for name in positive_ints:
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")

@@ -45,6 +45,10 @@ class Example:
     # gives a ctr *and* a rating example. Examples sharing a non-empty record id are one DP
     # unit and train as one sample; an empty id makes the example a record of its own.
     record: str = ""
+    # The privacy unit the record belongs to under ``privacy-unit = "user"``: ``user:<user_id>``
+    # for an interaction, ``query:<query>`` for a judgment (``client.data.build_examples``). A
+    # neighbouring dataset lacks all of one unit's records. Empty: the record is its own unit.
+    unit: str = ""
 
 
 def pack_targets(examples: Sequence[Example]) -> list[float]:

@@ -22,8 +22,17 @@ def product_text(title: str, *, category: str = "", brand: str = "", description
     return PRODUCT_TEXT_SEPARATOR.join(part for part in parts if part)
 
 
-def _history_contexts(interactions: pd.DataFrame, titles: dict[str, str], history_length: int) -> list[str]:
-    """For each interaction row: the titles of the same user's previous interactions.
+PRIVACY_UNITS = ("user", "record")
+
+
+class PrivacyUnitError(ValueError):
+    """``privacy-unit = "record"`` on data whose records' features read other records."""
+
+
+def _history_contexts(interactions: pd.DataFrame, titles: dict[str, str],
+                      history_length: int) -> tuple[list[str], list[bool]]:
+    """For each interaction row: the titles of the same user's previous interactions, and
+    whether it has any (its context, when it has no query, then reads other rows).
 
     Order is by timestamp, ties broken by file order. A row without a timestamp takes the
     timestamp of that user's previous row in the file (or sorts first), so a file with no
@@ -37,8 +46,9 @@ def _history_contexts(interactions: pd.DataFrame, titles: dict[str, str], histor
     for index, user in enumerate(users):
         by_user[user].append(index)
     contexts = [""] * len(users)
+    earlier = [False] * len(users)
     if history_length == 0:
-        return contexts
+        return contexts, earlier
     for indices in by_user.values():
         keyed: list[tuple[float, int]] = []
         carried = -math.inf
@@ -50,7 +60,8 @@ def _history_contexts(interactions: pd.DataFrame, titles: dict[str, str], histor
         for position, index in enumerate(ordered):
             previous = ordered[max(0, position - history_length):position]
             contexts[index] = HISTORY_SEPARATOR.join(titles[products[i]] for i in reversed(previous))
-    return contexts
+            earlier[index] = bool(previous)
+    return contexts, earlier
 
 
 def build_examples(
@@ -59,6 +70,7 @@ def build_examples(
     conversion_label: str = "purchase",
     history_length: int = 3,
     tasks: tuple[str, ...] = TASKS,
+    privacy_unit: str = "user",
 ) -> list[Example]:
     """Turn one merchant's tables into task examples, in file order.
 
@@ -68,7 +80,15 @@ def build_examples(
     trains a row's examples as one sample, the split keeps them on one side. The context of
     an interaction is its query, else the user's recent product titles, else empty; a
     judgment's context is its query.
+
+    Each example also names its privacy unit (``unit``): ``user:<user_id>`` for an
+    interaction, ``query:<query>`` for a judgment. ``privacy_unit = "record"`` (each row its
+    own unit) is refused with ``PrivacyUnitError`` when a row's context came from the same
+    user's other rows (``history_length > 0``, no query, earlier rows): removing one row
+    would then change other rows' features too, so one row is not what a neighbour removes.
     """
+    if privacy_unit not in PRIVACY_UNITS:
+        raise ValueError(f"privacy-unit = {privacy_unit!r}: must be one of {list(PRIVACY_UNITS)}")
     if conversion_label not in CONVERSION_LABELS:
         raise ValueError(f"conversion_label {conversion_label!r} must be one of {sorted(CONVERSION_LABELS)}")
     if history_length < 0:
@@ -89,29 +109,36 @@ def build_examples(
     wants_ctr, wants_rating = "ctr" in tasks, "rating" in tasks
     if data.interactions is not None and (wants_ctr or wants_rating):
         frame = data.interactions
-        history = _history_contexts(frame, titles, history_length)
+        history, earlier = _history_contexts(frame, titles, history_length)
         rows = zip(
-            frame["user_id"], frame["product_id"], frame["label"], frame["query"], frame["rating"], history,
+            frame["user_id"], frame["product_id"], frame["label"], frame["query"], frame["rating"], history, earlier,
             strict=True,
         )
-        for row, (user, product_id, label, query, rating, recent) in enumerate(rows):
+        for row, (user, product_id, label, query, rating, recent, reads_others) in enumerate(rows):
+            if privacy_unit == "record" and reads_others and not query:
+                raise PrivacyUnitError(
+                    f"privacy-unit = 'record' is refused for merchant {data.merchant_id!r}: interaction row {row} "
+                    f"(user {user!r}) takes its context from the user's earlier rows (history-length = "
+                    f"{history_length}), so removing one record changes others; use privacy-unit = 'user' "
+                    "(the default) or history-length = 0")
             context = query or recent
+            unit = f"user:{user}"
             product = texts[product_id]
             record = f"{data.merchant_id}/interaction:{row}"
             if wants_ctr:
                 target = 1.0 if label in converted else 0.0
                 examples.append(Example("ctr", context, product, target, group=user, product_id=product_id,
-                                        record=record))
+                                        record=record, unit=unit))
             if wants_rating and not math.isnan(rating):
                 examples.append(Example("rating", context, product, float(rating), group=user,
-                                        product_id=product_id, record=record))
+                                        product_id=product_id, record=record, unit=unit))
     if data.judgments is not None and "relevance" in tasks:
         frame = data.judgments
         rows_j = zip(frame["query"], frame["product_id"], frame["label"], strict=True)
         for row, (query, product_id, grade) in enumerate(rows_j):
             product = texts[product_id]
             examples.append(Example("relevance", query, product, float(grade), group=query, product_id=product_id,
-                                    record=f"{data.merchant_id}/judgment:{row}"))
+                                    record=f"{data.merchant_id}/judgment:{row}", unit=f"query:{query}"))
     return examples
 
 

@@ -28,9 +28,11 @@ from typing import Any
 # audits say so.
 NOISE_SOURCE = "fresh-per-call"
 
-# What a neighbouring dataset differs by. Today every merchant trains record-level DP-SGD.
+# What a neighbouring dataset differs by (the run config's ``privacy-unit``): one record, or all of
+# one user's records (one query's judgments) under user-level DP-SGD.
 UNIT_RECORD = "record"
-UNITS: frozenset[str] = frozenset({UNIT_RECORD})
+UNIT_USER = "user"
+UNITS: frozenset[str] = frozenset({UNIT_RECORD, UNIT_USER})
 # What left the merchant. Today only model updates; noised evaluations will be a second kind.
 RELEASE_UPDATE = "update"
 RELEASES: frozenset[str] = frozenset({RELEASE_UPDATE})

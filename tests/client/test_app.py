@@ -118,21 +118,23 @@ def test_train_replies_with_trainable_arrays_metrics_and_privacy_facts(
     changed = [k for k in global_params if not np.array_equal(parsed.params[k], global_params[k])]
     assert changed, "nothing trained"
     assert parsed.metrics["num-examples"] > 0
-    assert parsed.metrics["steps"] == 3
+    # One epoch at q = 1/ceil(N/16), capped at max-local-steps; N counts units (privacy-unit = user:
+    # the fixture's 12 users and its queries), so fewer steps than the 3 its ~60 records took.
+    assert parsed.metrics["steps"] == min(3, math.ceil(parsed.facts.event.unit_count / 16))
     assert math.isfinite(parsed.metrics["train-loss"])
 
     facts = parsed.facts
     assert facts.status == STATUS_OK and facts.reason == ""
     assert facts.merchant_id == "shop-a"
     mechanism = facts.event.mechanism
-    assert facts.dp and mechanism.steps == 3 and facts.model_version == 0
+    assert facts.dp and mechanism.steps == parsed.metrics["steps"] and facts.model_version == 0
     assert mechanism.noise_multiplier == 1.0 and mechanism.max_grad_norm == 1.0 and facts.event.delta == 1e-5
     assert facts.event.noise == NOISE_SOURCE and content.config_records[PRIVACY]["noise"] == NOISE_SOURCE
     assert 0 < mechanism.sample_rate <= 1
     assert 0 < facts.epsilon <= facts.epsilon_budget == 8.0
     # The reported ε is the merchant's persisted accountant, recomputable from its events.
     events = state_events(state_dir)
-    assert events == [MechanismEvent(noise_multiplier=1.0, sample_rate=mechanism.sample_rate, steps=3,
+    assert events == [MechanismEvent(noise_multiplier=1.0, sample_rate=mechanism.sample_rate, steps=mechanism.steps,
                                      max_grad_norm=1.0)]
     assert facts.epsilon == pytest.approx(epsilon_prv(events, facts.event.delta), rel=1e-9)
 
@@ -275,14 +277,15 @@ def test_one_spend_is_one_value_at_every_hop(merchant_dir: Path, tmp_path: Path,
 
     (event,) = committed
     assert event == persisted == facts.event == row.event == audited.event
-    # What it says: N records (the same N the metrics count), q·N expected per batch, the unit
-    # and the release, δ and the noise source, each under its own key on the wire.
+    # What it says: N units (the same N the metrics count; users and queries under the default
+    # privacy-unit = user), q·N expected per batch, the unit and the release, δ and the noise
+    # source, each under its own key on the wire.
     records = int(TrainReply.from_recorddict(reply.content).metrics["num-examples"])
     assert event.unit_count == records > 0
     assert event.expected_batch == pytest.approx(event.mechanism.sample_rate * records)
-    assert (event.unit, event.release, event.delta, event.noise) == ("record", "update", 1e-5, NOISE_SOURCE)
+    assert (event.unit, event.release, event.delta, event.noise) == ("user", "update", 1e-5, NOISE_SOURCE)
     assert (wire["unit-count"], wire["expected-batch"], wire["unit"], wire["release"]) == (
-        records, event.expected_batch, "record", "update")
+        records, event.expected_batch, "user", "update")
     assert row.epsilon_reported == facts.epsilon and audited.epsilon_reported == facts.epsilon
 
 
