@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.merchant import Merchant, resolve_node
+from client.release import EvalSettings
 from shared.config import RunConfig
-from shared.wire import ARRAYS, CONFIG, METRICS, MODEL_VERSION, RUN_ID, SERVER_ROUND, record_to_params
+from shared.wire import ARRAYS, CONFIG, MODEL_VERSION, PROXIMAL_MU, RUN_ID, SERVER_ROUND, record_to_params
 
 log = logging.getLogger(__name__)
 
-# The key under which Flower's FedProx strategy sends μ in every train instruction's config
-# (flwr.serverapp.strategy.FedProx.configure_train); absent from other strategies' (μ = 0).
-PROXIMAL_MU = "proximal-mu"
+__all__ = ["PROXIMAL_MU", "app"]  # PROXIMAL_MU lives in shared.wire; re-exported for existing callers
 
 app = ClientApp()
 
@@ -42,8 +41,12 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     merchant = _merchant(context)
-    result = merchant.evaluate(record_to_params(msg.content.array_records[ARRAYS]))
-    metrics = {"num-examples": float(result.num_examples), "eval-loss": result.loss, **result.metrics}
-    content = RecordDict({METRICS: MetricRecord(metrics),  # type: ignore[arg-type]
-                          "merchant": ConfigRecord({"merchant-id": merchant.identity.merchant_id})})
-    return Message(content, reply_to=msg)
+    server_config = msg.content.config_records.get(CONFIG, ConfigRecord())
+    reply = merchant.evaluate(
+        record_to_params(msg.content.array_records[ARRAYS]),
+        EvalSettings.resolve(context.node_config, merchant.config),  # the merchant's keys win
+        server_round=int(server_config.get(SERVER_ROUND, 0)),  # type: ignore[arg-type]
+        model_version=int(server_config.get(MODEL_VERSION, 0)),  # type: ignore[arg-type]
+        run_id=str(server_config.get(RUN_ID, "")),
+    )
+    return Message(reply.to_recorddict(), reply_to=msg)

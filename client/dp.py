@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import secrets
 import warnings
 from collections.abc import Callable, Sequence
@@ -16,7 +17,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, default_collate
 
 from shared.model import is_head
 
@@ -29,6 +30,9 @@ log = logging.getLogger(__name__)
 # hooks, no second backward pass: LoRA 1.00x the non-private step time, against 1.04x with
 # hooks and 1.45x with ghost clipping).
 AUTO_GRAD_SAMPLE_MODE = {"heads": "ew", "lora": "ew", "top-k": "bk", "full": "bk"}
+# Modes that materialise per-sample gradients, so user-level DP-SGD can sum a unit's records'
+# gradients before Opacus clips (max-records-per-unit > 1); bk and ghost clip without them.
+PER_UNIT_SUM_MODES = frozenset({"ew", "hooks"})
 
 
 def grad_sample_mode_for(trainable: str, clipping: str = "flat") -> str:
@@ -75,6 +79,81 @@ def one_record_per_unit(dataset: Dataset, units: Sequence[Sequence[int]], genera
     return Subset(dataset, picks)
 
 
+def chosen_records(units: Sequence[Sequence[int]], k: int, generator: torch.Generator) -> list[list[int]]:
+    """Up to ``k`` of each unit's records (a uniform subset, in their order), drawn with ``generator``."""
+    if k < 1:
+        raise ValueError(f"max-records-per-unit = {k}: must be >= 1")
+    chosen = []
+    for unit in units:
+        if len(unit) <= k:
+            chosen.append(list(unit))
+        else:
+            picked = torch.randperm(len(unit), generator=generator)[:k].sort().values.tolist()
+            chosen.append([unit[i] for i in picked])
+    return chosen
+
+
+class UnitPoissonSampler:
+    """Batches of record indices for user-level DP-SGD with k > 1: at each of ``steps`` steps every
+    unit joins with probability ``sample_rate`` (Poisson, drawn with ``generator``) and brings its
+    ``chosen`` records. ``owners``: for the batch last yielded, each record's unit's position in
+    it (what ``_sum_per_unit`` adds the records' per-sample gradients by)."""
+
+    def __init__(self, chosen: list[list[int]], sample_rate: float, steps: int, generator: torch.Generator) -> None:
+        self.chosen, self.sample_rate, self.steps, self.generator = chosen, sample_rate, steps, generator
+        self.owners = torch.zeros(0, dtype=torch.long)
+
+    def __len__(self) -> int:
+        return self.steps
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        for _ in range(self.steps):
+            joined = torch.nonzero(torch.rand(len(self.chosen), generator=self.generator) < self.sample_rate)
+            batch: list[int] = []
+            owners: list[int] = []
+            for position, unit in enumerate(joined.flatten().tolist()):
+                batch.extend(self.chosen[unit])
+                owners.extend([position] * len(self.chosen[unit]))
+            self.owners = torch.tensor(owners, dtype=torch.long)
+            yield batch
+
+
+def _unit_loader(data_loader: DataLoader, units: Sequence[Sequence[int]], k: int,
+                 generator: torch.Generator) -> tuple[DataLoader, UnitPoissonSampler]:
+    """The loader's records, batched by ``UnitPoissonSampler`` at q = 1 / ceil(units / batch)."""
+    dataset = data_loader.dataset
+    batches = math.ceil(len(units) / (data_loader.batch_size or 1))
+    sampler = UnitPoissonSampler(chosen_records(units, k, generator), 1 / batches, batches, generator)
+
+    def collate(batch: list[Any]) -> Any:
+        if batch:
+            return default_collate(batch)
+        return tuple(torch.zeros((0, *t.shape), dtype=t.dtype) for t in dataset[0])  # an empty Poisson batch
+
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collate), sampler
+
+
+def _sum_per_unit(optimizer: Any, sampler: UnitPoissonSampler) -> None:
+    """Before Opacus clips (``DPOptimizer.pre_step``), replace each parameter's per-record
+    gradients by their sums per unit: Opacus then clips each unit's summed gradient to C."""
+    clip_and_noise = optimizer.pre_step
+
+    def pre_step(closure: Any = None) -> Any:
+        owners = sampler.owners
+        count = int(owners.max()) + 1 if len(owners) else 0
+        for p in optimizer.params:
+            per_record = getattr(p, "grad_sample", None)
+            if per_record is None:
+                continue
+            if isinstance(per_record, list) or len(per_record) != len(owners):
+                raise RuntimeError("per-sample gradients do not match the batch's records")
+            summed = torch.zeros((count, *per_record.shape[1:]), dtype=per_record.dtype, device=per_record.device)
+            p.grad_sample = summed.index_add_(0, owners.to(per_record.device), per_record)
+        return clip_and_noise(closure)
+
+    optimizer.pre_step = pre_step
+
+
 def _resampled(data_loader: DataLoader, generator: torch.Generator, units: Sequence[Sequence[int]] | None = None,
                ) -> DataLoader:
     """The same batch size with ``generator`` for sampling, over the same dataset (the same sample
@@ -107,14 +186,25 @@ def make_private(
     seed: int | None = None,
     clipping: str = "flat",
     units: Sequence[Sequence[int]] | None = None,
+    records_per_unit: int = 1,
 ) -> PrivateTraining:
     """Wrap for DP-SGD with Poisson sampling (the sampling the accountants assume), its batches
     and noise drawn from fresh generators (``private_generators``); ``seed`` only for tests.
 
     ``units`` (record indices of the loader's dataset per privacy unit): user-level DP-SGD with
     one record per unit (``one_record_per_unit``), the sample rate then 1 / ceil(units / batch);
-    None: record-level, the loader's records sampled."""
+    None: record-level, the loader's records sampled. ``records_per_unit`` (k) > 1: each sampled
+    unit brings up to k records, chosen once per call, whose per-sample gradients are summed
+    before clipping (modes in ``PER_UNIT_SUM_MODES`` only)."""
     sampling, noise = private_generators(model, seed)
+    if units is not None and records_per_unit > 1:
+        if mode not in PER_UNIT_SUM_MODES:
+            raise ValueError(f"max-records-per-unit = {records_per_unit} needs per-sample gradients (grad-sample "
+                             f"mode {sorted(PER_UNIT_SUM_MODES)}), not {mode!r}: use max-records-per-unit = 1")
+        return _make_private_per_unit(model=model, optimizer=optimizer, data_loader=data_loader,
+                                      criterion=criterion, noise_multiplier=noise_multiplier,
+                                      max_grad_norm=max_grad_norm, mode=mode, sampling=sampling, noise=noise,
+                                      units=units, k=records_per_unit)
     data_loader = _resampled(data_loader, sampling, units)
     if mode == "bk":
         return _make_private_bookkeeping(model=model, optimizer=optimizer, data_loader=data_loader,
@@ -152,6 +242,27 @@ def make_private(
         model=private_model, optimizer=private_optimizer, data_loader=loader,
         criterion=private_criterion, mode=mode,
     )
+
+
+def _make_private_per_unit(*, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+                           criterion: nn.Module, noise_multiplier: float, max_grad_norm: float, mode: str,
+                           sampling: torch.Generator, noise: torch.Generator, units: Sequence[Sequence[int]],
+                           k: int) -> PrivateTraining:
+    """User-level DP-SGD with k > 1: units Poisson-sampled by our own sampler, Opacus' per-sample
+    gradients summed per unit before its clipping, noise, and averaging over the expected units."""
+    from opacus import PrivacyEngine
+
+    loader, sampler = _unit_loader(data_loader, units, k, sampling)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")
+        engine = PrivacyEngine(accountant="prv", secure_mode=False)
+    private_model, private_optimizer, loader = engine.make_private(
+        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm, poisson_sampling=False, grad_sample_mode=mode, noise_generator=noise)
+    private_optimizer.expected_batch_size = int(len(units) * sampler.sample_rate)  # in units, as Opacus rounds
+    _sum_per_unit(private_optimizer, sampler)
+    return PrivateTraining(model=private_model, optimizer=private_optimizer, data_loader=loader,
+                           criterion=criterion, mode=mode)
 
 
 def _make_private_bookkeeping(*, model: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,

@@ -33,15 +33,26 @@ from typing import Any
 
 import numpy as np
 
-from client import evaluation, features, precondition, trainer
+from client import evaluation, features, precondition, release, trainer
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from client.data.split import subsample_units
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
-from shared.privacy.budget import BudgetExceededError, PrivacyState
-from shared.privacy.events import MechanismEvent, SpendEvent
+from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
+from shared.privacy.events import RELEASE_EVALUATION, MechanismEvent, SpendEvent
 from shared.tasks import Example
-from shared.wire import STATUS_OK, STATUS_REFUSED, PrivacyFacts, TrainReply
+from shared.wire import (
+    CLIENT_S,
+    DURATION_S,
+    EVAL_LOSS,
+    NUM_EXAMPLES,
+    STATUS_OK,
+    STATUS_REFUSED,
+    STEPS,
+    EvalReply,
+    PrivacyFacts,
+    TrainReply,
+)
 
 log = logging.getLogger(__name__)
 
@@ -237,9 +248,11 @@ class Merchant:
         model.cpu()
         facts = self._facts(privacy, status=STATUS_OK, event=self._released(privacy, result),
                             model_version=model_version, epsilon=result.epsilon)
-        metrics = {"num-examples": float(result.num_examples), "train-loss": result.mean_loss,
-                   "steps": float(result.steps), "duration-s": result.duration_s,
-                   "client-s": time.perf_counter() - started}
+        # No loss: it would leave unaccounted (shared.wire.TRAIN_METRIC_KEYS); it stays in this process.
+        log.debug("merchant %s round %d: mean train loss %.4f", self.identity.merchant_id, server_round,
+                  result.mean_loss)
+        metrics = {NUM_EXAMPLES: float(result.num_examples), STEPS: float(result.steps),
+                   DURATION_S: result.duration_s, CLIENT_S: time.perf_counter() - started}
         return TrainReply(facts=facts, params=dict(get_trainable(model)), metrics=metrics)
 
     def _facts(self, privacy: PrivacyState | None, *, status: str, event: SpendEvent, model_version: int,
@@ -267,8 +280,46 @@ class Merchant:
                                             max_grad_norm=self.config.max_grad_norm),
                              unit_count=0, delta=privacy.target_delta, noise="")
 
-    def evaluate(self, params: dict[str, np.ndarray]) -> evaluation.EvalResult:
+    def evaluate(self, params: dict[str, np.ndarray], settings: release.EvalSettings, *, server_round: int = 0,
+                 model_version: int = 0, run_id: str = "") -> EvalReply:
+        """The global model's metrics on this merchant's held-out set, released only as noised
+        sums (``client.release``) and accounted as an evaluation spend in its privacy state.
+
+        Nothing is released and nothing spent when the merchant does not evaluate
+        (``settings.evaluate``), its held-out set has fewer than ``settings.min_units`` units,
+        or its budget cannot afford the release; the reply then says why. Without DP (a
+        non-private baseline) the metrics are exact and nothing is accounted."""
+        if not settings.evaluate:
+            return self._no_evaluation("evaluation is off (the merchant's 'evaluate = false')")
         split = self.split()
+        units = release.unit_count(split.test, unit=self.config.privacy_unit)
+        if units < settings.min_units:
+            return self._no_evaluation(f"refused: the held-out set has {units} unit(s), fewer than "
+                                       f"eval-min-units = {settings.min_units}")
         model, tokenizer = self._model(params)
-        return evaluation.evaluate(model, split.test, tokenizer, self.config,
-                                device=choose_device(self.identity.device))
+        device = choose_device(self.identity.device)
+        if not self.config.dp:
+            exact = evaluation.evaluate(model, split.test, tokenizer, self.config, device=device)
+            return EvalReply(merchant_id=self.identity.merchant_id, facts=None,
+                             metrics={NUM_EXAMPLES: float(units), EVAL_LOSS: exact.loss, **exact.metrics})
+        mechanism = settings.mechanism
+        try:
+            with self.privacy_state() as privacy:  # held from the budget check to the committed spend
+                assert privacy is not None
+                try:
+                    privacy.check(mechanism)
+                except BudgetExceededError as exc:
+                    return self._no_evaluation(f"refused: {exc}")
+                metrics = release.release(model, split.test, tokenizer, self.config,
+                                          noise_multiplier=settings.noise_multiplier, device=device)
+                epsilon = privacy.commit(mechanism, unit_count=units, round=server_round, model_version=model_version,
+                                         run_id=run_id, unit=self.config.privacy_unit, release=RELEASE_EVALUATION)
+                facts = self._facts(privacy, status=STATUS_OK, event=privacy.entries[-1].event,
+                                    model_version=model_version, epsilon=epsilon)
+        except PrivacyStateError as exc:
+            return self._no_evaluation(f"refused: {exc}")
+        return EvalReply(merchant_id=self.identity.merchant_id, facts=facts, metrics=metrics)
+
+    def _no_evaluation(self, reason: str) -> EvalReply:
+        log.info("merchant %s: no evaluation released: %s", self.identity.merchant_id, reason)
+        return EvalReply(merchant_id=self.identity.merchant_id, facts=None, metrics={}, reason=reason)

@@ -64,15 +64,17 @@ def make_optimizer(model: nn.Module, config: RunConfig) -> torch.optim.Optimizer
 def sampled_units(records: PairDataset, config: RunConfig) -> list[list[int]] | None:
     """What a private call's Poisson sampling draws under ``privacy-unit = "user"`` (ULS): each
     unit's record indices, one record of each sampled unit per step, so clipping a record clips
-    its unit (``client.dp.one_record_per_unit``). None: records are sampled (``privacy-unit =
-    "record"``, or a non-private call, which trains on every record)."""
+    its unit (``client.dp.one_record_per_unit``); with ``max-records-per-unit`` k > 1 up to k records
+    whose per-sample gradients are summed before clipping (heads, lora). None: records are sampled
+    (``privacy-unit = "record"``, or a non-private call, which trains on every record)."""
     if not config.dp or config.privacy_unit != "user":
         return None
-    if config.max_records_per_unit != 1:
+    mode = dp.grad_sample_mode_for(config.trainable, config.clipping)
+    if config.max_records_per_unit > 1 and mode not in dp.PER_UNIT_SUM_MODES:
         raise ValueError(
-            f"max-records-per-unit = {config.max_records_per_unit}: user-level DP-SGD takes one record per "
-            f"sampled unit (k = 1) for trainable = {config.trainable!r}; summing a unit's records' per-sample "
-            "gradients before clipping (k > 1) is not implemented")
+            f"max-records-per-unit = {config.max_records_per_unit}: trainable = {config.trainable!r} (clipping = "
+            f"{config.clipping!r}) clips without per-sample gradients (mode {mode!r}), so a unit's records cannot be "
+            "summed before clipping; use max-records-per-unit = 1")
     return records.units
 
 
@@ -213,7 +215,7 @@ def made_private(model: nn.Module, trained: nn.Module, optimizer: torch.optim.Op
     private = dp.make_private(model=trained, optimizer=optimizer, data_loader=loader, criterion=criterion,
                               noise_multiplier=planned.noise_multiplier, max_grad_norm=config.max_grad_norm,
                               mode=dp.grad_sample_mode_for(config.trainable, config.clipping),
-                              clipping=config.clipping, units=units)
+                              clipping=config.clipping, units=units, records_per_unit=config.max_records_per_unit)
     try:
         yield private
     finally:

@@ -38,11 +38,17 @@ from shared.config import RunConfig
 from shared.metrics import HIGHER_IS_BETTER
 from shared.run_files import CONFIG_FILE, LEDGER_FILE
 from shared.wire import (
-    METRICS,
+    CLIENT_S,
+    DURATION_S,
+    MERCHANT,
+    MERCHANT_ID,
     MODEL_VERSION,
+    NUM_EXAMPLES,
     PRIVACY,
     RUN_ID,
+    STATUS_OK,
     STATUS_REFUSED,
+    EvalReply,
     PrivacyFacts,
     TrainReply,
     WireError,
@@ -75,7 +81,6 @@ class RoundReport:
     refused: dict[str, str] = dataclasses.field(default_factory=dict)
     failed: dict[str, str] = dataclasses.field(default_factory=dict)
     bytes_received: int = 0
-    train_loss: float = float("nan")
     slowest_train_s: float = 0.0  # the slowest accepted merchant's DP training loop
     slowest_client_s: float = 0.0  # ... and its whole train handler (loading data and model too)
     total_client_s: float = 0.0  # all accepted merchants' handler time (clients run one by one by default)
@@ -174,7 +179,7 @@ class Federation:
             report = self._train_round(rnd, eligible, model_version=model_version)
             if report.aggregated:
                 model_version = rnd
-            self._evaluate_round(rnd, eligible, report)
+            self._evaluate_round(rnd, eligible, report, model_version=model_version)
             self.run_log.append(report)
             ckpt.save_checkpoint(self.run_dir, ckpt.Checkpoint(
                 round=rnd, parameters=self.params, config=self.config.to_mapping(),
@@ -235,7 +240,6 @@ class Federation:
 
         accepted: list[Message] = []
         records: list[SpendRecord] = []
-        losses: list[tuple[float, float]] = []
         for node_id, msg in replies:
             if msg is None or msg.has_error():
                 reason = "no reply within round-timeout-s" if msg is None else short_reason(msg.error.reason or "")
@@ -262,11 +266,9 @@ class Federation:
                 if verdict.accepted:
                     accepted.append(msg)
                     report.accepted.append(facts.merchant_id)
-                    losses.append((reply.metrics.get("train-loss", float("nan")),
-                                   reply.metrics.get("num-examples", 0.0)))
-                    report.slowest_train_s = max(report.slowest_train_s, reply.metrics.get("duration-s", 0.0))
-                    report.slowest_client_s = max(report.slowest_client_s, reply.metrics.get("client-s", 0.0))
-                    report.total_client_s += reply.metrics.get("client-s", 0.0)
+                    report.slowest_train_s = max(report.slowest_train_s, reply.metrics.get(DURATION_S, 0.0))
+                    report.slowest_client_s = max(report.slowest_client_s, reply.metrics.get(CLIENT_S, 0.0))
+                    report.total_client_s += reply.metrics.get(CLIENT_S, 0.0)
                 else:
                     status, reason = "rejected", verdict.reason
                     report.rejected[facts.merchant_id] = reason
@@ -295,33 +297,60 @@ class Federation:
             raise RoundFailedError(f"round {rnd}: the strategy produced no aggregate")
         self.params = dict(record_to_params(arrays))
         report.aggregated = True
-        total = sum(w for _, w in losses)
-        report.train_loss = sum(loss * w for loss, w in losses) / total if total else float("nan")
         report.wall_s = time.monotonic() - start
-        log.info("round %d: %d accepted, %d rejected, %d refused, %d failed; train loss %.4f",
-                 rnd, len(report.accepted), len(report.rejected), len(report.refused), len(report.failed),
-                 report.train_loss)
+        log.info("round %d: %d accepted, %d rejected, %d refused, %d failed",
+                 rnd, len(report.accepted), len(report.rejected), len(report.refused), len(report.failed))
         return report
 
-    def _evaluate_round(self, rnd: int, eligible: list[int], report: RoundReport) -> None:
-        """Federated evaluation of the new global model on merchants' held-out data."""
+    def _evaluate_round(self, rnd: int, eligible: list[int], report: RoundReport, *, model_version: int) -> None:
+        """Federated evaluation of the new global model on merchants' held-out data.
+
+        Each merchant releases noised metrics and accounts them (``client.release``); their
+        spend is written to the ledger (release ``"evaluation"``) before the metrics are used.
+        A merchant that released nothing (evaluation off, held-out set too small, budget
+        spent) says why; that is logged and spends nothing."""
         nodes = eligible if len(eligible) <= 50 else self._sample(rnd + 7919, eligible)
+        config = ConfigRecord({MODEL_VERSION: model_version, RUN_ID: self.run_id})
         messages = list(self.strategy.configure_evaluate(
-            rnd, params_to_record(self.params), ConfigRecord(), EligibleNodesGrid(self.grid, nodes)))  # type: ignore[arg-type]
+            rnd, params_to_record(self.params), config, EligibleNodesGrid(self.grid, nodes)))  # type: ignore[arg-type]
         totals: dict[str, float] = {}
         weights: dict[str, float] = {}
-        for _node_id, msg in self._collect(messages, phase="evaluate", rnd=rnd):
-            if msg is None or msg.has_error() or METRICS not in msg.content.metric_records:
+        records: list[SpendRecord] = []
+        released: list[EvalReply] = []
+        for node_id, msg in self._collect(messages, phase="evaluate", rnd=rnd):
+            if msg is None or msg.has_error():
                 continue
-            metrics = dict(msg.content.metric_records[METRICS])
-            weight = float(metrics.pop("num-examples", 0.0))  # type: ignore[arg-type]
+            try:
+                reply = EvalReply.from_recorddict(msg.content)
+            except WireError as exc:
+                log.warning("round %d evaluate: node %d sent a malformed reply: %s", rnd, node_id, exc)
+                continue
+            if not reply.released:
+                log.info("round %d evaluate: merchant %s released no metrics: %s", rnd, reply.merchant_id,
+                         reply.reason or "no reason given")
+                continue
+            if reply.facts is not None:
+                if reply.facts.status != STATUS_OK:
+                    continue
+                records.append(spend_record(reply.facts, run_id=self.run_id, round=rnd, node_id=node_id,
+                                            status="accepted", reason=""))
+                report.epsilon[reply.facts.merchant_id] = reply.facts.epsilon
+                if reply.facts.dp and reply.facts.epsilon >= reply.facts.epsilon_budget:
+                    self.exhausted.add(reply.facts.merchant_id)
+            released.append(reply)
+        # The ledger is written before the released metrics are used for anything.
+        if records:
+            self.ledger.record_round(records)
+        for reply in released:
+            metrics = dict(reply.metrics)
+            weight = float(metrics.pop(NUM_EXAMPLES, 0.0))
             for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + float(value) * weight  # type: ignore[arg-type]
+                totals[key] = totals.get(key, 0.0) + value * weight
                 weights[key] = weights.get(key, 0.0) + weight
         report.eval_metrics = {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
         if report.eval_metrics:
             shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(report.eval_metrics.items()))
-            log.info("round %d evaluation: %s", rnd, shown)
+            log.info("round %d evaluation (noised): %s", rnd, shown)
 
     def _collect(self, messages: list[Message], *, phase: str, rnd: int) -> list[tuple[int, Message | None]]:
         """Push messages, then gather replies as they come (logging each), up to the round timeout."""
@@ -356,9 +385,9 @@ class Federation:
             log.warning("round %d %s [%d/%d] %s failed: %s", rnd, phase, done, total, who,
                         short_reason(reply.error.reason or ""))
             return
-        merchant = reply.content.config_records.get("merchant")
-        if merchant is not None and "merchant-id" in merchant:
-            self.node_merchant[node_id] = who = str(merchant["merchant-id"])
+        merchant = reply.content.config_records.get(MERCHANT)
+        if merchant is not None and MERCHANT_ID in merchant:
+            self.node_merchant[node_id] = who = str(merchant[MERCHANT_ID])
         privacy = reply.content.config_records.get(PRIVACY)
         if privacy is not None:
             who = str(privacy.get("merchant-id", who))

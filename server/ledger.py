@@ -1,6 +1,7 @@
 """The privacy ledger of one federated run: every unit of privacy spent, recorded durably.
 
-One SQLite file holds one row per merchant per round (``server.ledger_record.SpendRecord``).
+One SQLite file holds one row per merchant per round per release (``server.ledger_record.SpendRecord``:
+the update's row, and the evaluation's when the merchant released noised metrics).
 It records *what happened* — the spend each merchant released, as the merchant committed it
 (``shared.privacy.events.SpendEvent``: the mechanism ``noise_multiplier``, ``sample_rate``,
 ``steps``, ``max_grad_norm`` at ``delta``, over ``unit_count`` units of kind ``unit``) — next
@@ -13,7 +14,7 @@ Durability and integrity are the database's job, not just this API's:
 - WAL journal with ``synchronous=FULL``: a round that :meth:`PrivacyLedger.record_round`
   returned from survives a power cut (WAL with NORMAL could lose the last commits).
 - All rows of one round are written in one transaction: a crash mid-round leaves none.
-- The primary key ``(run_id, round, merchant_id)`` makes a replay of a round after a crash
+- The primary key ``(run_id, round, merchant_id, release)`` makes a replay of a round after a crash
   idempotent; a replay with *different* values raises :class:`LedgerConflictError`,
   because spend must never be recorded twice nor silently changed.
 - Triggers refuse UPDATE and DELETE (and INSERT OR REPLACE, which would otherwise delete
@@ -85,24 +86,27 @@ class PrivacyLedger:
 
     # ---------------------------------------------------------------- writing
     def record_round(self, records: Sequence[SpendRecord]) -> int:
-        """Append all rows of one round in one transaction; return how many were new.
+        """Append all rows of one round and one release in one transaction; return how many were new.
 
         Replaying a round exactly as recorded writes nothing. Anything else that touches an
-        already-recorded round — a changed value, or a merchant the round did not have —
-        raises :class:`LedgerConflictError` and writes nothing. A round not yet recorded
-        must come after the last recorded one.
+        already-recorded round of that release — a changed value, or a merchant the round did
+        not have — raises :class:`LedgerConflictError` and writes nothing. A round not yet
+        recorded must come after the last recorded one of that release (a round's evaluation
+        rows follow its update rows).
         """
         if not records:
             return 0
         rounds = {r.round for r in records}
         run_ids = {r.run_id for r in records}
-        if len(rounds) != 1 or len(run_ids) != 1:
+        releases = {r.event.release for r in records}
+        if len(rounds) != 1 or len(run_ids) != 1 or len(releases) != 1:
             raise ValueError(
-                f"record_round takes the rows of one round of one run; got rounds {sorted(rounds)}, "
-                f"run_ids {sorted(run_ids)}"
+                f"record_round takes the rows of one round of one run and one release; got rounds "
+                f"{sorted(rounds)}, run_ids {sorted(run_ids)}, releases {sorted(releases)}"
             )
         (round_,) = rounds
         (run_id,) = run_ids
+        (release,) = releases
 
         # Duplicates inside the batch: identical ones collapse, differing ones conflict.
         batch: dict[str, SpendRecord] = {}
@@ -121,13 +125,14 @@ class PrivacyLedger:
                 rec.merchant_id: rec
                 for rec in map(
                     from_row,
-                    conn.execute(f"{_SELECT} WHERE run_id = ? AND round = ?", (run_id, round_)),
+                    conn.execute(f"{_SELECT} WHERE run_id = ? AND round = ? AND release = ?",
+                                 (run_id, round_, release)),
                 )
             }
-            last = conn.execute("SELECT coalesce(max(round), 0) FROM spend").fetchone()[0]
+            last = conn.execute("SELECT coalesce(max(round), 0) FROM spend WHERE release = ?", (release,)).fetchone()[0]
             if not existing and round_ <= last:
                 raise LedgerConflictError(
-                    f"round {round_} comes after round {last} was recorded; rounds are appended in order"
+                    f"round {round_} ({release}) comes after round {last} was recorded; rounds are appended in order"
                 )
             recorded_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
             written = 0
@@ -136,13 +141,13 @@ class PrivacyLedger:
                 if old is not None:
                     if old != record:
                         raise LedgerConflictError(
-                            f"merchant {merchant_id!r} round {round_} is already recorded with other "
+                            f"merchant {merchant_id!r} round {round_} ({release}) is already recorded with other "
                             f"values ({'; '.join(differences(old, record))}); spend is never changed"
                         )
                     continue
                 if existing:
                     raise LedgerConflictError(
-                        f"round {round_} is already recorded without merchant {merchant_id!r}; a "
+                        f"round {round_} ({release}) is already recorded without merchant {merchant_id!r}; a "
                         "recorded round is closed"
                     )
                 self._warn_if_epsilon_fell(conn, record)
@@ -153,9 +158,9 @@ class PrivacyLedger:
                 )
                 written += 1
         if written:
-            log.info("ledger: round %d recorded for %d merchant(s)", round_, written)
+            log.info("ledger: round %d (%s) recorded for %d merchant(s)", round_, release, written)
         else:
-            log.info("ledger: round %d replayed, already recorded identically", round_)
+            log.info("ledger: round %d (%s) replayed, already recorded identically", round_, release)
         return written
 
     def _check_run_id(self, conn: sqlite3.Connection, run_id: str) -> None:
@@ -175,7 +180,7 @@ class PrivacyLedger:
         # fresh accountant (reporting one round's ε as the total). Recorded as reported —
         # the ledger stores what happened — but said out loud.
         row = conn.execute(
-            "SELECT epsilon_reported, round FROM spend WHERE merchant_id = ? ORDER BY round DESC LIMIT 1",
+            "SELECT epsilon_reported, round FROM spend WHERE merchant_id = ? ORDER BY rowid DESC LIMIT 1",
             (record.merchant_id,),
         ).fetchone()
         if row is not None and record.dp and record.epsilon_reported < row[0]:
@@ -208,10 +213,10 @@ class PrivacyLedger:
 
     def rows(self, merchant_id: str | None = None) -> list[SpendRecord]:
         if merchant_id is None:
-            cursor = self._conn.execute(f"{_SELECT} ORDER BY round, merchant_id")
+            cursor = self._conn.execute(f"{_SELECT} ORDER BY round, merchant_id, rowid")
         else:
             cursor = self._conn.execute(
-                f"{_SELECT} WHERE merchant_id = ? ORDER BY round, merchant_id", (merchant_id,)
+                f"{_SELECT} WHERE merchant_id = ? ORDER BY round, merchant_id, rowid", (merchant_id,)
             )
         return [from_row(row) for row in cursor]
 
@@ -222,10 +227,10 @@ class PrivacyLedger:
         return int(self._conn.execute("SELECT coalesce(max(round), 0) FROM spend").fetchone()[0])
 
     def _latest(self) -> list[SpendRecord]:
-        # Each merchant's most recent row; a ledger holds one run, so (merchant, round) is unique.
+        # Each merchant's most recent row (rowid order is recording order: a round's evaluation
+        # row follows its update row and carries the cumulative ε after both).
         cursor = self._conn.execute(
-            f"{_SELECT} WHERE (merchant_id, round) IN "
-            "(SELECT merchant_id, max(round) FROM spend GROUP BY merchant_id) ORDER BY merchant_id"
+            f"{_SELECT} WHERE rowid IN (SELECT max(rowid) FROM spend GROUP BY merchant_id) ORDER BY merchant_id"
         )
         return [from_row(row) for row in cursor]
 

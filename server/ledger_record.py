@@ -1,5 +1,7 @@
 """One row of the privacy ledger: a merchant's spend in one round, as the server recorded it.
 
+A merchant's round may hold two rows: its update's and its evaluation's (``event.release``).
+
 A ``SpendRecord`` carries the merchant's ``shared.privacy.events.SpendEvent`` whole (the spend
 the merchant committed and sent in its privacy facts) and adds the server's context: which
 run, round, merchant and node, the merchant's reported ε and budget, and the server's verdict.
@@ -64,8 +66,9 @@ class SpendRecord:
                 raise ValueError(f"{name} must be >= 0 (inf allowed), got {value!r}")
 
     @property
-    def key(self) -> tuple[str, int, str]:
-        return (self.run_id, self.round, self.merchant_id)
+    def key(self) -> tuple[str, int, str, str]:
+        """The primary key: a merchant has at most one row per round per kind of release."""
+        return (self.run_id, self.round, self.merchant_id, self.event.release)
 
     def columns(self) -> dict[str, Any]:
         """Column -> value, the event's flattened in: what a row stores (recorded_at aside)."""

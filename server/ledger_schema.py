@@ -14,6 +14,11 @@ Versions:
    ``unit_count`` (N), ``expected_batch`` (q·N) and ``release``. Rows migrated from 2 read
    ``unit = 'record'`` and ``release = 'update'`` (the only ones fedshop had) and
    ``unit_count = expected_batch = 0``: not recorded. Spend is never rewritten, only described.
+4. ``release`` joins the primary key, (run_id, round, merchant_id, release): a merchant's
+   round can hold its update's row and its evaluation's row (noised metrics, accounted as
+   their own spend; ``client.release``). SQLite cannot change a primary key in place, so the
+   migration copies every row, unchanged and in order, into the new table in the same
+   transaction and recreates the index and the append-only triggers on it.
 
 The triggers make the spend table append-only and meta insert-once, whatever writes to the
 file (see ``server.ledger``).
@@ -30,7 +35,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Marks the file as a fedshop ledger, so opening some other SQLite file fails loudly
 # instead of adding tables to it. ("FSL1" as a big-endian 32-bit int.)
 APPLICATION_ID = 0x46534C31
@@ -47,8 +52,7 @@ _SPEND_OF = """
     expected_batch   REAL    NOT NULL DEFAULT 0.0 CHECK (expected_batch >= 0),
     release          TEXT    NOT NULL DEFAULT 'update' CHECK (release <> '')"""
 
-_SCHEMA = f"""
-CREATE TABLE spend (
+_COLUMNS = f"""
     run_id           TEXT    NOT NULL,
     round            INTEGER NOT NULL CHECK (round >= 1),
     merchant_id      TEXT    NOT NULL CHECK (merchant_id <> ''),
@@ -69,11 +73,19 @@ CREATE TABLE spend (
     -- the noise source the merchant reported (shared.privacy.NOISE_SOURCE); '' = none said
     noise            TEXT    NOT NULL DEFAULT '',
     -- audit only: when this row was first written; not part of the replay comparison
-    recorded_at      TEXT    NOT NULL,{_SPEND_OF},
-    PRIMARY KEY (run_id, round, merchant_id),
-    CHECK (status <> 'refused' OR steps = 0)
-) STRICT;
+    recorded_at      TEXT    NOT NULL,{_SPEND_OF}"""
+_COLUMN_NAMES = tuple(line.split()[0] for line in _COLUMNS.strip().splitlines() if not line.strip().startswith("--"))
 
+
+def _spend_table(name: str) -> str:
+    return f"""CREATE TABLE {name} ({_COLUMNS},
+    PRIMARY KEY (run_id, round, merchant_id, release),
+    CHECK (status <> 'refused' OR steps = 0)
+) STRICT;"""
+
+
+# The index and the triggers of the spend table (recreated by the migration to version 4).
+_SPEND_GUARDS = """
 CREATE INDEX spend_by_merchant ON spend (merchant_id, round);
 
 CREATE TRIGGER spend_no_update BEFORE UPDATE ON spend
@@ -86,9 +98,14 @@ BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: DELETE from spend is f
 -- recursive_triggers is on), so refuse any insert that collides with an existing row.
 CREATE TRIGGER spend_no_replace BEFORE INSERT ON spend
 WHEN EXISTS (SELECT 1 FROM spend
-             WHERE run_id = NEW.run_id AND round = NEW.round AND merchant_id = NEW.merchant_id)
+             WHERE run_id = NEW.run_id AND round = NEW.round AND merchant_id = NEW.merchant_id
+               AND release = NEW.release)
 BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: row already recorded'); END;
+"""
 
+_SCHEMA = f"""
+{_spend_table("spend")}
+{_SPEND_GUARDS}
 CREATE TABLE meta (
     key   TEXT NOT NULL PRIMARY KEY,
     value TEXT NOT NULL
@@ -110,6 +127,15 @@ BEGIN SELECT RAISE(ABORT, 'ledger meta is insert-once: key already set'); END;
 _MIGRATIONS: dict[int, tuple[str, ...]] = {
     1: ("ALTER TABLE spend ADD COLUMN noise TEXT NOT NULL DEFAULT ''",),
     2: tuple(f"ALTER TABLE spend ADD COLUMN {column.strip()}" for column in _SPEND_OF.split(",\n")),
+    # A new primary key: copy the rows (in their order: rowid order is recording order) into a
+    # table that has it. The triggers go first, explicitly (DROP TABLE fires none anyway).
+    3: (_spend_table("spend_v4"),
+        f"INSERT INTO spend_v4 ({', '.join(_COLUMN_NAMES)}) SELECT {', '.join(_COLUMN_NAMES)} FROM spend "
+        "ORDER BY rowid",
+        "DROP TRIGGER spend_no_update", "DROP TRIGGER spend_no_delete", "DROP TRIGGER spend_no_replace",
+        "DROP TABLE spend",
+        "ALTER TABLE spend_v4 RENAME TO spend",
+        *(part.strip() for part in _SPEND_GUARDS.split("\n\n") if part.strip())),  # one statement each
 }
 
 

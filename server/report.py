@@ -10,7 +10,9 @@ from server.ledger import PrivacyLedger
 from server.run_log import RunLog
 from shared import atomic
 from shared.jsonable import finite
+from shared.privacy.events import RELEASE_EVALUATION, RELEASE_UPDATE
 from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
+from shared.wire import EVAL_LOSS
 
 
 def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
@@ -20,7 +22,8 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
         latest = {r.merchant_id: r for r in ledger.rows()}  # rows are ordered: last one wins
         privacy = {
             m: {"epsilon": r.epsilon_reported, "budget": r.epsilon_budget, "delta": r.event.delta,
-                "rounds": sum(1 for x in ledger.rows(m) if x.status != "refused")}
+                "rounds": sum(1 for x in ledger.rows(m) if x.status != "refused" and x.event.release == RELEASE_UPDATE),
+                "evaluations": sum(1 for x in ledger.rows(m) if x.event.release == RELEASE_EVALUATION)}
             for m, r in sorted(latest.items())
         }
         rounds = ledger.last_round()
@@ -43,14 +46,15 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"fedshop run finished: {summary['rounds_completed']} round(s); {summary['stopped_because']}"]
     if summary["final_eval"]:
-        lines.append("utility on merchants' held-out data (last round):")
+        lines.append("utility on merchants' held-out data (last round; DP: from noised sums, client.release):")
         for key, value in sorted(summary["final_eval"].items()):
-            if value is not None and key != "eval-loss":
+            if value is not None and key != EVAL_LOSS:
                 lines.append(f"  {key:<22} {value:.4f}")
     lines.append("privacy spent per merchant (ε at δ, cumulative / budget):")
     for merchant, p in summary["privacy"].items():
         eps = "no DP" if not math.isfinite(p["epsilon"]) else f"{p['epsilon']:.3f}"
-        lines.append(f"  {merchant:<22} ε {eps} / {p['budget']:.3f} at δ {p['delta']:.0e}, {p['rounds']} round(s)")
+        lines.append(f"  {merchant:<22} ε {eps} / {p['budget']:.3f} at δ {p['delta']:.0e}, {p['rounds']} round(s), "
+                     f"{p.get('evaluations', 0)} evaluation(s)")
     lines.append("outputs:")
     for name, path in summary["outputs"].items():
         lines.append(f"  {name:<12} {path}")

@@ -60,6 +60,12 @@ class RunConfig:
     conversion_label: ConversionLabel = "purchase"
     history_length: int = 3  # recent products used as context for recommendation
     eval_max_examples: int = 256  # per merchant per evaluation call; bounds eval time
+    # The merchant's evaluation (client.release): whether it evaluates at all, the noise
+    # multiplier σ_eval of its noised metrics (10: ε ≈ 0.35 per evaluation at δ = 1e-5), and
+    # the fewest held-out units it evaluates on. A deployed node's own node-config keys win.
+    evaluate: bool = True
+    eval_noise_multiplier: float = 10.0
+    eval_min_units: int = 100
     max_train_examples: int = 0  # 0 = all; caps a merchant's training set (fast demos)
 
     # --- model ----------------------------------------------------------------------
@@ -127,10 +133,12 @@ class RunConfig:
     # gradient clipped to max-grad-norm (client.trainer). "record": one row, refused when a
     # row's context came from other rows (history-length > 0).
     privacy_unit: PrivacyUnit = "user"
-    # k, the records a sampled unit contributes to one step. 1: a per-record clip is then a
-    # per-unit clip, so every trainable set and per-sample mode runs unchanged (every shipped
-    # scenario, full fine-tuning included); it costs a user with many rows all but one of
-    # them per call (reviews, one row per user, loses nothing).
+    # k, the records a sampled unit contributes to one step (chosen once per call, privately).
+    # Default 1: a per-record clip is then a per-unit clip, so every trainable set and
+    # per-sample mode runs unchanged (every shipped scenario, full and top-k fine-tuning with
+    # book-keeping clipping included); it costs a user with many rows all but one of them per
+    # call (reviews, one row per user, loses nothing). k > 1 sums a unit's records' per-sample
+    # gradients before clipping: trainable heads and lora only (client.dp.PER_UNIT_SUM_MODES).
     max_records_per_unit: int = 1
 
     # ---------------------------------------------------------------------------------
@@ -183,6 +191,10 @@ class RunConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise bad(name, "must be a finite number > 0")
+        if not (math.isfinite(self.eval_noise_multiplier) and self.eval_noise_multiplier > 0):
+            raise bad("eval_noise_multiplier", "must be a finite number > 0")
+        if self.eval_min_units < 1:
+            raise bad("eval_min_units", "must be >= 1")
         if not (0.0 < self.target_delta < 1.0):
             raise bad("target_delta", "must lie strictly between 0 and 1")
         if not (0.0 < self.test_fraction < 1.0):

@@ -4,6 +4,11 @@ A train reply carries exactly one ArrayRecord (the trainable parameters), one Me
 (with ``num-examples`` for weighting; the same keys in every reply so Flower's aggregation
 accepts them) and one ConfigRecord of privacy facts describing *that* update. The facts
 travel with the update they describe, never separately.
+
+An evaluate reply (``EvalReply``) carries the merchant's id, the privacy facts of the
+evaluation (its own ``SpendEvent``, release ``"evaluation"``) and, when the merchant released
+any, one MetricRecord of metrics computed from noised sums (``client.release``). No raw loss
+crosses the network: the train reply has none (docs/privacy.md, "Released fields").
 """
 
 from __future__ import annotations
@@ -28,12 +33,27 @@ SERVER_ROUND = "server-round"
 MODEL_VERSION = "model-version"
 RUN_ID = "run-id"  # the federation run, so a merchant's own record can be matched to a ledger
 
+# Metric keys (train and evaluate replies). num-examples is N, declared public (docs/privacy.md).
+NUM_EXAMPLES = "num-examples"
+STEPS = "steps"
+DURATION_S = "duration-s"
+CLIENT_S = "client-s"
+EVAL_LOSS = "eval-loss"  # computed from the evaluation's noised sums, never the raw mean
+# The evaluate reply's ConfigRecord naming the merchant, and its one key.
+MERCHANT = "merchant"
+MERCHANT_ID = "merchant-id"
+REASON = "reason"  # in the evaluate reply's merchant record: why nothing was released
+# The key under which Flower's FedProx strategy sends μ in every train instruction's config
+# (flwr.serverapp.strategy.FedProx.configure_train); absent from other strategies' (μ = 0).
+PROXIMAL_MU = "proximal-mu"
+
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"  # the merchant declined: its budget would be exceeded
 
 # duration-s: the DP training loop alone; client-s: the whole train handler (data loading,
-# model building, training) — the benchmark separates framework overhead with them.
-TRAIN_METRIC_KEYS = ("num-examples", "train-loss", "steps", "duration-s", "client-s")
+# model building, training) — the benchmark separates framework overhead with them. No loss:
+# the first step's loss is a function of the sampled records, so update + loss has no finite ε.
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, STEPS, DURATION_S, CLIENT_S)
 
 
 class WireError(ValueError):
@@ -123,3 +143,42 @@ class TrainReply:
 
 def array_bytes(params: dict[str, np.ndarray]) -> int:
     return int(sum(v.nbytes for v in params.values()))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvalReply:
+    """What one evaluate reply carries: who answered, the evaluation's privacy facts (None
+    when the merchant evaluates without DP), and the released metrics (empty when it released
+    none: evaluation off, held-out set too small, budget spent; ``facts.reason`` says which)."""
+
+    merchant_id: str
+    facts: PrivacyFacts | None
+    metrics: dict[str, float]
+    reason: str = ""
+
+    @property
+    def released(self) -> bool:
+        return bool(self.metrics)
+
+    def to_recorddict(self) -> RecordDict:
+        merchant = ConfigRecord({MERCHANT_ID: self.merchant_id})
+        if self.reason:
+            merchant[REASON] = self.reason
+        content = RecordDict({MERCHANT: merchant})
+        if self.facts is not None:
+            content[PRIVACY] = self.facts.to_record()
+        if self.metrics:
+            content[METRICS] = MetricRecord({k: float(v) for k, v in self.metrics.items()})
+        return content
+
+    @classmethod
+    def from_recorddict(cls, content: RecordDict) -> EvalReply:
+        merchant = content.config_records.get(MERCHANT)
+        if merchant is None or MERCHANT_ID not in merchant:
+            raise WireError(f"evaluate reply has no {MERCHANT!r} ConfigRecord with {MERCHANT_ID!r}")
+        facts = PrivacyFacts.from_record(content.config_records[PRIVACY]) if PRIVACY in content.config_records else None
+        metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
+        if facts is not None and facts.status != STATUS_OK and metrics:
+            raise WireError(f"merchant {facts.merchant_id!r}: evaluation {facts.status} but metrics released")
+        return cls(merchant_id=str(merchant[MERCHANT_ID]), facts=facts, reason=str(merchant.get(REASON, "")),
+                   metrics={k: float(v) for k, v in metrics.items()})  # type: ignore[arg-type]

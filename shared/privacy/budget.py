@@ -404,16 +404,16 @@ class PrivacyState:
         return after
 
     def commit(self, mechanism: MechanismEvent, *, unit_count: int, round: int, model_version: int,
-               run_id: str = "", unit: str = UNIT_RECORD) -> float:
+               run_id: str = "", unit: str = UNIT_RECORD, release: str = RELEASE_UPDATE) -> float:
         """Durably record a released call on ``unit_count`` units (of kind ``unit``), then return
-        the new cumulative ε.
+        the new cumulative ε. ``release``: what left (an update; an evaluation's noised metrics).
 
         Under ``locked`` this replaces the call's reservation. Without it, the file is re-read
         under the lock first and the entry appended to what is there (another call's spend
         committed meanwhile is kept, and counted in the ε returned)."""
         mechanism.validate()
         event = SpendEvent.of(mechanism, unit_count=unit_count, delta=self.target_delta, noise=NOISE_SOURCE,
-                              unit=unit)
+                              unit=unit, release=release)
         event.validate()
         entry = SpendEntry(event=event, round=round, model_version=model_version, recorded_at=time.time(),
                            run_id=run_id)

@@ -33,9 +33,11 @@ NOISE_SOURCE = "fresh-per-call"
 UNIT_RECORD = "record"
 UNIT_USER = "user"
 UNITS: frozenset[str] = frozenset({UNIT_RECORD, UNIT_USER})
-# What left the merchant. Today only model updates; noised evaluations will be a second kind.
+# What left the merchant: a model update (DP-SGD), or evaluation metrics released through a
+# Gaussian mechanism on clipped per-unit sums (``client.release``: sample_rate 1, steps 1).
 RELEASE_UPDATE = "update"
-RELEASES: frozenset[str] = frozenset({RELEASE_UPDATE})
+RELEASE_EVALUATION = "evaluation"
+RELEASES: frozenset[str] = frozenset({RELEASE_UPDATE, RELEASE_EVALUATION})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

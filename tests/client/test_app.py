@@ -32,13 +32,18 @@ from shared.run_files import LEDGER_FILE
 from shared.wire import (
     ARRAYS,
     CONFIG,
+    EVAL_LOSS,
+    MERCHANT,
+    MERCHANT_ID,
     METRICS,
     MODEL_VERSION,
+    NUM_EXAMPLES,
     PRIVACY,
     SERVER_ROUND,
     STATUS_OK,
     STATUS_REFUSED,
     TRAIN_METRIC_KEYS,
+    EvalReply,
     PrivacyFacts,
     TrainReply,
     WireError,
@@ -121,7 +126,7 @@ def test_train_replies_with_trainable_arrays_metrics_and_privacy_facts(
     # One epoch at q = 1/ceil(N/16), capped at max-local-steps; N counts units (privacy-unit = user:
     # the fixture's 12 users and its queries), so fewer steps than the 3 its ~60 records took.
     assert parsed.metrics["steps"] == min(3, math.ceil(parsed.facts.event.unit_count / 16))
-    assert math.isfinite(parsed.metrics["train-loss"])
+    assert not any("loss" in key for key in content.metric_records[METRICS])  # docs/privacy.md
 
     facts = parsed.facts
     assert facts.status == STATUS_OK and facts.reason == ""
@@ -177,9 +182,15 @@ def test_budget_refusal_is_a_typed_reply_and_spends_nothing(
     assert not path.exists() or json.loads(path.read_text())["entries"] == []
 
 
-def test_evaluate_replies_with_metrics(merchant_dir: Path, tmp_path: Path,
-                                      global_params: dict[str, np.ndarray]) -> None:
-    context = make_context(merchant_dir, tmp_path / "state")
+def test_evaluate_replies_with_noised_metrics_and_accounts_them(merchant_dir: Path, tmp_path: Path,
+                                                                global_params: dict[str, np.ndarray]) -> None:
+    # The test merchant holds a handful of held-out units: its own node config lowers the minimum,
+    # and picks a small σ_eval (under a large budget) so that every metric stays defined: at
+    # σ_eval = 10 over a handful of units the noise swamps the sums, and undefined metrics are left out.
+    PrivacyState.create(tmp_path / "state" / "privacy-state.json", merchant_id="shop-a", target_epsilon=100.0,
+                        target_delta=CONFIG_.target_delta)
+    context = make_context(merchant_dir, tmp_path / "state", **{"eval-min-units": 1, "eval-noise-multiplier": 0.3})
+    context.run_config = CONFIG_.replace(target_epsilon=100.0).to_mapping()
     msg = make_message("evaluate", global_params)
 
     reply = client_app.app(msg, context)
@@ -187,18 +198,29 @@ def test_evaluate_replies_with_metrics(merchant_dir: Path, tmp_path: Path,
     assert not reply.has_error()
     assert reply.metadata.reply_to_message_id == msg.metadata.message_id
     assert reply.metadata.message_type == "evaluate"
-    metrics = {k: float(v) for k, v in reply.content.metric_records[METRICS].items()}  # type: ignore[arg-type]
-    assert 0 < metrics["num-examples"] <= CONFIG_.eval_max_examples
-    assert math.isfinite(metrics["eval-loss"])
-    assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10"} <= set(metrics)
-    assert reply.content.config_records["merchant"]["merchant-id"] == "shop-a"
+    parsed = EvalReply.from_recorddict(reply.content)
+    metrics = parsed.metrics
+    assert 0 < metrics[NUM_EXAMPLES] <= CONFIG_.eval_max_examples  # held-out units (declared public)
+    assert math.isfinite(metrics[EVAL_LOSS])
+    # Metrics from noised sums; one the noise leaves undefined (a histogram all ≤ 0) is left out.
+    assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10"} <= set(metrics) <= {
+        NUM_EXAMPLES, EVAL_LOSS, "ctr_auc", "ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1", "rating_rmse",
+        "rating_mae", "relevance_rmse", "relevance_ndcg@10", "relevance_mrr", "relevance_recall@10"}
+    assert parsed.merchant_id == reply.content.config_records[MERCHANT][MERCHANT_ID] == "shop-a"
     assert ARRAYS not in reply.content.array_records  # evaluation sends no parameters back
-    # Evaluation spends no privacy budget.
-    assert json.loads((tmp_path / "state" / "privacy-state.json").read_text())["entries"] == []
+    # The release is accounted: its own spend, in the merchant's state and in the reply's facts.
+    assert parsed.facts is not None and parsed.facts.status == STATUS_OK
+    event = parsed.facts.event
+    assert (event.release, event.mechanism.sample_rate, event.mechanism.steps) == ("evaluation", 1.0, 1)
+    assert event.mechanism.noise_multiplier == 0.3  # the merchant's own (node config), not the run's
+    assert event.unit_count == metrics[NUM_EXAMPLES]
+    entries = json.loads((tmp_path / "state" / "privacy-state.json").read_text())["entries"]
+    assert [e["event"]["release"] for e in entries] == ["evaluation"]
 
-    # The decorated function is the handler itself: same result when called directly.
-    direct = dict(client_app.evaluate(msg, context).content.metric_records[METRICS])
-    assert direct == pytest.approx(metrics)
+    # The decorated function is the handler itself: it releases (and spends) again, with fresh noise.
+    direct = EvalReply.from_recorddict(client_app.evaluate(msg, context).content)
+    assert direct.metrics[NUM_EXAMPLES] == metrics[NUM_EXAMPLES] and direct.metrics[EVAL_LOSS] != metrics[EVAL_LOSS]
+    assert direct.facts is not None and direct.facts.epsilon > parsed.facts.epsilon
 
 
 def test_train_with_foreign_parameters_fails_before_spending(

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from server import ledger_schema
 from server.ledger import PrivacyLedger, SpendRecord
 from shared.config import RunConfig
 from shared.privacy import accounting
@@ -149,9 +151,35 @@ def as_schema_1(ledger: Path) -> None:
         conn.close()
 
 
+def as_schema_3(ledger: Path) -> None:
+    """Turn a ledger into what schema 3 wrote: the same rows, the primary key without ``release``
+    (rebuilt as ``server.ledger_schema``'s migration to 4 does, the other way round)."""
+    conn = sqlite3.connect(ledger, isolation_level=None)
+    try:
+        table = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'spend'").fetchone()[0]
+        create = re.sub(r'^CREATE TABLE "?spend"?', "CREATE TABLE spend_v3", table).replace(
+            "PRIMARY KEY (run_id, round, merchant_id, release)", "PRIMARY KEY (run_id, round, merchant_id)")
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(spend)")]
+        guards = ledger_schema._SPEND_GUARDS.replace("\n               AND release = NEW.release", "")
+        conn.execute("BEGIN")
+        conn.execute(create)
+        conn.execute(f"INSERT INTO spend_v3 SELECT {', '.join(columns)} FROM spend ORDER BY rowid")
+        for trigger in TRIGGERS:
+            conn.execute(f"DROP TRIGGER {trigger}")
+        conn.execute("DROP TABLE spend")
+        conn.execute("ALTER TABLE spend_v3 RENAME TO spend")
+        for statement in (part.strip() for part in guards.split("\n\n") if part.strip()):
+            conn.execute(statement)
+        conn.execute("PRAGMA user_version = 3")
+        conn.execute("COMMIT")
+    finally:
+        conn.close()
+
+
 def as_schema_2(ledger: Path) -> None:
     """Turn a ledger into what schema 2 wrote: the same rows, without what the spend was of
     (unit, unit_count, expected_batch, release)."""
+    as_schema_3(ledger)
     conn = sqlite3.connect(ledger, isolation_level=None)
     try:
         for column in ("unit", "unit_count", "expected_batch", "release"):

@@ -85,8 +85,68 @@ def test_record_unit_samples_records(tmp_path: Path) -> None:
     assert event.mechanism.sample_rate == 1 / math.ceil(60 / 4)
 
 
-def test_more_than_one_record_per_unit_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match=r"max-records-per-unit = 2"):
-        run(config(max_records_per_unit=2), tmp_path, user_examples())
+def test_more_than_one_record_per_unit_is_refused_without_per_sample_gradients(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"max-records-per-unit = 2: trainable = 'full'.*'bk'"):
+        run(config(trainable="full", max_records_per_unit=2), tmp_path, user_examples())
     assert not (tmp_path / "state.json").exists() or not PrivacyState.open(
         tmp_path / "state.json", merchant_id="shop", target_epsilon=1e6, target_delta=1e-5).entries
+
+
+# ----------------------------------------------------------------- k > 1 (ew, hooks)
+def test_k_caps_a_units_records_per_step() -> None:
+    sampler = dp.UnitPoissonSampler(dp.chosen_records(UNITS, 3, torch.Generator().manual_seed(0)), 0.5, 200,
+                                    torch.Generator().manual_seed(1))
+    seen_empty = False
+    for batch in sampler:
+        owners = sampler.owners.tolist()
+        assert len(owners) == len(batch)
+        for position in set(owners):
+            records = [r for r, o in zip(batch, owners, strict=True) if o == position]
+            assert 1 <= len(records) <= 3 and any(set(records) <= set(unit) for unit in UNITS)
+        seen_empty |= not batch
+    assert seen_empty  # an empty Poisson batch is a step too
+    assert [len(c) for c in dp.chosen_records(UNITS, 3, torch.Generator().manual_seed(0))] == [3, 1, 3, 3]
+
+
+@pytest.mark.parametrize("mode", ["hooks", "ew"])
+def test_k_sums_a_units_gradients_then_clips_it(mode: str) -> None:
+    """k = 3: the update is -lr · Σ_units clip_C(Σ_unit's records ∇ℓ) / expected units (σ ≈ 0)."""
+    torch.manual_seed(0)
+    x, y = torch.randn(30, 3) * 3, torch.randn(30)
+    model = torch.nn.Linear(3, 1)
+    before = [p.detach().clone() for p in model.parameters()]
+    private = dp.make_private(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+                              data_loader=DataLoader(TensorDataset(x, y), batch_size=2), criterion=PerExampleLoss(),
+                              noise_multiplier=1e-9, max_grad_norm=1.0, mode=mode, seed=3, units=UNITS,
+                              records_per_unit=3)
+    xb, yb = next(batch for batch in private.data_loader if len(batch[0]))
+    owners = private.data_loader.batch_sampler.owners
+    private.optimizer.zero_grad(set_to_none=True)
+    ((private.model(xb).squeeze(1) - yb) ** 2).mean().backward()
+    private.optimizer.step()
+
+    expected = [torch.zeros_like(b) for b in before]
+    for position in owners.unique().tolist():
+        rows = owners == position
+        reference = torch.nn.Linear(3, 1)
+        with torch.no_grad():
+            for p, b in zip(reference.parameters(), before, strict=True):
+                p.copy_(b)
+        ((reference(xb[rows]).squeeze(1) - yb[rows]) ** 2).sum().backward()
+        grads = [p.grad for p in reference.parameters()]
+        norm = torch.sqrt(sum((g ** 2).sum() for g in grads))
+        for e, g in zip(expected, grads, strict=True):
+            e += g * min(1.0, 1.0 / (float(norm) + 1e-6))
+    units_expected = private.optimizer.expected_batch_size
+    assert units_expected == int(len(UNITS) / 2)  # q = 1/ceil(4/2), in units
+    for p, b, e in zip(private.model.parameters(), before, expected, strict=True):
+        torch.testing.assert_close(b - p.detach(), e / units_expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("trainable", ["heads", "lora"])
+def test_uls_with_k_above_one_trains(trainable: str, tmp_path: Path) -> None:
+    result, privacy = run(config(trainable=trainable, max_records_per_unit=4, max_local_steps=6, local_epochs=3.0),
+                          tmp_path, user_examples())
+    event = privacy.entries[-1].event
+    assert (event.unit, event.unit_count) == ("user", 7) and result.steps == 6  # 3 epochs at q = 1/2
+    assert result.losses and all(math.isfinite(loss) for loss in result.losses)

@@ -47,9 +47,14 @@ def test_malformed_updates_are_rejected_and_their_spend_recorded(tmp_path: Path)
         "bad-norm": "exceeds max-update-norm",
         "bad-shape": "has shape (7, 64), expected (8, 64)",
     }
-    rows = ledger_rows(run_dir)
+    every = ledger_rows(run_dir)
+    rows = [r for r in every if r.event.release == "update"]
     assert sorted((r.round, r.merchant_id) for r in rows) == [
         (n, m) for n in (1, 2) for m in ("bad-nan", "bad-norm", "bad-shape", "good")]
+    # Each merchant's noised evaluation of the aggregate is spend too, on a row of its own.
+    evaluations = [r for r in every if r.event.release == "evaluation"]
+    assert sorted((r.round, r.merchant_id) for r in evaluations) == sorted((r.round, r.merchant_id) for r in rows)
+    assert all(r.event.mechanism.sample_rate == 1.0 and r.event.mechanism.steps == 1 for r in evaluations)
     for r in rows:
         if r.merchant_id == "good":
             assert r.status == "accepted" and r.reason == ""
@@ -57,12 +62,14 @@ def test_malformed_updates_are_rejected_and_their_spend_recorded(tmp_path: Path)
             assert r.status == "rejected", r
             assert expected_reason[r.merchant_id] in r.reason, r.reason
         # A rejected merchant did train: its spend is in the ledger like anyone else's.
-        assert r.event.mechanism.steps == 3 and r.epsilon_reported > 0 and r.model_version == r.round - 1
+        # (Steps: at most max-local-steps = 3; fewer when the merchant's few units fill one batch.)
+        assert 0 < r.event.mechanism.steps <= 3 and r.epsilon_reported > 0 and r.model_version == r.round - 1
     for merchant in expected_reason:
         eps = [r.epsilon_reported for r in rows if r.merchant_id == merchant]
         assert eps[0] < eps[1]
         state = json.loads((data / merchant / ".fedshop" / "privacy-state.json").read_text())  # with its data
-        assert [e["round"] for e in state["entries"]] == [1, 2]
+        assert [(e["round"], e["event"]["release"]) for e in state["entries"]] == [
+            (1, "update"), (1, "evaluation"), (2, "update"), (2, "evaluation")]
     assert sum(1 for line in result.output.splitlines() if "rejected update from merchant" in line) == 6
 
     log_rows = metrics_rows(run_dir)
@@ -92,7 +99,10 @@ def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(tmp_pa
                       sets={"num-server-rounds": 2, "merchants-per-round": 3})
 
     assert result.returncode == 0, result.describe()
-    rows = ledger_rows(run_dir)
+    every = ledger_rows(run_dir)
+    rows = [r for r in every if r.event.release == "update"]
+    # shop-b cannot afford an evaluation either: it released none, so no evaluation row names it.
+    assert sorted({r.merchant_id for r in every if r.event.release == "evaluation"}) == ["shop-a", "shop-c"]
     round1 = {r.merchant_id: r for r in rows if r.round == 1}
     round2 = {r.merchant_id: r for r in rows if r.round == 2}
     assert sorted(round1) == ["shop-a", "shop-b", "shop-c"]

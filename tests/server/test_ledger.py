@@ -21,7 +21,7 @@ from server.ledger import (
 )
 from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.run_files import LEDGER_FILE
-from tests.helpers.audit_runs import as_schema_1, as_schema_2
+from tests.helpers.audit_runs import as_schema_1, as_schema_2, as_schema_3
 
 RUN = "run-1"
 
@@ -67,7 +67,7 @@ def test_schema_wal_and_version(ledger: PrivacyLedger) -> None:
     assert columns[:3] == ["run_id", "round", "merchant_id"]
     assert "epsilon_spent_this_call" not in columns  # derivable, so not stored
     pk = [row[1] for row in sorted(conn.execute("PRAGMA table_info(spend)"), key=lambda r: r[5]) if row[5]]
-    assert pk == ["run_id", "round", "merchant_id"]
+    assert pk == ["run_id", "round", "merchant_id", "release"]
     triggers = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")}
     assert {"spend_no_update", "spend_no_delete", "spend_no_replace"} <= triggers
     conn.close()
@@ -105,9 +105,9 @@ def test_schema_1_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             ledger._conn.execute("UPDATE spend SET noise = 'x'")
     conn = raw(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     conn.close()
-    with PrivacyLedger(path) as ledger:  # a second open finds schema 3: nothing to migrate
+    with PrivacyLedger(path) as ledger:  # a second open finds schema 4: nothing to migrate
         assert len(ledger.rows()) == 3
 
 
@@ -146,6 +146,69 @@ def test_schema_2_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
                      "status, reason, dp, recorded_at, unit_count) "
                      "VALUES ('run-1', 3, 'm1', '1', 0, 1, 0.1, 1, 1, 1e-5, 1, 8, 'prv', 'accepted', '', 1, 'x', -1)")
     conn.close()
+
+
+EVALUATION = dict(release="evaluation", noise_multiplier=10.0, sample_rate=1.0, steps=1, unit_count=150,
+                  expected_batch=150.0)
+
+
+def test_schema_3_ledger_is_migrated_to_a_key_with_the_release(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    with PrivacyLedger(path) as ledger:
+        ledger.record_round([spend("m1", 1, noise="fresh-per-call"), spend("m2", 1, noise="fresh-per-call")])
+        ledger.record_round([spend("m1", 2, noise="fresh-per-call")])
+    before = PrivacyLedger(path)
+    rows, recorded_at = before.rows(), before._conn.execute("SELECT recorded_at FROM spend ORDER BY rowid").fetchall()
+    before.close()
+    as_schema_3(path)
+    conn = raw(path)
+    pk = [row[1] for row in sorted(conn.execute("PRAGMA table_info(spend)"), key=lambda r: r[5]) if row[5]]
+    assert pk == ["run_id", "round", "merchant_id"] and conn.execute("PRAGMA user_version").fetchone()[0] == 3
+    conn.close()
+
+    with PrivacyLedger(path) as ledger:
+        # Every row copied as it was, in recording order; nothing rewritten.
+        assert ledger.rows() == rows
+        assert ledger._conn.execute("SELECT recorded_at FROM spend ORDER BY rowid").fetchall() == recorded_at
+        ledger.record_round([spend("m1", 2, epsilon_reported=1.25, **EVALUATION)])  # the new key allows it
+        for statement in ("UPDATE spend SET steps = 0", "DELETE FROM spend"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):  # the triggers came along
+                ledger._conn.execute(statement)
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            ledger._conn.execute("INSERT OR REPLACE INTO spend SELECT * FROM spend WHERE round = 2 "
+                                 "AND release = 'evaluation'")
+    conn = raw(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    pk = [row[1] for row in sorted(conn.execute("PRAGMA table_info(spend)"), key=lambda r: r[5]) if row[5]]
+    assert pk == ["run_id", "round", "merchant_id", "release"]
+    assert {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")} >= {
+        "spend_no_update", "spend_no_delete", "spend_no_replace"}
+    assert conn.execute("SELECT count(*) FROM spend").fetchone()[0] == 4
+    conn.close()
+
+
+def test_a_round_holds_an_update_row_and_an_evaluation_row(ledger: PrivacyLedger) -> None:
+    ledger.set_meta("run_id", RUN)
+    ledger.record_round([spend("m1", 1), spend("m2", 1)])
+    evaluation = spend("m1", 1, epsilon_reported=0.75, **EVALUATION)
+    assert ledger.record_round([evaluation]) == 1  # the round's update rows do not close its evaluation rows
+    assert ledger.record_round([evaluation]) == 0  # a replay is idempotent per release
+    with pytest.raises(LedgerConflictError, match="evaluation"):
+        ledger.record_round([spend("m1", 1, epsilon_reported=0.8, **EVALUATION)])
+    with pytest.raises(LedgerConflictError, match="already recorded without merchant 'm2'"):
+        ledger.record_round([spend("m2", 1, **EVALUATION)])  # a recorded round (of that release) is closed
+    with pytest.raises(ValueError, match="one release"):
+        ledger.record_round([spend("m1", 2), spend("m2", 2, **EVALUATION)])
+    assert [(r.merchant_id, r.event.release) for r in ledger.rows()] == [
+        ("m1", "update"), ("m1", "evaluation"), ("m2", "update")]
+    # The latest row is the last recorded: the evaluation's cumulative ε, after both releases.
+    assert ledger.latest_epsilon() == {"m1": 0.75, "m2": 0.5}
+    ledger.record_round([spend("m1", 2)])
+    ledger.record_round([spend("m1", 3)])
+    ledger.record_round([spend("m1", 3, epsilon_reported=1.75, **EVALUATION)])
+    with pytest.raises(LedgerConflictError, match=r"round 2 \(evaluation\) comes after round 3"):
+        ledger.record_round([spend("m1", 2, **EVALUATION)])  # evaluation rows are appended in order too
+    assert ledger.exhausted() == set()
 
 
 def test_a_row_stores_the_spend_event_whole(ledger: PrivacyLedger) -> None:

@@ -21,7 +21,7 @@ from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_D
 def spend(merchant: str, round_: int, epsilon: float, **overrides: Any) -> SpendRecord:
     """A ledger row; overrides name a row field or a field of its spend event (or its mechanism)."""
     mechanism: dict[str, Any] = dict(noise_multiplier=1.0, sample_rate=0.1, steps=3, max_grad_norm=1.0)
-    event: dict[str, Any] = dict(delta=1e-5, unit_count=30, expected_batch=3.0)
+    event: dict[str, Any] = dict(delta=1e-5, unit_count=30, expected_batch=3.0, release="update")
     fields: dict[str, Any] = dict(
         run_id="run-1", round=round_, merchant_id=merchant, node_id=round_, model_version=round_ - 1,
         epsilon_reported=epsilon, epsilon_budget=4.0, accountant="prv", status="accepted",
@@ -31,10 +31,16 @@ def spend(merchant: str, round_: int, epsilon: float, **overrides: Any) -> Spend
     return SpendRecord(event=SpendEvent(mechanism=MechanismEvent(**mechanism), **event), **fields)
 
 
+# An evaluation's spend: one Gaussian release of noised sums over the held-out units.
+EVALUATION: dict[str, Any] = dict(release="evaluation", noise_multiplier=10.0, sample_rate=1.0, steps=1,
+                                  unit_count=120, expected_batch=120.0)
+
+
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    """Three rounds: shop-a trains in all (once rejected), shop-b is refused in round 2 and
-    not sampled after, shop-c trains without DP in round 1 only."""
+    """Three rounds: shop-a trains in all (once rejected) and releases a noised evaluation in
+    rounds 1 and 3 (its own spend rows), shop-b is refused in round 2 and not sampled after,
+    shop-c trains without DP in round 1 only."""
     with PrivacyLedger(tmp_path / LEDGER_FILE) as ledger:
         ledger.record_round([
             spend("shop-a", 1, 1.25),
@@ -46,7 +52,9 @@ def run_dir(tmp_path: Path) -> Path:
             spend("shop-b", 2, 2.5, epsilon_budget=3.0, delta=1e-6, status="refused", steps=0,
                   reason="budget spent"),
         ])
+        ledger.record_round([spend("shop-a", 1, 1.5, **EVALUATION)])
         ledger.record_round([spend("shop-a", 3, 3.0)])
+        ledger.record_round([spend("shop-a", 3, 3.25, **EVALUATION)])
     log = RunLog(tmp_path)
     log.append(RoundReport(round=1, eval_metrics={"ctr_auc": 0.5, "eval-loss": 0.75}))
     log.append(RoundReport(round=2, eval_metrics={"ctr_auc": 0.75, "rating_rmse": 1.0625, "eval-loss": 0.5,
@@ -64,10 +72,15 @@ def test_summary_values(run_dir: Path) -> None:
     assert summary["final_eval"] == {"ctr_auc": 0.75, "rating_rmse": 1.0625, "eval-loss": 0.5,
                                      "relevance_ndcg@10": None}
     assert list(summary["privacy"]) == ["shop-a", "shop-b", "shop-c"]
-    # Each merchant's latest row; a refused call is not a round it trained in, a rejected one is.
-    assert summary["privacy"]["shop-a"] == {"epsilon": 3.0, "budget": 4.0, "delta": 1e-5, "rounds": 3}
-    assert summary["privacy"]["shop-b"] == {"epsilon": 2.5, "budget": 3.0, "delta": 1e-6, "rounds": 1}
-    assert summary["privacy"]["shop-c"] == {"epsilon": math.inf, "budget": math.inf, "delta": 1e-5, "rounds": 1}
+    # Each merchant's latest row (shop-a's: its round-3 evaluation, ε after both of that round's
+    # releases); a refused call is not a round it trained in, a rejected one is; evaluations
+    # are counted apart.
+    assert summary["privacy"]["shop-a"] == {"epsilon": 3.25, "budget": 4.0, "delta": 1e-5, "rounds": 3,
+                                            "evaluations": 2}
+    assert summary["privacy"]["shop-b"] == {"epsilon": 2.5, "budget": 3.0, "delta": 1e-6, "rounds": 1,
+                                            "evaluations": 0}
+    assert summary["privacy"]["shop-c"] == {"epsilon": math.inf, "budget": math.inf, "delta": 1e-5, "rounds": 1,
+                                            "evaluations": 0}
     assert summary["outputs"] == {
         "metrics": str(run_dir / METRICS_FILE),
         "ledger": str(run_dir / LEDGER_FILE),
@@ -80,14 +93,14 @@ def test_summary_text(run_dir: Path) -> None:
     text = format_summary(run_summary(run_dir, stopped_because="all rounds done"))
     assert text.splitlines() == [
         "fedshop run finished: 3 round(s); all rounds done",
-        "utility on merchants' held-out data (last round):",
+        "utility on merchants' held-out data (last round; DP: from noised sums, client.release):",
         # Sorted; the loss and the undefined metric are left out.
         "  ctr_auc                0.7500",
         "  rating_rmse            1.0625",
         "privacy spent per merchant (ε at δ, cumulative / budget):",
-        "  shop-a                 ε 3.000 / 4.000 at δ 1e-05, 3 round(s)",
-        "  shop-b                 ε 2.500 / 3.000 at δ 1e-06, 1 round(s)",
-        "  shop-c                 ε no DP / inf at δ 1e-05, 1 round(s)",
+        "  shop-a                 ε 3.250 / 4.000 at δ 1e-05, 3 round(s), 2 evaluation(s)",
+        "  shop-b                 ε 2.500 / 3.000 at δ 1e-06, 1 round(s), 0 evaluation(s)",
+        "  shop-c                 ε no DP / inf at δ 1e-05, 1 round(s), 0 evaluation(s)",
         "outputs:",
         f"  metrics      {run_dir / METRICS_FILE}",
         f"  ledger       {run_dir / LEDGER_FILE}",
@@ -115,7 +128,8 @@ def test_summary_file_is_strict_json(run_dir: Path) -> None:
         raise AssertionError(f"{token} in {SUMMARY_FILE}")
 
     written = json.loads(path.read_text(), parse_constant=refuse)
-    assert written["privacy"]["shop-c"] == {"epsilon": None, "budget": None, "delta": 1e-5, "rounds": 1}
+    assert written["privacy"]["shop-c"] == {"epsilon": None, "budget": None, "delta": 1e-5, "rounds": 1,
+                                            "evaluations": 0}
     assert written["privacy"]["shop-a"] == summary["privacy"]["shop-a"]
     assert written["final_eval"]["relevance_ndcg@10"] is None
     assert summary["privacy"]["shop-c"]["epsilon"] == math.inf  # the caller's dict is not changed

@@ -29,16 +29,17 @@ def test_no_file_reads_as_no_rows(tmp_path: Path) -> None:
 def test_rows_come_back_in_order_with_every_field(tmp_path: Path) -> None:
     log = RunLog(tmp_path)
     log.append(RoundReport(round=1, sampled=["a", "b"], accepted=["a"], refused={"b": "budget spent"},
-                           bytes_received=4096, train_loss=0.75, eval_metrics={"ctr_auc": 0.625},
+                           bytes_received=4096, eval_metrics={"ctr_auc": 0.625},
                            epsilon={"a": 1.5, "b": 8.0}, aggregated=True))
-    log.append(RoundReport(round=2, accepted=["a"], train_loss=0.5, aggregated=True))
+    log.append(RoundReport(round=2, accepted=["a"], aggregated=True))
 
     rows = log.rows()
     assert [r["round"] for r in rows] == [1, 2]
     first = rows[0]
     assert first["sampled"] == ["a", "b"] and first["accepted"] == ["a"]
     assert first["refused"] == {"b": "budget spent"} and first["rejected"] == {} and first["failed"] == {}
-    assert first["bytes_received"] == 4096 and first["train_loss"] == 0.75 and first["aggregated"] is True
+    assert first["bytes_received"] == 4096 and first["aggregated"] is True
+    assert "train_loss" not in first  # no merchant's raw loss reaches the server (docs/privacy.md)
     assert first["eval_metrics"] == {"ctr_auc": 0.625} and first["epsilon"] == {"a": 1.5, "b": 8.0}
     assert set(first) == {f.name for f in dataclasses.fields(RoundReport)}  # every field, no more
     lines = log.path.read_text().splitlines()
@@ -49,14 +50,14 @@ def test_rows_come_back_in_order_with_every_field(tmp_path: Path) -> None:
 
 def test_non_finite_values_are_written_as_null(tmp_path: Path) -> None:
     log = RunLog(tmp_path)
-    # No update accepted: the loss is NaN; a non-private merchant's ε is infinite; an
-    # undefined metric (one class only) is NaN. None of these is JSON.
-    log.append(RoundReport(round=1, train_loss=float("nan"), epsilon={"plain": math.inf, "dp": 2.0},
+    # A non-private merchant's ε is infinite; an undefined metric (one class only) is NaN.
+    # Neither is JSON.
+    log.append(RoundReport(round=1, epsilon={"plain": math.inf, "dp": 2.0},
                            eval_metrics={"ctr_auc": float("nan"), "rating_rmse": 1.25}))
     (line,) = log.path.read_text().splitlines()
     row = _strict(line)
     assert isinstance(row, dict)
-    assert row["train_loss"] is None
+    assert row["eval_metrics"]["ctr_auc"] is None
     assert row["epsilon"] == {"plain": None, "dp": 2.0}
     assert row["eval_metrics"] == {"ctr_auc": None, "rating_rmse": 1.25}
     assert log.rows() == [row]

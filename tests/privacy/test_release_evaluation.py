@@ -1,0 +1,222 @@
+"""Accounted evaluation (issue "Privacy end to end", finding 6): a merchant's evaluation
+metrics leave only as functions of noised, clipped per-unit sums (``client.release``), each
+release is its own spend (release ``"evaluation"``) in the merchant's privacy state and the
+server's ledger, and a merchant that does not evaluate, or cannot (too few held-out units, no
+budget left), releases nothing and spends nothing.
+
+Driven through the real ClientApp with Flower messages, as ``tests/client/test_app.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+
+import client.app as client_app
+from client import release
+from client.data import load_merchant
+from client.evaluation import metrics_of, predict
+from client.merchant import split_merchant
+from server.federation import spend_record
+from server.ledger import PrivacyLedger
+from shared import metrics as metrics_lib
+from shared.config import ConfigError, RunConfig
+from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
+from shared.privacy.accounting import epsilon_prv
+from shared.privacy.budget import PrivacyState
+from shared.privacy.events import MechanismEvent
+from shared.run_files import LEDGER_FILE
+from shared.wire import (
+    ARRAYS,
+    CONFIG,
+    METRICS,
+    MODEL_VERSION,
+    NUM_EXAMPLES,
+    PRIVACY,
+    RUN_ID,
+    SERVER_ROUND,
+    STATUS_OK,
+    EvalReply,
+    TrainReply,
+    params_to_record,
+)
+from tests.helpers.merchants import write_merchant
+
+BUDGET = 100.0  # room for several evaluations at the small σ_eval these tiny merchants need
+CONFIG_ = RunConfig(encoder="tiny", max_local_steps=2, batch_size=16, max_seq_len=32, eval_max_examples=64,
+                    noise_multiplier=1.0, target_epsilon=BUDGET)
+NODE_ID = 7
+# A handful of held-out units: the merchant's node config lowers the minimum and picks a σ_eval
+# small enough that the noised sums stay readable (ε ≈ 10 per evaluation at δ = 1e-5).
+SMALL = {"eval-min-units": 1, "eval-noise-multiplier": 0.5}
+
+
+@pytest.fixture(scope="module")
+def global_params() -> dict[str, np.ndarray]:
+    return dict(get_trainable(build_model(ModelSpec.from_config(CONFIG_))))
+
+
+@pytest.fixture
+def merchant_dir(tmp_path: Path) -> Path:
+    return write_merchant(tmp_path / "data", "shop-a", seed=1, interactions=120, judgments=32)
+
+
+def state_file(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "privacy-state.json"
+
+
+def context(merchant_dir: Path, tmp_path: Path, *, budget: float = BUDGET, **node: Any) -> Context:
+    PrivacyState.create(state_file(tmp_path), merchant_id="shop-a", target_epsilon=budget,
+                        target_delta=CONFIG_.target_delta)
+    return Context(run_id=1, node_id=NODE_ID, state=RecordDict(), run_config=CONFIG_.to_mapping(),
+                   node_config={"data-dir": str(merchant_dir), "merchant-id": "shop-a",
+                                "state-dir": str(tmp_path / "state"), **node})
+
+
+def message(message_type: str, params: dict[str, np.ndarray], *, server_round: int = 1) -> Message:
+    content = RecordDict({ARRAYS: params_to_record(params),
+                          CONFIG: ConfigRecord({SERVER_ROUND: server_round, MODEL_VERSION: server_round - 1,
+                                                RUN_ID: "run-1"})})
+    metadata = Metadata(run_id=1, message_id=f"msg-{message_type}-{server_round}", src_node_id=0,
+                        dst_node_id=NODE_ID, reply_to_message_id="", group_id=str(server_round),
+                        created_at=time.time(), ttl=3600.0, message_type=message_type)
+    return Message(content=content, metadata=metadata)  # type: ignore[call-overload]
+
+
+def evaluate(ctx: Context, params: dict[str, np.ndarray], *, server_round: int = 1) -> EvalReply:
+    reply = client_app.app(message("evaluate", params, server_round=server_round), ctx)
+    assert not reply.has_error(), reply.error
+    return EvalReply.from_recorddict(reply.content)
+
+
+def entries(tmp_path: Path) -> list[dict[str, Any]]:
+    if not state_file(tmp_path).exists():
+        return []
+    return list(json.loads(state_file(tmp_path).read_text())["entries"])
+
+
+def test_each_evaluation_is_noised_and_accounted_in_the_state_and_the_ledger(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+) -> None:
+    ctx = context(merchant_dir, tmp_path, **SMALL)
+    train = TrainReply.from_recorddict(client_app.app(message("train", global_params), ctx).content)
+    assert train.facts.status == STATUS_OK
+
+    first, second = evaluate(ctx, global_params, server_round=1), evaluate(ctx, global_params, server_round=2)
+
+    # The same model on the same data: different noise, so different metrics (the count is public).
+    assert first.metrics[NUM_EXAMPLES] == second.metrics[NUM_EXAMPLES] > 0
+    shared = (first.metrics.keys() & second.metrics.keys()) - {NUM_EXAMPLES}
+    assert shared and any(first.metrics[k] != second.metrics[k] for k in shared)
+    assert first.metrics["eval-loss"] != second.metrics["eval-loss"]
+    # Each is its own spend: an evaluation event appended to the merchant's state ...
+    assert [e["event"]["release"] for e in entries(tmp_path)] == ["update", "evaluation", "evaluation"]
+    assert first.facts is not None and second.facts is not None
+    event = first.facts.event
+    assert (event.release, event.mechanism.sample_rate, event.mechanism.steps) == ("evaluation", 1.0, 1)
+    assert (event.mechanism.noise_multiplier, event.mechanism.max_grad_norm) == (0.5, release.EVAL_CLIP_NORM)
+    assert event.unit_count == first.metrics[NUM_EXAMPLES] and event.delta == CONFIG_.target_delta
+    # ... and cumulative ε composes the training spend with both evaluations.
+    mechanisms = [MechanismEvent.from_dict(e["event"]) for e in entries(tmp_path)]
+    assert train.facts.epsilon < first.facts.epsilon < second.facts.epsilon
+    assert second.facts.epsilon == pytest.approx(epsilon_prv(mechanisms, CONFIG_.target_delta), rel=1e-9)
+    # The server's ledger: one update row and one evaluation row for the merchant's round.
+    with PrivacyLedger(tmp_path / "run" / LEDGER_FILE) as ledger:
+        ledger.record_round([spend_record(train.facts, run_id="run-1", round=1, node_id=NODE_ID,
+                                          status="accepted", reason="")])
+        ledger.record_round([spend_record(first.facts, run_id="run-1", round=1, node_id=NODE_ID,
+                                          status="accepted", reason="")])
+        rows = ledger.rows()
+    assert [(r.round, r.event.release) for r in rows] == [(1, "update"), (1, "evaluation")]
+    assert rows[1].event == event and rows[1].epsilon_reported == first.facts.epsilon
+
+
+def test_the_noise_has_the_spread_of_sigma_times_c(merchant_dir: Path, global_params: dict[str, np.ndarray]) -> None:
+    """Seeded draws of the release's noised sums around the exact sums: per coordinate, standard
+    deviation σ_eval·C_eval (generous bound), mean 0; and no unit's contribution exceeds C_eval."""
+    test = split_merchant(load_merchant(merchant_dir), CONFIG_).test
+    model = build_model(ModelSpec.from_config(CONFIG_))
+    losses, preds = predict(model, test, load_tokenizer(ModelSpec.from_config(CONFIG_)), CONFIG_)
+    rows = release.contributions(test, losses, preds, CONFIG_.task_names, unit=CONFIG_.privacy_unit)
+    assert rows.shape[0] == release.unit_count(test, unit=CONFIG_.privacy_unit) > 0
+    assert np.linalg.norm(rows, axis=1).max() <= release.EVAL_CLIP_NORM + 1e-9
+    sigma = 3.0
+    exact = rows.sum(axis=0)
+    draws = np.stack([release.noised_sums(rows, sigma, seed=seed) for seed in range(400)]) - exact
+    expected = sigma * release.EVAL_CLIP_NORM
+    assert np.abs(draws.std(axis=0) / expected - 1).max() < 0.25
+    assert np.abs(draws.mean(axis=0)).max() < 5 * expected / np.sqrt(len(draws))
+    assert not np.array_equal(release.noised_sums(rows, sigma), release.noised_sums(rows, sigma))  # fresh
+
+
+def test_metrics_from_exact_sums_are_the_exact_metrics(merchant_dir: Path) -> None:
+    """With no noise the released statistics give back what shared.metrics computes where no
+    unit is clipped (one-row units: interactions under ``privacy-unit = "record"``), the AUC up
+    to its histogram's resolution. A query is one unit with many rows: clipping re-weights
+    whole queries (never a query's own ratios), so relevance's means are query-weighted."""
+    test = split_merchant(load_merchant(merchant_dir), CONFIG_).test
+    spec = ModelSpec.from_config(CONFIG_)
+    losses, preds = predict(build_model(spec), test, load_tokenizer(spec), CONFIG_)
+    sums = release.contributions(test, losses, preds, CONFIG_.task_names, unit="record").sum(axis=0)
+    got = release.metrics_from_sums(sums, CONFIG_.task_names)
+    want = metrics_of(test, preds)
+    for key in ("rating_rmse", "rating_mae"):
+        assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    assert got["ctr_logloss"] == pytest.approx(want["ctr_logloss"], abs=1e-3)  # float32 BCE on logits
+    # The AUC of the scores as binned (ties counted half): what the histogram can resolve.
+    ctr = [i for i, e in enumerate(test) if e.task == "ctr"]
+    binned = [release.score_bin(float(preds[i])) for i in ctr]
+    assert got["ctr_auc"] == pytest.approx(metrics_lib.auc([test[i].target for i in ctr], binned), abs=1e-9)
+    for key in ("relevance_rmse", "relevance_ndcg@10", "relevance_mrr", "relevance_recall@10"):
+        assert got[key] == pytest.approx(want[key], abs=0.2), key
+
+
+def test_evaluate_false_releases_nothing_and_spends_nothing(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+) -> None:
+    ctx = context(merchant_dir, tmp_path, **SMALL, evaluate=False)  # the merchant's own node config
+    reply = client_app.app(message("evaluate", global_params), ctx)
+    assert not reply.has_error()
+    assert METRICS not in reply.content.metric_records and PRIVACY not in reply.content.config_records
+    parsed = EvalReply.from_recorddict(reply.content)
+    assert parsed.metrics == {} and parsed.facts is None and "off" in parsed.reason
+    assert entries(tmp_path) == []
+
+
+def test_a_too_small_held_out_set_is_refused(merchant_dir: Path, tmp_path: Path,
+                                            global_params: dict[str, np.ndarray]) -> None:
+    ctx = context(merchant_dir, tmp_path)  # default eval-min-units = 100: more than this merchant holds
+    parsed = evaluate(ctx, global_params)
+    assert parsed.metrics == {} and parsed.facts is None
+    assert "eval-min-units = 100" in parsed.reason
+    assert entries(tmp_path) == []
+
+
+def test_a_budget_that_cannot_afford_the_evaluation_refuses_it(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+) -> None:
+    ctx = context(merchant_dir, tmp_path, budget=1.0, **SMALL)  # σ_eval 0.5 costs ε ≈ 10
+    parsed = evaluate(ctx, global_params)
+    assert parsed.metrics == {} and parsed.facts is None and "budget" in parsed.reason
+    assert entries(tmp_path) == []
+    assert json.loads(state_file(tmp_path).read_text()).get("reservations", []) == []
+
+
+def test_the_merchants_node_config_wins_over_the_run_config() -> None:
+    run = CONFIG_.replace(evaluate=False, eval_noise_multiplier=20.0, eval_min_units=50)
+    assert release.EvalSettings.resolve({}, run) == release.EvalSettings(evaluate=False, noise_multiplier=20.0,
+                                                                         min_units=50)
+    node = {"evaluate": "true", "eval-noise-multiplier": 4, "eval-min-units": 200}
+    assert release.EvalSettings.resolve(node, run) == release.EvalSettings(evaluate=True, noise_multiplier=4.0,
+                                                                           min_units=200)
+    with pytest.raises(ConfigError, match="eval-noise-multiplier"):
+        release.EvalSettings.resolve({"eval-noise-multiplier": 0}, run)
+    # The default: one evaluation costs a small ε at δ = 1e-5 (docs/privacy.md quotes it).
+    default = release.EvalSettings.resolve({}, RunConfig()).mechanism
+    assert epsilon_prv([default], 1e-5) == pytest.approx(0.35, abs=0.01)
