@@ -36,8 +36,10 @@ def test_malformed_updates_are_rejected_and_their_spend_recorded(tmp_path: Path)
     data = tmp_path / "data"
     write_merchants(data, ["bad-nan", "bad-norm", "bad-shape", "good"])
     run_dir = tmp_path / "run"
+    # σ_eval 0.5 under a large budget: over a handful of held-out units σ_eval = 10 leaves each
+    # merchant's noised counts ≤ 0 (no metric) about 4 times in 10, and this run must evaluate.
     config = {**FAST, "data-dir": str(data), "run-dir": str(run_dir), "num-server-rounds": 2,
-              "merchants-per-round": 4}
+              "merchants-per-round": 4, "eval-noise-multiplier": 0.5, "target-epsilon": 1000.0}
 
     result = faulty_simulation(config, num_merchants=4, log_dir=tmp_path / "log")
 
