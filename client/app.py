@@ -8,6 +8,7 @@ from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
 from client.merchant import Merchant, resolve_node
+from client.policy import MerchantPolicy
 from client.release import EvalSettings
 from shared.config import RunConfig
 from shared.wire import ARRAYS, CONFIG, MODEL_VERSION, PROXIMAL_MU, RUN_ID, SERVER_ROUND, record_to_params
@@ -21,7 +22,8 @@ app = ClientApp()
 
 def _merchant(context: Context) -> Merchant:
     config = RunConfig.from_mapping(context.run_config)
-    return Merchant(resolve_node(context.node_config, config), config)
+    policy = MerchantPolicy.from_node_config(context.node_config)  # what the merchant pinned
+    return Merchant(resolve_node(context.node_config, config), config, policy=policy)
 
 
 @app.train()

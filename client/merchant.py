@@ -36,6 +36,7 @@ import numpy as np
 from client import evaluation, features, precondition, release, trainer
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from client.data.split import subsample_units
+from client.policy import MerchantPolicy, delta_refusal
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
 from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
@@ -175,9 +176,11 @@ def split_merchant(data: MerchantData, config: RunConfig) -> MerchantSplit:
 class Merchant:
     """A node's merchant: loads its data once per call and trains or evaluates the model."""
 
-    def __init__(self, identity: NodeIdentity, config: RunConfig) -> None:
+    def __init__(self, identity: NodeIdentity, config: RunConfig, *, policy: MerchantPolicy | None = None) -> None:
         self.identity = identity
-        self.config = config
+        self.policy = policy or MerchantPolicy()
+        self.requested = config  # the run's request, before the merchant's own values replace its
+        self.config = self.policy.apply(config)
 
     def load_data(self) -> MerchantData:
         if self.identity.synthetic_index is not None:
@@ -230,6 +233,15 @@ class Merchant:
         ``proximal_mu``: FedProx's μ, when the server sent one (``trainer.proximal_term``)."""
         started = time.perf_counter()
         split = self.split()
+        refusal = self.policy.refusal(self.requested)
+        if not refusal and self.config.dp:
+            refusal = delta_refusal(self.identity.target_delta,
+                                    release.unit_count(split.train, unit=self.config.privacy_unit))
+        if refusal:  # the run asks for less privacy than this merchant allows: nothing trains, nothing is spent
+            log.warning("merchant %s refuses round %d: %s", self.identity.merchant_id, server_round, refusal)
+            return TrainReply(facts=self._facts(None, status=STATUS_REFUSED, event=self._refused(),
+                                                model_version=model_version, epsilon=0.0, reason=refusal),
+                              params=None, metrics={})
         model, tokenizer = self._model(params)
         device = choose_device(self.identity.device)
         with self.privacy_state() as privacy:  # held from the budget check to the committed spend
@@ -242,7 +254,7 @@ class Merchant:
             except BudgetExceededError as exc:
                 log.warning("%s", exc)
                 assert privacy is not None
-                return TrainReply(facts=self._facts(privacy, status=STATUS_REFUSED, event=self._refused(privacy),
+                return TrainReply(facts=self._facts(privacy, status=STATUS_REFUSED, event=self._refused(),
                                                     model_version=model_version, epsilon=exc.epsilon_now,
                                                     reason=str(exc)), params=None, metrics={})
         model.cpu()
@@ -274,11 +286,11 @@ class Merchant:
                                             max_grad_norm=self.config.max_grad_norm),
                              unit_count=result.num_examples, delta=0.0, noise="")
 
-    def _refused(self, privacy: PrivacyState) -> SpendEvent:
+    def _refused(self) -> SpendEvent:
         """A refused call released nothing: no steps, no units, no noise drawn (σ is the run's floor)."""
         return SpendEvent.of(MechanismEvent(noise_multiplier=self.config.noise_multiplier, sample_rate=0.0, steps=0,
                                             max_grad_norm=self.config.max_grad_norm),
-                             unit_count=0, delta=privacy.target_delta, noise="")
+                             unit_count=0, delta=self.identity.target_delta, noise="")
 
     def evaluate(self, params: dict[str, np.ndarray], settings: release.EvalSettings, *, server_round: int = 0,
                  model_version: int = 0, run_id: str = "") -> EvalReply:

@@ -145,6 +145,9 @@ class MerchantKit:
             "merchant-id": self.name, "data-dir": str(self.data_dir), "state-dir": state_dir,
             "target-epsilon": float(self.target_epsilon), "target-delta": float(self.target_delta),
             "device": self.device,
+            # The merchant's kit pins DP on: a run that asks this node for non-private training is
+            # refused (client/policy.py); the merchant may pin more (a noise floor, its split, ...).
+            "dp": "true",
         }
         return " ".join(f"{k}={_toml_scalar(v)}" for k, v in values.items())
 

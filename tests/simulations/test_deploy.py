@@ -158,7 +158,7 @@ def test_add_merchant_writes_its_key_node_config_and_start_script(tmp_path: Path
     # the node config is what flower-supernode parses and client/merchant.py resolve_node reads
     assert parse_config_args([cmd[cmd.index("--node-config") + 1]]) == {
         "merchant-id": "shop-a", "data-dir": str(data), "state-dir": str(a.dir / "state"),
-        "target-epsilon": 3.5, "target-delta": 1e-6, "device": "cuda"}
+        "target-epsilon": 3.5, "target-delta": 1e-6, "device": "cuda", "dp": "true"}
     script = a.dir / deploy.SUPERNODE_SCRIPT
     subprocess.run(["sh", "-n", str(script)], check=True)
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in script.read_text()
