@@ -3,13 +3,18 @@
 ``ledger_audit`` re-derives ε from the recorded mechanisms (the arithmetic); these checks ask
 whether the mechanisms themselves are what the run and the merchant's rules allow:
 
-- a run that claims DP releases no update without it (``dp = 0`` row);
-- a private update's event is internally consistent: σ > 0, q in (0, 1], steps ≥ 1, C > 0,
-  0 < δ ≤ 1/(10·N) where N is recorded;
-- q is what the merchant's rule gives from the facts it sampled on: q = expected batch / N,
-  with 1 ≤ expected batch ≤ N (no batch below one unit, none above all of them);
+- a run that claims DP releases nothing without it (``dp = 0`` row);
+- a private release's event is internally consistent: σ > 0, C > 0, 0 < δ ≤ 1/(10·N) where N
+  is recorded;
+- an update (release ``"update"``, DP-SGD): q in (0, 1], steps ≥ 1, and q is what the
+  merchant's rule gives from the facts it sampled on: q = expected batch / N, with
+  1 ≤ expected batch ≤ N (no batch below one unit, none above all of them);
+- an evaluation (release ``"evaluation"``, ``client.release``): one Gaussian mechanism on the
+  whole held-out set, so q = 1 and steps = 1, N > 0 (the held-out units), and its expected
+  batch is N (``SpendEvent.of`` records q·N: every unit is in the release);
 - C and δ agree with the run config (``RUN_DIR/config.json``) where it names them: δ may be
-  the merchant's own smaller one; C may not differ (no merchant pins its own C yet).
+  the merchant's own smaller one; an update's C may not differ (no merchant pins its own C
+  yet). An evaluation's C is its own clipping bound (C_eval), not the run's max-grad-norm.
 
 The run config is read as plain JSON, not through ``shared.config.RunConfig``: the audit must
 also read a file it would refuse to run, and must not fail on keys a newer version added.
@@ -23,7 +28,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.privacy.events import NOISE_SOURCE
+from shared.privacy.events import NOISE_SOURCE, RELEASE_EVALUATION
 from shared.run_files import CONFIG_FILE
 
 if TYPE_CHECKING:
@@ -88,7 +93,9 @@ def _close(a: float, b: float) -> bool:
 def row_findings(row: Row, *, run_dp: bool, claim: RunClaim) -> list[str]:
     """What is wrong with one row's facts; each finding starts with its round (the caller
     prefixes the merchant)."""
-    where = f"round {row.round}"
+    evaluation = row.event.release == RELEASE_EVALUATION
+    what = "evaluation" if evaluation else "update"
+    where = f"round {row.round}" + (" (evaluation)" if evaluation else "")
     if not row.dp:
         if not run_dp:
             return []
@@ -100,26 +107,43 @@ def row_findings(row: Row, *, run_dp: bool, claim: RunClaim) -> list[str]:
     e, m = row.event, row.event.mechanism
     findings = []
     if not (math.isfinite(m.noise_multiplier) and m.noise_multiplier > 0):
-        findings.append(f"{where}: a private update with σ = {m.noise_multiplier:g} (no noise)")
-    if not 0 < m.sample_rate <= 1:
-        findings.append(f"{where}: sample rate q = {m.sample_rate:g} outside (0, 1]")
-    if m.steps < 1:
-        findings.append(f"{where}: a released update with {m.steps} steps")
+        findings.append(f"{where}: a private {what} with σ = {m.noise_multiplier:g} (no noise)")
+    if evaluation:
+        # client.release: one Gaussian mechanism on the whole held-out set (EvalSettings.mechanism).
+        if m.sample_rate != 1.0:
+            findings.append(f"{where}: an evaluation with sample rate q = {m.sample_rate:g}; a Gaussian release "
+                            "of the whole held-out set has q = 1")
+        if m.steps != 1:
+            findings.append(f"{where}: an evaluation with {m.steps} steps; a Gaussian release is one step")
+    else:
+        if not 0 < m.sample_rate <= 1:
+            findings.append(f"{where}: sample rate q = {m.sample_rate:g} outside (0, 1]")
+        if m.steps < 1:
+            findings.append(f"{where}: a released update with {m.steps} steps")
     if not (math.isfinite(m.max_grad_norm) and m.max_grad_norm > 0):
         findings.append(f"{where}: clipping norm C = {m.max_grad_norm:g} (no clipping bound)")
     if not 0 < e.delta < 1:
         findings.append(f"{where}: δ = {e.delta:g} outside (0, 1)")
     n = e.unit_count
+    if evaluation and n <= 0:
+        # Evaluation rows exist from schema 4 on, which keeps N: none recorded is not an old row.
+        findings.append(f"{where}: an evaluation with N = {n} held-out {e.unit}s recorded")
     if n > 0:
         if e.delta > 1 / (DELTA_PER_UNIT * n):
             findings.append(f"{where}: δ = {e.delta:g} too large for N = {n} {e.unit}s "
                             f"(must be ≤ 1/({DELTA_PER_UNIT}·N) = {1 / (DELTA_PER_UNIT * n):.3g})")
-        if not _close(m.sample_rate, e.expected_batch / n):
-            findings.append(f"{where}: sample rate q = {m.sample_rate:.6g} is not expected batch / N = "
-                            f"{e.expected_batch:g} / {n} = {e.expected_batch / n:.6g}")
-        if not 1 - FLOAT_REL <= e.expected_batch <= n * (1 + FLOAT_REL):
-            findings.append(f"{where}: expected batch {e.expected_batch:g} outside [1, N = {n}]")
-    if claim.max_grad_norm is not None and not _close(m.max_grad_norm, claim.max_grad_norm):
+        if evaluation:
+            if not _close(e.expected_batch, n):
+                findings.append(f"{where}: expected batch {e.expected_batch:g} is not N = {n} (an evaluation "
+                                "releases every held-out unit: q·N = N)")
+        else:
+            if not _close(m.sample_rate, e.expected_batch / n):
+                findings.append(f"{where}: sample rate q = {m.sample_rate:.6g} is not expected batch / N = "
+                                f"{e.expected_batch:g} / {n} = {e.expected_batch / n:.6g}")
+            if not 1 - FLOAT_REL <= e.expected_batch <= n * (1 + FLOAT_REL):
+                findings.append(f"{where}: expected batch {e.expected_batch:g} outside [1, N = {n}]")
+    if (not evaluation and claim.max_grad_norm is not None
+            and not _close(m.max_grad_norm, claim.max_grad_norm)):
         findings.append(f"{where}: C = {m.max_grad_norm:g}, the run config's max-grad-norm is "
                         f"{claim.max_grad_norm:g}")
     if claim.target_delta is not None and e.delta > claim.target_delta * (1 + FLOAT_REL):
@@ -128,8 +152,10 @@ def row_findings(row: Row, *, run_dp: bool, claim: RunClaim) -> list[str]:
 
 
 def unit_count_missing(row: Row) -> str | None:
-    """A private update in a ledger that keeps N but recorded none: its q cannot be checked."""
-    if row.dp and row.status != "refused" and row.event.unit_count == 0:
+    """A private update in a ledger that keeps N but recorded none: its q cannot be checked.
+    (An evaluation without N is ``row_findings``'s: its rows always keep N.)"""
+    if (row.dp and row.status != "refused" and row.event.unit_count == 0
+            and row.event.release != RELEASE_EVALUATION):
         return f"round {row.round}: a private update with N = 0 recorded (its q cannot be checked)"
     return None
 

@@ -1,7 +1,8 @@
 """Audit of a run's privacy ledger: re-derive every merchant's ε and check the record.
 
-The ledger records *what happened* (each merchant's mechanism per round) next to *what the
-merchant's own accountant reported* (Opacus PRV). This module re-derives ε from the
+The ledger records *what happened* (each merchant's mechanism per round and release: its
+update, and its evaluation when it released noised metrics) next to *what the merchant's own
+accountant reported* (Opacus PRV: its cumulative ε after that release). This module re-derives ε from the
 mechanism alone with an independent accountant (Google's dp_accounting PLD; RDP for
 reference), checks the mechanisms' facts (``server.audit.checks``), and fails the audit
 (each finding names the merchant and, where there is one, the round) when:
@@ -13,17 +14,22 @@ reference), checks the mechanisms' facts (``server.audit.checks``), and fails th
   above PLD, so under-reporting is never tolerated;
 - a recorded or re-derived ε exceeds the merchant's budget: no slack, except PLD's own
   discretisation error for the re-derived one (``pld_allowance``);
-- a private update's facts are impossible or not the run's: σ = 0, steps < 1, C ≤ 0,
-  δ > 1/(10·N), q ≠ expected batch / N, C other than the run config's ``max-grad-norm``, δ
-  above its ``target-delta``; or δ changed between rounds;
-- the ledger is inconsistent: missing rounds, a (round, merchant) recorded twice, or a
-  merchant the run log says trained in a round without a spend row there;
-- a private update carries no noise-source mark (``shared.privacy.NOISE_SOURCE``): it came
+- a private release's facts are impossible or not the run's: σ = 0, C ≤ 0, δ > 1/(10·N), δ
+  above the run config's ``target-delta``; for an update steps < 1, q ≠ expected batch / N, C
+  other than the run config's ``max-grad-norm``; for an evaluation q ≠ 1 or steps ≠ 1 (a
+  Gaussian release) or no N; or δ changed between rounds;
+- the ledger is inconsistent: missing rounds (no update rows), a (round, merchant, release)
+  recorded twice, or a merchant the run log says trained in a round without an update row there;
+- a private release carries no noise-source mark (``shared.privacy.NOISE_SOURCE``): it came
   from a version that did not mark its noise, as every version whose noise repeated did not.
 
 A recorded ε *above* the re-derived one by more than ``tolerance_abs + tolerance_rel · ε_PLD``
 is a warning, not a failure: over-reporting is safe, but that gap (PRV sits ~0.01 above PLD)
 means spend this run's ledger does not show (a removed row, an earlier run) or an RDP merchant.
+
+Each merchant's rows are audited in the order recorded (round, then rowid: a round's update
+before its evaluation), and every spent row, update or evaluation, composes into the ε
+re-derived for the rows after it.
 
 The ledger is read with plain SQL, not through ``server.ledger``: the audit must also see
 a file whose constraints were tampered with.
@@ -52,7 +58,15 @@ from server.audit.checks import (
 )
 from shared.jsonable import finite
 from shared.privacy.accounting import epsilon_pld, epsilon_rdp
-from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, SPEND_KEYS, UNIT_RECORD, MechanismEvent, SpendEvent
+from shared.privacy.events import (
+    NOISE_SOURCE,
+    RELEASE_EVALUATION,
+    RELEASE_UPDATE,
+    SPEND_KEYS,
+    UNIT_RECORD,
+    MechanismEvent,
+    SpendEvent,
+)
 from shared.run_files import LEDGER_FILE, METRICS_FILE
 
 log = logging.getLogger(__name__)
@@ -88,9 +102,17 @@ class Row:
     def spent(self) -> bool:
         return self.dp and self.event.mechanism.steps > 0 and self.status != "refused"
 
+    @property
+    def release(self) -> str:
+        return self.event.release
+
 
 @dataclasses.dataclass
 class MerchantAudit:
+    """One merchant's audit. ``rounds_joined``, ``total_steps`` and the σ / q / C lists describe
+    its updates (DP-SGD); ``evaluations`` and ``eval_noise_multipliers`` its evaluation releases.
+    ε (recorded, PLD, RDP) composes both."""
+
     merchant_id: str
     rounds_joined: int
     rounds_refused: int
@@ -104,9 +126,11 @@ class MerchantAudit:
     epsilon_rdp: float
     budget: float
     dp: bool
-    series: list[dict[str, float]]  # per round: recorded and re-derived ε
+    series: list[dict[str, Any]]  # per private row, in recorded order: round, release, recorded and re-derived ε
     findings: list[str] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
+    evaluations: int = 0
+    eval_noise_multipliers: list[float] = dataclasses.field(default_factory=list)
 
     @property
     def remaining(self) -> float:
@@ -166,7 +190,9 @@ def read_rows(ledger_path: Path) -> list[Row]:
         try:
             columns = {r[1] for r in conn.execute("PRAGMA table_info(spend)")}
             spend = [c if c in columns else f"{_OLD_SCHEMA_VALUES[c]} AS {c}" for c in SPEND_KEYS]
-            cursor = conn.execute(f"SELECT {', '.join([*_CONTEXT, *spend])} FROM spend ORDER BY round, merchant_id")
+            # rowid order is recording order (the migration to schema 4 kept it): a round's update
+            # row comes before its evaluation row, whose ε is the cumulative one after both.
+            cursor = conn.execute(f"SELECT {', '.join([*_CONTEXT, *spend])} FROM spend ORDER BY round, rowid")
             raw = cursor.fetchall()
         finally:
             conn.close()
@@ -208,16 +234,20 @@ def _first(rows: list[Row], values: list[float], limit: float) -> int:
 
 def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel: float, run_dp: bool | None = None,
                    claim: RunClaim | None = None) -> MerchantAudit:
-    """``rows`` in round order. ``run_dp``: whether the run claims DP (default: any of these
-    rows is private); ``claim``: the run config's privacy keys (default: none known)."""
+    """``rows`` in the order recorded (round, then rowid: an update before its round's
+    evaluation); every spent row, of either release, composes into the ε re-derived for it and
+    the rows after it. ``run_dp``: whether the run claims DP (default: any of these rows is
+    private); ``claim``: the run config's privacy keys (default: none known)."""
     claim = claim or RunClaim(path=None)
     run_dp = claims_dp(claim, rows) if run_dp is None else run_dp
     spent = [r for r in rows if r.spent]
+    updates = [r for r in spent if r.release != RELEASE_EVALUATION]
+    evaluations = [r for r in spent if r.release == RELEASE_EVALUATION]
     private = [r for r in rows if r.dp]
     dp = bool(private)
     delta = (private or rows)[-1].event.delta
     events: list[MechanismEvent] = []
-    series: list[dict[str, float]] = []
+    series: list[dict[str, Any]] = []
     findings: list[str] = []
     warnings: list[str] = []
     unbounded = False  # a spent row's mechanism no accountant can bound (row_findings says which fact)
@@ -235,10 +265,11 @@ def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel
         if not row.dp:
             continue
         derived = math.inf if unbounded else epsilon_pld(events, delta) if events else 0.0
-        series.append({"round": row.round, "recorded": row.epsilon_reported, "pld": derived,
-                       "budget": row.epsilon_budget})
+        series.append({"round": row.round, "release": row.release, "recorded": row.epsilon_reported,
+                       "pld": derived, "budget": row.epsilon_budget})
         gap = row.epsilon_reported - derived
-        said = (f"round {row.round}: recorded ε {row.epsilon_reported:.4f} {{}} ε re-derived from the recorded "
+        where = f"round {row.round}" + (" (evaluation)" if row.release == RELEASE_EVALUATION else "")
+        said = (f"{where}: recorded ε {row.epsilon_reported:.4f} {{}} ε re-derived from the recorded "
                 f"mechanisms ({derived:.4f}, PLD) by {abs(gap):.4f}")
         if not gap >= -UNDER_REPORT_TOLERANCE:  # also NaN, and a private row PLD finds unbounded
             findings.append(said.format("under-reports") + f" (more than {UNDER_REPORT_TOLERANCE} is never allowed)")
@@ -250,26 +281,29 @@ def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel
     recorded = private[-1].epsilon_reported if private else 0.0
     budget = min(r.epsilon_budget for r in rows)
     pld = series[-1]["pld"] if series else 0.0
-    steps = sum(r.event.mechanism.steps for r in spent)
+    steps = sum(r.event.mechanism.steps for r in updates)
+    composed = sum(r.event.mechanism.steps for r in spent)  # every step PLD composed, evaluations included
     reported = [r.epsilon_reported for r in private]
     if dp and max(reported) > budget:  # no slack: the merchant's own check refuses at > budget
         findings.append(f"over budget: recorded ε {max(reported):.4f} > budget {budget:.4f} "
                         f"(from round {_first(private, reported, budget)})")
-    if dp and pld > budget + pld_allowance(steps):
-        over = _first(private, [p["pld"] for p in series], budget + pld_allowance(steps))
+    if dp and pld > budget + pld_allowance(composed):
+        over = _first(private, [p["pld"] for p in series], budget + pld_allowance(composed))
         findings.append(f"over budget: re-derived ε {pld:.4f} > budget {budget:.4f} (from round {over}; PLD's "
-                        f"discretisation accounts for at most {pld_allowance(steps):.4f} of it)")
+                        f"discretisation accounts for at most {pld_allowance(composed):.4f} of it)")
     unmarked = [r.round for r in spent if r.event.noise != NOISE_SOURCE]
     if unmarked:
-        findings.append(unmarked_finding(len(unmarked), len(spent), f"round(s) {spans(unmarked)}", "update(s)"))
+        what = "release(s) (updates and evaluations)" if evaluations else "update(s)"
+        findings.append(unmarked_finding(len(unmarked), len(spent), f"round(s) {spans(sorted(set(unmarked)))}",
+                                         what))
     return MerchantAudit(
         merchant_id=merchant_id,
-        rounds_joined=len(spent),
+        rounds_joined=len(updates),
         rounds_refused=sum(1 for r in rows if r.status == "refused"),
         total_steps=steps,
-        noise_multipliers=sorted({r.event.mechanism.noise_multiplier for r in spent}),
-        sample_rates=sorted({round(r.event.mechanism.sample_rate, 8) for r in spent}),
-        max_grad_norms=sorted({r.event.mechanism.max_grad_norm for r in spent}),
+        noise_multipliers=sorted({r.event.mechanism.noise_multiplier for r in updates}),
+        sample_rates=sorted({round(r.event.mechanism.sample_rate, 8) for r in updates}),
+        max_grad_norms=sorted({r.event.mechanism.max_grad_norm for r in updates}),
         delta=delta,
         epsilon_recorded=recorded if dp else math.inf,
         epsilon_pld=pld if dp else math.inf,
@@ -279,6 +313,8 @@ def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel
         series=series,
         findings=findings,
         warnings=warnings,
+        evaluations=len(evaluations),
+        eval_noise_multipliers=sorted({r.event.mechanism.noise_multiplier for r in evaluations}),
     )
 
 
@@ -297,20 +333,29 @@ def _run_log(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def ledger_findings(rows: list[Row], run_log: list[dict[str, Any]]) -> list[str]:
+    """A merchant's round holds at most one row per release (its update's; its evaluation's);
+    every round up to the last holds updates; every merchant the run log says trained in a
+    round has an update row there (evaluations are not in the run log's lists)."""
     findings: list[str] = []
-    counts: dict[tuple[int, str], int] = defaultdict(int)
+    counts: dict[tuple[int, str, str], int] = defaultdict(int)
     for row in rows:
-        counts[(row.round, row.merchant_id)] += 1
-    for (rnd, merchant), n in sorted(counts.items()):
+        counts[(row.round, row.merchant_id, row.release)] += 1
+    for (rnd, merchant, release), n in sorted(counts.items()):
         if n > 1:
-            findings.append(f"ledger: merchant {merchant} recorded {n} times in round {rnd}")
+            what = "" if release == RELEASE_UPDATE else f" ({release})"
+            findings.append(f"ledger: merchant {merchant} recorded {n} times in round {rnd}{what}")
+    updates = [r for r in rows if r.release == RELEASE_UPDATE]
     rounds = {r.round for r in rows}
     if rounds:
-        missing = sorted(set(range(1, max(rounds) + 1)) - rounds)
-        if missing:
-            findings.append(f"ledger: no spend recorded for round(s) {missing} (gap)")
+        missing = sorted(set(range(1, max(rounds) + 1)) - {r.round for r in updates})
+        empty = [rnd for rnd in missing if rnd not in rounds]
+        if empty:
+            findings.append(f"ledger: no spend recorded for round(s) {empty} (gap)")
+        others = [rnd for rnd in missing if rnd in rounds]
+        if others:
+            findings.append(f"ledger: no update recorded for round(s) {others}, only other releases (gap)")
     by_round: dict[int, dict[str, Row]] = defaultdict(dict)
-    for row in rows:
+    for row in updates:
         by_round[row.round][row.merchant_id] = row
     for entry in run_log:
         rnd = int(entry.get("round", 0))
@@ -337,6 +382,7 @@ def audit_run(run_dir: Path, *, tolerance_abs: float = TOLERANCE_ABS,
     by_merchant: dict[str, list[Row]] = defaultdict(list)
     for row in rows:
         by_merchant[row.merchant_id].append(row)
+    # sorted() is stable: within a round, the rows keep read_rows' recording order.
     merchants = [audit_merchant(m, sorted(rs, key=lambda r: r.round), tol_abs=tolerance_abs, tol_rel=tolerance_rel,
                                 run_dp=run_dp, claim=claim)
                  for m, rs in sorted(by_merchant.items())]

@@ -3,7 +3,9 @@
 The node's state (``shared.privacy.budget.PrivacyState``) is the merchant's lifetime record;
 the ledger covers one run. ``audit_node_state`` re-accounts the state with PRV and the
 independent PLD and, given a run folder, checks that the ledger holds exactly the spend the
-node recorded in that run.
+node recorded in that run: each of the node's entries of that run (its update's, its
+evaluation's; ``SpendEntry.event.release``) against the ledger's row of the same round and
+release.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from server.audit.checks import spans, unmarked_finding
 from server.audit.ledger_audit import TOLERANCE_ABS, TOLERANCE_REL, AuditInputError, read_rows, within
 from shared.jsonable import finite
 from shared.privacy.accounting import epsilon_pld, epsilon_rdp
-from shared.privacy.events import NOISE_SOURCE
+from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE
 from shared.run_files import LEDGER_FILE
 
 
@@ -50,7 +52,8 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
     """Re-account a merchant's own persisted state; with ``run_dir``, compare it with the ledger.
 
     The node's state is the merchant's lifetime record; the ledger covers one run. They must
-    agree on every call of that run (matched by run id and round): same mechanism, same ε.
+    agree on every call of that run (matched by run id, round and release): same mechanism,
+    same ε.
     """
     from shared.privacy import accounting
     from shared.privacy.budget import PrivacyState, PrivacyStateError
@@ -99,28 +102,31 @@ def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tol
     run_id = found[0] if found else ""
     if not rows:
         return [f"the ledger in {run_dir} has no rows for merchant {state.merchant_id}"]
-    # A round can hold several of the merchant's calls: one whose reply never reached the
-    # ledger (server crash) and the retry of that round. Every call is spend; the ledger has
-    # one row per round, so extra calls are spend it does not show.
-    mine: dict[int, list[tuple[int, Any]]] = defaultdict(list)
+    # A (round, release) can hold several of the merchant's calls: one whose reply never reached
+    # the ledger (server crash) and the retry of that round. Every call is spend; the ledger has
+    # one row per round and release, so extra calls are spend it does not show.
+    mine: dict[tuple[int, str], list[tuple[int, Any]]] = defaultdict(list)
     for i, e in enumerate(state.entries):
         if e.run_id == run_id:
-            mine[e.round].append((i, e))
-    ledger_spent = {r.round: r for r in rows if r.spent}
-    for rnd in sorted(set(mine) | set(ledger_spent)):
-        if rnd not in ledger_spent:
-            findings.append(f"round {rnd}: the merchant recorded spend the ledger does not show")
+            mine[(e.round, e.event.release)].append((i, e))
+    ledger_spent = {(r.round, r.release): r for r in rows if r.spent}
+    for key in sorted(set(mine) | set(ledger_spent), key=lambda k: (k[0], k[1] != RELEASE_UPDATE, k[1])):
+        rnd, release = key
+        where = f"round {rnd}" if release == RELEASE_UPDATE else f"round {rnd} ({release})"
+        calls = "training calls" if release == RELEASE_UPDATE else f"{release} calls"
+        if key not in ledger_spent:
+            findings.append(f"{where}: the merchant recorded spend the ledger does not show")
             continue
-        if rnd not in mine:
-            findings.append(f"round {rnd}: the ledger shows spend the merchant's own record lacks")
+        if key not in mine:
+            findings.append(f"{where}: the ledger shows spend the merchant's own record lacks")
             continue
-        if len(mine[rnd]) > 1:
-            findings.append(f"round {rnd}: the merchant recorded {len(mine[rnd])} training calls; the ledger shows "
-                            f"one, so {len(mine[rnd]) - 1} call(s) of spend are not on the ledger")
-        index, entry = mine[rnd][-1]  # a retried round's ledger row is the last call's
-        row = ledger_spent[rnd]
+        if len(mine[key]) > 1:
+            findings.append(f"{where}: the merchant recorded {len(mine[key])} {calls}; the ledger shows "
+                            f"one, so {len(mine[key]) - 1} call(s) of spend are not on the ledger")
+        index, entry = mine[key][-1]  # a retried round's ledger row is the last call's
+        row = ledger_spent[key]
         if entry.event.mechanism != row.event.mechanism:
-            findings.append(f"round {rnd}: mechanism differs (merchant {entry.event.mechanism}, "
+            findings.append(f"{where}: mechanism differs (merchant {entry.event.mechanism}, "
                             f"ledger {row.event.mechanism})")
         # What the merchant had counted when it reported this call: its calls so far, plus any
         # reservation a crashed call left before it (counted as spent from then on).
@@ -128,5 +134,5 @@ def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tol
         counted += [r.mechanism for r in state.reservations if r.reserved_at <= entry.recorded_at]
         own = accounting.epsilon(counted, state.target_delta, state.accountant)
         if not within(row.epsilon_reported, own, tol_abs=tolerance_abs, tol_rel=tolerance_rel):
-            findings.append(f"round {rnd}: ledger ε {row.epsilon_reported:.4f} != merchant's own ε {own:.4f}")
+            findings.append(f"{where}: ledger ε {row.epsilon_reported:.4f} != merchant's own ε {own:.4f}")
     return findings

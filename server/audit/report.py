@@ -42,9 +42,12 @@ def _passed(report: AuditReport) -> str:
     if not report.claims_dp:
         return "a non-private run (no DP claimed, none recorded); ledger consistent"
     config = "C and δ as the run config says" if report.config else "no run config to compare C and δ with"
+    evaluations = sum(m.evaluations for m in report.merchants)
+    released = (f"every update and evaluation ({evaluations} noised metric release(s)) private with facts consistent "
+                "(σ > 0; updates q = expected batch / N; evaluations q = 1, one step; " if evaluations else
+                "every update private with facts consistent (σ > 0, q = expected batch / N, ")
     return (f"no recorded ε below the independent PLD accountant's (by more than {UNDER_REPORT_TOLERANCE}); "
-            "no merchant over budget; every update private with facts consistent (σ > 0, q = expected batch / N, "
-            f"δ ≤ 1/(10·N); {config}); ledger consistent")
+            f"no merchant over budget; {released}δ ≤ 1/(10·N); {config}); ledger consistent")
 
 
 def plot_epsilon(report: AuditReport, path: Path) -> Path:
@@ -99,11 +102,13 @@ def write_privacy_report(report: AuditReport, path: Path, *, empirical: dict[str
         "## Guarantee",
         "",
         "- **Type:** record-level (ε, δ)-differential privacy *per merchant*: each merchant's released "
-        "updates are (ε, δ)-DP with respect to adding or removing one record (one interaction or one "
-        "relevance judgment) of that merchant's data. It does not protect a merchant's aggregate "
-        "statistics from the server, nor a user with many records beyond the per-record bound.",
+        "updates and noised evaluation metrics, together, are (ε, δ)-DP with respect to adding or removing "
+        "one record (one interaction or one relevance judgment) of that merchant's data. It does not protect "
+        "a merchant's aggregate statistics from the server, nor a user with many records beyond the per-record "
+        "bound.",
         "- **Mechanism:** DP-SGD (Opacus): Poisson sampling at rate q, per-example gradient clipping to C, "
-        "Gaussian noise σ·C; composed over every local step of every round, across restarts.",
+        "Gaussian noise σ·C; evaluation metrics (when released): Gaussian noise on clipped per-unit sums "
+        "(q = 1, one step); all composed over every local step and release of every round, across restarts.",
         f"- **δ:** {', '.join(f'{d:g}' for d in delta) or 'n/a'}",
         "- **Accountant of record:** PRV (Opacus), re-derived here with Google's dp-accounting PLD; "
         "RDP shown as a (looser) reference.",

@@ -8,6 +8,11 @@ shape ``server.run_log`` writes for a ``RoundReport``) and ``config.json`` (the 
 ``server.federation`` writes it; ``RUN_CONFIG``'s batch size and epochs give the mechanisms'
 q and steps by the trainer's rule). ``dp=False`` builds a non-private run: rows as
 ``client.merchant`` records a non-private call (``dp = 0``, σ = q = δ = 0, ε 0).
+``evaluations=True`` adds, after each round's updates, each merchant's evaluation release as
+``client.merchant`` commits it and ``server.federation`` records it: its own spend (release
+``"evaluation"``, ``EVAL_MECHANISM``: a Gaussian mechanism, q = 1, one step) on its held-out
+units (``EVAL_UNIT_COUNTS``), committed after the update, its row written after the round's
+update rows, carrying the merchant's cumulative ε after both.
 
 ``as_schema_1`` and ``as_schema_2`` rewrite a ledger as schema 1 (before the noise source was
 kept) or schema 2 (before the unit, N and the release were kept) left it.
@@ -38,7 +43,7 @@ from server.ledger import PrivacyLedger, SpendRecord
 from shared.config import RunConfig
 from shared.privacy import accounting
 from shared.privacy.budget import PrivacyState
-from shared.privacy.events import MechanismEvent, SpendEvent, compose_history
+from shared.privacy.events import RELEASE_EVALUATION, MechanismEvent, SpendEvent, compose_history
 from shared.run_files import CONFIG_FILE, LEDGER_FILE, METRICS_FILE
 
 RUN_ID = "run-audit-1"
@@ -54,6 +59,10 @@ MECHANISMS: dict[str, MechanismEvent] = {
 }
 # Records each merchant trains on (N): q·N is the expected batch its spend records.
 UNIT_COUNTS: dict[str, int] = {"m1": 200, "m2": 200, "m3": 500}
+# An evaluation release as client.release.EvalSettings.mechanism builds it (σ_eval the run
+# config's default 10, C_eval 1), on each merchant's held-out units.
+EVAL_MECHANISM = MechanismEvent(noise_multiplier=10.0, sample_rate=1.0, steps=1, max_grad_norm=1.0)
+EVAL_UNIT_COUNTS: dict[str, int] = {"m1": 20, "m2": 20, "m3": 50}
 TRIGGERS = ("spend_no_update", "spend_no_delete", "spend_no_replace")
 # The run config's keys that differ from RunConfig's defaults: batch 10 gives q = 1/ceil(N/10)
 # (m1, m2: 1/20; m3: 1/50) and half an epoch, capped at 20, gives their steps (10; 20).
@@ -84,11 +93,15 @@ def build_run(
     dp: bool = True,
     config: Mapping[str, Any] | None = None,
     write_config: bool = True,
+    evaluations: bool = False,
+    eval_mechanism: MechanismEvent = EVAL_MECHANISM,
 ) -> Path:
     """A finished run of ``rounds`` rounds in which every merchant trained and was accepted.
 
     ``mechanisms``: each merchant's mechanism (default ``MECHANISMS``); ``config``: run-config
-    keys over ``RUN_CONFIG``; ``write_config=False`` leaves no ``config.json`` (older runs)."""
+    keys over ``RUN_CONFIG``; ``write_config=False`` leaves no ``config.json`` (older runs);
+    ``evaluations``: each merchant also releases an evaluation (``eval_mechanism``) after each
+    round's update (private runs only: a non-private evaluation records no spend)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     budgets = dict(budgets or {})
     mechanisms = {**MECHANISMS, **(mechanisms or {})}
@@ -116,6 +129,16 @@ def build_run(
                     event=event, epsilon_reported=eps, epsilon_budget=states[m].target_epsilon, accountant="prv",
                     status="accepted", dp=dp))
             ledger.record_round(records)
+            if dp and evaluations:
+                evaluated = []
+                for i, m in enumerate(merchants):
+                    eps = states[m].commit(eval_mechanism, unit_count=EVAL_UNIT_COUNTS[m], round=rnd,
+                                           model_version=rnd, run_id=RUN_ID, release=RELEASE_EVALUATION)
+                    evaluated.append(SpendRecord(
+                        run_id=RUN_ID, round=rnd, merchant_id=m, node_id=1000 + i, model_version=rnd,
+                        event=states[m].entries[-1].event, epsilon_reported=eps,
+                        epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted", dp=True))
+                ledger.record_round(evaluated)
             with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(metrics_line(rnd, merchants), sort_keys=True) + "\n")
     return run_dir

@@ -6,7 +6,9 @@ attacker with file access could: the append-only triggers are dropped first
 (``audit_runs.tamper``). The ``scenario_*`` functions return the tampered run folder, so the
 same attacks can be replayed against another version of the audit. Every tampered scenario
 here passed the audit before it checked facts (server/audit at 58d0b79); the untampered run
-must keep passing.
+must keep passing. The evaluation scenarios hold two releases per merchant per round (an
+update, then its evaluation): an audit that counted (round, merchant) failed even the honest
+one, so what they test is that honesty passes and a left-out evaluation does not.
 """
 
 from __future__ import annotations
@@ -96,6 +98,22 @@ def scenario_sample_rate_halved(tmp_path: Path) -> Path:
     return run
 
 
+def scenario_untampered_with_evaluations(tmp_path: Path) -> Path:
+    return build_run(tmp_path / "run", evaluations=True)
+
+
+def scenario_evaluation_left_out_of_epsilon(tmp_path: Path) -> Path:
+    """m2's round-2 evaluation row records the ε of its round-2 update alone, as if the noised
+    metrics had cost nothing; every other row (round 3's included) is honest."""
+    run = build_run(tmp_path / "run", evaluations=True)
+    with tamper(run) as conn:
+        (update_eps,) = conn.execute("SELECT epsilon_reported FROM spend "
+                                     "WHERE merchant_id = 'm2' AND round = 2 AND release = 'update'").fetchone()
+        conn.execute("UPDATE spend SET epsilon_reported = ? "
+                     "WHERE merchant_id = 'm2' AND round = 2 AND release = 'evaluation'", (update_eps,))
+    return run
+
+
 # ------------------------------------------------------------------------------ the verdicts
 def test_untampered_run_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = audit_run(scenario_untampered(tmp_path))
@@ -178,3 +196,26 @@ def test_sample_rate_inconsistent_with_unit_count_and_batch_fails(
         f"m3: round {rnd}: sample rate q = 0.01 is not expected batch / N = 10 / 500 = 0.02" for rnd in (1, 2, 3)]
     status, out = audit_exit(run, capsys)
     assert status == 1 and "m3: round 2: sample rate q = 0.01" in out
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_untampered_run_with_evaluations_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    report = audit_run(scenario_untampered_with_evaluations(tmp_path))
+
+    assert report.passed and report.findings == [] and report.warnings == []
+    assert all(m.evaluations == ROUNDS for m in report.merchants)
+    assert audit_exit(tmp_path / "run", capsys)[0] == 0
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_evaluation_left_out_of_epsilon_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = scenario_evaluation_left_out_of_epsilon(tmp_path)
+
+    report = audit_run(run)
+
+    assert len(report.findings) == 1, report.findings
+    assert report.findings[0].startswith("m2: round 2 (evaluation): recorded ε")
+    assert "under-reports ε re-derived" in report.findings[0]
+    status, out = audit_exit(run, capsys)
+    assert status == 1 and "m2: round 2 (evaluation): recorded ε" in out
+

@@ -35,6 +35,8 @@ from simulations.cli import main
 from tests.helpers.audit_runs import (
     BUDGET,
     DELTA,
+    EVAL_MECHANISM,
+    EVAL_UNIT_COUNTS,
     MECHANISMS,
     MERCHANTS,
     ROUNDS,
@@ -713,3 +715,148 @@ def test_node_state_counts_a_crashed_calls_reservation_from_when_it_was_made(tmp
     assert reported[1] == pytest.approx(accounting.epsilon([mechanism] * 3, DELTA), rel=1e-6)
     result = audit_node_state(path, run_dir=run_dir)
     assert result.findings == [], result.findings
+
+
+# ------------------------------------------------------------------------------ evaluation releases
+def released_in_order(merchant: str, rounds: int = ROUNDS) -> list[MechanismEvent]:
+    """A merchant's mechanisms as ``build_run(evaluations=True)`` released them: each round's
+    update, then that round's evaluation."""
+    return [e for _ in range(rounds) for e in (MECHANISMS[merchant], EVAL_MECHANISM)]
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_run_with_evaluations_passes_and_composes_both_releases(eval_run_dir: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    report = audit_run(eval_run_dir)
+
+    assert report.passed, report.findings
+    assert report.warnings == [] and report.rounds == ROUNDS
+    # Read in the order recorded: each round's update row, then its evaluation row.
+    rows = read_rows(eval_run_dir / LEDGER_FILE)
+    assert [(r.round, r.release) for r in rows if r.merchant_id == "m1"] == [
+        (n, release) for n in range(1, ROUNDS + 1) for release in ("update", "evaluation")]
+    for m in report.merchants:
+        mechanism = MECHANISMS[m.merchant_id]
+        own = PrivacyState.open(state_path(eval_run_dir, m.merchant_id), merchant_id=m.merchant_id,
+                                target_epsilon=BUDGET, target_delta=DELTA)
+        assert m.rounds_joined == ROUNDS and m.evaluations == ROUNDS and m.rounds_refused == 0
+        assert m.total_steps == ROUNDS * mechanism.steps  # DP-SGD steps; the evaluations are listed apart
+        assert m.noise_multipliers == [mechanism.noise_multiplier] and m.sample_rates == [mechanism.sample_rate]
+        assert m.eval_noise_multipliers == [EVAL_MECHANISM.noise_multiplier]
+        # The last row is round 3's evaluation: the merchant's ε after every release.
+        assert m.epsilon_recorded == pytest.approx(own.epsilon(), rel=1e-12)
+        assert m.epsilon_pld == pytest.approx(epsilon_pld(released_in_order(m.merchant_id), DELTA), rel=1e-9)
+        assert m.epsilon_pld > epsilon_pld([mechanism] * ROUNDS, DELTA) + 0.02  # the evaluations are spend
+        assert [(p["round"], p["release"]) for p in m.series] == [
+            (n, release) for n in range(1, ROUNDS + 1) for release in ("update", "evaluation")]
+        assert all(a["pld"] < b["pld"] and a["recorded"] < b["recorded"] for a, b in itertools.pairwise(m.series))
+        for p in m.series:
+            assert p["recorded"] == pytest.approx(p["pld"], abs=0.02)
+    status, out = cli(capsys, str(eval_run_dir))
+    assert status == 0 and "audit PASSED" in out and f"{ROUNDS * len(MERCHANTS)} noised metric release(s)" in out
+
+
+def test_an_evaluation_duplicated_is_caught_as_its_release(eval_run_dir: Path) -> None:
+    with tamper(eval_run_dir) as conn:
+        conn.execute("CREATE TABLE spend2 AS SELECT * FROM spend")
+        conn.execute("INSERT INTO spend2 SELECT * FROM spend "
+                     "WHERE merchant_id = 'm1' AND round = 2 AND release = 'evaluation'")
+        conn.execute("DROP TABLE spend")
+        conn.execute("ALTER TABLE spend2 RENAME TO spend")
+
+    report = audit_run(eval_run_dir)
+
+    assert "ledger: merchant m1 recorded 2 times in round 2 (evaluation)" in report.findings
+    assert not any(f.startswith("ledger:") and "(evaluation)" not in f for f in report.findings), report.findings
+    assert findings_about(report, "m2") == [] and findings_about(report, "m3") == []
+
+
+def test_an_update_removed_is_caught_though_its_evaluation_remains(eval_run_dir: Path) -> None:
+    # The run log lists who trained: it is held against update rows, not any row of the round.
+    with tamper(eval_run_dir) as conn:
+        conn.execute("DELETE FROM spend WHERE merchant_id = 'm1' AND round = 2 AND release = 'update'")
+
+    report = audit_run(eval_run_dir)
+
+    assert "ledger: merchant m1 trained in round 2 (run log) but the ledger has no spend for it" in report.findings
+    assert by_merchant(report)["m1"].rounds_joined == ROUNDS - 1 and by_merchant(report)["m1"].evaluations == ROUNDS
+
+
+def test_a_round_with_evaluations_but_no_updates_is_a_gap(eval_run_dir: Path) -> None:
+    (eval_run_dir / "metrics.jsonl").unlink()  # the ledger alone must show it
+    with tamper(eval_run_dir) as conn:
+        assert conn.execute("DELETE FROM spend WHERE round = 2 AND release = 'update'").rowcount == len(MERCHANTS)
+
+    report = audit_run(eval_run_dir)
+
+    assert "ledger: no update recorded for round(s) [2], only other releases (gap)" in report.findings
+
+
+_EVALUATION_TAMPERED = [
+    ("sample_rate = 0.5", "an evaluation with sample rate q = 0.5; a Gaussian release of the whole held-out set "
+                          "has q = 1"),
+    ("steps = 2", "an evaluation with 2 steps; a Gaussian release is one step"),
+    ("noise_multiplier = 0", "a private evaluation with σ = 0 (no noise)"),
+    ("max_grad_norm = 0", "clipping norm C = 0 (no clipping bound)"),
+    ("unit_count = 0, expected_batch = 0", "an evaluation with N = 0 held-out records recorded"),
+    ("expected_batch = 5", f"expected batch 5 is not N = {EVAL_UNIT_COUNTS['m1']} (an evaluation releases every "
+                           "held-out unit: q·N = N)"),
+    ("delta = 0.01", f"δ = 0.01 too large for N = {EVAL_UNIT_COUNTS['m1']} records"),
+    ("delta = 2e-05", "δ = 2e-05 above the run config's target-delta 1e-05"),
+]
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize(("change", "finding"), _EVALUATION_TAMPERED, ids=[c for c, _ in _EVALUATION_TAMPERED])
+def test_an_evaluations_impossible_facts_fail(eval_run_dir: Path, change: str, finding: str) -> None:
+    with tamper(eval_run_dir) as conn:
+        conn.execute(f"UPDATE spend SET {change} WHERE merchant_id = 'm1' AND round = 2 AND release = 'evaluation'")
+
+    report = audit_run(eval_run_dir)
+
+    assert any(f.startswith(f"m1: round 2 (evaluation): {finding}") for f in report.findings), report.findings
+    assert findings_about(report, "m2") == [] and findings_about(report, "m3") == []
+
+
+def test_an_evaluation_keeps_its_own_clipping_norm_and_its_q_of_1(eval_run_dir: Path) -> None:
+    # C_eval is the evaluation's own bound (client.release), not the run's max-grad-norm; and
+    # an update's rule q = expected batch / N with 1 <= expected batch <= N is not asked of it
+    # (q = 1, expected batch = N). The ε of a Gaussian release does not depend on C.
+    with tamper(eval_run_dir) as conn:
+        conn.execute("UPDATE spend SET max_grad_norm = 0.5 WHERE release = 'evaluation'")
+
+    report = audit_run(eval_run_dir)
+
+    assert report.passed, report.findings
+    assert json.loads((eval_run_dir / "config.json").read_text())["max-grad-norm"] != 0.5
+
+
+def test_node_state_with_evaluations_matches_each_release(eval_run_dir: Path) -> None:
+    for merchant in MERCHANTS:
+        result = audit_node_state(state_path(eval_run_dir, merchant), run_dir=eval_run_dir)
+        assert result.passed, result.findings
+        assert result.calls == 2 * ROUNDS
+    with tamper(eval_run_dir) as conn:
+        conn.execute("UPDATE spend SET noise_multiplier = 5.0 "
+                     "WHERE merchant_id = 'm1' AND round = 2 AND release = 'evaluation'")
+        conn.execute("DELETE FROM spend WHERE merchant_id = 'm2' AND round = 3 AND release = 'evaluation'")
+
+    m1 = audit_node_state(state_path(eval_run_dir, "m1"), run_dir=eval_run_dir).findings
+    m2 = audit_node_state(state_path(eval_run_dir, "m2"), run_dir=eval_run_dir).findings
+
+    assert len(m1) == 1 and m1[0].startswith("round 2 (evaluation): mechanism differs"), m1
+    assert m2 == ["round 3 (evaluation): the merchant recorded spend the ledger does not show"]
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+def test_node_state_catches_a_second_evaluation_call_in_a_round(eval_run_dir: Path) -> None:
+    state = PrivacyState.open(state_path(eval_run_dir, "m3"), merchant_id="m3", target_epsilon=BUDGET,
+                              target_delta=DELTA)
+    state.commit(EVAL_MECHANISM, unit_count=EVAL_UNIT_COUNTS["m3"], round=ROUNDS, model_version=ROUNDS,
+                 run_id=RUN_ID, release="evaluation")
+
+    findings = audit_node_state(state_path(eval_run_dir, "m3"), run_dir=eval_run_dir).findings
+
+    assert any(f.startswith(f"round {ROUNDS} (evaluation): the merchant recorded 2 evaluation calls")
+               for f in findings), findings
+
