@@ -15,7 +15,6 @@ Guards for Flower's two silent failure modes:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import random
 import re
@@ -29,7 +28,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from server import checkpoint as ckpt
-from server.ledger import PrivacyLedger, SpendRecord
+from server.ledger import PrivacyLedger
+from server.ledger_record import SpendRecord, spend_record
+from server.round_report import FederationResult, RoundReport
 from server.run_log import RunLog
 from server.screening import screen_update
 from server.strategy import EligibleNodesGrid, build_strategy, restore_strategy_state, strategy_state
@@ -49,7 +50,6 @@ from shared.wire import (
     STATUS_OK,
     STATUS_REFUSED,
     EvalReply,
-    PrivacyFacts,
     TrainReply,
     WireError,
     array_bytes,
@@ -70,39 +70,6 @@ class RoundFailedError(FederationError):
 
 class NotEnoughNodesError(FederationError):
     """Too few nodes connected within the bounded wait."""
-
-
-@dataclasses.dataclass
-class RoundReport:
-    round: int
-    sampled: list[str] = dataclasses.field(default_factory=list)
-    accepted: list[str] = dataclasses.field(default_factory=list)
-    rejected: dict[str, str] = dataclasses.field(default_factory=dict)
-    refused: dict[str, str] = dataclasses.field(default_factory=dict)
-    failed: dict[str, str] = dataclasses.field(default_factory=dict)
-    bytes_received: int = 0
-    slowest_train_s: float = 0.0  # the slowest accepted merchant's DP training loop
-    slowest_client_s: float = 0.0  # ... and its whole train handler (loading data and model too)
-    total_client_s: float = 0.0  # all accepted merchants' handler time (clients run one by one by default)
-    wall_s: float = 0.0
-    eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
-    epsilon: dict[str, float] = dataclasses.field(default_factory=dict)
-    aggregated: bool = False  # False when every sampled merchant refused (budget spent)
-
-    def outcome_text(self) -> str:
-        parts = [f"{m}: accepted" for m in self.accepted]
-        parts += [f"{m}: rejected ({r})" for m, r in self.rejected.items()]
-        parts += [f"{m}: refused ({r})" for m, r in self.refused.items()]
-        parts += [f"{m}: failed ({r})" for m, r in self.failed.items()]
-        return "; ".join(parts) or "no replies"
-
-
-@dataclasses.dataclass(frozen=True)
-class FederationResult:
-    rounds_completed: int
-    params: dict[str, np.ndarray]
-    reports: list[RoundReport]
-    stopped_because: str
 
 
 class Federation:
@@ -396,16 +363,6 @@ class Federation:
                      float(privacy.get("epsilon-budget", 0.0)))  # type: ignore[arg-type]
         else:
             log.info("round %d %s [%d/%d] %s done", rnd, phase, done, total, who)
-
-
-def spend_record(facts: PrivacyFacts, *, run_id: str, round: int, node_id: int, status: str,
-                 reason: str) -> SpendRecord:
-    """The ledger row of one train reply: the merchant's spend as it sent it, the server's verdict."""
-    return SpendRecord(run_id=run_id, round=round, merchant_id=facts.merchant_id, node_id=node_id,
-                       model_version=facts.model_version, event=facts.event,
-                       epsilon_reported=facts.epsilon if facts.dp else float("inf"),
-                       epsilon_budget=facts.epsilon_budget, accountant=facts.accountant, status=status,
-                       reason=reason[:500], dp=facts.dp)
 
 
 def short_reason(reason: str) -> str:

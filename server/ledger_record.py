@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from shared.privacy.events import SPEND_KEYS, SpendEvent
+from shared.wire import PrivacyFacts
 
 STATUSES: frozenset[str] = frozenset({"accepted", "rejected", "refused"})
 
@@ -113,3 +114,13 @@ def differences(old: SpendRecord, new: SpendRecord) -> list[str]:
     """``column: recorded X, now Y`` for every column in which two records differ."""
     before, after = old.columns(), new.columns()
     return [f"{c}: recorded {before[c]!r}, now {after[c]!r}" for c in COLUMNS if before[c] != after[c]]
+
+
+def spend_record(facts: PrivacyFacts, *, run_id: str, round: int, node_id: int, status: str,
+                 reason: str) -> SpendRecord:
+    """The ledger row of one train reply: the merchant's spend as it sent it, the server's verdict."""
+    return SpendRecord(run_id=run_id, round=round, merchant_id=facts.merchant_id, node_id=node_id,
+                       model_version=facts.model_version, event=facts.event,
+                       epsilon_reported=facts.epsilon if facts.dp else float("inf"),
+                       epsilon_budget=facts.epsilon_budget, accountant=facts.accountant, status=status,
+                       reason=reason[:500], dp=facts.dp)

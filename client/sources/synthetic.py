@@ -1,9 +1,8 @@
 """A seeded synthetic federation: any number of merchants, each built only when asked for.
 
 ``SyntheticFederation(10_000)`` costs nothing to construct; ``.merchant(i)`` builds merchant
-``i`` from ``(seed, i)`` alone, in time proportional to that merchant's size, so a
-simulation can sample a few of many thousands of merchants per round. ``write_merchants``
-writes them in the ordinary merchant data format (``docs/data-format.md``).
+``i`` from ``(seed, i)`` alone, in time proportional to its size, so a simulation can sample a
+few of many thousands of merchants per round. ``write_merchants`` writes them in the format.
 
 Planted truth, so that learning can be checked:
 

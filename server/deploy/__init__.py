@@ -30,12 +30,13 @@ Layout of DIR (the operator's machine)::
 Insecure mode (no TLS, no node authentication: anyone who reaches the port can join) exists
 only behind an explicit ``--insecure`` and says so loudly; it is for isolated test networks.
 
-The rooms: ``pki`` (keys and certificates), ``kit`` (the deployment folder, merchants' kits,
-start scripts), ``registration`` (node keys onto the running SuperLink). The ``fedshop
-deploy`` command line is ``simulations.deploy_cli``. This package re-exports their public names.
+The rooms: ``pki`` (keys and certificates), ``folders`` (the deployment's and merchants'
+folders as data), ``kit`` (making them: start scripts, init, add-merchant), ``registration``
+(node keys onto the running SuperLink). The ``fedshop deploy`` command line is
+``simulations.deploy_cli``. This package re-exports their public names.
 """
 
-from server.deploy.kit import (
+from server.deploy.folders import (
     CONNECTION,
     DEFAULT_SUPERLINK_PORT,
     DEPLOYMENT_FILE,
@@ -49,6 +50,8 @@ from server.deploy.kit import (
     SUPERNODE_SCRIPT,
     Deployment,
     MerchantKit,
+)
+from server.deploy.kit import (
     add_merchant,
     init_deployment,
     process_env,

@@ -10,7 +10,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from server.deploy.kit import CONNECTION, SUPERLINK_SCRIPT, Deployment, MerchantKit, process_env
+from server.deploy.folders import CONNECTION, SUPERLINK_SCRIPT, Deployment, MerchantKit
+from server.deploy.kit import process_env
 from server.deploy.pki import (  # noqa: E501
     DeployError,
 )

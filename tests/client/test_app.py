@@ -21,8 +21,8 @@ from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 import client.app as client_app
 from server.audit import read_rows
-from server.federation import spend_record
 from server.ledger import PrivacyLedger
+from server.ledger_record import spend_record
 from shared.config import RunConfig
 from shared.model import ModelError, ModelSpec, build_model, get_trainable
 from shared.privacy.accounting import epsilon_prv

@@ -11,6 +11,7 @@ import pytest
 from opacus.accountants import PRVAccountant
 
 import shared.privacy.budget as budget
+import shared.privacy.state_file as state_file
 from shared import atomic
 from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
 from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, UNIT_RECORD, MechanismEvent, SpendEvent
@@ -305,7 +306,7 @@ def test_locked_check_reserves_the_spend_before_training_and_commit_turns_it_int
     path = tmp_path / "privacy.json"
     PrivacyState.create(path, merchant_id="m1", target_epsilon=50.0, target_delta=DELTA)
     with locked_state(path) as state:
-        assert budget.lock_path(path).exists()  # held
+        assert state_file.lock_path(path).exists()  # held
         planned_eps = state.check(event(10))
         # On disk before any training: the reservation, counted by anyone who reads the file.
         raw = json.loads(path.read_text())
@@ -318,7 +319,7 @@ def test_locked_check_reserves_the_spend_before_training_and_commit_turns_it_int
     assert eps == planned_eps
     raw = json.loads(path.read_text())
     assert raw["reservations"] == [] and [e["round"] for e in raw["entries"]] == [1]
-    assert not budget.lock_path(path).exists()  # released and removed: nothing stray beside the state
+    assert not state_file.lock_path(path).exists()  # released and removed: nothing stray beside the state
     assert sorted(os.listdir(tmp_path)) == ["privacy.json"]
 
 
@@ -370,7 +371,7 @@ def test_a_call_that_fails_before_commit_withdraws_its_reservation(tmp_path: Pat
             raise MemoryError("training ran out of memory")  # before commit: no update left
     assert json.loads(path.read_text())["reservations"] == []
     assert "withdrawn" in caplog.text
-    assert not budget.lock_path(path).exists()
+    assert not state_file.lock_path(path).exists()
 
 
 def test_check_twice_under_one_lock_is_an_error(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from opacus.accountants import PRVAccountant
 from client.merchant import Merchant, resolve_node
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, get_trainable
-from shared.privacy import budget
+from shared.privacy import state_file
 from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
 from shared.privacy.events import MechanismEvent
 from simulations import engine, local
@@ -139,7 +139,7 @@ def test_a_second_locked_call_waits_for_the_first_and_sees_its_spend(tmp_path: P
     assert refused.epsilon_now == pytest.approx(seen["first"]) and refused.budget == budget_eps
     final = reopen(path, eps=budget_eps)
     assert [e.round for e in final.entries] == [1] and final.reservations == []
-    assert not budget.lock_path(path).exists()
+    assert not state_file.lock_path(path).exists()
 
 
 # ----------------------------------------------------------------------------- a call that dies
@@ -181,7 +181,7 @@ def test_a_call_killed_between_reserve_and_commit_stays_counted(tmp_path: Path,
     assert f"pid {proc.pid}" in caplog.text and "counts as spent" in caplog.text
     raw = json.loads(path.read_text())
     assert len(raw["reservations"]) == 1 and len(raw["entries"]) == 1  # the dead call's stays, counted
-    assert not budget.lock_path(path).exists()
+    assert not state_file.lock_path(path).exists()
 
 
 # ----------------------------------------------------------------------------- finding 8: no reset

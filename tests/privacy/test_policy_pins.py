@@ -19,8 +19,8 @@ from flwr.app import Context, RecordDict
 
 import client.app as client_app
 from server.audit import read_rows
-from server.federation import spend_record
 from server.ledger import PrivacyLedger
+from server.ledger_record import spend_record
 from shared.model import ModelSpec, build_model, get_trainable
 from shared.privacy.budget import PrivacyState
 from shared.run_files import LEDGER_FILE

@@ -23,8 +23,8 @@ from client import release
 from client.data import load_merchant
 from client.evaluation import metrics_of, predict
 from client.merchant import split_merchant
-from server.federation import spend_record
 from server.ledger import PrivacyLedger
+from server.ledger_record import spend_record
 from shared import metrics as metrics_lib
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer

@@ -17,7 +17,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 
 import client.app as client_app
-from server.federation import RoundReport
+from server.round_report import RoundReport
 from server.run_log import RunLog
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, get_trainable

@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from server.federation import RoundReport
 from server.ledger import PrivacyLedger, SpendRecord
 from server.report import format_summary, run_summary, write_summary
+from server.round_report import RoundReport
 from server.run_log import RunLog
 from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE

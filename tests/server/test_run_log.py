@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from server.federation import RoundReport
+from server.round_report import RoundReport
 from server.run_log import RunLog
 from shared.run_files import METRICS_FILE
 
