@@ -21,7 +21,8 @@ import torch
 from transformers import AutoModel, BertModel
 
 from server import checkpoint as ckpt
-from server.ledger import PrivacyLedger
+from server.audit import audit_node_state
+from server.ledger import PrivacyLedger, SpendRecord
 from shared.config import RunConfig
 from shared.model import (
     MANIFEST_FILE,
@@ -33,9 +34,9 @@ from shared.model import (
     trainable_names,
 )
 from shared.privacy.accounting import epsilon_prv
-from shared.privacy.events import NOISE_SOURCE, MechanismEvent
+from shared.privacy.events import NOISE_SOURCE, RELEASE_EVALUATION, RELEASE_UPDATE, MechanismEvent
 from shared.run_files import CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, MODEL_DIR, SUMMARY_FILE
-from simulations import local
+from simulations import cli, local
 from tests.helpers import proc
 from tests.helpers.federation import FAST, ledger_rows, metrics_rows, resume, simulate, write_scenario
 from tests.helpers.merchants import write_merchants
@@ -43,6 +44,31 @@ from tests.helpers.merchants import write_merchants
 pytestmark = pytest.mark.slow
 
 MERCHANTS = ["shop-a", "shop-b", "shop-c"]
+# The two-round run evaluates at σ_eval 0.25 under a large budget: over the test merchants'
+# handful of held-out units (~6 each) the default σ_eval = 10 leaves a metric undefined (left
+# out of the round's metrics) in about 3 rounds in 10, σ_eval 0.5 in about 1 in 1000, 0.25
+# practically never (2.14 σ above zero for the smallest count, on each of 3 merchants). The
+# run asserts that evaluation produces metrics, not what a budget allows.
+EVAL_SIGMA = 0.25
+BIG_BUDGET = 1000.0
+# The test merchants' privacy unit is the user (14 users each): a training call samples them
+# all (q = 1) for one step and costs ε ≈ 4.4 at σ 1 (PRV: 4.39, two calls 6.58, three 8.40), so
+# a test that needs three training calls of a merchant sets this budget; none tests refusal.
+THREE_CALLS_BUDGET = 20.0
+
+
+def updates(rows: list[SpendRecord]) -> list[SpendRecord]:
+    """The ledger's update rows: one per training call the server recorded."""
+    return [r for r in rows if r.event.release == RELEASE_UPDATE]
+
+
+def evaluations(rows: list[SpendRecord]) -> list[SpendRecord]:
+    return [r for r in rows if r.event.release == RELEASE_EVALUATION]
+
+
+def entries_of(entries: list[dict], release: str = RELEASE_UPDATE) -> list[dict]:
+    """A merchant's state entries of one release (state files of every version record it)."""
+    return [e for e in entries if e["event"].get("release", RELEASE_UPDATE) == release]
 
 
 def state_file(run_dir: Path, merchant: str) -> Path:
@@ -73,7 +99,8 @@ def two_round_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, proc.
     root = tmp_path_factory.mktemp("two-rounds")
     data = root / "data"
     write_merchants(data, MERCHANTS)
-    scenario = write_scenario(root / "scenario.toml", {**FAST, "data-dir": str(data)})
+    settings = {**FAST, "data-dir": str(data), "eval-noise-multiplier": EVAL_SIGMA, "target-epsilon": BIG_BUDGET}
+    scenario = write_scenario(root / "scenario.toml", settings)
     result = simulate(scenario, root / "run", log_dir=root / "log", sets={"num-server-rounds": 2})
     return root / "run", result
 
@@ -84,36 +111,51 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
     assert result.returncode == 0, result.describe()
     assert "fedshop run finished: 2 round(s)" in result.output
 
-    # --- privacy ledger: 3 merchants x 2 rounds, all accepted, ε growing within budget
+    # --- privacy ledger: 3 merchants x 2 rounds, all accepted, ε growing within budget; each
+    # merchant's round holds its update's row, then its evaluation's (noised metrics, accounted)
     rows = ledger_rows(run_dir)
-    assert len(rows) == 6
-    assert Counter((r.round, r.merchant_id) for r in rows) == {(n, m): 1 for n in (1, 2) for m in MERCHANTS}
+    trained, evaluated = updates(rows), evaluations(rows)
+    assert len(trained) == 6 and len(evaluated) == 6 and len(rows) == 12
+    assert Counter((r.round, r.merchant_id) for r in trained) == {(n, m): 1 for n in (1, 2) for m in MERCHANTS}
+    assert Counter((r.round, r.merchant_id) for r in evaluated) == {(n, m): 1 for n in (1, 2) for m in MERCHANTS}
     with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         assert ledger.last_round() == 2
         run_id = ledger.meta()["run_id"]
-    for r in rows:
+    for r in trained:
         assert r.status == "accepted" and r.reason == ""
-        assert r.event.mechanism.steps == 3  # max-local-steps
+        assert 1 <= r.event.mechanism.steps <= 3  # at most max-local-steps
         assert r.model_version == r.round - 1
         assert r.dp and r.event.mechanism.noise_multiplier == 1.0 and r.event.mechanism.max_grad_norm == 1.0
         assert r.event.delta == 1e-5
         assert r.event.noise == NOISE_SOURCE  # the merchant's noise source, carried with its update
         assert 0 < r.event.mechanism.sample_rate <= 1
-        assert 0 < r.epsilon_reported <= r.epsilon_budget == 8.0
+        assert 0 < r.epsilon_reported <= r.epsilon_budget == BIG_BUDGET
         assert r.run_id == run_id
+    for r in evaluated:  # a Gaussian release of the whole held-out set, on the round's new global model
+        assert r.status == "accepted" and r.reason == "" and r.dp and r.run_id == run_id
+        assert r.model_version == r.round
+        mechanism = r.event.mechanism
+        assert (mechanism.noise_multiplier, mechanism.sample_rate, mechanism.steps) == (EVAL_SIGMA, 1.0, 1)
+        assert mechanism.max_grad_norm > 0 and r.event.delta == 1e-5 and r.event.noise == NOISE_SOURCE
+        assert r.event.unit_count > 0 and r.event.expected_batch == r.event.unit_count
+        assert 0 < r.epsilon_reported <= r.epsilon_budget == BIG_BUDGET
     for merchant in MERCHANTS:
         mine = [r for r in rows if r.merchant_id == merchant]
-        assert [r.round for r in mine] == [1, 2]
-        assert mine[0].epsilon_reported < mine[1].epsilon_reported
-        assert mine[0].node_id == mine[1].node_id  # one virtual SuperNode per merchant
+        # In the order recorded: update 1, evaluation 1, update 2, evaluation 2; ε grows with each.
+        assert [(r.round, r.event.release) for r in mine] == [
+            (n, release) for n in (1, 2) for release in (RELEASE_UPDATE, RELEASE_EVALUATION)]
+        assert all(a.epsilon_reported < b.epsilon_reported for a, b in zip(mine, mine[1:], strict=False))
+        assert len({r.node_id for r in mine}) == 1  # one virtual SuperNode per merchant
     assert len({r.node_id for r in rows}) == 3
 
     # --- merchants' own accountants agree with the ledger
     check_client_state_matches_ledger(run_dir)
     for merchant in MERCHANTS:
         entries = merchant_state(run_dir, merchant)["entries"]
-        assert [e["round"] for e in entries] == [1, 2]
-        assert [e["model_version"] for e in entries] == [0, 1]
+        assert [e["round"] for e in entries_of(entries)] == [1, 2]
+        assert [e["model_version"] for e in entries_of(entries)] == [0, 1]
+        assert [(e["round"], e["model_version"]) for e in entries_of(entries, RELEASE_EVALUATION)] == [(1, 1), (2, 2)]
+        # Every spend, in the order spent, is on the ledger with the same mechanism.
         mechanisms = [r.event.mechanism for r in rows if r.merchant_id == merchant]
         ledger_mech = [(m.noise_multiplier, m.sample_rate, m.steps, m.max_grad_norm) for m in mechanisms]
         assert [tuple(e["event"][k] for k in ("noise_multiplier", "sample_rate", "steps", "max_grad_norm"))
@@ -142,7 +184,8 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
         assert row["bytes_received"] == 3 * model_bytes > 0
         assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10", "eval-loss"} <= set(row["eval_metrics"])
         assert all(v is None or np.isfinite(v) for v in row["eval_metrics"].values())
-        assert row["epsilon"] == {r.merchant_id: r.epsilon_reported for r in rows if r.round == row["round"]}
+        # Each merchant's ε after the round: its evaluation row's, which follows its update.
+        assert row["epsilon"] == {r.merchant_id: r.epsilon_reported for r in evaluated if r.round == row["round"]}
 
     # --- summary.json
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
@@ -150,8 +193,14 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
     assert summary["stopped_because"] == "all rounds done"
     assert summary["final_eval"] == log_rows[-1]["eval_metrics"]
     assert {m: p["epsilon"] for m, p in summary["privacy"].items()} == {
-        r.merchant_id: r.epsilon_reported for r in rows if r.round == 2}
-    assert all(p["rounds"] == 2 for p in summary["privacy"].values())
+        r.merchant_id: r.epsilon_reported for r in evaluated if r.round == 2}
+    assert all(p["rounds"] == 2 and p["evaluations"] == 2 for p in summary["privacy"].values())
+
+    # --- the privacy audit passes on this honest run with evaluations: the ledger (two releases
+    # per merchant per round) and a merchant's own state against it
+    assert cli.main(["audit", str(run_dir)]) == 0
+    node = audit_node_state(state_file(run_dir, "shop-a"), run_dir=run_dir)
+    assert node.passed, node.findings
 
     # --- the exported model is the last checkpoint's model (LoRA merged) and loads two ways
     exported, tokenizer, manifest = load_exported(run_dir / MODEL_DIR)
@@ -183,7 +232,8 @@ def test_a_second_run_on_the_same_merchant_folders_continues_their_budget(tmp_pa
     merchants = ["shop-a", "shop-b"]
     data = tmp_path / "data"
     write_merchants(data, merchants)
-    settings = {**FAST, "data-dir": str(data), "num-server-rounds": 1, "merchants-per-round": 2}
+    settings = {**FAST, "data-dir": str(data), "num-server-rounds": 1, "merchants-per-round": 2,
+                "target-epsilon": THREE_CALLS_BUDGET}
     scenario = write_scenario(tmp_path / "scenario.toml", settings)
 
     first = simulate(scenario, tmp_path / "run-1", log_dir=tmp_path / "log-1")
@@ -200,14 +250,16 @@ def test_a_second_run_on_the_same_merchant_folders_continues_their_budget(tmp_pa
         assert 0 < summaries[0][merchant]["epsilon"] < summaries[1][merchant]["epsilon"]  # both trained again
         entries = merchant_state(tmp_path / "run-2", merchant)["entries"]
         run_ids = [ledger_rows(tmp_path / run)[0].run_id for run in ("run-1", "run-2")]
-        assert [e["run_id"] for e in entries] == run_ids  # one call per run, one file for both
+        assert [e["run_id"] for e in entries_of(entries)] == run_ids  # one training call per run, one file for both
+        assert [e["run_id"] for e in entries_of(entries, RELEASE_EVALUATION)] == run_ids  # and one evaluation
         assert not (tmp_path / "run-2" / "nodes" / merchant / "privacy-state.json").exists()
 
     # train-local on one of them spends from the same file, on top of both runs.
     config = RunConfig.from_mapping(settings)
     result = local.train_local([data / "shop-a"], config, out_dir=tmp_path / "local", epochs_progress=False)
     entries = merchant_state(tmp_path / "run-2", "shop-a")["entries"]
-    assert len(entries) == 3 and entries[-1]["run_id"].startswith("train-local-")
+    assert len(entries_of(entries)) == 3 and entries[-1]["run_id"].startswith("train-local-")
+    assert entries[-1]["event"]["release"] == RELEASE_UPDATE
     assert result.train.epsilon > summaries[1]["shop-a"]["epsilon"]
 
 
@@ -228,7 +280,7 @@ def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None
     result = simulate(scenario, tmp_path / "run", log_dir=tmp_path / "log")
     assert result.returncode == 0, result.describe()
     run_dir = tmp_path / "run"
-    rows = ledger_rows(run_dir)
+    rows = updates(ledger_rows(run_dir))
     assert sorted((r.round, r.merchant_id) for r in rows) == [(n, m) for n in (1, 2) for m in MERCHANTS]
     assert all(r.status == "accepted" and 1 <= r.event.mechanism.steps <= 3 and r.epsilon_reported > 0 for r in rows)
     check_client_state_matches_ledger(run_dir)
@@ -251,7 +303,7 @@ def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
     data = tmp_path / "data"
     write_merchants(data, MERCHANTS)
     run_dir = tmp_path / "run"
-    settings = {**FAST, "data-dir": str(data), "num-server-rounds": 3}
+    settings = {**FAST, "data-dir": str(data), "num-server-rounds": 3, "target-epsilon": THREE_CALLS_BUDGET}
     scenario = write_scenario(tmp_path / "scenario.toml", settings)
     latest_file = run_dir / CHECKPOINTS_DIR / ckpt.LATEST_FILE
     cmd = proc.fedshop_command("simulate", "--scenario", str(scenario), "--out", str(run_dir))
@@ -288,9 +340,10 @@ def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
 
     assert result.returncode == 0, result.describe()
     assert "resuming run" in result.output
-    rows = ledger_rows(run_dir)
-    keys = [(r.round, r.merchant_id) for r in rows]
-    assert len(keys) == len(set(keys)), "a (round, merchant) was recorded twice"
+    every = ledger_rows(run_dir)
+    keys = [(r.round, r.merchant_id, r.event.release) for r in every]
+    assert len(keys) == len(set(keys)), "a (round, merchant, release) was recorded twice"
+    rows = updates(every)
     assert {r.round for r in rows} == {1, 2, 3}
     with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         assert ledger.last_round() == 3
@@ -300,6 +353,8 @@ def test_resume_after_killing_the_whole_process_group(tmp_path: Path) -> None:
     for merchant in MERCHANTS:
         eps = [r.epsilon_reported for r in rows if r.merchant_id == merchant]
         assert eps == sorted(eps) and len(set(eps)) == 3  # one accountant across the restart
+        spent = [r.epsilon_reported for r in every if r.merchant_id == merchant]
+        assert spent == sorted(spent)  # evaluations included, in the order recorded
     assert all(r.status == "accepted" for r in rows)
     # The first resumed round trained on checkpoint 1, whatever the ledger had reached.
     assert {r.model_version for r in rows if r.round == last_at_kill + 1} == {1}
@@ -329,7 +384,7 @@ def test_resume_skips_a_round_recorded_but_not_checkpointed(two_round_run: tuple
     config_file.write_text(json.dumps({**saved, "data-dir": str(tmp_path / "data")}))
     shutil.rmtree(run_dir / CHECKPOINTS_DIR / ckpt.round_dir_name(2))
     (run_dir / CHECKPOINTS_DIR / ckpt.LATEST_FILE).write_text("1\n")
-    before = {r.merchant_id: r.epsilon_reported for r in ledger_rows(run_dir) if r.round == 2}
+    before = {r.merchant_id: r.epsilon_reported for r in ledger_rows(run_dir) if r.round == 2}  # after evaluation
 
     cmd = proc.fedshop_command("simulate", "--resume", str(run_dir),
                                "--set", "num-server-rounds=3", "--set", "merchants-per-round=1")
@@ -337,7 +392,8 @@ def test_resume_skips_a_round_recorded_but_not_checkpointed(two_round_run: tuple
 
     assert result.returncode == 0, result.describe()
     assert "round 2 is in the ledger but was not checkpointed" in result.output
-    rows = ledger_rows(run_dir)
+    every = ledger_rows(run_dir)
+    rows = updates(every)
     earlier = [(r.round, r.merchant_id) for r in rows if r.round < 3]
     assert earlier == [(n, m) for n in (1, 2) for m in MERCHANTS]
     (third,) = [r for r in rows if r.round == 3]
@@ -346,7 +402,10 @@ def test_resume_skips_a_round_recorded_but_not_checkpointed(two_round_run: tuple
     assert third.model_version == 1
     assert third.epsilon_reported > before[third.merchant_id]
     entries = merchant_state(run_dir, third.merchant_id)["entries"]
-    assert [(e["round"], e["model_version"]) for e in entries] == [(1, 0), (2, 1), (3, 1)]
+    assert [(e["round"], e["model_version"]) for e in entries_of(entries)] == [(1, 0), (2, 1), (3, 1)]
+    # Round 3's aggregate (version 3) is evaluated by every merchant still in budget, sampled or not.
+    assert sorted(r.merchant_id for r in evaluations(every) if r.round == 3) == MERCHANTS
+    assert all(r.model_version == 3 for r in evaluations(every) if r.round == 3)
     check_client_state_matches_ledger(run_dir)
     assert [row["round"] for row in metrics_rows(run_dir)] == [1, 2, 3]
     assert ckpt.list_checkpoints(run_dir) == [1, 3]
