@@ -12,9 +12,9 @@ whether the mechanisms themselves are what the run and the merchant's rules allo
 - an evaluation (release ``"evaluation"``, ``client.release``): one Gaussian mechanism on the
   whole held-out set, so q = 1 and steps = 1, N > 0 (the held-out units), and its expected
   batch is N (``SpendEvent.of`` records q·N: every unit is in the release);
-- C and δ agree with the run config (``RUN_DIR/config.json``) where it names them: δ may be
-  the merchant's own smaller one; an update's C may not differ (no merchant pins its own C
-  yet). An evaluation's C is its own clipping bound (C_eval), not the run's max-grad-norm.
+- δ agrees with the run config (``RUN_DIR/config.json``) where it names it: it may be the
+  merchant's own smaller one. C is not compared with the run's max-grad-norm: a merchant may
+  pin its own (``client.policy``), and ε does not depend on C (σ scales with it); only C > 0.
 
 The run config is read as plain JSON, not through ``shared.config.RunConfig``: the audit must
 also read a file it would refuse to run, and must not fail on keys a newer version added.
@@ -52,7 +52,6 @@ class RunClaim:
 
     path: str | None
     dp: bool | None = None
-    max_grad_norm: float | None = None
     target_delta: float | None = None
 
 
@@ -77,8 +76,7 @@ def read_run_claim(run_dir: Path) -> RunClaim:
             return float(found)
         raise ConfigReadError(f"{path}: run-config key {key!r} = {found!r} is not a {kind.__name__}")
 
-    return RunClaim(path=str(path), dp=value("dp", bool), max_grad_norm=value("max-grad-norm", float),
-                    target_delta=value("target-delta", float))
+    return RunClaim(path=str(path), dp=value("dp", bool), target_delta=value("target-delta", float))
 
 
 def claims_dp(claim: RunClaim, rows: list[Row]) -> bool:
@@ -142,10 +140,6 @@ def row_findings(row: Row, *, run_dp: bool, claim: RunClaim) -> list[str]:
                                 f"{e.expected_batch:g} / {n} = {e.expected_batch / n:.6g}")
             if not 1 - FLOAT_REL <= e.expected_batch <= n * (1 + FLOAT_REL):
                 findings.append(f"{where}: expected batch {e.expected_batch:g} outside [1, N = {n}]")
-    if (not evaluation and claim.max_grad_norm is not None
-            and not _close(m.max_grad_norm, claim.max_grad_norm)):
-        findings.append(f"{where}: C = {m.max_grad_norm:g}, the run config's max-grad-norm is "
-                        f"{claim.max_grad_norm:g}")
     if claim.target_delta is not None and e.delta > claim.target_delta * (1 + FLOAT_REL):
         findings.append(f"{where}: δ = {e.delta:g} above the run config's target-delta {claim.target_delta:g}")
     return findings

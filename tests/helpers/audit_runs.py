@@ -75,7 +75,7 @@ def state_path(run_dir: Path, merchant: str) -> Path:
 
 
 def metrics_line(round_: int, accepted: Sequence[str]) -> dict[str, Any]:
-    """One ``metrics.jsonl`` row, with the fields of ``server.federation.RoundReport``."""
+    """One ``metrics.jsonl`` row, with the fields of ``server.round_report.RoundReport``."""
     return {
         "round": round_, "sampled": list(accepted), "accepted": list(accepted), "rejected": {}, "refused": {},
         "failed": {}, "bytes_received": 1000 * len(accepted), "train_loss": 0.5, "slowest_train_s": 1.0,
