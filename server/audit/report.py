@@ -41,7 +41,7 @@ def _passed(report: AuditReport) -> str:
     """What a passed audit showed, in one sentence."""
     if not report.claims_dp:
         return "a non-private run (no DP claimed, none recorded); ledger consistent"
-    config = "C and δ as the run config says" if report.config else "no run config to compare C and δ with"
+    config = "δ within the run config's" if report.config else "no run config to compare δ with"
     evaluations = sum(m.evaluations for m in report.merchants)
     released = (f"every update and evaluation ({evaluations} noised metric release(s)) private with facts consistent "
                 "(σ > 0; updates q = expected batch / N; evaluations q = 1, one step; " if evaluations else
