@@ -1,6 +1,8 @@
-"""Everything that touches Opacus: making a model private and the merchant's PRV accountant.
+"""Making a model private with Opacus: Poisson sampling (of records, or of units and their
+records), per-sample clipping and noise, from generators seeded fresh for every call.
 
-Opacus is imported here and nowhere else, so its version quirks stay in one file. The one
+Opacus' training pieces are imported here and nowhere else, so their version quirks stay in
+one file; its accountants are called only by ``shared.privacy.accounting``. The one
 per-sample mode that is not Opacus' own, book-keeping clipping (``bk``), lives in
 ``client.bookkeeping``; its Poisson sampling, noise and averaging are still Opacus'.
 """
