@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import secrets
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -124,7 +125,7 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
     loader = DataLoader(view.dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
     with (made_private(model, view.model, optimizer, loader, config, planned, units=units) as training,
-          proximal_term(optimizer, proximal_mu)):
+          proximal_term(optimizer, proximal_mu), secret_dropout(config.dp, device)):
         losses = step_loop(training, view.batch, steps, device=device, on_step=on_step)
     view.finish()
 
@@ -258,6 +259,24 @@ def proximal_term(optimizer: torch.optim.Optimizer, mu: float) -> Iterator[None]
         yield
     finally:
         handle.remove()
+
+
+@contextlib.contextmanager
+def secret_dropout(private: bool, device: torch.device) -> Iterator[None]:
+    """Dropout masks of a private call drawn from fresh OS entropy, not torch's global generator.
+
+    ``build_model`` seeds the global generator from the run config, so every process drew the
+    same masks call after call; the masks are part of the randomness the accounting assumes
+    secret. The global generator (CPU, and the call's CUDA device) is forked and restored, so
+    nothing outside the call sees a different state; a non-private call keeps reproducible masks.
+    """
+    if not private:
+        yield
+        return
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(secrets.randbits(63))  # seeds the CPU and every CUDA generator
+        yield
 
 
 def step_loop(training: dp.PrivateTraining, to_device: Callable[..., tuple[torch.Tensor, ...]], steps: int, *,
