@@ -13,7 +13,8 @@ Two kinds of pinned setting:
   reason, trains nothing, spends nothing, and the server's ledger records the refusal.
 - **The merchant's own values** (C, the unit, the split, history, caches, a public corpus):
   the pinned value replaces the run's. A run cannot move a record across the split, widen
-  the unit's reach or point the node at a file of its choosing; a difference is logged.
+  the unit's reach or point the node at a file of its choosing (a deployed node takes no path
+  from the run: corpus and cache are its node config's, or none); a difference is logged.
 
 Budgets (``target-epsilon``, ``target-delta``) are the merchant's too; ``client.merchant``
 applies them (the smaller ε wins) and ``shared.privacy.budget`` enforces them.
@@ -45,6 +46,7 @@ OWN_VALUES: dict[str, str] = {
     "eval-max-examples": "eval_max_examples",
 }
 GUARDS = ("dp", "noise-multiplier")
+PATHS = ("precondition-corpus", "feature-cache-dir")  # files on the merchant's machine
 
 
 class PolicyError(ValueError):
@@ -83,6 +85,11 @@ class MerchantPolicy:
                 raise PolicyError(f"node config noise-multiplier = {node_config['noise-multiplier']!r}: "
                                   "expected a number > 0 (the least noise this merchant accepts)")
         own = {field: node_config[key] for key, field in OWN_VALUES.items() if key in node_config}
+        if "data-dir" in node_config:
+            # A deployed node reads no file and writes no cache the server names: paths on the
+            # merchant's machine are the merchant's to give (none unless its node config says).
+            for key in PATHS:
+                own.setdefault(OWN_VALUES[key], str(node_config.get(key, "")))
         return cls(dp=dp, noise_floor=floor, own=own)
 
     def refusal(self, config: RunConfig) -> str:

@@ -11,7 +11,7 @@ from shared.config import RunConfig
 
 
 def test_nothing_pinned_refuses_nothing_and_changes_nothing() -> None:
-    policy = MerchantPolicy.from_node_config({"data-dir": "/x", "merchant-id": "a"})
+    policy = MerchantPolicy.from_node_config({"partition-id": 0, "num-partitions": 3})  # a simulated node
     config = RunConfig(dp=False, noise_multiplier=0.1)
     assert policy.refusal(config) == ""
     assert policy.apply(config) is config
@@ -65,3 +65,16 @@ def test_delta_must_be_small_next_to_one_over_the_units() -> None:
     assert "at most 1/(10·N)" in delta_refusal(1e-5, 10_001)
     assert "2000 privacy units" in delta_refusal(1e-4, 2000)
     assert delta_refusal(1e-4, 0) == ""
+
+
+def test_a_deployed_node_uses_no_path_the_server_names() -> None:
+    """precondition-corpus and feature-cache-dir name files on the merchant's machine: a
+    deployed node (its node config names its data) ignores the run's and uses its own, if any."""
+    asked = RunConfig(trainable="heads", precondition_corpus="/srv/shop/customers.txt",
+                      feature_cache_dir="/tmp/anywhere")
+    deployed = MerchantPolicy.from_node_config({"data-dir": "/srv/shop"}).apply(asked)
+    assert (deployed.precondition_corpus, deployed.feature_cache_dir) == ("", "")
+    own = MerchantPolicy.from_node_config({"data-dir": "/srv/shop", "precondition-corpus": "/srv/public.txt"})
+    assert own.apply(asked).precondition_corpus == "/srv/public.txt"
+    simulated = MerchantPolicy.from_node_config({"partition-id": 0}).apply(asked)  # the operator is every merchant
+    assert simulated.precondition_corpus == "/srv/shop/customers.txt"
