@@ -214,7 +214,7 @@ def test_spend_event_is_one_flat_record_of_one_release() -> None:
         (dict(flat, unit_count=-1), "unit_count"),
         (dict(flat, expected_batch=float("inf")), "expected_batch"),
         (dict(flat, unit="merchant"), "unit"),  # "user" is a unit since privacy-unit
-        (dict(flat, release="evaluation"), "release"),
+        (dict(flat, release="broadcast"), "release"),  # "evaluation" is one: accounted evaluation
     ]:
         with pytest.raises(ValueError, match=field):
             SpendEvent.from_dict(bad).validate()

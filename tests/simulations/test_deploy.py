@@ -35,6 +35,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from client import release
 from client.merchant import Merchant, NodeIdentity
 from client.trainer import planned_steps
 from server import deploy
@@ -43,7 +44,6 @@ from shared.config import RunConfig
 from shared.privacy.accounting import epsilon
 from shared.privacy.events import MechanismEvent
 from shared.run_files import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
-from shared.tasks import count_records
 from simulations import cli
 from tests.helpers import deployment as dh
 from tests.helpers import proc
@@ -61,6 +61,9 @@ RUN_CONFIG = {
     "max-local-steps": 2, "batch-size": 16, "max-seq-len": 32, "eval-max-examples": 16,
     "round-timeout-s": ROUND_TIMEOUT_S,
     "target-epsilon": 1000.0,  # the run asks for far more than any merchant allows
+    # Training calls alone decide the budgets below (evaluation is accounted spend too, and
+    # tests/privacy/test_release_evaluation.py covers it).
+    "evaluate": False,
 }
 
 
@@ -75,7 +78,8 @@ def epsilon_after_calls(data_dir: Path, calls: int) -> float:
                             state_dir=data_dir / ".unused", target_epsilon=1.0, target_delta=config.target_delta,
                             device="cpu")
     train = Merchant(identity, config).split().train
-    sample_rate, steps = planned_steps(count_records(train), config)  # records, not task examples
+    # units (the privacy unit, here the user), not records or task examples
+    sample_rate, steps = planned_steps(release.unit_count(train, unit=config.privacy_unit), config)
     event = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate, steps=steps,
                            max_grad_norm=config.max_grad_norm)
     return epsilon([event] * calls, config.target_delta, config.accountant)
