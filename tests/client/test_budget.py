@@ -8,13 +8,13 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pytest
-from opacus.accountants import PRVAccountant
 
 import shared.privacy.budget as budget
 import shared.privacy.state_file as state_file
 from shared import atomic
 from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
 from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, UNIT_RECORD, MechanismEvent, SpendEvent
+from tests.helpers.reference import reference_epsilon
 
 DELTA = 1e-5
 SIGMA, Q = 1.0, 0.05
@@ -27,15 +27,6 @@ def event(steps: int, *, sigma: float = SIGMA, q: float = Q) -> MechanismEvent:
 
 def open_state(path: Path, *, eps: float = 50.0, delta: float = DELTA, merchant: str = "m1") -> PrivacyState:
     return PrivacyState.open(path, merchant_id=merchant, target_epsilon=eps, target_delta=delta)
-
-
-def reference_epsilon(calls: list[MechanismEvent]) -> float:
-    """One live Opacus accountant that saw every single step of every call."""
-    accountant = PRVAccountant()
-    for call in calls:
-        for _ in range(call.steps):
-            accountant.step(noise_multiplier=call.noise_multiplier, sample_rate=call.sample_rate)
-    return float(accountant.get_epsilon(DELTA))
 
 
 # ----------------------------------------------------------------------------- persistence

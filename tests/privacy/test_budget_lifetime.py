@@ -21,7 +21,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-from opacus.accountants import PRVAccountant
 
 from client.merchant import Merchant, resolve_node
 from shared.config import ConfigError, RunConfig
@@ -31,6 +30,7 @@ from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStat
 from shared.privacy.events import MechanismEvent
 from simulations import engine, local
 from tests.helpers.merchants import write_merchant, write_merchants
+from tests.helpers.reference import reference_epsilon
 
 REPO = Path(__file__).resolve().parents[2]
 DELTA = 1e-5
@@ -41,14 +41,6 @@ CONFIG = RunConfig(encoder="tiny", max_local_steps=2, batch_size=16, max_seq_len
 
 def event(steps: int) -> MechanismEvent:
     return MechanismEvent(noise_multiplier=1.0, sample_rate=0.05, steps=steps, max_grad_norm=1.0)
-
-
-def reference_epsilon(calls: list[MechanismEvent]) -> float:
-    accountant = PRVAccountant()
-    for call in calls:
-        for _ in range(call.steps):
-            accountant.step(noise_multiplier=call.noise_multiplier, sample_rate=call.sample_rate)
-    return float(accountant.get_epsilon(DELTA))
 
 
 def new_state(path: Path, eps: float = 50.0) -> None:
