@@ -15,8 +15,6 @@ from shared.wire import ARRAYS, CONFIG, MODEL_VERSION, PROXIMAL_MU, RUN_ID, SERV
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PROXIMAL_MU", "app"]  # PROXIMAL_MU lives in shared.wire; re-exported for existing callers
-
 app = ClientApp()
 
 

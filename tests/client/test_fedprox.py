@@ -22,7 +22,7 @@ from server.strategy import EligibleNodesGrid, build_strategy
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
 from shared.privacy.budget import PrivacyState
-from shared.wire import CONFIG, MODEL_VERSION, RUN_ID, TrainReply, params_to_record
+from shared.wire import CONFIG, MODEL_VERSION, PROXIMAL_MU, RUN_ID, TrainReply, params_to_record
 from tests.helpers.heads import TRAIN, heads_config
 from tests.helpers.merchants import write_merchant
 
@@ -189,7 +189,7 @@ def test_fedprox_sends_mu_and_the_merchant_trains_by_it(tmp_path: Path, monkeypa
     fedprox, sent_prox = update_after("fedprox", 1.0, global_params, merchant_dir, tmp_path / "s2")
     fedprox_0, _ = update_after("fedprox", 0.0, global_params, merchant_dir, tmp_path / "s3")
     # Flower's FedProx puts μ in the instruction; FedAvg does not, whatever the run config says.
-    assert sent_prox[client_app.PROXIMAL_MU] == 1.0 and client_app.PROXIMAL_MU not in sent_avg
+    assert sent_prox[PROXIMAL_MU] == 1.0 and PROXIMAL_MU not in sent_avg
     # The same non-private call (same data, start and batches) but for μ: the update changes and
     # stays nearer the global model; with μ = 0 FedProx trains exactly as FedAvg.
     assert distance(fedprox) < 0.75 * distance(fedavg)
