@@ -13,8 +13,17 @@ import pandas as pd
 import torch
 
 from client.data import HISTORY_SEPARATOR, DataValidationError, Problem, load_table, product_text
-from shared.model import load_exported, tokenize_pairs
+from shared.model import MANIFEST_FILE, load_exported, read_manifest, tokenize_pairs, trained_heads
 from shared.tasks import TASK_INDEX, predictions
+
+# The head each front door scores with.
+RANK_TASK = "relevance"
+RECOMMEND_TASK = "ctr"
+_COMMAND = {RANK_TASK: "fedshop rank", RECOMMEND_TASK: "fedshop recommend"}
+
+
+class UntrainedHeadError(ValueError):
+    """The model's run never trained the head a command needs; the message names both."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +50,11 @@ def _texts(catalog: pd.DataFrame) -> list[str]:
 @torch.no_grad()
 def score_pairs(model_dir: Path, *, contexts: list[str], products: list[str], task: str,
                 batch_size: int = 64) -> np.ndarray:
-    """Each pair's prediction on ``task``'s natural scale (probability, stars, grade)."""
+    """Each pair's prediction on ``task``'s natural scale (probability, stars, grade).
+
+    Refuses (``UntrainedHeadError``) a head the model's run did not train.
+    """
+    require_trained(Path(model_dir), task)
     model, tokenizer, manifest = load_exported(Path(model_dir))
     max_len = int(manifest.get("max_seq_len", 64))
     out = []
@@ -51,6 +64,23 @@ def score_pairs(model_dir: Path, *, contexts: list[str], products: list[str], ta
         scores = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
         out.append(predictions(scores)[:, TASK_INDEX[task]].numpy())
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def require_trained(model_dir: Path, task: str) -> None:
+    """Refuse a head the model's run never trained, naming it and the tasks the run trained."""
+    manifest = read_manifest(model_dir)
+    trained = trained_heads(model_dir, manifest)
+    if trained is None:
+        raise UntrainedHeadError(
+            f"{model_dir / MANIFEST_FILE}: format {manifest.get('format')!r} lists every head whether its run "
+            f"trained it or not, and there is no run config.json beside the model folder to tell; refusing to "
+            f"score with the {task} head, which may never have been trained (re-export the model with this "
+            f"version of fedshop, or train one whose tasks include {task})")
+    if task not in trained:
+        used_by = f" ({_COMMAND[task]} scores with it)" if task in _COMMAND else ""
+        raise UntrainedHeadError(
+            f"{model_dir}: the {task} head was never trained{used_by}; this model's run trained tasks = "
+            f"{','.join(trained) or '(none)'}; use a model whose run config's tasks include {task}")
 
 
 def _top(catalog: pd.DataFrame, scores: np.ndarray, k: int) -> list[Scored]:
@@ -66,9 +96,10 @@ def rank(model_dir: Path, catalog_path: Path, query: str, *, k: int = 10) -> lis
         raise ValueError("--query is empty")
     if k < 1:
         raise ValueError(f"-k {k}: must be >= 1")
+    require_trained(Path(model_dir), RANK_TASK)  # before reading the catalogue: the cheaper refusal first
     catalog = _catalog(catalog_path)
     texts = _texts(catalog)
-    scores = score_pairs(model_dir, contexts=[query] * len(texts), products=texts, task="relevance")
+    scores = score_pairs(model_dir, contexts=[query] * len(texts), products=texts, task=RANK_TASK)
     return _top(catalog, scores, k)
 
 
@@ -81,6 +112,7 @@ def recommend(model_dir: Path, catalog_path: Path, history_path: Path, *, k: int
     """
     if k < 1:
         raise ValueError(f"-k {k}: must be >= 1")
+    require_trained(Path(model_dir), RECOMMEND_TASK)
     catalog = _catalog(catalog_path)
     history = load_table(history_path, "interactions")
     known = set(catalog.product_id)
@@ -97,5 +129,6 @@ def recommend(model_dir: Path, catalog_path: Path, history_path: Path, *, k: int
     candidates = catalog[~catalog.product_id.isin(seen)].reset_index(drop=True)
     if candidates.empty:
         return []
-    scores = score_pairs(model_dir, contexts=[context] * len(candidates), products=_texts(candidates), task="ctr")
+    scores = score_pairs(model_dir, contexts=[context] * len(candidates), products=_texts(candidates),
+                         task=RECOMMEND_TASK)
     return _top(candidates, scores, k)

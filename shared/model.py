@@ -27,12 +27,17 @@ from transformers import AutoModel, AutoTokenizer, BertConfig, BertModel, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from shared.config import RunConfig
+from shared.run_files import CONFIG_FILE
 from shared.tasks import TASKS
 
 log = logging.getLogger(__name__)
 
 HEADS_FILE = "heads.safetensors"
 MANIFEST_FILE = "fedshop.json"
+# Version 2: ``heads`` lists only the heads the run trained (its ``tasks``), and the heads file
+# holds only those. Version 1 listed every head, trained or not (see ``trained_heads``).
+MANIFEST_FORMAT = "fedshop-model/2"
+MANIFEST_FORMAT_V1 = "fedshop-model/1"
 TINY = "tiny"
 MINILM = "minilm"
 POOLINGS = ("mean", "mean-l2")
@@ -49,8 +54,9 @@ class ModelError(ValueError):
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ModelSpec:
-    """The model-shaping subset of the run config: same names, same defaults (read from
-    ``RunConfig``, so the two cannot drift), small enough to build a model from in tests."""
+    """The model-shaping subset of the run config, plus the tasks whose heads it trains: same
+    names, same defaults (read from ``RunConfig``, so the two cannot drift), small enough to
+    build a model from in tests."""
 
     encoder: str = RunConfig.encoder
     trainable: str = RunConfig.trainable
@@ -61,6 +67,18 @@ class ModelSpec:
     max_seq_len: int = RunConfig.max_seq_len
     pooling: str = RunConfig.pooling
     seed: int = RunConfig.seed
+    # Every head exists in the model; only these are trained, and only these are exported:
+    # serving an untrained head would print confident-looking numbers from random weights.
+    tasks: str = RunConfig.tasks
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        """The trained tasks in ``TASKS`` order (the order of the model's score columns)."""
+        named = {t.strip() for t in self.tasks.split(",") if t.strip()}
+        unknown = sorted(named - set(TASKS))
+        if unknown:
+            raise ModelError(f"tasks = {self.tasks!r}: unknown task(s) {unknown}; known: {list(TASKS)}")
+        return tuple(t for t in TASKS if t in named)
 
     @classmethod
     def from_config(cls, config: RunConfig) -> ModelSpec:
@@ -289,7 +307,8 @@ def export_model(
     """Write a Hugging Face model folder (encoder, LoRA merged in) + ``heads.safetensors``.
 
     The folder loads with ``AutoModel.from_pretrained`` alone; ``fedshop.json`` documents how
-    to turn hidden states into scores (mean pooling, head order, score scales).
+    to turn hidden states into scores (mean pooling, head order, score scales). Only the heads
+    of ``spec.tasks`` (the heads the run trained) are written and listed.
     """
     from safetensors.torch import save_file
 
@@ -303,18 +322,18 @@ def export_model(
     encoder = _merged_encoder(model.encoder)
     encoder.save_pretrained(str(tmp))
     tokenizer.save_pretrained(str(tmp))
-    heads = {f"{task}.{k}": v.detach().cpu().contiguous() for task in TASKS
+    trained = spec.task_names
+    heads = {f"{task}.{k}": v.detach().cpu().contiguous() for task in trained
              for k, v in model.heads[task].state_dict().items()}
     save_file(heads, str(tmp / HEADS_FILE))
     manifest = {
-        "format": "fedshop-model/1",
+        "format": MANIFEST_FORMAT,
         "pooling": model.pooling,
-        "heads": list(TASKS),
+        "heads": list(trained),
         "head_file": HEADS_FILE,
         "max_seq_len": spec.max_seq_len,
         "input": "tokenizer(context, product) pair; token_type_ids and position_ids explicit",
-        "score_scales": {"ctr": "sigmoid -> probability", "rating": "1 + 4*sigmoid -> stars",
-                         "relevance": "3*sigmoid -> expected grade"},
+        "score_scales": {task: scale for task, scale in SCORE_SCALES.items() if task in trained},
         "trained_as": dataclasses.asdict(spec),
     }
     (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2))
@@ -324,6 +343,34 @@ def export_model(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return out_dir
+
+
+SCORE_SCALES = {"ctr": "sigmoid -> probability", "rating": "1 + 4*sigmoid -> stars",
+                "relevance": "3*sigmoid -> expected grade"}
+
+
+def trained_heads(model_dir: Path, manifest: dict[str, Any]) -> tuple[str, ...] | None:
+    """The heads an exported model's run trained, or None when nobody can tell.
+
+    A ``fedshop-model/2`` manifest lists exactly those. A ``fedshop-model/1`` manifest listed
+    every head whether trained or not, so its list proves nothing: the answer is then the
+    ``tasks`` of the run's ``config.json`` beside the model folder (``RUN_DIR/model`` next to
+    ``RUN_DIR/config.json``, written by every federated run), and None when that file is not
+    there (e.g. an old ``train-local`` export). Callers refuse a None: serving an untrained
+    head prints plausible-looking scores from random weights, which is worse than no answer.
+    """
+    listed = tuple(str(t) for t in manifest.get("heads", ()))
+    if manifest.get("format") != MANIFEST_FORMAT_V1:
+        return listed
+    config_path = Path(model_dir).parent / CONFIG_FILE
+    try:
+        tasks = json.loads(config_path.read_text()).get("tasks")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(tasks, str):
+        return None
+    named = {t.strip() for t in tasks.split(",") if t.strip()}
+    return tuple(t for t in listed if t in named)
 
 
 def _merged_encoder(encoder: nn.Module) -> PreTrainedModel:
@@ -345,15 +392,26 @@ def _merged_encoder(encoder: nn.Module) -> PreTrainedModel:
     return clone  # type: ignore[return-value]
 
 
+def read_manifest(model_dir: Path) -> dict[str, Any]:
+    """An exported model folder's ``fedshop.json``."""
+    manifest_path = Path(model_dir) / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ModelError(f"{model_dir}: not a fedshop model folder (no {MANIFEST_FILE})")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as exc:
+        raise ModelError(f"{manifest_path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise ModelError(f"{manifest_path}: expected a JSON object, found {type(manifest).__name__}")
+    return manifest
+
+
 def load_exported(model_dir: Path) -> tuple[FedShopModel, PreTrainedTokenizerBase, dict[str, Any]]:
     """Load an exported model folder for scoring (eval mode)."""
     from safetensors.torch import load_file
 
     model_dir = Path(model_dir)
-    manifest_path = model_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ModelError(f"{model_dir}: not a fedshop model folder (no {MANIFEST_FILE})")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(model_dir)
     try:
         encoder = AutoModel.from_pretrained(str(model_dir), add_pooling_layer=False)
     except TypeError:
@@ -363,7 +421,11 @@ def load_exported(model_dir: Path) -> tuple[FedShopModel, PreTrainedTokenizerBas
                          pooling=manifest.get("pooling", "mean"))
     heads = load_file(str(model_dir / manifest.get("head_file", HEADS_FILE)))
     for task in TASKS:
-        model.heads[task].load_state_dict({k: heads[f"{task}.{k}"] for k in ("weight", "bias")})
+        if f"{task}.weight" in heads:
+            model.heads[task].load_state_dict({k: heads[f"{task}.{k}"] for k in ("weight", "bias")})
+        else:  # a head the run never trained is not exported: score it as a constant 0, never at random
+            for p in model.heads[task].parameters():
+                nn.init.zeros_(p)
     model.eval()
     return model, tokenizer, manifest
 

@@ -1,4 +1,5 @@
-"""``fedshop rank`` / ``fedshop recommend`` on a tiny exported model."""
+"""``fedshop rank`` / ``fedshop recommend`` on a tiny exported model, and their refusal of a head
+the model's run never trained."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from client.data import DataValidationError
-from client.serving import rank, recommend, score_pairs
-from shared.model import ModelSpec, build_model, export_model, load_tokenizer
+from client.serving import UntrainedHeadError, rank, recommend, score_pairs
+from shared.model import HEADS_FILE, MANIFEST_FILE, ModelSpec, build_model, export_model, load_tokenizer
 from simulations.cli import main
 
 CATALOG = """product_id,title,category,brand
@@ -96,3 +98,74 @@ def test_clear_errors(model_dir: Path, catalog: Path, tmp_path: Path, capsys: py
         recommend(model_dir, catalog, history)
     assert main(["recommend", "--model", str(model_dir), "--catalog", str(catalog), "--history", str(history)]) == 2
     assert "h.csv row 1, field 'product_id'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ only trained heads are served
+def _export(spec: ModelSpec, out: Path) -> Path:
+    model = build_model(spec)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    return export_model(model, load_tokenizer(spec), out, spec=spec)
+
+
+@pytest.fixture(scope="module")
+def ctr_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """What the default demo exports: a run whose tasks are ``ctr`` only."""
+    spec = ModelSpec(encoder="tiny", trainable="heads", dropout=0.0, tasks="ctr")
+    return _export(spec, tmp_path_factory.mktemp("ctr") / "run" / "model")
+
+
+def test_the_manifest_lists_only_the_trained_heads(ctr_model: Path) -> None:
+    manifest = json.loads((ctr_model / MANIFEST_FILE).read_text())
+    assert manifest["format"] == "fedshop-model/2"
+    assert manifest["heads"] == ["ctr"] and list(manifest["score_scales"]) == ["ctr"]
+    assert manifest["trained_as"]["tasks"] == "ctr"
+    assert sorted(load_file(str(ctr_model / HEADS_FILE))) == ["ctr.bias", "ctr.weight"]
+
+
+def test_rank_refuses_a_head_the_run_never_trained(ctr_model: Path, catalog: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(UntrainedHeadError, match="the relevance head was never trained .*trained tasks = ctr"):
+        rank(ctr_model, catalog, "warm scarf")
+    with pytest.raises(UntrainedHeadError, match="rating head was never trained"):
+        score_pairs(ctr_model, contexts=["q"], products=["p"], task="rating")
+    assert main(["rank", "--model", str(ctr_model), "--catalog", str(catalog), "--query", "scarf"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no table of meaningless scores
+    assert "relevance head was never trained (fedshop rank scores with it)" in captured.err
+    assert "trained tasks = ctr; use a model whose run config's tasks include relevance" in captured.err
+
+
+def test_recommend_serves_the_trained_head(ctr_model: Path, catalog: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,product_id,label\nu1,p1,click\n")
+    assert main(["recommend", "--model", str(ctr_model), "--catalog", str(catalog), "--history", str(history),
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["product_id"] for r in rows} == {"p2", "p3", "p4", "p5"}
+    assert all(0.0 < r["score"] < 1.0 for r in rows)
+
+
+def test_a_version_1_manifest_is_judged_by_its_runs_config(tmp_path: Path, catalog: Path) -> None:
+    """``fedshop-model/1`` listed every head, trained or not: the run's config.json beside the
+    model decides, and without one every head is refused."""
+    spec = ModelSpec(encoder="tiny", trainable="heads", dropout=0.0)  # all heads exported, as version 1 did
+    model_dir = _export(spec, tmp_path / "run" / "model")
+    manifest_path = model_dir / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text())
+    manifest["format"] = "fedshop-model/1"
+    del manifest["trained_as"]["tasks"]
+    manifest_path.write_text(json.dumps(manifest))
+    history = tmp_path / "history.csv"
+    history.write_text("user_id,product_id,label\nu1,p1,click\n")
+
+    for call in (lambda: rank(model_dir, catalog, "scarf"), lambda: recommend(model_dir, catalog, history)):
+        with pytest.raises(UntrainedHeadError, match="lists every head whether its run trained it or not"):
+            call()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"tasks": "ctr", "dp": True}))
+    with pytest.raises(UntrainedHeadError, match="relevance head was never trained.*trained tasks = ctr"):
+        rank(model_dir, catalog, "scarf")
+    assert len(recommend(model_dir, catalog, history)) == 4
