@@ -10,6 +10,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server.federation import Federation
 from server.report import format_summary, run_summary, write_summary
+from server.report_html import write_report_or_warn
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, export_model, get_trainable, load_tokenizer, set_trainable
 from shared.run_files import MODEL_DIR
@@ -34,3 +35,4 @@ def main(grid: Grid, context: Context) -> None:
     summary = run_summary(Path(config.run_dir), stopped_because=result.stopped_because)
     write_summary(Path(config.run_dir), summary)
     log.info("\n%s", format_summary(summary))
+    write_report_or_warn(Path(config.run_dir))  # after the summary, which it reads; never fails the run
