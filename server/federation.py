@@ -96,9 +96,13 @@ class Federation:
     def _prepare_run_dir(self, config: RunConfig) -> None:
         existing = (self.run_dir / LEDGER_FILE).exists()
         if existing and not config.resume:
+            # Two front doors reach this: `fedshop simulate --out DIR` and `flwr run` (whose
+            # run-config cannot combine a scenario file with KEY=VALUE overrides), so say both.
             raise FederationError(
-                f"run dir {self.run_dir} already holds a run (ledger present); resume it with "
-                "--resume, or choose a new --out"
+                f"run dir {self.run_dir} already holds a run (ledger present). To continue it: "
+                f"`fedshop simulate --resume {self.run_dir}`, or with `flwr run` a run-config that sets "
+                "resume = true. To start a new run: `fedshop simulate --out NEW_DIR`, or with `flwr run` a "
+                "run-config (a copy of the scenario file) whose run-dir names a new folder"
             )
         if config.resume and not existing:
             raise FederationError(f"--resume {self.run_dir}: no run there (no {LEDGER_FILE})")
@@ -183,7 +187,9 @@ class Federation:
             if time.monotonic() > deadline:
                 raise NotEnoughNodesError(
                     f"only {len(nodes)} node(s) connected after waiting {self.config.node_wait_timeout_s:.0f} s "
-                    f"(need {need}; run-config keys 'min-available-nodes' / 'node-wait-timeout-s')"
+                    f"(need {need}; run-config keys 'min-available-nodes' / 'node-wait-timeout-s'; a local "
+                    "simulation started by `flwr run` has as many nodes as its --federation-config "
+                    "\"num-supernodes=N\", 2 by default)"
                 )
             time.sleep(0.5)
         return [n for n in nodes if self.node_merchant.get(n) not in self.exhausted]
