@@ -15,6 +15,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from client.encoding import encode, trim
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
+from shared.progress import Progress
 from shared.tasks import TASKS, Example, PerExampleLoss, predictions, task_of
 
 
@@ -43,12 +44,14 @@ def predict(
     model.to(device)
     model.eval()
     losses, preds = [], []
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        input_ids, attention_mask, token_type_ids, packed = trim(batch, device)
-        scores = model(input_ids, attention_mask, token_type_ids)
-        losses.append(PerExampleLoss(reduction="none")(scores, packed).cpu())
-        own = task_of(packed).unsqueeze(1)
-        preds.append(predictions(scores).gather(1, own).squeeze(1).cpu())
+    with Progress("evaluating", len(examples), unit="examples") as shown:
+        for batch in DataLoader(dataset, batch_size=batch_size):
+            input_ids, attention_mask, token_type_ids, packed = trim(batch, device)
+            scores = model(input_ids, attention_mask, token_type_ids)
+            losses.append(PerExampleLoss(reduction="none")(scores, packed).cpu())
+            own = task_of(packed).unsqueeze(1)
+            preds.append(predictions(scores).gather(1, own).squeeze(1).cpu())
+            shown.update(len(packed))
     model.train(was_training)
     return torch.cat(losses).numpy(), torch.cat(preds).numpy()
 

@@ -34,6 +34,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from shared import atomic
 from shared.model import FedShopModel, head_scores
+from shared.progress import Progress
 
 if TYPE_CHECKING:  # client.precondition builds on this module
     from client.precondition import Preconditioner
@@ -128,18 +129,17 @@ def encode_pairs(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs:
     model.to(device)
     model.eval()
     out = []
-    started, last_report = time.perf_counter(), time.perf_counter()
+    started = time.perf_counter()
     try:
-        for start in range(0, len(pairs), ENCODE_BATCH):
-            chunk = pairs[start:start + ENCODE_BATCH]
-            enc = tokenizer([c for c, _ in chunk], [p for _, p in chunk], truncation="longest_first",
-                            max_length=max_seq_len, padding="longest", return_tensors="pt")
-            ids = enc["input_ids"].to(device)
-            types = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])).to(device)
-            out.append(model.pool(ids, enc["attention_mask"].to(device), types).float().cpu())
-            if time.perf_counter() - last_report > 30:
-                last_report = time.perf_counter()
-                log.info("encoding records: %d of %d", start + len(chunk), len(pairs))
+        with Progress("encoding records", len(pairs), unit="records") as shown:
+            for start in range(0, len(pairs), ENCODE_BATCH):
+                chunk = pairs[start:start + ENCODE_BATCH]
+                enc = tokenizer([c for c, _ in chunk], [p for _, p in chunk], truncation="longest_first",
+                                max_length=max_seq_len, padding="longest", return_tensors="pt")
+                ids = enc["input_ids"].to(device)
+                types = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])).to(device)
+                out.append(model.pool(ids, enc["attention_mask"].to(device), types).float().cpu())
+                shown.update(len(chunk))
     finally:
         model.train(was_training)
     log.info("encoded %d records in %.1f s", len(pairs), time.perf_counter() - started)

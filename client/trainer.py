@@ -34,6 +34,7 @@ from shared.config import RunConfig
 from shared.model import is_head
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import MechanismEvent
+from shared.progress import Progress
 from shared.tasks import Example, PerExampleLoss
 
 log = logging.getLogger(__name__)
@@ -285,30 +286,32 @@ def step_loop(training: dp.PrivateTraining, to_device: Callable[..., tuple[torch
     params = [p for group in training.optimizer.param_groups for p in group["params"]]
     losses: list[float] = []
     done = 0
-    while done < steps:
-        for batch in training.data_loader:
-            if done >= steps:
-                break
-            *inputs, packed = to_device(batch, device)
-            training.optimizer.zero_grad(set_to_none=True)
-            if len(packed) == 0:
-                # An empty Poisson batch is still one mechanism invocation: release a
-                # noise-only step so what is released matches what is accounted.
-                _zero_batch_grads(params, training.mode)
-                training.optimizer.step()
-            else:
-                loss = training.criterion(training.model(*inputs), packed)
-                with warnings.catch_warnings():
-                    # Opacus' hooks sit on layers whose inputs (token ids) need no
-                    # gradient; torch warns about that harmless case on every step.
-                    warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
-                training.optimizer.step()
-                # Ghost clipping returns a wrapper, not a Tensor; both expose .item().
-                losses.append(float(loss.item()))
-            done += 1
-            if on_step is not None:
-                on_step(done, steps, losses[-1] if losses else float("nan"))
+    with Progress("training", steps, unit="steps") as shown:
+        while done < steps:
+            for batch in training.data_loader:
+                if done >= steps:
+                    break
+                *inputs, packed = to_device(batch, device)
+                training.optimizer.zero_grad(set_to_none=True)
+                if len(packed) == 0:
+                    # An empty Poisson batch is still one mechanism invocation: release a
+                    # noise-only step so what is released matches what is accounted.
+                    _zero_batch_grads(params, training.mode)
+                    training.optimizer.step()
+                else:
+                    loss = training.criterion(training.model(*inputs), packed)
+                    with warnings.catch_warnings():
+                        # Opacus' hooks sit on layers whose inputs (token ids) need no
+                        # gradient; torch warns about that harmless case on every step.
+                        warnings.filterwarnings("ignore", message="Full backward hook is firing")
+                        loss.backward()
+                    training.optimizer.step()
+                    # Ghost clipping returns a wrapper, not a Tensor; both expose .item().
+                    losses.append(float(loss.item()))
+                done += 1
+                shown.update()
+                if on_step is not None:
+                    on_step(done, steps, losses[-1] if losses else float("nan"))
     return losses
 
 

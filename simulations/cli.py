@@ -1,5 +1,6 @@
 """The ``fedshop`` command. Each subcommand parses arguments and calls one library function.
 
+    fedshop [-v] [-q] COMMAND ...   (-q: no progress display)
     fedshop simulate [--scenario reviews] [--out DIR] [--set KEY=VALUE ...] [--resume RUN_DIR]
     fedshop train-local --data DIR [DIR ...] [--scenario NAME] [--set KEY=VALUE ...] [--out DIR]
     fedshop audit RUN_DIR [--json] [--plot FILE.png] [--report FILE.md]
@@ -27,10 +28,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from shared import progress
 from shared.jsonable import finite
 from shared.run_files import CONFIG_FILE, LEDGER_FILE
 
 log = logging.getLogger("fedshop")
+
+
+def _quiet_third_party_warnings() -> None:
+    """Leave out of the default output the warnings that tell its reader nothing to do.
+
+    Each is filtered by its own message, category and module, never wholesale: a new warning
+    still shows. Ray's FutureWarning (``ray.init``) announces a future change to how it sets
+    accelerator environment variables for actors with no GPU; the setting it proposes would
+    change which devices a ClientApp sees, so fedshop keeps today's behaviour and only the
+    notice goes.
+    """
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"ray\._private\.worker",
+                            message=r"Tip: In future versions of Ray, Ray will no longer override accelerator")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -275,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedshop", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress display (it shows only on a terminal, for steps over 5 s)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     sim = sub.add_parser("simulate", help="run a federated simulation (Flower simulation engine, Ray)")
@@ -362,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    _quiet_third_party_warnings()
+    # Decided here, where the terminal is known, before any Ray worker copies the environment.
+    progress.enable(sys.stderr.isatty() and not args.quiet)
     from client.data import DataValidationError
     from server.audit import AuditInputError
     from server.federation import FederationError
