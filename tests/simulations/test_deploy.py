@@ -1,8 +1,9 @@
 """A real federation on loopback: ``fedshop deploy``, a TLS SuperLink with node authentication,
-three merchants' SuperNodes, a run submitted with ``flwr run``, and the faults a deployment meets.
+three merchants' SuperNodes, runs submitted with ``flwr run``, and the faults a deployment meets.
 
-One run of three rounds covers it all, because every Flower message starts a fresh ClientApp
-process (seconds of imports) and the test must stay within a few minutes:
+Every Flower message starts a fresh ClientApp process (seconds of imports), so one federation
+(the module-scoped ``federation`` fixture) serves every slow test here, and its main run of
+three rounds covers most of it:
 
 - round 1: the three merchants train; ledger rows for all three;
 - round 2: shop-c's SuperNode is SIGKILLed as its training message arrives; the round ends
@@ -17,30 +18,36 @@ process (seconds of imports) and the test must stay within a few minutes:
 While round 2 waits for the dead node: three nodes that must not get in (a key pair nobody
 registered, a node without the federation's CA, a node speaking plain HTTP with
 ``--insecure``), and a second run that needs a fourth merchant, which must fail after its
-``node-wait-timeout-s`` instead of waiting forever.
+``node-wait-timeout-s`` instead of waiting forever. After the main run, the same SuperNodes
+get a run that asks for ``dp = false``: each refuses it (the kit pins ``dp = true``).
 
 The first tests check what ``fedshop deploy`` writes, without starting anything (fast).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import subprocess
 import sys
 import time
 import tomllib
+from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 from cryptography import x509
 
 from client import release
 from client.merchant import Merchant, NodeIdentity
 from client.trainer import planned_steps
+from server import checkpoint as ckpt
 from server import deploy
 from server.ledger import PrivacyLedger
 from shared.config import RunConfig
+from shared.model import ModelSpec, build_model, get_trainable
 from shared.privacy.accounting import epsilon
 from shared.privacy.events import MechanismEvent
 from shared.run_files import LEDGER_FILE, METRICS_FILE, SUMMARY_FILE
@@ -71,8 +78,8 @@ def fedshop(*args: str) -> list[str]:
     return proc.fedshop_command(*args)
 
 
-def epsilon_after_calls(data_dir: Path, calls: int) -> float:
-    """ε of ``calls`` training calls of one merchant under RUN_CONFIG (what its node will account)."""
+def epsilon_after_calls(data_dir: Path, calls: tuple[int, ...]) -> list[float]:
+    """ε of each number of training calls of one merchant under RUN_CONFIG (what its node will account)."""
     config = RunConfig.from_mapping(RUN_CONFIG)
     identity = NodeIdentity(merchant_id=data_dir.name, data_dir=data_dir, synthetic_index=None,
                             state_dir=data_dir / ".unused", target_epsilon=1.0, target_delta=config.target_delta,
@@ -82,7 +89,7 @@ def epsilon_after_calls(data_dir: Path, calls: int) -> float:
     sample_rate, steps = planned_steps(release.unit_count(train, unit=config.privacy_unit), config)
     event = MechanismEvent(noise_multiplier=config.noise_multiplier, sample_rate=sample_rate, steps=steps,
                            max_grad_norm=config.max_grad_norm)
-    return epsilon([event] * calls, config.target_delta, config.accountant)
+    return [epsilon([event] * k, config.target_delta) for k in calls]
 
 
 def write_run_config(path: Path, values: dict) -> Path:
@@ -216,8 +223,42 @@ def test_insecure_mode_needs_the_flag_and_says_so(tmp_path: Path, capsys: pytest
 
 
 # --------------------------------------------------------------------------- slow: real processes
-@pytest.mark.slow
-def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
+@dataclasses.dataclass
+class Federation:
+    """The module's one deployment, left running (SuperLink and SuperNodes) for its tests."""
+
+    tmp: Path
+    env: dict[str, str]
+    dep: deploy.Deployment
+    merchants: dict[str, deploy.MerchantKit]
+    budgets: dict[str, float]
+    eps_shop_b: list[float]  # shop-b's ε after 1, 2 and 3 training calls
+    group: dh.Services
+    superlink: dh.Service
+    nodes: dict[str, dh.Service]  # the SuperNodes now running (shop-c: the restarted one)
+    run_dir: Path  # the main run's
+    run_exit: int | None
+    shop_c_before_kill: dict  # shop-c's privacy state as it was killed
+    states_after: dict[str, dict]  # every merchant's privacy state after the main run
+    rogues: dict[str, tuple[dh.Service, int | None]]  # intruder -> (its process, its exit code)
+    starved: dh.Service
+    starved_dir: Path
+    timings: dict[str, float]
+
+    def submit(self, name: str, values: dict) -> dh.Service:
+        """``flwr run`` of this project with ``values`` as its run config, against the operator's connection."""
+        config = write_run_config(self.tmp / f"{name}.toml", values)
+        cmd = [str(dh.VENV_BIN / "flwr"), "run", str(proc.REPO), deploy.CONNECTION, "--stream", "--run-config",
+               str(config)]
+        return self.group.start(name, cmd, env={**self.env, "FLWR_HOME": str(self.dep.flwr_home)})
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]:
+    """Set up the deployment, run the main run with its faults, keep the processes for the tests.
+
+    Only what the next step depends on is asserted here; the tests check the rest."""
+    tmp_path = tmp_path_factory.mktemp("deploy")
     t_start = time.monotonic()
     data = tmp_path / "data"
     write_merchants(data, MERCHANTS)
@@ -232,24 +273,10 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
                               "--port", str(superlink_port)), log_dir=logs / "init", env=env)
     assert init.returncode == 0, init.describe()
     dep = deploy.Deployment.load(root)
-    assert dep.bind_host == "127.0.0.1" and dep.superlink_address == f"127.0.0.1:{superlink_port}"
-    ca = x509.load_pem_x509_certificate(dep.ca_cert.read_bytes())
-    cert = x509.load_pem_x509_certificate((dep.superlink_dir / "server.crt").read_bytes())
-    cert.verify_directly_issued_by(ca)
-    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    assert "localhost" in sans.get_values_for_type(x509.DNSName)
-    assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
-    assert (root / "ca" / "ca.key").stat().st_mode & 0o077 == 0
-    script = (dep.superlink_dir / deploy.SUPERLINK_SCRIPT).read_text()
-    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
-                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", "FLWR_TELEMETRY_ENABLED=0"):
-        assert flag in script
-    assert "--insecure" not in script
 
     # shop-b's own budget allows two training calls, not three (ε from its own data and the
     # mechanism the run will use); shop-a and shop-c allow plenty.
-    eps = [epsilon_after_calls(data / "shop-b", k) for k in (1, 2, 3)]
-    assert eps[0] < eps[1] < eps[2]
+    eps = epsilon_after_calls(data / "shop-b", (1, 2, 3))
     budgets = {"shop-a": 50.0, "shop-b": (eps[1] + eps[2]) / 2, "shop-c": 50.0}
 
     with dh.services(logs, env) as group:
@@ -267,53 +294,51 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
         assert sorted(merchants) == MERCHANTS
         for m in merchants.values():
             assert m.node_id, f"{m.name} was not registered"
-            assert (m.dir / deploy.NODE_KEY).stat().st_mode & 0o077 == 0
-            text = (m.dir / deploy.SUPERNODE_SCRIPT).read_text()
-            assert "--root-certificates ca.crt" in text and "--auth-supernode-private-key node-key" in text
-            assert f"merchant-id='{m.name}'" in text and f"target-epsilon={budgets[m.name]!r}" in text
 
         nodes = {name: group.start(name, ["sh", str(merchants[name].dir / deploy.SUPERNODE_SCRIPT)])
                  for name in MERCHANTS}
         for name, node in nodes.items():
             node.wait_for(rf"SuperNode ID: {merchants[name].node_id}\b", timeout_s=90)
 
+        fed = Federation(tmp=tmp_path, env=env, dep=dep, merchants=merchants, budgets=budgets, eps_shop_b=eps,
+                         group=group, superlink=superlink, nodes=nodes, run_dir=tmp_path / "run", run_exit=None,
+                         shop_c_before_kill={}, states_after={}, rogues={}, starved=superlink,
+                         starved_dir=tmp_path / "run-starved", timings={})
+
         # ---- the run: `flwr run` against the operator's connection ------------------------
-        run_dir = tmp_path / "run"
-        run_config = write_run_config(tmp_path / "run-config.toml", {**RUN_CONFIG, "run-dir": str(run_dir)})
-        flwr_env = {**env, "FLWR_HOME": str(dep.flwr_home)}
         t_submit = time.monotonic()
-        flwr_run = [str(dh.VENV_BIN / "flwr"), "run", str(proc.REPO), deploy.CONNECTION, "--stream", "--run-config"]
-        run = group.start("flwr-run", [*flwr_run, str(run_config)], env=flwr_env)
+        run = fed.submit("flwr-run", {**RUN_CONFIG, "run-dir": str(fed.run_dir)})
 
         # Round 2 reaches shop-c: kill its whole SuperNode (node, SuperExec, ClientApp) as the
         # training message arrives, i.e. mid-round, before it could train or spend anything.
         nodes["shop-c"].wait_for(r"Receiving: train message", count=2, timeout_s=240)
         t_kill = time.monotonic()
         nodes["shop-c"].kill()
-        before = state(merchants["shop-c"].dir)
+        fed.shop_c_before_kill = state(merchants["shop-c"].dir)
         restarted = group.start("shop-c-restarted", ["sh", str(merchants["shop-c"].dir / deploy.SUPERNODE_SCRIPT)])
+        nodes["shop-c"] = restarted
 
         # While the round waits for the dead node, the machine is idle enough for the rest:
         # ---- intruders: none of them may get a node id -----------------------------------
         rogue_dir = tmp_path / "rogue"
         rogue_dir.mkdir()
-        private, public = deploy.make_node_key()
+        private, _ = deploy.make_node_key()
         deploy.write_secret(rogue_dir / "key", private)
         rogue_config = f"merchant-id='rogue' data-dir='{data / 'shop-a'}' state-dir='{rogue_dir / 'state'}'"
         base = ["flower-supernode", "--superlink", dep.superlink_address, "--node-config", rogue_config]
-        unregistered = group.start("rogue-unregistered", [*base, "--root-certificates", str(dep.ca_cert),
-                                                          "--auth-supernode-private-key", str(rogue_dir / "key"),
-                                                          "--port", str(node_ports[3])])
-        no_ca = group.start("rogue-no-ca", [*base, "--port", str(node_ports[4])])
-        plain_http = group.start("rogue-plain-http", [*base, "--insecure", "--max-retries", "3",
-                                                      "--port", str(node_ports[5])])
+        rogues = {
+            "rogue-unregistered": group.start("rogue-unregistered", [
+                *base, "--root-certificates", str(dep.ca_cert), "--auth-supernode-private-key",
+                str(rogue_dir / "key"), "--port", str(node_ports[3])]),
+            "rogue-no-ca": group.start("rogue-no-ca", [*base, "--port", str(node_ports[4])]),
+            "rogue-plain-http": group.start("rogue-plain-http", [*base, "--insecure", "--max-retries", "3",
+                                                                 "--port", str(node_ports[5])]),
+        }
         # ---- a second run that needs a fourth merchant gives up after its bounded wait ----
-        starved_dir = tmp_path / "run-starved"
-        starved_config = write_run_config(tmp_path / "starved.toml", {
-            **RUN_CONFIG, "num-server-rounds": 1, "min-available-nodes": 4, "node-wait-timeout-s": 10.0,
-            "run-dir": str(starved_dir)})
         t_starved = time.monotonic()
-        starved = group.start("flwr-run-starved", [*flwr_run, str(starved_config)], env=flwr_env)
+        fed.starved = fed.submit("flwr-run-starved", {
+            **RUN_CONFIG, "num-server-rounds": 1, "min-available-nodes": 4, "node-wait-timeout-s": 10.0,
+            "run-dir": str(fed.starved_dir)})
 
         # The SuperLink refuses the same key while the dead process still counts as online
         # (until its heartbeat lapses); the script keeps trying until it is let back in.
@@ -323,28 +348,58 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
             now = time.monotonic()
             if t_back is None and rejoined.search(restarted.text()):
                 t_back = now
-            if t_starved_done is None and not starved.alive():
+            if t_starved_done is None and not fed.starved.alive():
                 t_starved_done = now
             assert now - t_kill < 150, f"restarted shop-c rejoined: {t_back is not None}; the run short of " \
-                f"nodes ended: {t_starved_done is not None}\n{restarted.tail()}\n{starved.tail()}"
+                f"nodes ended: {t_starved_done is not None}\n{restarted.tail()}\n{fed.starved.tail()}"
             time.sleep(0.2)
-        t_starved = t_starved_done - t_starved
-        assert re.search(r"NotEnoughNodesError: only \d node\(s\) connected after waiting 10 s", starved.text()), \
-            starved.tail()
-        assert not (starved_dir / METRICS_FILE).exists()
 
-        assert run.wait_exit(300) == 0, group.logs()
+        fed.run_exit = run.wait_exit(300)
         t_done = time.monotonic()
+        # The intruders gave up (or were turned away) long before the run ended.
+        fed.rogues = {name: (rogue, rogue.wait_exit(60)) for name, rogue in rogues.items()}
+        fed.states_after = {m: state(merchants[m].dir) for m in MERCHANTS}
+        fed.timings = {
+            "setup_s": t_submit - t_start,
+            "run_s": t_done - t_submit,
+            "starved_run_failed_after_s": t_starved_done - t_starved,
+            "kill_to_done_s": t_done - t_kill,
+            "kill_to_rejoined_s": t_back - t_kill,
+        }
+        yield fed
 
-        # ---- intruders were refused -------------------------------------------------------
-        for rogue in (unregistered, no_ca, plain_http):
-            code = rogue.wait_exit(60)
-            assert code not in (None, 0), f"{rogue.name} was not refused\n{rogue.tail()}"
-            assert "SuperNode ID" not in rogue.text(), rogue.tail()
-        assert "No SuperNode found with the given public key" in superlink.text()
-        assert "CERTIFICATE_VERIFY_FAILED" in no_ca.text()
+
+@pytest.mark.slow
+def test_deployment_tls_auth_faults_and_budgets(federation: Federation) -> None:
+    fed = federation
+    dep, merchants, budgets, eps = fed.dep, fed.merchants, fed.budgets, fed.eps_shop_b
+    assert fed.run_exit == 0, fed.group.logs()
+
+    # ---- what `fedshop deploy init` wrote for the operator ----------------------------------
+    assert dep.bind_host == "127.0.0.1" and dep.superlink_address.startswith("127.0.0.1:")
+    ca = x509.load_pem_x509_certificate(dep.ca_cert.read_bytes())
+    cert = x509.load_pem_x509_certificate((dep.superlink_dir / "server.crt").read_bytes())
+    cert.verify_directly_issued_by(ca)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
+    assert "127.0.0.1" in {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    assert (dep.root / "ca" / "ca.key").stat().st_mode & 0o077 == 0
+    script = (dep.superlink_dir / deploy.SUPERLINK_SCRIPT).read_text()
+    for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
+                 "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1", "FLWR_TELEMETRY_ENABLED=0"):
+        assert flag in script
+    assert "--insecure" not in script
+
+    # ---- what `fedshop deploy add-merchant` wrote for each merchant --------------------------
+    assert eps[0] < eps[1] < eps[2]
+    for m in merchants.values():
+        assert (m.dir / deploy.NODE_KEY).stat().st_mode & 0o077 == 0
+        text = (m.dir / deploy.SUPERNODE_SCRIPT).read_text()
+        assert "--root-certificates ca.crt" in text and "--auth-supernode-private-key node-key" in text
+        assert f"merchant-id='{m.name}'" in text and f"target-epsilon={budgets[m.name]!r}" in text
 
     # ---- the ledger and the run's record ----------------------------------------------------
+    run_dir = fed.run_dir
     with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         rows = ledger.rows()
     outcome = {(r.round, r.merchant_id): r for r in rows}
@@ -364,11 +419,11 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
     assert refused.status == "refused" and "budget" in refused.reason
     assert refused.epsilon_budget == pytest.approx(budgets["shop-b"])  # the node's ε, not the run's 1000
     assert refused.epsilon_reported == pytest.approx(eps[1], rel=1e-6)
-    assert state(merchants["shop-b"].dir)["target_epsilon"] == pytest.approx(budgets["shop-b"])
+    assert fed.states_after["shop-b"]["target_epsilon"] == pytest.approx(budgets["shop-b"])
     assert outcome[(3, "shop-a")].status == "accepted" and outcome[(3, "shop-c")].status == "accepted"
 
     # the restarted node's ε continued from its state file: same history plus one call
-    after = state(merchants["shop-c"].dir)
+    before, after = fed.shop_c_before_kill, fed.states_after["shop-c"]
     assert len(before["entries"]) == 1
     assert after["entries"][: len(before["entries"])] == before["entries"]
     assert len(after["entries"]) == len(before["entries"]) + 1
@@ -378,16 +433,69 @@ def test_deployment_tls_auth_faults_and_budgets(tmp_path: Path) -> None:
 
     # a merchant audits its own record
     audit = dh.run_cli(fedshop("audit", "--node-state", str(merchants["shop-c"].privacy_state), str(run_dir)),
-                       log_dir=logs / "audit", env=env)
+                       log_dir=fed.tmp / "logs" / "audit", env=fed.env)
     assert audit.returncode == 0, audit.describe()
 
-    durations = {
-        "setup_s": t_submit - t_start,
-        "run_s": t_done - t_submit,
-        "starved_run_failed_after_s": t_starved,
-        "kill_to_done_s": t_done - t_kill,
-        "kill_to_rejoined_s": t_back - t_kill,
-        "round_wall_s": [round(m["wall_s"], 1) for m in metrics],
-        "slowest_train_s": [round(m.get("slowest_train_s", 0.0), 1) for m in metrics],
-    }
+    durations = {**{k: round(v, 1) for k, v in fed.timings.items()},
+                 "round_wall_s": [round(m["wall_s"], 1) for m in metrics],
+                 "slowest_train_s": [round(m.get("slowest_train_s", 0.0), 1) for m in metrics]}
     print(f"\ndeployment timings: {json.dumps(durations)}", file=sys.stderr)
+
+
+@pytest.mark.slow
+def test_intruders_get_no_node_id(federation: Federation) -> None:
+    """A key pair nobody registered, a node without the federation's CA, a node speaking plain HTTP."""
+    for name, (rogue, code) in federation.rogues.items():
+        assert code not in (None, 0), f"{name} was not refused\n{rogue.tail()}"
+        assert "SuperNode ID" not in rogue.text(), rogue.tail()
+    assert "No SuperNode found with the given public key" in federation.superlink.text()
+    assert "CERTIFICATE_VERIFY_FAILED" in federation.rogues["rogue-no-ca"][0].text()
+
+
+@pytest.mark.slow
+def test_a_run_short_of_nodes_gives_up_after_its_bounded_wait(federation: Federation) -> None:
+    starved = federation.starved
+    assert not starved.alive()
+    assert re.search(r"NotEnoughNodesError: only \d node\(s\) connected after waiting 10 s", starved.text()), \
+        starved.tail()
+    assert not (federation.starved_dir / METRICS_FILE).exists()
+
+
+@pytest.mark.slow
+def test_a_running_supernode_pinning_dp_refuses_a_non_private_run_and_the_ledger_shows_it(
+        federation: Federation) -> None:
+    """Issue #21: the merchants' kits pin ``dp = true`` in their SuperNodes' node config; a run
+    submitted to the same SuperLink asking for ``dp = false`` is refused by every node: each
+    ledger row is a refusal naming the pin, nobody trains or spends, and the model stays as
+    it started."""
+    fed = federation
+    run_dir = fed.tmp / "run-dp-off"
+    asked = {**RUN_CONFIG, "dp": False, "num-server-rounds": 1, "run-dir": str(run_dir)}
+    run = fed.submit("flwr-run-dp-off", asked)
+    assert run.wait_exit(300) == 0, fed.group.logs()
+
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
+        rows = ledger.rows()
+    assert sorted(r.merchant_id for r in rows) == MERCHANTS  # one row per merchant, all of them sampled
+    for r in rows:
+        assert (r.round, r.status) == (1, "refused"), r
+        assert "pins dp = true" in r.reason and "dp = false" in r.reason, r.reason
+        assert r.node_id == fed.merchants[r.merchant_id].node_id  # the reply came from the merchant's SuperNode
+        assert r.event.mechanism.steps == 0 and r.event.unit_count == 0  # nothing released
+    (round_1,) = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    assert round_1["accepted"] == [] and sorted(round_1["refused"]) == MERCHANTS
+    assert round_1["failed"] == {} and round_1["rejected"] == {}
+
+    # No merchant trained: nothing spent, nothing reserved, in any merchant's own state.
+    for m in MERCHANTS:
+        assert state(fed.merchants[m].dir) == fed.states_after[m], m
+    # The refusing nodes are still up (a refusal is a reply, not a crash).
+    assert all(node.alive() for node in fed.nodes.values()), fed.group.logs()
+
+    # The run's model did not change: its checkpoint holds the initial parameters, bit for bit.
+    checkpoint = ckpt.load_latest(run_dir)
+    assert checkpoint is not None and checkpoint.round == 1
+    start = dict(get_trainable(build_model(ModelSpec.from_config(RunConfig.from_mapping(asked)))))
+    assert sorted(checkpoint.parameters) == sorted(start)
+    changed = [k for k in start if not np.array_equal(checkpoint.parameters[k], start[k])]
+    assert changed == [], changed
