@@ -3,7 +3,8 @@
 Each run is a subprocess in its own session (``tests.helpers.proc``), so Ray and everything
 it started is killed whatever the outcome. The faulty-merchant run goes through
 ``simulations.engine.run_simulation`` with a ClientApp that Ray workers import from
-``tests.helpers.faulty_app``.
+``tests.helpers.faulty_app``; its merchants cover both the screening and the merchant's own
+budget, so the two tests share that one run (a Ray start-up costs more than a merchant).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from shared.model import MANIFEST_FILE
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import NOISE_SOURCE
 from shared.run_files import MODEL_DIR, SUMMARY_FILE
+from tests.helpers import proc
 from tests.helpers.federation import (
     FAST,
     faulty_simulation,
@@ -32,24 +34,39 @@ from tests.helpers.merchants import write_merchants
 pytestmark = pytest.mark.slow
 
 
-def test_malformed_updates_are_rejected_and_their_spend_recorded(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    write_merchants(data, ["bad-nan", "bad-norm", "bad-shape", "good"])
-    run_dir = tmp_path / "run"
+FAULTY = ("bad-nan", "bad-norm", "bad-shape")
+# Already holds a budget of its own (with its data), far below the run's: its budget wins.
+THRIFTY = "thrifty"
+RUN_BUDGET = 1000.0
+
+
+@pytest.fixture(scope="module")
+def faulty_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, proc.Run]:
+    """One 2-round run of five merchants, shared by the screening and the budget tests: three
+    send malformed updates (``tests.helpers.faulty_app``), one is honest, one is over its own
+    budget. (data dir, run dir, result)."""
+    root = tmp_path_factory.mktemp("faulty")
+    data = root / "data"
+    write_merchants(data, [*FAULTY, "good", THRIFTY])
+    state_path = data / THRIFTY / ".fedshop" / "privacy-state.json"
+    PrivacyState(path=state_path, merchant_id=THRIFTY, target_epsilon=0.01, target_delta=1e-5).save()
+    run_dir = root / "run"
     # σ_eval 0.5 under a large budget: over a handful of held-out units σ_eval = 10 leaves each
     # merchant's noised counts ≤ 0 (no metric) about 4 times in 10, and this run must evaluate.
     config = {**FAST, "data-dir": str(data), "run-dir": str(run_dir), "num-server-rounds": 2,
-              "merchants-per-round": 4, "eval-noise-multiplier": 0.5, "target-epsilon": 1000.0}
+              "merchants-per-round": 5, "eval-noise-multiplier": 0.5, "target-epsilon": RUN_BUDGET}
+    return data, run_dir, faulty_simulation(config, num_merchants=5, log_dir=root / "log")
 
-    result = faulty_simulation(config, num_merchants=4, log_dir=tmp_path / "log")
 
+def test_malformed_updates_are_rejected_and_their_spend_recorded(faulty_run: tuple[Path, Path, proc.Run]) -> None:
+    data, run_dir, result = faulty_run
     assert result.returncode == 0, result.describe()
     expected_reason = {
         "bad-nan": "non-finite values",
         "bad-norm": "exceeds max-update-norm",
         "bad-shape": "has shape (7, 64), expected (8, 64)",
     }
-    every = ledger_rows(run_dir)
+    every = [r for r in ledger_rows(run_dir) if r.merchant_id != THRIFTY]  # (the budget test's merchant)
     rows = [r for r in every if r.event.release == "update"]
     assert sorted((r.round, r.merchant_id) for r in rows) == [
         (n, m) for n in (1, 2) for m in ("bad-nan", "bad-norm", "bad-shape", "good")]
@@ -88,45 +105,39 @@ def test_malformed_updates_are_rejected_and_their_spend_recorded(tmp_path: Path)
     assert all(np.all(np.isfinite(v)) and np.abs(v).max() < 1e3 for v in latest.parameters.values())
 
 
-def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(tmp_path: Path) -> None:
-    data = tmp_path / "data"
-    write_merchants(data, ["shop-a", "shop-b", "shop-c"])
-    run_dir = tmp_path / "run"
-    # shop-b already holds a budget of its own (with its data): far below the run's 8.0; it wins.
-    state_path = data / "shop-b" / ".fedshop" / "privacy-state.json"
-    PrivacyState(path=state_path, merchant_id="shop-b", target_epsilon=0.01, target_delta=1e-5).save()
-    scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data)})
-
-    result = simulate(scenario, run_dir, log_dir=tmp_path / "log",
-                      sets={"num-server-rounds": 2, "merchants-per-round": 3})
-
+def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(
+        faulty_run: tuple[Path, Path, proc.Run]) -> None:
+    data, run_dir, result = faulty_run
     assert result.returncode == 0, result.describe()
+    others = sorted([*FAULTY, "good"])
     every = ledger_rows(run_dir)
     rows = [r for r in every if r.event.release == "update"]
-    # shop-b cannot afford an evaluation either: it released none, so no evaluation row names it.
-    assert sorted({r.merchant_id for r in every if r.event.release == "evaluation"}) == ["shop-a", "shop-c"]
+    # THRIFTY cannot afford an evaluation either: it released none, so no evaluation row names it.
+    assert sorted({r.merchant_id for r in every if r.event.release == "evaluation"}) == others
     round1 = {r.merchant_id: r for r in rows if r.round == 1}
     round2 = {r.merchant_id: r for r in rows if r.round == 2}
-    assert sorted(round1) == ["shop-a", "shop-b", "shop-c"]
-    refused = round1["shop-b"]
+    assert sorted(round1) == sorted([*others, THRIFTY])
+    refused = round1[THRIFTY]
     assert refused.status == "refused" and refused.event.mechanism.steps == 0
     assert refused.epsilon_budget == 0.01 and refused.epsilon_reported == 0.0
     assert refused.event.noise == ""  # drew no noise, so names no source
-    assert "budget" in refused.reason and "shop-b" in refused.reason
-    assert round1["shop-a"].status == round1["shop-c"].status == "accepted"
-    assert round1["shop-a"].event.noise == round1["shop-c"].event.noise == NOISE_SOURCE
-    assert round1["shop-a"].epsilon_budget == 8.0
-    # Round 2: shop-b is not sampled at all; the others go on.
-    assert sorted(round2) == ["shop-a", "shop-c"]
-    assert all(r.status == "accepted" and r.event.mechanism.steps > 0 for r in round2.values())
-    assert json.loads(state_path.read_text())["entries"] == []  # shop-b spent nothing
+    assert "budget" in refused.reason and THRIFTY in refused.reason
+    assert round1["good"].status == "accepted"
+    assert all(round1[m].event.noise == NOISE_SOURCE for m in others)
+    assert round1["good"].epsilon_budget == RUN_BUDGET  # the run's budget, where the merchant set none
+    # Round 2: THRIFTY is not sampled at all; the others go on (and train: the faulty ones are
+    # rejected only after training).
+    assert sorted(round2) == others
+    assert round2["good"].status == "accepted" and all(r.event.mechanism.steps > 0 for r in round2.values())
+    state_path = data / THRIFTY / ".fedshop" / "privacy-state.json"
+    assert json.loads(state_path.read_text())["entries"] == []  # THRIFTY spent nothing
 
     log_rows = metrics_rows(run_dir)
-    assert list(log_rows[0]["refused"]) == ["shop-b"]
-    assert "shop-b" not in log_rows[1]["sampled"] and sorted(log_rows[1]["sampled"]) == ["shop-a", "shop-c"]
+    assert list(log_rows[0]["refused"]) == [THRIFTY]
+    assert THRIFTY not in log_rows[1]["sampled"] and sorted(log_rows[1]["sampled"]) == others
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     assert summary["rounds_completed"] == 2
-    assert summary["privacy"]["shop-b"]["rounds"] == 0
+    assert summary["privacy"][THRIFTY]["rounds"] == 0
 
 
 def test_a_round_without_an_accepted_update_fails_the_run(tmp_path: Path) -> None:
