@@ -208,7 +208,7 @@ def sigma_for(records: int, recipe: Recipe, epsilon: float, *, steps: int, calls
     from shared.privacy import accounting
 
     return accounting.noise_for_budget(epsilon, recipe.delta, sample_rate=1.0 / math.ceil(records / recipe.batch),
-                               steps=steps, calls=calls, max_grad_norm=recipe.max_grad_norm, accountant="prv",
+                               steps=steps, calls=calls, max_grad_norm=recipe.max_grad_norm,
                                history=[], floor=utility.NOISE_FLOOR, hint=None)
 
 

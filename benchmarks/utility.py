@@ -376,8 +376,7 @@ def train_private(dataset: Dataset, merchants: list[str], *, steps: int, epsilon
     config = dataset.private_config(epsilon, calls=1).replace(max_local_steps=steps, local_epochs=1e9,
                                                               seed=dataset.config.seed + repeat)
     name = "+".join(merchants)
-    privacy = PrivacyState.open(state, merchant_id=name, target_epsilon=epsilon, target_delta=config.target_delta,
-                                accountant=config.accountant)
+    privacy = PrivacyState.open(state, merchant_id=name, target_epsilon=epsilon, target_delta=config.target_delta)
     params, result = _train_pooled(dataset, merchants, config, privacy=privacy)
     assert result.mechanism is not None
     return params, {"noise_multiplier": {name: result.mechanism.noise_multiplier},

@@ -39,6 +39,7 @@ from client.data.split import subsample_units
 from client.policy import MerchantPolicy, delta_refusal
 from shared.config import RunConfig
 from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
+from shared.privacy import accounting
 from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
 from shared.privacy.events import RELEASE_EVALUATION, MechanismEvent, SpendEvent
 from shared.tasks import Example
@@ -217,7 +218,7 @@ class Merchant:
             return
         with PrivacyState.locked(self.identity.state_path, merchant_id=self.identity.merchant_id,
                                  target_epsilon=self.identity.target_epsilon,
-                                 target_delta=self.identity.target_delta, accountant=self.config.accountant,
+                                 target_delta=self.identity.target_delta,
                                  create=self.identity.creates_privacy_state) as state:
             yield state
 
@@ -272,7 +273,7 @@ class Merchant:
         return PrivacyFacts(
             merchant_id=self.identity.merchant_id, status=status, dp=self.config.dp, event=event, epsilon=epsilon,
             epsilon_budget=privacy.target_epsilon if privacy else float(self.identity.target_epsilon),
-            accountant=self.config.accountant, model_version=model_version, reason=reason,
+            accountant=accounting.ACCOUNTANT, model_version=model_version, reason=reason,
         )
 
     def _released(self, privacy: PrivacyState | None, result: trainer.TrainResult) -> SpendEvent:

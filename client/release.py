@@ -18,7 +18,7 @@ The statistics (every coordinate in [0, 1] before scaling; ``layout`` names them
   NDCG@10, MRR and recall@10 (each in [0, 1]; a query with no relevant item counts nothing,
   as ``shared.metrics`` leaves it out).
 
-Sensitivity (add/remove one unit). The unit is the training's (``privacy-unit``, grouped by
+Sensitivity (one unit). The unit is the training's (``privacy-unit``, grouped by
 ``client.data.split.unit_keys``: a user's or a record's interactions; a query's judgments,
 so a query's NDCG, MRR and recall belong to one unit). Each unit's statistics are summed
 over its rows, scaled by a constant that fits one row (one query) into norm C_eval, and the
@@ -26,10 +26,12 @@ unit's vector is clipped to C_eval: one unit moves the sum by at most C_eval in 
 Gaussian mechanism with noise multiplier σ_eval. The scale depends on the run's task list
 only (public), and clipping scales a unit's whole vector: every ratio the metrics take (loss
 sum / count, NDCG sum / queries) keeps its numerator and denominator under the same factor,
-so clipping re-weights a many-row unit, it does not move its own ratios.
+so clipping re-weights a many-row unit, it does not move its own ratios. Replacing a unit
+(N is public: the accounting's neighbours) moves the sum by up to 2·C_eval, which the
+replace-one accountant charges (``shared.privacy.accounting``).
 
-Default σ_eval = 10: one evaluation costs ε ≈ 0.35 at δ = 1e-5 alone (PRV; PLD 0.34);
-composed with the training spend it adds less (see docs/privacy.md).
+Default σ_eval = 10: one evaluation costs ε ≈ 0.73 at δ = 1e-5 alone (replace-one; 0.34 for
+add/remove); composed with the training spend it adds less (see docs/privacy.md).
 """
 
 from __future__ import annotations

@@ -19,6 +19,10 @@ Versions:
    their own spend; ``client.release``). SQLite cannot change a primary key in place, so the
    migration copies every row, unchanged and in order, into the new table in the same
    transaction and recreates the index and the append-only triggers on it.
+5. adds ``neighbours``, the neighbouring relation each row's ε was accounted for
+   (``shared.privacy.events.NEIGHBOURS``): ``replace-one`` since N is declared public. Rows
+   migrated from 4 read ``add-remove``, which is what they were accounted for; the audit fails
+   them (their ε understates a guarantee that must hold while N is released).
 
 The triggers make the spend table append-only and meta insert-once, whatever writes to the
 file (see ``server.ledger``).
@@ -35,7 +39,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # Marks the file as a fedshop ledger, so opening some other SQLite file fails loudly
 # instead of adding tables to it. ("FSL1" as a big-endian 32-bit int.)
 APPLICATION_ID = 0x46534C31
@@ -52,7 +56,11 @@ _SPEND_OF = """
     expected_batch   REAL    NOT NULL DEFAULT 0.0 CHECK (expected_batch >= 0),
     release          TEXT    NOT NULL DEFAULT 'update' CHECK (release <> '')"""
 
-_COLUMNS = f"""
+# Added by version 5 (at the end, as ALTER TABLE puts it).
+_NEIGHBOURS = """
+    neighbours       TEXT    NOT NULL DEFAULT 'add-remove' CHECK (neighbours <> '')"""
+
+_COLUMNS_V4 = f"""
     run_id           TEXT    NOT NULL,
     round            INTEGER NOT NULL CHECK (round >= 1),
     merchant_id      TEXT    NOT NULL CHECK (merchant_id <> ''),
@@ -74,11 +82,15 @@ _COLUMNS = f"""
     noise            TEXT    NOT NULL DEFAULT '',
     -- audit only: when this row was first written; not part of the replay comparison
     recorded_at      TEXT    NOT NULL,{_SPEND_OF}"""
-_COLUMN_NAMES = tuple(line.split()[0] for line in _COLUMNS.strip().splitlines() if not line.strip().startswith("--"))
+_COLUMNS = f"{_COLUMNS_V4},{_NEIGHBOURS}"
 
 
-def _spend_table(name: str) -> str:
-    return f"""CREATE TABLE {name} ({_COLUMNS},
+def _names(columns: str) -> tuple[str, ...]:
+    return tuple(line.split()[0] for line in columns.strip().splitlines() if not line.strip().startswith("--"))
+
+
+def _spend_table(name: str, columns: str = _COLUMNS) -> str:
+    return f"""CREATE TABLE {name} ({columns},
     PRIMARY KEY (run_id, round, merchant_id, release),
     CHECK (status <> 'refused' OR steps = 0)
 ) STRICT;"""
@@ -129,13 +141,14 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     2: tuple(f"ALTER TABLE spend ADD COLUMN {column.strip()}" for column in _SPEND_OF.split(",\n")),
     # A new primary key: copy the rows (in their order: rowid order is recording order) into a
     # table that has it. The triggers go first, explicitly (DROP TABLE fires none anyway).
-    3: (_spend_table("spend_v4"),
-        f"INSERT INTO spend_v4 ({', '.join(_COLUMN_NAMES)}) SELECT {', '.join(_COLUMN_NAMES)} FROM spend "
+    3: (_spend_table("spend_v4", _COLUMNS_V4),
+        f"INSERT INTO spend_v4 ({', '.join(_names(_COLUMNS_V4))}) SELECT {', '.join(_names(_COLUMNS_V4))} FROM spend "
         "ORDER BY rowid",
         "DROP TRIGGER spend_no_update", "DROP TRIGGER spend_no_delete", "DROP TRIGGER spend_no_replace",
         "DROP TABLE spend",
         "ALTER TABLE spend_v4 RENAME TO spend",
         *(part.strip() for part in _SPEND_GUARDS.split("\n\n") if part.strip())),  # one statement each
+    4: (f"ALTER TABLE spend ADD COLUMN {_NEIGHBOURS.strip()}",),
 }
 
 

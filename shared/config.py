@@ -17,7 +17,6 @@ Trainable = Literal["heads", "top-k", "lora", "full"]
 StrategyName = Literal["fedavg", "fedadam", "fedprox"]
 OptimizerName = Literal["adamw"]
 Clipping = Literal["flat", "heads-apart"]
-Accountant = Literal["prv", "rdp"]
 ConversionLabel = Literal["click", "purchase"]
 Pooling = Literal["mean", "mean-l2"]
 PrivacyUnit = Literal["user", "record"]
@@ -119,7 +118,6 @@ class RunConfig:
     max_grad_norm: float = 1.0
     target_epsilon: float = 8.0  # per-merchant budget; a hard stop
     target_delta: float = 1e-5
-    accountant: Accountant = "prv"
     # heads-apart: a record's head gradients and its encoder/adapter gradients are clipped
     # separately, each to max-grad-norm / sqrt(2), so the whole stays within max-grad-norm
     # (same noise, same ε) but the heads keep their share of it: otherwise the far larger
@@ -220,16 +218,21 @@ class RunConfig:
 # Keys fedshop no longer has, with the one value every run now uses. A saved run's config
 # (``--resume``) that names one at that value still loads; any other value is an error that
 # says the option is gone, never silently dropped.
-RETIRED: dict[str, Any] = {
-    "grad_sample_mode": "auto",  # the per-sample mode is chosen per trainable set (client.dp)
-    "precondition_shrink": 0.003,  # client.precondition.SHRINK
+RETIRED: dict[str, tuple[Any, str]] = {
+    # name: (the value a saved config may still carry, what every run does now)
+    "grad_sample_mode": ("auto", "the per-sample mode is chosen per trainable set (client.dp)"),
+    "precondition_shrink": (0.003, "client.precondition.SHRINK = 0.003"),
+    # Opacus' PRV and RDP bound add/remove neighbours only; N is public, so every spend is
+    # accounted for replace-one neighbours with dp_accounting's PLD (shared.privacy.accounting).
+    "accountant": ("prv", "PLD for replace-one neighbours (shared.privacy.accounting)"),
 }
 
 
-def _retired_default(key: str, value: Any, default: Any) -> bool:
-    if value == default:
+def _retired_default(key: str, value: Any, retired: tuple[Any, str]) -> bool:
+    accepted, now = retired
+    if value == accepted:
         return True
-    raise ConfigError(f"run-config key {key!r} = {value!r}: the option was removed (every run uses {default!r})")
+    raise ConfigError(f"run-config key {key!r} = {value!r}: the option was removed (every run uses {now})")
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

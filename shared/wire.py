@@ -73,7 +73,7 @@ class PrivacyFacts:
     """The privacy side of one train reply: the call's spend and the merchant's account of it.
 
     On the wire the spend's keys (``shared.privacy.events.SPEND_KEYS``, kebab-cased) sit flat
-    beside the facts' own; all are required except ``reason`` and ``noise`` (absent: empty).
+    beside the facts' own; all are required except ``reason``, ``noise`` and ``neighbours`` (``_OPTIONAL``).
     """
 
     merchant_id: str
@@ -109,7 +109,9 @@ class PrivacyFacts:
         return facts
 
 
-_OPTIONAL = frozenset({"reason", "noise"})  # absent means empty
+# Absent means empty; an absent ``neighbours`` reads as add/remove (a merchant that predates the
+# key accounted for it), which the ledger keeps and the audit fails.
+_OPTIONAL = frozenset({"reason", "noise", "neighbours"})
 
 
 def _key(name: str) -> str:

@@ -6,6 +6,7 @@
     fedshop audit RUN_DIR [--json] [--plot FILE.png] [--report FILE.md]
     fedshop audit --node-state PATH [RUN_DIR]
     fedshop audit --empirical --data DIR [--canaries M] [--calls K] [--no-noise] [--set KEY=VALUE ...]
+    fedshop report RUN_DIR    (re)write RUN_DIR/report.html (every run writes it when it ends)
     fedshop rank --model DIR --catalog FILE --query TEXT [-k 10] [--json]
     fedshop recommend --model DIR --catalog FILE --history FILE [-k 10] [--json]
     fedshop data validate DIR
@@ -119,7 +120,7 @@ def cmd_train_local(args: argparse.Namespace) -> int:
               f"mean train loss {report['train_loss']:.4f}")
         if config.dp:
             print(f"privacy: the merchant's cumulative ε = {report['epsilon']:.4f} at δ = {report['delta']:g} "
-                  "(PRV accountant; its state lives with its data and counts every run)")
+                  "(PLD for replace-one neighbours; its state lives with its data and counts every run)")
         else:
             print("privacy: none (dp = false; a non-private baseline)")
         for key in sorted(report["metrics_after"]):
@@ -128,6 +129,12 @@ def cmd_train_local(args: argparse.Namespace) -> int:
             print(f"  {key:<22} {shown}{report['metrics_after'][key]:.4f}")
         print(f"model and result.json written to {out}")
     return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from server import report_html
+
+    return report_html.main([args.run_dir])
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
@@ -143,9 +150,10 @@ def cmd_audit(args: argparse.Namespace) -> int:
             print(json.dumps(result.to_dict(), indent=1))
         else:
             print(f"merchant {result.merchant_id}: {result.calls} training call(s), {result.total_steps} steps")
-            left = max(0.0, result.budget - result.epsilon_prv)
-            print(f"  ε PRV {result.epsilon_prv:.4f} | PLD {result.epsilon_pld:.4f} | RDP {result.epsilon_rdp:.4f} "
-                  f"at δ {result.delta:g}; budget {result.budget:.4f}, left {left:.4f}")
+            left = max(0.0, result.budget - result.epsilon_pld)
+            print(f"  ε {result.epsilon_pld:.4f} (PLD, replace-one neighbours; add/remove for reference "
+                  f"{result.epsilon_add_remove:.4f}) at δ {result.delta:g}; budget {result.budget:.4f}, "
+                  f"left {left:.4f}")
             if result.compared_with:
                 print(f"  compared with the ledger of {result.compared_with}")
             print("  PASSED" if result.passed else "  FAILED:\n" + "\n".join(f"    - {f}" for f in result.findings))
@@ -336,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
                      help="with --empirical: train without DP, a control that must fail (exit 1)")
     aud.add_argument("--out", help="with --empirical: output folder")
     aud.set_defaults(func=cmd_audit)
+
+    rep = sub.add_parser("report", help="(re)write RUN_DIR/report.html: one page on a run, figures embedded")
+    rep.add_argument("run_dir", metavar="RUN_DIR")
+    rep.set_defaults(func=cmd_report)
 
     rk = sub.add_parser("rank", help="rank a catalogue's products for a search query (relevance head)")
     rk.add_argument("--model", required=True, help="an exported model folder (RUN_DIR/model)")

@@ -131,7 +131,7 @@ def prepare_privacy_states(config: RunConfig, *, num_merchants: int) -> list[Pat
         legacy = Path(config.run_dir) / "nodes" / node.merchant_id / PRIVACY_STATE_FILE
         if not path.exists() and legacy.is_file():
             state = PrivacyState.open(legacy, merchant_id=node.merchant_id, target_epsilon=node.target_epsilon,
-                                      target_delta=node.target_delta, accountant=config.accountant)
+                                      target_delta=node.target_delta)
             state.path = path
             state.save()
             log.warning("merchant %s: its privacy state was in the run folder (%s, as an earlier fedshop kept it); "
@@ -139,7 +139,7 @@ def prepare_privacy_states(config: RunConfig, *, num_merchants: int) -> list[Pat
                         node.merchant_id, legacy, path, state.epsilon())
             continue
         if PrivacyState.create(path, merchant_id=node.merchant_id, target_epsilon=node.target_epsilon,
-                               target_delta=node.target_delta, accountant=config.accountant):
+                               target_delta=node.target_delta):
             created.append(path)
     if created:
         log.info("created the privacy state of %d merchant(s) training for the first time on this data "

@@ -59,7 +59,7 @@ def merchant_privacy(merchant_id: str, merchant_dir: Path, config: RunConfig, *,
     """The merchant's own state (the federation's file), locked for one call; created if it has none."""
     path = Path(state_dir) / PRIVACY_STATE_FILE if state_dir else privacy_state_path(merchant_dir)
     with PrivacyState.locked(path, merchant_id=merchant_id, target_epsilon=config.target_epsilon,
-                             target_delta=config.target_delta, accountant=config.accountant,
+                             target_delta=config.target_delta,
                              create=True) as state:
         yield state
 

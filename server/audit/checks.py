@@ -12,6 +12,8 @@ whether the mechanisms themselves are what the run and the merchant's rules allo
 - an evaluation (release ``"evaluation"``, ``client.release``): one Gaussian mechanism on the
   whole held-out set, so q = 1 and steps = 1, N > 0 (the held-out units), and its expected
   batch is N (``SpendEvent.of`` records q·N: every unit is in the release);
+- its ε was accounted for replace-one neighbours (``neighbours``): every reply states N, so an
+  add/remove ε (what a row recorded before the relation was kept says) is not a guarantee;
 - δ agrees with the run config (``RUN_DIR/config.json``) where it names it: it may be the
   merchant's own smaller one. C is not compared with the run's max-grad-norm: a merchant may
   pin its own (``client.policy``), and ε does not depend on C (σ scales with it); only C > 0.
@@ -28,7 +30,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.privacy.events import NOISE_SOURCE, RELEASE_EVALUATION
+from shared.privacy.events import NEIGHBOURS_REPLACE_ONE, NOISE_SOURCE, RELEASE_EVALUATION
 from shared.run_files import CONFIG_FILE
 
 if TYPE_CHECKING:
@@ -122,6 +124,10 @@ def row_findings(row: Row, *, run_dp: bool, claim: RunClaim) -> list[str]:
         findings.append(f"{where}: clipping norm C = {m.max_grad_norm:g} (no clipping bound)")
     if not 0 < e.delta < 1:
         findings.append(f"{where}: δ = {e.delta:g} outside (0, 1)")
+    if e.neighbours != NEIGHBOURS_REPLACE_ONE:
+        findings.append(f"{where}: ε accounted for {e.neighbours!r} neighbours; every reply states N (the unit "
+                        "count) exactly, which tells datasets of other sizes apart, so only "
+                        f"{NEIGHBOURS_REPLACE_ONE!r} neighbours are protected (docs/privacy.md, \"N is public\")")
     n = e.unit_count
     if evaluation and n <= 0:
         # Evaluation rows exist from schema 4 on, which keeps N: none recorded is not an old row.

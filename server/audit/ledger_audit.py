@@ -2,16 +2,19 @@
 
 The ledger records *what happened* (each merchant's mechanism per round and release: its
 update, and its evaluation when it released noised metrics) next to *what the merchant's own
-accountant reported* (Opacus PRV: its cumulative ε after that release). This module re-derives ε from the
-mechanism alone with an independent accountant (Google's dp_accounting PLD; RDP for
-reference), checks the mechanisms' facts (``server.audit.checks``), and fails the audit
+accountant reported* (its cumulative ε after that release). This module re-derives ε from the
+recorded mechanism alone (dp_accounting's PLD for replace-one neighbours, the merchant's own
+accountant, so an honest row matches to float error; the add/remove ε beside it for reference),
+checks that those mechanisms are possible and the run's (``server.audit.checks``: q from the
+recorded N and expected batch, σ > 0, δ ≤ 1/(10·N), the neighbouring relation, ...), and fails
+the audit
 (each finding names the merchant and, where there is one, the round) when:
 
 - a run that claims DP (its ``config.json`` says ``dp = true``; without one, any private row
   says so) has a non-private row (``dp = 0``);
 - a recorded ε is below the one re-derived from the recorded mechanisms by more than
-  ``UNDER_REPORT_TOLERANCE`` (0.001): the merchants' PRV is an upper bound that sits ~0.01
-  above PLD, so under-reporting is never tolerated;
+  ``UNDER_REPORT_TOLERANCE`` (0.001): the merchant computes the very same PLD, so
+  under-reporting is never tolerated;
 - a recorded or re-derived ε exceeds the merchant's budget: no slack, except PLD's own
   discretisation error for the re-derived one (``pld_allowance``);
 - a private release's facts are impossible or not the run's: σ = 0, C ≤ 0, δ > 1/(10·N), δ
@@ -24,8 +27,9 @@ reference), checks the mechanisms' facts (``server.audit.checks``), and fails th
   from a version that did not mark its noise, as every version whose noise repeated did not.
 
 A recorded ε *above* the re-derived one by more than ``tolerance_abs + tolerance_rel · ε_PLD``
-is a warning, not a failure: over-reporting is safe, but that gap (PRV sits ~0.01 above PLD)
-means spend this run's ledger does not show (a removed row, an earlier run) or an RDP merchant.
+is a warning, not a failure: over-reporting is safe, but that gap means spend this run's
+ledger does not show (a removed row, an earlier run on the same data: the merchant's ε counts
+its whole history) or another accountant.
 
 Each merchant's rows are audited in the order recorded (round, then rowid: a round's update
 before its evaluation), and every spent row, update or evaluation, composes into the ε
@@ -57,8 +61,9 @@ from server.audit.checks import (
     unmarked_finding,
 )
 from shared.jsonable import finite
-from shared.privacy.accounting import epsilon_pld, epsilon_rdp
+from shared.privacy.accounting import epsilon_pld
 from shared.privacy.events import (
+    NEIGHBOURS_ADD_REMOVE,
     NOISE_SOURCE,
     RELEASE_EVALUATION,
     RELEASE_UPDATE,
@@ -74,9 +79,8 @@ log = logging.getLogger(__name__)
 # Over-reporting beyond this is a warning (see the module docstring); it is never a failure.
 TOLERANCE_ABS = 0.05
 TOLERANCE_REL = 0.02
-# Under-reporting beyond this fails. Honest PRV (Opacus returns its upper bound, estimate +
-# eps_error 0.01) sat 0.0100-0.0142 *above* PLD on every mechanism measured (the test
-# ledgers; σ 0.6-4, q 1/128-1/2, 1-200 steps); 0.001 absorbs only float noise.
+# Under-reporting beyond this fails. The merchant's accountant is this PLD on the same grid, so
+# an honest row re-derives to the same value; 0.001 absorbs only float noise.
 UNDER_REPORT_TOLERANCE = 0.001
 PLD_DISCRETIZATION = 1e-4  # epsilon_pld's value_discretization_interval (its default)
 
@@ -111,7 +115,7 @@ class Row:
 class MerchantAudit:
     """One merchant's audit. ``rounds_joined``, ``total_steps`` and the σ / q / C lists describe
     its updates (DP-SGD); ``evaluations`` and ``eval_noise_multipliers`` its evaluation releases.
-    ε (recorded, PLD, RDP) composes both."""
+    ε (recorded, PLD replace-one, PLD add/remove) composes both."""
 
     merchant_id: str
     rounds_joined: int
@@ -123,7 +127,7 @@ class MerchantAudit:
     delta: float
     epsilon_recorded: float
     epsilon_pld: float
-    epsilon_rdp: float
+    epsilon_add_remove: float  # what the same mechanisms give add/remove neighbours (N kept secret): reference
     budget: float
     dp: bool
     series: list[dict[str, Any]]  # per private row, in recorded order: round, release, recorded and re-derived ε
@@ -176,9 +180,10 @@ class AuditReport:
 
 
 # What a column an older ledger lacks reads as (see server.ledger_schema): schema 1 kept no
-# noise source (unmarked); schemas 1 and 2 knew one unit and one release and kept no N.
+# noise source (unmarked); schemas 1 and 2 knew one unit and one release and kept no N; up to
+# 4, every ε was accounted for add/remove neighbours.
 _OLD_SCHEMA_VALUES = {"noise": "''", "unit": f"'{UNIT_RECORD}'", "release": f"'{RELEASE_UPDATE}'",
-                      "unit_count": "0", "expected_batch": "0.0"}
+                      "unit_count": "0", "expected_batch": "0.0", "neighbours": f"'{NEIGHBOURS_ADD_REMOVE}'"}
 _CONTEXT = ("round", "merchant_id", "epsilon_reported", "epsilon_budget", "status", "dp")
 
 
@@ -274,8 +279,8 @@ def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel
         if not gap >= -UNDER_REPORT_TOLERANCE:  # also NaN, and a private row PLD finds unbounded
             findings.append(said.format("under-reports") + f" (more than {UNDER_REPORT_TOLERANCE} is never allowed)")
         elif not within(row.epsilon_reported, derived, tol_abs=tol_abs, tol_rel=tol_rel):
-            warnings.append(said.format("exceeds") + " (over-reported: safe, but more than PRV's distance from "
-                            "PLD; spend this ledger does not show, or another accountant)")
+            warnings.append(said.format("exceeds") + " (over-reported: safe; spend this ledger does not show, "
+                            "such as an earlier run on the same data, or another accountant)")
     if len({r.event.delta for r in private}) > 1:
         findings.append(f"δ changed between rounds: {sorted({r.event.delta for r in private})}")
     recorded = private[-1].epsilon_reported if private else 0.0
@@ -307,7 +312,8 @@ def audit_merchant(merchant_id: str, rows: list[Row], *, tol_abs: float, tol_rel
         delta=delta,
         epsilon_recorded=recorded if dp else math.inf,
         epsilon_pld=pld if dp else math.inf,
-        epsilon_rdp=(math.inf if unbounded else epsilon_rdp(events, delta) if events else 0.0) if dp else math.inf,
+        epsilon_add_remove=((math.inf if unbounded else epsilon_pld(events, delta, neighbours=NEIGHBOURS_ADD_REMOVE)
+                             if events else 0.0) if dp else math.inf),
         budget=budget,
         dp=dp,
         series=series,

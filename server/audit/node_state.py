@@ -1,11 +1,11 @@
 """Audit of a merchant's own persisted privacy state, alone or against a run's ledger.
 
 The node's state (``shared.privacy.budget.PrivacyState``) is the merchant's lifetime record;
-the ledger covers one run. ``audit_node_state`` re-accounts the state with PRV and the
-independent PLD and, given a run folder, checks that the ledger holds exactly the spend the
-node recorded in that run: each of the node's entries of that run (its update's, its
-evaluation's; ``SpendEntry.event.release``) against the ledger's row of the same round and
-release.
+the ledger covers one run. ``audit_node_state`` re-accounts the state (PLD for replace-one
+neighbours, as the merchant does; add/remove beside it for reference) and, given a run
+folder, checks that the ledger holds exactly the spend the node recorded in that run: each
+of the node's entries of that run (its update's, its evaluation's;
+``SpendEntry.event.release``) against the ledger's row of the same round and release.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from typing import Any
 from server.audit.checks import spans, unmarked_finding
 from server.audit.ledger_audit import TOLERANCE_ABS, TOLERANCE_REL, AuditInputError, read_rows, within
 from shared.jsonable import finite
-from shared.privacy.accounting import epsilon_pld, epsilon_rdp
-from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE
+from shared.privacy.accounting import epsilon_pld
+from shared.privacy.events import NEIGHBOURS_ADD_REMOVE, NEIGHBOURS_REPLACE_ONE, NOISE_SOURCE, RELEASE_UPDATE
 from shared.run_files import LEDGER_FILE
 
 
@@ -33,9 +33,8 @@ class NodeStateAudit:
     delta: float
     calls: int
     total_steps: int
-    epsilon_prv: float
-    epsilon_pld: float
-    epsilon_rdp: float
+    epsilon_pld: float  # replace-one neighbours: the guarantee
+    epsilon_add_remove: float  # reference only
     compared_with: str | None
     findings: list[str]
 
@@ -55,7 +54,6 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
     agree on every call of that run (matched by run id, round and release): same mechanism,
     same ε.
     """
-    from shared.privacy import accounting
     from shared.privacy.budget import PrivacyState, PrivacyStateError
 
     state_path = Path(state_path)
@@ -70,12 +68,15 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
         raise AuditInputError(f"{state_path}: unreadable privacy state ({exc})") from exc
     events = state.events
     findings: list[str] = []
-    eps_prv = accounting.epsilon_prv(events, state.target_delta)
     eps_pld = epsilon_pld(events, state.target_delta)
-    if not within(eps_prv, eps_pld, tol_abs=tolerance_abs, tol_rel=tolerance_rel):
-        findings.append(f"PRV ε {eps_prv:.4f} and PLD ε {eps_pld:.4f} disagree beyond tolerance")
-    if eps_prv > state.target_epsilon + 1e-9:
-        findings.append(f"over budget: ε {eps_prv:.4f} > budget {state.target_epsilon:.4f}")
+    if eps_pld > state.target_epsilon + 1e-9:
+        findings.append(f"over budget: ε {eps_pld:.4f} > budget {state.target_epsilon:.4f}")
+    old = [i for i, e in enumerate(state.entries) if e.event.neighbours != NEIGHBOURS_REPLACE_ONE]
+    if old:
+        findings.append(f"{len(old)} of {len(state.entries)} entries (entries {spans(old)}) were accounted for "
+                        f"{NEIGHBOURS_ADD_REMOVE!r} neighbours when recorded, which the stated N does not allow; "
+                        f"the ε above re-accounts them for {NEIGHBOURS_REPLACE_ONE!r} (the replies then reported "
+                        "less)")
     unmarked = [i for i, e in enumerate(state.entries) if e.event.noise != NOISE_SOURCE]
     if unmarked:
         findings.append(unmarked_finding(len(unmarked), len(state.entries), f"entries {spans(unmarked)}", "call(s)"))
@@ -84,8 +85,8 @@ def audit_node_state(state_path: Path, *, run_dir: Path | None = None, tolerance
                                          tolerance_rel=tolerance_rel)
     return NodeStateAudit(path=str(state_path), merchant_id=merchant_id, budget=state.target_epsilon,
                           delta=state.target_delta, calls=len(state.entries), total_steps=state.total_steps,
-                          epsilon_prv=eps_prv, epsilon_pld=eps_pld,
-                          epsilon_rdp=epsilon_rdp(events, state.target_delta),
+                          epsilon_pld=eps_pld,
+                          epsilon_add_remove=epsilon_pld(events, state.target_delta, neighbours=NEIGHBOURS_ADD_REMOVE),
                           compared_with=str(run_dir) if run_dir else None, findings=findings)
 
 
@@ -132,7 +133,7 @@ def _compare_with_ledger(state: Any, run_dir: Path, *, tolerance_abs: float, tol
         # reservation a crashed call left before it (counted as spent from then on).
         counted = [e.event.mechanism for e in state.entries[: index + 1]]
         counted += [r.mechanism for r in state.reservations if r.reserved_at <= entry.recorded_at]
-        own = accounting.epsilon(counted, state.target_delta, state.accountant)
+        own = accounting.epsilon(counted, state.target_delta)
         if not within(row.epsilon_reported, own, tol_abs=tolerance_abs, tol_rel=tolerance_rel):
             findings.append(f"{where}: ledger ε {row.epsilon_reported:.4f} != merchant's own ε {own:.4f}")
     return findings

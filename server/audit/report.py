@@ -16,7 +16,7 @@ def _eps(value: float) -> str:
 
 def audit_table(report: AuditReport) -> str:
     header = (f"{'merchant':<16} {'rounds':>6} {'steps':>6} {'σ':>10} {'q':>14} {'C':>5} {'δ':>7} "
-              f"{'ε recorded':>10} {'ε PLD':>7} {'ε RDP':>7} {'budget':>7} {'left':>7}")
+              f"{'ε recorded':>10} {'ε PLD':>7} {'ε ±1':>7} {'budget':>7} {'left':>7}")
     lines = [header, "-" * len(header)]
     for m in report.merchants:
         sigma = ",".join(f"{s:g}" for s in m.noise_multipliers) or "-"
@@ -24,7 +24,8 @@ def audit_table(report: AuditReport) -> str:
         clip = ",".join(f"{c:g}" for c in m.max_grad_norms) or "-"
         lines.append(f"{m.merchant_id:<16} {m.rounds_joined:>6} {m.total_steps:>6} {sigma:>10} {rates:>14} {clip:>5} "
                      f"{m.delta:>7.0e} {_eps(m.epsilon_recorded):>10} {_eps(m.epsilon_pld):>7} "
-                     f"{_eps(m.epsilon_rdp):>7} {m.budget:>7.3f} {m.remaining:>7.3f}")
+                     f"{_eps(m.epsilon_add_remove):>7} {m.budget:>7.3f} {m.remaining:>7.3f}")
+    lines.append("ε PLD: replace-one neighbours (N is public; the guarantee). ε ±1: add/remove, for reference only.")
     lines.append("")
     if report.passed:
         lines.append(f"audit PASSED: {report.rounds} round(s); {_passed(report)}")
@@ -46,7 +47,8 @@ def _passed(report: AuditReport) -> str:
     released = (f"every update and evaluation ({evaluations} noised metric release(s)) private with facts consistent "
                 "(σ > 0; updates q = expected batch / N; evaluations q = 1, one step; " if evaluations else
                 "every update private with facts consistent (σ > 0, q = expected batch / N, ")
-    return (f"no recorded ε below the independent PLD accountant's (by more than {UNDER_REPORT_TOLERANCE}); "
+    return (f"no recorded ε below the one re-derived with PLD for replace-one neighbours (by more than "
+            f"{UNDER_REPORT_TOLERANCE}); "
             f"no merchant over budget; {released}δ ≤ 1/(10·N); {config}); ledger consistent")
 
 
@@ -101,27 +103,28 @@ def write_privacy_report(report: AuditReport, path: Path, *, empirical: dict[str
         "",
         "## Guarantee",
         "",
-        "- **Type:** record-level (ε, δ)-differential privacy *per merchant*: each merchant's released "
-        "updates and noised evaluation metrics, together, are (ε, δ)-DP with respect to adding or removing "
-        "one record (one interaction or one relevance judgment) of that merchant's data. It does not protect "
-        "a merchant's aggregate statistics from the server, nor a user with many records beyond the per-record "
-        "bound.",
+        "- **Type:** (ε, δ)-differential privacy *per merchant*, per privacy unit (the run's `privacy-unit`: "
+        "a user's interactions or a query's judgments by default; one record with `privacy-unit = record`): "
+        "each merchant's released updates and noised evaluation metrics, together, are (ε, δ)-DP with respect "
+        "to replacing one unit's data by any other (the number of units N is public: every reply states it). "
+        "It does not protect a merchant's aggregate statistics from the server.",
         "- **Mechanism:** DP-SGD (Opacus): Poisson sampling at rate q, per-example gradient clipping to C, "
         "Gaussian noise σ·C; evaluation metrics (when released): Gaussian noise on clipped per-unit sums "
         "(q = 1, one step); all composed over every local step and release of every round, across restarts.",
         f"- **δ:** {', '.join(f'{d:g}' for d in delta) or 'n/a'}",
-        "- **Accountant of record:** PRV (Opacus), re-derived here with Google's dp-accounting PLD; "
-        "RDP shown as a (looser) reference.",
+        "- **Accountant of record:** Google's dp-accounting PLD for replace-one neighbours, re-derived here "
+        "from the recorded mechanisms; ε ±1 is the same for add/remove neighbours (what keeping N secret would "
+        "give), shown for reference only.",
         "",
         "## ε per merchant",
         "",
-        "| merchant | rounds | steps | σ | ε recorded | ε PLD | ε RDP | budget | left |",
+        "| merchant | rounds | steps | σ | ε recorded | ε PLD | ε ±1 | budget | left |",
         "|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     for m in report.merchants:
         lines.append(f"| {m.merchant_id} | {m.rounds_joined} | {m.total_steps} | "
                      f"{', '.join(f'{s:g}' for s in m.noise_multipliers) or '-'} | {_eps(m.epsilon_recorded)} | "
-                     f"{_eps(m.epsilon_pld)} | {_eps(m.epsilon_rdp)} | {m.budget:.3f} | {m.remaining:.3f} |")
+                     f"{_eps(m.epsilon_pld)} | {_eps(m.epsilon_add_remove)} | {m.budget:.3f} | {m.remaining:.3f} |")
     lines += ["", f"![ε per merchant over rounds]({plot.name})", "", "## Accountant agreement and ledger checks", ""]
     if report.passed:
         said = _passed(report)

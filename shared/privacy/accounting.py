@@ -1,96 +1,93 @@
 """How spend is accounted: every ε computation and noise planning in fedshop.
 
-The one place the accountants are called: Opacus' PRV (the merchant's default; it agrees with
-Google's PLD to ~0.01 ε) and RDP, and Google's ``dp_accounting`` PLD (the independent
-reference the audits use) and RDP. Each takes ``MechanismEvent``s, so any of them can
-recompute ε from what was recorded. GDP is never used: it under-reports by up to 40 %.
+The one place the accountant is called: Google's ``dp_accounting`` privacy-loss-distribution
+(PLD) accountant, pessimistic (an upper bound on ε up to float error), for **replace-one**
+neighbours (``shared.privacy.events.NEIGHBOURS_REPLACE_ONE``): every reply states N exactly,
+so only datasets of one size are neighbours (docs/privacy.md, "N is public"). Opacus' PRV and
+RDP accountants, and dp_accounting's RDP, bound add/remove neighbours only for Poisson-sampled
+Gaussians, so none of them can account what fedshop releases; add/remove PLD is kept for the
+empirical audit (whose canaries are added or left out) and as the reference a report shows
+beside the replace-one ε (what keeping N secret would save). GDP is never used: it
+under-reports by up to 40 %.
+
+Replace-one for a Poisson-sampled Gaussian of clipping norm C (dp_accounting's REPLACE
+adjacency): one unit's contribution x becomes x', both of norm ≤ C, so the compared outputs are
+the mixtures (1-q)·N(0, σ²) + q·N(±C, σ²) — of the order of twice the add/remove ε at small
+q. An evaluation release (q = 1) is a Gaussian of sensitivity 2C.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import functools
+from collections.abc import Iterable
 from typing import Any
 
-import numpy as np
+from shared.privacy.events import NEIGHBOURS_ADD_REMOVE, NEIGHBOURS_REPLACE_ONE, MechanismEvent
 
-from shared.privacy.events import MechanismEvent, compose_history
+# What the merchant's state, its replies and the ledger name the accountant (``accountant``).
+ACCOUNTANT = "pld"
+# dp_accounting's default grid: ε comes out within ~1e-3 of the exact value on every history
+# fedshop plans (steps · Δ bounds the discretisation error, ``server.audit.pld_allowance``).
+DISCRETIZATION = 1e-4
 
 
-def _dp_event(history: Sequence[tuple[float, float, int]]) -> Any:
+def _grouped(events: Iterable[MechanismEvent]) -> list[tuple[float, float, int]]:
+    """``(σ, q, steps)`` per distinct (σ, q), steps summed: composition is commutative, so the
+    order of calls does not change ε, and one self-composition per group keeps a long history
+    (updates interleaved with evaluations) as cheap as a short one."""
+    steps: dict[tuple[float, float], int] = {}
+    for event in events:
+        if event.steps > 0:
+            key = (event.noise_multiplier, event.sample_rate)
+            steps[key] = steps.get(key, 0) + event.steps
+    # Sorted: the same spend gives the same float whatever order it happened in.
+    return [(sigma, q, n) for (sigma, q), n in sorted(steps.items())]
+
+
+def _relation(neighbours: str) -> Any:
     import dp_accounting
 
-    return dp_accounting.ComposedDpEvent(
-        [
-            dp_accounting.SelfComposedDpEvent(
-                dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps
-            )
-            for sigma, q, steps in history
-        ]
-    )
+    relations = {NEIGHBOURS_REPLACE_ONE: dp_accounting.NeighboringRelation.REPLACE_ONE,
+                 NEIGHBOURS_ADD_REMOVE: dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE}
+    if neighbours not in relations:
+        raise ValueError(f"neighbours = {neighbours!r}: must be one of {sorted(relations)}")
+    return relations[neighbours]
 
 
-def epsilon_pld(events: Iterable[MechanismEvent], delta: float, *, discretization: float = 1e-4) -> float:
-    """ε by Google's privacy-loss-distribution accountant (tight; the audit reference)."""
-    from dp_accounting.pld import pld_privacy_accountant
+@functools.lru_cache(maxsize=256)
+def _step(sigma: float, q: float, neighbours: str, discretization: float) -> Any:
+    """The PLD of one Poisson-sampled Gaussian step, as dp_accounting's ``PLDAccountant`` builds it
+    for a ``PoissonSampledDpEvent`` (pessimistic, connect-the-dots). Building it is most of the cost
+    of an ε (~0.4 s) and a merchant's history repeats a few (σ, q) pairs; PLDs are immutable."""
+    from dp_accounting.pld import privacy_loss_distribution
 
-    history = compose_history(events)
-    if not history:
-        return 0.0
-    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=discretization)
-    accountant.compose(_dp_event(history))
-    return float(accountant.get_epsilon(delta))
-
-
-def epsilon_rdp(events: Iterable[MechanismEvent], delta: float) -> float:
-    """ε by Rényi DP (dp_accounting); an upper bound that typically over-reports by 6-21%."""
-    from dp_accounting.rdp import rdp_privacy_accountant
-
-    history = compose_history(events)
-    if not history:
-        return 0.0
-    # Fractional orders below 2 fail to converge in dp_accounting for q ~ 0.1 (it then drops
-    # them with a warning each); from 2 up the bound loses little at the ε of interest.
-    orders = [2.0, 2.25, 2.5, 2.75, 3.0, 3.5, 4.0, 4.5] + list(range(5, 64)) + [128, 256, 512, 1024]
-    accountant = rdp_privacy_accountant.RdpAccountant(orders)
-    accountant.compose(_dp_event(history))
-    return float(accountant.get_epsilon(delta))
+    return privacy_loss_distribution.from_gaussian_mechanism(
+        standard_deviation=sigma, sampling_prob=q, neighboring_relation=_relation(neighbours),
+        value_discretization_interval=discretization)
 
 
-def _opacus_epsilon(accountant_class: Any, events: Iterable[MechanismEvent], delta: float) -> float:
-    history = compose_history(events)
-    if not history:
-        return 0.0
-    accountant = accountant_class()
-    accountant.history = list(history)
-    # An unsampled release (q = 1: an accounted evaluation) makes Opacus' PRV take log(1 - q) =
-    # log(0) inside an np.where that then discards it; the result is right, the warning is noise.
-    with np.errstate(divide="ignore"):
-        return float(accountant.get_epsilon(delta))
+def _compose(pld: Any, sigma: float, q: float, steps: int, neighbours: str, discretization: float) -> Any:
+    part = _step(sigma, q, neighbours, discretization).self_compose(steps)
+    return part if pld is None else pld.compose(part)
 
 
-def epsilon_prv(events: Iterable[MechanismEvent], delta: float) -> float:
-    """ε by Opacus' PRV accountant (the default; agrees with PLD to ~0.01 ε)."""
-    from opacus.accountants import PRVAccountant
-
-    return _opacus_epsilon(PRVAccountant, events, delta)
-
-
-def epsilon_opacus_rdp(events: Iterable[MechanismEvent], delta: float) -> float:
-    from opacus.accountants import RDPAccountant
-
-    return _opacus_epsilon(RDPAccountant, events, delta)
+def epsilon_pld(events: Iterable[MechanismEvent], delta: float, *, neighbours: str = NEIGHBOURS_REPLACE_ONE,
+                discretization: float = DISCRETIZATION) -> float:
+    """ε of the composed ``events`` at ``delta`` by dp_accounting's PLD, for ``neighbours``."""
+    _relation(neighbours)
+    pld = None
+    for sigma, q, steps in _grouped(events):
+        pld = _compose(pld, sigma, q, steps, neighbours, discretization)
+    return 0.0 if pld is None else float(pld.get_epsilon_for_delta(delta))
 
 
-def epsilon(events: Iterable[MechanismEvent], delta: float, accountant: str = "prv") -> float:
-    if accountant == "prv":
-        return epsilon_prv(events, delta)
-    if accountant == "rdp":
-        return epsilon_opacus_rdp(events, delta)
-    raise ValueError(f"accountant = {accountant!r}: must be 'prv' or 'rdp'")
+def epsilon(events: Iterable[MechanismEvent], delta: float) -> float:
+    """The merchant's ε: what its budget is checked against, its replies report and the ledger keeps."""
+    return epsilon_pld(events, delta)
 
 
 def noise_for_budget(target_epsilon: float, delta: float, *, sample_rate: float, steps: int, calls: int,
-                     max_grad_norm: float = 1.0, accountant: str = "prv", history: Iterable[MechanismEvent] = (),
+                     max_grad_norm: float = 1.0, history: Iterable[MechanismEvent] = (),
                      floor: float = 0.3, tolerance: float = 0.01, hint: float | None = None) -> float:
     """The smallest noise multiplier, at least ``floor`` (within ``tolerance``, relative), at
     which ``calls`` more training calls of ``steps`` steps at ``sample_rate``, after the events
@@ -112,7 +109,7 @@ def noise_for_budget(target_epsilon: float, delta: float, *, sample_rate: float,
     def fits(sigma: float) -> bool:
         event = MechanismEvent(noise_multiplier=sigma, sample_rate=sample_rate, steps=steps,
                                max_grad_norm=max_grad_norm)
-        return epsilon(past + [event] * calls, delta, accountant) <= target_epsilon
+        return epsilon(past + [event] * calls, delta) <= target_epsilon
 
     ceiling = max(100.0, floor)
     low, high = floor, ceiling

@@ -42,8 +42,12 @@ entry's whole ``SpendEvent`` under ``"event"``. Version 1 kept only the mechanis
 q, steps, C) and the noise source beside it; it is read by migrating each entry: δ is the
 file's own (it cannot change once spending started), the unit and the release are the only
 ones version 1 knew ("record", "update"), and N and the expected batch read as 0 (not
-recorded). The next save writes version 3, which an older fedshop refuses to read rather
-than ignore the reservations.
+recorded). 4 adds each entry's ``neighbours`` (the relation its ε was accounted for,
+``replace-one``); an entry without it was accounted for add/remove neighbours. ε is never read
+from the file: every history, older entries included, is re-accounted for replace-one
+neighbours (``shared.privacy.accounting``), so a state written by an older fedshop reports a
+larger ε than it did, never a smaller one. The next save writes version 4, which an older
+fedshop refuses to read rather than account it for the wrong neighbours.
 """
 
 from __future__ import annotations
@@ -100,7 +104,6 @@ class PrivacyState:
     merchant_id: str
     target_epsilon: float
     target_delta: float
-    accountant: str = "prv"
     entries: list[SpendEntry] = dataclasses.field(default_factory=list)
     # Spend reserved by calls that have not committed (in flight, or died before committing):
     # counted in every ε like the entries.
@@ -115,8 +118,7 @@ class PrivacyState:
 
     @classmethod
     def open(
-        cls, path: Path, *, merchant_id: str, target_epsilon: float, target_delta: float, accountant: str = "prv"
-    ) -> PrivacyState:
+        cls, path: Path, *, merchant_id: str, target_epsilon: float, target_delta: float) -> PrivacyState:
         """Load the merchant's state (a missing file reads as no spend). A stored budget is never loosened.
 
         The effective budget is the smaller of the stored one and the one asked for now; δ
@@ -127,7 +129,7 @@ class PrivacyState:
         path = Path(path)
         if not path.exists():
             return cls(path=path, merchant_id=merchant_id, target_epsilon=target_epsilon,
-                       target_delta=target_delta, accountant=accountant)
+                       target_delta=target_delta)
         stored = read_state(path)
         if stored.merchant_id != merchant_id:
             raise PrivacyStateError(
@@ -144,14 +146,13 @@ class PrivacyState:
             log.info("%s: %d reserved call(s) not committed (in flight, or a call that died before committing); "
                      "counted as spent", path, len(stored.reservations))
         return cls(path=path, merchant_id=merchant_id, target_epsilon=min(stored.target_epsilon, target_epsilon),
-                   target_delta=stored.target_delta if stored.entries else target_delta,
-                   accountant=stored.accountant or accountant, entries=stored.entries,
+                   target_delta=stored.target_delta if stored.entries else target_delta, entries=stored.entries,
                    reservations=stored.reservations)
 
     @classmethod
     @contextlib.contextmanager
     def locked(cls, path: Path, *, merchant_id: str, target_epsilon: float, target_delta: float,
-               accountant: str = "prv", create: bool = False, timeout_s: float | None = None
+               create: bool = False, timeout_s: float | None = None
                ) -> Iterator[PrivacyState]:
         """The merchant's state, read and held under its exclusive lock for one training call.
 
@@ -172,14 +173,14 @@ class PrivacyState:
                 if not create:
                     raise PrivacyStateError(cls._missing(path, merchant_id))
                 state = cls(path=path, merchant_id=merchant_id, target_epsilon=target_epsilon,
-                            target_delta=target_delta, accountant=accountant)
+                            target_delta=target_delta)
                 state._write(state.entries, state.reservations)
                 state._created = True
                 log.info("merchant %s: no privacy state yet; created %s (budget ε = %g at δ = %g, no spend)",
                          merchant_id, path, target_epsilon, target_delta)
             else:
                 state = cls.open(path, merchant_id=merchant_id, target_epsilon=target_epsilon,
-                                 target_delta=target_delta, accountant=accountant)
+                                 target_delta=target_delta)
                 for reservation in state.reservations:
                     log.warning("%s: a call reserved spend and died before committing it (%s); the state cannot "
                                 "tell how far it got, so it counts as spent", path, reservation.describe())
@@ -197,8 +198,7 @@ class PrivacyState:
                 state._pending = None
 
     @classmethod
-    def create(cls, path: Path, *, merchant_id: str, target_epsilon: float, target_delta: float,
-               accountant: str = "prv") -> bool:
+    def create(cls, path: Path, *, merchant_id: str, target_epsilon: float, target_delta: float) -> bool:
         """Write a state with this budget and no spend at ``path``, unless one is there: True if it wrote one.
 
         Never overwrites: an existing state is only checked (same merchant; its stored budget
@@ -206,7 +206,7 @@ class PrivacyState:
         add-merchant``, ``fedshop simulate``'s first run on a merchant folder).
         """
         with cls.locked(Path(path), merchant_id=merchant_id, target_epsilon=target_epsilon,
-                        target_delta=target_delta, accountant=accountant, create=True) as state:
+                        target_delta=target_delta, create=True) as state:
             return state._created
 
     @staticmethod
@@ -217,15 +217,20 @@ class PrivacyState:
                 "--epsilon EPS --delta DELTA`); if it did, restore the file from a backup")
 
     @property
+    def accountant(self) -> str:
+        """The accountant every ε of this state comes from (``shared.privacy.accounting``)."""
+        return accounting.ACCOUNTANT
+
+    @property
     def events(self) -> list[MechanismEvent]:
         """The mechanisms of every released call, then of every reservation: what the accountants compose."""
         return [e.event.mechanism for e in self.entries] + [r.mechanism for r in self.reservations]
 
     def epsilon(self, extra: MechanismEvent | None = None) -> float:
         events = tuple(self.events + ([extra] if extra is not None else []))
-        key = (events, self.target_delta, self.accountant)
+        key = (events, self.target_delta)
         if key not in self._epsilon_cache:
-            self._epsilon_cache[key] = accounting.epsilon(events, self.target_delta, self.accountant)
+            self._epsilon_cache[key] = accounting.epsilon(events, self.target_delta)
         return self._epsilon_cache[key]
 
     def calls_in_run(self, run_id: str) -> int:
@@ -237,8 +242,7 @@ class PrivacyState:
         # same σ for the calls after): a hint makes the search a couple of ε evaluations.
         events = self.events
         return accounting.noise_for_budget(self.target_epsilon, self.target_delta, sample_rate=sample_rate, steps=steps,
-                                   calls=calls, max_grad_norm=max_grad_norm, accountant=self.accountant,
-                                   history=events, floor=floor,
+                                   calls=calls, max_grad_norm=max_grad_norm, history=events, floor=floor,
                                    hint=events[-1].noise_multiplier if events else None)
 
     @property
@@ -336,7 +340,7 @@ class PrivacyState:
             "merchant_id": self.merchant_id,
             "target_epsilon": self.target_epsilon,
             "target_delta": self.target_delta,
-            "accountant": self.accountant,
+            "accountant": accounting.ACCOUNTANT,  # informative: ε is always re-accounted, never read
             "entries": [e.to_dict() for e in entries],
             "reservations": [r.to_dict() for r in reservations],
         })
@@ -353,13 +357,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     create.add_argument("--merchant-id", required=True)
     create.add_argument("--epsilon", type=float, required=True, help="the merchant's ε budget")
     create.add_argument("--delta", type=float, required=True, help="the δ it accounts at")
-    create.add_argument("--accountant", default="prv")
     args = parser.parse_args(argv)
     if not (0 < args.epsilon < math.inf and 0 < args.delta < 1):
         parser.error("--epsilon must be a finite number > 0 and --delta lie strictly between 0 and 1")
     try:
         created = PrivacyState.create(args.path, merchant_id=args.merchant_id, target_epsilon=args.epsilon,
-                                      target_delta=args.delta, accountant=args.accountant)
+                                      target_delta=args.delta)
     except PrivacyStateError as exc:
         print(f"error: {exc}")
         return 2

@@ -10,15 +10,15 @@ many of them the merchant trained on: ``unit_count``), and where its noise came 
 privacy facts, the server's ledger row and the audit's row each carry it as their ``event``
 field and serialise it with its ``to_dict`` / ``from_dict`` (flat keys: the state file's
 ``event``, the wire's keys and the ledger's columns are ``SPEND_KEYS``). How spends are
-*accounted* (PRV, PLD, RDP) is ``shared.privacy.accounting``'s concern; any accountant can
-recompute ε from the mechanisms.
+*accounted* (PLD, for replace-one neighbours: ``neighbours``) is ``shared.privacy.accounting``'s
+concern; any accountant can recompute ε from the mechanisms.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 # Recorded with every private call's spend (``SpendEvent.noise``), by the merchant and on the
@@ -38,6 +38,15 @@ UNITS: frozenset[str] = frozenset({UNIT_RECORD, UNIT_USER})
 RELEASE_UPDATE = "update"
 RELEASE_EVALUATION = "evaluation"
 RELEASES: frozenset[str] = frozenset({RELEASE_UPDATE, RELEASE_EVALUATION})
+# Which neighbouring datasets an ε is accounted for (docs/privacy.md, "N is public"). Every
+# reply states N (``unit_count``) exactly, and q, steps and the planned σ are functions of it,
+# so a neighbour with one unit more or fewer is told apart by N alone: only datasets of the
+# same size, one unit *replaced*, are neighbours whose guarantee holds. ``REPLACE_ONE`` is what
+# fedshop accounts; ``ADD_REMOVE`` names what spend recorded before it was kept was accounted for
+# (its ε understates the guarantee's cost, and the audit fails it).
+NEIGHBOURS_REPLACE_ONE = "replace-one"
+NEIGHBOURS_ADD_REMOVE = "add-remove"
+NEIGHBOURS: frozenset[str] = frozenset({NEIGHBOURS_REPLACE_ONE, NEIGHBOURS_ADD_REMOVE})
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -96,13 +105,16 @@ class SpendEvent:
     expected_batch: float
     release: str = RELEASE_UPDATE
     noise: str = ""  # NOISE_SOURCE for a private call that drew noise; "" otherwise or unrecorded
+    neighbours: str = NEIGHBOURS_REPLACE_ONE  # the relation its ε was accounted for
 
     @classmethod
     def of(cls, mechanism: MechanismEvent, *, unit_count: int, delta: float, noise: str,
            unit: str = UNIT_RECORD, release: str = RELEASE_UPDATE) -> SpendEvent:
-        """The spend of a call that sampled ``unit_count`` units at ``mechanism.sample_rate``."""
+        """The spend of a call that sampled ``unit_count`` units at ``mechanism.sample_rate``,
+        accounted for replace-one neighbours (the only relation fedshop accounts)."""
         return cls(mechanism=mechanism, delta=delta, unit=unit, unit_count=unit_count,
-                   expected_batch=mechanism.sample_rate * unit_count, release=release, noise=noise)
+                   expected_batch=mechanism.sample_rate * unit_count, release=release, noise=noise,
+                   neighbours=NEIGHBOURS_REPLACE_ONE)
 
     def validate(self) -> None:
         """What any spend must satisfy (the ledger's CHECKs); a private call's mechanism is
@@ -125,42 +137,28 @@ class SpendEvent:
             raise ValueError(f"unit must be one of {sorted(UNITS)}, got {self.unit!r}")
         if self.release not in RELEASES:
             raise ValueError(f"release must be one of {sorted(RELEASES)}, got {self.release!r}")
+        if self.neighbours not in NEIGHBOURS:
+            raise ValueError(f"neighbours must be one of {sorted(NEIGHBOURS)}, got {self.neighbours!r}")
 
     def to_dict(self) -> dict[str, Any]:
         """Flat: the mechanism's four fields next to the spend's own (``KEYS``, in order)."""
         return {**self.mechanism.to_dict(), "delta": self.delta, "unit": self.unit, "unit_count": self.unit_count,
-                "expected_batch": self.expected_batch, "release": self.release, "noise": self.noise}
+                "expected_batch": self.expected_batch, "release": self.release, "noise": self.noise,
+                "neighbours": self.neighbours}
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> SpendEvent:
-        """Read ``to_dict``'s keys (``noise`` may be absent: unmarked); a missing key raises
-        ``KeyError`` naming it. Not validated: a reader of records (the audit) must see them as
-        they are; writers call ``validate``."""
+        """Read ``to_dict``'s keys (``noise`` may be absent: unmarked; ``neighbours`` may be
+        absent: recorded before it was kept, when ε was accounted for add/remove neighbours); a
+        missing key raises ``KeyError`` naming it. Not validated: a reader of records (the
+        audit) must see them as they are; writers call ``validate``."""
         return cls(mechanism=MechanismEvent.from_dict(raw, validate=False), delta=float(raw["delta"]),
                    unit=str(raw["unit"]), unit_count=int(raw["unit_count"]),
                    expected_batch=float(raw["expected_batch"]), release=str(raw["release"]),
-                   noise=str(raw.get("noise", "")))
+                   noise=str(raw.get("noise", "")), neighbours=str(raw.get("neighbours", NEIGHBOURS_ADD_REMOVE)))
 
 
 # The keys of ``SpendEvent.to_dict``: the ledger's spend columns, the wire's spend keys.
 SPEND_KEYS: tuple[str, ...] = (*(f.name for f in dataclasses.fields(MechanismEvent)), "delta", "unit",
-                               "unit_count", "expected_batch", "release", "noise")
+                               "unit_count", "expected_batch", "release", "noise", "neighbours")
 
-
-def compose_history(events: Iterable[MechanismEvent]) -> list[tuple[float, float, int]]:
-    """Events as Opacus-style ``(noise_multiplier, sample_rate, steps)`` history.
-
-    Consecutive events with the same (σ, q) are merged, exactly as an Opacus accountant
-    merges its own steps; so ε from a persisted history equals ε of one live accountant
-    that took all the steps.
-    """
-    history: list[tuple[float, float, int]] = []
-    for event in events:
-        if event.steps == 0:
-            continue
-        if history and history[-1][0] == event.noise_multiplier and history[-1][1] == event.sample_rate:
-            sigma, q, steps = history[-1]
-            history[-1] = (sigma, q, steps + event.steps)
-        else:
-            history.append((event.noise_multiplier, event.sample_rate, event.steps))
-    return history

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from shared.privacy.events import RELEASE_UPDATE, UNIT_RECORD, MechanismEvent, SpendEvent
+from shared.privacy.events import NEIGHBOURS_ADD_REMOVE, RELEASE_UPDATE, UNIT_RECORD, MechanismEvent, SpendEvent
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 3
+STATE_VERSION = 4
 LOCK_SUFFIX = ".lock"
 
 
@@ -47,7 +47,7 @@ class SpendEntry:
         if version == 1:
             event = SpendEvent(mechanism=MechanismEvent.from_dict(raw["event"]), delta=delta, unit=UNIT_RECORD,
                                unit_count=0, expected_batch=0.0, release=RELEASE_UPDATE,
-                               noise=str(raw.get("noise", "")))
+                               noise=str(raw.get("noise", "")), neighbours=NEIGHBOURS_ADD_REMOVE)
         else:
             event = SpendEvent.from_dict(raw["event"])
             if not math.isclose(event.delta, delta):

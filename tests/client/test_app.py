@@ -25,7 +25,7 @@ from server.ledger import PrivacyLedger
 from server.ledger_record import spend_record
 from shared.config import RunConfig
 from shared.model import ModelError, ModelSpec, build_model, get_trainable
-from shared.privacy.accounting import epsilon_prv
+from shared.privacy.accounting import epsilon
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import NOISE_SOURCE, MechanismEvent, SpendEvent
 from shared.run_files import LEDGER_FILE
@@ -52,7 +52,7 @@ from shared.wire import (
 from tests.helpers.merchants import write_merchant
 
 CONFIG_ = RunConfig(encoder="tiny", max_local_steps=3, batch_size=16, max_seq_len=32, eval_max_examples=32,
-                    noise_multiplier=1.0, target_epsilon=8.0)
+                    noise_multiplier=2.0, target_epsilon=8.0)
 NODE_ID = 7
 
 
@@ -133,22 +133,23 @@ def test_train_replies_with_trainable_arrays_metrics_and_privacy_facts(
     assert facts.merchant_id == "shop-a"
     mechanism = facts.event.mechanism
     assert facts.dp and mechanism.steps == parsed.metrics["steps"] and facts.model_version == 0
-    assert mechanism.noise_multiplier == 1.0 and mechanism.max_grad_norm == 1.0 and facts.event.delta == 1e-5
+    assert mechanism.noise_multiplier == 2.0 and mechanism.max_grad_norm == 1.0 and facts.event.delta == 1e-5
+    assert facts.event.neighbours == "replace-one" and content.config_records[PRIVACY]["neighbours"] == "replace-one"
     assert facts.event.noise == NOISE_SOURCE and content.config_records[PRIVACY]["noise"] == NOISE_SOURCE
     assert 0 < mechanism.sample_rate <= 1
     assert 0 < facts.epsilon <= facts.epsilon_budget == 8.0
     # The reported ε is the merchant's persisted accountant, recomputable from its events.
     events = state_events(state_dir)
-    assert events == [MechanismEvent(noise_multiplier=1.0, sample_rate=mechanism.sample_rate, steps=mechanism.steps,
+    assert events == [MechanismEvent(noise_multiplier=2.0, sample_rate=mechanism.sample_rate, steps=mechanism.steps,
                                      max_grad_norm=1.0)]
-    assert facts.epsilon == pytest.approx(epsilon_prv(events, facts.event.delta), rel=1e-9)
+    assert facts.epsilon == pytest.approx(epsilon(events, facts.event.delta), rel=1e-9)
 
     # A second call composes with the first (one accountant across calls, never per round).
     second = TrainReply.from_recorddict(client_app.train(make_message("train", parsed.params, server_round=2,
                                                                       model_version=1), context).content)
     assert second.facts.status == STATUS_OK and second.facts.model_version == 1
     assert second.facts.epsilon > facts.epsilon
-    assert second.facts.epsilon == pytest.approx(epsilon_prv(state_events(state_dir), facts.event.delta),
+    assert second.facts.epsilon == pytest.approx(epsilon(state_events(state_dir), facts.event.delta),
                                                  rel=1e-9)
     rounds = [e["round"] for e in json.loads((state_dir / "privacy-state.json").read_text())["entries"]]
     assert rounds == [1, 2]

@@ -12,8 +12,17 @@ import pytest
 import shared.privacy.budget as budget
 import shared.privacy.state_file as state_file
 from shared import atomic
+from shared.privacy import accounting
 from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
-from shared.privacy.events import NOISE_SOURCE, RELEASE_UPDATE, UNIT_RECORD, MechanismEvent, SpendEvent
+from shared.privacy.events import (
+    NEIGHBOURS_ADD_REMOVE,
+    NEIGHBOURS_REPLACE_ONE,
+    NOISE_SOURCE,
+    RELEASE_UPDATE,
+    UNIT_RECORD,
+    MechanismEvent,
+    SpendEvent,
+)
 from tests.helpers.reference import reference_epsilon
 
 DELTA = 1e-5
@@ -101,14 +110,14 @@ def test_a_version_1_state_is_migrated_on_read(tmp_path: Path) -> None:
     assert state.events == [event(10), event(5)]
     assert [e.event for e in state.entries] == [
         SpendEvent(mechanism=event(10), delta=DELTA, unit=UNIT_RECORD, unit_count=0, expected_batch=0.0,
-                   release=RELEASE_UPDATE, noise=NOISE_SOURCE),
+                   release=RELEASE_UPDATE, noise=NOISE_SOURCE, neighbours=NEIGHBOURS_ADD_REMOVE),
         SpendEvent(mechanism=event(5), delta=DELTA, unit=UNIT_RECORD, unit_count=0, expected_batch=0.0,
-                   release=RELEASE_UPDATE, noise=""),
+                   release=RELEASE_UPDATE, noise="", neighbours=NEIGHBOURS_ADD_REMOVE),
     ]
     assert state.epsilon() == pytest.approx(reference_epsilon([event(10), event(5)]), rel=1e-9)
-    state.commit(event(1), unit_count=N, round=3, model_version=2)  # the next save writes version 3
+    state.commit(event(1), unit_count=N, round=3, model_version=2)  # the next save writes version 4
     raw = json.loads(path.read_text())
-    assert raw["version"] == budget.STATE_VERSION == 3 and raw["reservations"] == []
+    assert raw["version"] == budget.STATE_VERSION == 4 and raw["reservations"] == []
     assert [e.event for e in open_state(path).entries][:2] == [e.event for e in state.entries][:2]
 
 
@@ -161,7 +170,8 @@ def test_budget_stop_names_the_overshoot_and_spends_nothing(tmp_path: Path) -> N
 
 
 def test_budget_boundary_is_inclusive(tmp_path: Path) -> None:
-    exact = reference_epsilon([event(50)])
+    # The merchant's own ε as the budget (the reference agrees with it to ~1e-10, not to the bit).
+    exact = accounting.epsilon([event(50)], DELTA)
     state = open_state(tmp_path / "s.json", eps=exact)
     assert state.check(event(50)) == pytest.approx(exact, rel=1e-12)  # spending exactly the budget is fine
     with pytest.raises(BudgetExceededError):
@@ -274,10 +284,11 @@ def locked_state(path: Path, *, eps: float = 50.0, create: bool = False,
                                timeout_s=timeout_s)
 
 
-def test_a_version_2_state_loads_and_the_next_save_writes_version_3(tmp_path: Path) -> None:
+def test_a_version_2_state_loads_and_the_next_save_writes_version_4(tmp_path: Path) -> None:
     path = tmp_path / "privacy.json"
-    entry = {"event": SpendEvent.of(event(10), unit_count=N, delta=DELTA, noise=NOISE_SOURCE).to_dict(),
-             "round": 1, "run_id": "r", "model_version": 0, "recorded_at": 1.0}
+    spent = {k: v for k, v in SpendEvent.of(event(10), unit_count=N, delta=DELTA, noise=NOISE_SOURCE).to_dict().items()
+             if k != "neighbours"}  # version 2 (and 3) did not keep it
+    entry = {"event": spent, "round": 1, "run_id": "r", "model_version": 0, "recorded_at": 1.0}
     path.write_text(json.dumps({"version": 2, "merchant_id": "m1", "target_epsilon": 50.0, "target_delta": DELTA,
                                 "accountant": "prv", "entries": [entry]}))  # no "reservations": version 2
 
@@ -287,8 +298,10 @@ def test_a_version_2_state_loads_and_the_next_save_writes_version_3(tmp_path: Pa
         state.commit(event(5), unit_count=N, round=2, model_version=1)
 
     raw = json.loads(path.read_text())
-    assert raw["version"] == 3 and raw["reservations"] == [] and len(raw["entries"]) == 2
-    assert raw["entries"][0] == entry  # the old entry, as it was
+    assert raw["version"] == 4 and raw["reservations"] == [] and len(raw["entries"]) == 2
+    # The old entry as it was, now saying what it was accounted for when recorded.
+    assert raw["entries"][0] == {**entry, "event": {**spent, "neighbours": NEIGHBOURS_ADD_REMOVE}}
+    assert raw["entries"][1]["event"]["neighbours"] == NEIGHBOURS_REPLACE_ONE
     assert open_state(path).epsilon() == pytest.approx(reference_epsilon([event(10), event(5)]), rel=1e-9)
 
 
@@ -340,7 +353,7 @@ def test_create_writes_a_budget_and_never_overwrites_a_state(tmp_path: Path) -> 
 
 def test_the_budget_check_counts_reservations(tmp_path: Path) -> None:
     path = tmp_path / "privacy.json"
-    exact = reference_epsilon([event(50)])
+    exact = accounting.epsilon([event(50)], DELTA)  # 25 + 25 steps of one (σ, q) compose to exactly this
     PrivacyState.create(path, merchant_id="m1", target_epsilon=exact, target_delta=DELTA)
     with locked_state(path, eps=exact) as state:
         state.check(event(25))  # reserved, never committed: the block ends without a commit

@@ -120,7 +120,7 @@ def test_two_calls_on_one_model_compose(
     assert state.events == [event, event]
     assert second.epsilon > first.epsilon > 0
     both = MechanismEvent(noise_multiplier=1.0, sample_rate=1 / 8, steps=6, max_grad_norm=1.0)
-    assert second.epsilon == pytest.approx(accounting.epsilon_prv([both], 1e-5), rel=1e-9)
+    assert second.epsilon == pytest.approx(accounting.epsilon([both], 1e-5), rel=1e-9)
     assert_plain(model)
 
 

@@ -3,7 +3,7 @@
 ``build_run`` writes what a finished run leaves behind: ``ledger.sqlite`` (a
 ``server.ledger.PrivacyLedger`` with its ``run_id`` meta), each merchant's own
 ``nodes/<m>/privacy-state.json`` (``shared.privacy.budget.PrivacyState``, whose ``commit`` returns
-the Opacus PRV ε the ledger records as ``epsilon_reported``), ``metrics.jsonl`` (the
+the PLD ε, for replace-one neighbours, the ledger records as ``epsilon_reported``), ``metrics.jsonl`` (the
 shape ``server.run_log`` writes for a ``RoundReport``) and ``config.json`` (the run config as
 ``server.federation`` writes it; ``RUN_CONFIG``'s batch size and epochs give the mechanisms'
 q and steps by the trainer's rule). ``dp=False`` builds a non-private run: rows as
@@ -14,8 +14,9 @@ q and steps by the trainer's rule). ``dp=False`` builds a non-private run: rows 
 units (``EVAL_UNIT_COUNTS``), committed after the update, its row written after the round's
 update rows, carrying the merchant's cumulative ε after both.
 
-``as_schema_1`` and ``as_schema_2`` rewrite a ledger as schema 1 (before the noise source was
-kept) or schema 2 (before the unit, N and the release were kept) left it.
+``as_schema_1`` ... ``as_schema_4`` rewrite a ledger as schema 1 (before the noise source was
+kept), 2 (before the unit, N and the release were kept), 3 (before the release joined the
+key) or 4 (before the neighbouring relation was kept) left it.
 
 ``tamper`` opens a ledger with raw ``sqlite3`` after dropping the append-only triggers,
 the only way to rewrite history the ledger's docstring admits.
@@ -43,7 +44,7 @@ from server.ledger import PrivacyLedger, SpendRecord
 from shared.config import RunConfig
 from shared.privacy import accounting
 from shared.privacy.budget import PrivacyState
-from shared.privacy.events import RELEASE_EVALUATION, MechanismEvent, SpendEvent, compose_history
+from shared.privacy.events import RELEASE_EVALUATION, MechanismEvent, SpendEvent
 from shared.run_files import CONFIG_FILE, LEDGER_FILE, METRICS_FILE
 
 RUN_ID = "run-audit-1"
@@ -126,8 +127,8 @@ def build_run(
                     eps, event = 0.0, non_private_event(mechanisms[m], UNIT_COUNTS[m])
                 records.append(SpendRecord(
                     run_id=RUN_ID, round=rnd, merchant_id=m, node_id=1000 + i, model_version=rnd - 1,
-                    event=event, epsilon_reported=eps, epsilon_budget=states[m].target_epsilon, accountant="prv",
-                    status="accepted", dp=dp))
+                    event=event, epsilon_reported=eps, epsilon_budget=states[m].target_epsilon,
+                    accountant=accounting.ACCOUNTANT, status="accepted", dp=dp))
             ledger.record_round(records)
             if dp and evaluations:
                 evaluated = []
@@ -137,7 +138,8 @@ def build_run(
                     evaluated.append(SpendRecord(
                         run_id=RUN_ID, round=rnd, merchant_id=m, node_id=1000 + i, model_version=rnd,
                         event=states[m].entries[-1].event, epsilon_reported=eps,
-                        epsilon_budget=states[m].target_epsilon, accountant="prv", status="accepted", dp=True))
+                        epsilon_budget=states[m].target_epsilon, accountant=accounting.ACCOUNTANT,
+                        status="accepted", dp=True))
                 ledger.record_round(evaluated)
             with (run_dir / METRICS_FILE).open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps(metrics_line(rnd, merchants), sort_keys=True) + "\n")
@@ -174,9 +176,20 @@ def as_schema_1(ledger: Path) -> None:
         conn.close()
 
 
+def as_schema_4(ledger: Path) -> None:
+    """Turn a ledger into what schema 4 wrote: the same rows, without ``neighbours``."""
+    conn = sqlite3.connect(ledger, isolation_level=None)
+    try:
+        conn.execute("ALTER TABLE spend DROP COLUMN neighbours")
+        conn.execute("PRAGMA user_version = 4")
+    finally:
+        conn.close()
+
+
 def as_schema_3(ledger: Path) -> None:
     """Turn a ledger into what schema 3 wrote: the same rows, the primary key without ``release``
     (rebuilt as ``server.ledger_schema``'s migration to 4 does, the other way round)."""
+    as_schema_4(ledger)
     conn = sqlite3.connect(ledger, isolation_level=None)
     try:
         table = conn.execute("SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'spend'").fetchone()[0]
@@ -214,7 +227,7 @@ def as_schema_2(ledger: Path) -> None:
 
 # ------------------------------------------------------------------ fast, exact accountants
 _CACHES: dict[str, dict[Any, float]] = {}
-_ORIGINAL_PRV = accounting.epsilon_prv
+_ORIGINAL_PLD = accounting.epsilon_pld
 
 
 def _memoized(name: str, fn: Callable[..., float]) -> Callable[..., float]:
@@ -223,8 +236,12 @@ def _memoized(name: str, fn: Callable[..., float]) -> Callable[..., float]:
     @functools.wraps(fn)
     def wrapper(events: Any, delta: float, *args: Any, **kwargs: Any) -> float:
         events = list(events)
-        # Keyed like the accountants see it: the composed (σ, q, steps) history.
-        key = (tuple(compose_history(events)), delta, args, tuple(sorted(kwargs.items())))
+        # Keyed like the accountant sees it: steps per (σ, q), in any order (composition commutes).
+        steps: dict[tuple[float, float], int] = {}
+        for e in events:
+            if e.steps:
+                steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
+        key = (tuple(sorted(steps.items())), delta, args, tuple(sorted(kwargs.items())))
         if key not in cache:
             cache[key] = fn(events, delta, *args, **kwargs)
         return cache[key]
@@ -234,14 +251,12 @@ def _memoized(name: str, fn: Callable[..., float]) -> Callable[..., float]:
 
 @contextmanager
 def memoized_accountants() -> Iterator[None]:
-    """Cache the audit's PLD/RDP and the merchant's PRV by (history, δ); results are unchanged."""
+    """Cache the PLD the audit and the merchants call by (history, δ, relation); results are unchanged."""
     from server.audit import ledger_audit, node_state
-    from shared.privacy import accounting as privacy
 
+    memoized = _memoized("pld", _ORIGINAL_PLD)
     with pytest.MonkeyPatch.context() as mp:
-        for module in (ledger_audit, node_state):
-            mp.setattr(module, "epsilon_pld", _memoized("pld", privacy.epsilon_pld))
-            mp.setattr(module, "epsilon_rdp", _memoized("rdp", privacy.epsilon_rdp))
-        mp.setattr(accounting, "epsilon_prv", _memoized("prv", _ORIGINAL_PRV))
+        for module in (ledger_audit, node_state, accounting):
+            mp.setattr(module, "epsilon_pld", memoized)
         yield
 

@@ -26,6 +26,9 @@ FAST: dict[str, Any] = {
     "eval-max-examples": 32,
     # The test merchants hold a handful of held-out units: evaluate anyway (noised, accounted).
     "eval-min-units": 1,
+    # Tiny merchants sample all their units each step (q = 1): under replace-one accounting a
+    # call at σ = 1 costs more than a whole budget of 8; σ = 2 lets them train a few rounds.
+    "noise-multiplier": 2.0,
     "round-timeout-s": 180.0,
     "node-wait-timeout-s": 60.0,
 }

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from opacus.accountants import PRVAccountant
-
 from shared.privacy.events import MechanismEvent
 
 
 def reference_epsilon(calls: list[MechanismEvent], delta: float = 1e-5) -> float:
-    """One live Opacus accountant that saw every single step of every call."""
-    accountant = PRVAccountant()
+    """One live dp_accounting PLD accountant (replace-one neighbours) that saw every call in
+    the order made, each composed as it came: not through ``shared.privacy.accounting``, which
+    groups a persisted history by (σ, q) first."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    accountant = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
     for call in calls:
-        for _ in range(call.steps):
-            accountant.step(noise_multiplier=call.noise_multiplier, sample_rate=call.sample_rate)
+        accountant.compose(dp_accounting.PoissonSampledDpEvent(
+            call.sample_rate, dp_accounting.GaussianDpEvent(call.noise_multiplier)), call.steps)
     return float(accountant.get_epsilon(delta))

@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[2]
 DELTA = 1e-5
 N = 200
 CONFIG = RunConfig(encoder="tiny", max_local_steps=2, batch_size=16, max_seq_len=32, eval_max_examples=16,
-                   noise_multiplier=1.0, target_epsilon=8.0)
+                   noise_multiplier=2.0, target_epsilon=8.0)
 
 
 def event(steps: int) -> MechanismEvent:

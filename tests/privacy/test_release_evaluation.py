@@ -28,7 +28,7 @@ from server.ledger_record import spend_record
 from shared import metrics as metrics_lib
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
-from shared.privacy.accounting import epsilon_prv
+from shared.privacy.accounting import epsilon
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import MechanismEvent
 from shared.run_files import LEDGER_FILE
@@ -125,7 +125,7 @@ def test_each_evaluation_is_noised_and_accounted_in_the_state_and_the_ledger(
     # ... and cumulative ε composes the training spend with both evaluations.
     mechanisms = [MechanismEvent.from_dict(e["event"]) for e in entries(tmp_path)]
     assert train.facts.epsilon < first.facts.epsilon < second.facts.epsilon
-    assert second.facts.epsilon == pytest.approx(epsilon_prv(mechanisms, CONFIG_.target_delta), rel=1e-9)
+    assert second.facts.epsilon == pytest.approx(epsilon(mechanisms, CONFIG_.target_delta), rel=1e-9)
     # The server's ledger: one update row and one evaluation row for the merchant's round.
     with PrivacyLedger(tmp_path / "run" / LEDGER_FILE) as ledger:
         ledger.record_round([spend_record(train.facts, run_id="run-1", round=1, node_id=NODE_ID,
@@ -219,4 +219,4 @@ def test_the_merchants_node_config_wins_over_the_run_config() -> None:
         release.EvalSettings.resolve({"eval-noise-multiplier": 0}, run)
     # The default: one evaluation costs a small ε at δ = 1e-5 (docs/privacy.md quotes it).
     default = release.EvalSettings.resolve({}, RunConfig()).mechanism
-    assert epsilon_prv([default], 1e-5) == pytest.approx(0.35, abs=0.01)
+    assert epsilon([default], 1e-5) == pytest.approx(0.73, abs=0.01)  # replace-one: sensitivity 2 C_eval

@@ -26,7 +26,7 @@ from shared.wire import ARRAYS, CONFIG, METRICS, PRIVACY, SERVER_ROUND, TRAIN_ME
 from tests.helpers.merchants import write_merchant
 
 CONFIG_ = RunConfig(encoder="tiny", max_local_steps=2, batch_size=16, max_seq_len=32, eval_max_examples=32,
-                    noise_multiplier=1.0, target_epsilon=8.0)
+                    noise_multiplier=2.0, target_epsilon=8.0)
 
 
 def _train_reply(tmp_path: Path) -> Message:

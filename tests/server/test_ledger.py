@@ -21,7 +21,7 @@ from server.ledger import (
 )
 from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.run_files import LEDGER_FILE
-from tests.helpers.audit_runs import as_schema_1, as_schema_2, as_schema_3
+from tests.helpers.audit_runs import as_schema_1, as_schema_2, as_schema_3, as_schema_4
 
 RUN = "run-1"
 
@@ -30,7 +30,7 @@ def spend(merchant: str = "m1", round_: int = 1, **overrides: object) -> SpendRe
     """A ledger row; overrides name a row field or a field of its spend event (or its mechanism)."""
     mechanism: dict[str, object] = dict(noise_multiplier=1.1, sample_rate=0.02, steps=20, max_grad_norm=1.0)
     event: dict[str, object] = dict(delta=1e-5, unit="record", unit_count=500, expected_batch=10.0,
-                                    release="update", noise="")
+                                    release="update", noise="", neighbours="replace-one")
     fields: dict[str, object] = dict(
         run_id=RUN,
         round=round_,
@@ -39,7 +39,7 @@ def spend(merchant: str = "m1", round_: int = 1, **overrides: object) -> SpendRe
         model_version=round_ - 1,
         epsilon_reported=0.5 * round_,
         epsilon_budget=8.0,
-        accountant="prv",
+        accountant="pld",
         status="accepted",
     )
     for name, value in overrides.items():
@@ -98,16 +98,16 @@ def test_schema_1_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
 
     with PrivacyLedger(path) as ledger:
         # Old rows keep their spend and read as unmarked: nothing is rewritten.
-        assert ledger.rows() == [spend("m1", 1, unit_count=0, expected_batch=0.0),
-                                 spend("m2", 1, unit_count=0, expected_batch=0.0)]
+        assert ledger.rows() == [spend("m1", 1, unit_count=0, expected_batch=0.0, neighbours="add-remove"),
+                                 spend("m2", 1, unit_count=0, expected_batch=0.0, neighbours="add-remove")]
         ledger.record_round([spend("m1", 2, noise="fresh-per-call")])
         assert [r.event.noise for r in ledger.rows()] == ["", "", "fresh-per-call"]
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             ledger._conn.execute("UPDATE spend SET noise = 'x'")
     conn = raw(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     conn.close()
-    with PrivacyLedger(path) as ledger:  # a second open finds schema 4: nothing to migrate
+    with PrivacyLedger(path) as ledger:  # a second open finds schema 5: nothing to migrate
         assert len(ledger.rows()) == 3
 
 
@@ -124,13 +124,13 @@ def test_schema_2_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
 
     with PrivacyLedger(path) as ledger:
         # Schema 2 knew one unit and one release and kept no N: rows read so, nothing rewritten.
-        old = [spend("m1", 1, noise="fresh-per-call", unit_count=0, expected_batch=0.0),
-               spend("m2", 1, status="refused", steps=0, unit_count=0, expected_batch=0.0)]
+        old = [spend("m1", 1, noise="fresh-per-call", unit_count=0, expected_batch=0.0, neighbours="add-remove"),
+               spend("m2", 1, status="refused", steps=0, unit_count=0, expected_batch=0.0, neighbours="add-remove")]
         assert ledger.rows() == old
         assert [(r.event.unit, r.event.release) for r in old] == [("record", "update")] * 2
         assert ledger.record_round(old) == 0  # a replay of a migrated round is still idempotent
         with pytest.raises(LedgerConflictError, match="unit_count: recorded 0, now 500"):
-            ledger.record_round([spend("m1", 1, noise="fresh-per-call"), old[1]])
+            ledger.record_round([spend("m1", 1, noise="fresh-per-call", neighbours="add-remove"), old[1]])
         ledger.record_round([spend("m1", 2, noise="fresh-per-call")])
         assert ledger.rows("m1")[-1] == spend("m1", 2, noise="fresh-per-call")  # new rows keep N
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
@@ -145,6 +145,26 @@ def test_schema_2_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
                      "sample_rate, steps, max_grad_norm, delta, epsilon_reported, epsilon_budget, accountant, "
                      "status, reason, dp, recorded_at, unit_count) "
                      "VALUES ('run-1', 3, 'm1', '1', 0, 1, 0.1, 1, 1, 1e-5, 1, 8, 'prv', 'accepted', '', 1, 'x', -1)")
+    conn.close()
+
+
+def test_schema_4_ledger_is_migrated_and_its_rows_say_add_remove(tmp_path: Path) -> None:
+    # Up to schema 4 every ε was accounted for add/remove neighbours; the column that says so
+    # arrives with that value on old rows, and new rows say replace-one (N is public).
+    path = tmp_path / LEDGER_FILE
+    with PrivacyLedger(path) as ledger:
+        ledger.record_round([spend("m1", 1, noise="fresh-per-call")])
+    as_schema_4(path)
+    conn = raw(path)
+    assert "neighbours" not in [row[1] for row in conn.execute("PRAGMA table_info(spend)")]
+    conn.close()
+    with PrivacyLedger(path) as ledger:
+        ledger.record_round([spend("m1", 2, noise="fresh-per-call")])
+        assert [r.event.neighbours for r in ledger.rows()] == ["add-remove", "replace-one"]
+        with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+            ledger._conn.execute("UPDATE spend SET neighbours = 'replace-one'")
+    conn = raw(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     conn.close()
 
 
@@ -167,8 +187,10 @@ def test_schema_3_ledger_is_migrated_to_a_key_with_the_release(tmp_path: Path) -
     conn.close()
 
     with PrivacyLedger(path) as ledger:
-        # Every row copied as it was, in recording order; nothing rewritten.
-        assert ledger.rows() == rows
+        # Every row copied as it was, in recording order; nothing rewritten (schema 4's
+        # migration then says what they were accounted for: add/remove).
+        assert ledger.rows() == [dataclasses.replace(r, event=dataclasses.replace(r.event, neighbours="add-remove"))
+                                 for r in rows]
         assert ledger._conn.execute("SELECT recorded_at FROM spend ORDER BY rowid").fetchall() == recorded_at
         ledger.record_round([spend("m1", 2, epsilon_reported=1.25, **EVALUATION)])  # the new key allows it
         for statement in ("UPDATE spend SET steps = 0", "DELETE FROM spend"):
@@ -178,7 +200,7 @@ def test_schema_3_ledger_is_migrated_to_a_key_with_the_release(tmp_path: Path) -
             ledger._conn.execute("INSERT OR REPLACE INTO spend SELECT * FROM spend WHERE round = 2 "
                                  "AND release = 'evaluation'")
     conn = raw(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
     pk = [row[1] for row in sorted(conn.execute("PRAGMA table_info(spend)"), key=lambda r: r[5]) if row[5]]
     assert pk == ["run_id", "round", "merchant_id", "release"]
     assert {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")} >= {

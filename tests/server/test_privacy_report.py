@@ -45,7 +45,8 @@ def test_table_lists_every_merchant_and_the_verdict(run_dir: Path) -> None:
     for merchant in MERCHANTS:
         (row,) = [line for line in lines if line.startswith(merchant + " ")]
         m = next(m for m in report.merchants if m.merchant_id == merchant)
-        assert f"{m.epsilon_recorded:.3f}" in row and f"{m.epsilon_pld:.3f}" in row and f"{m.epsilon_rdp:.3f}" in row
+        for value in (m.epsilon_recorded, m.epsilon_pld, m.epsilon_add_remove):
+            assert f"{value:.3f}" in row
         assert "1e-05" in row
     assert "audit PASSED: 3 round(s)" in table
 
@@ -82,13 +83,15 @@ def test_cli_report_names_every_merchant_delta_guarantee_and_plot(
     assert f"report: {out_md}" in err
     text = out_md.read_text(encoding="utf-8")
     assert text.startswith("# Privacy report")
-    assert "record-level (ε, δ)-differential privacy *per merchant*" in text
+    assert "(ε, δ)-differential privacy *per merchant*, per privacy unit" in text
+    assert "replacing one unit's data by any other (the number of units N is public" in text
     assert "- **δ:** 1e-05" in text
-    assert "PRV (Opacus)" in text and "PLD" in text
+    assert "PLD for replace-one neighbours" in text
     report = audit_run(run_dir)
     for m in report.merchants:
         (row,) = [line for line in text.splitlines() if line.startswith(f"| {m.merchant_id} |")]
-        assert f"| {m.epsilon_recorded:.3f} | {m.epsilon_pld:.3f} | {m.epsilon_rdp:.3f} | {m.budget:.3f} |" in row
+        cells = f"| {m.epsilon_recorded:.3f} | {m.epsilon_pld:.3f} | {m.epsilon_add_remove:.3f} | {m.budget:.3f} |"
+        assert cells in row
     # The plot sits next to the report and the Markdown links it by its (relative) name.
     png = out_md.with_suffix(".png")
     assert_png(png)

@@ -189,6 +189,13 @@ def test_the_command_rewrites_the_page(run_dir: Path, fast_accountants: None,
     assert main([str(run_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / REPORT_FILE)
     assert (run_dir / REPORT_FILE).read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
+    # The same through the front door, `fedshop report RUN_DIR`, over a page removed first.
+    from simulations.cli import main as fedshop
+
+    (run_dir / REPORT_FILE).unlink()
+    assert fedshop(["report", str(run_dir)]) == 0
+    assert capsys.readouterr().out.strip() == str(run_dir / REPORT_FILE)
+    assert (run_dir / REPORT_FILE).read_text(encoding="utf-8").startswith("<!DOCTYPE html>")
 
 
 # ----------------------------------------------------------------------------- a real browser

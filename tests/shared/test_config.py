@@ -123,7 +123,6 @@ def test_noise_multiplier_zero_is_fine_without_dp() -> None:
         ("trainable", "everything"),
         ("strategy", "fedsgd"),
         ("optimizer", "sgd"),  # removed: no scenario or benchmark used it
-        ("accountant", "gdp"),  # GDP under-reports: deliberately not offered
         ("conversion-label", "view"),
     ],
 )
@@ -132,18 +131,26 @@ def test_bad_literal_names_key_value_and_choices(key: str, value: str) -> None:
     assert repr(key) in message and repr(value) in message
     # The allowed choices are listed, so the user can fix the value without reading code.
     choices = {"trainable": ["heads", "top-k", "lora", "full"], "strategy": ["fedavg", "fedadam", "fedprox"],
-               "optimizer": ["adamw"], "accountant": ["prv", "rdp"], "conversion-label": ["click", "purchase"]}[key]
+               "optimizer": ["adamw"], "conversion-label": ["click", "purchase"]}[key]
     for choice in choices:
         assert repr(choice) in message
 
 
-@pytest.mark.parametrize(("key", "value"), [("grad-sample-mode", "auto"), ("precondition-shrink", 0.003)])
+@pytest.mark.parametrize(("key", "value"), [("grad-sample-mode", "auto"), ("precondition-shrink", 0.003),
+                                            ("accountant", "prv")])
 def test_a_removed_key_at_the_value_every_run_uses_still_loads(key: str, value: Any) -> None:
     """A run saved before the key was removed (``--resume`` reads its config) still loads; any
     other value says the option is gone instead of running without it."""
     assert RunConfig.from_mapping({**RunConfig().to_mapping(), key: value}) == RunConfig()
     message = _error({key: "hooks" if isinstance(value, str) else 0.01})
     assert repr(key) in message and "removed" in message
+
+
+def test_the_accountant_cannot_be_chosen_any_more() -> None:
+    # Opacus' PRV and RDP bound add/remove neighbours only; with N public, a saved run that
+    # asked for RDP (or anything but the old default) is refused, naming what every run uses.
+    message = _error({"accountant": "rdp"})
+    assert "'accountant'" in message and "'rdp'" in message and "replace-one" in message
 
 
 def test_replace_validates() -> None:

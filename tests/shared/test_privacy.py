@@ -1,16 +1,18 @@
-"""Accountants on the same mechanism agree (PLD ~ PRV <= RDP) and match known values.
+"""The accountant: PLD for replace-one neighbours, checked against independent values.
 
 Known values used here:
 
 * The Gaussian mechanism with sample rate 1 and one step has an exact (ε, δ) curve
   (Balle & Wang 2018, "Improving the Gaussian Mechanism for Differential Privacy", Thm. 8):
-  δ(ε) = Φ(1/(2σ) - εσ) - e^ε Φ(-1/(2σ) - εσ) for sensitivity 1. PLD must reproduce it.
+  δ(ε) = Φ(Δ/(2σ) - εσ/Δ) - e^ε Φ(-Δ/(2σ) - εσ/Δ) for sensitivity Δ. Add/remove one unit moves a
+  clipped sum by Δ = C; replacing it, by Δ = 2C. PLD must reproduce both.
 * TensorFlow Privacy's MNIST DP-SGD tutorial (tensorflow/privacy, tutorials/README.md,
   "Select Parameters" table; the same MNIST setting as Opacus' mnist example): 60,000
   examples, batch 256, noise multiplier 1.12, 60 epochs, δ = 1e-5 -> "Privacy eps 2.92".
-  That figure is RDP with the classic conversion ε = min_α RDP(α) + log(1/δ)/(α - 1) over
-  the orders 1.1..10.9, 12..63. Today's RDP accountants use the tighter conversion of
-  Balle et al. 2020 (≈2.52 here; ≈2.60 at σ = 1.1), and PLD/PRV are tighter still (≈2.3).
+  That figure is add/remove RDP with the classic conversion ε = min_α RDP(α) + log(1/δ)/(α - 1)
+  over the orders 1.1..10.9, 12..63; tight accountants (PLD, Opacus' PRV) give ≈2.3.
+* Opacus' PRV accountant (an independent implementation, add/remove only) agrees with
+  add/remove PLD to ~1 %: the dp_accounting calls are wired right.
 """
 
 from __future__ import annotations
@@ -21,56 +23,66 @@ import math
 import numpy as np
 import pytest
 
-from shared.privacy.accounting import epsilon, epsilon_opacus_rdp, epsilon_pld, epsilon_prv, epsilon_rdp
+from shared.privacy.accounting import ACCOUNTANT, epsilon, epsilon_pld
 from shared.privacy.events import (
+    NEIGHBOURS_ADD_REMOVE,
+    NEIGHBOURS_REPLACE_ONE,
     NOISE_SOURCE,
     RELEASE_UPDATE,
     SPEND_KEYS,
     UNIT_RECORD,
     MechanismEvent,
     SpendEvent,
-    compose_history,
 )
 
 DELTA = 1e-5
 
 
-def pld_eps(events: list[MechanismEvent], delta: float = DELTA) -> float:
+def pld_eps(events: list[MechanismEvent], delta: float = DELTA, neighbours: str = NEIGHBOURS_REPLACE_ONE) -> float:
     # 1e-3 discretization: ~10x faster than the default and within 0.001 ε of it here.
-    return epsilon_pld(events, delta, discretization=1e-3)
+    return epsilon_pld(events, delta, neighbours=neighbours, discretization=1e-3)
 
 
 def event(sigma: float, q: float, steps: int) -> MechanismEvent:
     return MechanismEvent(noise_multiplier=sigma, sample_rate=q, steps=steps, max_grad_norm=1.0)
 
 
+def prv(events: list[MechanismEvent], delta: float = DELTA) -> float:
+    """Opacus' PRV (add/remove): the independent reference."""
+    from opacus.accountants import PRVAccountant
+
+    accountant = PRVAccountant()
+    accountant.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in events if e.steps]
+    return float(accountant.get_epsilon(delta)) if accountant.history else 0.0
+
+
 # ----------------------------------------------------------------------------- agreement
 
 
 @pytest.mark.parametrize(("sigma", "q", "steps"), [(1.0, 0.01, 1000), (2.0, 0.1, 50), (1.0, 1 / 3, 30)])
-def test_accountants_agree_on_one_mechanism(sigma: float, q: float, steps: int) -> None:
+def test_add_remove_pld_agrees_with_opacus_prv_and_replace_one_costs_more(sigma: float, q: float, steps: int) -> None:
     events = [event(sigma, q, steps)]
-    pld = pld_eps(events)
-    prv = epsilon_prv(events, DELTA)
-    rdp = epsilon_rdp(events, DELTA)
-    opacus_rdp = epsilon_opacus_rdp(events, DELTA)
-    assert pld > 0
-    assert prv == pytest.approx(pld, rel=0.02)
-    # RDP is an upper bound: never below the tight accountants, and visibly above them.
-    assert rdp >= pld and opacus_rdp >= pld
-    assert rdp > 1.05 * pld
-    # Two independent RDP implementations (dp_accounting, Opacus) on the same orders region.
-    assert opacus_rdp == pytest.approx(rdp, rel=0.01)
-    assert epsilon(events, DELTA, "prv") == prv and epsilon(events, DELTA, "rdp") == opacus_rdp
+    add_remove = pld_eps(events, neighbours=NEIGHBOURS_ADD_REMOVE)
+    assert add_remove > 0
+    assert prv(events) == pytest.approx(add_remove, rel=0.02)
+    replace = pld_eps(events)
+    # Replacing a unit is removing it and adding another: dearer than either, and within
+    # what two such steps in a row (group privacy of 2, composed) would cost.
+    assert add_remove * 1.1 < replace < pld_eps([event(sigma, q, 2 * steps)], neighbours=NEIGHBOURS_ADD_REMOVE) * 2
+    # The merchant's ε is this replace-one PLD, on the default (finer) grid.
+    assert epsilon(events, DELTA) == pytest.approx(replace, abs=2e-3 * steps / 10)
+    assert ACCOUNTANT == "pld"
 
 
-def test_heterogeneous_history_agrees() -> None:
-    events = [event(1.0, 0.02, 200), event(1.5, 0.05, 100), event(1.0, 0.02, 100)]
+def test_heterogeneous_history_composes_in_any_order() -> None:
+    events = [event(1.0, 0.02, 200), event(10.0, 1.0, 1), event(1.5, 0.05, 100), event(1.0, 0.02, 100)]
     pld = pld_eps(events)
-    assert epsilon_prv(events, DELTA) == pytest.approx(pld, rel=0.02)
-    assert epsilon_rdp(events, DELTA) >= pld
+    assert prv(events) < pld  # add/remove (Opacus) below replace-one
     # Composition costs: more than any part alone.
-    assert pld > pld_eps(events[:2]) > pld_eps(events[:1])
+    assert pld > pld_eps(events[:3]) > pld_eps(events[:1])
+    # An interleaved history (updates, an evaluation between them) costs what it costs sorted.
+    assert pld_eps(events[::-1]) == pld
+    assert pld_eps([events[0], events[3], events[1], events[2]]) == pld
 
 
 def test_more_noise_and_fewer_steps_cost_less() -> None:
@@ -80,6 +92,11 @@ def test_more_noise_and_fewer_steps_cost_less() -> None:
     assert pld_eps([event(1.0, 0.01, 1000)], 1e-3) < base  # a looser δ buys a smaller ε
 
 
+def test_unknown_neighbouring_relation_is_refused() -> None:
+    with pytest.raises(ValueError, match="neighbours = 'swap'"):
+        epsilon_pld([event(1.0, 0.1, 1)], DELTA, neighbours="swap")
+
+
 # ----------------------------------------------------------------------------- known values
 
 
@@ -87,11 +104,12 @@ def _phi(x: float) -> float:
     return 0.5 * math.erfc(-x / math.sqrt(2.0))
 
 
-def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
-    """Exact ε of one Gaussian mechanism (sensitivity 1) at δ, by bisection on δ(ε)."""
+def analytic_gaussian_epsilon(sigma: float, delta: float, sensitivity: float = 1.0) -> float:
+    """Exact ε of one Gaussian mechanism (noise σ, the given sensitivity) at δ, by bisection on δ(ε)."""
+    s = sigma / sensitivity  # only the ratio matters
 
     def delta_of(eps: float) -> float:
-        return _phi(0.5 / sigma - eps * sigma) - math.exp(eps) * _phi(-0.5 / sigma - eps * sigma)
+        return _phi(0.5 / s - eps * s) - math.exp(eps) * _phi(-0.5 / s - eps * s)
 
     lo, hi = 0.0, 50.0
     for _ in range(200):  # δ(ε) decreases in ε
@@ -100,19 +118,16 @@ def analytic_gaussian_epsilon(sigma: float, delta: float) -> float:
     return hi
 
 
-@pytest.mark.parametrize("sigma", [1.0, 2.0])
-# Opacus' PRV evaluates log(1 - q) = log(0) at q = 1; harmless (it masks those points out).
-@pytest.mark.filterwarnings("ignore:divide by zero encountered in log:RuntimeWarning")
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 10.0])
 def test_single_full_batch_step_matches_analytic_gaussian(sigma: float) -> None:
-    exact = analytic_gaussian_epsilon(sigma, DELTA)
     # Hand check of the formula at σ = 1: ε ≈ 4.377 (Balle & Wang's calibration, δ = 1e-5).
-    if sigma == 1.0:
-        assert exact == pytest.approx(4.3772, abs=1e-3)
-    events = [event(sigma, 1.0, 1)]
-    assert epsilon_pld(events, DELTA) == pytest.approx(exact, rel=0.01)
-    assert epsilon_prv(events, DELTA) == pytest.approx(exact, rel=0.01)
-    # RDP of the plain Gaussian is α / (2σ²); its conversion is loose but valid.
-    assert epsilon_rdp(events, DELTA) > exact
+    assert analytic_gaussian_epsilon(1.0, DELTA) == pytest.approx(4.3772, abs=1e-3)
+    events = [event(sigma, 1.0, 1)]  # q = 1, one step: an evaluation release (client.release)
+    assert epsilon_pld(events, DELTA, neighbours=NEIGHBOURS_ADD_REMOVE) == pytest.approx(
+        analytic_gaussian_epsilon(sigma, DELTA), rel=0.01)
+    # Replace-one: the sum moves by up to 2C.
+    assert epsilon_pld(events, DELTA) == pytest.approx(analytic_gaussian_epsilon(sigma, DELTA, sensitivity=2.0),
+                                                       rel=0.01)
 
 
 def test_tf_privacy_mnist_tutorial_value() -> None:
@@ -124,45 +139,30 @@ def test_tf_privacy_mnist_tutorial_value() -> None:
     rdp = compute_rdp(q=q, noise_multiplier=1.12, steps=steps, orders=orders)
     classic = float(np.min(rdp + math.log(1 / DELTA) / (orders - 1)))
     assert round(classic, 2) == 2.92
-
-    # The accountants fedshop uses are tighter than the published figure, in the usual order.
-    for sigma, classic_bound in ((1.12, 2.92), (1.1, 3.01)):
-        events = [event(sigma, q, steps)]
-        rdp_eps = epsilon_rdp(events, DELTA)
-        pld = pld_eps(events)
-        prv = epsilon_prv(events, DELTA)
-        assert 2.3 < rdp_eps < classic_bound
-        assert epsilon_opacus_rdp(events, DELTA) == pytest.approx(rdp_eps, rel=0.01)  # order grids differ
-        assert prv == pytest.approx(pld, rel=0.02)
-        assert 2.2 < pld < rdp_eps
-    # Opacus' MNIST setting (σ = 1.1): modern RDP gives ≈ 2.60.
-    assert epsilon_rdp([event(1.1, q, steps)], DELTA) == pytest.approx(2.597, abs=0.01)
+    # The tight add/remove accountant is below the published figure; replace-one is above it.
+    events = [event(1.12, q, steps)]
+    add_remove = pld_eps(events, neighbours=NEIGHBOURS_ADD_REMOVE)
+    assert 2.2 < add_remove < 2.92
+    assert pld_eps(events) > add_remove
 
 
 def test_no_events_cost_nothing() -> None:
-    for fn in (epsilon_pld, epsilon_rdp, epsilon_prv, epsilon_opacus_rdp):
-        assert fn([], DELTA) == 0.0
-        assert fn([event(1.0, 0.1, 0)], DELTA) == 0.0
+    for neighbours in (NEIGHBOURS_REPLACE_ONE, NEIGHBOURS_ADD_REMOVE):
+        assert epsilon_pld([], DELTA, neighbours=neighbours) == 0.0
+        assert epsilon_pld([event(1.0, 0.1, 0)], DELTA, neighbours=neighbours) == 0.0
+    assert epsilon([], DELTA) == 0.0
 
 
 # ----------------------------------------------------------------------------- history
-
-
-def test_compose_history_merges_consecutive_equal_events() -> None:
-    events = [event(1.0, 0.1, 5), event(1.0, 0.1, 7), event(1.0, 0.2, 3), event(1.0, 0.2, 0),
-              event(1.0, 0.2, 2), event(1.0, 0.1, 4), event(2.0, 0.1, 1)]
-    assert compose_history(events) == [(1.0, 0.1, 12), (1.0, 0.2, 5), (1.0, 0.1, 4), (2.0, 0.1, 1)]
-    assert compose_history([]) == []
-    # The clipping norm does not enter the accounting (σ is relative to it).
-    wide_clip = MechanismEvent(noise_multiplier=1.0, sample_rate=0.1, steps=1, max_grad_norm=5.0)
-    assert compose_history([event(1.0, 0.1, 1), wide_clip]) == [(1.0, 0.1, 2)]
 
 
 def test_split_history_costs_the_same_as_one_event() -> None:
     whole = [event(1.0, 0.05, 120)]
     split = [event(1.0, 0.05, 20)] * 6
     assert pld_eps(split) == pld_eps(whole)
-    assert epsilon_prv(split, DELTA) == epsilon_prv(whole, DELTA)
+    # The clipping norm does not enter the accounting (σ is relative to it).
+    wide_clip = MechanismEvent(noise_multiplier=1.0, sample_rate=0.05, steps=20, max_grad_norm=5.0)
+    assert pld_eps([*split[:5], wide_clip]) == pld_eps(whole)
 
 
 # ----------------------------------------------------------------------------- the record
@@ -199,6 +199,10 @@ def test_spend_event_is_one_flat_record_of_one_release() -> None:
     assert SpendEvent.from_dict(flat) == spend
     assert SpendEvent.from_dict({k: v for k, v in flat.items() if k != "noise"}) == dataclasses.replace(spend,
                                                                                                         noise="")
+    assert spend.neighbours == NEIGHBOURS_REPLACE_ONE  # the relation fedshop accounts (N is public)
+    # A spend recorded before the relation was kept was accounted for add/remove neighbours.
+    assert SpendEvent.from_dict({k: v for k, v in flat.items() if k != "neighbours"}).neighbours == \
+        NEIGHBOURS_ADD_REMOVE
     with pytest.raises(KeyError, match="unit_count"):
         SpendEvent.from_dict({k: v for k, v in flat.items() if k != "unit_count"})
     # A call that released nothing, or released without DP, keeps the shape (σ = q = 0).
@@ -215,6 +219,7 @@ def test_spend_event_is_one_flat_record_of_one_release() -> None:
         (dict(flat, expected_batch=float("inf")), "expected_batch"),
         (dict(flat, unit="merchant"), "unit"),  # "user" is a unit since privacy-unit
         (dict(flat, release="broadcast"), "release"),  # "evaluation" is one: accounted evaluation
+        (dict(flat, neighbours="swap-two"), "neighbours"),
     ]:
         with pytest.raises(ValueError, match=field):
             SpendEvent.from_dict(bad).validate()

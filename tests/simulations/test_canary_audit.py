@@ -144,8 +144,11 @@ def test_audit_without_noise_exits_non_zero(merchant: Path, tmp_path: Path,
     (mechanism,) = {json.dumps(m, sort_keys=True) for m in result["mechanisms"]}
     one = MechanismEvent.from_dict(json.loads(mechanism))
     assert len(result["mechanisms"]) == CALLS and one.noise_multiplier == 2.0 and one.steps == 5
-    assert result["epsilon_claimed"] == pytest.approx(accounting.epsilon([one] * CALLS, 1e-5))
-    assert result["epsilon_claimed"] > accounting.epsilon([one], 1e-5)
+    # What the canaries test is add/remove (each canary is in or out), the smaller, stricter claim.
+    assert result["epsilon_claimed"] == pytest.approx(
+        accounting.epsilon_pld([one] * CALLS, 1e-5, neighbours="add-remove"))
+    assert result["epsilon_claimed"] < accounting.epsilon([one] * CALLS, 1e-5)
+    assert result["epsilon_claimed"] > accounting.epsilon_pld([one], 1e-5, neighbours="add-remove")
     assert not (tmp_path / STATE_FILE).exists()  # nothing private was released
     for shown in ("lower bound ε ≥", "f-DP", "Steinke", "claimed ε =", "power:"):
         assert shown in out
@@ -168,9 +171,12 @@ def test_the_same_audit_with_noise_exits_zero(merchant: Path, tmp_path: Path, se
                               target_delta=1e-5)
     assert len(state.entries) == CALLS and len({entry.run_id for entry in state.entries}) == 1
     assert [m.to_dict() for m in state.events] == result["mechanisms"]
-    assert result["epsilon_claimed"] == pytest.approx(accounting.epsilon(state.events, 1e-5))
-    assert result["epsilon_state"] == pytest.approx(result["epsilon_claimed"])
-    assert result["epsilon_claimed"] > accounting.epsilon(state.events[:1], 1e-5)
+    # The claim tested is those calls' add/remove ε; the state reports their replace-one ε.
+    assert result["epsilon_claimed"] == pytest.approx(
+        accounting.epsilon_pld(state.events, 1e-5, neighbours="add-remove"))
+    assert result["epsilon_state"] == pytest.approx(accounting.epsilon(state.events, 1e-5))
+    assert result["epsilon_state"] > result["epsilon_claimed"]
+    assert result["epsilon_claimed"] > accounting.epsilon_pld(state.events[:1], 1e-5, neighbours="add-remove")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([RESULT_FILE, STATE_FILE])  # no temp file left
 
 

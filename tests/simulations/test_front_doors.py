@@ -54,6 +54,7 @@ COVERED: dict[str, str] = {
         "server/test_privacy_report.py::test_cli_report_names_every_merchant_delta_guarantee_and_plot",
     "Audit a merchant's own record": "server/test_audit.py::test_cli_node_state_exit_codes",
     "Empirical privacy audit": "simulations/test_canary_audit.py::test_audit_without_noise_exits_non_zero",
+    "A run's one-page report": "server/test_report_html.py::test_the_command_rewrites_the_page",
     "Search a catalogue": "client/test_serving.py::test_cli_json_output_and_table",
     "Recommend from a user's history": "client/test_serving.py::test_recommend_serves_the_trained_head",
     "Deploy a merchant node": "simulations/test_deploy.py::test_deployment_tls_auth_faults_and_budgets",

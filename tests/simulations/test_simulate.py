@@ -33,7 +33,7 @@ from shared.model import (
     set_trainable,
     trainable_names,
 )
-from shared.privacy.accounting import epsilon_prv
+from shared.privacy.accounting import epsilon
 from shared.privacy.events import NOISE_SOURCE, RELEASE_EVALUATION, RELEASE_UPDATE, MechanismEvent
 from shared.run_files import CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, MODEL_DIR, SUMMARY_FILE
 from simulations import cli, local
@@ -52,7 +52,8 @@ MERCHANTS = ["shop-a", "shop-b", "shop-c"]
 EVAL_SIGMA = 0.25
 BIG_BUDGET = 1000.0
 # The test merchants' privacy unit is the user (14 users each): a training call samples them
-# all (q = 1) for one step and costs ε ≈ 4.4 at σ 1 (PRV: 4.39, two calls 6.58, three 8.40), so
+# all (q = 1) for one step and costs ε ≈ 4.4 at FAST's σ 2 (replace-one: a Gaussian of
+# sensitivity 2C; 4.38, two calls 6.6, three 8.4), so
 # a test that needs three training calls of a merchant sets this budget; none tests refusal.
 THREE_CALLS_BUDGET = 20.0
 
@@ -90,7 +91,7 @@ def check_client_state_matches_ledger(run_dir: Path, merchants: list[str] = MERC
         state = merchant_state(run_dir, merchant)
         assert state["merchant_id"] == merchant
         events = [MechanismEvent.from_dict(e["event"]) for e in state["entries"]]
-        assert epsilon_prv(events, state["target_delta"]) == pytest.approx(latest[merchant], rel=1e-9)
+        assert epsilon(events, state["target_delta"]) == pytest.approx(latest[merchant], rel=1e-9)
 
 
 @pytest.fixture(scope="module")
