@@ -18,9 +18,9 @@ claims:
    (2024, f-DP in one run) for the Gaussian trade-off curve at that (ε, δ), which refutes far
    larger claims from the same guesses (≈ 9.9 against ≈ 5.1 for 500 right out of 1,000).
 
-The claim is the ε of the ``calls`` calls composed (the accountant over the mechanisms the
-calls committed, what a fresh merchant state reports after them), so the leakage of K real
-calls is held against the accounting of K calls. A lower bound above
+The claim is the ε of the ``calls`` calls composed for add/remove neighbours (``claim``: each
+canary is in the training set or left out; the merchant state reports the larger replace-one
+ε of the same calls), so the leakage of K real calls is held against the accounting of K calls. A lower bound above
 the claim means the implementation leaks more than it says (noise not added or too small,
 sampling not Poisson, an accountant that does not compose, ...); the audit then *fails*.
 What scoring the final model cannot show is noise *reused* from call to call: reused noise
