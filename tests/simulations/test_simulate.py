@@ -226,61 +226,69 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
     torch.testing.assert_close(hidden, ours, rtol=1e-4, atol=1e-5)
 
 
-def test_a_second_run_on_the_same_merchant_folders_continues_their_budget(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def second_run(two_round_run: tuple[Path, proc.Run], tmp_path_factory: pytest.TempPathFactory
+               ) -> tuple[Path, Path, proc.Run]:
+    """A second ``fedshop simulate``, of two rounds, on a copy of the two-round run's merchant
+    folders (so the fixture's stay as that run left them), training private heads on cached
+    encoder states. Shared by the budget-continuity and the private-heads tests: each would
+    otherwise start Ray for a run of its own. (data dir, run dir, result)"""
+    first_dir, first = two_round_run
+    assert first.returncode == 0, first.describe()
+    root = tmp_path_factory.mktemp("second-run")
+    data = root / "data"
+    shutil.copytree(json.loads((first_dir / CONFIG_FILE).read_text())["data-dir"], data)
+    corpus = root / "public.txt"
+    corpus.write_text("\n".join(f"catalogue item {i}\tproduct {i} in size {i % 9}" for i in range(120)))
+    scenario = write_scenario(root / "scenario.toml", {**FAST, "data-dir": str(data), "target-epsilon": BIG_BUDGET,
+                                                       "trainable": "heads", "pooling": "mean-l2", "batch-size": 64,
+                                                       "precondition-corpus": str(corpus),
+                                                       "keep-optimizer-state": True})
+    return data, root / "run", simulate(scenario, root / "run", log_dir=root / "log")
+
+
+def test_a_second_run_on_the_same_merchant_folders_continues_their_budget(
+        two_round_run: tuple[Path, proc.Run], second_run: tuple[Path, Path, proc.Run], tmp_path: Path) -> None:
     """The budget lives with the data, not with the run folder (issue "Privacy end to end", finding
     8): a second ``fedshop simulate`` on the same folders starts from the first's ε, and
-    ``train-local`` spends from the same file. Cheapest run: 2 merchants, 1 round each time."""
-    merchants = ["shop-a", "shop-b"]
-    data = tmp_path / "data"
-    write_merchants(data, merchants)
-    settings = {**FAST, "data-dir": str(data), "num-server-rounds": 1, "merchants-per-round": 2,
-                "target-epsilon": THREE_CALLS_BUDGET}
-    scenario = write_scenario(tmp_path / "scenario.toml", settings)
-
-    first = simulate(scenario, tmp_path / "run-1", log_dir=tmp_path / "log-1")
-    assert first.returncode == 0, first.describe()
-    assert "created the privacy state of 2 merchant(s)" in first.output
-    check_client_state_matches_ledger(tmp_path / "run-1", merchants)
-    second = simulate(scenario, tmp_path / "run-2", log_dir=tmp_path / "log-2")
+    ``train-local`` spends from the same file."""
+    first_dir, first = two_round_run
+    data, second_dir, second = second_run
+    assert f"created the privacy state of {len(MERCHANTS)} merchant(s)" in first.output
     assert second.returncode == 0, second.describe()
     assert "created the privacy state" not in second.output
-    check_client_state_matches_ledger(tmp_path / "run-2", merchants)
+    check_client_state_matches_ledger(second_dir)
 
-    summaries = [json.loads((tmp_path / run / SUMMARY_FILE).read_text())["privacy"] for run in ("run-1", "run-2")]
-    for merchant in merchants:
-        assert 0 < summaries[0][merchant]["epsilon"] < summaries[1][merchant]["epsilon"]  # both trained again
-        entries = merchant_state(tmp_path / "run-2", merchant)["entries"]
-        run_ids = [ledger_rows(tmp_path / run)[0].run_id for run in ("run-1", "run-2")]
-        assert [e["run_id"] for e in entries_of(entries)] == run_ids  # one training call per run, one file for both
-        assert [e["run_id"] for e in entries_of(entries, RELEASE_EVALUATION)] == run_ids  # and one evaluation
-        assert not (tmp_path / "run-2" / "nodes" / merchant / "privacy-state.json").exists()
+    runs = (first_dir, second_dir)
+    summaries = [json.loads((run / SUMMARY_FILE).read_text())["privacy"] for run in runs]
+    run_ids = [ledger_rows(run)[0].run_id for run in runs]
+    for merchant in MERCHANTS:
+        assert 0 < summaries[0][merchant]["epsilon"] < summaries[1][merchant]["epsilon"]  # all trained again
+        entries = merchant_state(second_dir, merchant)["entries"]
+        # Two training calls and two evaluations in each run: one file for both runs.
+        assert [e["run_id"] for e in entries_of(entries)] == [run_ids[0]] * 2 + [run_ids[1]] * 2
+        assert [e["run_id"] for e in entries_of(entries, RELEASE_EVALUATION)] == [run_ids[0]] * 2 + [run_ids[1]] * 2
+        assert not (second_dir / "nodes" / merchant / "privacy-state.json").exists()
 
-    # train-local on one of them spends from the same file, on top of both runs.
-    config = RunConfig.from_mapping(settings)
-    result = local.train_local([data / "shop-a"], config, out_dir=tmp_path / "local", epochs_progress=False)
-    entries = merchant_state(tmp_path / "run-2", "shop-a")["entries"]
-    assert len(entries_of(entries)) == 3 and entries[-1]["run_id"].startswith("train-local-")
+    # train-local on one of them spends from the same file, on top of both runs. (On a copy of
+    # the folder, state included: the private-heads test compares the original with its ledger.)
+    shutil.copytree(data / "shop-a", tmp_path / "shop-a")
+    config = RunConfig.from_mapping({**FAST, "data-dir": str(tmp_path), "target-epsilon": BIG_BUDGET})
+    result = local.train_local([tmp_path / "shop-a"], config, out_dir=tmp_path / "local", epochs_progress=False)
+    entries = json.loads((tmp_path / "shop-a" / ".fedshop" / "privacy-state.json").read_text())["entries"]
+    assert len(entries_of(entries)) == 5 and entries[-1]["run_id"].startswith("train-local-")
     assert entries[-1]["event"]["release"] == RELEASE_UPDATE
     assert result.train.epsilon > summaries[1]["shop-a"]["epsilon"]
 
 
-def test_simulate_private_heads_on_cached_encoder_states(tmp_path: Path) -> None:
+def test_simulate_private_heads_on_cached_encoder_states(second_run: tuple[Path, Path, proc.Run]) -> None:
     """trainable = heads through the Flower simulation engine: each virtual merchant encodes its
     records once (one cache file in its own state folder, reused in round 2), trains in the
     geometry of a public corpus and continues its optimizer's state from round 1 in round 2;
     only the heads travel, the spend is recorded, and the exported model keeps the mean-l2
-    pooling."""
-    data = tmp_path / "data"
-    write_merchants(data, MERCHANTS)
-    corpus = tmp_path / "public.txt"
-    corpus.write_text("\n".join(f"catalogue item {i}\tproduct {i} in size {i % 9}" for i in range(120)))
-    scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data), "trainable": "heads",
-                                                           "pooling": "mean-l2", "batch-size": 64,
-                                                           "precondition-corpus": str(corpus),
-                                                           "keep-optimizer-state": True})
-    result = simulate(scenario, tmp_path / "run", log_dir=tmp_path / "log")
+    pooling. (The second run on the two-round run's folders: ``second_run``.)"""
+    _, run_dir, result = second_run
     assert result.returncode == 0, result.describe()
-    run_dir = tmp_path / "run"
     rows = updates(ledger_rows(run_dir))
     assert sorted((r.round, r.merchant_id) for r in rows) == [(n, m) for n in (1, 2) for m in MERCHANTS]
     assert all(r.status == "accepted" and 1 <= r.event.mechanism.steps <= 3 and r.epsilon_reported > 0 for r in rows)
