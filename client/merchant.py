@@ -150,9 +150,9 @@ class MerchantSplit:
 
 
 def _subsample(examples: list[Example], limit: int, salt: str, unit: str) -> list[Example]:
-    """A deterministic subset of whole units (``subsample_units``: by the hash of each unit's
-    stable key, never a position), so evaluation sees the same records every round and
-    removing a unit leaves the other units' membership as it was unless it frees room."""
+    """At most ``limit`` whole units (``subsample_units``: by the hash of each unit's stable key,
+    never a position), so evaluation sees the same records every round and a replaced unit
+    changes the capped set by at most one replacement."""
     return subsample_units(examples, limit, salt, unit=unit)
 
 

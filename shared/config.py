@@ -58,14 +58,17 @@ class RunConfig:
     test_offset: float = 0.0
     conversion_label: ConversionLabel = "purchase"
     history_length: int = 3  # recent products used as context for recommendation
-    eval_max_examples: int = 256  # per merchant per evaluation call; bounds eval time
+    # Per merchant per evaluation call, counted in privacy units (users by default; records
+    # under privacy-unit = record): at most this many held-out units, the first by hash
+    # (client.data.split.subsample_units); bounds evaluation time. 0 = all.
+    eval_max_examples: int = 256
     # The merchant's evaluation (client.release): whether it evaluates at all, the noise
-    # multiplier σ_eval of its noised metrics (10: ε ≈ 0.35 per evaluation at δ = 1e-5), and
+    # multiplier σ_eval of its noised metrics (10: ε ≈ 0.73 per evaluation at δ = 1e-5), and
     # the fewest held-out units it evaluates on. A deployed node's own node-config keys win.
     evaluate: bool = True
     eval_noise_multiplier: float = 10.0
     eval_min_units: int = 100
-    max_train_examples: int = 0  # 0 = all; caps a merchant's training set (fast demos)
+    max_train_examples: int = 0  # 0 = all; caps a merchant's training set in privacy units, as above (fast demos)
 
     # --- model ----------------------------------------------------------------------
     encoder: str = "minilm"  # "minilm", "tiny", or a local Hugging Face model folder

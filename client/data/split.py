@@ -87,30 +87,18 @@ def split_examples(
 
 
 def subsample_units(examples: Sequence[Example], limit: int, salt: str, *, unit: str = "user") -> list[Example]:
-    """At most ``limit`` examples, whole units only: the units first in the order of the hash of
-    ``(salt, *key)``, up to the first that no longer fits. A unit larger than ``limit`` on its
-    own is never taken and never stops the walk (a property of that unit alone).
+    """The examples of at most ``limit`` *units*: the first ``limit`` in the order of the hash
+    of ``(salt, *key)``, each with all its examples. Input order is kept; 0 = no limit.
 
-    Never a position: removing a unit beyond the walk's stop changes nothing, and removing
-    any unit never drops another taken one; the room a removed unit frees (or the stop it
-    was) lets the next units in the hash order in. So under a cap, D and D minus a unit train
-    on sets that differ by that unit plus units admitted after the old stop: the cap is a
-    data-dependent selection (for fast demos and bounded evaluation time, not accounted).
-    Input order is kept; 0 = no limit.
+    Counted in units, never in records or positions, so the cap commutes with a neighbour:
+    replacing one unit by another changes the capped set by at most that one replacement (the
+    unit out, and the next in hash order in; or the newcomer in, and the last one out), and
+    the capped set always holds min(limit, N) units, a public count. A cap on records would not:
+    a replacement of another size lets more or fewer units in after it.
     """
-    if not limit or len(examples) <= limit:
+    keyed = unit_keys(examples, unit=unit)  # one entry per record: a unit's records share its key
+    units = set(key for key, _ in keyed)
+    if not limit or len(units) <= limit:
         return list(examples)
-    keyed = unit_keys(examples, unit=unit)
-    sizes: collections.Counter[UnitKey] = collections.Counter()
-    for key, members in keyed:
-        sizes[key] += len(members)
-    taken: set[UnitKey] = set()
-    room = limit
-    for key in sorted(sizes, key=lambda k: _unit_interval(salt, *k)):
-        if sizes[key] > limit:
-            continue
-        if sizes[key] > room:
-            break
-        room -= sizes[key]
-        taken.add(key)
+    taken = set(sorted(units, key=lambda k: _unit_interval(salt, *k))[:limit])
     return [e for key, members in keyed if key in taken for e in members]

@@ -101,24 +101,39 @@ def test_a_users_rows_are_all_on_one_side(seed: int) -> None:
     assert {e.unit for e in full.train}.isdisjoint({e.unit for e in full.test})
 
 
+def replaced(data: MerchantData, unit: str, rows: int) -> MerchantData:
+    """``data`` with ``unit``'s rows (``user:<id>``) replaced by ``rows`` others: the records of
+    another user, taken as its own. The unit and its id stay (so does its side of the split:
+    N per side is public); what it did, and how much of it, changes."""
+    kind, _, name = unit.partition(":")
+    assert kind == "user" and data.interactions is not None
+    interactions = data.interactions
+    donor = interactions[interactions["user_id"] != name].head(rows).assign(user_id=name)
+    interactions = pd.concat([interactions[interactions["user_id"] != name], donor], ignore_index=True)
+    return MerchantData(data.merchant_id, data.catalog, interactions, data.judgments)
+
+
 @pytest.mark.parametrize("seed", range(3))
-def test_unit_caps_take_whole_units_by_hash(seed: int) -> None:
-    """``max-train-examples``: whole units, by hash; removing a unit never drops another taken
-    one, and removing one that neither was taken nor stopped the walk changes nothing."""
+def test_unit_caps_take_whole_units_by_hash_and_a_replacement_moves_no_other(seed: int) -> None:
+    """``max-train-examples`` counts units: whole units, the first by hash. Replacing one unit's
+    records by any number of others leaves the capped set of units as it was, and every other
+    unit its exact records: the capped sets are replace-one neighbours. (A cap on records, the
+    rule before, let a unit that grew push later units out.)"""
     data = random_merchant(seed, rows=80)
-    cfg = config(split_seed=seed, max_train_examples=30)
+    cfg = config(split_seed=seed, max_train_examples=4)
     taken = split_merchant(data, cfg).train
-    assert 0 < len(taken) <= 30
     everything = split_merchant(data, cfg.replace(max_train_examples=0)).train
     taken_units = {e.unit for e in taken}
+    assert len(taken_units) == min(4, len({e.unit for e in everything}))
     assert view(taken) == [v for v in view(everything) if v[-1] in taken_units]  # whole units, input order
-    unchanged = 0
-    for unit in sorted({e.unit for e in everything}):
-        less = view(split_merchant(without(data, unit), cfg).train)
-        kept = [v for v in view(taken) if v[-1] != unit]
-        assert [v for v in less if v[-1] in taken_units] == kept, unit
-        unchanged += less == kept
-    assert unchanged > len(taken_units)  # the units beyond the stop change nothing
+    users = sorted({e.unit for e in everything if e.unit.startswith("user:")})
+    assert users
+    for unit in users:
+        for rows in (1, 12):
+            other = split_merchant(replaced(data, unit, rows), cfg).train
+            assert {e.unit for e in other} == taken_units, (unit, rows)
+            rest = taken_units - {unit}
+            assert [v for v in view(other) if v[-1] in rest] == [v for v in view(taken) if v[-1] in rest], unit
 
 
 # ----------------------------------------------------------------- privacy-unit = "record"
