@@ -3,7 +3,9 @@
     .venv/bin/python benchmarks/deploy_vs_sim.py [--rounds 3] [--out benchmarks/results/deploy_vs_sim.json]
 
 Same work both ways: three small CSV merchants (``tests/helpers/merchants.py``), tiny encoder,
-LoRA, 3 local DP steps, every merchant trained and evaluated each round.
+LoRA, 3 local DP steps, every merchant trained and evaluated each round. The merchants report
+their timings (``report-timings = true``: the run config in simulation, and each kit's node
+config in the deployment, since a deployed node sends them only by its own choice).
 
 - simulation: ``fedshop simulate`` (one process; ClientApps in warm Ray actors);
 - deployment: ``fedshop deploy init`` + ``add-merchant`` x3 on loopback, a TLS SuperLink with
@@ -47,7 +49,7 @@ DEFAULT_OUT = ROOT / "benchmarks" / "results" / "deploy_vs_sim.json"
 MERCHANTS = ["shop-a", "shop-b", "shop-c"]
 WORK = {"encoder": "tiny", "trainable": "lora", "merchants-per-round": 3, "max-local-steps": 3,
         "batch-size": 16, "max-seq-len": 32, "eval-max-examples": 32, "round-timeout-s": 300.0,
-        "node-wait-timeout-s": 120.0}
+        "node-wait-timeout-s": 120.0, "report-timings": True}
 
 
 class LineClock(threading.Thread):
@@ -133,6 +135,17 @@ def per_message(clock: LineClock) -> list[dict[str, Any]]:
     return out
 
 
+def report_timings(merchant: deploy.MerchantKit) -> None:
+    """Add ``report-timings=true`` to the kit's node config (its start script), as the merchant
+    would: a deployed node sends its wall times only when its own node config says so."""
+    script = merchant.dir / deploy.SUPERNODE_SCRIPT
+    text = script.read_text()
+    pinned = text.replace("dp='true'", "dp='true' report-timings=true", 1)
+    if pinned == text:
+        raise SystemExit(f"{script}: no node config pinning dp='true' to add report-timings to")
+    script.write_text(pinned)
+
+
 def run_deployment(work: Path, rounds: int) -> dict[str, Any]:
     env = dh.deploy_env({"FLWR_HOME": str(work / "nobody-home")})
     port, *node_ports = dh.free_ports(4)
@@ -154,6 +167,7 @@ def run_deployment(work: Path, rounds: int) -> dict[str, Any]:
             if add.returncode != 0:
                 raise SystemExit(add.describe())
         for m in dep.merchants():
+            report_timings(m)
             clocks[m.name] = LineClock(work / "logs" / f"{m.name}.log")
             clocks[m.name].start()
             group.start(m.name, ["sh", str(m.dir / deploy.SUPERNODE_SCRIPT)])

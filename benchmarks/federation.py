@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/federation.py [--rounds 5] [--out benchmarks/results/federation.json]
 
 (a) Framework overhead per round, 10 of 1,000 synthetic merchants, tiny encoder, clients in
-    parallel (0.2 CPU each): round wall time minus the slowest sampled merchant's time,
-    median over rounds. Reported against the merchant's DP training loop and against its
-    whole handler (which also loads data and builds the model).
+    parallel (0.2 CPU each): round wall time minus the slowest sampled merchant's time (the
+    merchants report it: ``report-timings = true``, off by default), median over rounds.
+    Reported against the merchant's DP training loop and against its whole handler (which
+    also loads data and builds the model).
 (b) ``synthetic-10k`` for 3 rounds: peak total RSS summed over every process of the run
     (driver, Ray daemons, workers), sampled every 0.5 s.
 (c) Bytes uploaded per merchant per round, LoRA + heads versus full fine-tuning, MiniLM-L6:
@@ -40,7 +41,7 @@ def overhead(rounds: int, workdir: Path, *, client_cpus: float) -> dict[str, flo
         "import sys; from simulations.engine import run_simulation; from shared.config import RunConfig;"
         f"c = RunConfig.from_mapping({{'data-dir': 'synthetic:1000', 'run-dir': {str(run_dir)!r}, "
         f"'encoder': 'tiny', 'trainable': 'lora', 'num-server-rounds': {rounds}, 'merchants-per-round': 10, "
-        "'max-local-steps': 5, 'eval-max-examples': 32, 'target-delta': 1e-4});"
+        "'max-local-steps': 5, 'eval-max-examples': 32, 'target-delta': 1e-4, 'report-timings': True});"
         f"run_simulation(c, num_merchants=1000, client_cpus={client_cpus})"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -1,12 +1,24 @@
-"""The ClientApp: translate Flower messages to ``Merchant`` calls and back. Nothing else."""
+"""The ClientApp: translate Flower messages to ``Merchant`` calls and back, and a failed call
+to a public error.
+
+A handler that raises would have Flower send the exception's text to the server, and a
+data-validation error's text quotes the offending values. So each handler's failure is
+logged here, in full, on the merchant's side, and the server gets an error that names only
+the exception's class, the merchant and, for invalid data, where the problems are (file,
+row, field): never a value (docs/privacy.md, "What a merchant releases").
+"""
 
 from __future__ import annotations
 
+import functools
 import logging
+from collections.abc import Callable
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
+from client.data import DataValidationError
 from client.merchant import Merchant, resolve_node
 from client.policy import MerchantPolicy
 from client.release import EvalSettings
@@ -17,6 +29,57 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
+MAX_PLACES = 10  # problem locations named in a failure's public text; the log has every one
+Handler = Callable[[Message, Context], Message]
+
+
+class MerchantCallError(RuntimeError):
+    """A merchant's handler failed; the message carries only what is public (``public_failure``)."""
+
+
+def public_failure(exc: BaseException, merchant_id: str, call: str) -> str:
+    """What the server may read of a failed call: the exception's class, the merchant, where
+    its data is invalid (file, row, field names, never a value), and where the details are."""
+    text = (f"{type(exc).__name__} in the {call} call of merchant {merchant_id!r}; the details stay in "
+            "the merchant's own log (not sent)")
+    if isinstance(exc, DataValidationError) and exc.problems:
+        places: list[str] = []
+        for problem in exc.problems:
+            place = Path(problem.file).name  # a name, not the path on the merchant's machine
+            if problem.row is not None:
+                place += f" row {problem.row}"
+            if problem.field is not None:
+                place += f" field {problem.field!r}"
+            if place not in places:
+                places.append(place)
+        more = f"; and {len(places) - MAX_PLACES} more" if len(places) > MAX_PLACES else ""
+        text += f". {len(exc.problems)} data problem(s) at: " + "; ".join(places[:MAX_PLACES]) + more
+    return text
+
+
+def _merchant_id(context: Context) -> str:
+    """Who failed, as the reply would have said; the node id if even that cannot be worked out."""
+    try:
+        return resolve_node(context.node_config, RunConfig.from_mapping(context.run_config)).merchant_id
+    except Exception:  # the failure being reported may be this very resolution
+        return str(context.node_config.get("merchant-id", f"node {context.node_id}"))
+
+
+def _failures_stay_home(handler: Handler) -> Handler:
+    """Run ``handler``; if it raises, log the whole exception here (the merchant's log) and raise
+    one whose text is public. The call still fails: the server sees it and counts it failed."""
+    @functools.wraps(handler)
+    def guarded(msg: Message, context: Context) -> Message:
+        try:
+            return handler(msg, context)
+        except Exception as exc:
+            who = _merchant_id(context)
+            log.error("merchant %s: the %s call raised an error (the server is told its class and where, "
+                      "never this text): %s", who, handler.__name__, exc, exc_info=exc)
+            # "from None": no chained original whose text a traceback would carry to the server.
+            raise MerchantCallError(public_failure(exc, who, handler.__name__)) from None
+    return guarded
+
 
 def _merchant(context: Context) -> Merchant:
     config = RunConfig.from_mapping(context.run_config)
@@ -25,6 +88,7 @@ def _merchant(context: Context) -> Merchant:
 
 
 @app.train()
+@_failures_stay_home
 def train(msg: Message, context: Context) -> Message:
     merchant = _merchant(context)
     server_config = msg.content.config_records.get(CONFIG, ConfigRecord())
@@ -39,6 +103,7 @@ def train(msg: Message, context: Context) -> Message:
 
 
 @app.evaluate()
+@_failures_stay_home
 def evaluate(msg: Message, context: Context) -> Message:
     merchant = _merchant(context)
     server_config = msg.content.config_records.get(CONFIG, ConfigRecord())

@@ -264,8 +264,9 @@ class Merchant:
         # No loss: it would leave unaccounted (shared.wire.TRAIN_METRIC_KEYS); it stays in this process.
         log.debug("merchant %s round %d: mean train loss %.4f", self.identity.merchant_id, server_round,
                   result.mean_loss)
-        metrics = {NUM_EXAMPLES: float(result.num_examples), STEPS: float(result.steps),
-                   DURATION_S: result.duration_s, CLIENT_S: time.perf_counter() - started}
+        metrics = {NUM_EXAMPLES: float(result.num_examples), STEPS: float(result.steps)}
+        if self.config.report_timings:  # a timing side channel: sent only by the merchant's choice (client.policy)
+            metrics |= {DURATION_S: result.duration_s, CLIENT_S: time.perf_counter() - started}
         return TrainReply(facts=facts, params=dict(get_trainable(model)), metrics=metrics)
 
     def _facts(self, privacy: PrivacyState | None, *, status: str, event: SpendEvent, model_version: int,

@@ -11,10 +11,12 @@ Two kinds of pinned setting:
 - **Guards** (``dp``, ``noise-multiplier`` as a floor): a run asking for less — no DP, or
   less noise than the merchant's floor — is refused. The merchant replies "refused" with the
   reason, trains nothing, spends nothing, and the server's ledger records the refusal.
-- **The merchant's own values** (C, the unit, the split, history, caches, a public corpus):
-  the pinned value replaces the run's. A run cannot move a record across the split, widen
-  the unit's reach or point the node at a file of its choosing (a deployed node takes no path
-  from the run: corpus and cache are its node config's, or none); a difference is logged.
+- **The merchant's own values** (C, the unit, the split, history, caches, a public corpus,
+  whether to report timings): the pinned value replaces the run's. A run cannot move a record
+  across the split, widen the unit's reach, point the node at a file of its choosing (a
+  deployed node takes no path from the run: corpus and cache are its node config's, or none)
+  or have it send its wall times (a deployed node reports them only when its node config says
+  ``report-timings = true``); a difference is logged.
 
 Budgets (``target-epsilon``, ``target-delta``) are the merchant's too; ``client.merchant``
 applies them (the smaller ε wins) and ``shared.privacy.budget`` enforces them.
@@ -44,9 +46,13 @@ OWN_VALUES: dict[str, str] = {
     "precondition-corpus": "precondition_corpus",
     "feature-cache-dir": "feature_cache_dir",
     "eval-max-examples": "eval_max_examples",
+    "report-timings": "report_timings",
 }
 GUARDS = ("dp", "noise-multiplier")
 PATHS = ("precondition-corpus", "feature-cache-dir")  # files on the merchant's machine
+# What a deployed node releases beyond the protected update only when its own node config
+# says so, whatever the run asks: the call's wall times, a side channel nothing accounts for.
+RELEASES_OFF = {"report-timings": False}
 
 
 class PolicyError(ValueError):
@@ -90,6 +96,8 @@ class MerchantPolicy:
             # merchant's machine are the merchant's to give (none unless its node config says).
             for key in PATHS:
                 own.setdefault(OWN_VALUES[key], str(node_config.get(key, "")))
+            for key, off in RELEASES_OFF.items():
+                own.setdefault(OWN_VALUES[key], off)
         return cls(dp=dp, noise_floor=floor, own=own)
 
     def refusal(self, config: RunConfig) -> str:

@@ -43,12 +43,14 @@ from shared.wire import (
     DURATION_S,
     MERCHANT,
     MERCHANT_ID,
+    METRICS,
     MODEL_VERSION,
     NUM_EXAMPLES,
     PRIVACY,
     RUN_ID,
     STATUS_OK,
     STATUS_REFUSED,
+    TIMING_METRIC_KEYS,
     EvalReply,
     TrainReply,
     WireError,
@@ -239,6 +241,7 @@ class Federation:
                 if verdict.accepted:
                     accepted.append(msg)
                     report.accepted.append(facts.merchant_id)
+                    # Timings come only from merchants that report them (report-timings): 0 otherwise.
                     report.slowest_train_s = max(report.slowest_train_s, reply.metrics.get(DURATION_S, 0.0))
                     report.slowest_client_s = max(report.slowest_client_s, reply.metrics.get(CLIENT_S, 0.0))
                     report.total_client_s += reply.metrics.get(CLIENT_S, 0.0)
@@ -262,9 +265,13 @@ class Federation:
                 return report
             self.run_log.append(report)
             raise RoundFailedError(f"round {rnd}: no update was accepted ({report.outcome_text()})")
-        # Flower's aggregation reads exactly one ArrayRecord + one MetricRecord per reply.
+        # Flower's aggregation reads exactly one ArrayRecord + one MetricRecord per reply, with
+        # the same keys in each: timings are there only where a merchant chose to report them.
         for msg in accepted:
             del msg.content.config_records[PRIVACY]
+            if METRICS in msg.content.metric_records:
+                for key in TIMING_METRIC_KEYS:
+                    msg.content.metric_records[METRICS].pop(key, None)
         arrays, _ = self.strategy.aggregate_train(rnd, accepted)
         if arrays is None:
             raise RoundFailedError(f"round {rnd}: the strategy produced no aggregate")

@@ -141,6 +141,12 @@ class RunConfig:
     # call (reviews, one row per user, loses nothing). k > 1 sums a unit's records' per-sample
     # gradients before clipping: trainable heads and lora only (client.dp.PER_UNIT_SUM_MODES).
     max_records_per_unit: int = 1
+    # Whether a train reply carries the call's wall times (duration-s, client-s). They are a
+    # timing side channel: with trimmed padding a step's time follows the text lengths of the
+    # records it sampled, and nothing accounts for that. The merchant's choice (a deployed
+    # node sends them only when its own node config says true: client.policy); in simulation
+    # the run config decides. The benchmarks that measure framework overhead turn it on.
+    report_timings: bool = False
 
     # ---------------------------------------------------------------------------------
     @classmethod

@@ -1,8 +1,9 @@
 """What crosses the network: record keys and (de)serialisation of updates and privacy facts.
 
 A train reply carries exactly one ArrayRecord (the trainable parameters), one MetricRecord
-(with ``num-examples`` for weighting; the same keys in every reply so Flower's aggregation
-accepts them) and one ConfigRecord of privacy facts describing *that* update. The facts
+(with ``num-examples`` for weighting; the timing keys only from a merchant that reports
+them, and the server drops those before Flower's aggregation, which needs the same keys in
+every reply) and one ConfigRecord of privacy facts describing *that* update. The facts
 travel with the update they describe, never separately.
 
 An evaluate reply (``EvalReply``) carries the merchant's id, the privacy facts of the
@@ -50,10 +51,14 @@ PROXIMAL_MU = "proximal-mu"
 STATUS_OK = "ok"
 STATUS_REFUSED = "refused"  # the merchant declined: its budget would be exceeded
 
+# In every train reply that carries an update. No loss: the first step's loss is a function
+# of the sampled records, so update + loss has no finite ε.
+TRAIN_METRIC_KEYS = (NUM_EXAMPLES, STEPS)
 # duration-s: the DP training loop alone; client-s: the whole train handler (data loading,
-# model building, training) — the benchmark separates framework overhead with them. No loss:
-# the first step's loss is a function of the sampled records, so update + loss has no finite ε.
-TRAIN_METRIC_KEYS = (NUM_EXAMPLES, STEPS, DURATION_S, CLIENT_S)
+# model building, training) — the benchmarks separate framework overhead with them. A timing
+# side channel (a step's time follows its sampled records' text lengths), so a reply carries
+# them only when the merchant's report-timings is on (client.policy); otherwise they are absent.
+TIMING_METRIC_KEYS = (DURATION_S, CLIENT_S)
 
 
 class WireError(ValueError):
@@ -128,7 +133,8 @@ class TrainReply:
         content = RecordDict({PRIVACY: self.facts.to_record()})
         if self.params is not None:
             content[ARRAYS] = params_to_record(self.params)
-            content[METRICS] = MetricRecord({k: float(self.metrics.get(k, 0.0)) for k in TRAIN_METRIC_KEYS})
+            keys = TRAIN_METRIC_KEYS + tuple(k for k in TIMING_METRIC_KEYS if k in self.metrics)
+            content[METRICS] = MetricRecord({k: float(self.metrics.get(k, 0.0)) for k in keys})
         return content
 
     @classmethod

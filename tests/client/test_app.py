@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -42,6 +43,7 @@ from shared.wire import (
     SERVER_ROUND,
     STATUS_OK,
     STATUS_REFUSED,
+    TIMING_METRIC_KEYS,
     TRAIN_METRIC_KEYS,
     EvalReply,
     PrivacyFacts,
@@ -114,6 +116,7 @@ def test_train_replies_with_trainable_arrays_metrics_and_privacy_facts(
     assert set(content.config_records) == {PRIVACY}
     assert list(content.array_records[ARRAYS].keys()) == list(global_params)
     assert set(content.metric_records[METRICS]) == set(TRAIN_METRIC_KEYS)
+    assert not set(TIMING_METRIC_KEYS) & set(content.metric_records[METRICS])  # report-timings is off by default
 
     parsed = TrainReply.from_recorddict(content)
     assert parsed.params is not None
@@ -227,14 +230,89 @@ def test_evaluate_replies_with_noised_metrics_and_accounts_them(merchant_dir: Pa
 
 
 def test_train_with_foreign_parameters_fails_before_spending(
-    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray]
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
 ) -> None:
     state_dir = tmp_path / "state"
     wrong = dict(global_params)
     wrong["not-a-parameter"] = np.zeros(3, dtype=np.float32)
-    with pytest.raises(ModelError, match="not-a-parameter"):
+    public = "ModelError in the train call of merchant 'shop-a'"
+    with caplog.at_level(logging.ERROR, logger="client.app"), \
+            pytest.raises(client_app.MerchantCallError, match=public) as info:
         client_app.train(make_message("train", wrong), make_context(merchant_dir, state_dir))
+    assert "not-a-parameter" not in str(info.value)  # the text stays with the merchant ...
+    (record,) = [r for r in caplog.records if r.name == "client.app"]
+    assert "not-a-parameter" in record.getMessage() and record.exc_info is not None  # ... in its log
+    assert isinstance(record.exc_info[1], ModelError)
     assert json.loads((state_dir / "privacy-state.json").read_text())["entries"] == []
+
+
+def test_invalid_data_reaches_the_server_as_where_not_what(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A data-validation error quotes the offending value; the error the ClientApp raises (whose
+    text Flower sends to the server) names the class, the merchant and the file, row and field
+    only. The value, and the whole error with its traceback, are in the merchant's own log."""
+    catalog = merchant_dir / "catalog.csv"
+    lines = catalog.read_text().splitlines()
+    lines[3] = lines[3].rsplit(",", 1)[0] + ",SECRET-4711"  # row 3's price
+    catalog.write_text("\n".join(lines) + "\n")
+    state_dir = tmp_path / "state"
+    with caplog.at_level(logging.ERROR, logger="client.app"), \
+            pytest.raises(client_app.MerchantCallError) as info:
+        client_app.train(make_message("train", global_params), make_context(merchant_dir, state_dir))
+    public = str(info.value)
+    assert public.startswith("DataValidationError in the train call of merchant 'shop-a'"), public
+    assert "catalog.csv row 3 field 'price'" in public and "merchant's own log" in public
+    assert "SECRET" not in public and str(merchant_dir) not in public
+    # What a SuperNode would send (flwr.supernode.runtime.run_clientapp builds the reason so).
+    reason = str(type(info.value)) + ":<'" + str(info.value) + "'>"
+    assert "SECRET" not in reason and info.value.__cause__ is None and info.value.__suppress_context__
+    (record,) = [r for r in caplog.records if r.name == "client.app"]
+    assert "SECRET-4711" in record.getMessage() and record.exc_info is not None
+    assert json.loads((state_dir / "privacy-state.json").read_text())["entries"] == []
+
+
+def test_an_evaluate_failure_is_sanitised_too(merchant_dir: Path, tmp_path: Path,
+                                               global_params: dict[str, np.ndarray]) -> None:
+    (merchant_dir / "interactions.csv").write_text("user_id,product_id,label\nu1,p1,SECRET-LABEL\n")
+    public = "DataValidationError in the evaluate call of merchant 'shop-a'"
+    with pytest.raises(client_app.MerchantCallError, match=public) as info:
+        client_app.evaluate(make_message("evaluate", global_params), make_context(merchant_dir, tmp_path / "state"))
+    assert "interactions.csv row 1 field 'label'" in str(info.value) and "SECRET" not in str(info.value)
+
+
+def test_without_a_merchant_id_the_failure_names_the_node() -> None:
+    context = Context(run_id=1, node_id=NODE_ID, node_config={}, state=RecordDict(), run_config={})
+    assert client_app._merchant_id(context) == f"node {NODE_ID}"
+
+
+@pytest.mark.parametrize(("node", "asks", "reported"), [
+    ({"report-timings": True}, False, True),  # the merchant's own true: sent whatever the run asks
+    ({"report-timings": False}, True, False),  # its false wins over a run asking: none sent, no refusal
+    ({}, True, False),  # a deployed node that says nothing sends none
+    (None, True, True),  # simulation: the run config decides
+])
+def test_timings_leave_only_by_the_merchants_choice(
+    merchant_dir: Path, tmp_path: Path, global_params: dict[str, np.ndarray],
+    node: dict[str, Any] | None, asks: bool, reported: bool,
+) -> None:
+    config = CONFIG_.replace(report_timings=asks)
+    if node is None:  # a simulated node: partition 0 of the run's data-dir
+        config = config.replace(data_dir=str(merchant_dir.parent), run_dir=str(tmp_path / "run"))
+        context = Context(run_id=1, node_id=NODE_ID, node_config={"partition-id": 0, "num-partitions": 1},
+                          state=RecordDict(), run_config=config.to_mapping())
+    else:
+        context = make_context(merchant_dir, tmp_path / "state", **node)
+        context.run_config = config.to_mapping()
+    reply = client_app.app(make_message("train", global_params), context)
+    parsed = TrainReply.from_recorddict(reply.content)
+    assert parsed.facts.status == STATUS_OK
+    metrics = reply.content.metric_records[METRICS]
+    if reported:
+        assert set(metrics) == {*TRAIN_METRIC_KEYS, *TIMING_METRIC_KEYS}
+        assert 0 < parsed.metrics["duration-s"] <= parsed.metrics["client-s"]
+    else:
+        assert set(metrics) == set(TRAIN_METRIC_KEYS)
 
 
 def test_planned_noise_is_the_merchants_own_and_travels_in_the_facts(

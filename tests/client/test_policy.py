@@ -78,3 +78,18 @@ def test_a_deployed_node_uses_no_path_the_server_names() -> None:
     assert own.apply(asked).precondition_corpus == "/srv/public.txt"
     simulated = MerchantPolicy.from_node_config({"partition-id": 0}).apply(asked)  # the operator is every merchant
     assert simulated.precondition_corpus == "/srv/shop/customers.txt"
+
+
+def test_timings_are_reported_only_where_the_merchant_says_so() -> None:
+    """report-timings (the call's wall times, a timing side channel): a deployed node sends
+    them only when its own node config says true, whatever the run asks; its false wins over
+    a run asking true (no refusal: the reply simply carries none). In simulation the run decides."""
+    asks = RunConfig(report_timings=True)
+    assert RunConfig().report_timings is False  # off unless someone turns it on
+    deployed = {"data-dir": "/srv/shop"}
+    assert MerchantPolicy.from_node_config(deployed).apply(asks).report_timings is False
+    assert MerchantPolicy.from_node_config({**deployed, "report-timings": False}).apply(asks).report_timings is False
+    pinned = MerchantPolicy.from_node_config({**deployed, "report-timings": "true"})
+    assert pinned.refusal(asks) == "" and pinned.apply(RunConfig()).report_timings is True
+    simulated = MerchantPolicy.from_node_config({"partition-id": 0})
+    assert simulated.apply(asks).report_timings is True and simulated.apply(RunConfig()).report_timings is False

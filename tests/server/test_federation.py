@@ -10,6 +10,7 @@ budget, so the two tests share that one run (a Ray start-up costs more than a me
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from server import checkpoint as ckpt
 from shared.model import MANIFEST_FILE
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import NOISE_SOURCE
-from shared.run_files import MODEL_DIR, SUMMARY_FILE
+from shared.run_files import METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 from tests.helpers import proc
 from tests.helpers.federation import (
     FAST,
@@ -140,29 +141,60 @@ def test_a_merchant_over_its_own_budget_is_refused_then_no_longer_sampled(
     assert summary["privacy"][THRIFTY]["rounds"] == 0
 
 
-def test_a_round_without_an_accepted_update_fails_the_run(tmp_path: Path) -> None:
-    data = tmp_path / "data"
+SECRET = "SECRET-4711"  # a cell value the validation error quotes; it must not reach the server
+
+
+@pytest.fixture(scope="module")
+def invalid_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, proc.Run]:
+    """One run whose three merchants all fail validation: every catalogue lost its title
+    column, and shop-a's also holds a price that is not a number. (run dir, result)"""
+    root = tmp_path_factory.mktemp("invalid")
+    data = root / "data"
     write_merchants(data, ["shop-a", "shop-b", "shop-c"])
-    # Every merchant's catalogue loses its title column: each client fails validation.
     for merchant in ("shop-a", "shop-b", "shop-c"):
         catalog = data / merchant / "catalog.csv"
-        lines = catalog.read_text().splitlines()
-        catalog.write_text("\n".join(",".join(c for i, c in enumerate(line.split(",")) if i != 1)
-                                     for line in lines) + "\n")
-    run_dir = tmp_path / "run"
-    scenario = write_scenario(tmp_path / "scenario.toml", {**FAST, "data-dir": str(data)})
+        rows = [[c for i, c in enumerate(line.split(",")) if i != 1] for line in catalog.read_text().splitlines()]
+        if merchant == "shop-a":
+            rows[2][-1] = SECRET  # data row 2's price
+        catalog.write_text("\n".join(",".join(row) for row in rows) + "\n")
+    run_dir = root / "run"
+    scenario = write_scenario(root / "scenario.toml", {**FAST, "data-dir": str(data)})
+    return run_dir, simulate(scenario, run_dir, log_dir=root / "log")
 
-    result = simulate(scenario, run_dir, log_dir=tmp_path / "log")
 
+def test_a_round_without_an_accepted_update_fails_the_run(invalid_run: tuple[Path, proc.Run]) -> None:
+    run_dir, result = invalid_run
     assert result.returncode not in (0, None), result.describe()
     error = result.stderr
     assert "round 1: no update was accepted" in error, result.describe()
-    assert error.count("failed (") == 3 and "title" in error, result.describe()
+    assert error.count("failed (DataValidationError in the train call") == 3 and "field 'title'" in error, \
+        result.describe()
     # No spend happened (validation refuses before training), and nothing pretends the run completed.
     assert ledger_rows(run_dir) == []
     assert ckpt.list_checkpoints(run_dir) == []
     assert not (run_dir / MODEL_DIR).exists() and not (run_dir / SUMMARY_FILE).exists()
     assert len(metrics_rows(run_dir)[0]["failed"]) == 3
+
+
+def test_a_failed_calls_values_stay_in_the_merchants_log(invalid_run: tuple[Path, proc.Run]) -> None:
+    """The server's record of a failed call names the exception's class, the merchant and where
+    its data is invalid; the value the validation error quotes stays in the merchant's log."""
+    run_dir, result = invalid_run
+    (row,) = metrics_rows(run_dir)
+    # Keyed by node (no reply ever said who it is); the public text names the merchant.
+    reasons = {re.search(r"of merchant '([^']+)'", r).group(1): r for r in row["failed"].values()}  # type: ignore[union-attr]
+    assert sorted(reasons) == ["shop-a", "shop-b", "shop-c"], row["failed"]
+    for reason in reasons.values():
+        assert reason.startswith("DataValidationError in the train call of merchant"), reason
+        assert "catalog.csv field 'title'" in reason and "merchant's own log" in reason, reason
+    assert "catalog.csv row 2 field 'price'" in reasons["shop-a"]
+    assert SECRET not in (run_dir / METRICS_FILE).read_text()
+    # In simulation the merchants' log is this run's console: the ClientApp logged the whole error there.
+    lines = result.stderr.splitlines()
+    logged = [i for i, line in enumerate(lines) if "merchant shop-a: the train call raised an error" in line]
+    assert logged and any(SECRET in line for line in lines[logged[0]:logged[0] + 4]), result.describe()
+    server_log = [line for line in result.stderr.splitlines() if "server.federation" in line]
+    assert server_log and not any(SECRET in line for line in server_log), result.describe()
 
 
 def test_a_federation_whose_budgets_are_all_spent_ends_cleanly(tmp_path: Path) -> None:
