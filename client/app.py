@@ -13,12 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable
-from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
-from client.data import DataValidationError
 from client.merchant import Merchant, resolve_node
 from client.policy import MerchantPolicy
 from client.release import EvalSettings
@@ -29,7 +27,6 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
-MAX_PLACES = 10  # problem locations named in a failure's public text; the log has every one
 Handler = Callable[[Message, Context], Message]
 
 
@@ -38,23 +35,11 @@ class MerchantCallError(RuntimeError):
 
 
 def public_failure(exc: BaseException, merchant_id: str, call: str) -> str:
-    """What the server may read of a failed call: the exception's class, the merchant, where
-    its data is invalid (file, row, field names, never a value), and where the details are."""
-    text = (f"{type(exc).__name__} in the {call} call of merchant {merchant_id!r}; the details stay in "
-            "the merchant's own log (not sent)")
-    if isinstance(exc, DataValidationError) and exc.problems:
-        places: list[str] = []
-        for problem in exc.problems:
-            place = Path(problem.file).name  # a name, not the path on the merchant's machine
-            if problem.row is not None:
-                place += f" row {problem.row}"
-            if problem.field is not None:
-                place += f" field {problem.field!r}"
-            if place not in places:
-                places.append(place)
-        more = f"; and {len(places) - MAX_PLACES} more" if len(places) > MAX_PLACES else ""
-        text += f". {len(exc.problems)} data problem(s) at: " + "; ".join(places[:MAX_PLACES]) + more
-    return text
+    """What the server may read of a failed call: that it failed (no reply arrives either way),
+    the exception's class, the merchant, and where the details are. Not where the data is
+    invalid: which rows or fields fail is a fact about the records, not about N."""
+    return (f"{type(exc).__name__} in the {call} call of merchant {merchant_id!r}; the details stay in the "
+            "merchant's own log (not sent)")
 
 
 def _merchant_id(context: Context) -> str:
@@ -74,7 +59,7 @@ def _failures_stay_home(handler: Handler) -> Handler:
             return handler(msg, context)
         except Exception as exc:
             who = _merchant_id(context)
-            log.error("merchant %s: the %s call raised an error (the server is told its class and where, "
+            log.error("merchant %s: the %s call raised an error (the server is told its class only, "
                       "never this text): %s", who, handler.__name__, exc, exc_info=exc)
             # "from None": no chained original whose text a traceback would carry to the server.
             raise MerchantCallError(public_failure(exc, who, handler.__name__)) from None

@@ -167,8 +167,7 @@ def test_a_round_without_an_accepted_update_fails_the_run(invalid_run: tuple[Pat
     assert result.returncode not in (0, None), result.describe()
     error = result.stderr
     assert "round 1: no update was accepted" in error, result.describe()
-    assert error.count("failed (DataValidationError in the train call") == 3 and "field 'title'" in error, \
-        result.describe()
+    assert error.count("failed (DataValidationError in the train call") == 3, result.describe()
     # No spend happened (validation refuses before training), and nothing pretends the run completed.
     assert ledger_rows(run_dir) == []
     assert ckpt.list_checkpoints(run_dir) == []
@@ -177,8 +176,8 @@ def test_a_round_without_an_accepted_update_fails_the_run(invalid_run: tuple[Pat
 
 
 def test_a_failed_calls_values_stay_in_the_merchants_log(invalid_run: tuple[Path, proc.Run]) -> None:
-    """The server's record of a failed call names the exception's class, the merchant and where
-    its data is invalid; the value the validation error quotes stays in the merchant's log."""
+    """The server's record of a failed call names the exception's class and the merchant; where
+    its data is invalid, and the value the validation error quotes, stay in the merchant's log."""
     run_dir, result = invalid_run
     (row,) = metrics_rows(run_dir)
     # Keyed by node (no reply ever said who it is); the public text names the merchant.
@@ -186,8 +185,7 @@ def test_a_failed_calls_values_stay_in_the_merchants_log(invalid_run: tuple[Path
     assert sorted(reasons) == ["shop-a", "shop-b", "shop-c"], row["failed"]
     for reason in reasons.values():
         assert reason.startswith("DataValidationError in the train call of merchant"), reason
-        assert "catalog.csv field 'title'" in reason and "merchant's own log" in reason, reason
-    assert "catalog.csv row 2 field 'price'" in reasons["shop-a"]
+        assert "merchant's own log" in reason and "title" not in reason, reason
     assert SECRET not in (run_dir / METRICS_FILE).read_text()
     # In simulation the merchants' log is this run's console: the ClientApp logged the whole error there.
     lines = result.stderr.splitlines()
