@@ -61,7 +61,7 @@ from server.audit.checks import (
     unmarked_finding,
 )
 from shared.jsonable import finite
-from shared.privacy.accounting import epsilon_pld
+from shared.privacy.accounting import DISCRETIZATION, epsilon_pld
 from shared.privacy.events import (
     NEIGHBOURS_ADD_REMOVE,
     NOISE_SOURCE,
@@ -82,7 +82,7 @@ TOLERANCE_REL = 0.02
 # Under-reporting beyond this fails. The merchant's accountant is this PLD on the same grid, so
 # an honest row re-derives to the same value; 0.001 absorbs only float noise.
 UNDER_REPORT_TOLERANCE = 0.001
-PLD_DISCRETIZATION = 1e-4  # epsilon_pld's value_discretization_interval (its default)
+PLD_DISCRETIZATION = DISCRETIZATION  # epsilon_pld's grid (its default): what pld_allowance bounds
 
 
 class AuditInputError(ValueError):

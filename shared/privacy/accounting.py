@@ -26,9 +26,12 @@ from shared.privacy.events import NEIGHBOURS_ADD_REMOVE, NEIGHBOURS_REPLACE_ONE,
 
 # What the merchant's state, its replies and the ledger name the accountant (``accountant``).
 ACCOUNTANT = "pld"
-# dp_accounting's default grid: ε comes out within ~1e-3 of the exact value on every history
-# fedshop plans (steps · Δ bounds the discretisation error, ``server.audit.pld_allowance``).
-DISCRETIZATION = 1e-4
+# The PLD grid Δ. Pessimistic at any Δ (never below the true ε; ``server.audit.pld_allowance``
+# bounds the excess by steps · Δ), and with connect-the-dots far tighter than that bound: on the
+# default demo's histories and a 120-step q = 1/8 one, Δ = 1e-3 gave the same ε as 1e-4 to
+# within 3e-5, 15x faster (0.16 s against 2.5 s on this machine; building one step's PLD is
+# most of it, and the audit re-derives ε per ledger row).
+DISCRETIZATION = 1e-3
 
 
 def _grouped(events: Iterable[MechanismEvent]) -> list[tuple[float, float, int]]:
@@ -75,8 +78,16 @@ def epsilon_pld(events: Iterable[MechanismEvent], delta: float, *, neighbours: s
                 discretization: float = DISCRETIZATION) -> float:
     """ε of the composed ``events`` at ``delta`` by dp_accounting's PLD, for ``neighbours``."""
     _relation(neighbours)
+    return _epsilon_of(tuple(_grouped(events)), delta, neighbours, discretization)
+
+
+@functools.lru_cache(maxsize=4096)
+def _epsilon_of(history: tuple[tuple[float, float, int], ...], delta: float, neighbours: str,
+                discretization: float) -> float:
+    """ε of a grouped history (a pure function of it: cached, since a merchant's check and
+    commit, the ledger audit's rows and a run's report ask for the same histories again)."""
     pld = None
-    for sigma, q, steps in _grouped(events):
+    for sigma, q, steps in history:
         pld = _compose(pld, sigma, q, steps, neighbours, discretization)
     return 0.0 if pld is None else float(pld.get_epsilon_for_delta(delta))
 

@@ -12,7 +12,10 @@ def reference_epsilon(calls: list[MechanismEvent], delta: float = 1e-5) -> float
     import dp_accounting
     from dp_accounting.pld import pld_privacy_accountant
 
-    accountant = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE)
+    from shared.privacy.accounting import DISCRETIZATION  # the same grid; the path to it is dp_accounting's own
+
+    accountant = pld_privacy_accountant.PLDAccountant(dp_accounting.NeighboringRelation.REPLACE_ONE,
+                                                      value_discretization_interval=DISCRETIZATION)
     for call in calls:
         accountant.compose(dp_accounting.PoissonSampledDpEvent(
             call.sample_rate, dp_accounting.GaussianDpEvent(call.noise_multiplier)), call.steps)
