@@ -234,7 +234,9 @@ class PrivacyState:
         return self._epsilon_cache[key]
 
     def calls_in_run(self, run_id: str) -> int:
-        return sum(1 for e in self.entries if e.run_id == run_id)
+        """Training calls this state committed in run ``run_id`` (its updates; an evaluation
+        release is not a training call, so it does not use up a noise plan's calls)."""
+        return sum(1 for e in self.entries if e.run_id == run_id and e.event.release == RELEASE_UPDATE)
 
     def planned_noise(self, *, sample_rate: float, steps: int, max_grad_norm: float, calls: int, floor: float) -> float:
         """σ (at least ``floor``) at which ``calls`` more calls like this one fit the budget."""

@@ -18,6 +18,7 @@ from shared.privacy.events import (
     NEIGHBOURS_ADD_REMOVE,
     NEIGHBOURS_REPLACE_ONE,
     NOISE_SOURCE,
+    RELEASE_EVALUATION,
     RELEASE_UPDATE,
     UNIT_RECORD,
     MechanismEvent,
@@ -406,3 +407,15 @@ def test_the_module_command_creates_a_state_once(tmp_path: Path, capsys: pytest.
     raw = json.loads(path.read_text())
     assert (raw["merchant_id"], raw["target_epsilon"], raw["target_delta"], raw["entries"]) == ("m1", 4.0, 1e-6, [])
     assert budget.main(args) == 0 and "already there" in capsys.readouterr().out
+
+
+def test_only_training_calls_use_up_a_noise_plan(tmp_path: Path) -> None:
+    # A noise plan spreads the budget over the run's remaining *training* calls: an evaluation
+    # release of the same run is spend (it counts in ε) but not one of those calls.
+    state = open_state(tmp_path / "privacy.json")
+    evaluation = MechanismEvent(noise_multiplier=10.0, sample_rate=1.0, steps=1, max_grad_norm=1.0)
+    state.commit(event(10), unit_count=N, round=1, model_version=0, run_id="r1")
+    state.commit(evaluation, unit_count=30, round=1, model_version=1, run_id="r1", release=RELEASE_EVALUATION)
+    state.commit(event(10), unit_count=N, round=1, model_version=0, run_id="r0")
+    assert state.calls_in_run("r1") == 1 and state.calls_in_run("r0") == 1 and state.calls_in_run("r2") == 0
+    assert len(state.events) == 3  # all three are counted in ε
