@@ -260,8 +260,10 @@ class Federation:
             report.wall_s = time.monotonic() - start
             if report.refused and not report.rejected and not report.failed:
                 # Budgets running out is the normal end of a private federation, not a fault:
-                # the model stays as it was and those merchants are not sampled again.
-                log.warning("round %d: every sampled merchant refused (budget spent); model unchanged", rnd)
+                # the model stays as it was and those merchants are not sampled again. A
+                # refusal may also be a merchant's pin (dp, noise floor, δ): say theirs, not "budget".
+                reasons = "; ".join(f"{m}: {r}" for m, r in sorted(report.refused.items()))
+                log.warning("round %d: every sampled merchant refused; model unchanged (%s)", rnd, reasons)
                 return report
             self.run_log.append(report)
             raise RoundFailedError(f"round {rnd}: no update was accepted ({report.outcome_text()})")

@@ -24,7 +24,7 @@ class RoundReport:
     wall_s: float = 0.0
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
     epsilon: dict[str, float] = dataclasses.field(default_factory=dict)
-    aggregated: bool = False  # False when every sampled merchant refused (budget spent)
+    aggregated: bool = False  # False when every sampled merchant refused (budgets spent, or pins)
 
     def outcome_text(self) -> str:
         parts = [f"{m}: accepted" for m in self.accepted]
