@@ -83,6 +83,7 @@ def train(msg: Message, context: Context) -> Message:
         model_version=int(server_config.get(MODEL_VERSION, 0)),  # type: ignore[arg-type]
         run_id=str(server_config.get(RUN_ID, "")),
         proximal_mu=float(server_config.get(PROXIMAL_MU, 0.0)),  # type: ignore[arg-type]
+        eval_settings=EvalSettings.resolve(context.node_config, merchant.config),  # a noise plan leaves them room
     )
     return Message(reply.to_recorddict(), reply_to=msg)
 

@@ -229,9 +229,12 @@ class Merchant:
         return model, load_tokenizer(spec)
 
     def train(self, params: dict[str, np.ndarray], *, server_round: int, model_version: int,
-              run_id: str = "", proximal_mu: float = 0.0) -> TrainReply:
+              run_id: str = "", proximal_mu: float = 0.0,
+              eval_settings: release.EvalSettings | None = None) -> TrainReply:
         """Train from the global parameters; a budget refusal is a typed reply, not a crash.
-        ``proximal_mu``: FedProx's μ, when the server sent one (``trainer.proximal_term``)."""
+        ``proximal_mu``: FedProx's μ, when the server sent one (``trainer.proximal_term``).
+        ``eval_settings``: the merchant's evaluation choices, so that a noise plan leaves room
+        for the evaluations it will release in the rest of the run (``evaluations_ahead``)."""
         started = time.perf_counter()
         split = self.split()
         refusal = self.policy.refusal(self.requested)
@@ -251,7 +254,8 @@ class Merchant:
                                        round=server_round, model_version=model_version, run_id=run_id,
                                        device=device, feature_cache=self.feature_cache, corpus_cache=self.corpus_cache,
                                        optimizer_state=self.identity.state_dir / "optimizer-state.pt",
-                                       proximal_mu=proximal_mu)
+                                       proximal_mu=proximal_mu,
+                                       reserve=self.evaluations_ahead(split, eval_settings, server_round))
             except BudgetExceededError as exc:
                 log.warning("%s", exc)
                 assert privacy is not None
@@ -293,6 +297,17 @@ class Merchant:
         return SpendEvent.of(MechanismEvent(noise_multiplier=self.config.noise_multiplier, sample_rate=0.0, steps=0,
                                             max_grad_norm=self.config.max_grad_norm),
                              unit_count=0, delta=self.identity.target_delta, noise="")
+
+    def evaluations_ahead(self, split: MerchantSplit, settings: release.EvalSettings | None,
+                          server_round: int) -> list[MechanismEvent]:
+        """The evaluation releases this merchant expects from this round to the run's last: one
+        per round (the server evaluates every merchant after each round's aggregation), none
+        when it does not evaluate or its held-out set is below its minimum (refused, unspent)."""
+        if settings is None or not settings.evaluate or not self.config.dp:
+            return []
+        if release.unit_count(split.test, unit=self.config.privacy_unit) < settings.min_units:
+            return []
+        return [settings.mechanism] * max(0, self.config.num_server_rounds - max(server_round, 1) + 1)
 
     def evaluate(self, params: dict[str, np.ndarray], settings: release.EvalSettings, *, server_round: int = 0,
                  model_version: int = 0, run_id: str = "") -> EvalReply:

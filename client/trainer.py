@@ -95,14 +95,15 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
           privacy: PrivacyState | None, round: int = 0, model_version: int = 0, run_id: str = "",
           device: torch.device | None = None, on_step: Callable[[int, int, float], None] | None = None,
           feature_cache: Path | None = None, corpus_cache: Path | None = None, optimizer_state: Path | None = None,
-          proximal_mu: float = 0.0) -> TrainResult:
+          proximal_mu: float = 0.0, reserve: Sequence[MechanismEvent] = ()) -> TrainResult:
     """Train ``model`` in place on one merchant's examples; private iff ``config.dp``.
 
     ``feature_cache`` / ``corpus_cache``: where a frozen encoder's pooled states of the records /
     of ``precondition-corpus``'s texts are kept between calls (``training_view``; None = encode on
     every call). ``optimizer_state``: the file that carries the optimizer's state from call to
     call with ``keep-optimizer-state`` (None = never carried). ``proximal_mu``: FedProx's μ, as the
-    server sent it (``proximal_term``; 0 = none)."""
+    server sent it (``proximal_term``; 0 = none). ``reserve``: releases the merchant still expects
+    to make in this run besides training (its evaluations), which a noise plan leaves room for."""
     start = time.perf_counter()
     device = device or torch.device("cpu")
     if config.dp and privacy is None:
@@ -111,7 +112,7 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     units = sampled_units(records, config)
     unit_count = len(records) if units is None else len(units)
     sample_rate, steps = planned_steps(unit_count, config)
-    planned = plan_mechanism(config, privacy, sample_rate=sample_rate, steps=steps, run_id=run_id)
+    planned = plan_mechanism(config, privacy, sample_rate=sample_rate, steps=steps, run_id=run_id, reserve=reserve)
 
     model.to(device)
     model.train()
@@ -146,7 +147,7 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
 
 
 def plan_mechanism(config: RunConfig, privacy: PrivacyState | None, *, sample_rate: float, steps: int,
-                   run_id: str = "") -> MechanismEvent | None:
+                   run_id: str = "", reserve: Sequence[MechanismEvent] = ()) -> MechanismEvent | None:
     """The call's mechanism (None when non-private), checked against the merchant's budget: raises
     ``BudgetExceededError`` before anything is trained or spent."""
     if not config.dp:
@@ -154,10 +155,11 @@ def plan_mechanism(config: RunConfig, privacy: PrivacyState | None, *, sample_ra
     assert privacy is not None
     sigma = config.noise_multiplier
     if config.noise_plan_calls:
-        # This merchant's own σ: enough noise that the run's remaining planned calls fit.
+        # This merchant's own σ: enough noise that the run's remaining planned calls fit, with
+        # the evaluations it will still release (``reserve``) on top.
         remaining = max(1, config.noise_plan_calls - privacy.calls_in_run(run_id))
         sigma = privacy.planned_noise(sample_rate=sample_rate, steps=steps, max_grad_norm=config.max_grad_norm,
-                                      calls=remaining, floor=config.noise_multiplier)
+                                      calls=remaining, floor=config.noise_multiplier, reserve=reserve)
     planned = MechanismEvent(noise_multiplier=sigma, sample_rate=sample_rate,
                              steps=steps, max_grad_norm=config.max_grad_norm)
     privacy.check(planned)  # raises BudgetExceededError; nothing trained, nothing spent

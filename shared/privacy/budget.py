@@ -238,14 +238,17 @@ class PrivacyState:
         release is not a training call, so it does not use up a noise plan's calls)."""
         return sum(1 for e in self.entries if e.run_id == run_id and e.event.release == RELEASE_UPDATE)
 
-    def planned_noise(self, *, sample_rate: float, steps: int, max_grad_norm: float, calls: int, floor: float) -> float:
-        """σ (at least ``floor``) at which ``calls`` more calls like this one fit the budget."""
-        # The last call's σ is the likely answer within a run (its plan, followed, leaves the
-        # same σ for the calls after): a hint makes the search a couple of ε evaluations.
+    def planned_noise(self, *, sample_rate: float, steps: int, max_grad_norm: float, calls: int, floor: float,
+                      reserve: Sequence[MechanismEvent] = ()) -> float:
+        """σ (at least ``floor``) at which ``calls`` more calls like this one fit the budget, with
+        the releases in ``reserve`` (evaluations still to come) counted as spent already."""
+        # The last training call's σ is the likely answer within a run (its plan, followed,
+        # leaves the same σ for the calls after): a hint makes the search a couple of ε evaluations.
         events = self.events
+        updates = [e.event.mechanism for e in self.entries if e.event.release == RELEASE_UPDATE]
         return accounting.noise_for_budget(self.target_epsilon, self.target_delta, sample_rate=sample_rate, steps=steps,
-                                   calls=calls, max_grad_norm=max_grad_norm, history=events, floor=floor,
-                                   hint=events[-1].noise_multiplier if events else None)
+                                   calls=calls, max_grad_norm=max_grad_norm, history=[*events, *reserve], floor=floor,
+                                   hint=updates[-1].noise_multiplier if updates else None)
 
     @property
     def total_steps(self) -> int:

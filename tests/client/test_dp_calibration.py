@@ -110,3 +110,43 @@ def test_the_hint_floor_and_ceiling_still_hold() -> None:
     # A budget nothing fits: the ceiling (100) comes back, for the budget check to refuse.
     spent = [MechanismEvent(noise_multiplier=2.0, sample_rate=1.0, steps=20, max_grad_norm=1.0)]  # ε ≈ 11.5
     assert noise_for_budget(1.0, 1e-5, sample_rate=1.0, steps=5, calls=1, history=spent, hint=5.0) == 100.0
+
+
+def test_a_noise_plan_leaves_room_for_the_evaluations_still_to_come(tmp_path: Path) -> None:
+    """Two planned training calls and three evaluations ahead: the planned σ is larger than
+    without them, and the calls plus the evaluations, spent as planned, fit the budget."""
+    config = RunConfig(encoder="tiny", trainable="heads", batch_size=32, max_local_steps=4, max_seq_len=16,
+                       noise_multiplier=0.3, noise_plan_calls=2, target_epsilon=4.0, target_delta=1e-5)
+    evaluation = MechanismEvent(noise_multiplier=10.0, sample_rate=1.0, steps=1, max_grad_norm=1.0)
+    tokenizer = load_tokenizer(ModelSpec(encoder="tiny"))
+    planned = {}
+    for name, reserve in (("plain", []), ("reserving", [evaluation] * 3)):
+        state = PrivacyState.open(tmp_path / f"{name}.json", merchant_id=name, target_epsilon=4.0,
+                                  target_delta=1e-5)
+        result = train(build_model(ModelSpec.from_config(config)), product_examples(128, seed=0), tokenizer, config,
+                       privacy=state, round=1, run_id="run", reserve=reserve)
+        assert result.mechanism is not None
+        planned[name] = result.mechanism
+        # The rest of the plan: one more call like this one, then the evaluations.
+        assert epsilon([*state.events, result.mechanism, *reserve], 1e-5) <= 4.0
+    assert planned["reserving"].noise_multiplier > planned["plain"].noise_multiplier
+
+
+def test_the_merchant_reserves_one_evaluation_per_round_left_when_it_evaluates(tmp_path: Path) -> None:
+    from client.merchant import Merchant, resolve_node
+    from client.release import EvalSettings
+    from tests.helpers.merchants import write_merchant
+
+    config = RunConfig(encoder="tiny", num_server_rounds=4, eval_min_units=1, test_fraction=0.3)
+    merchant_dir = write_merchant(tmp_path / "data", "shop-a", seed=1)
+    merchant = Merchant(resolve_node({"data-dir": str(merchant_dir), "merchant-id": "shop-a"}, config), config)
+    split = merchant.split()
+    on = EvalSettings.resolve({}, config)
+    assert split.test
+    assert merchant.evaluations_ahead(split, on, server_round=2) == [on.mechanism] * 3  # rounds 2, 3, 4
+    assert merchant.evaluations_ahead(split, on, server_round=4) == [on.mechanism]
+    assert merchant.evaluations_ahead(split, EvalSettings.resolve({"evaluate": "false"}, config), server_round=1) == []
+    # A held-out set below the merchant's minimum is refused at evaluation, so nothing to reserve.
+    too_few = EvalSettings.resolve({"eval-min-units": 10_000}, config)
+    assert merchant.evaluations_ahead(split, too_few, server_round=1) == []
+    assert merchant.evaluations_ahead(split, on, server_round=1) == [on.mechanism] * 4
