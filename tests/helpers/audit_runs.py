@@ -21,23 +21,17 @@ key) or 4 (before the neighbouring relation was kept) left it.
 ``tamper`` opens a ledger with raw ``sqlite3`` after dropping the append-only triggers,
 the only way to rewrite history the ledger's docstring admits.
 
-``memoized_accountants`` replaces the accountants the audit calls with caching wrappers
-around the real functions: PLD takes ~0.7 s per call and the audit re-derives ε once per
-ledger row, while the tests audit the same histories many times.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-
-import pytest
 
 from server import ledger_schema
 from server.ledger import PrivacyLedger, SpendRecord
@@ -168,22 +162,12 @@ def tamper(run_dir: Path) -> Iterator[sqlite3.Connection]:
 def as_schema_1(ledger: Path) -> None:
     """Turn a ledger into what schema 1 wrote: the same rows, no noise source, no unit, N or release."""
     as_schema_2(ledger)
-    conn = sqlite3.connect(ledger, isolation_level=None)
-    try:
-        conn.execute("ALTER TABLE spend DROP COLUMN noise")
-        conn.execute("PRAGMA user_version = 1")
-    finally:
-        conn.close()
+    _drop_columns(ledger, ("noise",), version=1)
 
 
 def as_schema_4(ledger: Path) -> None:
     """Turn a ledger into what schema 4 wrote: the same rows, without ``neighbours``."""
-    conn = sqlite3.connect(ledger, isolation_level=None)
-    try:
-        conn.execute("ALTER TABLE spend DROP COLUMN neighbours")
-        conn.execute("PRAGMA user_version = 4")
-    finally:
-        conn.close()
+    _drop_columns(ledger, ("neighbours",), version=4)
 
 
 def as_schema_3(ledger: Path) -> None:
@@ -216,47 +200,15 @@ def as_schema_2(ledger: Path) -> None:
     """Turn a ledger into what schema 2 wrote: the same rows, without what the spend was of
     (unit, unit_count, expected_batch, release)."""
     as_schema_3(ledger)
+    _drop_columns(ledger, ("unit", "unit_count", "expected_batch", "release"), version=2)
+
+
+def _drop_columns(ledger: Path, columns: Sequence[str], *, version: int) -> None:
+    """The columns a later schema added, dropped (rows kept), and the file marked ``version``."""
     conn = sqlite3.connect(ledger, isolation_level=None)
     try:
-        for column in ("unit", "unit_count", "expected_batch", "release"):
+        for column in columns:
             conn.execute(f"ALTER TABLE spend DROP COLUMN {column}")
-        conn.execute("PRAGMA user_version = 2")
+        conn.execute(f"PRAGMA user_version = {version}")
     finally:
         conn.close()
-
-
-# ------------------------------------------------------------------ fast, exact accountants
-_CACHES: dict[str, dict[Any, float]] = {}
-_ORIGINAL_PLD = accounting.epsilon_pld
-
-
-def _memoized(name: str, fn: Callable[..., float]) -> Callable[..., float]:
-    cache = _CACHES.setdefault(name, {})
-
-    @functools.wraps(fn)
-    def wrapper(events: Any, delta: float, *args: Any, **kwargs: Any) -> float:
-        events = list(events)
-        # Keyed like the accountant sees it: steps per (σ, q), in any order (composition commutes).
-        steps: dict[tuple[float, float], int] = {}
-        for e in events:
-            if e.steps:
-                steps[(e.noise_multiplier, e.sample_rate)] = steps.get((e.noise_multiplier, e.sample_rate), 0) + e.steps
-        key = (tuple(sorted(steps.items())), delta, args, tuple(sorted(kwargs.items())))
-        if key not in cache:
-            cache[key] = fn(events, delta, *args, **kwargs)
-        return cache[key]
-
-    return wrapper
-
-
-@contextmanager
-def memoized_accountants() -> Iterator[None]:
-    """Cache the PLD the audit and the merchants call by (history, δ, relation); results are unchanged."""
-    from server.audit import ledger_audit, node_state
-
-    memoized = _memoized("pld", _ORIGINAL_PLD)
-    with pytest.MonkeyPatch.context() as mp:
-        for module in (ledger_audit, node_state, accounting):
-            mp.setattr(module, "epsilon_pld", memoized)
-        yield
-

@@ -13,7 +13,6 @@ one, so what they test is that honesty passes and a left-out evaluation does not
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,16 +21,10 @@ from server.audit import audit_run
 from shared.privacy import accounting
 from shared.privacy.events import MechanismEvent
 from simulations.cli import main
-from tests.helpers.audit_runs import MECHANISMS, ROUNDS, build_run, memoized_accountants, tamper
+from tests.helpers.audit_runs import MECHANISMS, ROUNDS, build_run, tamper
 
 # A mechanism whose third round lands at ε 7.6239 (PLD, replace-one) against a budget of 8.
 NEAR_BUDGET = MechanismEvent(noise_multiplier=0.619, sample_rate=0.05, steps=10, max_grad_norm=1.0)
-
-
-@pytest.fixture(autouse=True)
-def fast_accountants() -> Iterator[None]:
-    with memoized_accountants():
-        yield
 
 
 def audit_exit(run: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -14,7 +14,6 @@ by its ε, which under-reports the replace-one one.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +30,9 @@ from shared.privacy.events import (
 )
 from shared.wire import PrivacyFacts
 from simulations.cli import main
-from tests.helpers.audit_runs import MECHANISMS, ROUNDS, build_run, memoized_accountants, tamper
+from tests.helpers.audit_runs import MECHANISMS, ROUNDS, build_run, tamper
 
 DELTA = 1e-5
-
-
-@pytest.fixture(autouse=True)
-def fast_accountants() -> Iterator[None]:
-    with memoized_accountants():
-        yield
 
 
 def test_replace_one_costs_more_than_add_remove_for_what_fedshop_releases() -> None:

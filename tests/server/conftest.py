@@ -4,24 +4,16 @@ releases), copied per test."""
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.audit_runs import build_run, memoized_accountants
-
-
-@pytest.fixture
-def fast_accountants() -> Iterator[None]:
-    with memoized_accountants():
-        yield
+from tests.helpers.audit_runs import build_run
 
 
 @pytest.fixture(scope="module")
 def clean_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with memoized_accountants():
-        return build_run(tmp_path_factory.mktemp("template") / "run")
+    return build_run(tmp_path_factory.mktemp("template") / "run")
 
 
 @pytest.fixture
@@ -32,8 +24,7 @@ def run_dir(clean_template: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def evaluated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    with memoized_accountants():
-        return build_run(tmp_path_factory.mktemp("evaluated") / "run", evaluations=True)
+    return build_run(tmp_path_factory.mktemp("evaluated") / "run", evaluations=True)
 
 
 @pytest.fixture

@@ -49,8 +49,6 @@ from tests.helpers.audit_runs import (
     tamper,
 )
 
-pytestmark = pytest.mark.usefixtures("fast_accountants")
-
 
 def cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
     capsys.readouterr()

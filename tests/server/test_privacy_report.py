@@ -19,7 +19,6 @@ CANARY = {"m": 1000, "r": 200, "v": 130, "epsilon_lower_bound": 0.412, "epsilon_
           "noise_multiplier": 1.0, "steps": 30}
 
 
-pytestmark = pytest.mark.usefixtures("fast_accountants")
 
 
 def assert_png(path: Path) -> None:

@@ -55,7 +55,7 @@ def section(page: str, title: str) -> str:
     return page[start:end if end >= 0 else None]
 
 
-def test_a_clean_run_has_every_section_and_passes(run_dir: Path, fast_accountants: None) -> None:
+def test_a_clean_run_has_every_section_and_passes(run_dir: Path) -> None:
     with_eval_metrics(run_dir)
     path = write_report(run_dir)
     assert path == run_dir / REPORT_FILE
@@ -85,7 +85,7 @@ def test_a_clean_run_has_every_section_and_passes(run_dir: Path, fast_accountant
 
 
 def test_baselines_and_per_merchant_metrics_are_drawn_when_the_run_carries_them(
-        run_dir: Path, fast_accountants: None) -> None:
+        run_dir: Path) -> None:
     with_eval_metrics(run_dir)
     summary = run_summary(run_dir, stopped_because="all rounds done")
     summary["baselines"] = {"constant predictor": {"ctr_logloss": 0.69}, "merchants alone": {"ctr_auc": 0.62}}
@@ -105,7 +105,7 @@ def test_baselines_and_per_merchant_metrics_are_drawn_when_the_run_carries_them(
     assert "all rounds done" in page and "no summary.json yet" not in page
 
 
-def test_a_failing_ledger_fails_the_audit_on_the_page(run_dir: Path, fast_accountants: None) -> None:
+def test_a_failing_ledger_fails_the_audit_on_the_page(run_dir: Path) -> None:
     with tamper(run_dir) as conn:  # m2 claims less than its recorded mechanisms spent
         conn.execute("UPDATE spend SET epsilon_reported = 0.5 WHERE merchant_id = 'm2' AND round = 3")
     findings = audit_run(run_dir).findings
@@ -165,7 +165,7 @@ def test_no_run_no_page_and_the_run_stands(tmp_path: Path, caplog: pytest.LogCap
     assert main([str(tmp_path)]) == 1
 
 
-def test_a_failing_page_leaves_the_summary_and_the_old_page(run_dir: Path, fast_accountants: None,
+def test_a_failing_page_leaves_the_summary_and_the_old_page(run_dir: Path,
                                                             monkeypatch: pytest.MonkeyPatch,
                                                             caplog: pytest.LogCaptureFixture) -> None:
     write_summary(run_dir, run_summary(run_dir, stopped_because="all rounds done"))
@@ -184,7 +184,7 @@ def test_a_failing_page_leaves_the_summary_and_the_old_page(run_dir: Path, fast_
     assert not [p for p in os.listdir(run_dir) if p.endswith(".tmp")]
 
 
-def test_the_command_rewrites_the_page(run_dir: Path, fast_accountants: None,
+def test_the_command_rewrites_the_page(run_dir: Path,
                                        capsys: pytest.CaptureFixture[str]) -> None:
     assert main([str(run_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / REPORT_FILE)
@@ -222,7 +222,7 @@ def chromium(profile: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def test_chromium_renders_the_page_with_its_figures(tmp_path: Path, run_dir: Path, fast_accountants: None) -> None:
+def test_chromium_renders_the_page_with_its_figures(tmp_path: Path, run_dir: Path) -> None:
     with_eval_metrics(run_dir)
     page = write_report(run_dir)
     probed = tmp_path / "probed.html"
