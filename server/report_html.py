@@ -39,7 +39,7 @@ from server.run_log import RunLog
 from shared import atomic
 from shared.metrics import HIGHER_IS_BETTER
 from shared.privacy.events import RELEASE_EVALUATION, RELEASE_UPDATE
-from shared.run_files import CONFIG_FILE, LEDGER_FILE, SUMMARY_FILE
+from shared.run_files import CONFIG_FILE, LEDGER_FILE, REPORT_FILE, SUMMARY_FILE
 from shared.wire import EVAL_LOSS
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ __all__ = ["REPORT_FILE", "main", "render_report", "write_report", "write_report
 
 log = logging.getLogger(__name__)
 
-REPORT_FILE = "report.html"
 # A run of thousands of merchants would make tables no one reads and a page browsers choke on;
 # past this many rows a table says how many it left out and where they are.
 MAX_TABLE_ROWS = 300

@@ -10,6 +10,7 @@ from __future__ import annotations
 LEDGER_FILE = "ledger.sqlite"  # the privacy ledger: one row per merchant per round (server.ledger)
 METRICS_FILE = "metrics.jsonl"  # one JSON line per round, appended as rounds end (server.run_log)
 SUMMARY_FILE = "summary.json"  # the end-of-run summary (server.report)
+REPORT_FILE = "report.html"  # the one-page run report (server.report_html)
 CONFIG_FILE = "config.json"  # the run config as run, so a run can be resumed with the same settings
 CHECKPOINTS_DIR = "checkpoints"  # round checkpoints (server.checkpoint)
 MODEL_DIR = "model"  # the exported global model (shared.model.export_model)
