@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -12,11 +13,17 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from client import features
 from client.encoding import encode, trim
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
+from shared.model import FedShopModel, head_scores
 from shared.progress import Progress
-from shared.tasks import TASKS, Example, PerExampleLoss, predictions, task_of
+from shared.tasks import TASKS, Example, PerExampleLoss, pack_targets, predictions, task_of
+
+# Under a node's feature cache: the held-out records' states, apart from the training records'
+# (a cache folder keeps one record set; sharing one, each would evict the other every round).
+HELD_OUT_FOLDER = "held-out"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -35,10 +42,16 @@ def predict(
     *,
     device: torch.device | None = None,
     batch_size: int = 64,
+    feature_cache: Path | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(per-example loss, per-example prediction on its task's natural scale), in ``examples``
-    order; the model is left in the mode it was in."""
+    order; the model is left in the mode it was in. With a frozen encoder (``trainable =
+    heads``) and a ``feature_cache`` folder, the heads score the records' cached pooled states
+    (``client.features``): the encoder runs once per held-out record, not once per evaluation."""
     device = device or torch.device("cpu")
+    if config.trainable == "heads" and feature_cache is not None and isinstance(model, FedShopModel):
+        return _predict_on_states(model, examples, tokenizer, config, device=device,
+                                  cache_dir=Path(feature_cache) / HELD_OUT_FOLDER)
     dataset = encode(examples, tokenizer, max_seq_len=config.max_seq_len)
     was_training = model.training
     model.to(device)
@@ -54,6 +67,30 @@ def predict(
             shown.update(len(packed))
     model.train(was_training)
     return torch.cat(losses).numpy(), torch.cat(preds).numpy()
+
+
+@torch.no_grad()
+def _predict_on_states(model: FedShopModel, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
+                       config: RunConfig, *, device: torch.device, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+    """``predict`` for a frozen encoder: the heads on each distinct (context, product) pair's
+    pooled state (a record with two tasks is one pair, encoded once), from ``cache_dir``."""
+    index: dict[tuple[str, str], int] = {}
+    for e in examples:
+        index.setdefault((e.context, e.product), len(index))
+    states = features.pooled_states(model, tokenizer, list(index), max_seq_len=config.max_seq_len, device=device,
+                                    cache_dir=cache_dir)
+    rows = torch.tensor([index[(e.context, e.product)] for e in examples])
+    packed = torch.tensor([pack_targets([e]) for e in examples], dtype=torch.float32)
+    was_training = model.training
+    model.to(device)
+    model.eval()  # dropout off, as in ``predict``
+    try:
+        scores = head_scores(model.heads, model.dropout, states[rows].to(device))
+    finally:
+        model.train(was_training)
+    losses = PerExampleLoss(reduction="none")(scores, packed.to(device)).cpu()
+    preds = predictions(scores).gather(1, task_of(packed).to(device).unsqueeze(1)).squeeze(1).cpu()
+    return losses.numpy(), preds.numpy()
 
 
 def metrics_of(examples: Sequence[Example], preds: np.ndarray) -> dict[str, float]:
@@ -80,10 +117,12 @@ def evaluate(
     *,
     device: torch.device | None = None,
     batch_size: int = 64,
+    feature_cache: Path | None = None,
 ) -> EvalResult:
-    """Loss and every task's metrics on held-out examples (no privacy cost: nothing released
-    but aggregate metrics, which the record-level guarantee does not cover; see README)."""
+    """Exact loss and every task's metrics on held-out examples: for non-private baselines and
+    benchmark-side measurement. What a private merchant releases is ``client.release``'s."""
     if not examples:
         return EvalResult(num_examples=0, loss=float("nan"), metrics={})
-    losses, preds = predict(model, examples, tokenizer, config, device=device, batch_size=batch_size)
+    losses, preds = predict(model, examples, tokenizer, config, device=device, batch_size=batch_size,
+                            feature_cache=feature_cache)
     return EvalResult(num_examples=len(examples), loss=float(losses.mean()), metrics=metrics_of(examples, preds))

@@ -328,7 +328,8 @@ class Merchant:
         model, tokenizer = self._model(params)
         device = choose_device(self.identity.device)
         if not self.config.dp:
-            exact = evaluation.evaluate(model, split.test, tokenizer, self.config, device=device)
+            exact = evaluation.evaluate(model, split.test, tokenizer, self.config, device=device,
+                                        feature_cache=self.feature_cache)
             return EvalReply(merchant_id=self.identity.merchant_id, facts=None,
                              metrics={NUM_EXAMPLES: float(units), EVAL_LOSS: exact.loss, **exact.metrics})
         mechanism = settings.mechanism
@@ -340,7 +341,8 @@ class Merchant:
                 except BudgetExceededError as exc:
                     return self._no_evaluation(f"refused: {exc}")
                 metrics = release.release(model, split.test, tokenizer, self.config,
-                                          noise_multiplier=settings.noise_multiplier, device=device)
+                                          noise_multiplier=settings.noise_multiplier, device=device,
+                                          feature_cache=self.feature_cache)
                 epsilon = privacy.commit(mechanism, unit_count=units, round=server_round, model_version=model_version,
                                          run_id=run_id, unit=self.config.privacy_unit, release=RELEASE_EVALUATION)
                 facts = self._facts(privacy, status=STATUS_OK, event=privacy.entries[-1].event,

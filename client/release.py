@@ -41,6 +41,7 @@ import logging
 import math
 import secrets
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -272,12 +273,13 @@ def release(
     noise_multiplier: float,
     device: torch.device | None = None,
     seed: int | None = None,
+    feature_cache: Path | None = None,
 ) -> dict[str, float]:
     """The metrics a merchant releases from its held-out ``examples``: noised, plus
     ``num-examples`` = the held-out unit count (declared public, like the training N). The
     caller accounts the release (``EvalSettings.mechanism``) before it leaves."""
     tasks = config.task_names
-    losses, preds = predict(model, examples, tokenizer, config, device=device)
+    losses, preds = predict(model, examples, tokenizer, config, device=device, feature_cache=feature_cache)
     unit = config.privacy_unit
     sums = noised_sums(contributions(examples, losses, preds, tasks, unit=unit), noise_multiplier, seed=seed)
     return {NUM_EXAMPLES: float(unit_count(examples, unit=unit)), **metrics_from_sums(sums, tasks)}

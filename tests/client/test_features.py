@@ -172,3 +172,27 @@ def test_private_heads_on_cached_states_spend_and_leave_the_encoder(tokenizer: P
     assert len(list((tmp_path / "features").glob("features-*.pt"))) == 1
     for p in model.parameters():
         assert not hasattr(p, "grad_sample") and p.grad is None  # no Opacus leftovers
+
+
+def test_held_out_predictions_from_cached_states_match_the_full_model(tokenizer: PreTrainedTokenizerBase,
+                                                                       tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from client import evaluation
+
+    model = build_model(ModelSpec.from_config(config()))
+    with torch.no_grad():
+        for head in model.heads.values():
+            head.weight.normal_()  # heads that discriminate, so a wrong row would show
+    examples = TRAIN[:60]  # records with several tasks appear once per task
+    exact_loss, exact_pred = evaluation.predict(model, examples, tokenizer, config())
+    loss, pred = evaluation.predict(model, examples, tokenizer, config(), feature_cache=tmp_path)
+    assert (tmp_path / evaluation.HELD_OUT_FOLDER).is_dir()
+    torch.testing.assert_close(torch.from_numpy(pred), torch.from_numpy(exact_pred), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(torch.from_numpy(loss), torch.from_numpy(exact_loss), rtol=1e-4, atol=1e-4)
+
+    def no_encoding(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise AssertionError("the held-out records were encoded again")
+
+    monkeypatch.setattr(features, "encode_pairs", no_encoding)
+    _, again = evaluation.predict(model, examples, tokenizer, config(), feature_cache=tmp_path)
+    assert (again == pred).all()
