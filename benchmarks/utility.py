@@ -40,7 +40,7 @@ than the gaps being judged.
 ``--trainable`` picks the trainable set every arm shares (``SETTINGS``): ``lora`` (adapters +
 heads, the scenarios' own, batch 64) or ``heads`` (a frozen encoder, unit-length pooled states,
 each record encoded once and cached, batches of 1,024 records; ``client.features``): the
-recommended private recipe, read from the ``reviews-heads`` scenario (``RECIPE``).
+recommended private recipe, read from the default ``reviews`` scenario (``RECIPE``).
 ``--split-seed N`` draws another held-out split (``split-seed``; the scenario's otherwise):
 ESCI's held-out set is a few dozen queries, so one split is one draw of them. ``--fold k/K``
 holds out fold k of K instead (``test-fraction`` 1/K, ``test-offset`` k/K): the K runs hold
@@ -108,6 +108,10 @@ DATASET_OVERRIDES: dict[str, dict[str, Any]] = {
     "reviews": {"tasks": "ctr,rating", "merchants-per-round": 6, "max-local-steps": 6, "eval-max-examples": 1024},
     "esci": {"test-fraction": 0.3, "eval-max-examples": 0},
 }
+# Each dataset's base scenario. Reviews': the LoRA one, the scenario the benchmark began from;
+# the default scenario is the recipe itself, whose private keys (weight decay) the non-private
+# arms must not take (``Setting`` adds the recipe's keys to every arm, ``private`` to DP arms).
+DATASET_SCENARIO = {"reviews": "reviews-lora", "esci": "esci"}
 # Simulations evaluate every round on their own; the benchmark scores the final model itself.
 SIMULATION_EVAL_EXAMPLES = 64
 COLD_START = {"reviews": "jackets", "esci": "esci-3"}
@@ -123,10 +127,10 @@ JUDGED_ARM = "federated-dp-eps-8"  # the arm the targets are set for
 REFERENCES = ("centralised", "local")  # what it is judged against
 
 # The recommended private recipe (heads on a frozen MiniLM, large private batches, weight
-# decay) is written in one place, the scenario ``reviews-heads``, with why each value: the
+# decay) is written in one place, the default scenario ``reviews``, with why each value: the
 # heads setting and the DP arms read it from there (tests/benchmarks/test_recipe.py checks
 # that the reviews federated DP arm at ε = 8 is that scenario, key for key).
-RECIPE = "reviews-heads"
+RECIPE = "reviews"
 _RECIPE = load_scenario(RECIPE)
 # The recipe's keys that make the heads setting: every arm of every dataset takes them. Its
 # other keys are the reviews data's own (the reviews scenario and DATASET_OVERRIDES say the
@@ -248,7 +252,7 @@ class Dataset:
         from simulations import engine
 
         self.name = name
-        scenario = engine.load_scenario(name)
+        scenario = engine.load_scenario(DATASET_SCENARIO[name])
         overrides = {**DATASET_OVERRIDES[name], **setting.overrides}
         overrides["encoder"] = encoder
         if split_seed is not None:  # in the scenario, so the simulations split alike

@@ -101,7 +101,7 @@ def ensure_data(config: RunConfig, scenario_name: str) -> None:
         return
     from client.sources import adapters
 
-    if scenario_name == "reviews":
+    if scenario_name in ("reviews", "reviews-lora"):
         log.info("preparing the bundled reviews data into %s", data_dir)
         adapters.prepare_reviews(data_dir)
     elif scenario_name == "esci":

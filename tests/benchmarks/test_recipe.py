@@ -1,4 +1,4 @@
-"""The recommended private recipe has one home, ``simulations/scenarios/reviews-heads.toml``:
+"""The recommended private recipe has one home, ``simulations/scenarios/reviews.toml`` (the default scenario):
 the utility benchmark's federated DP arm on reviews is that file, key for key, and the heads
 replica trains by it."""
 
@@ -27,8 +27,8 @@ def reviews(utility: ModuleType, tmp_path_factory: pytest.TempPathFactory) -> ob
 
 
 def test_the_federated_dp_arm_on_reviews_is_the_scenario_file(utility: ModuleType, reviews: object) -> None:
-    recipe = load_scenario("reviews-heads")
-    assert utility.RECIPE == "reviews-heads"
+    recipe = load_scenario("reviews")
+    assert utility.RECIPE == "reviews"
     # The arm's run config: the dataset's scenario with the DP arm's keys on top (what the
     # simulation gets as its scenario file and --set keys), at the judged ε.
     arm = {**reviews.scenario, **reviews.federated_private_keys(8.0)}  # type: ignore[attr-defined]
@@ -46,7 +46,7 @@ def test_the_federated_dp_arm_on_reviews_is_the_scenario_file(utility: ModuleTyp
 
 def test_the_non_private_arms_take_the_recipe_but_not_its_private_keys(utility: ModuleType, reviews: object,
                                                                        tmp_path: Path) -> None:
-    recipe = load_scenario("reviews-heads")
+    recipe = load_scenario("reviews")
     config = reviews.config  # type: ignore[attr-defined]
     assert config.weight_decay == 0.0  # the DP arms' decay stays theirs
     for key in utility.RECIPE_SETTING_KEYS:
@@ -61,7 +61,7 @@ def test_the_non_private_arms_take_the_recipe_but_not_its_private_keys(utility: 
 
 
 def test_the_heads_replica_trains_by_the_recipe(replica: ModuleType, reviews: object) -> None:
-    recipe = load_scenario("reviews-heads")
+    recipe = load_scenario("reviews")
     r = replica.recipe_of(reviews, None)
     assert (r.rounds, r.local_steps, r.batch, r.rate, r.max_grad_norm, r.delta) == (
         recipe["num-server-rounds"], recipe["max-local-steps"], recipe["batch-size"], recipe["head-learning-rate"],

@@ -43,7 +43,7 @@ COVERED: dict[str, str] = {
     "Run a federation locally": HERE + "test_simulate_default_and_its_dated_second_run",
     "Resume a run that was interrupted":
         "simulations/test_simulate.py::test_resume_after_killing_the_whole_process_group",
-    "Private heads on a frozen encoder": HERE + "test_simulate_scenario_reviews_heads",
+    "Fine-tune the encoder too": HERE + "test_simulate_scenario_on_a_users_data",
     "Hold out fold k of K": HERE + "test_simulate_set_test_fraction_and_offset",
     "Same scenario through Flower's own CLI": HERE + "test_flwr_run_from_a_fresh_flwr_home",
     "Check a merchant's data": HERE + "test_data_validate",
@@ -115,13 +115,14 @@ def test_simulate_default_and_its_dated_second_run(started: list[tuple[RunConfig
     assert re.fullmatch(r"runs/reviews-\d{8}-\d{6}", second), second
 
 
-def test_simulate_scenario_reviews_heads(started: list[tuple[RunConfig, int]], tmp_path: Path) -> None:
+@pytest.mark.parametrize("scenario", ["reviews", "reviews-lora"])
+def test_simulate_scenario_on_a_users_data(scenario: str, started: list[tuple[RunConfig, int]], tmp_path: Path) -> None:
     write_merchants(tmp_path / "data", ["shop-a", "shop-b"])
-    assert cli.main(["simulate", "--scenario", "reviews-heads", "--out", str(tmp_path / "run"),
+    assert cli.main(["simulate", "--scenario", scenario, "--out", str(tmp_path / "run"),
                      "--set", f"data-dir={tmp_path / 'data'}"]) == 0
     config, merchants = started[0]
-    recipe = engine.load_scenario("reviews-heads")
-    assert merchants == 2 and config.trainable == "heads" == recipe["trainable"]
+    recipe = engine.load_scenario(scenario)
+    assert merchants == 2 and config.trainable == {"reviews": "heads", "reviews-lora": "lora"}[scenario] == recipe["trainable"]
     # every setting of the scenario arrives, but where it goes and how many it samples (2 merchants here)
     mine = ("data-dir", "run-dir", "merchants-per-round")
     assert {k: v for k, v in config.to_mapping().items() if k in recipe and k not in mine} == {
