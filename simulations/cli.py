@@ -91,6 +91,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             config = config.replace(run_dir=f"{config.run_dir}-{stamp}")
             log.info("%s holds an earlier run; this one goes to %s", scenario.get("run-dir"), config.run_dir)
     engine.ensure_data(config, scenario_name)
+    if not args.resume:  # a resumed run keeps its saved tasks
+        config = engine.fit_tasks_to_data(config, engine.parse_overrides(args.set))
     merchants = engine.count_merchants(config)
     if config.merchants_per_round > merchants:
         log.warning("merchants-per-round = %d but only %d merchants exist; sampling all of them",

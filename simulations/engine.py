@@ -86,6 +86,35 @@ def build_config(scenario: Mapping[str, Any], overrides: Mapping[str, Any], *, o
     return RunConfig.from_mapping(merged)
 
 
+def fit_tasks_to_data(config: RunConfig, overrides: Mapping[str, Any]) -> RunConfig:
+    """The run's tasks as the data allows, unless ``--set tasks=...`` chose them: the scenario's
+    tasks the merchants' data holds; when it holds none of them (a scenario's file run on
+    other data: the default on ESCI's judgments), every task it holds. A task the data also
+    holds but the scenario leaves out is named in the log, with how to add it."""
+    from client.data import load_merchant, supported_tasks
+    from client.merchant import SYNTHETIC_PREFIX, merchant_dirs
+    from shared.tasks import TASKS
+
+    if "tasks" in overrides or config.data_dir.startswith(SYNTHETIC_PREFIX) or not Path(config.data_dir).is_dir():
+        return config
+    held: set[str] = set()
+    for folder in merchant_dirs(Path(config.data_dir)):
+        held.update(supported_tasks(load_merchant(folder)))
+    asked = config.task_names
+    kept = [t for t in asked if t in held] or [t for t in TASKS if t in held]
+    if not kept:
+        return config  # no data to train on: the merchants' own checks name the problem
+    extra = [t for t in TASKS if t in held and t not in kept]
+    if extra:
+        log.info("the data in %s also holds %s examples; add --set tasks=%s to train those heads too",
+                 config.data_dir, ", ".join(extra), ",".join(t for t in TASKS if t in held))
+    if tuple(kept) == asked:
+        return config
+    log.info("tasks %s -> %s: what the data in %s holds (--set tasks=... chooses them yourself)",
+             ",".join(asked), ",".join(kept), config.data_dir)
+    return config.replace(tasks=",".join(kept))
+
+
 def count_merchants(config: RunConfig) -> int:
     from client.merchant import SYNTHETIC_PREFIX, merchant_dirs, synthetic_count
 

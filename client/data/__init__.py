@@ -11,7 +11,7 @@ The rooms, in the order data flows through them: ``schema`` (tables, columns, ce
 generators). This package re-exports their public names.
 """
 
-from client.data.examples import build_examples, product_text
+from client.data.examples import build_examples, product_text, supported_tasks
 from client.data.readers import load_merchant, load_table, validate_merchant_dir
 from client.data.schema import (
     CONVERSION_LABELS,
@@ -33,6 +33,7 @@ from client.data.writer import check_output_dir, write_merchant
 __all__ = [
     "CONVERSION_LABELS", "EVENT_LABELS", "FORMATS", "GRADE_RANGE", "HISTORY_SEPARATOR", "PRODUCT_TEXT_SEPARATOR",
     "RATING_RANGE", "TABLES", "DataValidationError", "FileFormat", "MerchantData", "Problem", "build_examples",
-    "check_output_dir", "load_merchant", "load_table", "product_text", "split_examples", "validate_merchant_dir",
+    "check_output_dir", "load_merchant", "load_table", "product_text", "split_examples", "supported_tasks",
+    "validate_merchant_dir",
     "write_merchant",
 ]

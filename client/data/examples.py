@@ -64,6 +64,18 @@ def _history_contexts(interactions: pd.DataFrame, titles: dict[str, str],
     return contexts, earlier
 
 
+def supported_tasks(data: MerchantData) -> tuple[str, ...]:
+    """The tasks ``data`` has examples for, in ``TASKS`` order: ``ctr`` when it has interactions,
+    ``rating`` when any interaction carries a rating, ``relevance`` when it has judgments."""
+    interactions, judgments = data.interactions, data.judgments
+    has = {
+        "ctr": interactions is not None and len(interactions) > 0,
+        "rating": interactions is not None and bool(interactions["rating"].notna().any()),
+        "relevance": judgments is not None and len(judgments) > 0,
+    }
+    return tuple(task for task in TASKS if has[task])
+
+
 def build_examples(
     data: MerchantData,
     *,

@@ -130,6 +130,31 @@ def test_simulate_scenario_on_a_users_data(scenario: str, started: list[tuple[Ru
     assert config.run_dir == str(tmp_path / "run")
 
 
+def test_simulate_default_trains_the_tasks_the_data_holds(started: list[tuple[RunConfig, int]], tmp_path: Path,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """The default scenario (conversion + rating) on ESCI's judgments trains relevance, the one
+    head that data supports; ``--set tasks`` is the user's choice and stays."""
+    from client.sources import adapters
+
+    adapters.prepare_esci(tmp_path / "esci")
+    with caplog.at_level("INFO", logger="simulations.engine"):
+        assert cli.main(["simulate", "--out", str(tmp_path / "run"), "--set", f"data-dir={tmp_path / 'esci'}"]) == 0
+    assert engine.load_scenario("reviews")["tasks"] == "ctr,rating"
+    assert started[0][0].tasks == "relevance"
+    assert "tasks ctr,rating -> relevance" in caplog.text
+    assert cli.main(["simulate", "--out", str(tmp_path / "run2"), "--set", f"data-dir={tmp_path / 'esci'}",
+                     "--set", "tasks=ctr"]) == 0
+    assert started[1][0].tasks == "ctr"
+    # Data holding more than the scenario names: the scenario's tasks, and the log says how to add the rest.
+    write_merchants(tmp_path / "shops", ["shop-a"])
+    caplog.clear()
+    with caplog.at_level("INFO", logger="simulations.engine"):
+        assert cli.main(["simulate", "--scenario", "reviews-lora", "--out", str(tmp_path / "run3"),
+                         "--set", f"data-dir={tmp_path / 'shops'}"]) == 0
+    assert started[2][0].tasks == "ctr"
+    assert "--set tasks=ctr,rating" in caplog.text
+
+
 def test_simulate_set_test_fraction_and_offset(started: list[tuple[RunConfig, int]], tmp_path: Path) -> None:
     write_merchants(tmp_path / "data", ["shop-a"])
     assert cli.main(["simulate", "--out", str(tmp_path / "run"), "--set", f"data-dir={tmp_path / 'data'}",
