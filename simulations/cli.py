@@ -94,6 +94,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if not args.resume:  # a resumed run keeps its saved tasks
         config = engine.fit_tasks_to_data(config, engine.parse_overrides(args.set))
     merchants = engine.count_merchants(config)
+    engine.refuse_if_every_budget_is_spent(config, num_merchants=merchants)
     if config.merchants_per_round > merchants:
         log.warning("merchants-per-round = %d but only %d merchants exist; sampling all of them",
                     config.merchants_per_round, merchants)

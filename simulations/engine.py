@@ -138,6 +138,39 @@ def ensure_data(config: RunConfig, scenario_name: str) -> None:
         adapters.prepare_esci(data_dir)
 
 
+# A merchant whose ε is within this share of its budget cannot afford another release (the
+# cheapest, one evaluation at σ_eval 10, costs far more than 1 % of any budget it composes with).
+SPENT_SHARE = 0.99
+
+
+def refuse_if_every_budget_is_spent(config: RunConfig, *, num_merchants: int) -> None:
+    """A ``ScenarioError`` before anything starts when every merchant of the run has spent its
+    budget: the run could only be refused by each of them, round after round. Their states
+    count every earlier run on these folders (the default spends ~all of ε = 8 in one run)."""
+    from client.merchant import SYNTHETIC_PREFIX, resolve_node
+    from shared.privacy.budget import PrivacyState
+
+    if not config.dp or config.data_dir.startswith(SYNTHETIC_PREFIX) or config.resume:
+        return
+    spent: list[str] = []
+    for pid in range(num_merchants):
+        node = resolve_node({"partition-id": pid}, config)
+        if not node.state_path.is_file():
+            return  # a merchant that never trained here: the run has someone to train
+        state = PrivacyState.open(node.state_path, merchant_id=node.merchant_id, target_epsilon=node.target_epsilon,
+                                  target_delta=node.target_delta)
+        epsilon = state.epsilon()
+        if epsilon < SPENT_SHARE * state.target_epsilon:
+            return
+        spent.append(f"{node.merchant_id} ε {epsilon:.2f} / {state.target_epsilon:g}")
+    if spent:
+        raise ScenarioError(
+            f"every merchant in {config.data_dir} has spent its privacy budget ({'; '.join(spent)}): each would "
+            "refuse this run. Privacy spend is never reset; train other merchants' data, e.g. fresh copies of the "
+            "bundled data: fedshop data prepare reviews --out merchants/reviews-2, then fedshop simulate --set "
+            "data-dir=merchants/reviews-2")
+
+
 def prepare_privacy_states(config: RunConfig, *, num_merchants: int) -> list[Path]:
     """Create the privacy state of each of the run's merchant folders that has none; the paths created.
 

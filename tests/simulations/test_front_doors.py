@@ -155,6 +155,32 @@ def test_simulate_default_trains_the_tasks_the_data_holds(started: list[tuple[Ru
     assert "--set tasks=ctr,rating" in caplog.text
 
 
+def test_simulate_refuses_to_start_when_every_merchant_has_spent_its_budget(
+        started: list[tuple[RunConfig, int]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from client.merchant import privacy_state_path
+    from shared.privacy.budget import PrivacyState
+    from shared.privacy.events import MechanismEvent
+
+    shops = write_merchants(tmp_path / "data", ["shop-a", "shop-b"])
+    costly = MechanismEvent(noise_multiplier=0.6, sample_rate=1.0, steps=1, max_grad_norm=1.0)
+    for shop in shops:
+        path = privacy_state_path(shop)
+        PrivacyState.create(path, merchant_id=shop.name, target_epsilon=1.0, target_delta=1e-5)
+        state = PrivacyState.open(path, merchant_id=shop.name, target_epsilon=1.0, target_delta=1e-5)
+        state.commit(costly, unit_count=50, round=1, model_version=0, run_id="earlier")
+        if shop.name == "shop-a":
+            room = state.epsilon()
+    argv = ["simulate", "--out", str(tmp_path / "run"), "--set", f"data-dir={tmp_path / 'data'}"]
+    assert cli.main([*argv, "--set", "target-epsilon=1"]) == 2
+    err = capsys.readouterr().err
+    assert "every merchant" in err and "shop-a ε" in err and "shop-b ε" in err and not started
+    # One merchant with room left (a fresh state, a budget above that spend): the run starts.
+    state_a = privacy_state_path(shops[0])
+    state_a.unlink()
+    PrivacyState.create(state_a, merchant_id="shop-a", target_epsilon=2 * room, target_delta=1e-5)
+    assert cli.main([*argv, "--set", f"target-epsilon={2 * room}"]) == 0 and started
+
+
 def test_simulate_set_test_fraction_and_offset(started: list[tuple[RunConfig, int]], tmp_path: Path) -> None:
     write_merchants(tmp_path / "data", ["shop-a"])
     assert cli.main(["simulate", "--out", str(tmp_path / "run"), "--set", f"data-dir={tmp_path / 'data'}",
