@@ -11,22 +11,42 @@ is accounted as its own ``SpendEvent`` (release ``"evaluation"``, sample_rate 1,
 The statistics (every coordinate in [0, 1] before scaling; ``layout`` names them):
 
 - per task: a count and the sum of the per-example loss clipped to [0, ``LOSS_CLIP``];
-- ctr: the predicted probability's histogram (``HIST_BINS`` bins of its logit) per label:
-  AUC (of the binned scores, ties counted half), precision, recall and F1 at 0.5 come from it;
-- rating: the sums of squared and absolute error over the star range (RMSE, MAE);
-- relevance: the squared error over the grade range (RMSE), and per query a count and its
-  NDCG@10, MRR and recall@10 (each in [0, 1]; a query with no relevant item counts nothing,
-  as ``shared.metrics`` leaves it out).
+- ctr: the predicted probability's histogram (``HIST_BINS`` bins of its logit) per label.
+  From it: AUC (of the binned scores, ties counted half); average precision (bins from high
+  to low, each bin one threshold: a bin's items are admitted together, at the precision of the
+  bin's end, as ``shared.metrics.average_precision`` treats tied scores); the held-out base
+  rate (positives / all), and from it the log-loss of the constant base-rate predictor (each
+  class's loss clipped at ``LOSS_CLIP``, as the model's) and the threshold of precision,
+  recall and F1: the base rate snapped to the nearest bin edge in logit space (predict positive
+  when the model says more likely than average; at 0.5, a base rate of 0.8 makes every
+  prediction positive and recall 1), released as ``ctr_threshold``;
+- rating: the sums of squared and absolute error over the star range (RMSE, MAE), and of the
+  target and its square, scaled to [0, 1] over the star range: the constant held-out mean's
+  RMSE, sqrt(E[y²] − E[y]²);
+- relevance: the squared error over the grade range (RMSE), the grade and its square over the
+  grade range (the constant mean's RMSE), and per query a count, its NDCG@10, MRR and
+  recall@10, and their expectations under a random order of its candidates (exact, from its
+  grades alone: ``shared.metrics.random_order_ndcg`` / ``random_order_mrr``), each in [0, 1].
+  Only queries whose candidates carry two distinct grades count (``shared.metrics.informative``:
+  a one-grade query scores 1 under any order), as ``shared.metrics.task_metrics`` does.
+
+Every metric and baseline is a function of these sums only: the baselines cost no privacy
+beyond the release's. Each coordinate a row adds does cost accuracy: the scale that fits one
+row into C_eval shrinks with the row's bound, and the same noise then weighs more.
 
 Sensitivity (one unit). The unit is the training's (``privacy-unit``, grouped by
 ``client.data.split.unit_keys``: a user's or a record's interactions; a query's judgments,
 so a query's NDCG, MRR and recall belong to one unit). Each unit's statistics are summed
-over its rows, scaled by a constant that fits one row (one query) into norm C_eval, and the
+over its rows, scaled by a constant that fits one record (one query) into norm C_eval, and the
 unit's vector is clipped to C_eval: one unit moves the sum by at most C_eval in L2 norm, a
-Gaussian mechanism with noise multiplier σ_eval. The scale depends on the run's task list
-only (public), and clipping scales a unit's whole vector: every ratio the metrics take (loss
-sum / count, NDCG sum / queries) keeps its numerator and denominator under the same factor,
-so clipping re-weights a many-row unit, it does not move its own ratios. Replacing a unit
+Gaussian mechanism with noise multiplier σ_eval. The scale is 1/sqrt of the sum of the task
+rows' squared-norm bounds (``_OWN``: ctr 3, a count, a loss and one histogram bin; rating 6;
+relevance 5) plus ``QUERY_BLOCK_BOUND``² = 6 for relevance's per-query block: one record may
+carry a row of several tasks (an interaction's click and rating). It depends on the run's task
+list only (public), and clipping scales a unit's whole vector: every ratio the metrics take
+(loss sum / count, NDCG sum / queries) keeps its numerator and denominator under the same
+factor, so clipping re-weights a many-row unit, it does not move its own ratios (the
+baselines' E[y²] − E[y]² is taken over the clipped, re-weighted sums alike). Replacing a unit
 (N is public: the accounting's neighbours) moves the sum by up to 2·C_eval, which the
 replace-one accountant charges (``shared.privacy.accounting``).
 
@@ -63,10 +83,11 @@ EVAL_CLIP_NORM = 1.0  # C_eval: the scale is immaterial (metrics are ratios), th
 LOSS_CLIP = 5.0  # per-example loss (a BCE) clipped to [0, LOSS_CLIP]: a prediction's loss rarely exceeds it
 # ctr's score histogram: HIST_BINS equal bins of the logit over [-LOGIT_RANGE, LOGIT_RANGE] (the
 # ends open), so that probabilities bunched near a small base rate still spread over bins; the
-# middle edge is p = 0.5 (precision / recall). More bins, more noise summed into the AUC.
+# middle edge is p = 0.5. More bins, more noise summed into the AUC and AP (and a finer threshold).
 HIST_BINS = 20
 LOGIT_RANGE = 5.0
-QUERY_BLOCK_BOUND = 2.0  # the norm of one query's (count, NDCG, MRR, recall), each in [0, 1]
+# The norm bound of one query's block (``_QUERY``: six coordinates, each in [0, 1]).
+QUERY_BLOCK_BOUND = math.sqrt(6.0)
 
 # Node-config (deployment) or run-config (simulation) keys: the merchant's.
 EVALUATE = "evaluate"
@@ -112,14 +133,17 @@ class EvalSettings:
 
 
 # Per-example coordinates of each task and the bound on their squared norm (each in [0, 1];
-# ctr's histogram is one-hot); relevance's per-query block is separate (``_QUERY``).
+# ctr's histogram is one-hot: count, loss and one bin); relevance's per-query block is
+# separate (``_QUERY``). ``target`` / ``target_sq``: the target over the task's range, squared.
 _HIST = tuple(f"pos{i}" for i in range(HIST_BINS)) + tuple(f"neg{i}" for i in range(HIST_BINS))
 _OWN: dict[str, tuple[tuple[str, ...], float]] = {
     "ctr": (("count", "loss", *_HIST), 3.0),
-    "rating": (("count", "loss", "sq", "abs"), 4.0),
-    "relevance": (("count", "loss", "sq"), 3.0),
+    "rating": (("count", "loss", "sq", "abs", "target", "target_sq"), 6.0),
+    "relevance": (("count", "loss", "sq", "target", "target_sq"), 5.0),
 }
-_QUERY = ("queries", "ndcg", "mrr", "recall")
+# Per informative query: a count, the model's NDCG@10, MRR and recall@10, and the NDCG@10 and
+# MRR a random order of its candidates is expected to score.
+_QUERY = ("queries", "ndcg", "mrr", "recall", "ndcg_random", "mrr_random")
 
 
 def layout(tasks: Sequence[str]) -> list[str]:
@@ -138,16 +162,21 @@ def contributions(examples: Sequence[Example], losses: np.ndarray, preds: np.nda
     names = layout(tasks)
     index = {n: i for i, n in enumerate(names)}
     position = {id(e): i for i, e in enumerate(examples)}
-    # One row's (and one query's) statistics fit in norm 1 after this scale, so a single-row
-    # unit is never clipped; the scale depends on the task list only, never on the data.
-    bound = sum(_OWN[t][1] for t in tasks) + (QUERY_BLOCK_BOUND ** 2 if "relevance" in tasks else 0.0)
-    scale = EVAL_CLIP_NORM / math.sqrt(bound)
+    scale = unit_scale(tasks)
     units: dict[object, list[Example]] = {}
     for key, members in unit_keys(examples, unit=unit):
         units.setdefault(key, []).extend(members)
     rows = [_clip(_statistics(members, losses, preds, index, position) * scale, EVAL_CLIP_NORM)
             for members in units.values()]
     return np.stack(rows) if rows else np.zeros((0, len(names)))
+
+
+def unit_scale(tasks: Sequence[str]) -> float:
+    """The factor a unit's statistics are scaled by before clipping: one record's rows (one of
+    each task at most) and one query's block fit in norm ``EVAL_CLIP_NORM`` after it, so a
+    one-record unit is never clipped. The task list's only, never the data's."""
+    bound = sum(_OWN[t][1] for t in tasks) + (QUERY_BLOCK_BOUND ** 2 if "relevance" in tasks else 0.0)
+    return EVAL_CLIP_NORM / math.sqrt(bound)
 
 
 def unit_count(examples: Sequence[Example], *, unit: str) -> int:
@@ -169,25 +198,43 @@ def _statistics(members: Sequence[Example], losses: np.ndarray, preds: np.ndarra
         if e.task == "ctr":
             v[index[f"ctr/{'pos' if e.target >= 0.5 else 'neg'}{score_bin(float(preds[i]))}"]] += 1.0
         elif e.task == "rating":
-            err = min(abs(float(preds[i]) - e.target) / (RATING_MAX - RATING_MIN), 1.0)
+            span = RATING_MAX - RATING_MIN
+            err = min(abs(float(preds[i]) - e.target) / span, 1.0)
+            y = min(max((e.target - RATING_MIN) / span, 0.0), 1.0)
             v[index["rating/sq"]] += err * err
             v[index["rating/abs"]] += err
+            v[index["rating/target"]] += y
+            v[index["rating/target_sq"]] += y * y
         else:
             err = min(abs(float(preds[i]) - e.target) / RELEVANCE_MAX, 1.0)
+            y = min(max(e.target / RELEVANCE_MAX, 0.0), 1.0)
             v[index["relevance/sq"]] += err * err
+            v[index["relevance/target"]] += y
+            v[index["relevance/target_sq"]] += y * y
             queries.setdefault(e.group, []).append(i)
     for rows in queries.values():
-        groups = [0] * len(rows)
-        targets = _targets(members, rows, position)
-        scores = preds[rows]
-        ndcg = metrics_lib.ndcg_at_k(groups, targets, scores, k=10)
-        if math.isnan(ndcg):  # no relevant item: the query counts nothing (as in shared.metrics)
-            continue
-        v[index["relevance/queries"]] += 1.0
-        v[index["relevance/ndcg"]] += ndcg
-        v[index["relevance/mrr"]] += _or_zero(metrics_lib.mrr(groups, targets, scores))
-        v[index["relevance/recall"]] += _or_zero(metrics_lib.recall_at_k(groups, targets, scores, k=10))
+        block = query_block(_targets(members, rows, position), preds[rows])
+        v[[index[f"relevance/{c}"] for c in _QUERY]] += block
     return v
+
+
+def query_block(targets: Sequence[float], scores: np.ndarray) -> np.ndarray:
+    """One query's ``_QUERY`` statistics (each in [0, 1]): zeros unless its candidates carry two
+    distinct grades (``shared.metrics.informative``; such a query always has a relevant item)."""
+    if len(set(targets)) < 2:
+        return np.zeros(len(_QUERY))
+    groups = [0] * len(targets)
+    ndcg = metrics_lib.ndcg_at_k(groups, targets, scores, k=10)
+    if math.isnan(ndcg):  # no positive grade: unreachable for integer grades, kept for safety
+        return np.zeros(len(_QUERY))
+    return np.array([
+        1.0,
+        ndcg,
+        _or_zero(metrics_lib.mrr(groups, targets, scores)),
+        _or_zero(metrics_lib.recall_at_k(groups, targets, scores, k=10)),
+        metrics_lib.random_order_ndcg(targets, k=10),
+        _or_zero(metrics_lib.random_order_mrr(targets)),
+    ])
 
 
 def score_bin(probability: float) -> int:
@@ -196,6 +243,22 @@ def score_bin(probability: float) -> int:
     logit = math.log(p / (1 - p))
     width = 2 * LOGIT_RANGE / HIST_BINS
     return min(max(int(math.floor((logit + LOGIT_RANGE) / width)), 0), HIST_BINS - 1)
+
+
+def bin_edge_probability(edge: int) -> float:
+    """The probability at the lower edge of histogram bin ``edge`` (1 .. HIST_BINS - 1): a score
+    at or above it falls in bin ``edge`` or higher (``score_bin``)."""
+    width = 2 * LOGIT_RANGE / HIST_BINS
+    return 1.0 / (1.0 + math.exp(-(-LOGIT_RANGE + edge * width)))
+
+
+def threshold_edge(base_rate: float) -> int:
+    """The interior bin edge (1 .. HIST_BINS - 1) nearest ``base_rate`` in logit space: the
+    histogram can only split predictions at its edges, and the bins are equal in the logit."""
+    p = min(max(base_rate, 1e-7), 1 - 1e-7)
+    width = 2 * LOGIT_RANGE / HIST_BINS
+    edge = round((math.log(p / (1 - p)) + LOGIT_RANGE) / width)
+    return min(max(edge, 1), HIST_BINS - 1)
 
 
 def _targets(members: Sequence[Example], rows: list[int], position: dict[int, int]) -> list[float]:
@@ -236,32 +299,55 @@ def metrics_from_sums(sums: np.ndarray, tasks: Sequence[str]) -> dict[str, float
         out[EVAL_LOSS] = LOSS_CLIP * ratio(loss_sum, total)
     if "ctr" in tasks and counts["ctr"] > 0:
         out["ctr_logloss"] = LOSS_CLIP * ratio(s["ctr/loss"], counts["ctr"])
-        pos = np.clip([s[f"ctr/pos{i}"] for i in range(HIST_BINS)], 0.0, None)
-        neg = np.clip([s[f"ctr/neg{i}"] for i in range(HIST_BINS)], 0.0, None)
-        if pos.sum() > 0 and neg.sum() > 0:
-            below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
-            out["ctr_auc"] = float((pos * (below + 0.5 * neg)).sum() / (pos.sum() * neg.sum()))
-        half = HIST_BINS // 2  # bins from logit 0 (p = 0.5) up: predicted positive
-        tp, fp, fn = pos[half:].sum(), neg[half:].sum(), pos[:half].sum()
-        if tp + fp > 0:
-            out["ctr_precision"] = float(tp / (tp + fp))
-        if tp + fn > 0:
-            out["ctr_recall"] = float(tp / (tp + fn))
-        if "ctr_precision" in out and "ctr_recall" in out:
-            p, r = out["ctr_precision"], out["ctr_recall"]
-            out["ctr_f1"] = 2 * p * r / (p + r) if p + r > 0 else 0.0
-    if "rating" in tasks and counts["rating"] > 0:
-        span = RATING_MAX - RATING_MIN
-        out["rating_rmse"] = span * math.sqrt(ratio(s["rating/sq"], counts["rating"]))
-        out["rating_mae"] = span * ratio(s["rating/abs"], counts["rating"])
-    if "relevance" in tasks:
-        if counts["relevance"] > 0:
-            out["relevance_rmse"] = RELEVANCE_MAX * math.sqrt(ratio(s["relevance/sq"], counts["relevance"]))
-        if s["relevance/queries"] > 0:
-            out["relevance_ndcg@10"] = ratio(s["relevance/ndcg"], s["relevance/queries"])
-            out["relevance_mrr"] = ratio(s["relevance/mrr"], s["relevance/queries"])
-            out["relevance_recall@10"] = ratio(s["relevance/recall"], s["relevance/queries"])
+        out.update(_ctr_from_histogram(np.clip([s[f"ctr/pos{i}"] for i in range(HIST_BINS)], 0.0, None),
+                                       np.clip([s[f"ctr/neg{i}"] for i in range(HIST_BINS)], 0.0, None)))
+    for task, span in (("rating", RATING_MAX - RATING_MIN), ("relevance", RELEVANCE_MAX)):
+        if task not in tasks or counts[task] <= 0:
+            continue
+        out[f"{task}_rmse"] = span * math.sqrt(ratio(s[f"{task}/sq"], counts[task]))
+        if task == "rating":
+            out["rating_mae"] = span * ratio(s["rating/abs"], counts["rating"])
+        # The constant held-out mean's RMSE: sqrt(E[y²] − E[y]²), the noise may make it negative.
+        mean, mean_sq = ratio(s[f"{task}/target"], counts[task]), ratio(s[f"{task}/target_sq"], counts[task])
+        out[f"{task}_rmse_baseline"] = span * math.sqrt(max(mean_sq - mean * mean, 0.0))
+    if "relevance" in tasks and s["relevance/queries"] > 0:
+        queries = s["relevance/queries"]
+        out["relevance_ndcg@10"] = ratio(s["relevance/ndcg"], queries)
+        out["relevance_ndcg@10_baseline"] = ratio(s["relevance/ndcg_random"], queries)
+        out["relevance_mrr"] = ratio(s["relevance/mrr"], queries)
+        out["relevance_mrr_baseline"] = ratio(s["relevance/mrr_random"], queries)
+        out["relevance_recall@10"] = ratio(s["relevance/recall"], queries)
     return {k: v for k, v in out.items() if math.isfinite(v)}
+
+
+def _ctr_from_histogram(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
+    """ctr's histogram metrics from the (noised, clipped at 0) per-label bin counts."""
+    out: dict[str, float] = {}
+    n_pos, n_neg = float(pos.sum()), float(neg.sum())
+    if n_pos > 0 and n_neg > 0:
+        below = np.concatenate([[0.0], np.cumsum(neg)[:-1]])
+        out["ctr_auc"] = float((pos * (below + 0.5 * neg)).sum() / (n_pos * n_neg))
+    if n_pos > 0:
+        # Bins from the highest down, each one threshold (its items tie): the precision at the
+        # bin's cumulative point times the recall the bin adds.
+        tp, admitted = np.cumsum(pos[::-1]), np.cumsum(pos[::-1] + neg[::-1])
+        precision = np.divide(tp, admitted, out=np.zeros_like(tp), where=admitted > 0)
+        out["ctr_ap"] = float(np.sum(precision * pos[::-1]) / n_pos)
+    if n_pos + n_neg <= 0:
+        return out
+    base_rate = n_pos / (n_pos + n_neg)
+    b = min(max(base_rate, 1e-7), 1 - 1e-7)  # as shared.metrics.log_loss clips
+    out["ctr_logloss_baseline"] = (base_rate * min(-math.log(b), LOSS_CLIP)
+                                   + (1 - base_rate) * min(-math.log1p(-b), LOSS_CLIP))
+    edge = threshold_edge(base_rate)  # bins from ``edge`` up: predicted positive
+    out["ctr_threshold"] = bin_edge_probability(edge)
+    tp_, fp, fn = float(pos[edge:].sum()), float(neg[edge:].sum()), float(pos[:edge].sum())
+    # Undefined ratios are 0, as shared.metrics.precision_recall_f1 reports them.
+    precision_ = tp_ / (tp_ + fp) if tp_ + fp > 0 else 0.0
+    recall = tp_ / (tp_ + fn) if tp_ + fn > 0 else 0.0
+    out["ctr_precision"], out["ctr_recall"] = precision_, recall
+    out["ctr_f1"] = 2 * precision_ * recall / (precision_ + recall) if precision_ + recall > 0 else 0.0
+    return out
 
 
 def release(

@@ -331,8 +331,7 @@ class Federation:
                 weights[key] = weights.get(key, 0.0) + weight
         report.eval_metrics = {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
         if report.eval_metrics:
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in sorted(report.eval_metrics.items()))
-            log.info("round %d evaluation (noised): %s", rnd, shown)
+            log.info("round %d evaluation (noised): %s", rnd, report.eval_text())
 
     def _collect(self, messages: list[Message], *, phase: str, rnd: int) -> list[tuple[int, Message | None]]:
         """Push messages, then gather replies as they come (logging each), up to the round timeout."""

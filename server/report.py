@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from server.ledger import PrivacyLedger
+from server.round_report import shown_metrics
 from server.run_log import RunLog
 from shared import atomic
 from shared.jsonable import finite
@@ -46,10 +47,11 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"fedshop run finished: {summary['rounds_completed']} round(s); {summary['stopped_because']}"]
     if summary["final_eval"]:
-        lines.append("utility on merchants' held-out data (last round; DP: from noised sums, client.release):")
-        for key, value in sorted(summary["final_eval"].items()):
-            if value is not None and key != EVAL_LOSS:
-                lines.append(f"  {key:<22} {value:.4f}")
+        lines.append("utility on merchants' held-out data (last round; DP: from noised sums, client.release; "
+                     "baselines in brackets):")
+        for key, value, note in shown_metrics(summary["final_eval"]):
+            if key != EVAL_LOSS:
+                lines.append(f"  {key:<22} {value:.4f}" + (f"  {note}" if note else ""))
     lines.append("privacy spent per merchant (ε at δ, cumulative / budget):")
     for merchant, p in summary["privacy"].items():
         eps = "no DP" if not math.isfinite(p["epsilon"]) else f"{p['epsilon']:.3f}"

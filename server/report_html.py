@@ -37,7 +37,7 @@ from server.ledger import PrivacyLedger, SpendRecord
 from server.report import run_summary
 from server.run_log import RunLog
 from shared import atomic
-from shared.metrics import HIGHER_IS_BETTER
+from shared.metrics import BASELINE_SUFFIX, BASELINES, HIGHER_IS_BETTER, baseline_key
 from shared.privacy.events import RELEASE_EVALUATION, RELEASE_UPDATE
 from shared.run_files import CONFIG_FILE, LEDGER_FILE, REPORT_FILE, SUMMARY_FILE
 from shared.wire import EVAL_LOSS
@@ -107,14 +107,20 @@ def _read(run_dir: Path) -> _Run:
                 audit_error=audit_error)
 
 
-def _utility_series(rounds: Sequence[Mapping[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+def _utility_series(rounds: Sequence[Mapping[str, Any]], *, baselines: bool = False
+                    ) -> dict[str, list[tuple[int, float]]]:
     """metric -> (round, value) for every round that released it; the loss is left out, as the
-    summary leaves it out (it duplicates a head's own loss metric), and so are undefined values."""
+    summary leaves it out (it duplicates a head's own loss metric), and so are undefined values.
+    The released baselines (``<metric>_baseline``, ``shared.metrics.BASELINES``) are drawn on
+    their metric's plot, not plots of their own: ``baselines=True`` gives them instead, keyed by
+    their metric."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in rounds:
         for key, value in (row.get("eval_metrics") or {}).items():
-            if key != EVAL_LOSS and isinstance(value, int | float) and math.isfinite(value):
-                series[key].append((int(row["round"]), float(value)))
+            if key == EVAL_LOSS or not (isinstance(value, int | float) and math.isfinite(value)):
+                continue
+            if key.endswith(BASELINE_SUFFIX) == baselines:
+                series[key.removesuffix(BASELINE_SUFFIX)].append((int(row["round"]), float(value)))
     return dict(sorted(series.items()))
 
 
@@ -142,7 +148,8 @@ def _per_merchant_utility(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict
     for row in rounds:
         for merchant, metrics in (row.get(PER_MERCHANT_KEY) or {}).items():
             for key, value in (metrics or {}).items():
-                if key != EVAL_LOSS and isinstance(value, int | float) and math.isfinite(value):
+                if (key != EVAL_LOSS and not key.endswith(BASELINE_SUFFIX) and isinstance(value, int | float)
+                        and math.isfinite(value)):
                     found[key][str(merchant)].append((int(row["round"]), float(value)))
     return {k: dict(v) for k, v in sorted(found.items())}
 
@@ -239,7 +246,8 @@ def _integer_rounds(ax: Any) -> None:
 
 
 def _utility_figure(series: Mapping[str, list[tuple[int, float]]],
-                    baselines: Mapping[str, Mapping[str, float]]) -> Any:
+                    baselines: Mapping[str, Mapping[str, float]],
+                    released: Mapping[str, list[tuple[int, float]]]) -> Any:
     columns = min(3, len(series))
     rows = math.ceil(len(series) / columns)
     fig = _figure(3.4 * columns, 2.7 * rows)
@@ -247,6 +255,10 @@ def _utility_figure(series: Mapping[str, list[tuple[int, float]]],
     for i, (metric, points) in enumerate(series.items()):
         ax = fig.add_subplot(rows, columns, i + 1)
         ax.plot([p[0] for p in points], [p[1] for p in points], "-o", ms=3, label="federated (noised)")
+        if metric in released:  # the baseline released beside it, from the same noised sums
+            ax.plot([p[0] for p in released[metric]], [p[1] for p in released[metric]], "--", lw=1.2,
+                    color=_colours()[1], label=_mpl(BASELINES.get(metric, "baseline")))
+            ax.legend(fontsize=7)
         for j, (name, values) in enumerate(baselines.items()):
             if metric in values:
                 ax.axhline(values[metric], color="grey", ls=styles[j % len(styles)], lw=1, label=_mpl(name))
@@ -370,6 +382,7 @@ def _verdict_badge(run: _Run) -> str:
 
 def _utility_section(run: _Run) -> str:
     series = _utility_series(run.rounds)
+    released = _utility_series(run.rounds, baselines=True)
     baselines = _baselines(run.summary)
     dp = run.config.get("dp") is not False
     noised = (
@@ -388,9 +401,11 @@ def _utility_section(run: _Run) -> str:
                      "or no round finished).</p>")
     else:
         alt = "utility per round: " + ", ".join(series)
-        parts.append(f"<figure>{_img(_utility_figure(series, baselines), alt)}<figcaption>Each metric per round, "
-                     "as released (noised)"
-                     + (", dashed: baselines from the summary" if baselines else "") + ".</figcaption></figure>")
+        parts.append(f"<figure>{_img(_utility_figure(series, baselines, released), alt)}<figcaption>Each metric per "
+                     "round, as released (noised)"
+                     + (", dashed in colour: the baseline released beside it (a constant or random-order predictor "
+                        "scored on the same noised sums)" if released else "")
+                     + (", dashed grey: baselines from the summary" if baselines else "") + ".</figcaption></figure>")
         names = list(baselines)
         rows = []
         for metric, points in series.items():
@@ -400,16 +415,26 @@ def _utility_section(run: _Run) -> str:
             rows.append([_e(metric), "↑" if better else "↓" if better is not None else "",
                          f"{points[-1][1]:.4f} (round {points[-1][0]})",
                          "" if best is None else f"{best:.4f}",
+                         *([_released_baseline(metric, released)] if released else []),
                          *(f"{baselines[n][metric]:.4f}" if metric in baselines[n] else "–" for n in names)])
         parts.append(_table(["metric", "better", "last released", "best round",
+                             *(["released baseline (last)"] if released else []),
                              *(f"baseline: {n}" for n in names)], rows,
-                            classes=["", "", "num", "num", *(["num"] * len(names))]))
-    if not baselines:
+                            classes=["", "", "num", "num", *(["num"] if released else []), *(["num"] * len(names))]))
+    if not baselines and not released:
         parts.append("<p class=\"note\">This run's summary carries no baselines (no <code>baselines</code> in "
                      "summary.json), so none are drawn. When it does — <code>{\"metric\": value}</code> or "
                      "<code>{\"name\": {\"metric\": value}}</code>, e.g. the constant predictor or the merchants "
                      "alone — they appear here as dashed lines and table columns.</p>")
     return "\n".join(parts)
+
+
+def _released_baseline(metric: str, released: Mapping[str, list[tuple[int, float]]]) -> str:
+    """The last released ``<metric>_baseline`` and what it is, or a dash."""
+    if metric not in released:
+        return "–"
+    rnd, value = released[metric][-1]
+    return f"{value:.4f} ({_e(BASELINES.get(metric, baseline_key(metric)))}, round {rnd})"
 
 
 def _per_merchant_section(run: _Run, merchants: list[_Merchant]) -> str:

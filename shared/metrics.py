@@ -34,9 +34,12 @@ from numpy.typing import ArrayLike, NDArray
 FloatArray = NDArray[np.float64]
 
 # Metric name -> whether a larger value is better. Early stopping and "best round" selection
-# read this instead of guessing from the name.
+# read this instead of guessing from the name. A baseline (``<metric>_baseline``: what a
+# model-free predictor scores on the same held-out data, see ``BASELINES``) runs the same way as
+# its metric, so a report can compare the two; it is no target (``STOPPING_METRICS``).
 HIGHER_IS_BETTER: dict[str, bool] = {
     "ctr_auc": True,
+    "ctr_ap": True,
     "ctr_logloss": False,
     "ctr_precision": True,
     "ctr_recall": True,
@@ -48,6 +51,34 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "relevance_recall@10": True,
     "relevance_rmse": False,
 }
+
+BASELINE_SUFFIX = "_baseline"
+# Metric -> the model-free predictor its ``<metric>_baseline`` scores (the run summary prints it
+# beside the metric): the constant held-out base rate (ctr), the constant held-out mean (rating,
+# relevance grades), a uniformly random order of each query's candidates (expected value).
+BASELINES: dict[str, str] = {
+    "ctr_logloss": "constant base rate",
+    "rating_rmse": "constant mean",
+    "relevance_rmse": "constant mean",
+    "relevance_ndcg@10": "random order",
+    "relevance_mrr": "random order",
+}
+# The threshold ctr's precision, recall and F1 are taken at (the held-out base rate): reported
+# beside them, but a setting, not a metric: it has no better direction.
+THRESHOLD_KEY = "ctr_threshold"
+
+
+def baseline_key(metric: str) -> str:
+    """The key of ``metric``'s baseline: ``<metric>_baseline``."""
+    return metric + BASELINE_SUFFIX
+
+
+HIGHER_IS_BETTER.update({baseline_key(m): HIGHER_IS_BETTER[m] for m in BASELINES})
+
+# What a run may stop early on (or pick a best round by): the metrics proper. A baseline moves
+# only with the held-out data (and, released, its noise), the threshold is a setting: stopping on
+# either would stop on noise.
+STOPPING_METRICS: frozenset[str] = frozenset(k for k in HIGHER_IS_BETTER if not k.endswith(BASELINE_SUFFIX))
 
 _TASKS = ("ctr", "rating", "relevance")
 
@@ -178,6 +209,28 @@ def precision_recall_f1(labels: ArrayLike, probs: ArrayLike, *, threshold: float
     return {"precision": precision, "recall": recall, "f1": f1}
 
 
+def average_precision(labels: ArrayLike, scores: ArrayLike) -> float:
+    """Average precision: the precision at each threshold times the recall it adds, summed.
+
+    Tied scores form one threshold: a tie block is admitted whole, at the precision of the
+    block's end (as scikit-learn's ``average_precision_score``), so the value never depends on
+    the input order of tied items. That is also what a histogram of binned scores can resolve
+    (``client.release``: every bin one threshold), so the two agree on binned scores. Returns
+    ``nan`` when there is no positive (no recall to add).
+    """
+    y, s = _pair("labels", labels, "scores", scores)
+    _check_binary("labels", y)
+    n_pos = float(y.sum())
+    if n_pos == 0:
+        return float("nan")
+    # Tie blocks from the highest score down: positives and items per block.
+    unique, inverse = np.unique(-s, return_inverse=True)
+    block_pos = np.bincount(inverse, weights=y, minlength=unique.size)
+    block_all = np.bincount(inverse, minlength=unique.size).astype(np.float64)
+    precision = np.cumsum(block_pos) / np.cumsum(block_all)
+    return float(np.sum(precision * block_pos) / n_pos)
+
+
 # ----------------------------------------------------------------------------- regression
 
 
@@ -299,6 +352,71 @@ def recall_at_k(
     return _mean_or_nan(per_group)
 
 
+def informative(groups: Sequence[Hashable] | NDArray[Any], labels: ArrayLike) -> NDArray[np.bool_]:
+    """Which items belong to a group whose items carry at least two distinct labels.
+
+    A group with one grade (all exact matches, all irrelevant) scores NDCG = MRR = recall = 1
+    (or nothing) under every ordering: it says nothing about the model and only pulls every
+    ranking mean towards 1. The rule of ``benchmarks.utility.informative``; ``task_metrics``
+    and ``client.release`` score ranking on these groups only.
+    """
+    y = _as_1d("labels", labels)
+    if len(groups) != y.size:
+        raise ValueError(f"groups and labels must have the same length; got {len(groups)} and {y.size}")
+    keys = groups.tolist() if isinstance(groups, np.ndarray) else list(groups)
+    grades: dict[Hashable, set[float]] = {}
+    for key, label in zip(keys, y.tolist(), strict=True):
+        grades.setdefault(key, set()).add(label)
+    return np.array([len(grades[key]) > 1 for key in keys], dtype=np.bool_)
+
+
+def random_order_ndcg(labels: ArrayLike, *, k: int = 10) -> float:
+    """One group's expected NDCG@k under a uniformly random order of its items (exact).
+
+    Every item lands on each position with probability 1/n, so E[DCG@k] = Σ_i gain_i ·
+    (1/n)·Σ_{pos=1..min(k,n)} 1/log2(pos+1), with ``ndcg_at_k``'s gain ``2**label - 1``; the
+    ideal DCG does not depend on the order. ``nan`` when the ideal DCG is 0 (as ``ndcg_at_k``
+    skips such a group).
+    """
+    _check_k(k)
+    y = _as_1d("labels", labels)
+    if y.size == 0:
+        raise ValueError("labels is empty; the metric is undefined")
+    if (y < 0.0).any():
+        raise ValueError(f"labels must be >= 0 for NDCG; got {float(y.min())}")
+    top = min(k, y.size)
+    discounts = 1.0 / np.log2(np.arange(2, top + 2))
+    ideal_dcg = float(np.sum((2.0 ** np.sort(y)[::-1][:top] - 1.0) * discounts))
+    if ideal_dcg == 0.0:
+        return float("nan")
+    expected_dcg = float(np.sum(2.0**y - 1.0)) * float(discounts.sum()) / y.size
+    return expected_dcg / ideal_dcg
+
+
+def random_order_mrr(labels: ArrayLike, *, relevant_threshold: float = 1) -> float:
+    """One group's expected reciprocal rank of its first relevant item under a uniformly random
+    order (exact): with r relevant among n, the first relevant item is at position j with
+    probability C(n−j, r−1) / C(n, r). ``nan`` when nothing is relevant (as ``mrr`` skips it)."""
+    _check_threshold("relevant_threshold", relevant_threshold)
+    y = _as_1d("labels", labels)
+    n, r = y.size, int(np.sum(y >= relevant_threshold))
+    if r == 0:
+        return float("nan")
+    total = math.comb(n, r)
+    return float(sum(math.comb(n - j, r - 1) / total / j for j in range(1, n - r + 2)))
+
+
+def _random_order_mean(groups: Sequence[Hashable] | NDArray[Any], labels: FloatArray, metric: str) -> float:
+    """The mean over groups of ``random_order_ndcg`` (k = 10) or ``random_order_mrr``; groups
+    where it is undefined are skipped, as the metric itself skips them."""
+    keys = groups.tolist() if isinstance(groups, np.ndarray) else list(groups)
+    members: dict[Hashable, list[float]] = {}
+    for key, label in zip(keys, labels.tolist(), strict=True):
+        members.setdefault(key, []).append(label)
+    per_group = [random_order_ndcg(v, k=10) if metric == "ndcg" else random_order_mrr(v) for v in members.values()]
+    return _mean_or_nan([v for v in per_group if not math.isnan(v)])
+
+
 # ----------------------------------------------------------------------------- per task
 
 
@@ -309,14 +427,23 @@ def task_metrics(
     preds: ArrayLike,
     groups: Sequence[Hashable] | NDArray[Any],
 ) -> dict[str, float]:
-    """The evaluation metrics of one task, keyed ``<task>_<metric>`` as in ``HIGHER_IS_BETTER``.
+    """The evaluation metrics of one task, keyed ``<task>_<metric>`` as in ``HIGHER_IS_BETTER``,
+    with the baselines beside them (``BASELINES``) and ctr's threshold (``THRESHOLD_KEY``).
 
     ``preds`` are on the task's natural scale (``shared.tasks.predictions``): probabilities for
     ctr, stars in [1, 5] for rating, expected grade in [0, 3] for relevance. ``groups`` must be
     aligned with ``targets`` for every task (a mismatch means a bookkeeping bug upstream), but
     only relevance uses it. Empty input gives ``{}``. Metrics that are undefined on this data
-    (ctr_auc with one class; ranking metrics with no relevant item) are left out rather than
-    reported as NaN, so averaging over merchants only sees real values.
+    (ctr_auc and ctr_ap with one class; ranking metrics with no informative query) are left
+    out rather than reported as NaN, so averaging over merchants only sees real values.
+
+    The same keys as ``client.release.metrics_from_sums`` releases, computed exactly:
+
+    - ctr: precision, recall and F1 at the held-out base rate (``ctr_threshold``: predict
+      positive when the model says more likely than average; at 0.5 a base rate of 0.8 makes
+      every prediction positive, recall 1); the log-loss of that constant as the baseline.
+    - rating, relevance: the RMSE of the constant held-out mean (the targets' standard deviation).
+    - relevance ranking: on ``informative`` queries only, each with its random-order expectation.
     """
     if task not in _TASKS:
         raise ValueError(f"task must be one of {', '.join(_TASKS)}; got {task!r}")
@@ -330,21 +457,32 @@ def task_metrics(
         return {}
 
     if task == "ctr":
-        prf = precision_recall_f1(t, p)
+        base_rate = float(np.mean(t))
+        prf = precision_recall_f1(t, p, threshold=base_rate)
         values = {
             "ctr_auc": auc(t, p),
+            "ctr_ap": average_precision(t, p),
             "ctr_logloss": log_loss(t, p),
+            "ctr_logloss_baseline": log_loss(t, np.full_like(t, base_rate)),
             "ctr_precision": prf["precision"],
             "ctr_recall": prf["recall"],
             "ctr_f1": prf["f1"],
+            THRESHOLD_KEY: base_rate,
         }
     elif task == "rating":
-        values = {"rating_rmse": rmse(t, p), "rating_mae": mae(t, p)}
+        values = {"rating_rmse": rmse(t, p), "rating_rmse_baseline": float(np.std(t)), "rating_mae": mae(t, p)}
     else:
-        values = {
-            "relevance_ndcg@10": ndcg_at_k(groups, t, p, k=10),
-            "relevance_mrr": mrr(groups, t, p),
-            "relevance_recall@10": recall_at_k(groups, t, p, k=10),
-            "relevance_rmse": rmse(t, p),
-        }
+        values = {"relevance_rmse": rmse(t, p), "relevance_rmse_baseline": float(np.std(t))}
+        keep = informative(groups, t)
+        if keep.any():
+            kept = [g for g, k in zip(groups.tolist() if isinstance(groups, np.ndarray) else groups, keep,
+                                      strict=True) if k]
+            tk, pk = t[keep], p[keep]
+            values |= {
+                "relevance_ndcg@10": ndcg_at_k(kept, tk, pk, k=10),
+                "relevance_ndcg@10_baseline": _random_order_mean(kept, tk, "ndcg"),
+                "relevance_mrr": mrr(kept, tk, pk),
+                "relevance_mrr_baseline": _random_order_mean(kept, tk, "mrr"),
+                "relevance_recall@10": recall_at_k(kept, tk, pk, k=10),
+            }
     return {name: value for name, value in values.items() if not math.isnan(value)}

@@ -32,6 +32,7 @@ from shared.privacy.accounting import epsilon
 from shared.privacy.budget import PrivacyState
 from shared.privacy.events import MechanismEvent
 from shared.run_files import LEDGER_FILE
+from shared.tasks import Example
 from shared.wire import (
     ARRAYS,
     CONFIG,
@@ -172,8 +173,20 @@ def test_metrics_from_exact_sums_are_the_exact_metrics(merchant_dir: Path) -> No
     # The AUC of the scores as binned (ties counted half): what the histogram can resolve.
     ctr = [i for i, e in enumerate(test) if e.task == "ctr"]
     binned = [release.score_bin(float(preds[i])) for i in ctr]
-    assert got["ctr_auc"] == pytest.approx(metrics_lib.auc([test[i].target for i in ctr], binned), abs=1e-9)
-    for key in ("relevance_rmse", "relevance_ndcg@10", "relevance_mrr", "relevance_recall@10"):
+    labels = [test[i].target for i in ctr]
+    assert got["ctr_auc"] == pytest.approx(metrics_lib.auc(labels, binned), abs=1e-9)
+    assert got["ctr_ap"] == pytest.approx(metrics_lib.average_precision(labels, binned), abs=1e-9)
+    # The baselines of one-row units are exact: the base rate's log-loss, the mean's RMSE.
+    for key in ("ctr_logloss_baseline", "rating_rmse_baseline"):
+        assert got[key] == pytest.approx(want[key], abs=1e-9), key
+    # Precision, recall and F1 at the released threshold: the base rate, snapped to a bin edge.
+    assert got["ctr_threshold"] == pytest.approx(
+        release.bin_edge_probability(release.threshold_edge(float(np.mean(labels)))))
+    assert abs(got["ctr_threshold"] - want["ctr_threshold"]) <= 0.1  # one bin: logit ±0.25 around the rate
+    prf = metrics_lib.precision_recall_f1(labels, preds[ctr], threshold=got["ctr_threshold"])
+    assert (got["ctr_precision"], got["ctr_recall"]) == pytest.approx((prf["precision"], prf["recall"]), abs=1e-9)
+    for key in ("relevance_rmse", "relevance_ndcg@10", "relevance_mrr", "relevance_recall@10",
+                "relevance_rmse_baseline", "relevance_ndcg@10_baseline", "relevance_mrr_baseline"):
         assert got[key] == pytest.approx(want[key], abs=0.2), key
 
 
@@ -220,3 +233,159 @@ def test_the_merchants_node_config_wins_over_the_run_config() -> None:
     # The default: one evaluation costs a small ε at δ = 1e-5 (docs/privacy.md quotes it).
     default = release.EvalSettings.resolve({}, RunConfig()).mechanism
     assert epsilon([default], 1e-5) == pytest.approx(0.73, abs=0.01)  # replace-one: sensitivity 2 C_eval
+
+
+# ----------------------------------------------------------------------------- baselines, AP, threshold
+# Hand-made held-out sets fed straight to ``contributions`` (losses and predictions given): no model.
+
+
+def interaction(i: int, *, clicked: bool, stars: float | None = None) -> list[Example]:
+    """One interaction record: its ctr example, and its rating example when it has stars."""
+    common = dict(context=f"user {i}", product=f"item {i}", group=f"u{i}", product_id=f"p{i}", record=f"r{i}")
+    rows = [Example(task="ctr", target=float(clicked), **common)]  # type: ignore[arg-type]
+    if stars is not None:
+        rows.append(Example(task="rating", target=stars, **common))  # type: ignore[arg-type]
+    return rows
+
+
+def judgments(query: str, grades: list[int]) -> list[Example]:
+    return [Example(task="relevance", context=query, product=f"{query} {j}", target=float(g), group=query,
+                    product_id=f"{query}-{j}") for j, g in enumerate(grades)]
+
+
+def test_a_one_record_unit_is_never_clipped_and_the_worst_fills_the_bound() -> None:
+    """One record (here a click with its rating) fits in C_eval after the scale: every one-record
+    unit keeps the same weight (its count coordinate is the scale), which clipping would break
+    for the worst record if a row's bound (``_OWN``) were too small; that worst record (loss
+    at the clip, the largest error, the top star) reaches norm C_eval exactly."""
+    examples = [*interaction(0, clicked=True, stars=5.0), *interaction(1, clicked=False, stars=3.0),
+                *interaction(2, clicked=True, stars=1.0)]
+    tasks = ("ctr", "rating")
+    losses = np.array([99.0, 99.0, 0.1, 0.2, 0.3, 0.0])  # the first record's loss past the clip
+    preds = np.array([0.01, 1.0, 0.4, 3.0, 0.9, 1.0])  # its rating: predicted 1 star for 5
+    rows = release.contributions(examples, losses, preds, tasks, unit="record")
+    names = release.layout(tasks)
+    scale = release.unit_scale(tasks)
+    assert scale == pytest.approx(1 / 3)  # ctr's 3 + rating's 6 coordinates at most 1
+    assert rows[:, names.index("ctr/count")] == pytest.approx([scale] * 3, rel=1e-12)
+    assert rows[:, names.index("rating/count")] == pytest.approx([scale] * 3, rel=1e-12)
+    norms = np.linalg.norm(rows, axis=1)
+    assert norms[0] == pytest.approx(release.EVAL_CLIP_NORM, rel=1e-12) and (norms[1:] < norms[0]).all()
+    # The rating's new coordinates: the target over the star range, and its square.
+    assert rows[0, names.index("rating/target")] == rows[0, names.index("rating/target_sq")] == pytest.approx(scale)
+    assert rows[1, names.index("rating/target")] == pytest.approx(0.5 * scale)
+    assert rows[1, names.index("rating/target_sq")] == pytest.approx(0.25 * scale)
+
+
+def test_one_querys_block_fits_its_bound() -> None:
+    """The per-query block (count, NDCG, MRR, recall, and their random-order expectations) has
+    six coordinates in [0, 1]: norm at most ``QUERY_BLOCK_BOUND``. Ten exact matches and one
+    irrelevant candidate, ranked perfectly, come close, well past the four-coordinate bound 2."""
+    block = release.query_block([3.0] * 10 + [0.0], np.linspace(1.0, 0.0, 11))
+    assert block[:4].tolist() == [1.0, 1.0, 1.0, 1.0]
+    assert 2.0 < np.linalg.norm(block) <= release.QUERY_BLOCK_BOUND
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(2, 15))
+        grades = rng.integers(0, 4, n).astype(float).tolist()
+        b = release.query_block(grades, rng.random(n))
+        assert ((0.0 <= b) & (b <= 1.0)).all() and np.linalg.norm(b) <= release.QUERY_BLOCK_BOUND + 1e-12
+
+
+def test_released_baselines_equal_the_exact_ones_without_noise() -> None:
+    """With the noise off (the exact sums) or negligible (σ = 1e-9), every released baseline is
+    the exact one ``shared.metrics.task_metrics`` computes, and so are the metrics where no unit
+    is clipped (every unit here is a record or a small query, under its bound)."""
+    examples = [e for i in range(40) for e in interaction(i, clicked=i % 5 != 0, stars=float(1 + i % 5))]
+    examples += judgments("lamp", [0, 1]) + judgments("desk", [0, 2]) + judgments("shoes", [2, 2])
+    rng = np.random.default_rng(3)
+    preds = np.array([float(rng.random()) if e.task == "ctr" else e.target + 0.5 * float(rng.random())
+                      for e in examples])
+    losses = np.zeros(len(examples))
+    tasks = ("ctr", "rating", "relevance")
+    rows = release.contributions(examples, losses, preds, tasks, unit="record")
+    assert np.linalg.norm(rows, axis=1).max() < release.EVAL_CLIP_NORM  # nothing clipped
+    want = metrics_of(examples, preds)
+    for sums in (rows.sum(axis=0), release.noised_sums(rows, 1e-9, seed=0)):
+        got = release.metrics_from_sums(sums, tasks)
+        for key in ("ctr_logloss_baseline", "rating_rmse_baseline", "relevance_rmse_baseline",
+                    "relevance_ndcg@10_baseline", "relevance_mrr_baseline", "relevance_ndcg@10", "relevance_mrr",
+                    "relevance_recall@10", "rating_rmse", "relevance_rmse"):
+            assert got[key] == pytest.approx(want[key], abs=1e-6), key
+    # By hand: base rate 0.8; stars 1..5 evenly: standard deviation sqrt(2); grades 0, 1, 0, 2, 2, 2.
+    got = release.metrics_from_sums(rows.sum(axis=0), tasks)
+    assert got["ctr_logloss_baseline"] == pytest.approx(-(0.8 * np.log(0.8) + 0.2 * np.log(0.2)))
+    assert got["rating_rmse_baseline"] == pytest.approx(np.sqrt(2.0))
+    assert got["relevance_rmse_baseline"] == pytest.approx(np.std([0, 1, 0, 2, 2, 2]))
+    # Ranking counts lamp and desk, not shoes (one grade): their random orders, by hand.
+    assert got["relevance_ndcg@10_baseline"] == pytest.approx((1 + 1 / np.log2(3)) / 2)  # both: half the time first
+    assert got["relevance_mrr_baseline"] == pytest.approx(0.75)
+
+
+def test_a_single_grade_query_does_not_count() -> None:
+    """A query whose candidates share one grade scores NDCG = MRR = 1 whatever the model does:
+    its block is all zeros, and the ranking metrics are the informative query's alone."""
+    examples = judgments("lamp", [0, 1, 2, 3]) + judgments("shoes", [2, 2, 2]) + judgments("hat", [1])
+    preds = np.array([3.0, 2.0, 1.0, 0.0, 0.0, 1.0, 2.0, 0.0])  # lamp ranked worst first
+    rows = release.contributions(examples, np.zeros(8), preds, ("relevance",), unit="record")
+    names = release.layout(("relevance",))
+    block = [names.index(f"relevance/{c}") for c in ("queries", "ndcg", "mrr", "recall", "ndcg_random",
+                                                      "mrr_random")]
+    assert rows[0, block].min() > 0 and not rows[1:, block].any()
+    got = release.metrics_from_sums(rows.sum(axis=0), ("relevance",))
+    lamp = [0.0, 1.0, 2.0, 3.0]
+    assert got["relevance_ndcg@10"] == pytest.approx(metrics_lib.ndcg_at_k([0] * 4, lamp, preds[:4]))
+    assert got["relevance_mrr"] == pytest.approx(1 / 2)  # grade 0 first, grade 1 second
+    assert got["relevance_ndcg@10_baseline"] == pytest.approx(metrics_lib.random_order_ndcg(lamp))
+    assert got["relevance_mrr_baseline"] == pytest.approx(metrics_lib.random_order_mrr(lamp))
+    assert got["relevance_ndcg@10"] < got["relevance_ndcg@10_baseline"]  # worse than chance: visible now
+    exact = metrics_lib.task_metrics("relevance", targets=[e.target for e in examples], preds=preds,
+                                     groups=[e.group for e in examples])
+    for key in ("relevance_ndcg@10", "relevance_mrr", "relevance_ndcg@10_baseline", "relevance_mrr_baseline"):
+        assert got[key] == pytest.approx(exact[key]), key
+
+
+def test_average_precision_from_the_histogram() -> None:
+    """Every score in its own bin: the histogram's AP is the exact AP. Scores sharing bins: the
+    AP of the binned scores, a bin's items admitted together (``shared.metrics`` ties)."""
+    labels = [1, 0, 1, 1, 0, 0, 1, 0]
+    logits = [4.2, 3.3, 2.1, 0.7, -0.4, -1.8, -2.6, -4.1]  # distinct bins of width 0.5
+    examples = [e for i, y in enumerate(labels) for e in interaction(i, clicked=bool(y))]
+    preds = 1 / (1 + np.exp(-np.array(logits)))
+    assert len({release.score_bin(float(p)) for p in preds}) == len(preds)
+    rows = release.contributions(examples, np.zeros(8), preds, ("ctr",), unit="record")
+    got = release.metrics_from_sums(rows.sum(axis=0), ("ctr",))
+    assert got["ctr_ap"] == pytest.approx(metrics_lib.average_precision(labels, preds), abs=1e-12)
+    # (1 + 2/3 + 3/4 + 4/7) / 4: a hand check of the value both give.
+    assert got["ctr_ap"] == pytest.approx((1 + 2 / 3 + 3 / 4 + 4 / 7) / 4)
+    assert got["ctr_ap"] == pytest.approx(metrics_of(examples, preds)["ctr_ap"], abs=1e-12)
+
+    tied = 1 / (1 + np.exp(-np.array([4.2, 4.3, 2.1, 2.2, -0.4, -1.8, -2.6, -2.7])))  # pairs share bins
+    rows = release.contributions(examples, np.zeros(8), tied, ("ctr",), unit="record")
+    got = release.metrics_from_sums(rows.sum(axis=0), ("ctr",))
+    binned = [release.score_bin(float(p)) for p in tied]
+    assert got["ctr_ap"] == pytest.approx(metrics_lib.average_precision(labels, binned), abs=1e-12)
+    assert got["ctr_ap"] != pytest.approx(metrics_lib.average_precision(labels, tied))  # the ties cost
+
+
+def test_precision_recall_and_f1_are_at_the_snapped_base_rate() -> None:
+    """Base rate 0.82, logit 1.516: the nearest bin edge is logit 1.5 (p = 0.8176), released as
+    ``ctr_threshold``; precision, recall and F1 are those of ``prob >= threshold``, not of 0.5,
+    where every prediction here is positive (recall 1, which would say nothing)."""
+    rng = np.random.default_rng(5)
+    labels = [int(i % 50 < 41) for i in range(100)]  # 82 positives
+    examples = [e for i, y in enumerate(labels) for e in interaction(i, clicked=bool(y))]
+    preds = np.clip(np.where(np.array(labels) == 1, 0.85, 0.75) + rng.normal(0, 0.08, 100), 0.55, 0.99)
+    rows = release.contributions(examples, np.zeros(100), preds, ("ctr",), unit="record")
+    got = release.metrics_from_sums(rows.sum(axis=0), ("ctr",))
+    assert release.threshold_edge(0.82) == 13  # (1.516 + 5) / 0.5 = 13.03
+    assert got["ctr_threshold"] == pytest.approx(1 / (1 + np.exp(-1.5)))
+    prf = metrics_lib.precision_recall_f1(labels, preds, threshold=got["ctr_threshold"])
+    assert (got["ctr_precision"], got["ctr_recall"], got["ctr_f1"]) == pytest.approx(
+        (prf["precision"], prf["recall"], prf["f1"]), abs=1e-12)
+    assert metrics_lib.precision_recall_f1(labels, preds)["recall"] == 1.0 > got["ctr_recall"]
+    # The exact (non-private) path thresholds at the unsnapped base rate.
+    assert metrics_of(examples, preds)["ctr_threshold"] == pytest.approx(0.82)
+    # Snapping stays inside the histogram's interior edges, whatever the noise did to the rate.
+    assert release.threshold_edge(0.0) == 1 and release.threshold_edge(1.0) == release.HIST_BINS - 1
+    assert release.threshold_edge(0.5) == release.HIST_BINS // 2

@@ -93,7 +93,8 @@ def test_summary_text(run_dir: Path) -> None:
     text = format_summary(run_summary(run_dir, stopped_because="all rounds done"))
     assert text.splitlines() == [
         "fedshop run finished: 3 round(s); all rounds done",
-        "utility on merchants' held-out data (last round; DP: from noised sums, client.release):",
+        "utility on merchants' held-out data (last round; DP: from noised sums, client.release; baselines in "
+        "brackets):",
         # Sorted; the loss and the undefined metric are left out.
         "  ctr_auc                0.7500",
         "  rating_rmse            1.0625",
@@ -107,6 +108,32 @@ def test_summary_text(run_dir: Path) -> None:
         f"  checkpoints  {run_dir / CHECKPOINTS_DIR}",
         f"  model        {run_dir / MODEL_DIR}",
     ]
+
+
+def test_summary_text_shows_each_baseline_beside_its_metric(run_dir: Path) -> None:
+    """The released baselines and ctr's threshold go beside the metrics they belong to, not on
+    lines of their own; a baseline whose metric the noise left out keeps its own line."""
+    RunLog(run_dir).append(RoundReport(round=4, eval_metrics={
+        "ctr_logloss": 0.36, "ctr_logloss_baseline": 0.47, "ctr_f1": 0.6, "ctr_precision": 0.9, "ctr_recall": 0.45,
+        "ctr_threshold": 0.8176, "rating_rmse": 0.85, "rating_rmse_baseline": 1.02, "relevance_ndcg@10": 0.75,
+        "relevance_ndcg@10_baseline": 0.7, "relevance_mrr_baseline": 0.8, "eval-loss": 0.5}))
+    lines = format_summary(run_summary(run_dir, stopped_because="all rounds done")).splitlines()
+    start = lines.index("privacy spent per merchant (ε at δ, cumulative / budget):")
+    assert lines[2:start] == [
+        "  ctr_f1                 0.6000  (at p ≥ 0.8176)",
+        "  ctr_logloss            0.3600  (constant base rate 0.4700)",
+        "  ctr_precision          0.9000  (at p ≥ 0.8176)",
+        "  ctr_recall             0.4500  (at p ≥ 0.8176)",
+        "  rating_rmse            0.8500  (constant mean 1.0200)",
+        "  relevance_mrr_baseline 0.8000",
+        "  relevance_ndcg@10      0.7500  (random order 0.7000)",
+    ]
+
+
+def test_the_round_log_line_shows_the_baselines_too() -> None:
+    report = RoundReport(round=1, eval_metrics={"ctr_auc": 0.7, "ctr_logloss": 0.36, "ctr_logloss_baseline": 0.47,
+                                                "eval-loss": 0.5, "relevance_ndcg@10": float("nan")})
+    assert report.eval_text() == "ctr_auc 0.7000, ctr_logloss 0.3600 (constant base rate 0.4700), eval-loss 0.5000"
 
 
 def test_a_run_that_recorded_nothing(tmp_path: Path) -> None:

@@ -105,6 +105,26 @@ def test_baselines_and_per_merchant_metrics_are_drawn_when_the_run_carries_them(
     assert "all rounds done" in page and "no summary.json yet" not in page
 
 
+def test_released_baselines_are_drawn_on_their_metrics_plot(run_dir: Path) -> None:
+    """A ``<metric>_baseline`` in the run log is its metric's dashed line and table column, not a
+    plot of its own; the page then needs no note about summary.json's baselines."""
+    with_eval_metrics(run_dir)
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    for row in rows:
+        row["eval_metrics"]["ctr_logloss_baseline"] = 0.5 + 0.01 * row["round"]
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    utility = section(write_report(run_dir).read_text(encoding="utf-8"), "Utility per round")
+    assert 'alt="utility per round: ctr_auc, ctr_logloss"' in utility  # two plots, the baseline on one
+    assert "<th>released baseline (last)</th>" in utility
+    assert "0.5300 (constant base rate, round 3)" in utility
+    assert "<td>ctr_logloss_baseline</td>" not in utility
+    assert "dashed in colour: the baseline released beside it" in utility
+    assert "carries no baselines" not in utility
+    released = report_html._utility_series(rows, baselines=True)
+    assert released == {"ctr_logloss": [(1, 0.51), (2, 0.52), (3, 0.53)]}
+
+
 def test_a_failing_ledger_fails_the_audit_on_the_page(run_dir: Path) -> None:
     with tamper(run_dir) as conn:  # m2 claims less than its recorded mechanisms spent
         conn.execute("UPDATE spend SET epsilon_reported = 0.5 WHERE merchant_id = 'm2' AND round = 3")

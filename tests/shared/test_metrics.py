@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 
@@ -9,13 +10,21 @@ import numpy as np
 import pytest
 
 from shared.metrics import (
+    BASELINES,
     HIGHER_IS_BETTER,
+    STOPPING_METRICS,
+    THRESHOLD_KEY,
     auc,
+    average_precision,
+    baseline_key,
+    informative,
     log_loss,
     mae,
     mrr,
     ndcg_at_k,
     precision_recall_f1,
+    random_order_mrr,
+    random_order_ndcg,
     recall_at_k,
     rmse,
     task_metrics,
@@ -189,6 +198,45 @@ def test_recall_at_k() -> None:
     assert recall_at_k(groups, labels, scores, k=1) == pytest.approx(1 / 6)
 
 
+def test_average_precision_admits_a_tie_block_whole() -> None:
+    # Highest first: 0.9 (pos) P = 1, adds 1/3; 0.8 (neg); the tie at 0.7 (pos, pos) is one
+    # threshold: P = 3/4 there, adds 2/3; 0.1 (neg) adds nothing. AP = (1 + 2 * 3/4) / 3 = 5/6.
+    assert average_precision([1, 0, 1, 1, 0], [0.9, 0.8, 0.7, 0.7, 0.1]) == pytest.approx(5 / 6)
+    # Without ties it is the textbook mean of the precision at each positive: (1 + 2/3 + 3/4) / 3.
+    assert average_precision([1, 0, 1, 1, 0], [0.9, 0.8, 0.75, 0.7, 0.1]) == pytest.approx((1 + 2 / 3 + 3 / 4) / 3)
+    # Input order inside a tie does not matter: a negative tied with a positive costs the same either way.
+    assert average_precision([1, 0], [0.5, 0.5]) == average_precision([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+    assert math.isnan(average_precision([0, 0], [0.2, 0.4]))
+
+
+@pytest.mark.parametrize("labels", [[0, 1], [0, 1, 2], [3, 0, 0, 1, 2], [1, 1, 0], [2, 0, 0, 0, 0, 1, 3]])
+def test_random_order_baselines_are_the_mean_over_every_order(labels: list[int]) -> None:
+    """The closed forms against brute force: the mean of ndcg_at_k and mrr over all n! orders."""
+    n = len(labels)
+    orders = [[labels[i] for i in perm] for perm in itertools.permutations(range(n))]
+    descending = list(range(n, 0, -1))  # scores that rank the order as given
+    for k in (10, 2):
+        brute = np.mean([ndcg_at_k([0] * n, order, descending, k=k) for order in orders])
+        assert random_order_ndcg(labels, k=k) == pytest.approx(brute, rel=1e-12)
+    assert random_order_mrr(labels) == pytest.approx(np.mean([mrr([0] * n, order, descending) for order in orders]),
+                                                     rel=1e-12)
+
+
+def test_random_order_baselines_by_hand_and_undefined() -> None:
+    # Grades [1, 0]: the relevant item is first half the time: MRR (1 + 1/2) / 2 = 3/4, and
+    # NDCG (1 + 1/log2 3) / 2 (the ideal DCG is 1).
+    assert random_order_mrr([1, 0]) == pytest.approx(0.75)
+    assert random_order_ndcg([1, 0]) == pytest.approx((1 + 1 / LOG2_3) / 2)
+    # One grade only: every order is the ideal one.
+    assert random_order_ndcg([2, 2, 2]) == pytest.approx(1.0) and random_order_mrr([2, 2, 2]) == pytest.approx(1.0)
+    assert math.isnan(random_order_ndcg([0, 0])) and math.isnan(random_order_mrr([0, 0]))
+
+
+def test_informative_keeps_groups_with_two_grades() -> None:
+    # a: grades {3, 0} kept; b: {2} (one grade, twice) dropped; c: a single judgment dropped.
+    assert informative(["a", "b", "a", "b", "c"], [3, 2, 0, 2, 1]).tolist() == [True, False, True, False, False]
+
+
 # ----------------------------------------------------------------------------- per task
 
 
@@ -196,7 +244,13 @@ def test_task_metrics_ctr() -> None:
     labels = [1, 1, 0, 0, 1, 0]
     probs = [0.9, 0.4, 0.6, 0.1, 0.5, 0.3]
     out = task_metrics("ctr", targets=labels, preds=probs, groups=[""] * 6)
-    assert set(out) == {"ctr_auc", "ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1"}
+    assert set(out) == {"ctr_auc", "ctr_ap", "ctr_logloss", "ctr_logloss_baseline", "ctr_precision", "ctr_recall",
+                        "ctr_f1", THRESHOLD_KEY}
+    # Highest first: 0.9 (+) P 1; 0.6 (-); 0.5 (+) P 2/3; 0.4 (+) P 3/4 -> (1 + 2/3 + 3/4) / 3
+    assert out["ctr_ap"] == pytest.approx(29 / 36)
+    # Base rate 1/2: the threshold, and the constant's log-loss ln 2.
+    assert out[THRESHOLD_KEY] == 0.5
+    assert out["ctr_logloss_baseline"] == pytest.approx(math.log(2))
     # positives {0.9, 0.4, 0.5} vs negatives {0.6, 0.1, 0.3}: 0.9 wins 3, 0.4 wins 2, 0.5 wins 2 -> 7/9
     assert out["ctr_auc"] == pytest.approx(7 / 9)
     assert out["ctr_logloss"] == pytest.approx(log_loss(labels, probs))
@@ -205,15 +259,29 @@ def test_task_metrics_ctr() -> None:
     assert out["ctr_f1"] == pytest.approx(2 / 3)
 
 
+def test_task_metrics_ctr_thresholds_at_the_base_rate() -> None:
+    # Base rate 4/5. At 0.5 every prediction is positive (precision 0.8, recall 1: says nothing);
+    # at the base rate 0.9, 0.85 and 0.95 are: all positives, 3 of the 4.
+    labels = [1, 1, 1, 1, 0]
+    probs = [0.9, 0.85, 0.7, 0.95, 0.75]
+    assert precision_recall_f1(labels, probs) == pytest.approx({"precision": 0.8, "recall": 1.0, "f1": 8 / 9})
+    out = task_metrics("ctr", targets=labels, preds=probs, groups=[""] * 5)
+    assert out[THRESHOLD_KEY] == pytest.approx(0.8)
+    assert (out["ctr_precision"], out["ctr_recall"], out["ctr_f1"]) == pytest.approx((1.0, 0.75, 6 / 7))
+    assert out["ctr_logloss_baseline"] == pytest.approx(-(0.8 * math.log(0.8) + 0.2 * math.log(0.2)))
+
+
 def test_task_metrics_ctr_one_class_leaves_auc_out() -> None:
     out = task_metrics("ctr", targets=[0, 0], preds=[0.2, 0.4], groups=["u", "v"])
-    assert "ctr_auc" not in out
-    assert set(out) == {"ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1"}
+    assert "ctr_auc" not in out and "ctr_ap" not in out
+    assert set(out) == {"ctr_logloss", "ctr_logloss_baseline", "ctr_precision", "ctr_recall", "ctr_f1", THRESHOLD_KEY}
 
 
 def test_task_metrics_rating() -> None:
     out = task_metrics("rating", targets=[1, 2, 3, 4], preds=[2, 2, 5, 3], groups=["u"] * 4)
-    assert out == pytest.approx({"rating_rmse": math.sqrt(1.5), "rating_mae": 1.0})
+    # The constant mean 2.5 misses by 1.5, 0.5, 0.5, 1.5: RMSE sqrt(5/4).
+    assert out == pytest.approx({"rating_rmse": math.sqrt(1.5), "rating_mae": 1.0,
+                                 "rating_rmse_baseline": math.sqrt(1.25)})
 
 
 def test_task_metrics_relevance() -> None:
@@ -225,9 +293,27 @@ def test_task_metrics_relevance() -> None:
             # a: 3 relevant, all in top 10; b: 2 relevant, both in top 10 -> 1
             "relevance_recall@10": 1.0,
             "relevance_rmse": rmse(GRADES, SCORES),
+            "relevance_rmse_baseline": float(np.std(GRADES)),
+            # c (all grade 0) is not informative: a and b only.
+            "relevance_ndcg@10_baseline": (random_order_ndcg([3, 2, 0, 1]) + random_order_ndcg([1, 0, 2])) / 2,
+            "relevance_mrr_baseline": (random_order_mrr([3, 2, 0, 1]) + random_order_mrr([1, 0, 2])) / 2,
         },
         abs=1e-7,
     )
+
+
+def test_task_metrics_relevance_ranks_informative_queries_only() -> None:
+    # d's two exact matches, ranked any way, would score NDCG = MRR = recall = 1 and pull the
+    # means up: it counts for the RMSE (a pointwise error), not for ranking.
+    with_d = task_metrics("relevance", targets=[*GRADES, 3, 3], preds=[*SCORES, 0.0, 0.1], groups=[*GROUPS, "d", "d"])
+    alone = task_metrics("relevance", targets=GRADES, preds=SCORES, groups=GROUPS)
+    for key in ("relevance_ndcg@10", "relevance_mrr", "relevance_recall@10", "relevance_ndcg@10_baseline",
+                "relevance_mrr_baseline"):
+        assert with_d[key] == alone[key], key
+    assert with_d["relevance_rmse"] == pytest.approx(rmse([*GRADES, 3, 3], [*SCORES, 0.0, 0.1]))
+    # Nothing informative: no ranking keys at all (not NaN, not 1).
+    only_d = task_metrics("relevance", targets=[3, 3], preds=[0.0, 0.1], groups=["d", "d"])
+    assert set(only_d) == {"relevance_rmse", "relevance_rmse_baseline"}
 
 
 def test_task_metrics_empty_and_names() -> None:
@@ -236,8 +322,15 @@ def test_task_metrics_empty_and_names() -> None:
     produced = set()
     for task, targets in (("ctr", [0, 1]), ("rating", [1, 5]), ("relevance", [0, 3])):
         produced |= set(task_metrics(task, targets=targets, preds=[0.5, 0.7], groups=["q", "q"]))
-    assert produced == set(HIGHER_IS_BETTER)
-    assert not HIGHER_IS_BETTER["ctr_logloss"] and HIGHER_IS_BETTER["relevance_ndcg@10"]
+    # Every key has a direction, but the threshold: a setting, not a metric.
+    assert produced == set(HIGHER_IS_BETTER) | {THRESHOLD_KEY}
+    assert not HIGHER_IS_BETTER["ctr_logloss"] and HIGHER_IS_BETTER["relevance_ndcg@10"] and HIGHER_IS_BETTER["ctr_ap"]
+    # A baseline runs as its metric does; neither it nor the threshold is a metric to stop on.
+    for metric in BASELINES:
+        assert HIGHER_IS_BETTER[baseline_key(metric)] == HIGHER_IS_BETTER[metric]
+        assert metric in STOPPING_METRICS and baseline_key(metric) not in STOPPING_METRICS
+    assert THRESHOLD_KEY not in STOPPING_METRICS and THRESHOLD_KEY not in HIGHER_IS_BETTER
+    assert STOPPING_METRICS == set(HIGHER_IS_BETTER) - {baseline_key(m) for m in BASELINES}
 
 
 # ----------------------------------------------------------------------------- bad input
