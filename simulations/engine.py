@@ -91,7 +91,7 @@ def fit_tasks_to_data(config: RunConfig, overrides: Mapping[str, Any]) -> RunCon
     tasks the merchants' data holds; when it holds none of them (a scenario's file run on
     other data: the default on ESCI's judgments), every task it holds. A task the data also
     holds but the scenario leaves out is named in the log, with how to add it."""
-    from client.data import load_merchant, supported_tasks
+    from client.data import DataValidationError, load_merchant, supported_tasks
     from client.merchant import SYNTHETIC_PREFIX, merchant_dirs
     from shared.tasks import TASKS
 
@@ -99,7 +99,12 @@ def fit_tasks_to_data(config: RunConfig, overrides: Mapping[str, Any]) -> RunCon
         return config
     held: set[str] = set()
     for folder in merchant_dirs(Path(config.data_dir)):
-        held.update(supported_tasks(load_merchant(folder)))
+        try:
+            held.update(supported_tasks(load_merchant(folder)))
+        except DataValidationError:
+            # Its own node refuses it and names the problem in the merchant's log; the
+            # operator's side learns only which tasks the valid folders hold (docs/privacy.md).
+            continue
     asked = config.task_names
     kept = [t for t in asked if t in held] or [t for t in TASKS if t in held]
     if not kept:

@@ -211,7 +211,10 @@ def test_evaluate_replies_with_noised_metrics_and_accounts_them(merchant_dir: Pa
     # Metrics from noised sums; one the noise leaves undefined (a histogram all ≤ 0) is left out.
     assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10"} <= set(metrics) <= {
         NUM_EXAMPLES, EVAL_LOSS, "ctr_auc", "ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1", "rating_rmse",
-        "rating_mae", "relevance_rmse", "relevance_ndcg@10", "relevance_mrr", "relevance_recall@10"}
+        "rating_mae", "relevance_rmse", "relevance_ndcg@10", "relevance_mrr", "relevance_recall@10",
+        # the constant predictors' scores, AP and the threshold P/R/F1 are taken at: the same noised sums
+        "ctr_ap", "ctr_threshold", "ctr_logloss_baseline", "rating_rmse_baseline", "relevance_rmse_baseline",
+        "relevance_ndcg@10_baseline", "relevance_mrr_baseline"}
     assert parsed.merchant_id == reply.content.config_records[MERCHANT][MERCHANT_ID] == "shop-a"
     assert ARRAYS not in reply.content.array_records  # evaluation sends no parameters back
     # The release is accounted: its own spend, in the merchant's state and in the reply's facts.

@@ -511,6 +511,7 @@ def test_evaluate_reports_every_task(tokenizer: PreTrainedTokenizerBase) -> None
     assert result.metrics["rating_rmse"] == pytest.approx(rmse, abs=1e-5)
 
     only_ctr = evaluate(model, examples[:3], tokenizer, cfg)
-    assert set(only_ctr.metrics) == {"ctr_auc", "ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1"}
+    assert set(only_ctr.metrics) == {"ctr_auc", "ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1", "ctr_ap",
+                                     "ctr_threshold", "ctr_logloss_baseline"}
     empty = evaluate(model, [], tokenizer, cfg)
     assert empty.num_examples == 0 and empty.metrics == {}
