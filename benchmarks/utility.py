@@ -7,6 +7,11 @@ and sequence length in every arm) it trains and then evaluates, on the *same* he
 records of every merchant (``client.merchant.split_merchant``):
 
 - ``untrained``: the pretrained encoder with fresh heads (the trivial baseline);
+- ``popularity``: no model, no text: per product, each task's smoothed mean target over every
+  merchant's training records pooled, backed off to the product's category and the global mean
+  (``Popularity``); non-private, the reference a private model should beat. ``--arms popularity``
+  adds it to an earlier run's outputs (the other flags name the run) on that run's split, in
+  seconds and without the encoder (``add_arms``, ``stored_split``);
 - ``centralised``: all merchants' training data pooled, non-private, as many optimiser steps
   as the whole federation takes (rounds x merchants per round x local steps);
 - ``local``: each merchant alone, non-private, the steps it would take if sampled every round;
@@ -275,7 +280,12 @@ class Dataset:
         self.config = engine.build_config(self.scenario, {}, out=work / "runs" / name)
         self.private_config(8.0, calls=1)  # the private arms' keys checked now, not an hour in
         self.dirs = merchant_dirs(self.data_dir)
-        self.splits = {d.name: split_merchant(load_merchant(d), self.config) for d in self.dirs}
+        data = {d.name: load_merchant(d) for d in self.dirs}
+        self.splits = {m: split_merchant(merchant, self.config) for m, merchant in data.items()}
+        # Each product's catalogue category (the popularity baseline backs off to it; blank: none).
+        self.categories = {str(pid): str(cat) for merchant in data.values()
+                           for pid, cat in zip(merchant.catalog["product_id"], merchant.catalog["category"],
+                                               strict=True) if isinstance(cat, str) and cat.strip()}
         self.tests = {m: informative(s.test) for m, s in self.splits.items()}
 
     def private_keys(self, epsilon: float, *, calls: int) -> dict[str, Any]:
@@ -446,6 +456,153 @@ def noise_used(run_dir: Path) -> dict[str, float]:
         return {r.merchant_id: r.event.mechanism.noise_multiplier for r in ledger.rows() if r.status == "accepted"}
 
 
+# --------------------------------------------------------------------------- the popularity baseline
+POPULARITY_ARM = "popularity"
+# How many pseudo-records of its parent's value a mean is shrunk with: (sum + a * parent) /
+# (n + a). Small, fixed before any run (never tuned on held-out data): a product seen once
+# moves a third of the way from its category's value to its own target, one seen 20 times
+# about 90 %. Reviews' catalogue entries are single reviews (no product recurs), so there the
+# baseline is per category; ESCI's products recur across queries and have no category.
+POPULARITY_PRIOR = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Popularity:
+    """A non-private reference that reads no text: each task's target averaged per product over
+    the pooled training records of every merchant, shrunk towards the product's category's
+    average, which is shrunk towards the global one (``POPULARITY_PRIOR``). ctr predicts the
+    smoothed positive rate, rating the smoothed mean stars, relevance the smoothed mean grade;
+    a product (or category) with no training record gets its parent's value."""
+
+    prior: float
+    global_mean: dict[str, float]  # task -> mean target over the training records
+    totals: dict[tuple[str, str, str], tuple[float, int]]  # (task, "product"|"category", key) -> (sum, n)
+    categories: dict[str, str]  # product key -> category
+
+    @classmethod
+    def fit(cls, examples: list[Any], categories: dict[str, str], *, prior: float = POPULARITY_PRIOR) -> Popularity:
+        by_task: dict[str, list[float]] = {}
+        totals: dict[tuple[str, str, str], tuple[float, int]] = {}
+        for e in examples:
+            by_task.setdefault(e.task, []).append(float(e.target))
+            key = product_key(e)
+            for level, k in (("product", key), ("category", categories.get(key, ""))):
+                if k:
+                    total, n = totals.get((e.task, level, k), (0.0, 0))
+                    totals[e.task, level, k] = (total + float(e.target), n + 1)
+        return cls(prior, {t: statistics.fmean(v) for t, v in by_task.items()}, totals, categories)
+
+    def value(self, task: str, key: str) -> float:
+        if task not in self.global_mean:
+            raise ValueError(f"popularity: no training record of task {task!r}")
+        value = self.global_mean[task]
+        for level, k in (("category", self.categories.get(key, "")), ("product", key)):
+            total, n = self.totals.get((task, level, k), (0.0, 0))
+            value = (total + self.prior * value) / (n + self.prior)
+        return value
+
+    def seen(self, e: Any, level: str) -> bool:
+        key = product_key(e)
+        return (e.task, level, key if level == "product" else self.categories.get(key, "")) in self.totals
+
+    def predict(self, examples: list[Any]) -> Any:
+        """Each example's prediction on its task's scale (``shared.metrics.task_metrics``).
+        Relevance ties (every unseen product of a query shares one value) are broken by a hash
+        of the product, far below any real difference: the metrics keep input order on ties,
+        and a data file's order is not neutral."""
+        import numpy as np
+
+        return np.array([self.value(e.task, product_key(e))
+                         + (1e-9 * _hash_unit(product_key(e)) if e.task == "relevance" else 0.0)
+                         for e in examples], dtype=float)
+
+
+def product_key(e: Any) -> str:
+    return e.product_id or e.product
+
+
+def _hash_unit(text: str) -> float:
+    """A number in [0, 1) from a stable hash of ``text`` (same on every machine and run)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2.0**64
+
+
+def popularity_arm(dataset: Dataset, train: dict[str, list[Any]], tests: dict[str, list[Any]]) -> Arm:
+    """The popularity baseline fitted on every merchant's ``train`` pooled, scored on ``tests``
+    with the metric code of every other arm; a second or so, no encoder."""
+    from client.evaluation import metrics_of
+
+    start = time.perf_counter()
+    model = Popularity.fit([e for m in dataset.merchants for e in train[m]], dataset.categories)
+    preds = {m: model.predict(t) for m, t in tests.items()}
+    held_out = [e for t in tests.values() for e in t]
+    notes = {"prior": model.prior, "train_examples": sum(len(t) for t in train.values()),
+             **{f"held_out_{level}_seen": sum(model.seen(e, level) for e in held_out) / max(1, len(held_out))
+                for level in ("product", "category")}}
+    arm = Arm(POPULARITY_ARM, [{m: metrics_of(t, preds[m]) for m, t in tests.items()}], time.perf_counter() - start,
+              notes, [preds])
+    log.info("[%s] %s in %.1f s: %s", dataset.name, POPULARITY_ARM, arm.seconds,
+             {m: round(arm.macro(m), 4) for m in HEADLINE[dataset.name]})
+    return arm
+
+
+def stored_split(dataset: Dataset, stored: dict[str, Any], held_out: HeldOut | None
+                 ) -> tuple[dict[str, list[Any]], dict[str, list[Any]], str]:
+    """(training examples, held-out examples, which split) of an earlier run of this dataset,
+    ``stored`` its results and ``held_out`` its held-out file's examples (None: no file), so that
+    an arm added to that run trains on its training records and is scored on its held-out ones.
+
+    Today's split is taken when it is that run's: the same training counts and held-out
+    examples. Runs made before the privacy unit (58b4185) split each record by its own hash
+    (``privacy-unit = "record"`` hashes the same key) and capped the held-out set by examples
+    (98c31e2 caps units): their training records are the record split's, their held-out
+    examples found in its held-out window by (task, group), which must name one example. Any
+    other mismatch is an error: the arm would be scored on other records than the run's."""
+    from client.data import build_examples, load_merchant, split_examples
+
+    train = {m: s.train for m, s in dataset.splits.items()}
+    if _same_split(train, dataset.tests, stored, held_out):
+        return train, dataset.tests, "today's split"
+    c = dataset.config
+    if held_out is None or c.max_train_examples:
+        raise ValueError(f"{dataset.name}: today's split is not the stored run's (training counts "
+                         f"{stored['train_records']} there) and it has no held-out file to match")
+    train, tests = {}, {}
+    for d in dataset.dirs:
+        examples = build_examples(load_merchant(d), conversion_label=c.conversion_label,
+                                  history_length=c.history_length, tasks=c.task_names, privacy_unit="record")
+        train[d.name], window = split_examples(examples, test_fraction=c.test_fraction, seed=c.split_seed,
+                                               offset=c.test_offset, unit="record")
+        by_key: dict[tuple[str, str], list[Any]] = {}
+        for e in window:
+            by_key.setdefault((e.task, str(e.group)), []).append(e)
+        picked = []
+        for task, group, target in zip(held_out.tasks[d.name], held_out.groups[d.name], held_out.targets[d.name],
+                                       strict=True):
+            found = by_key.get((str(task), str(group)), [])
+            if len(found) != 1 or float(found[0].target) != float(target):
+                raise ValueError(f"{dataset.name}/{d.name}: held-out {task} example of {group!r} is not one "
+                                 f"example of the record split's window ({len(found)} found)")
+            picked.append(found[0])
+        tests[d.name] = picked
+    if not _same_split(train, tests, stored, held_out):
+        raise ValueError(f"{dataset.name}: neither today's split nor the record split is the stored run's")
+    return train, tests, "the stored run's record split (privacy-unit = record, held-out examples from its file)"
+
+
+def _same_split(train: dict[str, list[Any]], tests: dict[str, list[Any]], stored: dict[str, Any],
+                held_out: HeldOut | None) -> bool:
+    if {m: len(t) for m, t in train.items()} != stored["train_records"]:
+        return False
+    if {m: len(t) for m, t in tests.items()} != stored["test_examples"]:
+        return False
+    if held_out is None:
+        return True
+    return all([e.task for e in t] == list(held_out.tasks[m]) and [str(e.group) for e in t] == list(held_out.groups[m])
+               and [float(e.target) for e in t] == [float(x) for x in held_out.targets[m]] for m, t in tests.items())
+
+
 # --------------------------------------------------------------------------- the arms
 def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: int = 1, *,
                 with_cold_start: bool = True) -> tuple[dict[str, Any], HeldOut]:
@@ -471,6 +628,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
         return arm
 
     timed("untrained", lambda r: (dataset.evaluate(None), {}), times=1)
+    arms.append(popularity_arm(dataset, {m: s.train for m, s in dataset.splits.items()}, dataset.tests))
     timed("centralised", lambda r: (dataset.evaluate(train_params(dataset, dataset.merchants, steps=total_steps,
                                                                   epochs=1e9, repeat=r)), {}), steps=total_steps)
 
@@ -519,18 +677,47 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
             if with_cold_start else None)
     by_name = {a.name: a for a in arms}
     judged = by_name.get(JUDGED_ARM)
-    held_out = HeldOut.of(dataset.tests, {a.name: a.preds for a in arms if a.name in (JUDGED_ARM, *REFERENCES)})
+    held_out = HeldOut.of(dataset.tests, {a.name: a.preds for a in arms
+                                          if a.name in (JUDGED_ARM, *REFERENCES, POPULARITY_ARM)})
     gap_ci = {} if judged is None else {
-        ref: pooled_bootstrap_gaps([held_out], JUDGED_ARM, ref, HEADLINE[dataset.name]) for ref in REFERENCES}
+        ref: pooled_bootstrap_gaps([held_out], JUDGED_ARM, ref, HEADLINE[dataset.name])
+        for ref in (*REFERENCES, POPULARITY_ARM)}
     return {"gap_ci95": gap_ci, "config": dataset.scenario, "merchants": dataset.merchants, "repeats": repeats,
             "split_seed": c.split_seed, "fold": None if dataset.fold is None else str(dataset.fold),
             "train_records": {m: len(s.train) for m, s in dataset.splits.items()},
             "test_examples": {m: len(t) for m, t in dataset.tests.items()},
             "test_queries": {m: len({e.group for e in t if e.task == "relevance"}) for m, t in dataset.tests.items()},
-            "arms": {a.name: {"seconds": a.seconds, "notes": a.notes, "per_merchant": a.per_merchant,
-                              "macro": {k: a.macro(k) for k in HIGHER_IS_BETTER},
-                              "macro_runs": {k: a.run_macros(k) for k in HIGHER_IS_BETTER}} for a in arms},
-            "cold_start": cold}, held_out
+            "arms": {a.name: arm_record(a) for a in arms}, "cold_start": cold}, held_out
+
+
+def arm_record(a: Arm) -> dict[str, Any]:
+    """One arm as the results file keeps it."""
+    return {"seconds": a.seconds, "notes": a.notes, "per_merchant": a.per_merchant,
+            "macro": {k: a.macro(k) for k in HIGHER_IS_BETTER},
+            "macro_runs": {k: a.run_macros(k) for k in HIGHER_IS_BETTER}}
+
+
+def add_popularity(dataset: Dataset, stored: dict[str, Any], held_out: HeldOut | None) -> HeldOut | None:
+    """The popularity arm added to an earlier run's results of ``dataset`` (``--arms popularity``),
+    on that run's split (``stored_split``), with the judged arm's gap to it when the run kept its
+    held-out predictions; ``stored`` is updated in place, its arms keeping their order (the
+    baseline after the untrained model). The held-out predictions with the baseline's added."""
+    train, tests, how = stored_split(dataset, stored, held_out)
+    arm = popularity_arm(dataset, train, tests)
+    arm.notes["split"] = how
+    arms = {name: data for name, data in stored["arms"].items() if name != POPULARITY_ARM}
+    order = list(arms)
+    at = order.index("untrained") + 1 if "untrained" in order else 0
+    order.insert(at, POPULARITY_ARM)
+    arms[POPULARITY_ARM] = arm_record(arm)
+    stored["arms"] = {name: arms[name] for name in order}
+    if held_out is None:
+        return None
+    held_out = dataclasses.replace(held_out, preds={**held_out.preds, POPULARITY_ARM: arm.preds})
+    if JUDGED_ARM in held_out.preds:
+        stored.setdefault("gap_ci95", {})[POPULARITY_ARM] = pooled_bootstrap_gaps(
+            [held_out], JUDGED_ARM, POPULARITY_ARM, HEADLINE[dataset.name])
+    return held_out
 
 
 def merge_notes(extras: list[dict[str, Any]]) -> dict[str, Any]:
@@ -762,6 +949,9 @@ def markdown(results: dict[str, Any]) -> str:
              f"{results['total_seconds'] / 60:.1f} min. Command: `{results['command']}`.", "",
              "Metrics are macro averages over merchants, on each merchant's held-out records. "
              "Gaps are relative to centralised non-private (positive = worse).", ""]
+    for arm, added in (results.get("added_arms") or {}).items():
+        lines += [f"The `{arm}` arm was added to this run later, on its split: `{added['command']}` "
+                  f"({added['seconds']:.0f} s, {added['machine']}).", ""]
     for name, result in results["datasets"].items():
         metrics = HEADLINE[name]
         repeats = result.get("repeats", 1)
@@ -782,6 +972,13 @@ def markdown(results: dict[str, Any]) -> str:
                                                      for m in metrics)
                          + f" | {sigma} | {data['seconds']:.0f} s |")
         verdict = result.get("verdict", {})
+        if POPULARITY_ARM in result["arms"] and JUDGED_ARM in result["arms"]:
+            ci = result.get("gap_ci95", {}).get(POPULARITY_ARM, {})
+            judged, baseline = result["arms"][JUDGED_ARM]["macro"], result["arms"][POPULARITY_ARM]["macro"]
+            lines += ["", f"{JUDGED_ARM} against the `{POPULARITY_ARM}` baseline (per-product smoothed means of the "
+                      "pooled training records, non-private, no text; positive = worse): " + ", ".join(
+                          f"{m} {_pct(relative_gap(m, judged[m], baseline[m]))}"
+                          + (f" {_interval(ci[m])}" if m in ci else "") for m in metrics) + "."]
         if verdict:
             lines += ["", "Federated DP at ε = 8 against the targets (gaps: point estimate [95 % paired "
                       "bootstrap interval over the held-out examples; queries for relevance]; positive = worse):", "",
@@ -883,14 +1080,20 @@ def plot(results: dict[str, Any], path: Path) -> None:
                            color=color, alpha=0.12)
         # The untrained model sits far off on some metrics; drawn there, it would flatten the
         # differences that matter, so it is named in the title instead when off the scale.
-        untrained = arms["untrained"]["macro"][metric]
+        # So may the popularity baseline (runs from before it have none).
         bottom, top = ax.get_ylim()
         span = top - bottom
         untrained_note = ""
-        if bottom - 0.5 * span <= untrained <= top + 0.5 * span:
-            ax.axhline(untrained, linestyle="-.", color="grey", label="untrained")
-        else:
-            untrained_note = f"\nuntrained: {untrained:.3f} (off the scale)"
+        lines_of: tuple[tuple[str, Any, str], ...] = (("untrained", "-.", "grey"),
+                                                      (POPULARITY_ARM, (0, (1, 2)), "tab:red"))
+        for arm, style, color in lines_of:
+            if arm not in arms:
+                continue
+            value = arms[arm]["macro"][metric]
+            if bottom - 0.5 * span <= value <= top + 0.5 * span:
+                ax.axhline(value, linestyle=style, color=color, label=arm)
+            else:
+                untrained_note += f"\n{arm}: {value:.3f} (off the scale)"
         ax.set_xscale("log")
         ax.set_xticks(xs, [f"{x:g}" for x in xs[:-1]] + ["no DP"])
         ax.minorticks_off()
@@ -974,6 +1177,34 @@ def write_atomic(path: Path, content: str | bytes) -> None:
         atomic.write_text(path, content)
 
 
+def add_arms(stem: Path, args: argparse.Namespace, *, setting: Setting, fold: Fold | None) -> None:
+    """``--arms``: the popularity baseline added to the run whose outputs are at ``stem``."""
+    path = with_extension(stem, ".json")
+    results = json.loads(path.read_text())
+    held_out_file = held_out_path(stem)
+    held_out = read_held_out(held_out_file) if held_out_file.is_file() else {}
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="fedshop-utility-") as tmp:
+        for name in args.datasets:
+            if name not in results["datasets"]:
+                raise KeyError(f"{path} has no {name} results")
+            dataset = Dataset(name, Path(tmp), encoder=args.encoder, quick=args.quick, setting=setting,
+                              split_seed=args.split_seed, fold=fold)
+            added = add_popularity(dataset, results["datasets"][name], held_out.get(name))
+            if added is not None:
+                held_out[name] = added
+    results.setdefault("added_arms", {})[POPULARITY_ARM] = {
+        "command": "python benchmarks/utility.py " + " ".join(sys.argv[1:]),
+        "seconds": time.perf_counter() - start, "machine": f"{os.cpu_count()} CPU cores, {sys.platform}"}
+    write_atomic(path, json.dumps(finite(results), indent=1))
+    write_atomic(with_extension(stem, ".md"), markdown(results))
+    if held_out:
+        write_held_out(held_out_file, held_out)
+    plot(results, with_extension(stem, ".png"))
+    print(markdown(results))
+    print(f"updated: {stem}.json, .md, .png" + (", .heldout.json.gz" if held_out else ""))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["reviews", "esci"], choices=sorted(HEADLINE))
@@ -997,6 +1228,10 @@ def main() -> int:
     parser.add_argument("--set-private", action="append", default=[], metavar="KEY=VALUE", dest="private",
                         help="a run-config key for the DP arms alone, on top of the setting's own for them "
                              "(e.g. weight-decay=0); recorded like --set")
+    parser.add_argument("--arms", nargs="+", choices=[POPULARITY_ARM], default=None,
+                        help="add only these arms to the existing results of the run the other flags name (its "
+                             "STEM.json, .md, .png and .heldout.json.gz rewritten), on that run's split; nothing "
+                             "trains (popularity: seconds, no encoder)")
     parser.add_argument("--quick", action="store_true", help="1 round, 2 steps: checks the pipeline, not utility")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--work-dir", type=Path, default=None, help="keep runs and logs here (default: temporary)")
@@ -1016,6 +1251,13 @@ def main() -> int:
     setting = with_overrides(SETTINGS[args.trainable], overrides, private)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
+    if args.arms:
+        stem = output_stem(args.out_dir, args.trainable, args.datasets, args.split_seed, fold, overrides, private)
+        try:
+            add_arms(stem, args, setting=setting, fold=fold)
+        except (OSError, ValueError, KeyError, ConfigError) as exc:
+            parser.error(f"--arms: {exc}")
+        return 0
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
     start = time.perf_counter()

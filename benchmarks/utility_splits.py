@@ -119,6 +119,8 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
             v["splits_better_than_local"] = sum(g < 0 for g in v["gap_vs_local_per_split"])
             v.update(utility.merchant_gaps(m, merchants[utility.JUDGED_ARM], merchants["centralised"]))
             verdict[m] = v
+        baseline = {} if utility.POPULARITY_ARM not in arm_names else {
+            m: vs_baseline(m, arms, mean, held_out) for m in metrics}
         pooled[name] = {"splits": [split_name(res) for res in results],
                         "repeats": [res.get("repeats", 1) for res in results],
                         "test_queries": [sum(res.get("test_queries", {}).values()) for res in results],
@@ -128,8 +130,23 @@ def pool(runs: list[dict[str, Any]]) -> dict[str, Any]:
                         # what privacy costs without federation.
                         "gap_vs_centralised": {a: {m: utility.relative_gap(m, v, mean["centralised"][m])
                                                    for m, v in by_metric.items()} for a, by_metric in mean.items()},
-                        "per_merchant": merchants, "verdict": verdict}
+                        "per_merchant": merchants, "verdict": verdict,
+                        f"vs_{utility.POPULARITY_ARM}": baseline}
     return pooled
+
+
+def vs_baseline(metric: str, arms: dict[str, dict[str, list[float]]], mean: dict[str, dict[str, float]],
+                held_out: list[utility.HeldOut] | None) -> dict[str, Any]:
+    """The judged arm's gap to the popularity baseline in ``metric``: on the means over splits,
+    split by split, and its pooled interval when every held-out file has the baseline's
+    predictions (``utility.py --arms popularity`` adds them)."""
+    judged, baseline = utility.JUDGED_ARM, utility.POPULARITY_ARM
+    with_preds = held_out is not None and all(baseline in h.preds for h in held_out)
+    return {"gap": utility.relative_gap(metric, mean[judged][metric], mean[baseline][metric]),
+            "gap_ci95": (utility.pooled_bootstrap_gaps(held_out, judged, baseline, (metric,))[metric]
+                         if with_preds and held_out is not None else None),
+            "gap_per_split": [utility.relative_gap(metric, d, b)
+                              for d, b in zip(arms[judged][metric], arms[baseline][metric], strict=True)]}
 
 
 def per_merchant(results: list[dict[str, Any]], arm_names: list[str],
@@ -200,6 +217,14 @@ def markdown(pooled: dict[str, Any]) -> str:
                          f" | {100 * v['gap_vs_local']:+.1f} %{ci['local']} | {utility._yes(v['better_than_local'])} | "
                          f"{v['splits_better_than_local']} / {len(seeds)} | {v['worst_merchant']} "
                          f"({utility._pct(v['worst_merchant_gap'])}) | {per_split} |")
+        if baseline := p.get(f"vs_{utility.POPULARITY_ARM}"):
+            lines += ["", f"{utility.JUDGED_ARM} against the `{utility.POPULARITY_ARM}` baseline (per-product "
+                      "smoothed means of the pooled training records: non-private, reads no text; positive = "
+                      "worse), mean over splits [pooled interval] and per split: " + "; ".join(
+                          f"{metric} {utility._pct(v['gap'])}"
+                          + (f" {utility._interval(v['gap_ci95'])}" if v["gap_ci95"] else "")
+                          + " (" + ", ".join(f"{100 * g:+.1f}" for g in v["gap_per_split"]) + ")"
+                          for metric, v in baseline.items()) + "."]
         lines += per_merchant_table(p)
         pooled_ci = any(v["gap_vs_centralised_ci95"] for v in p["verdict"].values())
         lines += ["", ("In brackets: 95 % paired-bootstrap interval of the pooled gap over the held-out examples "
@@ -233,6 +258,8 @@ def plot(pooled: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(panels), figsize=(3.8 * len(panels), 3.4), squeeze=False)
     styles = {"centralised": ("s", "tab:green"), "local": ("^", "tab:orange"), "federated": ("D", "tab:grey"),
               "centralised-dp-eps-8": ("v", "tab:purple"), utility.JUDGED_ARM: ("o", "tab:blue")}
+    # Not the popularity baseline: far below the trained arms on most metrics, it would flatten
+    # the differences the plot is for (its figures are in the tables).
     for ax, (name, metric) in zip(axes[0], panels, strict=True):
         p = pooled[name]
         xs = list(range(len(p["splits"])))
