@@ -111,15 +111,19 @@ def cmd_train_local(args: argparse.Namespace) -> int:
     scenario = engine.load_scenario(args.scenario) if args.scenario else {}
     overrides = engine.parse_overrides(args.set)
     config = engine.build_config(scenario, overrides, out=None)
+    # As many steps as the federation it stands beside (benchmarks/utility.py's reference arms).
+    plan = local.federation_steps(config, len(args.data), steps=args.steps)
+    config = plan.config
+    log.info("train-local: %d steps (%s)", config.max_local_steps, plan.why)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     result = local.train_local([Path(d) for d in args.data], config, out_dir=out)
-    report = local.describe(result, config)
+    report = local.describe(result, config, steps_why=plan.why)
     (out / "result.json").write_text(json.dumps(finite(report), indent=1))
     if args.json:
         print(json.dumps(finite(report), indent=1))
     else:
-        print(f"trained on {report['examples']} examples, {report['steps']} steps, "
+        print(f"trained on {report['examples']} examples, {report['steps']} steps ({plan.why}), "
               f"mean train loss {report['train_loss']:.4f}")
         if config.dp:
             print(f"privacy: the merchant's cumulative ε = {report['epsilon']:.4f} at δ = {report['delta']:g} "
@@ -318,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
     tl.add_argument("--data", nargs="+", required=True, metavar="DIR", help="merchant folder(s)")
     tl.add_argument("--scenario", help="take run-config defaults from this scenario")
     tl.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
+    tl.add_argument("--steps", type=int, metavar="N",
+                    help="train exactly N steps; default: as many as the federation takes (several folders: "
+                         "rounds x merchants per round x max-local-steps; one folder: rounds x max-local-steps, "
+                         "the steps it takes if sampled every round), in one call whose noise plan fits the "
+                         "merchant's budget")
     tl.add_argument("--out", default="runs/local", help="where the model and result.json go")
     tl.add_argument("--json", action="store_true", help="print the result as JSON")
     tl.set_defaults(func=cmd_train_local)

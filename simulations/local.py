@@ -9,6 +9,15 @@ another ``state-dir``), locked across check → train → commit like a node's c
 (with the run config's budget, logged) if this folder never trained. Several folders with
 ``dp = true`` are refused: the pooled call would spend every merchant's budget at once, which
 one state file cannot record.
+
+How long it trains (``federation_steps``): as ``benchmarks/utility.py``'s reference arms do,
+as many optimiser steps as the federation it stands beside. Pooled folders take the whole
+federation's steps, rounds x merchants per round (at most the folders) x ``max-local-steps``
+(the centralised arm); one folder the steps it would take if sampled every round, rounds x
+``max-local-steps`` over rounds x ``local-epochs`` epochs (the merchant-alone arm). It is one
+call: a noise plan (``noise-plan-calls``) plans σ for that one call of that many steps, so a
+private merchant's run fits its budget for the steps it takes. ``steps`` (``--steps N``)
+trains exactly N steps instead; ``max-local-steps = 0`` (no cap) leaves the epochs to bound it.
 """
 
 from __future__ import annotations
@@ -51,6 +60,49 @@ def load_examples(dirs: list[Path], config: RunConfig) -> tuple[list[Example], d
         train_all.extend(split.train)
         tests[data.merchant_id] = split.test
     return train_all, tests
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """The one call's run config for ``train-local``, and why it takes that many steps."""
+
+    config: RunConfig
+    why: str
+
+
+# Epochs that never bind: the step count alone ends the call (``client.trainer.planned_steps``).
+UNBOUNDED_EPOCHS = 1e9
+
+
+def federation_steps(config: RunConfig, num_folders: int, *, steps: int | None = None) -> StepPlan:
+    """``config`` with the steps of the federation ``train-local`` stands in for (module docstring):
+    ``max_local_steps`` the call's step count, ``local_epochs`` its epochs, and a noise plan for
+    this one call. ``steps``: exactly that many steps instead."""
+    rounds, cap = config.num_server_rounds, config.max_local_steps
+    per_round = min(config.merchants_per_round, num_folders)
+    if steps is not None:
+        if steps < 1:
+            raise ConfigError(f"steps {steps}: must be at least 1")
+        total, epochs, why = steps, UNBOUNDED_EPOCHS, "--steps"
+    elif num_folders > 1:
+        # The centralised arm: every step the federation takes, over all records pooled. With no
+        # cap a call is epoch-bound, and a record is in a sampled merchant's call per_round/n of rounds.
+        total = rounds * per_round * cap
+        epochs = UNBOUNDED_EPOCHS if cap else rounds * config.local_epochs * per_round / num_folders
+        why = (f"the federation's steps: {rounds} rounds x {per_round} merchants per round x "
+               f"max-local-steps {cap}" if cap else
+               f"max-local-steps = 0: {epochs:g} epochs, the federation's ({rounds} rounds x local-epochs "
+               f"{config.local_epochs:g} x {per_round} of {num_folders} merchants per round)")
+    else:
+        # The merchant-alone arm: what it would train in the federation if sampled every round.
+        total, epochs = rounds * cap, rounds * config.local_epochs
+        why = (f"one merchant sampled every round: {rounds} rounds x max-local-steps {cap}, at most {epochs:g} "
+               f"epochs ({rounds} x local-epochs {config.local_epochs:g})" if cap else
+               f"max-local-steps = 0: {epochs:g} epochs ({rounds} rounds x local-epochs {config.local_epochs:g})")
+    # One call holds every round's steps: a noise plan plans σ for it alone (this invocation
+    # makes no other call), so the σ fits the merchant's budget for the steps it takes.
+    plan_calls = min(config.noise_plan_calls, 1)
+    return StepPlan(config.replace(max_local_steps=total, local_epochs=epochs, noise_plan_calls=plan_calls), why)
 
 
 @contextlib.contextmanager
@@ -97,10 +149,11 @@ def train_local(dirs: list[Path], config: RunConfig, *, out_dir: Path, epochs_pr
     return LocalResult(train=result, before=before, after=after, per_merchant=per_merchant)
 
 
-def describe(result: LocalResult, config: RunConfig) -> dict[str, Any]:
+def describe(result: LocalResult, config: RunConfig, *, steps_why: str = "") -> dict[str, Any]:
     return {
         "examples": result.train.num_examples,
         "steps": result.train.steps,
+        "steps_why": steps_why,
         "train_loss": result.train.mean_loss,
         "dp": config.dp,
         "epsilon": result.train.epsilon if config.dp else None,
