@@ -73,8 +73,8 @@ def test_a_private_merchant_alone_plans_its_noise_for_the_steps_it_takes(tmp_pat
     state = PrivacyState.open(folder / ".fedshop" / "privacy-state.json", merchant_id="shop-a",
                               target_epsilon=4.0, target_delta=RunConfig.target_delta)
     (entry,) = state.entries
-    # σ planned for this one call of 6 steps (not 3 calls of 6): it spends most of the budget,
-    # and never more than it.
+    # σ planned for this one call of 6 steps: it spends about all of the budget, never more (σ
+    # planned for 3 such calls, as noise-plan-calls = 3 asked, spent ε ≈ 2.18 of 4).
     assert entry.event.mechanism.steps == 6
-    assert 0.5 * 4.0 < state.epsilon() <= 4.0
+    assert 0.9 * 4.0 < state.epsilon() <= 4.0
     assert alone["epsilon"] == pytest.approx(state.epsilon())
