@@ -15,7 +15,8 @@ beat: the held-out base rate (log-loss), the held-out mean (RMSE), and the train
 - trained: its ledger rounds ≥ half the rounds (every merchant is sampled in every round
   of the default scenario);
 - ε ≥ 80 % of its budget, when it trained;
-- log-loss below the held-out base rate's, RMSE below the held-out mean's.
+- log-loss below the held-out base rate's, RMSE below the held-out mean's, NDCG@10 above a
+  random order's (informative queries only).
 
 Writes a JSON (``--out``; default ``benchmarks/results/default_run-<scenario>.json``) and
 prints a table; exit 1 when a check fails.
@@ -133,6 +134,10 @@ def checks(scored: dict[str, dict[str, float]], summary: dict[str, Any], rounds:
         for task in ("rating", "relevance"):
             if f"{task}_rmse" in m:
                 c[f"{task}_rmse_below_mean"] = m[f"{task}_rmse"] < m[f"{task}_rmse_held_out"]
+        # Ranking, on the queries whose candidates carry two grades or more (shared.metrics):
+        # above the expected NDCG@10 of a random order of the same candidates.
+        if "relevance_ndcg@10" in m and "relevance_ndcg@10_baseline" in m:
+            c["ndcg_above_random_order"] = m["relevance_ndcg@10"] > m["relevance_ndcg@10_baseline"]
         out[merchant] = c
     return out
 
@@ -170,7 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     if timing["wall_s"] is not None:
         print(f"{args.scenario}: wall {timing['wall_s']:.0f} s, peak RSS {timing['peak_rss_gb']} GB")
     columns = [c for c in ("ctr_auc", "ctr_logloss", "ctr_logloss_held_out", "rating_rmse", "rating_rmse_held_out",
-                           "relevance_ndcg@10", "relevance_mrr") if any(c in m for m in scored.values())]
+                           "relevance_ndcg@10", "relevance_ndcg@10_baseline", "relevance_mrr")
+               if any(c in m for m in scored.values())]
     print(f"{'merchant':<12} {'ε':>6} " + " ".join(f"{c:>20}" for c in columns) + "  checks")
     for merchant, m in scored.items():
         eps = summary["privacy"].get(merchant, {}).get("epsilon", float("nan"))

@@ -2,7 +2,7 @@
 
     fedshop [-v] [-q] COMMAND ...   (-q: no progress display)
     fedshop simulate [--scenario reviews] [--out DIR] [--set KEY=VALUE ...] [--resume RUN_DIR]
-    fedshop train-local --data DIR [DIR ...] [--scenario NAME] [--set KEY=VALUE ...] [--out DIR]
+    fedshop train-local --data DIR [DIR ...] [--scenario NAME] [--set KEY=VALUE ...] [--steps N] [--out DIR]
     fedshop audit RUN_DIR [--json] [--plot FILE.png] [--report FILE.md]
     fedshop audit --node-state PATH [RUN_DIR]
     fedshop audit --empirical --data DIR [--canaries M] [--calls K] [--no-noise] [--set KEY=VALUE ...]
