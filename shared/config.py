@@ -218,6 +218,12 @@ class RunConfig:
             raise bad("proximal_mu", "must be a finite number >= 0")
         if self.precondition_corpus and self.trainable != "heads":
             raise bad("precondition_corpus", f"needs trainable = 'heads' (a frozen encoder), not {self.trainable!r}")
+        if self.early_stopping_rounds > 0:
+            from shared.metrics import STOPPING_METRICS  # numpy only; the metric names live there
+
+            if self.early_stopping_metric not in STOPPING_METRICS:
+                raise bad("early_stopping_metric", f"must be one of {sorted(STOPPING_METRICS)} (a released metric "
+                          "with a known better direction; baselines, thresholds and noise scales are not targets)")
         known = {"ctr", "rating", "relevance"}
         unknown = [t for t in self.task_names if t not in known]
         if unknown or not self.task_names:

@@ -197,3 +197,11 @@ def test_pyproject_declares_exactly_the_run_config_defaults() -> None:
         assert table[key] == default and type(table[key]) is type(default), (key, table[key], default)
     # And the table itself is a valid configuration.
     assert RunConfig.from_mapping(table) == RunConfig()
+
+
+@pytest.mark.parametrize("metric", ["ctr_logloss_baseline", "ctr_threshold", "ctr_auc_sd", "eval-loss", "auc"])
+def test_early_stopping_refuses_a_metric_that_is_no_target(metric: str) -> None:
+    with pytest.raises(ConfigError, match=f"'early-stopping-metric' = '{metric}'"):
+        RunConfig.from_mapping({"early-stopping-rounds": 2, "early-stopping-metric": metric})
+    RunConfig.from_mapping({"early-stopping-rounds": 0, "early-stopping-metric": metric})  # off: not read
+    assert RunConfig.from_mapping({"early-stopping-rounds": 2, "early-stopping-metric": "ctr_logloss"}).early_stopping_rounds == 2
