@@ -50,6 +50,19 @@ baselines' E[y²] − E[y]² is taken over the clipped, re-weighted sums alike).
 (N is public: the accounting's neighbours) moves the sum by up to 2·C_eval, which the
 replace-one accountant charges (``shared.privacy.accounting``).
 
+Noise scales (``noise_scales``). At σ_eval = 10 and a few hundred held-out units the noise can
+dominate a figure (a ratio's denominator is a noised count of about units × scale), so each
+released figure ``m`` comes with ``m_sd`` (``shared.metrics.noise_scale_key``): the standard
+deviation of ``metrics_from_sums(s + n_k)`` over ``NOISE_DRAWS`` fresh draws n_k ~ N(0,
+(σ_eval·C_eval)²) per coordinate around the released noised sums s. A parametric bootstrap:
+post-processing of s and the public σ_eval·C_eval only (no data, no privacy cost). It is an
+approximation: centred on the noised point, not the true one, it gives the spread the noise
+alone would give a release whose sums were s (for the ratios, about σ·C_eval·sqrt(1 + r²) /
+count); it says nothing of the sampling error of the held-out set itself. A figure undefined
+(left out) in more than ``MAX_UNDEFINED_SHARE`` of the draws gets no ``_sd``: the noise then
+decides whether it exists at all, and a spread of the draws that happen to define it would
+understate that. ``num-examples`` (public, exact) has none.
+
 Default σ_eval = 10: one evaluation costs ε ≈ 0.73 at δ = 1e-5 alone (replace-one; 0.34 for
 add/remove); composed with the training spend it adds less (see docs/privacy.md).
 """
@@ -88,6 +101,11 @@ HIST_BINS = 20
 LOGIT_RANGE = 5.0
 # The norm bound of one query's block (``_QUERY``: six coordinates, each in [0, 1]).
 QUERY_BLOCK_BOUND = math.sqrt(6.0)
+
+# The noise scales' parametric bootstrap (``noise_scales``): how many extra noise draws, and the
+# share of them a figure may be undefined in and still get an ``_sd``.
+NOISE_DRAWS = 200
+MAX_UNDEFINED_SHARE = 0.1
 
 # Node-config (deployment) or run-config (simulation) keys: the merchant's.
 EVALUATE = "evaluate"
@@ -320,6 +338,32 @@ def metrics_from_sums(sums: np.ndarray, tasks: Sequence[str]) -> dict[str, float
     return {k: v for k, v in out.items() if math.isfinite(v)}
 
 
+def noise_scales(sums: np.ndarray, tasks: Sequence[str], noise_multiplier: float, *, draws: int = NOISE_DRAWS,
+                 seed: int | None = None) -> dict[str, float]:
+    """``<key>_sd`` for every figure ``metrics_from_sums(sums, tasks)`` gives: the standard
+    deviation (ddof 1) of that figure over ``draws`` re-noisings ``sums + n_k``, n_k ~ N(0,
+    (σ·C_eval)²) per coordinate (see the module docstring: post-processing of the released sums
+    and the public σ, an approximation centred on the noised point). A figure undefined in more
+    than ``MAX_UNDEFINED_SHARE`` of the draws gets none. The draws come from a fresh generator
+    (the OS's entropy unless a test passes ``seed``; never torch's global one, and never the
+    release's own noise: ``release`` passes a seed other than the one it noised with)."""
+    if draws < 2:
+        raise ValueError(f"draws must be >= 2; got {draws!r}")
+    point = metrics_from_sums(sums, tasks)
+    if not point:
+        return {}
+    generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+    noise = torch.normal(0.0, noise_multiplier * EVAL_CLIP_NORM, size=(draws, sums.shape[0]), generator=generator,
+                         dtype=torch.float64).numpy()
+    samples: dict[str, list[float]] = {k: [] for k in point}
+    for n in noise:
+        for key, value in metrics_from_sums(sums + n, tasks).items():  # undefined figures are left out
+            if key in samples:
+                samples[key].append(value)
+    need = max(2, math.ceil((1.0 - MAX_UNDEFINED_SHARE) * draws))
+    return {metrics_lib.noise_scale_key(k): float(np.std(v, ddof=1)) for k, v in samples.items() if len(v) >= need}
+
+
 def _ctr_from_histogram(pos: np.ndarray, neg: np.ndarray) -> dict[str, float]:
     """ctr's histogram metrics from the (noised, clipped at 0) per-label bin counts."""
     out: dict[str, float] = {}
@@ -361,11 +405,13 @@ def release(
     seed: int | None = None,
     feature_cache: Path | None = None,
 ) -> dict[str, float]:
-    """The metrics a merchant releases from its held-out ``examples``: noised, plus
-    ``num-examples`` = the held-out unit count (declared public, like the training N). The
-    caller accounts the release (``EvalSettings.mechanism``) before it leaves."""
+    """The metrics a merchant releases from its held-out ``examples``: noised, each with its
+    noise scale ``<key>_sd`` (``noise_scales``: post-processing), plus ``num-examples`` = the
+    held-out unit count (declared public, like the training N). The caller accounts the release
+    (``EvalSettings.mechanism``) before it leaves."""
     tasks = config.task_names
     losses, preds = predict(model, examples, tokenizer, config, device=device, feature_cache=feature_cache)
     unit = config.privacy_unit
     sums = noised_sums(contributions(examples, losses, preds, tasks, unit=unit), noise_multiplier, seed=seed)
-    return {NUM_EXAMPLES: float(unit_count(examples, unit=unit)), **metrics_from_sums(sums, tasks)}
+    scales = noise_scales(sums, tasks, noise_multiplier, seed=None if seed is None else seed + 1)
+    return {NUM_EXAMPLES: float(unit_count(examples, unit=unit)), **metrics_from_sums(sums, tasks), **scales}

@@ -30,13 +30,13 @@ from flwr.serverapp.strategy import Strategy
 from server import checkpoint as ckpt
 from server.ledger import PrivacyLedger
 from server.ledger_record import SpendRecord, spend_record
-from server.round_report import FederationResult, RoundReport
+from server.round_report import FederationResult, RoundReport, combine_metrics
 from server.run_log import RunLog
 from server.screening import screen_update
 from server.strategy import EligibleNodesGrid, build_strategy, restore_strategy_state, strategy_state
 from shared import atomic
 from shared.config import RunConfig
-from shared.metrics import HIGHER_IS_BETTER
+from shared.metrics import HIGHER_IS_BETTER, is_noise_scale
 from shared.run_files import CONFIG_FILE, LEDGER_FILE
 from shared.wire import (
     CLIENT_S,
@@ -45,7 +45,6 @@ from shared.wire import (
     MERCHANT_ID,
     METRICS,
     MODEL_VERSION,
-    NUM_EXAMPLES,
     PRIVACY,
     RUN_ID,
     STATUS_OK,
@@ -143,6 +142,9 @@ class Federation:
         since_best = 0
         stopped = "all rounds done"
         model_version = self.model_version
+        if self.config.early_stopping_rounds and is_noise_scale(self.config.early_stopping_metric):
+            log.warning("early-stopping-metric = %r is a noise scale, not a metric: early stopping is off",
+                        self.config.early_stopping_metric)
         for rnd in range(self.start_round, self.config.num_server_rounds + 1):
             eligible = self._eligible_nodes()
             if not eligible:
@@ -159,7 +161,7 @@ class Federation:
                 extra={"run_id": self.run_id}, extra_arrays=strategy_state(self.strategy)))
             reports.append(report)
             if self.config.early_stopping_rounds:
-                value = report.eval_metrics.get(self.config.early_stopping_metric)
+                value = report.stopping_value(self.config.early_stopping_metric)  # never a noise scale
                 if value is not None:
                     higher = HIGHER_IS_BETTER.get(self.config.early_stopping_metric, True)
                     if best is None or (value > best if higher else value < best):
@@ -295,8 +297,6 @@ class Federation:
         config = ConfigRecord({MODEL_VERSION: model_version, RUN_ID: self.run_id})
         messages = list(self.strategy.configure_evaluate(
             rnd, params_to_record(self.params), config, EligibleNodesGrid(self.grid, nodes)))  # type: ignore[arg-type]
-        totals: dict[str, float] = {}
-        weights: dict[str, float] = {}
         records: list[SpendRecord] = []
         released: list[EvalReply] = []
         for node_id, msg in self._collect(messages, phase="evaluate", rnd=rnd):
@@ -323,13 +323,8 @@ class Federation:
         # The ledger is written before the released metrics are used for anything.
         if records:
             self.ledger.record_round(records)
-        for reply in released:
-            metrics = dict(reply.metrics)
-            weight = float(metrics.pop(NUM_EXAMPLES, 0.0))
-            for key, value in metrics.items():
-                totals[key] = totals.get(key, 0.0) + value * weight
-                weights[key] = weights.get(key, 0.0) + weight
-        report.eval_metrics = {k: totals[k] / weights[k] for k in totals if weights[k] > 0}
+        # Weighted by the public held-out unit counts; the noise scales combined as the mean's.
+        report.eval_metrics = combine_metrics([reply.metrics for reply in released])
         if report.eval_metrics:
             log.info("round %d evaluation (noised): %s", rnd, report.eval_text())
 

@@ -11,6 +11,7 @@ from server.round_report import shown_metrics
 from server.run_log import RunLog
 from shared import atomic
 from shared.jsonable import finite
+from shared.metrics import is_noise_scale
 from shared.privacy.events import RELEASE_EVALUATION, RELEASE_UPDATE
 from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 from shared.wire import EVAL_LOSS
@@ -47,11 +48,13 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
 def format_summary(summary: dict[str, Any]) -> str:
     lines = [f"fedshop run finished: {summary['rounds_completed']} round(s); {summary['stopped_because']}"]
     if summary["final_eval"]:
+        spread = any(is_noise_scale(k) for k in summary["final_eval"])
         lines.append("utility on merchants' held-out data (last round; DP: from noised sums, client.release; "
-                     "baselines in brackets):")
-        for key, value, note in shown_metrics(summary["final_eval"]):
+                     "baselines in brackets" + ("; ± one standard deviation of the noise alone" if spread else "")
+                     + "):")
+        for key, text, note in shown_metrics(summary["final_eval"]):
             if key != EVAL_LOSS:
-                lines.append(f"  {key:<22} {value:.4f}" + (f"  {note}" if note else ""))
+                lines.append(f"  {key:<22} {text}" + (f"  {note}" if note else ""))
     lines.append("privacy spent per merchant (ε at δ, cumulative / budget):")
     for merchant, p in summary["privacy"].items():
         eps = "no DP" if not math.isfinite(p["epsilon"]) else f"{p['epsilon']:.3f}"

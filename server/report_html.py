@@ -37,7 +37,14 @@ from server.ledger import PrivacyLedger, SpendRecord
 from server.report import run_summary
 from server.run_log import RunLog
 from shared import atomic
-from shared.metrics import BASELINE_SUFFIX, BASELINES, HIGHER_IS_BETTER, baseline_key
+from shared.metrics import (
+    BASELINE_SUFFIX,
+    BASELINES,
+    HIGHER_IS_BETTER,
+    NOISE_SCALE_SUFFIX,
+    baseline_key,
+    is_noise_scale,
+)
 from shared.privacy.events import RELEASE_EVALUATION, RELEASE_UPDATE
 from shared.run_files import CONFIG_FILE, LEDGER_FILE, REPORT_FILE, SUMMARY_FILE
 from shared.wire import EVAL_LOSS
@@ -113,15 +120,28 @@ def _utility_series(rounds: Sequence[Mapping[str, Any]], *, baselines: bool = Fa
     summary leaves it out (it duplicates a head's own loss metric), and so are undefined values.
     The released baselines (``<metric>_baseline``, ``shared.metrics.BASELINES``) are drawn on
     their metric's plot, not plots of their own: ``baselines=True`` gives them instead, keyed by
-    their metric."""
+    their metric. Noise scales (``<key>_sd``) are never series (``_noise_scales``)."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in rounds:
         for key, value in (row.get("eval_metrics") or {}).items():
-            if key == EVAL_LOSS or not (isinstance(value, int | float) and math.isfinite(value)):
+            if (key == EVAL_LOSS or is_noise_scale(key)
+                    or not (isinstance(value, int | float) and math.isfinite(value))):
                 continue
             if key.endswith(BASELINE_SUFFIX) == baselines:
                 series[key.removesuffix(BASELINE_SUFFIX)].append((int(row["round"]), float(value)))
     return dict(sorted(series.items()))
+
+
+def _noise_scales(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict[int, float]]:
+    """figure (a metric or a released baseline) -> round -> its released noise scale
+    (``<figure>_sd``, ``client.release.noise_scales``): drawn as a band around the figure and
+    shown as ± in the table, never a plot of its own."""
+    found: dict[str, dict[int, float]] = defaultdict(dict)
+    for row in rounds:
+        for key, value in (row.get("eval_metrics") or {}).items():
+            if is_noise_scale(key) and isinstance(value, int | float) and math.isfinite(value) and value >= 0:
+                found[key.removesuffix(NOISE_SCALE_SUFFIX)][int(row["round"])] = float(value)
+    return dict(found)
 
 
 def _baselines(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -148,8 +168,8 @@ def _per_merchant_utility(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict
     for row in rounds:
         for merchant, metrics in (row.get(PER_MERCHANT_KEY) or {}).items():
             for key, value in (metrics or {}).items():
-                if (key != EVAL_LOSS and not key.endswith(BASELINE_SUFFIX) and isinstance(value, int | float)
-                        and math.isfinite(value)):
+                if (key != EVAL_LOSS and not key.endswith(BASELINE_SUFFIX) and not is_noise_scale(key)
+                        and isinstance(value, int | float) and math.isfinite(value)):
                     found[key][str(merchant)].append((int(row["round"]), float(value)))
     return {k: dict(v) for k, v in sorted(found.items())}
 
@@ -245,19 +265,33 @@ def _integer_rounds(ax: Any) -> None:
     ax.grid(alpha=0.3)
 
 
+def _band(ax: Any, points: Sequence[tuple[int, float]], scales: Mapping[int, float], colour: str) -> None:
+    """± one noise scale around ``points``, on the rounds that released one."""
+    band = [(r, v, scales[r]) for r, v in points if r in scales]
+    if band:
+        ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
+                        color=colour, alpha=0.18, lw=0)
+
+
 def _utility_figure(series: Mapping[str, list[tuple[int, float]]],
                     baselines: Mapping[str, Mapping[str, float]],
-                    released: Mapping[str, list[tuple[int, float]]]) -> Any:
+                    released: Mapping[str, list[tuple[int, float]]],
+                    scales: Mapping[str, Mapping[int, float]] | None = None) -> Any:
     columns = min(3, len(series))
     rows = math.ceil(len(series) / columns)
     fig = _figure(3.4 * columns, 2.7 * rows)
     styles = ["--", ":", "-."]
+    scales = scales or {}
+    colours = _colours()
     for i, (metric, points) in enumerate(series.items()):
         ax = fig.add_subplot(rows, columns, i + 1)
-        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", ms=3, label="federated (noised)")
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", ms=3, color=colours[0],
+                label="federated (noised)")
+        _band(ax, points, scales.get(metric, {}), colours[0])
         if metric in released:  # the baseline released beside it, from the same noised sums
             ax.plot([p[0] for p in released[metric]], [p[1] for p in released[metric]], "--", lw=1.2,
-                    color=_colours()[1], label=_mpl(BASELINES.get(metric, "baseline")))
+                    color=colours[1], label=_mpl(BASELINES.get(metric, "baseline")))
+            _band(ax, released[metric], scales.get(baseline_key(metric), {}), colours[1])
             ax.legend(fontsize=7)
         for j, (name, values) in enumerate(baselines.items()):
             if metric in values:
@@ -383,6 +417,7 @@ def _verdict_badge(run: _Run) -> str:
 def _utility_section(run: _Run) -> str:
     series = _utility_series(run.rounds)
     released = _utility_series(run.rounds, baselines=True)
+    scales = _noise_scales(run.rounds)
     baselines = _baselines(run.summary)
     dp = run.config.get("dp") is not False
     noised = (
@@ -390,7 +425,10 @@ def _utility_section(run: _Run) -> str:
         "held-out data, from sums noised before they left it (σ<sub>eval</sub> = "
         f"{_e(run.config.get('eval-noise-multiplier', 'as configured'))}, on clipped per-unit values) and "
         "accounted in the privacy ledger as an evaluation release; the server averages them weighted by "
-        "held-out size. A change of a few hundredths between rounds can be that noise, not the model.</p>"
+        "held-out size. A change of a few hundredths between rounds can be that noise, not the model: "
+        "each figure's ± (the shaded band) is the standard deviation the noise alone gives it, re-drawn from "
+        "the released sums and σ<sub>eval</sub> (post-processing, no privacy cost), combined across merchants "
+        "as the weighted mean's.</p>"
         if dp else
         "<p class=\"note\">A non-private run: these are the merchants' exact held-out metrics, averaged "
         "weighted by held-out size.</p>"
@@ -401,8 +439,9 @@ def _utility_section(run: _Run) -> str:
                      "or no round finished).</p>")
     else:
         alt = "utility per round: " + ", ".join(series)
-        parts.append(f"<figure>{_img(_utility_figure(series, baselines, released), alt)}<figcaption>Each metric per "
-                     "round, as released (noised)"
+        parts.append(f"<figure>{_img(_utility_figure(series, baselines, released, scales), alt)}<figcaption>Each "
+                     "metric per round, as released (noised)"
+                     + (", shaded: ± one standard deviation of the noise alone" if scales else "")
                      + (", dashed in colour: the baseline released beside it (a constant or random-order predictor "
                         "scored on the same noised sums)" if released else "")
                      + (", dashed grey: baselines from the summary" if baselines else "") + ".</figcaption></figure>")
@@ -413,9 +452,9 @@ def _utility_section(run: _Run) -> str:
             values = [v for _, v in points]
             best = (max(values) if better else min(values)) if better is not None else None
             rows.append([_e(metric), "↑" if better else "↓" if better is not None else "",
-                         f"{points[-1][1]:.4f} (round {points[-1][0]})",
+                         f"{_pm(points[-1], scales.get(metric, {}))} (round {points[-1][0]})",
                          "" if best is None else f"{best:.4f}",
-                         *([_released_baseline(metric, released)] if released else []),
+                         *([_released_baseline(metric, released, scales)] if released else []),
                          *(f"{baselines[n][metric]:.4f}" if metric in baselines[n] else "–" for n in names)])
         parts.append(_table(["metric", "better", "last released", "best round",
                              *(["released baseline (last)"] if released else []),
@@ -429,12 +468,20 @@ def _utility_section(run: _Run) -> str:
     return "\n".join(parts)
 
 
-def _released_baseline(metric: str, released: Mapping[str, list[tuple[int, float]]]) -> str:
-    """The last released ``<metric>_baseline`` and what it is, or a dash."""
+def _pm(point: tuple[int, float], scales: Mapping[int, float]) -> str:
+    """A round's figure, with ``± sd`` where that round released its noise scale."""
+    rnd, value = point
+    return f"{value:.4f}" + (f" ± {scales[rnd]:.4f}" if rnd in scales else "")
+
+
+def _released_baseline(metric: str, released: Mapping[str, list[tuple[int, float]]],
+                       scales: Mapping[str, Mapping[int, float]] | None = None) -> str:
+    """The last released ``<metric>_baseline`` (± its noise scale) and what it is, or a dash."""
     if metric not in released:
         return "–"
-    rnd, value = released[metric][-1]
-    return f"{value:.4f} ({_e(BASELINES.get(metric, baseline_key(metric)))}, round {rnd})"
+    rnd = released[metric][-1][0]
+    shown = _pm(released[metric][-1], (scales or {}).get(baseline_key(metric), {}))
+    return f"{shown} ({_e(BASELINES.get(metric, baseline_key(metric)))}, round {rnd})"
 
 
 def _per_merchant_section(run: _Run, merchants: list[_Merchant]) -> str:

@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from shared.metrics import BASELINES, THRESHOLD_KEY, baseline_key
+from shared.metrics import BASELINES, THRESHOLD_KEY, baseline_key, is_noise_scale, noise_scale_key
+from shared.wire import NUM_EXAMPLES
 
 # The metrics ctr's threshold applies to: shown "at p ≥ threshold" rather than on a line of its own.
 _AT_THRESHOLD = ("ctr_precision", "ctr_recall", "ctr_f1")
@@ -40,29 +41,78 @@ class RoundReport:
         parts += [f"{m}: failed ({r})" for m, r in self.failed.items()]
         return "; ".join(parts) or "no replies"
 
+    def stopping_value(self, metric: str) -> float | None:
+        """The round's value of ``metric`` for early stopping, None where it has none; a noise
+        scale (``<key>_sd``) is no metric and never has one."""
+        if is_noise_scale(metric):
+            return None
+        return self.eval_metrics.get(metric)
+
     def eval_text(self) -> str:
-        """The round's evaluation on one line, each baseline beside its metric (``shown_metrics``)."""
+        """The round's evaluation on one line, each baseline beside its metric and each figure
+        with its noise scale (``shown_metrics``)."""
         shown = shown_metrics(self.eval_metrics)
-        return ", ".join(f"{k} {v:.4f}" + (f" {note}" if note else "") for k, v, note in shown)
+        return ", ".join(f"{k} {text}" + (f" {note}" if note else "") for k, text, note in shown)
 
 
-def shown_metrics(metrics: Mapping[str, float | None]) -> list[tuple[str, float, str]]:
-    """(metric, value, note) in name order, for a person to read: each baseline goes into its
-    metric's note (``ctr_logloss 0.36 (constant base rate 0.47)``), ctr's threshold into the
-    notes of the metrics taken at it, rather than on lines of their own. A baseline or threshold
-    whose metric is missing keeps its own entry; undefined values (None, NaN) are left out."""
+def combine_metrics(released: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The merchants' released metrics combined into one round's: each figure the mean weighted
+    by the public held-out unit counts (``num-examples``) of the merchants that released it,
+    Σ w_i m_i / Σ w_i; each noise scale (``<key>_sd``) that mean's, sqrt(Σ w_i² sd_i²) / Σ w_i
+    (independent merchants' noise), not a mean of the scales. A figure's scale is given only
+    when every merchant that released the figure released its scale: one without would make the
+    combination too small. Non-finite values are left out."""
+    totals: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    variances: dict[str, float] = {}
+    scaled: dict[str, float] = {}  # figure -> Σ w of the merchants that sent its scale
+    for metrics in released:
+        weight = float(metrics.get(NUM_EXAMPLES, 0.0))
+        if not (math.isfinite(weight) and weight > 0):
+            continue
+        values = {k: float(v) for k, v in metrics.items() if k != NUM_EXAMPLES and math.isfinite(v)}
+        for key, value in values.items():
+            if is_noise_scale(key):
+                continue
+            totals[key] = totals.get(key, 0.0) + value * weight
+            weights[key] = weights.get(key, 0.0) + weight
+            sd = values.get(noise_scale_key(key))
+            if sd is not None and sd >= 0:
+                variances[key] = variances.get(key, 0.0) + (weight * sd) ** 2
+                scaled[key] = scaled.get(key, 0.0) + weight
+    out = {k: totals[k] / weights[k] for k in totals}
+    out |= {noise_scale_key(k): math.sqrt(variances[k]) / weights[k] for k in variances if scaled[k] == weights[k]}
+    return out
+
+
+def _with_scale(values: Mapping[str, float], key: str) -> str:
+    """``0.6962 ± 0.2500``: a figure and its noise scale where one was released."""
+    sd = values.get(noise_scale_key(key))
+    return f"{values[key]:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
+
+
+def shown_metrics(metrics: Mapping[str, float | None]) -> list[tuple[str, str, str]]:
+    """(metric, value text, note) in name order, for a person to read: each baseline goes into
+    its metric's note (``ctr_logloss 0.3600 (constant base rate 0.4700)``), ctr's threshold into
+    the notes of the metrics taken at it, rather than on lines of their own; each figure's noise
+    scale (``<key>_sd``, ``client.release.noise_scales``) beside it as ``± sd`` (``rating_rmse
+    0.6962 ± 0.2500 (constant mean 0.5469 ± 0.3000)``), never on a line of its own. A baseline
+    or threshold whose metric is missing keeps its own entry; undefined values (None, NaN) are
+    left out, and so is a scale whose figure is."""
     values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
     folded: set[str] = set()
     shown = []
-    for key, value in sorted(values.items()):
+    for key in sorted(values):
+        if is_noise_scale(key):
+            continue
         notes = []
         if key in BASELINES and baseline_key(key) in values:
-            notes.append(f"{BASELINES[key]} {values[baseline_key(key)]:.4f}")
+            notes.append(f"{BASELINES[key]} {_with_scale(values, baseline_key(key))}")
             folded.add(baseline_key(key))
         if key in _AT_THRESHOLD and THRESHOLD_KEY in values:
-            notes.append(f"at p ≥ {values[THRESHOLD_KEY]:.4f}")
+            notes.append(f"at p ≥ {_with_scale(values, THRESHOLD_KEY)}")
             folded.add(THRESHOLD_KEY)
-        shown.append((key, value, f"({'; '.join(notes)})" if notes else ""))
+        shown.append((key, _with_scale(values, key), f"({'; '.join(notes)})" if notes else ""))
     return [entry for entry in shown if entry[0] not in folded]
 
 

@@ -80,6 +80,23 @@ HIGHER_IS_BETTER.update({baseline_key(m): HIGHER_IS_BETTER[m] for m in BASELINES
 # either would stop on noise.
 STOPPING_METRICS: frozenset[str] = frozenset(k for k in HIGHER_IS_BETTER if not k.endswith(BASELINE_SUFFIX))
 
+# A released metric's noise scale (``client.release.noise_scales``): ``<key>_sd``, the standard
+# deviation the evaluation noise alone gives the released figure ``<key>`` (a metric, a baseline,
+# the threshold, the loss). It is no metric: never a stopping metric (it is in neither
+# ``HIGHER_IS_BETTER`` nor ``STOPPING_METRICS``), never a plot of its own; a report shows it as
+# "± sd" beside the figure it belongs to.
+NOISE_SCALE_SUFFIX = "_sd"
+
+
+def noise_scale_key(key: str) -> str:
+    """The key of ``key``'s noise scale: ``<key>_sd``."""
+    return key + NOISE_SCALE_SUFFIX
+
+
+def is_noise_scale(key: str) -> bool:
+    """Whether ``key`` is a released figure's noise scale (``<key>_sd``), not a figure itself."""
+    return key.endswith(NOISE_SCALE_SUFFIX)
+
 _TASKS = ("ctr", "rating", "relevance")
 
 

@@ -209,12 +209,18 @@ def test_evaluate_replies_with_noised_metrics_and_accounts_them(merchant_dir: Pa
     assert 0 < metrics[NUM_EXAMPLES] <= CONFIG_.eval_max_examples  # held-out units (declared public)
     assert math.isfinite(metrics[EVAL_LOSS])
     # Metrics from noised sums; one the noise leaves undefined (a histogram all ≤ 0) is left out.
-    assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10"} <= set(metrics) <= {
-        NUM_EXAMPLES, EVAL_LOSS, "ctr_auc", "ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1", "rating_rmse",
+    figures = {
+        EVAL_LOSS, "ctr_auc", "ctr_logloss", "ctr_precision", "ctr_recall", "ctr_f1", "rating_rmse",
         "rating_mae", "relevance_rmse", "relevance_ndcg@10", "relevance_mrr", "relevance_recall@10",
         # the constant predictors' scores, AP and the threshold P/R/F1 are taken at: the same noised sums
         "ctr_ap", "ctr_threshold", "ctr_logloss_baseline", "rating_rmse_baseline", "relevance_rmse_baseline",
         "relevance_ndcg@10_baseline", "relevance_mrr_baseline"}
+    # ... each with its noise scale (``<key>_sd``: post-processing of the same sums and σ_eval),
+    # the public count without one.
+    assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10", f"{EVAL_LOSS}_sd"} <= set(metrics) <= {
+        NUM_EXAMPLES, *figures, *(f"{k}_sd" for k in figures)}
+    assert all(k.removesuffix("_sd") in metrics and metrics[k] >= 0 for k in metrics if k.endswith("_sd"))
+    assert f"{NUM_EXAMPLES}_sd" not in metrics
     assert parsed.merchant_id == reply.content.config_records[MERCHANT][MERCHANT_ID] == "shop-a"
     assert ARRAYS not in reply.content.array_records  # evaluation sends no parameters back
     # The release is accounted: its own spend, in the merchant's state and in the reply's facts.

@@ -116,6 +116,8 @@ def test_each_evaluation_is_noised_and_accounted_in_the_state_and_the_ledger(
     shared = (first.metrics.keys() & second.metrics.keys()) - {NUM_EXAMPLES}
     assert shared and any(first.metrics[k] != second.metrics[k] for k in shared)
     assert first.metrics["eval-loss"] != second.metrics["eval-loss"]
+    # Each released figure comes with the spread the noise alone gives it (post-processing).
+    assert first.metrics["eval-loss_sd"] > 0 and "num-examples_sd" not in first.metrics
     # Each is its own spend: an evaluation event appended to the merchant's state ...
     assert [e["event"]["release"] for e in entries(tmp_path)] == ["update", "evaluation", "evaluation"]
     assert first.facts is not None and second.facts is not None
@@ -389,3 +391,95 @@ def test_precision_recall_and_f1_are_at_the_snapped_base_rate() -> None:
     # Snapping stays inside the histogram's interior edges, whatever the noise did to the rate.
     assert release.threshold_edge(0.0) == 1 and release.threshold_edge(1.0) == release.HIST_BINS - 1
     assert release.threshold_edge(0.5) == release.HIST_BINS // 2
+
+
+# ----------------------------------------------------------------------------- noise scales
+
+TASKS = ("ctr", "rating", "relevance")
+
+
+def synthetic_sums(units: int, tasks: tuple[str, ...] = TASKS) -> np.ndarray:
+    """Exact sums of ``units`` one-record units (and ``units // 4`` informative queries) with
+    round figures: ctr loss 0.1·LOSS_CLIP per example, base rate 0.2 with positives scoring
+    higher, rating and relevance errors and targets of fixed means; scaled as ``contributions``."""
+    names = release.layout(tasks)
+    index = {n: i for i, n in enumerate(names)}
+    s = np.zeros(len(names))
+    n, scale = float(units), release.unit_scale(tasks)
+    for t in tasks:
+        s[index[f"{t}/count"]], s[index[f"{t}/loss"]] = n, 0.1 * n
+    if "ctr" in tasks:
+        weights = np.arange(1, release.HIST_BINS + 1, dtype=float)
+        for i in range(release.HIST_BINS):
+            s[index[f"ctr/pos{i}"]] = 0.2 * n * weights[i] / weights.sum()
+            s[index[f"ctr/neg{i}"]] = 0.8 * n * weights[::-1][i] / weights.sum()
+    if "rating" in tasks:
+        for c, v in (("sq", 0.04), ("abs", 0.15), ("target", 0.7), ("target_sq", 0.55)):
+            s[index[f"rating/{c}"]] = v * n
+    if "relevance" in tasks:
+        for c, v in (("sq", 0.1), ("target", 0.4), ("target_sq", 0.25)):
+            s[index[f"relevance/{c}"]] = v * n
+        for c, v in zip(release._QUERY, (1.0, 0.7, 0.6, 0.8, 0.5, 0.4), strict=True):
+            s[index[f"relevance/{c}"]] = v * (units // 4)
+    return s * scale
+
+
+def test_noise_scales_vanish_without_noise_and_grow_with_it() -> None:
+    """Every released figure gets ``<key>_sd``; with a negligible σ it is ~0, and on the same
+    standard normal draws (one seed) it grows with σ, about in proportion where the figures are
+    smooth ratios of large counts."""
+    sums = synthetic_sums(2000)
+    point = release.metrics_from_sums(sums, TASKS)
+    assert release.noise_scales(sums, TASKS, 0.01, seed=3).keys() == {
+        metrics_lib.noise_scale_key(k) for k in point}
+    assert not any(metrics_lib.is_noise_scale(k) for k in point)  # no figure is itself a scale
+    tiny = release.noise_scales(sums, TASKS, 1e-9, seed=3)
+    assert set(tiny) == {metrics_lib.noise_scale_key(k) for k in point}
+    assert max(tiny.values()) < 1e-6
+    sigmas = (1e-9, 0.01, 0.1, 1.0)
+    scales = [release.noise_scales(sums, TASKS, sigma, seed=3) for sigma in sigmas]
+    for key in scales[0]:
+        values = [s[key] for s in scales]
+        assert all(a <= b + 1e-12 for a, b in zip(values, values[1:], strict=False)), (key, values)
+    for key in ("eval-loss_sd", "ctr_logloss_sd", "ctr_auc_sd", "rating_rmse_sd", "relevance_ndcg@10_sd",
+                "rating_rmse_baseline_sd"):
+        assert scales[1][key] > 0 and scales[2][key] == pytest.approx(10 * scales[1][key], rel=0.05), key
+    # A fresh generator unless seeded: different draws, the same spread.
+    assert release.noise_scales(sums, TASKS, 0.1, seed=3) == scales[2]
+    assert release.noise_scales(sums, TASKS, 0.1) != release.noise_scales(sums, TASKS, 0.1)
+
+
+def test_a_noise_scale_matches_the_analytic_one() -> None:
+    """ctr_logloss = LOSS_CLIP·L/C of the noised loss sum L and count C, each with noise sd σ
+    (C_eval = 1): to first order its sd is LOSS_CLIP·σ·sqrt(1 + (L/C)²)/C (the delta method),
+    and with ctr alone eval-loss is the same ratio."""
+    sums = synthetic_sums(3000, ("ctr",))
+    names = release.layout(("ctr",))
+    count, loss = sums[names.index("ctr/count")], sums[names.index("ctr/loss")]
+    sigma = 2.0
+    analytic = release.LOSS_CLIP * sigma * release.EVAL_CLIP_NORM * np.sqrt(1 + (loss / count) ** 2) / count
+    got = release.noise_scales(sums, ("ctr",), sigma, draws=2000, seed=11)
+    assert got["ctr_logloss_sd"] == pytest.approx(analytic, rel=0.08)
+    assert got["eval-loss_sd"] == pytest.approx(got["ctr_logloss_sd"], rel=1e-9)
+    # The bootstrap is the spread of fresh releases around the released point: compare with the
+    # spread of real releases (noised_sums of the same exact sums), a different generator.
+    rows = sums[None, :]
+    releases = [release.metrics_from_sums(release.noised_sums(rows, sigma, seed=s), ("ctr",))["ctr_logloss"]
+                for s in range(2000)]
+    assert got["ctr_logloss_sd"] == pytest.approx(float(np.std(releases, ddof=1)), rel=0.08)
+
+
+def test_a_figure_the_noise_often_leaves_undefined_gets_no_noise_scale() -> None:
+    """A figure undefined (left out) in more than MAX_UNDEFINED_SHARE of the draws has no
+    ``_sd``: here rating's noised count is ≤ 0 in about Φ(−0.5) ≈ 31 % of them."""
+    sums = synthetic_sums(2000, ("ctr", "rating"))
+    names = release.layout(("ctr", "rating"))
+    sums[names.index("rating/count")] = 0.5
+    point = release.metrics_from_sums(sums, ("ctr", "rating"))
+    got = release.noise_scales(sums, ("ctr", "rating"), 1.0, seed=2)
+    assert "rating_rmse" in point and "rating_mae" in point
+    assert "rating_rmse_sd" not in got and "rating_mae_sd" not in got
+    assert "ctr_logloss_sd" in got and "eval-loss_sd" in got
+    assert release.noise_scales(np.zeros(len(names)) - 5.0, ("ctr", "rating"), 1.0, seed=2) == {}
+    with pytest.raises(ValueError, match="draws"):
+        release.noise_scales(sums, ("ctr", "rating"), 1.0, draws=1)

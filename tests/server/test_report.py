@@ -12,7 +12,7 @@ import pytest
 
 from server.ledger import PrivacyLedger, SpendRecord
 from server.report import format_summary, run_summary, write_summary
-from server.round_report import RoundReport
+from server.round_report import RoundReport, combine_metrics, shown_metrics
 from server.run_log import RunLog
 from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
@@ -134,6 +134,56 @@ def test_the_round_log_line_shows_the_baselines_too() -> None:
     report = RoundReport(round=1, eval_metrics={"ctr_auc": 0.7, "ctr_logloss": 0.36, "ctr_logloss_baseline": 0.47,
                                                 "eval-loss": 0.5, "relevance_ndcg@10": float("nan")})
     assert report.eval_text() == "ctr_auc 0.7000, ctr_logloss 0.3600 (constant base rate 0.4700), eval-loss 0.5000"
+
+
+def test_each_figure_shows_the_spread_the_noise_alone_gives_it(run_dir: Path) -> None:
+    """A released noise scale (``<key>_sd``) goes beside its figure as ``± sd`` — the metric's,
+    its baseline's, the threshold's — never on a line of its own; a scale whose figure is
+    missing is left out, and the header says what ± means."""
+    RunLog(run_dir).append(RoundReport(round=4, eval_metrics={
+        "rating_rmse": 0.6962, "rating_rmse_sd": 0.25, "rating_rmse_baseline": 0.5469,
+        "rating_rmse_baseline_sd": 0.3, "ctr_f1": 0.6, "ctr_f1_sd": 0.1, "ctr_threshold": 0.8176,
+        "ctr_threshold_sd": 0.05, "ctr_auc": 0.7, "relevance_mrr_sd": 0.2, "eval-loss": 0.5, "eval-loss_sd": 0.1}))
+    lines = format_summary(run_summary(run_dir, stopped_because="all rounds done")).splitlines()
+    start = lines.index("privacy spent per merchant (ε at δ, cumulative / budget):")
+    assert lines[1].endswith("baselines in brackets; ± one standard deviation of the noise alone):")
+    assert lines[2:start] == [
+        "  ctr_auc                0.7000",
+        "  ctr_f1                 0.6000 ± 0.1000  (at p ≥ 0.8176 ± 0.0500)",
+        "  rating_rmse            0.6962 ± 0.2500  (constant mean 0.5469 ± 0.3000)",
+    ]
+    report = RoundReport(round=4, eval_metrics={"rating_rmse": 0.6962, "rating_rmse_sd": 0.25,
+                                                "rating_rmse_baseline": 0.5469, "rating_rmse_baseline_sd": 0.3})
+    assert report.eval_text() == "rating_rmse 0.6962 ± 0.2500 (constant mean 0.5469 ± 0.3000)"
+    assert not any(key.endswith("_sd") for key, _, _ in shown_metrics({"ctr_auc_sd": 0.1, "eval-loss_sd": 0.2}))
+
+
+def test_merchants_noise_scales_combine_as_their_weighted_means() -> None:
+    """Two merchants' figures combine weighted by their public held-out unit counts, their noise
+    scales as that mean's: sqrt(Σ w² sd²) / Σ w (independent noise), not a weighted mean of the
+    scales. A figure one merchant released without its scale gets none."""
+    a = {"num-examples": 300.0, "rating_rmse": 0.8, "rating_rmse_sd": 0.3, "ctr_auc": 0.7, "ctr_auc_sd": 0.1,
+         "ctr_f1": 0.5, "ctr_f1_sd": 0.2}
+    b = {"num-examples": 100.0, "rating_rmse": 1.2, "rating_rmse_sd": 0.5, "ctr_auc": 0.6,
+         "ctr_f1": 0.3, "ctr_f1_sd": 0.4}
+    c = {"num-examples": 0.0, "rating_rmse": 9.0, "rating_rmse_sd": 9.0}  # no weight, no say
+    got = combine_metrics([a, b, c])
+    assert got["rating_rmse"] == pytest.approx((300 * 0.8 + 100 * 1.2) / 400)
+    assert got["rating_rmse_sd"] == pytest.approx(math.sqrt((300 * 0.3) ** 2 + (100 * 0.5) ** 2) / 400)
+    assert got["rating_rmse_sd"] < (300 * 0.3 + 100 * 0.5) / 400  # less than the mean of the scales
+    assert got["ctr_f1_sd"] == pytest.approx(math.sqrt((300 * 0.2) ** 2 + (100 * 0.4) ** 2) / 400)
+    assert got["ctr_auc"] == pytest.approx(0.675) and "ctr_auc_sd" not in got
+    assert "num-examples" not in got and "num-examples_sd" not in got
+    # One merchant: its own figures and scales back.
+    assert combine_metrics([a]) == pytest.approx({k: v for k, v in a.items() if k != "num-examples"})
+    assert combine_metrics([]) == {}
+
+
+def test_a_noise_scale_is_never_an_early_stopping_value() -> None:
+    report = RoundReport(round=1, eval_metrics={"ctr_auc": 0.7, "ctr_auc_sd": 0.1})
+    assert report.stopping_value("ctr_auc") == 0.7
+    assert report.stopping_value("ctr_auc_sd") is None
+    assert report.stopping_value("rating_rmse") is None
 
 
 def test_a_run_that_recorded_nothing(tmp_path: Path) -> None:

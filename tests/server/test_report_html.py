@@ -125,6 +125,34 @@ def test_released_baselines_are_drawn_on_their_metrics_plot(run_dir: Path) -> No
     assert released == {"ctr_logloss": [(1, 0.51), (2, 0.52), (3, 0.53)]}
 
 
+def test_noise_scales_are_a_band_and_a_plus_minus_never_a_plot(run_dir: Path) -> None:
+    """``<key>_sd`` in the run log is shown as ± beside its figure (the metric's and the released
+    baseline's last values) and drawn as a band around it: never a plot, a series or a table row
+    of its own, in the utility or the per-merchant section."""
+    with_eval_metrics(run_dir)
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    for row in rows:
+        row["eval_metrics"] |= {"ctr_auc_sd": 0.1 * row["round"], "ctr_logloss_baseline": 0.5 + 0.01 * row["round"],
+                                "ctr_logloss_baseline_sd": 0.02, "eval-loss_sd": 0.1}
+        row["eval_per_merchant"] = {m: {"ctr_auc": 0.6, "ctr_auc_sd": 0.1} for m in MERCHANTS}
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert report_html._utility_series(rows).keys() == {"ctr_auc", "ctr_logloss"}
+    assert report_html._utility_series(rows, baselines=True).keys() == {"ctr_logloss"}
+    assert report_html._per_merchant_utility(rows).keys() == {"ctr_auc"}
+    assert report_html._noise_scales(rows)["ctr_auc"] == pytest.approx({1: 0.1, 2: 0.2, 3: 0.3})
+    assert report_html._noise_scales(rows)["ctr_logloss_baseline"] == {1: 0.02, 2: 0.02, 3: 0.02}
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    utility = section(page, "Utility per round")
+    assert 'alt="utility per round: ctr_auc, ctr_logloss"' in utility
+    assert "0.7500 ± 0.3000 (round 3)" in utility  # ctr_auc's last value and its scale
+    assert "0.5500 (round 3)" in utility  # ctr_logloss released no scale: none shown
+    assert "0.5300 ± 0.0200 (constant base rate, round 3)" in utility
+    assert "_sd" not in utility and "shaded: ± one standard deviation of the noise alone" in utility
+    assert "_sd" not in section(page, "Per merchant")
+    assert 'alt="utility per merchant: ctr_auc"' in section(page, "Per merchant")
+
+
 def test_a_failing_ledger_fails_the_audit_on_the_page(run_dir: Path) -> None:
     with tamper(run_dir) as conn:  # m2 claims less than its recorded mechanisms spent
         conn.execute("UPDATE spend SET epsilon_reported = 0.5 WHERE merchant_id = 'm2' AND round = 3")

@@ -12,16 +12,19 @@ import pytest
 from shared.metrics import (
     BASELINES,
     HIGHER_IS_BETTER,
+    NOISE_SCALE_SUFFIX,
     STOPPING_METRICS,
     THRESHOLD_KEY,
     auc,
     average_precision,
     baseline_key,
     informative,
+    is_noise_scale,
     log_loss,
     mae,
     mrr,
     ndcg_at_k,
+    noise_scale_key,
     precision_recall_f1,
     random_order_mrr,
     random_order_ndcg,
@@ -331,6 +334,18 @@ def test_task_metrics_empty_and_names() -> None:
         assert metric in STOPPING_METRICS and baseline_key(metric) not in STOPPING_METRICS
     assert THRESHOLD_KEY not in STOPPING_METRICS and THRESHOLD_KEY not in HIGHER_IS_BETTER
     assert STOPPING_METRICS == set(HIGHER_IS_BETTER) - {baseline_key(m) for m in BASELINES}
+
+
+def test_noise_scales_are_no_metrics() -> None:
+    """``<key>_sd`` (a released figure's noise scale) is never a metric, a stopping metric or a
+    baseline, and no figure's own name looks like one."""
+    figures = set(HIGHER_IS_BETTER) | {THRESHOLD_KEY, "eval-loss"}
+    for key in figures:
+        sd = noise_scale_key(key)
+        assert sd == key + NOISE_SCALE_SUFFIX == key + "_sd"
+        assert is_noise_scale(sd) and not is_noise_scale(key)
+        assert sd not in HIGHER_IS_BETTER and sd not in STOPPING_METRICS and sd not in BASELINES
+    assert not any(is_noise_scale(k) for k in STOPPING_METRICS)
 
 
 # ----------------------------------------------------------------------------- bad input
