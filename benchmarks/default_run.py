@@ -4,7 +4,8 @@
         [--set KEY=VALUE ...] [--work DIR] [--out FILE]
 
 Prepares fresh merchants (the scenario's bundled data, ``--data esci``, ``--data synth`` for
-six generated merchants, or a copy of a folder of merchant folders), so every merchant starts
+six generated merchants of ~300 interactions, ``synth:N`` for ~N each, or a copy of a folder
+of merchant folders), so every merchant starts
 at ε 0; runs ``fedshop simulate`` on them in a child process, timed (wall, and the children's
 peak RSS); then scores the run's exported model **exactly** on every merchant's whole
 held-out set (a benchmark-side measurement: no merchant releases these figures, its released
@@ -52,9 +53,12 @@ def prepare(data: str, scenario: str, target: Path) -> None:
     source = data or ("esci" if scenario == "esci" else "reviews")
     if source in ("reviews", "esci"):
         getattr(adapters, f"prepare_{source}")(target)
-    elif source == "synth":
+    elif source.startswith("synth"):  # synth, or synth:N for N nominal interactions per merchant
+        size = source.partition(":")[2] or "300"
         subprocess.run([sys.executable, "-m", "simulations.cli", "data", "synth", "--merchants", "6",
-                        "--out", str(target)], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+                        "--interactions", size, "--products", str(max(60, int(size) // 5)),
+                        "--judgments", str(max(60, int(size) // 5)), "--out", str(target)],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     else:
         shutil.copytree(source, target, ignore=shutil.ignore_patterns(".fedshop"))
 
@@ -145,7 +149,7 @@ def checks(scored: dict[str, dict[str, float]], summary: dict[str, Any], rounds:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenario", default="reviews")
-    parser.add_argument("--data", default="", help="reviews, esci, synth, or a folder of merchant folders")
+    parser.add_argument("--data", default="", help="reviews, esci, synth[:N], or a folder of merchant folders")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--work", default="/tmp/fedshop-default-run")
     parser.add_argument("--out", default="")

@@ -11,7 +11,7 @@
     fedshop recommend --model DIR --catalog FILE --history FILE [-k 10] [--json]
     fedshop data validate DIR
     fedshop data prepare {reviews,esci} --out DIR
-    fedshop data synth --merchants N --out DIR [--seed S] [--limit K]
+    fedshop data synth --merchants N --out DIR [--interactions N] [--products N] [--judgments N] [--seed S] [--limit K]
     fedshop deploy init DIR --name HOST... --address IP... [--port P] [--insecure]
     fedshop deploy add-merchant NAME --dir DIR --data-dir PATH --budget EPS --delta D [--device auto] [--port P]
     fedshop deploy register NAME... --dir DIR
@@ -289,7 +289,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
 def cmd_data_synth(args: argparse.Namespace) -> int:
     from client.sources.synthetic import SyntheticFederation, write_merchants
 
-    federation = SyntheticFederation(args.merchants, seed=args.seed)
+    federation = SyntheticFederation(args.merchants, seed=args.seed, products_per_merchant=args.products,
+                                     interactions_per_merchant=args.interactions, judgments_per_merchant=args.judgments)
     indices = range(min(args.limit, args.merchants)) if args.limit else None
     for d in write_merchants(federation, Path(args.out), indices=indices):
         print(d)
@@ -391,6 +392,10 @@ def build_parser() -> argparse.ArgumentParser:
     syn.add_argument("--out", required=True)
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--limit", type=int, default=0, help="write only the first K merchants")
+    syn.add_argument("--products", type=int, default=60, help="nominal products per merchant (each 0.5x-2x)")
+    syn.add_argument("--interactions", type=int, default=300,
+                     help="nominal interactions per merchant (each 0.5x-2x; about 6 per user)")
+    syn.add_argument("--judgments", type=int, default=60, help="nominal relevance judgments per merchant")
     syn.set_defaults(func=cmd_data_synth)
 
     from simulations.deploy_cli import add_arguments as add_deploy_arguments
