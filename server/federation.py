@@ -36,7 +36,7 @@ from server.screening import screen_update
 from server.strategy import EligibleNodesGrid, build_strategy, restore_strategy_state, strategy_state
 from shared import atomic
 from shared.config import RunConfig
-from shared.metrics import HIGHER_IS_BETTER, is_noise_scale
+from shared.metrics import HIGHER_IS_BETTER, is_noise_scale, is_released_sum
 from shared.run_files import CONFIG_FILE, LEDGER_FILE
 from shared.wire import (
     CLIENT_S,
@@ -323,8 +323,11 @@ class Federation:
         # The ledger is written before the released metrics are used for anything.
         if records:
             self.ledger.record_round(records)
-        # Weighted by the public held-out unit counts; the noise scales combined as the mean's.
+        # The metrics of the merchants' pooled noised sums (a unit-weighted mean of their metrics
+        # where some merchant sent no sums: a non-private run); each merchant's own for its view.
         report.eval_metrics = combine_metrics([reply.metrics for reply in released])
+        report.eval_per_merchant = {
+            reply.merchant_id: {k: v for k, v in reply.metrics.items() if not is_released_sum(k)} for reply in released}
         if report.eval_metrics:
             log.info("round %d evaluation (noised): %s", rnd, report.eval_text())
 

@@ -44,6 +44,7 @@ from shared.metrics import (
     NOISE_SCALE_SUFFIX,
     baseline_key,
     is_noise_scale,
+    is_released_sum,
 )
 from shared.privacy.events import RELEASE_EVALUATION, RELEASE_UPDATE
 from shared.run_files import CONFIG_FILE, LEDGER_FILE, REPORT_FILE, SUMMARY_FILE
@@ -120,11 +121,12 @@ def _utility_series(rounds: Sequence[Mapping[str, Any]], *, baselines: bool = Fa
     summary leaves it out (it duplicates a head's own loss metric), and so are undefined values.
     The released baselines (``<metric>_baseline``, ``shared.metrics.BASELINES``) are drawn on
     their metric's plot, not plots of their own: ``baselines=True`` gives them instead, keyed by
-    their metric. Noise scales (``<key>_sd``) are never series (``_noise_scales``)."""
+    their metric. Noise scales (``<key>_sd``) are never series (``_noise_scales``), nor are
+    released sums (``sum:``, ``sum-noise-sd``: the evaluation's raw release)."""
     series: dict[str, list[tuple[int, float]]] = defaultdict(list)
     for row in rounds:
         for key, value in (row.get("eval_metrics") or {}).items():
-            if (key == EVAL_LOSS or is_noise_scale(key)
+            if (key == EVAL_LOSS or is_noise_scale(key) or is_released_sum(key)
                     or not (isinstance(value, int | float) and math.isfinite(value))):
                 continue
             if key.endswith(BASELINE_SUFFIX) == baselines:
@@ -169,7 +171,7 @@ def _per_merchant_utility(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict
         for merchant, metrics in (row.get(PER_MERCHANT_KEY) or {}).items():
             for key, value in (metrics or {}).items():
                 if (key != EVAL_LOSS and not key.endswith(BASELINE_SUFFIX) and not is_noise_scale(key)
-                        and isinstance(value, int | float) and math.isfinite(value)):
+                        and not is_released_sum(key) and isinstance(value, int | float) and math.isfinite(value)):
                     found[key][str(merchant)].append((int(row["round"]), float(value)))
     return {k: dict(v) for k, v in sorted(found.items())}
 
@@ -421,14 +423,14 @@ def _utility_section(run: _Run) -> str:
     baselines = _baselines(run.summary)
     dp = run.config.get("dp") is not False
     noised = (
-        "<p class=\"note\">These are the metrics the merchants <em>released</em>: each computed on its own "
-        "held-out data, from sums noised before they left it (σ<sub>eval</sub> = "
+        "<p class=\"note\">These are computed from what the merchants <em>released</em>: each one's "
+        "held-out data as sums noised before they left it (σ<sub>eval</sub> = "
         f"{_e(run.config.get('eval-noise-multiplier', 'as configured'))}, on clipped per-unit values) and "
-        "accounted in the privacy ledger as an evaluation release; the server averages them weighted by "
-        "held-out size. A change of a few hundredths between rounds can be that noise, not the model: "
-        "each figure's ± (the shaded band) is the standard deviation the noise alone gives it, re-drawn from "
-        "the released sums and σ<sub>eval</sub> (post-processing, no privacy cost), combined across merchants "
-        "as the weighted mean's.</p>"
+        "accounted in the privacy ledger as an evaluation release; the server adds up the merchants' noised "
+        "sums and computes each metric from the pooled sums (where a merchant sent no sums, a mean of the "
+        "merchants' metrics weighted by held-out size). A change of a few hundredths between rounds can be "
+        "that noise, not the model: each figure's ± (the shaded band) is the standard deviation the noise "
+        "alone gives it, re-drawn from the pooled sums and their noise (post-processing, no privacy cost).</p>"
         if dp else
         "<p class=\"note\">A non-private run: these are the merchants' exact held-out metrics, averaged "
         "weighted by held-out size.</p>"

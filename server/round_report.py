@@ -10,7 +10,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from shared.metrics import BASELINES, THRESHOLD_KEY, baseline_key, is_noise_scale, noise_scale_key
+from shared import eval_sums
+from shared.metrics import BASELINES, THRESHOLD_KEY, baseline_key, is_noise_scale, is_released_sum, noise_scale_key
 from shared.wire import NUM_EXAMPLES
 
 # The metrics ctr's threshold applies to: shown "at p ≥ threshold" rather than on a line of its own.
@@ -31,6 +32,9 @@ class RoundReport:
     total_client_s: float = 0.0  # all accepted merchants' handler time (clients run one by one by default)
     wall_s: float = 0.0
     eval_metrics: dict[str, float] = dataclasses.field(default_factory=dict)
+    # merchant -> the metrics it computed from its own noised sums (its sums left out: the
+    # round's ``eval_metrics`` are computed from them, pooled): for per-merchant views only.
+    eval_per_merchant: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)
     epsilon: dict[str, float] = dataclasses.field(default_factory=dict)
     aggregated: bool = False  # False when every sampled merchant refused (budgets spent, or pins)
 
@@ -43,8 +47,8 @@ class RoundReport:
 
     def stopping_value(self, metric: str) -> float | None:
         """The round's value of ``metric`` for early stopping, None where it has none; a noise
-        scale (``<key>_sd``) is no metric and never has one."""
-        if is_noise_scale(metric):
+        scale (``<key>_sd``) or a released sum (``sum:``) is no metric and never has one."""
+        if is_noise_scale(metric) or is_released_sum(metric):
             return None
         return self.eval_metrics.get(metric)
 
@@ -56,12 +60,37 @@ class RoundReport:
 
 
 def combine_metrics(released: Sequence[Mapping[str, float]]) -> dict[str, float]:
-    """The merchants' released metrics combined into one round's: each figure the mean weighted
-    by the public held-out unit counts (``num-examples``) of the merchants that released it,
-    Σ w_i m_i / Σ w_i; each noise scale (``<key>_sd``) that mean's, sqrt(Σ w_i² sd_i²) / Σ w_i
-    (independent merchants' noise), not a mean of the scales. A figure's scale is given only
-    when every merchant that released the figure released its scale: one without would make the
-    combination too small. Non-finite values are left out."""
+    """The merchants' evaluation releases combined into one round's metrics: those of their
+    pooled noised sums (``pooled_metrics``) when every merchant sent its sums; otherwise (a
+    non-private run's exact metrics, a merchant that sent no sums) the unit-weighted mean of
+    their metrics (``mean_metrics``)."""
+    pooled = pooled_metrics(released)
+    return pooled if pooled is not None else mean_metrics(released)
+
+
+def pooled_metrics(released: Sequence[Mapping[str, float]], *, seed: int | None = None) -> dict[str, float] | None:
+    """The metrics of the merchants' noised sums added up (``shared.eval_sums.pool``: the same
+    layout for every merchant of a run), each with its noise scale at the pooled noise sd
+    sqrt(Σ sd_i²): post-processing of the merchants' DP releases. One metric of the pooled sums
+    sees the noise against every merchant's units; a mean of per-merchant metrics would keep
+    each one's bias from its own very noisy sums (a ratio of noisy counts, a sqrt). None
+    unless every merchant sent a complete release of the same tasks. ``seed`` fixes the noise
+    scales' bootstrap draws (tests); otherwise they are fresh."""
+    pooled = eval_sums.pool(released)
+    if pooled is None:
+        return None
+    sums, tasks, noise_sd = pooled
+    return {**eval_sums.metrics_from_sums(sums, tasks), **eval_sums.noise_scales(sums, tasks, noise_sd, seed=seed)}
+
+
+def mean_metrics(released: Sequence[Mapping[str, float]]) -> dict[str, float]:
+    """The merchants' released metrics combined as each figure's mean weighted by the public
+    held-out unit counts (``num-examples``) of the merchants that released it, Σ w_i m_i / Σ w_i;
+    each noise scale (``<key>_sd``) that mean's, sqrt(Σ w_i² sd_i²) / Σ w_i (independent
+    merchants' noise), not a mean of the scales. A figure's scale is given only when every
+    merchant that released the figure released its scale: one without would make the
+    combination too small. Released sums (``sum:``, ``sum-noise-sd``) are no figures and are
+    left out, and so are non-finite values."""
     totals: dict[str, float] = {}
     weights: dict[str, float] = {}
     variances: dict[str, float] = {}
@@ -70,7 +99,8 @@ def combine_metrics(released: Sequence[Mapping[str, float]]) -> dict[str, float]
         weight = float(metrics.get(NUM_EXAMPLES, 0.0))
         if not (math.isfinite(weight) and weight > 0):
             continue
-        values = {k: float(v) for k, v in metrics.items() if k != NUM_EXAMPLES and math.isfinite(v)}
+        values = {k: float(v) for k, v in metrics.items()
+                  if k != NUM_EXAMPLES and not is_released_sum(k) and math.isfinite(v)}
         for key, value in values.items():
             if is_noise_scale(key):
                 continue
@@ -95,15 +125,16 @@ def shown_metrics(metrics: Mapping[str, float | None]) -> list[tuple[str, str, s
     """(metric, value text, note) in name order, for a person to read: each baseline goes into
     its metric's note (``ctr_logloss 0.3600 (constant base rate 0.4700)``), ctr's threshold into
     the notes of the metrics taken at it, rather than on lines of their own; each figure's noise
-    scale (``<key>_sd``, ``client.release.noise_scales``) beside it as ``± sd`` (``rating_rmse
-    0.6962 ± 0.2500 (constant mean 0.5469 ± 0.3000)``), never on a line of its own. A baseline
+    scale (``<key>_sd``, ``shared.eval_sums.noise_scales``) beside it as ``± sd`` (``rating_rmse
+    0.6962 ± 0.2500 (constant mean 0.5469 ± 0.3000)``), never on a line of its own; released sums
+    (``sum:``, ``sum-noise-sd``) are not shown at all. A baseline
     or threshold whose metric is missing keeps its own entry; undefined values (None, NaN) are
     left out, and so is a scale whose figure is."""
     values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
     folded: set[str] = set()
     shown = []
     for key in sorted(values):
-        if is_noise_scale(key):
+        if is_noise_scale(key) or is_released_sum(key):
             continue
         notes = []
         if key in BASELINES and baseline_key(key) in values:

@@ -97,6 +97,25 @@ def is_noise_scale(key: str) -> bool:
     """Whether ``key`` is a released figure's noise scale (``<key>_sd``), not a figure itself."""
     return key.endswith(NOISE_SCALE_SUFFIX)
 
+
+# The evaluation release itself (``shared.eval_sums``): a merchant's noised sums, one key
+# ``sum:<task>/<statistic>`` per coordinate, and their noise sd σ_eval·C_eval. The server pools
+# them and computes the round's metrics from the pooled sums. They are no metrics: never a
+# stopping metric, a plot, or a summary line (``is_released_sum``), and never averaged as one.
+SUM_PREFIX = "sum:"
+SUM_NOISE_SD = "sum-noise-sd"
+
+
+def released_sum_key(coordinate: str) -> str:
+    """The metric key of one released sum coordinate (``<task>/<statistic>``): ``sum:<coordinate>``."""
+    return SUM_PREFIX + coordinate
+
+
+def is_released_sum(key: str) -> bool:
+    """Whether ``key`` is part of the evaluation's raw release (a ``sum:`` coordinate or its
+    noise sd), not a figure computed from it."""
+    return key.startswith(SUM_PREFIX) or key == SUM_NOISE_SD
+
 _TASKS = ("ctr", "rating", "relevance")
 
 

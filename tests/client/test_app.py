@@ -25,6 +25,8 @@ from server.audit import read_rows
 from server.ledger import PrivacyLedger
 from server.ledger_record import spend_record
 from shared.config import RunConfig
+from shared.eval_sums import layout
+from shared.metrics import SUM_NOISE_SD, released_sum_key
 from shared.model import ModelError, ModelSpec, build_model, get_trainable
 from shared.privacy.accounting import epsilon
 from shared.privacy.budget import PrivacyState
@@ -216,8 +218,11 @@ def test_evaluate_replies_with_noised_metrics_and_accounts_them(merchant_dir: Pa
         "ctr_ap", "ctr_threshold", "ctr_logloss_baseline", "rating_rmse_baseline", "relevance_rmse_baseline",
         "relevance_ndcg@10_baseline", "relevance_mrr_baseline"}
     # ... each with its noise scale (``<key>_sd``: post-processing of the same sums and σ_eval),
-    # the public count without one.
-    assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10", f"{EVAL_LOSS}_sd"} <= set(metrics) <= {
+    # the public count without one; and the noised sums themselves (the DP release, which the
+    # server pools), every coordinate of the run's layout, with their public noise sd σ_eval·C_eval.
+    sums = {released_sum_key(n) for n in layout(CONFIG_.task_names)} | {SUM_NOISE_SD}
+    assert sums <= set(metrics) and metrics[SUM_NOISE_SD] == pytest.approx(0.1)
+    assert {"ctr_auc", "rating_rmse", "relevance_ndcg@10", f"{EVAL_LOSS}_sd"} <= set(metrics) - sums <= {
         NUM_EXAMPLES, *figures, *(f"{k}_sd" for k in figures)}
     assert all(k.removesuffix("_sd") in metrics and metrics[k] >= 0 for k in metrics if k.endswith("_sd"))
     assert f"{NUM_EXAMPLES}_sd" not in metrics

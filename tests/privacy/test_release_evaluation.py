@@ -25,6 +25,7 @@ from client.evaluation import metrics_of, predict
 from client.merchant import split_merchant
 from server.ledger import PrivacyLedger
 from server.ledger_record import spend_record
+from shared import eval_sums
 from shared import metrics as metrics_lib
 from shared.config import ConfigError, RunConfig
 from shared.model import ModelSpec, build_model, get_trainable, load_tokenizer
@@ -118,6 +119,13 @@ def test_each_evaluation_is_noised_and_accounted_in_the_state_and_the_ledger(
     assert first.metrics["eval-loss"] != second.metrics["eval-loss"]
     # Each released figure comes with the spread the noise alone gives it (post-processing).
     assert first.metrics["eval-loss_sd"] > 0 and "num-examples_sd" not in first.metrics
+    # The noised sums themselves leave too (the server pools them), with σ_eval·C_eval; the
+    # metrics are those of the sums.
+    parsed = eval_sums.from_metrics(first.metrics)
+    assert parsed is not None and set(parsed[1]) == set(CONFIG_.task_names)
+    assert parsed[2] == first.metrics[metrics_lib.SUM_NOISE_SD] == 0.5 * release.EVAL_CLIP_NORM
+    assert {k: first.metrics[k] for k in release.metrics_from_sums(parsed[0], parsed[1])} == pytest.approx(
+        release.metrics_from_sums(parsed[0], parsed[1]))
     # Each is its own spend: an evaluation event appended to the merchant's state ...
     assert [e["event"]["release"] for e in entries(tmp_path)] == ["update", "evaluation", "evaluation"]
     assert first.facts is not None and second.facts is not None
@@ -258,7 +266,7 @@ def judgments(query: str, grades: list[int]) -> list[Example]:
 def test_a_one_record_unit_is_never_clipped_and_the_worst_fills_the_bound() -> None:
     """One record (here a click with its rating) fits in C_eval after the scale: every one-record
     unit keeps the same weight (its count coordinate is the scale), which clipping would break
-    for the worst record if a row's bound (``_OWN``) were too small; that worst record (loss
+    for the worst record if a row's bound (``TASK_STATISTICS``) were too small; that worst record (loss
     at the clip, the largest error, the top star) reaches norm C_eval exactly."""
     examples = [*interaction(0, clicked=True, stars=5.0), *interaction(1, clicked=False, stars=3.0),
                 *interaction(2, clicked=True, stars=1.0)]
@@ -419,7 +427,7 @@ def synthetic_sums(units: int, tasks: tuple[str, ...] = TASKS) -> np.ndarray:
     if "relevance" in tasks:
         for c, v in (("sq", 0.1), ("target", 0.4), ("target_sq", 0.25)):
             s[index[f"relevance/{c}"]] = v * n
-        for c, v in zip(release._QUERY, (1.0, 0.7, 0.6, 0.8, 0.5, 0.4), strict=True):
+        for c, v in zip(release.QUERY_STATISTICS, (1.0, 0.7, 0.6, 0.8, 0.5, 0.4), strict=True):
             s[index[f"relevance/{c}"]] = v * (units // 4)
     return s * scale
 

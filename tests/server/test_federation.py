@@ -100,6 +100,11 @@ def test_malformed_updates_are_rejected_and_their_spend_recorded(faulty_run: tup
         for merchant, reason in row["rejected"].items():
             assert expected_reason[merchant] in reason
         assert row["eval_metrics"]  # the run went on to evaluate the aggregate
+        # ... from the merchants' pooled noised sums: the round's figures, never the sums themselves;
+        # each evaluating merchant's own metrics beside them, for per-merchant views.
+        assert not any(k.startswith("sum:") or k == "sum-noise-sd" for k in row["eval_metrics"])
+        assert sorted(row["eval_per_merchant"]) == sorted([*FAULTY, "good"])
+        assert all(not any(k.startswith("sum") for k in m) for m in row["eval_per_merchant"].values())
     # Only the honest update entered the global model.
     latest = ckpt.load_latest(run_dir)
     assert latest is not None and latest.round == 2

@@ -8,12 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from server.ledger import PrivacyLedger, SpendRecord
 from server.report import format_summary, run_summary, write_summary
-from server.round_report import RoundReport, combine_metrics, shown_metrics
+from server.round_report import RoundReport, combine_metrics, mean_metrics, pooled_metrics, shown_metrics
 from server.run_log import RunLog
+from shared import eval_sums
+from shared.metrics import SUM_NOISE_SD, is_released_sum
 from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.run_files import CHECKPOINTS_DIR, LEDGER_FILE, METRICS_FILE, MODEL_DIR, SUMMARY_FILE
 
@@ -93,8 +96,8 @@ def test_summary_text(run_dir: Path) -> None:
     text = format_summary(run_summary(run_dir, stopped_because="all rounds done"))
     assert text.splitlines() == [
         "fedshop run finished: 3 round(s); all rounds done",
-        "utility on merchants' held-out data (last round; DP: from noised sums, client.release; baselines in "
-        "brackets):",
+        "utility on merchants' held-out data (last round; DP: from the merchants' pooled noised sums, "
+        "shared.eval_sums; baselines in brackets):",
         # Sorted; the loss and the undefined metric are left out.
         "  ctr_auc                0.7500",
         "  rating_rmse            1.0625",
@@ -177,6 +180,67 @@ def test_merchants_noise_scales_combine_as_their_weighted_means() -> None:
     # One merchant: its own figures and scales back.
     assert combine_metrics([a]) == pytest.approx({k: v for k, v in a.items() if k != "num-examples"})
     assert combine_metrics([]) == {}
+
+
+POOLED_TASKS = ("ctr", "rating")
+
+
+def merchant_release(units: int, noise_sd: float, seed: int) -> tuple[np.ndarray, dict[str, float]]:
+    """One merchant's noised sums (about ``units`` one-record units) and what it sends: its own
+    metrics and their scales, its sums (``sum:``) and their noise sd, its unit count."""
+    rng = np.random.default_rng(seed)
+    names = eval_sums.layout(POOLED_TASKS)
+    # Each count ``units``, every other statistic 5 % of it (histogram bins alike), scaled.
+    exact = np.where([n.endswith("/count") for n in names], units, 0.05 * units) / 3.0
+    sums = exact + rng.normal(0.0, noise_sd, len(names))
+    released = {"num-examples": float(units), **eval_sums.metrics_from_sums(sums, POOLED_TASKS),
+                **eval_sums.noise_scales(sums, POOLED_TASKS, noise_sd, seed=seed),
+                **eval_sums.as_metrics(sums, POOLED_TASKS, noise_sd)}
+    return sums, released
+
+
+def test_merchants_sums_are_pooled_and_the_metrics_computed_from_them() -> None:
+    """When every merchant sent its noised sums the round's metrics are those of Σ sums, their
+    noise scales at the pooled sd sqrt(Σ sd²), not a mean of the merchants' metrics; the sums
+    themselves are no figures of the round's."""
+    parts = [merchant_release(300, 10.0, 1), merchant_release(120, 10.0, 2), merchant_release(500, 4.0, 3)]
+    released = [r for _, r in parts]
+    total = sum(s for s, _ in parts)
+    pooled = pooled_metrics(released, seed=7)
+    assert pooled is not None
+    want = eval_sums.metrics_from_sums(total, POOLED_TASKS)
+    assert {k: v for k, v in pooled.items() if not k.endswith("_sd")} == pytest.approx(want)
+    assert pooled == pytest.approx(
+        want | eval_sums.noise_scales(total, POOLED_TASKS, math.sqrt(10.0**2 + 10.0**2 + 4.0**2), seed=7))
+    got = combine_metrics(released)
+    assert {k: v for k, v in got.items() if not k.endswith("_sd")} == pytest.approx(want)
+    assert got.keys() == pooled.keys() and not any(is_released_sum(k) for k in got)
+    assert got["ctr_auc"] != pytest.approx(mean_metrics(released)["ctr_auc"])  # not the mean of the AUCs
+    for _, r in parts[:2]:
+        assert any(is_released_sum(k) for k in r) and SUM_NOISE_SD in r
+
+
+def test_without_every_merchants_sums_the_metrics_are_the_weighted_mean() -> None:
+    """A merchant that sent no sums (a non-private run's exact metrics, an older merchant): the
+    unit-weighted mean of the metrics, the other merchants' sums left out of it."""
+    _, with_sums = merchant_release(300, 10.0, 1)
+    exact = {"num-examples": 100.0, "ctr_auc": 0.9, "rating_rmse": 1.1}
+    got = combine_metrics([with_sums, exact])
+    assert got == mean_metrics([with_sums, exact])
+    assert got["ctr_auc"] == pytest.approx((300 * with_sums["ctr_auc"] + 100 * 0.9) / 400)
+    assert not any(is_released_sum(k) for k in got)
+    assert combine_metrics([exact]) == {"ctr_auc": 0.9, "rating_rmse": 1.1}  # a non-private run
+
+
+def test_released_sums_are_never_shown_or_stopped_on(run_dir: Path) -> None:
+    _, released = merchant_release(300, 10.0, 1)
+    report = RoundReport(round=4, eval_metrics=released)
+    assert not any(is_released_sum(key) for key, _, _ in shown_metrics(released))
+    assert "sum" not in report.eval_text().replace("eval-loss", "")
+    assert report.stopping_value("sum:ctr/count") is None and report.stopping_value(SUM_NOISE_SD) is None
+    RunLog(run_dir).append(report)
+    text = format_summary(run_summary(run_dir, stopped_because="all rounds done"))
+    assert "sum:" not in text and SUM_NOISE_SD not in text
 
 
 def test_a_noise_scale_is_never_an_early_stopping_value() -> None:

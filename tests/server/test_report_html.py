@@ -153,6 +153,25 @@ def test_noise_scales_are_a_band_and_a_plus_minus_never_a_plot(run_dir: Path) ->
     assert 'alt="utility per merchant: ctr_auc"' in section(page, "Per merchant")
 
 
+def test_released_sums_are_never_a_series_or_a_plot(run_dir: Path) -> None:
+    """A merchant's raw release (``sum:<task>/<statistic>``, ``sum-noise-sd``) in the run log is
+    no figure: never a utility or per-merchant series, a noise band, or a word on the page."""
+    with_eval_metrics(run_dir)
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    sums = {"sum:ctr/count": 40.0, "sum:ctr/pos3": -1.5, "sum:rating/target_sq": 2.0, "sum-noise-sd": 10.0}
+    for row in rows:
+        row["eval_metrics"] |= sums
+        row["eval_per_merchant"] = {m: {"ctr_auc": 0.6, **sums} for m in MERCHANTS}
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert report_html._utility_series(rows).keys() == {"ctr_auc", "ctr_logloss"}
+    assert report_html._utility_series(rows, baselines=True) == {}
+    assert report_html._per_merchant_utility(rows).keys() == {"ctr_auc"}
+    assert not report_html._noise_scales(rows)
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    assert "sum:" not in page and "sum-noise-sd" not in page
+
+
 def test_a_failing_ledger_fails_the_audit_on_the_page(run_dir: Path) -> None:
     with tamper(run_dir) as conn:  # m2 claims less than its recorded mechanisms spent
         conn.execute("UPDATE spend SET epsilon_reported = 0.5 WHERE merchant_id = 'm2' AND round = 3")

@@ -30,6 +30,7 @@ def test_rows_come_back_in_order_with_every_field(tmp_path: Path) -> None:
     log = RunLog(tmp_path)
     log.append(RoundReport(round=1, sampled=["a", "b"], accepted=["a"], refused={"b": "budget spent"},
                            bytes_received=4096, eval_metrics={"ctr_auc": 0.625},
+                           eval_per_merchant={"a": {"ctr_auc": 0.5, "ctr_auc_sd": 0.25}},
                            epsilon={"a": 1.5, "b": 8.0}, aggregated=True))
     log.append(RoundReport(round=2, accepted=["a"], aggregated=True))
 
@@ -41,6 +42,7 @@ def test_rows_come_back_in_order_with_every_field(tmp_path: Path) -> None:
     assert first["bytes_received"] == 4096 and first["aggregated"] is True
     assert "train_loss" not in first  # no merchant's raw loss reaches the server (docs/privacy.md)
     assert first["eval_metrics"] == {"ctr_auc": 0.625} and first["epsilon"] == {"a": 1.5, "b": 8.0}
+    assert first["eval_per_merchant"] == {"a": {"ctr_auc": 0.5, "ctr_auc_sd": 0.25}}  # for per-merchant views
     assert set(first) == {f.name for f in dataclasses.fields(RoundReport)}  # every field, no more
     lines = log.path.read_text().splitlines()
     assert len(lines) == 2

@@ -14,12 +14,15 @@ from shared.metrics import (
     HIGHER_IS_BETTER,
     NOISE_SCALE_SUFFIX,
     STOPPING_METRICS,
+    SUM_NOISE_SD,
+    SUM_PREFIX,
     THRESHOLD_KEY,
     auc,
     average_precision,
     baseline_key,
     informative,
     is_noise_scale,
+    is_released_sum,
     log_loss,
     mae,
     mrr,
@@ -29,6 +32,7 @@ from shared.metrics import (
     random_order_mrr,
     random_order_ndcg,
     recall_at_k,
+    released_sum_key,
     rmse,
     task_metrics,
 )
@@ -346,6 +350,20 @@ def test_noise_scales_are_no_metrics() -> None:
         assert is_noise_scale(sd) and not is_noise_scale(key)
         assert sd not in HIGHER_IS_BETTER and sd not in STOPPING_METRICS and sd not in BASELINES
     assert not any(is_noise_scale(k) for k in STOPPING_METRICS)
+
+
+def test_released_sums_are_no_metrics() -> None:
+    """A merchant's raw release (``sum:<task>/<statistic>`` and ``sum-noise-sd``) is never a
+    metric, a stopping metric, a baseline or a noise scale, and no figure looks like one."""
+    from shared.eval_sums import layout  # here only: this module's own tests need no torch
+
+    keys = [released_sum_key(n) for n in layout(("ctr", "rating", "relevance"))] + [SUM_NOISE_SD]
+    assert all(k.startswith(SUM_PREFIX) for k in keys[:-1])
+    for key in keys:
+        assert is_released_sum(key) and not is_noise_scale(key)
+        assert key not in HIGHER_IS_BETTER and key not in STOPPING_METRICS and key not in BASELINES
+    figures = set(HIGHER_IS_BETTER) | {THRESHOLD_KEY, "eval-loss", "num-examples"}
+    assert not any(is_released_sum(k) or is_released_sum(noise_scale_key(k)) for k in figures)
 
 
 # ----------------------------------------------------------------------------- bad input
