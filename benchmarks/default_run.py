@@ -94,7 +94,8 @@ def baselines(train: list[Any], test: list[Any]) -> dict[str, float]:
         y_train = np.array([e.target for e in train if e.task == task], dtype=float)
         if not y.size:
             continue
-        for name, value in (("held_out", float(y.mean())), ("train", float(y_train.mean()) if y_train.size else math.nan)):
+        train_mean = float(y_train.mean()) if y_train.size else math.nan
+        for name, value in (("held_out", float(y.mean())), ("train", train_mean)):
             if math.isnan(value):
                 continue
             if scored == "logloss":

@@ -122,7 +122,8 @@ def test_simulate_scenario_on_a_users_data(scenario: str, started: list[tuple[Ru
                      "--set", f"data-dir={tmp_path / 'data'}"]) == 0
     config, merchants = started[0]
     recipe = engine.load_scenario(scenario)
-    assert merchants == 2 and config.trainable == {"reviews": "heads", "reviews-lora": "lora"}[scenario] == recipe["trainable"]
+    expected = {"reviews": "heads", "reviews-lora": "lora"}[scenario]
+    assert merchants == 2 and config.trainable == expected == recipe["trainable"]
     # every setting of the scenario arrives, but where it goes and how many it samples (2 merchants here)
     mine = ("data-dir", "run-dir", "merchants-per-round")
     assert {k: v for k, v in config.to_mapping().items() if k in recipe and k not in mine} == {
