@@ -122,7 +122,9 @@ class Federation:
         meta = self.ledger.meta()
         if "run_id" not in meta:
             self.ledger.set_meta("run_id", uuid.uuid4().hex)
-            self.ledger.set_meta("guarantee", "record-level (ε, δ)-DP per merchant")
+            # The run's unit; a merchant may pin its own, and every row names the unit it was accounted for.
+            self.ledger.set_meta("guarantee", f"{self.config.privacy_unit}-level (ε, δ)-DP per merchant, "
+                                              "replace-one neighbours")
         self.run_id = self.ledger.meta()["run_id"]
         if self.config.resume:
             # A round recorded in the ledger but not checkpointed really spent privacy; its

@@ -78,8 +78,8 @@ def plot_epsilon(report: AuditReport, path: Path) -> Path:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
-    ax.set_ylabel("cumulative ε (record-level, per merchant)")
-    ax.set_title("Privacy spent per merchant (solid: recorded PRV, dotted: re-derived PLD)")
+    ax.set_ylabel("cumulative ε per merchant (its privacy unit)")
+    ax.set_title("Privacy spent per merchant (solid: recorded, dotted: re-derived, PLD replace-one)")
     if len(report.merchants) <= 12:
         ax.legend(fontsize=7, ncol=2, loc="lower right")
     ax.grid(alpha=0.3)
