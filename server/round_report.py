@@ -80,7 +80,8 @@ def pooled_metrics(released: Sequence[Mapping[str, float]], *, seed: int | None 
     if pooled is None:
         return None
     sums, tasks, noise_sd = pooled
-    return {**eval_sums.metrics_from_sums(sums, tasks), **eval_sums.noise_scales(sums, tasks, noise_sd, seed=seed)}
+    return {**eval_sums.metrics_from_sums(sums, tasks, noise_sd),
+            **eval_sums.noise_scales(sums, tasks, noise_sd, seed=seed)}
 
 
 def mean_metrics(released: Sequence[Mapping[str, float]]) -> dict[str, float]:

@@ -140,9 +140,19 @@ def _clamp(value: float, low: float = 0.0, high: float = 1.0) -> float:
     return min(max(value, low), high)
 
 
-def metrics_from_sums(sums: np.ndarray, tasks: Sequence[str]) -> dict[str, float]:
+# The histogram's figures (AUC, AP, base rate, threshold, P/R/F1) need each class's noised
+# total well above the noise summed over its bins (noise_sd·sqrt(HIST_BINS)): at σ_eval = 10 a
+# few hundred negative units give a total of ~60 against a noise of ~45, and the AUC then comes
+# out clamped at 1 or undefined in half the rounds (the default scenario, measured). Below this
+# many noise sds they are left out: the noise, not the model, would decide them.
+ESTIMABLE_SDS = 3.0
+
+
+def metrics_from_sums(sums: np.ndarray, tasks: Sequence[str], noise_sd: float = 0.0) -> dict[str, float]:
     """The metrics the summary shows, computed from (noised) sums only; keyed as ``shared.metrics``.
-    The sums are used unclipped and only each final ratio is clamped (module docstring)."""
+    The sums are used unclipped and only each final ratio is clamped (module docstring).
+    ``noise_sd``: the sums' noise per coordinate (public), which decides whether the ctr
+    histogram's figures are estimable at all (``ESTIMABLE_SDS``); 0 for exact sums."""
     s = dict(zip(layout(tasks), sums.tolist(), strict=True))
     out: dict[str, float] = {}
 
@@ -157,8 +167,11 @@ def metrics_from_sums(sums: np.ndarray, tasks: Sequence[str]) -> dict[str, float
         out[EVAL_LOSS] = LOSS_CLIP * ratio(loss_sum, total)
     if "ctr" in tasks and counts["ctr"] > 0:
         out["ctr_logloss"] = LOSS_CLIP * ratio(s["ctr/loss"], counts["ctr"])
-        out.update(_ctr_from_histogram(np.array([s[f"ctr/pos{i}"] for i in range(HIST_BINS)]),
-                                       np.array([s[f"ctr/neg{i}"] for i in range(HIST_BINS)])))
+        pos = np.array([s[f"ctr/pos{i}"] for i in range(HIST_BINS)])
+        neg = np.array([s[f"ctr/neg{i}"] for i in range(HIST_BINS)])
+        floor = ESTIMABLE_SDS * noise_sd * math.sqrt(HIST_BINS)
+        if min(float(pos.sum()), float(neg.sum())) > floor:
+            out.update(_ctr_from_histogram(pos, neg))
     for task, span in (("rating", RATING_MAX - RATING_MIN), ("relevance", RELEVANCE_MAX)):
         if task not in tasks or counts[task] <= 0:
             continue
@@ -226,7 +239,7 @@ def noise_scales(sums: np.ndarray, tasks: Sequence[str], noise_sd: float, *, dra
     release's own noise: ``client.release.release`` passes a seed other than the one it noised with)."""
     if draws < 2:
         raise ValueError(f"draws must be >= 2; got {draws!r}")
-    point = metrics_from_sums(sums, tasks)
+    point = metrics_from_sums(sums, tasks, noise_sd)
     if not point:
         return {}
     generator = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
@@ -234,7 +247,7 @@ def noise_scales(sums: np.ndarray, tasks: Sequence[str], noise_sd: float, *, dra
                          dtype=torch.float64).numpy()
     samples: dict[str, list[float]] = {k: [] for k in point}
     for n in noise:
-        for key, value in metrics_from_sums(sums + n, tasks).items():  # undefined figures are left out
+        for key, value in metrics_from_sums(sums + n, tasks, noise_sd).items():  # undefined figures are left out
             if key in samples:
                 samples[key].append(value)
     need = max(2, math.ceil((1.0 - MAX_UNDEFINED_SHARE) * draws))

@@ -100,3 +100,22 @@ def test_pooling_adds_the_sums_and_the_noise_variances() -> None:
     other = eval_sums.as_metrics(np.zeros(len(eval_sums.layout(CTR))), CTR, 10.0)
     assert eval_sums.pool([eval_sums.as_metrics(parts[0][0], tasks, 10.0), other]) is None
     assert eval_sums.pool([]) is None
+
+
+def test_histogram_figures_are_left_out_when_the_noise_would_decide_them() -> None:
+    """A class total within ESTIMABLE_SDS noise sds (summed over its bins) of zero: no AUC, AP,
+    base rate, threshold or P/R/F1; the loss-based figures stay."""
+    sums = np.zeros(len(eval_sums.layout(CTR)))
+    names = eval_sums.layout(CTR)
+    for name, value in (("ctr/count", 100.0), ("ctr/loss", 6.0), ("ctr/pos15", 80.0), ("ctr/neg5", 20.0)):
+        sums[names.index(name)] = value
+    exact = eval_sums.metrics_from_sums(sums, CTR)
+    assert exact["ctr_auc"] == 1.0 and "ctr_threshold" in exact
+    floor_sd = 20.0 / (eval_sums.ESTIMABLE_SDS * math.sqrt(eval_sums.HIST_BINS))  # the negatives' total sits on it
+    noisy = eval_sums.metrics_from_sums(sums, CTR, noise_sd=floor_sd * 1.01)
+    assert "ctr_logloss" in noisy
+    assert not {"ctr_auc", "ctr_ap", "ctr_threshold", "ctr_precision", "ctr_logloss_baseline"} & set(noisy)
+    assert "ctr_auc" in eval_sums.metrics_from_sums(sums, CTR, noise_sd=floor_sd * 0.99)
+    # Their noise scales go with them: a figure left out in most draws gets no _sd.
+    scales = eval_sums.noise_scales(sums, CTR, floor_sd * 1.01, seed=1)
+    assert "ctr_auc_sd" not in scales and "ctr_logloss_sd" in scales
