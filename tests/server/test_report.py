@@ -203,7 +203,9 @@ def test_merchants_sums_are_pooled_and_the_metrics_computed_from_them() -> None:
     """When every merchant sent its noised sums the round's metrics are those of Σ sums, their
     noise scales at the pooled sd sqrt(Σ sd²), not a mean of the merchants' metrics; the sums
     themselves are no figures of the round's."""
-    parts = [merchant_release(300, 10.0, 1), merchant_release(120, 10.0, 2), merchant_release(500, 4.0, 3)]
+    # Well above the ctr histogram's estimability floor (3 pooled noise sds over 20 bins), so no
+    # figure or scale sits on its edge.
+    parts = [merchant_release(3000, 10.0, 1), merchant_release(1200, 10.0, 2), merchant_release(5000, 4.0, 3)]
     released = [r for _, r in parts]
     total = sum(s for s, _ in parts)
     pooled = pooled_metrics(released, seed=7)
