@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import shutil
 import subprocess
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     scored = score(run_dir, data_dir, work)
     verdict = checks(scored, summary, rounds)
     report = {"scenario": args.scenario, "data": args.data or "bundled", "sets": args.set,
-              "when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{_cores()} cores, CPU", **timing,
+              "when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count() or 1} cores, CPU", **timing,
               "rounds_completed": summary.get("rounds_completed"), "privacy": summary["privacy"],
               "exact_held_out": scored, "checks": verdict,
               "passed": all(all(c.values()) for c in verdict.values())}
@@ -191,11 +192,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"written {out}")
     return 0 if report["passed"] else 1
 
-
-def _cores() -> int:
-    import os
-
-    return os.cpu_count() or 1
 
 
 if __name__ == "__main__":
