@@ -193,6 +193,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if report["passed"] else 1
 
 
-
 if __name__ == "__main__":
     raise SystemExit(main())
