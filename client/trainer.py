@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from client import dp, features, precondition
+from client import dp, features, precondition, top_layers
 from client import optimizer_state as optimizer_state_lib
 from client.encoding import PairDataset, trim
 from shared.config import RunConfig
@@ -108,6 +108,7 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     device = device or torch.device("cpu")
     if config.dp and privacy is None:
         raise ValueError("dp = true needs the merchant's PrivacyState (its persisted accountant)")
+    config = top_layers.round_config(config, round)  # encoder-rounds: heads-only rounds first
     records = PairDataset(examples, tokenizer, max_seq_len=config.max_seq_len)
     units = sampled_units(records, config)
     unit_count = len(records) if units is None else len(units)
@@ -120,8 +121,8 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
                          corpus_cache=corpus_cache)
     optimizer = make_optimizer(view.model, config)
     kept = optimizer_state if config.keep_optimizer_state else None
-    if kept is not None:
-        optimizer_state_lib.load(optimizer, kept, run_id=run_id)
+    if kept is not None and not optimizer_state_lib.load(optimizer, kept, run_id=run_id) and config.encoder_rounds:
+        top_layers.carry_heads_state(optimizer, kept, run_id=run_id)
     # Reproducible batch order for non-private calls only: a private call samples from its own
     # fresh generator (client.dp.make_private), since batches known in advance are not secret.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
@@ -184,10 +185,16 @@ class RecordsView:
 
 def training_view(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records: PairDataset, config: RunConfig, *,
                   device: torch.device, feature_cache: Path | None = None,
-                  corpus_cache: Path | None = None) -> RecordsView | features.HeadsView:
+                  corpus_cache: Path | None = None) -> RecordsView | features.HeadsView | top_layers.TopLayersView:
     """The module a call trains and the dataset its loader samples: the records through the whole
-    model, or with a frozen encoder (``trainable = heads``) the heads on each record's cached
-    pooled state, in ``precondition-corpus``'s whitened coordinates when the run names one."""
+    model; with ``trainable = top-k`` the top layers and heads on each record's cached states
+    below them (``client.top_layers``); or with a frozen encoder (``trainable = heads``) the
+    heads on each record's cached pooled state, in ``precondition-corpus``'s whitened
+    coordinates when the run names one."""
+    if config.trainable == "top-k":
+        return top_layers.TopLayersView.of(model, tokenizer, records.pairs, records.targets,
+                                           top_k_layers=config.top_k_layers, max_seq_len=config.max_seq_len,
+                                           device=device, cache_dir=feature_cache)
     if config.trainable != "heads":
         return RecordsView(model, records)
     view = features.HeadsView.of(model, tokenizer, records.pairs, records.targets, max_seq_len=config.max_seq_len,

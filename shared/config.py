@@ -74,6 +74,11 @@ class RunConfig:
     encoder: str = "minilm"  # "minilm", "tiny", or a local Hugging Face model folder
     trainable: Trainable = "lora"
     top_k_layers: int = 2
+    # trainable = top-k in two phases: the run's first rounds train the heads only (on the cached
+    # pooled states of the frozen encoder; the top layers travel unchanged) and its last
+    # encoder-rounds rounds train the top k layers and the heads from there (client.top_layers).
+    # 0 = every round trains the top layers.
+    encoder_rounds: int = 0
     lora_r: int = 8
     lora_alpha: int = 16
     dropout: float = 0.1
@@ -190,7 +195,7 @@ class RunConfig:
                 raise bad(name, "must be >= 1")
         for name in ("max_local_steps", "early_stopping_rounds", "eval_max_examples",
                      "max_train_examples", "min_available_nodes", "history_length", "top_k_layers", "lora_r",
-                     "noise_plan_calls"):
+                     "noise_plan_calls", "encoder_rounds"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
         for name in ("learning_rate", "head_learning_rate", "max_grad_norm", "max_update_norm", "round_timeout_s",
@@ -218,6 +223,11 @@ class RunConfig:
             raise bad("proximal_mu", "must be a finite number >= 0")
         if self.precondition_corpus and self.trainable != "heads":
             raise bad("precondition_corpus", f"needs trainable = 'heads' (a frozen encoder), not {self.trainable!r}")
+        if self.encoder_rounds and self.trainable != "top-k":
+            raise bad("encoder_rounds", f"needs trainable = 'top-k' (the phases train heads, then top layers), "
+                      f"not {self.trainable!r}")
+        if self.encoder_rounds > self.num_server_rounds:
+            raise bad("encoder_rounds", f"must be <= num-server-rounds ({self.num_server_rounds})")
         if self.early_stopping_rounds > 0:
             from shared.metrics import STOPPING_METRICS  # numpy only; the metric names live there
 
