@@ -33,12 +33,12 @@ from typing import Any
 
 import numpy as np
 
-from client import evaluation, features, precondition, release, trainer
+from client import evaluation, features, node_cache, precondition, release, trainer
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from client.data.split import subsample_units
 from client.policy import MerchantPolicy, delta_refusal
 from shared.config import RunConfig
-from shared.model import ModelSpec, build_model, choose_device, get_trainable, load_tokenizer, set_trainable
+from shared.model import ModelSpec, choose_device, get_trainable, set_trainable
 from shared.privacy import accounting
 from shared.privacy.budget import BudgetExceededError, PrivacyState, PrivacyStateError
 from shared.privacy.events import RELEASE_EVALUATION, MechanismEvent, SpendEvent
@@ -193,7 +193,11 @@ class Merchant:
         return load_merchant(self.identity.data_dir)  # raises DataValidationError, writes nothing
 
     def split(self) -> MerchantSplit:
-        return split_merchant(self.load_data(), self.config)
+        """The merchant's train/held-out split; kept by the worker between calls while the
+        merchant's files and the run config stay the same (``client.node_cache``)."""
+        source = (self.identity.merchant_id, self.identity.data_dir, self.identity.synthetic_index)
+        return node_cache.split(source, self.identity.data_dir, self.config,
+                                lambda: split_merchant(self.load_data(), self.config))
 
     @property
     def feature_cache(self) -> Path:
@@ -224,9 +228,9 @@ class Merchant:
 
     def _model(self, params: dict[str, np.ndarray]) -> Any:
         spec = ModelSpec.from_config(self.config)
-        model = build_model(spec)
+        model = node_cache.model(spec)
         set_trainable(model, params)
-        return model, load_tokenizer(spec)
+        return model, node_cache.tokenizer(spec)
 
     def train(self, params: dict[str, np.ndarray], *, server_round: int, model_version: int,
               run_id: str = "", proximal_mu: float = 0.0,

@@ -221,9 +221,11 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
-def build_model(spec: ModelSpec) -> FedShopModel:
-    """Encoder + heads with the trainable set applied; same seed => same initial parameters."""
-    encoder = load_encoder(spec)
+def build_model(spec: ModelSpec, *, encoder: PreTrainedModel | None = None) -> FedShopModel:
+    """Encoder + heads with the trainable set applied; same seed => same initial parameters.
+    ``encoder``: one already loaded for ``spec`` (a node's shared frozen encoder,
+    ``client.node_cache``), used as it is instead of a fresh copy."""
+    encoder = load_encoder(spec) if encoder is None else encoder
     hidden = int(encoder.config.hidden_size)
     torch.manual_seed(spec.seed)
     model = FedShopModel(encoder, hidden_size=hidden, dropout=spec.dropout, pooling=spec.pooling)
