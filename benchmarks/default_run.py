@@ -8,7 +8,9 @@ six generated merchants of ~300 interactions, ``synth:N`` for ~N each, or a copy
 of merchant folders), so every merchant starts
 at ε 0; runs ``fedshop simulate`` on them in a child process, timed (wall, and the children's
 peak RSS); then scores the run's exported model **exactly** on every merchant's whole
-held-out set (a benchmark-side measurement: no merchant releases these figures, its released
+held-out set, each with its own local offsets when the run trained them (``local-offsets``:
+the model the merchant serves, read from its node folder in the run, ``client.offsets.for_node``)
+(a benchmark-side measurement: no merchant releases these figures, its released
 ones are the noised sums of ``client.release``) against the constant predictors a model must
 beat: the held-out base rate (log-loss), the held-out mean (RMSE), and the training set's
 (what a merchant knows without any model). It checks, per merchant:
@@ -106,25 +108,30 @@ def baselines(train: list[Any], test: list[Any]) -> dict[str, float]:
     return out
 
 
-def score(run_dir: Path, data_dir: Path, work: Path) -> dict[str, dict[str, float]]:
-    """Each merchant's exact held-out metrics of the run's exported model, with the constant baselines."""
-    from client import evaluation
+def score(run_dir: Path, data_dir: Path, work: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Each merchant's exact held-out metrics of the run's exported model plus its own local
+    offsets (when it has any), with the constant baselines; and the offsets applied."""
+    from client import evaluation, offsets
     from client.data import load_merchant
-    from client.merchant import merchant_dirs, split_merchant
+    from client.merchant import merchant_dirs, simulated_state_dir, split_merchant
     from shared.config import RunConfig
     from shared.model import load_exported
 
     saved = json.loads((run_dir / "config.json").read_text())
     config = RunConfig.from_mapping({**saved, "eval-max-examples": 0})  # every held-out unit
-    model, tokenizer, _ = load_exported(run_dir / "model")
+    model, tokenizer, manifest = load_exported(run_dir / "model")
     result: dict[str, dict[str, float]] = {}
+    applied: dict[str, dict[str, float]] = {}
     for folder in merchant_dirs(data_dir):
         split = split_merchant(load_merchant(folder), config)
+        own = offsets.for_node(simulated_state_dir(run_dir, folder.name), manifest["heads"])
         exact = evaluation.evaluate(model, split.test, tokenizer, config,
-                                    feature_cache=work / "features" / folder.name)
+                                    feature_cache=work / "features" / folder.name, offsets=own)
         result[folder.name] = {"held_out_examples": float(len(split.test)), **exact.metrics,
                                **baselines(split.train, split.test)}
-    return result
+        if own is not None:
+            applied[folder.name] = own.values()
+    return result, applied
 
 
 def checks(scored: dict[str, dict[str, float]], summary: dict[str, Any], rounds: int) -> dict[str, dict[str, bool]]:
@@ -168,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
         timing = simulate(args.scenario, data_dir, run_dir, args.set)
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = int(json.loads((run_dir / "config.json").read_text())["num-server-rounds"])
-    scored = score(run_dir, data_dir, work)
+    scored, applied = score(run_dir, data_dir, work)
     verdict = checks(scored, summary, rounds)
     report = {"scenario": args.scenario, "data": args.data or "bundled", "sets": args.set,
               "when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count() or 1} cores, CPU", **timing,
               "rounds_completed": summary.get("rounds_completed"), "privacy": summary["privacy"],
-              "exact_held_out": scored, "checks": verdict,
+              "local_offsets": applied, "exact_held_out": scored, "checks": verdict,
               "passed": all(all(c.values()) for c in verdict.values())}
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"default_run-{args.scenario}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

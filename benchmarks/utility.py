@@ -140,8 +140,10 @@ _RECIPE = load_scenario(RECIPE)
 # The recipe's keys that make the heads setting: every arm of every dataset takes them. Its
 # other keys are the reviews data's own (the reviews scenario and DATASET_OVERRIDES say the
 # same), the DP arms' (below) and the run's noise planning (``Dataset.private_keys``).
+# local-offsets: every federated arm's merchants train their own offsets and are scored with
+# them (``Dataset.evaluate``); the in-process arms (centralised, local) train none.
 RECIPE_SETTING_KEYS = ("trainable", "pooling", "batch-size", "num-server-rounds", "local-epochs", "max-local-steps",
-                       "head-learning-rate", "dropout", "keep-optimizer-state")
+                       "head-learning-rate", "dropout", "keep-optimizer-state", "local-offsets")
 # The least σ a merchant may plan, in every setting's DP arms: the recipe's noise-multiplier
 # (its comment says why).
 NOISE_FLOOR = float(_RECIPE["noise-multiplier"])
@@ -318,10 +320,13 @@ class Dataset:
         return (c.num_server_rounds * c.merchants_per_round * c.max_local_steps,
                 c.num_server_rounds * c.max_local_steps)
 
-    def evaluate(self, params: dict[str, Any] | None,
-                 merchants: list[str] | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
-        """(each merchant's metrics, each merchant's per-example predictions) on its held-out set."""
-        from client import evaluation
+    def evaluate(self, params: dict[str, Any] | None, merchants: list[str] | None = None, *,
+                 run_dir: Path | None = None) -> tuple[dict[str, dict[str, float]], dict[str, Any]]:
+        """(each merchant's metrics, each merchant's per-example predictions) on its held-out set;
+        ``run_dir``: a federated arm's run, whose merchants are scored with their own local offsets
+        (``local-offsets``, kept in their node folders there: the model each one serves)."""
+        from client import evaluation, offsets
+        from client.merchant import simulated_state_dir
         from shared.model import ModelSpec, build_model, choose_device, load_tokenizer, set_trainable
 
         spec = ModelSpec.from_config(self.config)
@@ -330,8 +335,10 @@ class Dataset:
             set_trainable(model, params)
         tokenizer = load_tokenizer(spec)
         device = choose_device(self.config.device)
-        preds = {m: evaluation.predict(model, self.tests[m], tokenizer, self.config, device=device)[1]
-                 for m in (merchants or self.merchants)}
+        own = {m: None if run_dir is None else offsets.for_node(simulated_state_dir(run_dir, m), spec.task_names)
+               for m in (merchants or self.merchants)}
+        preds = {m: evaluation.predict(model, self.tests[m], tokenizer, self.config, device=device,
+                                       offsets=shift)[1] for m, shift in own.items()}
         return {m: evaluation.metrics_of(self.tests[m], p) for m, p in preds.items()}, preds
 
 
@@ -653,7 +660,7 @@ def run_dataset(dataset: Dataset, epsilons: list[float], work: Path, repeats: in
                                      "epsilon_spent": {m: p["epsilon"] for m, p in summary["privacy"].items()}}
             if overrides.get("dp"):
                 notes["noise_multiplier"] = noise_used(run_dir)
-            return dataset.evaluate(params), notes
+            return dataset.evaluate(params, run_dir=run_dir), notes
         return run
 
     timed("federated", federated("federated", {"dp": False}))

@@ -1,5 +1,6 @@
 """Scoring a model on a merchant's held-out examples: per-example losses and predictions, and
-every task's metrics from them."""
+every task's metrics from them; with the merchant's local offsets (``client.offsets``) on the
+heads' scores when it has them, so that what it measures is the model it serves."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import features
 from client.encoding import encode, trim
+from client.offsets import Offsets
 from shared import metrics as metrics_lib
 from shared.config import RunConfig
 from shared.model import FedShopModel, head_scores
@@ -43,15 +45,18 @@ def predict(
     device: torch.device | None = None,
     batch_size: int = 64,
     feature_cache: Path | None = None,
+    offsets: Offsets | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(per-example loss, per-example prediction on its task's natural scale), in ``examples``
     order; the model is left in the mode it was in. With a frozen encoder (``trainable =
     heads``) and a ``feature_cache`` folder, the heads score the records' cached pooled states
-    (``client.features``): the encoder runs once per held-out record, not once per evaluation."""
+    (``client.features``): the encoder runs once per held-out record, not once per evaluation.
+    ``offsets``: a merchant's own offsets, added to the heads' scores (None: the model alone)."""
     device = device or torch.device("cpu")
+    shift = _on(offsets, device)
     if config.trainable == "heads" and feature_cache is not None and isinstance(model, FedShopModel):
         return _predict_on_states(model, examples, tokenizer, config, device=device,
-                                  cache_dir=Path(feature_cache) / HELD_OUT_FOLDER)
+                                  cache_dir=Path(feature_cache) / HELD_OUT_FOLDER, offsets=shift)
     dataset = encode(examples, tokenizer, max_seq_len=config.max_seq_len)
     was_training = model.training
     model.to(device)
@@ -60,7 +65,7 @@ def predict(
     with Progress("evaluating", len(examples), unit="examples") as shown:
         for batch in DataLoader(dataset, batch_size=batch_size):
             input_ids, attention_mask, token_type_ids, packed = trim(batch, device)
-            scores = model(input_ids, attention_mask, token_type_ids)
+            scores = shift(model(input_ids, attention_mask, token_type_ids))
             losses.append(PerExampleLoss(reduction="none")(scores, packed).cpu())
             own = task_of(packed).unsqueeze(1)
             preds.append(predictions(scores).gather(1, own).squeeze(1).cpu())
@@ -71,7 +76,8 @@ def predict(
 
 @torch.no_grad()
 def _predict_on_states(model: FedShopModel, examples: Sequence[Example], tokenizer: PreTrainedTokenizerBase,
-                       config: RunConfig, *, device: torch.device, cache_dir: Path) -> tuple[np.ndarray, np.ndarray]:
+                       config: RunConfig, *, device: torch.device, cache_dir: Path,
+                       offsets: nn.Module) -> tuple[np.ndarray, np.ndarray]:
     """``predict`` for a frozen encoder: the heads on each distinct (context, product) pair's
     pooled state (a record with two tasks is one pair, encoded once), from ``cache_dir``."""
     index: dict[tuple[str, str], int] = {}
@@ -85,12 +91,17 @@ def _predict_on_states(model: FedShopModel, examples: Sequence[Example], tokeniz
     model.to(device)
     model.eval()  # dropout off, as in ``predict``
     try:
-        scores = head_scores(model.heads, model.dropout, states[rows].to(device))
+        scores = offsets(head_scores(model.heads, model.dropout, states[rows].to(device)))
     finally:
         model.train(was_training)
     losses = PerExampleLoss(reduction="none")(scores, packed.to(device)).cpu()
     preds = predictions(scores).gather(1, task_of(packed).to(device).unsqueeze(1)).squeeze(1).cpu()
     return losses.numpy(), preds.numpy()
+
+
+def _on(offsets: Offsets | None, device: torch.device) -> nn.Module:
+    """The offsets on ``device`` in eval mode, or the identity."""
+    return nn.Identity() if offsets is None else offsets.to(device).eval()
 
 
 def metrics_of(examples: Sequence[Example], preds: np.ndarray) -> dict[str, float]:
@@ -118,11 +129,12 @@ def evaluate(
     device: torch.device | None = None,
     batch_size: int = 64,
     feature_cache: Path | None = None,
+    offsets: Offsets | None = None,
 ) -> EvalResult:
     """Exact loss and every task's metrics on held-out examples: for non-private baselines and
     benchmark-side measurement. What a private merchant releases is ``client.release``'s."""
     if not examples:
         return EvalResult(num_examples=0, loss=float("nan"), metrics={})
     losses, preds = predict(model, examples, tokenizer, config, device=device, batch_size=batch_size,
-                            feature_cache=feature_cache)
+                            feature_cache=feature_cache, offsets=offsets)
     return EvalResult(num_examples=len(examples), loss=float(losses.mean()), metrics=metrics_of(examples, preds))

@@ -17,8 +17,9 @@ simulation creates a missing one (a scenario's first run on this data; ``fedshop
 does so for every merchant before the federation starts). Synthetic merchants
 (``synthetic:N``) have no folder: they are regenerated for each run, nobody's data, so their
 state stays in ``<run-dir>/nodes/<merchant>/`` and lasts as long as the run. Caches that are
-not privacy state (encoder features, optimizer state) stay in the node's ``state_dir``: the
-run folder in simulation, so nothing but the privacy state is written into merchant folders.
+not privacy state (encoder features, optimizer state, local offsets) stay in the node's
+``state_dir``: the run folder in simulation, so nothing but the privacy state is written into
+merchant folders.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from client import evaluation, features, node_cache, precondition, release, trainer
+from client import evaluation, features, node_cache, offsets, precondition, release, trainer
 from client.data import MerchantData, build_examples, load_merchant, split_examples
 from client.data.split import subsample_units
 from client.policy import MerchantPolicy, delta_refusal
@@ -86,6 +87,13 @@ class NodeIdentity:
         return (self.privacy_dir or self.state_dir) / PRIVACY_STATE_FILE
 
 
+def simulated_state_dir(run_dir: Path | str, merchant_id: str) -> Path:
+    """A simulated merchant's own folder: ``RUN_DIR/nodes/<merchant>`` (its caches, optimizer
+    state and local offsets; a synthetic merchant's privacy state too). Where the benchmarks read
+    a run's local offsets from (``client.offsets.for_node``)."""
+    return Path(run_dir) / "nodes" / merchant_id
+
+
 def privacy_state_path(merchant_dir: Path) -> Path:
     """The privacy state kept with a merchant's data folder (deployment default, simulation, train-local)."""
     return Path(merchant_dir) / STATE_FOLDER / PRIVACY_STATE_FILE
@@ -116,14 +124,13 @@ def resolve_node(node_config: Mapping[str, Any], config: RunConfig) -> NodeIdent
     if "partition-id" not in node_config:
         raise NodeConfigError("node config has neither 'data-dir' (deployment) nor 'partition-id' (simulation)")
     pid = int(node_config["partition-id"])
-    nodes_root = Path(config.run_dir) / "nodes"
     if config.data_dir.startswith(SYNTHETIC_PREFIX):
         from client.sources.synthetic import SyntheticFederation  # simulated merchants only
 
         federation = SyntheticFederation(synthetic_count(config.data_dir), seed=config.synthetic_seed)
         merchant_id = federation.merchant_id(pid)
         return NodeIdentity(merchant_id=merchant_id, data_dir=None, synthetic_index=pid,
-                            state_dir=nodes_root / merchant_id, target_epsilon=target_epsilon,
+                            state_dir=simulated_state_dir(config.run_dir, merchant_id), target_epsilon=target_epsilon,
                             target_delta=target_delta, device=device, creates_privacy_state=True)
     if not config.data_dir:
         raise NodeConfigError("run-config key 'data-dir' is empty: set it to a folder of merchant folders")
@@ -131,7 +138,7 @@ def resolve_node(node_config: Mapping[str, Any], config: RunConfig) -> NodeIdent
     if pid >= len(dirs):
         raise NodeConfigError(f"partition-id {pid} but data-dir {config.data_dir!r} has only {len(dirs)} merchants")
     return NodeIdentity(merchant_id=dirs[pid].name, data_dir=dirs[pid], synthetic_index=None,
-                        state_dir=nodes_root / dirs[pid].name, target_epsilon=target_epsilon,
+                        state_dir=simulated_state_dir(config.run_dir, dirs[pid].name), target_epsilon=target_epsilon,
                         target_delta=target_delta, device=device,
                         privacy_dir=privacy_state_path(dirs[pid]).parent, creates_privacy_state=True)
 
@@ -211,6 +218,17 @@ class Merchant:
         every merchant that shares ``feature-cache-dir``."""
         return features.cache_dir(self.config.feature_cache_dir, self.feature_cache) / precondition.CACHE_FOLDER
 
+    @property
+    def offsets_path(self) -> Path:
+        """Where this merchant's own score offsets are kept (``local-offsets``, ``client.offsets``)."""
+        return self.identity.state_dir / offsets.OFFSETS_FILE
+
+    def own_offsets(self, run_id: str) -> offsets.Offsets | None:
+        """The offsets this merchant's training calls of the run left, to evaluate with; None without."""
+        if not self.config.local_offsets:
+            return None
+        return offsets.load(self.offsets_path, tasks=self.config.task_names, run_id=run_id)
+
     @contextlib.contextmanager
     def privacy_state(self) -> Iterator[PrivacyState | None]:
         """The merchant's state, locked for one training call (check → train → commit); None without DP.
@@ -258,7 +276,7 @@ class Merchant:
                                        round=server_round, model_version=model_version, run_id=run_id,
                                        device=device, feature_cache=self.feature_cache, corpus_cache=self.corpus_cache,
                                        optimizer_state=self.identity.state_dir / "optimizer-state.pt",
-                                       proximal_mu=proximal_mu,
+                                       proximal_mu=proximal_mu, local_offsets=self.offsets_path,
                                        reserve=self.evaluations_ahead(split, eval_settings, server_round))
             except BudgetExceededError as exc:
                 log.warning("%s", exc)
@@ -305,18 +323,20 @@ class Merchant:
     def evaluations_ahead(self, split: MerchantSplit, settings: release.EvalSettings | None,
                           server_round: int) -> list[MechanismEvent]:
         """The evaluation releases this merchant expects from this round to the run's last: one
-        per round (the server evaluates every merchant after each round's aggregation), none
-        when it does not evaluate or its held-out set is below its minimum (refused, unspent)."""
+        per evaluated round (the server evaluates every merchant after every ``evaluate-every``-th
+        round's aggregation and the last's), none when it does not evaluate or its held-out set
+        is below its minimum (refused, unspent)."""
         if settings is None or not settings.evaluate or not self.config.dp:
             return []
         if release.unit_count(split.test, unit=self.config.privacy_unit) < settings.min_units:
             return []
-        return [settings.mechanism] * max(0, self.config.num_server_rounds - max(server_round, 1) + 1)
+        return [settings.mechanism] * self.config.evaluations_from(server_round)
 
     def evaluate(self, params: dict[str, np.ndarray], settings: release.EvalSettings, *, server_round: int = 0,
                  model_version: int = 0, run_id: str = "") -> EvalReply:
         """The global model's metrics on this merchant's held-out set, released only as noised
-        sums (``client.release``) and accounted as an evaluation spend in its privacy state.
+        sums (``client.release``) and accounted as an evaluation spend in its privacy state; with
+        ``local-offsets``, the model it serves: the global model plus its own offsets.
 
         Nothing is released and nothing spent when the merchant does not evaluate
         (``settings.evaluate``), its held-out set has fewer than ``settings.min_units`` units,
@@ -331,9 +351,10 @@ class Merchant:
                                        f"eval-min-units = {settings.min_units}")
         model, tokenizer = self._model(params)
         device = choose_device(self.identity.device)
+        own = self.own_offsets(run_id)
         if not self.config.dp:
             exact = evaluation.evaluate(model, split.test, tokenizer, self.config, device=device,
-                                        feature_cache=self.feature_cache)
+                                        feature_cache=self.feature_cache, offsets=own)
             return EvalReply(merchant_id=self.identity.merchant_id, facts=None,
                              metrics={NUM_EXAMPLES: float(units), EVAL_LOSS: exact.loss, **exact.metrics})
         mechanism = settings.mechanism
@@ -346,7 +367,7 @@ class Merchant:
                     return self._no_evaluation(f"refused: {exc}")
                 metrics = release.release(model, split.test, tokenizer, self.config,
                                           noise_multiplier=settings.noise_multiplier, device=device,
-                                          feature_cache=self.feature_cache)
+                                          feature_cache=self.feature_cache, offsets=own)
                 epsilon = privacy.commit(mechanism, unit_count=units, round=server_round, model_version=model_version,
                                          run_id=run_id, unit=self.config.privacy_unit, release=RELEASE_EVALUATION)
                 facts = self._facts(privacy, status=STATUS_OK, event=privacy.entries[-1].event,

@@ -52,6 +52,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client.data.split import unit_keys
 from client.evaluation import predict
+from client.offsets import Offsets
 from shared import eval_sums
 from shared import metrics as metrics_lib
 from shared.config import ConfigError, RunConfig
@@ -243,15 +244,19 @@ def release(
     device: torch.device | None = None,
     seed: int | None = None,
     feature_cache: Path | None = None,
+    offsets: Offsets | None = None,
 ) -> dict[str, float]:
     """What a merchant releases from its held-out ``examples``: the noised sums themselves
     (``sum:<task>/<statistic>``) and their noise sd σ_eval·C_eval (``sum-noise-sd``), which the
     server pools across merchants; the metrics computed from them, each with its noise scale
     ``<key>_sd`` (``noise_scales``: post-processing), for this merchant's own view; and
     ``num-examples`` = the held-out unit count (declared public, like the training N). The
-    caller accounts the release (``EvalSettings.mechanism``) before it leaves."""
+    caller accounts the release (``EvalSettings.mechanism``) before it leaves. ``offsets``: the
+    merchant's own (``client.offsets``) on the heads' scores, so the release describes the model
+    it serves; they are the output of its accounted training calls, so using them costs nothing."""
     tasks = config.task_names
-    losses, preds = predict(model, examples, tokenizer, config, device=device, feature_cache=feature_cache)
+    losses, preds = predict(model, examples, tokenizer, config, device=device, feature_cache=feature_cache,
+                            offsets=offsets)
     unit = config.privacy_unit
     sums = noised_sums(contributions(examples, losses, preds, tasks, unit=unit), noise_multiplier, seed=seed)
     scales = noise_scales(sums, tasks, noise_multiplier, seed=None if seed is None else seed + 1)

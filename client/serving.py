@@ -1,6 +1,8 @@
 """Using a trained model on the merchant's side: rank a catalogue for a query, recommend
 products from a user's recent history. Both score (context, product) pairs with one head of
-an exported model folder, offline."""
+an exported model folder, offline; with ``offsets`` (a merchant's state folder) the scores
+carry that merchant's own offsets (``client.offsets``): the same order of products, each
+score on the merchant's own scale rather than the federation's average."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from client import offsets as offsets_lib
 from client.data import HISTORY_SEPARATOR, DataValidationError, Problem, load_table, product_text
 from shared.model import MANIFEST_FILE, load_exported, read_manifest, tokenize_pairs, trained_heads
 from shared.tasks import TASK_INDEX, predictions
@@ -49,12 +52,14 @@ def _texts(catalog: pd.DataFrame) -> list[str]:
 
 @torch.no_grad()
 def score_pairs(model_dir: Path, *, contexts: list[str], products: list[str], task: str,
-                batch_size: int = 64) -> np.ndarray:
-    """Each pair's prediction on ``task``'s natural scale (probability, stars, grade).
+                batch_size: int = 64, offsets: Path | None = None) -> np.ndarray:
+    """Each pair's prediction on ``task``'s natural scale (probability, stars, grade), with the
+    local offsets kept in the state folder ``offsets`` when one is named (``merchant_offsets``).
 
     Refuses (``UntrainedHeadError``) a head the model's run did not train.
     """
     require_trained(Path(model_dir), task)
+    shift = merchant_offsets(Path(model_dir), offsets)
     model, tokenizer, manifest = load_exported(Path(model_dir))
     max_len = int(manifest.get("max_seq_len", 64))
     out = []
@@ -62,8 +67,27 @@ def score_pairs(model_dir: Path, *, contexts: list[str], products: list[str], ta
         enc = tokenize_pairs(tokenizer, contexts[start:start + batch_size], products[start:start + batch_size],
                              max_len, padding="longest")
         scores = model(enc["input_ids"], enc["attention_mask"], enc["token_type_ids"])
+        if shift is not None:
+            scores = shift(scores)
         out.append(predictions(scores)[:, TASK_INDEX[task]].numpy())
     return np.concatenate(out) if out else np.zeros(0)
+
+
+def merchant_offsets(model_dir: Path, state_dir: Path | None) -> offsets_lib.Offsets | None:
+    """The offsets a merchant's state folder keeps for this model's heads; None when no folder
+    is named. A named folder without offsets, or with another task list's, is an error
+    (``client.offsets.OffsetsError``): serving the global model instead would pass unnoticed."""
+    if state_dir is None:
+        return None
+    if not Path(state_dir).is_dir():
+        raise offsets_lib.OffsetsError(f"--offsets {state_dir}: not a folder (a merchant's state folder)")
+    trained = trained_heads(model_dir, read_manifest(model_dir)) or ()
+    found = offsets_lib.for_node(Path(state_dir), trained)
+    if found is None:
+        raise offsets_lib.OffsetsError(
+            f"--offsets {state_dir}: no local offsets there ({offsets_lib.OFFSETS_FILE}: a merchant's state folder "
+            "after training with local-offsets = true; in simulation RUN_DIR/nodes/<merchant>)")
+    return found.eval()
 
 
 def require_trained(model_dir: Path, task: str) -> None:
@@ -90,8 +114,10 @@ def _top(catalog: pd.DataFrame, scores: np.ndarray, k: int) -> list[Scored]:
                    score=float(scores[j])) for i, j in enumerate(order)]
 
 
-def rank(model_dir: Path, catalog_path: Path, query: str, *, k: int = 10) -> list[Scored]:
-    """The catalogue ordered by the relevance head's expected grade (0-3) for ``query``."""
+def rank(model_dir: Path, catalog_path: Path, query: str, *, k: int = 10,
+         offsets: Path | None = None) -> list[Scored]:
+    """The catalogue ordered by the relevance head's expected grade (0-3) for ``query``
+    (``offsets``: a merchant's state folder whose offsets the grades carry)."""
     if not query.strip():
         raise ValueError("--query is empty")
     if k < 1:
@@ -99,13 +125,15 @@ def rank(model_dir: Path, catalog_path: Path, query: str, *, k: int = 10) -> lis
     require_trained(Path(model_dir), RANK_TASK)  # before reading the catalogue: the cheaper refusal first
     catalog = _catalog(catalog_path)
     texts = _texts(catalog)
-    scores = score_pairs(model_dir, contexts=[query] * len(texts), products=texts, task=RANK_TASK)
+    scores = score_pairs(model_dir, contexts=[query] * len(texts), products=texts, task=RANK_TASK,
+                         offsets=offsets)
     return _top(catalog, scores, k)
 
 
 def recommend(model_dir: Path, catalog_path: Path, history_path: Path, *, k: int = 10,
-              history_length: int = 3) -> list[Scored]:
-    """Products the user has not interacted with, by the conversion head's probability.
+              history_length: int = 3, offsets: Path | None = None) -> list[Scored]:
+    """Products the user has not interacted with, by the conversion head's probability
+    (``offsets``: a merchant's state folder whose offsets the probabilities carry).
 
     The context is the titles of the user's ``history_length`` most recent products, most
     recent first: the same context the model was trained with.
@@ -130,5 +158,5 @@ def recommend(model_dir: Path, catalog_path: Path, history_path: Path, *, k: int
     if candidates.empty:
         return []
     scores = score_pairs(model_dir, contexts=[context] * len(candidates), products=_texts(candidates),
-                         task=RECOMMEND_TASK)
+                         task=RECOMMEND_TASK, offsets=offsets)
     return _top(candidates, scores, k)

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader, Dataset
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import dp, features, precondition, top_layers
+from client import offsets as offsets_lib
 from client import optimizer_state as optimizer_state_lib
 from client.encoding import PairDataset, trim
 from shared.config import RunConfig
@@ -95,7 +96,8 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
           privacy: PrivacyState | None, round: int = 0, model_version: int = 0, run_id: str = "",
           device: torch.device | None = None, on_step: Callable[[int, int, float], None] | None = None,
           feature_cache: Path | None = None, corpus_cache: Path | None = None, optimizer_state: Path | None = None,
-          proximal_mu: float = 0.0, reserve: Sequence[MechanismEvent] = ()) -> TrainResult:
+          proximal_mu: float = 0.0, reserve: Sequence[MechanismEvent] = (),
+          local_offsets: Path | None = None) -> TrainResult:
     """Train ``model`` in place on one merchant's examples; private iff ``config.dp``.
 
     ``feature_cache`` / ``corpus_cache``: where a frozen encoder's pooled states of the records /
@@ -103,7 +105,9 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     every call). ``optimizer_state``: the file that carries the optimizer's state from call to
     call with ``keep-optimizer-state`` (None = never carried). ``proximal_mu``: FedProx's μ, as the
     server sent it (``proximal_term``; 0 = none). ``reserve``: releases the merchant still expects
-    to make in this run besides training (its evaluations), which a noise plan leaves room for."""
+    to make in this run besides training (its evaluations), which a noise plan leaves room for.
+    ``local_offsets``: the file that keeps the merchant's own score offsets from call to call
+    with ``local-offsets`` (``client.offsets``; None = none trained)."""
     start = time.perf_counter()
     device = device or torch.device("cpu")
     if config.dp and privacy is None:
@@ -119,7 +123,11 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     model.train()
     view = training_view(model, tokenizer, records, config, device=device, feature_cache=feature_cache,
                          corpus_cache=corpus_cache)
-    optimizer = make_optimizer(view.model, config)
+    # The merchant's own offsets: trained in the same DP-SGD steps as the heads, never sent (client.offsets).
+    own = local_offsets if config.local_offsets else None
+    offsets = None if own is None else offsets_lib.resume(own, tasks=config.task_names, run_id=run_id).to(device)
+    with offsets_lib.attached(view.model, offsets):  # among the heads' parameters (shared.model.is_head)
+        optimizer = make_optimizer(view.model, config)
     kept = optimizer_state if config.keep_optimizer_state else None
     if kept is not None and not optimizer_state_lib.load(optimizer, kept, run_id=run_id) and config.encoder_rounds:
         top_layers.carry_heads_state(optimizer, kept, run_id=run_id)
@@ -127,7 +135,8 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
     # fresh generator (client.dp.make_private), since batches known in advance are not secret.
     generator = torch.Generator().manual_seed(config.seed * 1_000_003 + round)
     loader = DataLoader(view.dataset, batch_size=config.batch_size, shuffle=True, generator=generator)
-    with (made_private(model, view.model, optimizer, loader, config, planned, units=units) as training,
+    with (offsets_lib.attached(view.model, offsets),  # again: the same parameters, now in Opacus' wrapper
+          made_private(model, view.model, optimizer, loader, config, planned, units=units) as training,
           proximal_term(optimizer, proximal_mu), secret_dropout(config.dp, device)):
         losses = step_loop(training, view.batch, steps, device=device, on_step=on_step)
     view.finish()
@@ -139,6 +148,8 @@ def train(model: nn.Module, examples: Sequence[Example], tokenizer: PreTrainedTo
                                  model_version=model_version, run_id=run_id)
     if kept is not None:
         optimizer_state_lib.save(optimizer, kept, run_id=run_id)
+    if own is not None and offsets is not None:  # after the commit: never offsets of an unrecorded call
+        offsets_lib.save(offsets, own, run_id=run_id)
     return TrainResult(
         num_examples=unit_count, steps=steps, mean_loss=float(np.mean(losses)) if losses else float("nan"),
         losses=losses, mechanism=planned, epsilon=epsilon,

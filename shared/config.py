@@ -115,6 +115,11 @@ class RunConfig:
     # Carry the optimizer's state (Adam's moments) from one training call of the run to the
     # next, in the node's state folder, instead of starting it afresh every round.
     keep_optimizer_state: bool = False
+    # Each merchant's own intercept per trained task on the heads' scores (client.offsets),
+    # trained in its DP-SGD calls with the heads, kept in its state folder and never sent; its
+    # evaluation uses them. Off by default so that older scenarios and runs score the global
+    # model alone, as they were measured; the default scenario turns it on.
+    local_offsets: bool = False
 
     # --- privacy --------------------------------------------------------------------
     dp: bool = True

@@ -43,9 +43,20 @@ MINILM = "minilm"
 POOLINGS = ("mean", "mean-l2")
 
 
+# The child a merchant's local offsets are attached under while it trains (``client.offsets``):
+# per-merchant intercepts on the heads' scores, trained with them and never sent.
+LOCAL_OFFSETS = "local_offsets"
+
+
 def is_head(name: str) -> bool:
-    """Whether a parameter or layer name of a ``FedShopModel`` belongs to a task head."""
-    return name.startswith("heads.")
+    """Whether a parameter or layer name of a ``FedShopModel`` belongs to a task head, or to the
+    local offsets on the heads' scores (trained at the heads' rate, clipped with them apart)."""
+    return name.startswith("heads.") or is_local(name)
+
+
+def is_local(name: str) -> bool:
+    """Whether a parameter name is a merchant's own (``LOCAL_OFFSETS``): never sent, never set."""
+    return name.startswith(f"{LOCAL_OFFSETS}.")
 
 
 class ModelError(ValueError):
@@ -271,20 +282,24 @@ def apply_trainable(model: FedShopModel, spec: ModelSpec) -> None:
         p.requires_grad_(True)
 
 
+def _shared(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The trainable parameters that travel: every one but a merchant's local offsets, should
+    they be attached (``is_local``), which stay at the node whatever the caller does."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad and not is_local(name)]
+
+
 def trainable_names(model: nn.Module) -> list[str]:
-    return [name for name, p in model.named_parameters() if p.requires_grad]
+    return [name for name, _ in _shared(model)]
 
 
 def get_trainable(model: nn.Module) -> OrderedDict[str, np.ndarray]:
     """Exactly the trainable parameters, by name: what a client sends and the server averages."""
-    return OrderedDict(
-        (name, p.detach().cpu().numpy().copy()) for name, p in model.named_parameters() if p.requires_grad
-    )
+    return OrderedDict((name, p.detach().cpu().numpy().copy()) for name, p in _shared(model))
 
 
 def set_trainable(model: nn.Module, params: dict[str, np.ndarray]) -> None:
     """Load a trainable-parameter set; names and shapes must match exactly."""
-    own = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    own = dict(_shared(model))
     missing = sorted(set(own) - set(params))
     extra = sorted(set(params) - set(own))
     if missing or extra:

@@ -7,8 +7,8 @@
     fedshop audit --node-state PATH [RUN_DIR]
     fedshop audit --empirical --data DIR [--canaries M] [--calls K] [--no-noise] [--set KEY=VALUE ...]
     fedshop report RUN_DIR    (re)write RUN_DIR/report.html (every run writes it when it ends)
-    fedshop rank --model DIR --catalog FILE --query TEXT [-k 10] [--json]
-    fedshop recommend --model DIR --catalog FILE --history FILE [-k 10] [--json]
+    fedshop rank --model DIR --catalog FILE --query TEXT [-k 10] [--offsets STATE_DIR] [--json]
+    fedshop recommend --model DIR --catalog FILE --history FILE [-k 10] [--offsets STATE_DIR] [--json]
     fedshop data validate DIR
     fedshop data prepare {reviews,esci} --out DIR
     fedshop data synth --merchants N --out DIR [--interactions N] [--products N] [--judgments N] [--seed S] [--limit K]
@@ -237,6 +237,10 @@ def _print_scored(results: list[Any], *, as_json: bool, what: str) -> None:
         print(f"{r.rank:>4}  {r.product_id:<14} {title:<{width}}  {r.score:>9.4f}")
 
 
+OFFSETS_HELP = ("a merchant's state folder (in simulation RUN_DIR/nodes/<merchant>): score with its local "
+                "offsets (local-offsets = true), on its own scale; the order is the global model's")
+
+
 def _check_model(path: str) -> Path:
     model_dir = Path(path)
     if not (model_dir / "fedshop.json").is_file():
@@ -245,10 +249,14 @@ def _check_model(path: str) -> Path:
     return model_dir
 
 
+def _offsets(args: argparse.Namespace) -> Path | None:
+    return Path(args.offsets) if args.offsets else None
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from client.serving import rank
 
-    results = rank(_check_model(args.model), Path(args.catalog), args.query, k=args.k)
+    results = rank(_check_model(args.model), Path(args.catalog), args.query, k=args.k, offsets=_offsets(args))
     _print_scored(results, as_json=args.json, what="relevance")
     return 0
 
@@ -256,7 +264,8 @@ def cmd_rank(args: argparse.Namespace) -> int:
 def cmd_recommend(args: argparse.Namespace) -> int:
     from client.serving import recommend
 
-    results = recommend(_check_model(args.model), Path(args.catalog), Path(args.history), k=args.k)
+    results = recommend(_check_model(args.model), Path(args.catalog), Path(args.history), k=args.k,
+                        offsets=_offsets(args))
     _print_scored(results, as_json=args.json, what="P(convert)")
     return 0
 
@@ -367,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     rk.add_argument("--catalog", required=True, help="catalogue file in the merchant data format")
     rk.add_argument("--query", required=True)
     rk.add_argument("-k", type=int, default=10)
+    rk.add_argument("--offsets", metavar="STATE_DIR", help=OFFSETS_HELP)
     rk.add_argument("--json", action="store_true")
     rk.set_defaults(func=cmd_rank)
     rc = sub.add_parser("recommend", help="recommend products from a user's recent interactions (conversion head)")
@@ -374,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     rc.add_argument("--catalog", required=True, help="catalogue file in the merchant data format")
     rc.add_argument("--history", required=True, help="the user's interactions file (merchant data format)")
     rc.add_argument("-k", type=int, default=10)
+    rc.add_argument("--offsets", metavar="STATE_DIR", help=OFFSETS_HELP)
     rc.add_argument("--json", action="store_true")
     rc.set_defaults(func=cmd_recommend)
 

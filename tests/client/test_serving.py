@@ -169,3 +169,20 @@ def test_a_version_1_manifest_is_judged_by_its_runs_config(tmp_path: Path, catal
     with pytest.raises(UntrainedHeadError, match="relevance head was never trained.*trained tasks = ctr"):
         rank(model_dir, catalog, "scarf")
     assert len(recommend(model_dir, catalog, history)) == 4
+
+
+def test_offsets_move_the_scores_not_the_order(model_dir: Path, catalog: Path, tmp_path: Path) -> None:
+    from client import offsets as offsets_lib
+
+    state = tmp_path / "state"
+    own = offsets_lib.Offsets(("ctr", "rating", "relevance"), {"relevance": 1.0})
+    offsets_lib.save(own, state / offsets_lib.OFFSETS_FILE, run_id="r")
+    plain, shifted = (rank(model_dir, catalog, "warm scarf", k=5, offsets=o) for o in (None, state))
+    assert [r.product_id for r in shifted] == [r.product_id for r in plain]
+    grade = np.array([r.score for r in plain]) / 3.0  # 3 * sigmoid(score): the score is logit(grade / 3)
+    expected = 3.0 / (1.0 + np.exp(-(np.log(grade / (1 - grade)) + 1.0)))
+    assert np.allclose([r.score for r in shifted], expected, atol=1e-5)
+    with pytest.raises(offsets_lib.OffsetsError, match="no local offsets"):
+        rank(model_dir, catalog, "warm scarf", offsets=tmp_path)
+    assert main(["rank", "--model", str(model_dir), "--catalog", str(catalog), "--query", "x",
+                 "--offsets", str(tmp_path / "nowhere")]) == 2
