@@ -143,7 +143,7 @@ _RECIPE = load_scenario(RECIPE)
 # local-offsets: every federated arm's merchants train their own offsets and are scored with
 # them (``Dataset.evaluate``); the in-process arms (centralised, local) train none.
 RECIPE_SETTING_KEYS = ("trainable", "pooling", "batch-size", "num-server-rounds", "local-epochs", "max-local-steps",
-                       "head-learning-rate", "dropout", "keep-optimizer-state", "local-offsets")
+                       "head-learning-rate", "dropout", "keep-optimizer-state", "local-offsets", "evaluate-every")
 # The least σ a merchant may plan, in every setting's DP arms: the recipe's noise-multiplier
 # (its comment says why).
 NOISE_FLOOR = float(_RECIPE["noise-multiplier"])

@@ -323,13 +323,14 @@ class Merchant:
     def evaluations_ahead(self, split: MerchantSplit, settings: release.EvalSettings | None,
                           server_round: int) -> list[MechanismEvent]:
         """The evaluation releases this merchant expects from this round to the run's last: one
-        per round (the server evaluates every merchant after each round's aggregation), none
-        when it does not evaluate or its held-out set is below its minimum (refused, unspent)."""
+        per evaluated round (the server evaluates every merchant after every ``evaluate-every``-th
+        round's aggregation and the last's), none when it does not evaluate or its held-out set
+        is below its minimum (refused, unspent)."""
         if settings is None or not settings.evaluate or not self.config.dp:
             return []
         if release.unit_count(split.test, unit=self.config.privacy_unit) < settings.min_units:
             return []
-        return [settings.mechanism] * max(0, self.config.num_server_rounds - max(server_round, 1) + 1)
+        return [settings.mechanism] * self.config.evaluations_from(server_round)
 
     def evaluate(self, params: dict[str, np.ndarray], settings: release.EvalSettings, *, server_round: int = 0,
                  model_version: int = 0, run_id: str = "") -> EvalReply:

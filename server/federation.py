@@ -156,7 +156,8 @@ class Federation:
             report = self._train_round(rnd, eligible, model_version=model_version)
             if report.aggregated:
                 model_version = rnd
-            self._evaluate_round(rnd, eligible, report, model_version=model_version)
+            if self.config.evaluates_after(rnd):
+                self._evaluate_round(rnd, eligible, report, model_version=model_version)
             self.run_log.append(report)
             ckpt.save_checkpoint(self.run_dir, ckpt.Checkpoint(
                 round=rnd, parameters=self.params, config=self.config.to_mapping(),
