@@ -22,9 +22,11 @@ on (the lower layers' weights, the tokenizer, the sequence length, the records' 
 depth) and not by the top layers, which change every round, and a folder keeps only its
 owner's current record set.
 
-``encoder-rounds`` = R (``round_config``): the run's first rounds train only the heads, on the
-cached pooled states (exactly the ``trainable = heads`` path; the top layers travel unchanged),
-and its last R rounds train the top k layers and the heads from where the heads left them.
+``encoder-rounds`` = R (``round_config``): the run's first rounds train only the heads on pooled
+states (the ``trainable = heads`` path, ``heads_view``; the top layers travel unchanged, so
+their update is zero), and its last R rounds train the top k layers and the heads from where
+the heads left them. The heads rounds pool through the top layers from the same cached
+lower-layer states, so a run encodes each record's lower layers once, in its first round.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from torch.utils.data import TensorDataset
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from client.features import HeadsOnly, HeadsView
 from shared import atomic
 from shared.config import RunConfig
 from shared.model import FedShopModel, ModelError, head_scores, mean_pool
@@ -56,12 +59,24 @@ CACHE_PREFIX = "layer-states-"
 
 def round_config(config: RunConfig, server_round: int) -> RunConfig:
     """The config one training call runs under: with ``encoder-rounds`` R > 0, a round before the
-    run's last R trains the heads only (``trainable = heads``: the cached pooled states, the heads'
-    per-sample mode); every other call runs ``config`` as it is. Sampling, σ planning and C are
-    the run's in both phases, so the accounting does not depend on the phase."""
+    run's last R trains the heads only (``trainable = heads``: pooled states, the heads' per-sample
+    mode); every other call runs ``config`` as it is. Sampling, σ planning and C are the run's in
+    both phases, so the accounting does not depend on the phase.
+
+    A heads round keeps ``encoder-rounds`` (a combination ``RunConfig.validate`` refuses in a run
+    config, so it only ever exists here): it tells ``heads_view`` to pool through the top layers
+    from the cached lower-layer states instead of caching pooled states keyed by the whole
+    encoder. The top layers are the global model's, and FedAvg's weighted mean of six identical
+    copies is not bit-identical to them, so a key over them changed every round and every heads
+    round encoded every record again (2.7 min a round on reviews)."""
     if config.encoder_rounds == 0 or trains_encoder(config, server_round):
         return config
-    return dataclasses.replace(config, trainable="heads", encoder_rounds=0)
+    return dataclasses.replace(config, trainable="heads")
+
+
+def heads_round(config: RunConfig) -> bool:
+    """Whether ``config`` (from ``round_config``) is a heads round of a two-phase run."""
+    return config.trainable == "heads" and config.encoder_rounds > 0
 
 
 def trains_encoder(config: RunConfig, server_round: int) -> bool:
@@ -111,14 +126,16 @@ class TopLayers(nn.Module):
         self._target = [model]  # in a list: not a submodule (its frozen parameters are not ours)
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return head_scores(self.heads, self.dropout, self.pool(hidden, mask))
+
+    def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The pooled states the heads read, as ``FedShopModel.pool`` computes them."""
         hidden = hidden.float()
         extended = _extended_mask(self._target[0], hidden, mask)
         for layer in self.layers:
             hidden = layer(hidden, extended)
         pooled = mean_pool(hidden, mask)
-        if self.pooling == "mean-l2":
-            pooled = nn.functional.normalize(pooled, dim=1)
-        return head_scores(self.heads, self.dropout, pooled)
+        return nn.functional.normalize(pooled, dim=1) if self.pooling == "mean-l2" else pooled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +169,32 @@ class TopLayersView:
 
     def finish(self) -> None:
         pass
+
+
+def heads_view(model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
+               targets: torch.Tensor, *, top_k_layers: int, max_seq_len: int, device: torch.device,
+               cache_dir: Path | None) -> HeadsView:
+    """A heads round of a two-phase run: ``client.features``' heads path (the model's heads on
+    each record's pooled state, same module, same per-sample mode), its pooled states computed
+    by the top k layers from the cached lower-layer states (one layer's forward per record, not
+    six) rather than from a cache keyed by the whole encoder (``round_config`` says why)."""
+    view = TopLayersView.of(model, tokenizer, pairs, targets, top_k_layers=top_k_layers, max_seq_len=max_seq_len,
+                            device=device, cache_dir=cache_dir)
+    top = view.model
+    was_training = top.training
+    top.eval()  # no dropout: a record's pooled state must not depend on when it was computed
+    states, mask, _ = view.dataset.tensors
+    pooled = []
+    try:
+        with torch.no_grad():
+            for start in range(0, len(states), ENCODE_BATCH):
+                chunk = TopLayersView.batch((states[start:start + ENCODE_BATCH], mask[start:start + ENCODE_BATCH]),
+                                            device)
+                pooled.append(top.pool(chunk[0], chunk[1]).float().cpu())
+    finally:
+        top.train(was_training)
+    assert isinstance(model, FedShopModel)  # TopLayersView.of checked it
+    return HeadsView(model=HeadsOnly(model), dataset=TensorDataset(torch.cat(pooled), targets), target=model)
 
 
 def cache_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], *,

@@ -202,6 +202,10 @@ def training_view(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records:
     below them (``client.top_layers``); or with a frozen encoder (``trainable = heads``) the
     heads on each record's cached pooled state, in ``precondition-corpus``'s whitened
     coordinates when the run names one."""
+    if top_layers.heads_round(config):
+        return top_layers.heads_view(model, tokenizer, records.pairs, records.targets,
+                                     top_k_layers=config.top_k_layers, max_seq_len=config.max_seq_len,
+                                     device=device, cache_dir=feature_cache)
     if config.trainable == "top-k":
         return top_layers.TopLayersView.of(model, tokenizer, records.pairs, records.targets,
                                            top_k_layers=config.top_k_layers, max_seq_len=config.max_seq_len,

@@ -141,7 +141,22 @@ def test_encoder_rounds_train_heads_first_then_the_top_layers(tokenizer: PreTrai
         spent.append(result.mechanism)
     # The same mechanism in every phase: the accounting does not depend on the phase.
     assert {(m.sample_rate, m.steps, m.max_grad_norm) for m in spent} == {(spent[0].sample_rate, 2, 1.0)}
-    assert len(list((tmp_path / "features").glob(f"{top_layers.CACHE_PREFIX}*.pt"))) == 1
+    # One cache for both phases: the lower layers', encoded once; no pooled states keyed by the
+    # top layers (which FedAvg's rounding changes every round).
+    assert [p.name.startswith(top_layers.CACHE_PREFIX) for p in (tmp_path / "features").glob("*.pt")] == [True]
+
+
+def test_heads_rounds_pool_as_the_whole_model(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
+    cfg = config(num_server_rounds=2, encoder_rounds=1)
+    model = build_model(ModelSpec.from_config(cfg))
+    records, (ids, mask, types, _) = batch(tokenizer)
+    round_one = top_layers.round_config(cfg, 1)
+    assert top_layers.heads_round(round_one) and not top_layers.heads_round(top_layers.round_config(cfg, 2))
+    view = top_layers.heads_view(model, tokenizer, records.pairs[:24], records.targets[:24], top_k_layers=1,
+                                 max_seq_len=16, device=CPU, cache_dir=tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(view.dataset.tensors[0], model.pool(ids, mask, types), atol=2e-4, rtol=0)
+    assert {n for n, _ in view.model.named_parameters()} == {n for n in get_trainable(model) if n.startswith("heads.")}
 
 
 @pytest.mark.parametrize(("changes", "named"), [
