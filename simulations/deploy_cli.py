@@ -13,6 +13,7 @@ from server.deploy import (
     INSECURE_WARNING,
     MERCHANT_FILE,
     NODE_KEY,
+    PROXY_CONFIG,
     SUPERLINK_SCRIPT,
     SUPERNODE_SCRIPT,
     DeployError,
@@ -24,6 +25,7 @@ from server.deploy import (
     shell_join,
     superlink_command,
     supernode_command,
+    write_operator_files,
 )
 
 
@@ -34,9 +36,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     init.add_argument("dir", type=Path, help="new deployment folder")
     init.add_argument("--name", nargs="+", default=[], metavar="HOST", help="DNS names merchants dial")
     init.add_argument("--address", nargs="+", default=[], metavar="IP", help="IP addresses merchants dial")
-    init.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT, help="the SuperLink's one port (HTTPS)")
-    init.add_argument("--bind", help="interface to listen on (default: 127.0.0.1 for loopback-only "
-                      "deployments, else 0.0.0.0)")
+    init.add_argument("--port", type=int, default=DEFAULT_SUPERLINK_PORT,
+                      help="the public port merchants dial (HTTPS; nginx, Fleet API only)")
+    init.add_argument("--control-port", type=int, help="the SuperLink's own port, on 127.0.0.1 only: the "
+                      "operator's flwr (Control API) and its ServerApps (default: --port + 1)")
+    init.add_argument("--bind", help="interface the public port listens on (default: 127.0.0.1 for "
+                      "loopback-only deployments, else 0.0.0.0)")
     init.add_argument("--public-address", help="host merchants dial (default: first --address, else first --name)")
     init.add_argument("--days", type=int, default=825, help="server certificate validity")
     init.add_argument("--insecure", action="store_true", help="no TLS, no node authentication (test networks only)")
@@ -54,6 +59,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "private key); default: generate a key pair into the folder")
     add.add_argument("--no-register", action="store_true", help="do not contact the SuperLink now")
 
+    scripts = sub.add_parser("scripts", help="rewrite the SuperLink's start script, nginx.conf and the operator's "
+                             "flwr connection from deployment.json (keys and certificates stay)")
+    scripts.add_argument("--dir", type=Path, default=Path("."), help="deployment folder (default: .)")
+
     reg = sub.add_parser("register", help="register a merchant's public key with the running SuperLink")
     reg.add_argument("name", nargs="+")
     reg.add_argument("--dir", type=Path, default=Path("."), help="deployment folder (default: .)")
@@ -65,6 +74,10 @@ def main(args: argparse.Namespace) -> int:
     dep = Deployment.load(args.dir)
     if args.deploy_command == "add-merchant":
         return _cmd_add_merchant(dep, args)
+    if args.deploy_command == "scripts":
+        write_operator_files(dep)
+        _print_superlink(dep)
+        return 0
     for name in args.name:
         directory = dep.merchants_dir / name
         if not (directory / MERCHANT_FILE).is_file():
@@ -76,21 +89,29 @@ def main(args: argparse.Namespace) -> int:
 def _cmd_init(args: argparse.Namespace) -> int:
     if args.insecure:
         print(INSECURE_WARNING, file=sys.stderr)
-    dep = init_deployment(args.dir, names=args.name, addresses=args.address, port=args.port, bind_host=args.bind,
-                          public_address=args.public_address, insecure=args.insecure, days=args.days)
+    dep = init_deployment(args.dir, names=args.name, addresses=args.address, port=args.port,
+                          control_port=args.control_port, bind_host=args.bind, public_address=args.public_address,
+                          insecure=args.insecure, days=args.days)
     print(f"deployment in {dep.root}")
     if not dep.insecure:
         print(f"  CA certificate  {dep.ca_cert}  (merchants get a copy; keep ca/ca.key offline)")
         print(f"  server cert     {dep.superlink_dir / 'server.crt'}  (SANs: "
               f"{', '.join(dict.fromkeys([*dep.names, 'localhost', *dep.addresses, '127.0.0.1', '::1']))})")
-    print(f"start the SuperLink (listens on {dep.bind_host}:{dep.port}; merchants dial {dep.superlink_address}):")
-    print(f"  {dep.superlink_dir / SUPERLINK_SCRIPT}")
-    print("  # = " + shell_join(superlink_command(dep)))
+    _print_superlink(dep)
     print("then add merchants:  fedshop deploy add-merchant NAME --dir "
           f"{shlex.quote(str(dep.root))} --data-dir PATH --budget EPS --delta D")
     print("and submit a run:    FLWR_HOME=" + shlex.quote(str(dep.flwr_home))
           + f" flwr run PATH/TO/fedshop {CONNECTION} --run-config \"run-dir='/abs/run/dir' ...\" --stream")
     return 0
+
+
+def _print_superlink(dep: Deployment) -> None:
+    print("start the SuperLink and its public port (needs nginx: apt-get install nginx):")
+    print(f"  {dep.superlink_dir / SUPERLINK_SCRIPT}")
+    print(f"  # nginx on {dep.bind_host}:{dep.port} (merchants dial {dep.superlink_address}) passes only the "
+          f"Fleet API, as {dep.superlink_dir / PROXY_CONFIG} says, to")
+    print("  # " + shell_join(superlink_command(dep)))
+    print(f"  # on 127.0.0.1:{dep.control_port} only: your flwr (FLWR_HOME={dep.flwr_home}) and its ServerApps")
 
 
 def _cmd_add_merchant(dep: Deployment, args: argparse.Namespace) -> int:

@@ -16,7 +16,7 @@ from server.deploy.pki import (
 DEPLOYMENT_FILE = "deployment.json"
 MERCHANT_FILE = "merchant.json"
 CONNECTION = "fedshop"  # the operator's SuperLink connection name in flwr-home/config.toml
-DEFAULT_SUPERLINK_PORT = 9092
+DEFAULT_SUPERLINK_PORT = 9092  # the public port (nginx, Fleet API only); the SuperLink's own is the next one
 FIRST_SUPERNODE_PORT = 9094  # Flower's default SuperNode Runtime API port; one more per merchant
 NODE_KEY = "node-key"
 HERE = "@@FEDSHOP_MERCHANT_DIR@@"  # in a generated script: the folder it runs from ($PWD)
@@ -46,10 +46,16 @@ PROCESS_ENV = {
 # --------------------------------------------------------------------------- data
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Deployment:
+    """The operator's folder. Merchants dial ``port`` on ``bind_host``, where nginx passes only
+    the Fleet API (``server.deploy.proxy``); the SuperLink itself listens on 127.0.0.1 at
+    ``control_port``, where the operator's ``flwr`` (Control API) and the SuperLink's own
+    ServerApp processes (Runtime API) reach it."""
+
     root: Path
     port: int
+    control_port: int
     bind_host: str
-    public_address: str  # what SuperNodes and the operator's flwr dial (host, no port)
+    public_address: str  # what SuperNodes dial (host, no port)
     names: tuple[str, ...]
     addresses: tuple[str, ...]
     insecure: bool = False
@@ -58,6 +64,11 @@ class Deployment:
     def superlink_address(self) -> str:
         host = f"[{self.public_address}]" if ":" in self.public_address else self.public_address
         return f"{host}:{self.port}"
+
+    @property
+    def control_address(self) -> str:
+        """The SuperLink's own address, loopback only: the operator's ``flwr`` connection."""
+        return f"127.0.0.1:{self.control_port}"
 
     @property
     def ca_cert(self) -> Path:
@@ -76,7 +87,8 @@ class Deployment:
         return self.root / "merchants"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"port": self.port, "bind_host": self.bind_host, "public_address": self.public_address,
+        return {"port": self.port, "control_port": self.control_port, "bind_host": self.bind_host,
+                "public_address": self.public_address,
                 "names": list(self.names), "addresses": list(self.addresses), "insecure": self.insecure}
 
     @classmethod
@@ -87,7 +99,12 @@ class Deployment:
             raise DeployError(f"{root}: not a fedshop deployment folder (no {DEPLOYMENT_FILE}); "
                               "create one with `fedshop deploy init DIR ...`")
         raw = json.loads(path.read_text(encoding="utf-8"))
-        return cls(root=root, port=int(raw["port"]), bind_host=str(raw["bind_host"]),
+        if "control_port" not in raw:
+            raise DeployError(f"{path} was made before the SuperLink moved behind its proxy (no control_port): "
+                              "add \"control_port\": <a free port> to it, then rewrite its start script with "
+                              "`fedshop deploy scripts --dir DIR`")
+        return cls(root=root, port=int(raw["port"]), control_port=int(raw["control_port"]),
+                   bind_host=str(raw["bind_host"]),
                    public_address=str(raw["public_address"]), names=tuple(raw["names"]),
                    addresses=tuple(raw["addresses"]), insecure=bool(raw.get("insecure", False)))
 

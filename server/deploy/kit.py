@@ -36,12 +36,15 @@ from server.deploy.pki import (
     make_server_certificate,
     write_secret,
 )
+from server.deploy.proxy import PROXY_CONFIG, PROXY_DIR, nginx_config
 from shared.privacy.budget import PrivacyState
 
 
 # --------------------------------------------------------------------------- commands
 def superlink_command(dep: Deployment) -> list[str]:
-    """``flower-superlink`` for this deployment (absolute paths; run it on the operator's machine)."""
+    """``flower-superlink`` for this deployment (absolute paths; run it on the operator's machine).
+
+    It listens on loopback only: merchants reach its Fleet API through nginx on the public port."""
     cmd = ["flower-superlink"]
     if dep.insecure:
         cmd.append("--insecure")
@@ -49,7 +52,7 @@ def superlink_command(dep: Deployment) -> list[str]:
         sl = dep.superlink_dir
         cmd += ["--ssl-ca-certfile", str(dep.ca_cert), "--ssl-certfile", str(sl / "server.crt"),
                 "--ssl-keyfile", str(sl / "server.key"), "--enable-supernode-auth"]
-    cmd += ["--disable-runtime-dependency-installation", "--host", dep.bind_host, "--port", str(dep.port),
+    cmd += ["--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(dep.control_port),
             "--database", str(dep.superlink_dir / "state.db")]
     return cmd
 
@@ -125,12 +128,46 @@ done
 """
 
 
-def _script(lines: Sequence[str], cmd: Sequence[str], *, flwr_home: str, keep_running: bool = False) -> str:
+# The operator's script runs nginx (the public port, Fleet API only: ``server.deploy.proxy``)
+# beside the SuperLink (loopback only), both in the foreground: when either stops, it stops
+# the other, so the public port never outlives the SuperLink nor the other way round.
+_WITH_PROXY = """\
+nginx="${FEDSHOP_NGINX:-$(command -v nginx || echo /usr/sbin/nginx)}"
+mkdir -p %(prefix)s/tmp
+if ! "$nginx" -t -q -e stderr -p "$PWD/%(prefix)s" -c "$PWD/%(config)s"; then
+    echo "fedshop: nginx ($nginx) is missing or refuses %(config)s; it serves the public port" \\
+        "(Debian/Ubuntu: apt-get install nginx; another binary: FEDSHOP_NGINX=/path/to/nginx)" >&2
+    exit 1
+fi
+"$nginx" -e stderr -p "$PWD/%(prefix)s" -c "$PWD/%(config)s" &
+proxy=$!
+%(superlink)s &
+link=$!
+trap 'kill -TERM "$link" "$proxy" 2>/dev/null; wait; exit 143' INT TERM
+while kill -0 "$link" 2>/dev/null && kill -0 "$proxy" 2>/dev/null; do
+    sleep 1
+done
+if ! kill -0 "$proxy" 2>/dev/null; then
+    echo "fedshop: nginx (the public port) stopped; stopping the SuperLink too" >&2
+fi
+kill -TERM "$link" "$proxy" 2>/dev/null
+wait "$link"
+status=$?
+wait "$proxy"
+exit "$status"
+"""
+
+
+def _script(lines: Sequence[str], cmd: Sequence[str], *, flwr_home: str, keep_running: bool = False,
+            proxy: bool = False) -> str:
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in PROCESS_ENV.items())
     head = ("#!/bin/sh\n" + "".join(f"# {line}\n" for line in lines) + "set -u\n" + 'cd "$(dirname "$0")"\n'
             + exports + "\n" + f'export FLWR_HOME="{flwr_home}"\n')
     if keep_running:
         return head + _RESTART_LOOP % _command_lines(cmd, "    ")
+    if proxy:
+        return head + _WITH_PROXY % {"prefix": PROXY_DIR, "config": PROXY_CONFIG,
+                                     "superlink": _command_lines(cmd, "")}
     return head + f"exec {_command_lines(cmd, '')}\n"
 
 
@@ -145,7 +182,7 @@ def write_flwr_config(dep: Deployment) -> Path:
     path = dep.flwr_home / "config.toml"
     tls = "insecure = true\n" if dep.insecure else f"root-certificates = {json.dumps(str(dep.ca_cert))}\n"
     path.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                    f'address = "{dep.superlink_address}"\n' + tls, encoding="utf-8")
+                    f'address = "{dep.control_address}"\n' + tls, encoding="utf-8")
     return path
 
 
@@ -163,7 +200,7 @@ def _check_addresses(names: Sequence[str], addresses: Sequence[str]) -> None:
 
 
 def init_deployment(root: Path, *, names: Sequence[str], addresses: Sequence[str],
-                    port: int = DEFAULT_SUPERLINK_PORT, bind_host: str | None = None,
+                    port: int = DEFAULT_SUPERLINK_PORT, control_port: int | None = None, bind_host: str | None = None,
                     public_address: str | None = None, insecure: bool = False, days: int = 825) -> Deployment:
     """Create DIR with the CA, the SuperLink certificate, start script and flwr connection."""
     root = Path(root).expanduser().resolve()
@@ -171,14 +208,19 @@ def init_deployment(root: Path, *, names: Sequence[str], addresses: Sequence[str
         raise FileExistsError(f"{root} already holds a deployment; a new CA would lock out every merchant "
                               "set up with it. Choose another DIR.")
     _check_addresses(names, addresses)
-    if not 1 <= port <= 65535:
-        raise DeployError(f"--port {port}: not a TCP port")
+    control_port = port + 1 if control_port is None else control_port
+    for flag, value in (("--port", port), ("--control-port", control_port)):
+        if not 1 <= value <= 65535:
+            raise DeployError(f"{flag} {value}: not a TCP port")
+    if control_port == port:
+        raise DeployError(f"--control-port {control_port}: the public port is {port}; the SuperLink needs another")
     public = public_address or (addresses[0] if addresses else names[0])
     if bind_host is None:  # listen on loopback only when nobody else is meant to dial in
         loopback = all(ipaddress.ip_address(a).is_loopback for a in addresses) and set(names) <= {"localhost"}
         bind_host = "127.0.0.1" if loopback else "0.0.0.0"
-    dep = Deployment(root=root, port=port, bind_host=bind_host, public_address=public, names=tuple(names),
-                     addresses=tuple(addresses), insecure=insecure)
+    dep = Deployment(root=root, port=port, control_port=control_port, bind_host=bind_host, public_address=public,
+                     names=tuple(names), addresses=tuple(addresses), insecure=insecure)
+    nginx_config(dep)  # refuse a folder nginx cannot name before writing anything
     dep.superlink_dir.mkdir(parents=True, exist_ok=True)
     dep.merchants_dir.mkdir(parents=True, exist_ok=True)
     if not insecure:
@@ -191,20 +233,30 @@ def init_deployment(root: Path, *, names: Sequence[str], addresses: Sequence[str
         dep.ca_cert.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         write_secret(dep.superlink_dir / "server.key", _private_pem(key))
         (dep.superlink_dir / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    header = [f"fedshop SuperLink, generated by `fedshop deploy init` (port {port}).",
-              "Runs the ServerApp for each `flwr run`; merchants' SuperNodes connect here."]
-    if insecure:
-        header.append(INSECURE_WARNING)
-    _write_script(dep.superlink_dir / SUPERLINK_SCRIPT,
-                  _script(header, superlink_command(dep),
-                          flwr_home=str(dep.superlink_dir / "flwr-home")))
-    write_flwr_config(dep)
     (root / DEPLOYMENT_FILE).write_text(json.dumps(dep.to_dict(), indent=1) + "\n", encoding="utf-8")
+    write_operator_files(dep)
     return dep
 
 
+def write_operator_files(dep: Deployment) -> None:
+    """The SuperLink's start script and nginx.conf, and the operator's ``flwr`` connection, from
+    deployment.json (``fedshop deploy scripts`` rewrites them; keys and certificates stay)."""
+    header = ["fedshop SuperLink, generated by `fedshop deploy init`: runs the ServerApp for each `flwr run`.",
+              f"Merchants' SuperNodes connect to port {dep.port} on {dep.bind_host}, where nginx ({PROXY_CONFIG})",
+              "passes only the Fleet API; the SuperLink itself (Control API for the operator's flwr,",
+              f"Runtime API for its ServerApps) listens on 127.0.0.1:{dep.control_port} only."]
+    if dep.insecure:
+        header.append(INSECURE_WARNING)
+    (dep.superlink_dir / PROXY_DIR).mkdir(parents=True, exist_ok=True)
+    (dep.superlink_dir / PROXY_CONFIG).write_text(nginx_config(dep), encoding="utf-8")
+    _write_script(dep.superlink_dir / SUPERLINK_SCRIPT,
+                  _script(header, superlink_command(dep), flwr_home=str(dep.superlink_dir / "flwr-home"),
+                          proxy=True))
+    write_flwr_config(dep)
+
+
 def _next_port(dep: Deployment) -> int:
-    used = {m.port for m in dep.merchants()} | {dep.port}
+    used = {m.port for m in dep.merchants()} | {dep.port, dep.control_port}
     port = FIRST_SUPERNODE_PORT
     while port in used:
         port += 1
@@ -228,7 +280,7 @@ def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, d
         raise FileExistsError(f"{directory} exists: merchant {name!r} was added before")
     taken = {m.port: m.name for m in dep.merchants()}
     port = _next_port(dep) if port is None else port
-    if port in taken or port == dep.port:
+    if port in taken or port in (dep.port, dep.control_port):
         raise DeployError(f"--port {port} is already used by {taken.get(port, 'the SuperLink')} in this deployment")
     data_dir = Path(data_dir).expanduser().resolve()
     state_dir = Path(state_dir).expanduser().resolve() if state_dir else None

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import http.client
 import os
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -191,3 +193,40 @@ def services(log_dir: Path, env: Mapping[str, str]) -> Iterator[Services]:
 def run_cli(args: Sequence[str], *, log_dir: Path, env: Mapping[str, str], timeout_s: float = 120.0) -> proc.Run:
     """A short command to completion in its own session (killed with its tree on timeout)."""
     return proc.run(list(args), log_dir=log_dir, timeout_s=timeout_s, env=env)
+
+
+# --------------------------------------------------------------------------- the Control API from outside
+def flwr_home(path: Path, *, address: str, root_certificates: Path) -> Path:
+    """A ``FLWR_HOME`` whose default connection ``fedshop`` dials ``address`` trusting
+    ``root_certificates``: what anyone holding a merchant's ``ca.crt`` can write."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.toml").write_text(f'[superlink]\ndefault = "fedshop"\n\n[superlink.fedshop]\n'
+                                      f'address = "{address}"\nroot-certificates = "{root_certificates}"\n')
+    return path
+
+
+# Control and Runtime routes of Flower 1.42 (flwr/superlink/routers/control/router.py,
+# flwr/supercore/routers/runtime/router.py), the API's own pages, and dot-segment spellings
+# of a Control route under the Fleet prefix: none may be served on the public port.
+OFF_LIMITS = [
+    ("POST", "/v1/control/list-runs"), ("POST", "/v1/control/start-run"), ("POST", "/v1/control/stop-run"),
+    ("POST", "/v1/control/register-node"), ("POST", "/v1/runtime/acquire-task"),
+    ("POST", "/v1/fleet/../control/list-runs"), ("POST", "/v1/fleet/%2e%2e/control/list-runs"),
+    ("POST", "/v1/fleet/get-run/..%2f..%2fcontrol/list-runs"),
+    ("GET", "/docs"), ("GET", "/openapi.json"), ("GET", "/health"),
+]
+
+
+def probe(address: str, method: str, path: str, *, ca: Path, timeout_s: float = 10.0) -> tuple[int, str]:
+    """One HTTPS request with ``path`` exactly as given (http.client normalises nothing; httpx
+    would resolve ``..``), an empty protobuf body: (status, body)."""
+    host, _, port = address.rpartition(":")
+    conn = http.client.HTTPSConnection(host.strip("[]"), int(port), timeout=timeout_s,
+                                       context=ssl.create_default_context(cafile=str(ca)))
+    try:
+        conn.request(method, path, body=b"" if method == "POST" else None,
+                     headers={"content-type": "application/protobuf"})
+        response = conn.getresponse()
+        return response.status, response.read().decode(errors="replace")
+    finally:
+        conn.close()

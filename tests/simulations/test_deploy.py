@@ -17,8 +17,11 @@ three rounds covers most of it:
 
 While round 2 waits for the dead node: three nodes that must not get in (a key pair nobody
 registered, a node without the federation's CA, a node speaking plain HTTP with
-``--insecure``), and a second run that needs a fourth merchant, which must fail after its
-``node-wait-timeout-s`` instead of waiting forever. After the main run, the same SuperNodes
+``--insecure``); a merchant's credentials (its ``ca.crt``) at the Control API, where ``flwr
+ls``, ``flwr run``, ``flwr stop`` of the main run and ``flwr supernode register`` must all be
+refused on the public port (nginx passes only the Fleet API) while the operator's own ``flwr``
+on the SuperLink's loopback port works; and a second run that needs a fourth merchant, which
+must fail after its ``node-wait-timeout-s`` instead of waiting forever. After the main run, the same SuperNodes
 get a run that asks for ``dp = false``: each refuses it (the kit pins ``dp = true``).
 
 The first tests check what ``fedshop deploy`` writes, without starting anything (fast).
@@ -29,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -108,6 +112,22 @@ def state_epsilon(raw: dict) -> float:
 
 
 # --------------------------------------------------------------------------- fast: files only
+def nginx_check(dep: deploy.Deployment) -> subprocess.CompletedProcess[str]:
+    """``nginx -t`` on the deployment's generated configuration (Debian's nginx, from .ci/setup)."""
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    (dep.superlink_dir / deploy.PROXY_DIR / "tmp").mkdir(parents=True, exist_ok=True)
+    return subprocess.run([nginx, "-t", "-q", "-e", "stderr", "-p", str(dep.superlink_dir / deploy.PROXY_DIR),
+                           "-c", str(dep.superlink_dir / deploy.PROXY_CONFIG)], capture_output=True, text=True)
+
+
+def operator_files_rewritten(dep: deploy.Deployment) -> str:
+    """``fedshop deploy scripts`` after the start script and nginx.conf were lost: what it writes back."""
+    for name in (deploy.SUPERLINK_SCRIPT, deploy.PROXY_CONFIG):
+        (dep.superlink_dir / name).unlink()
+    assert cli.main(["deploy", "scripts", "--dir", str(dep.root)]) == 0
+    return "\n".join((dep.superlink_dir / name).read_text() for name in (deploy.SUPERLINK_SCRIPT, deploy.PROXY_CONFIG))
+
+
 def test_init_writes_a_ca_a_server_certificate_and_a_tls_superlink_script(tmp_path: Path) -> None:
     root = tmp_path / "fed"
     assert cli.main(["deploy", "init", str(root), "--name", "fl.example.org", "shop-hub.local",
@@ -130,13 +150,32 @@ def test_init_writes_a_ca_a_server_certificate_and_a_tls_superlink_script(tmp_pa
     for flag in ("--ssl-ca-certfile", "--ssl-certfile", "--ssl-keyfile", "--enable-supernode-auth",
                  "--disable-runtime-dependency-installation", "--database"):
         assert flag in cmd
-    assert "--insecure" not in cmd and cmd[cmd.index("--port") + 1] == "40123"
+    # the SuperLink itself (Control API included) listens on loopback only, on the next port
+    assert dep.control_port == 40124
+    assert "--insecure" not in cmd and cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--port") + 1] == "40124"
     script = (dep.superlink_dir / deploy.SUPERLINK_SCRIPT).read_text()
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in script and "FLWR_TELEMETRY_ENABLED=0" in script
     subprocess.run(["sh", "-n", str(dep.superlink_dir / deploy.SUPERLINK_SCRIPT)], check=True)
+    # the public port is nginx's: TLS with the SuperLink's certificate, the Fleet API only
+    conf = (dep.superlink_dir / deploy.PROXY_CONFIG).read_text()
+    assert "listen 0.0.0.0:40123 ssl;" in conf and "server 127.0.0.1:40124;" in conf
+    assert f'ssl_certificate "{dep.superlink_dir / "server.crt"}";' in conf and "proxy_ssl_verify on;" in conf
+    assert re.findall(r"location (.*) \{", conf) == ["~ ^/v1/fleet/[a-z][a-z-]*$", "/"]
+    assert nginx_check(dep).returncode == 0, nginx_check(dep).stderr
+    assert f"{script}\n{conf}" == operator_files_rewritten(dep)
     connection = tomllib.loads((dep.flwr_home / "config.toml").read_text())["superlink"]
     assert connection["default"] == deploy.CONNECTION
-    assert connection[deploy.CONNECTION] == {"address": "192.0.2.7:40123", "root-certificates": str(dep.ca_cert)}
+    assert connection[deploy.CONNECTION] == {"address": "127.0.0.1:40124", "root-certificates": str(dep.ca_cert)}
+    with pytest.raises(deploy.DeployError, match="control-port"):
+        deploy.init_deployment(tmp_path / "same-port", names=[], addresses=["127.0.0.1"], port=9100, control_port=9100)
+    # a deployment.json from before the proxy says what to do
+    legacy = json.loads((root / deploy.DEPLOYMENT_FILE).read_text())
+    del legacy["control_port"]
+    (tmp_path / "legacy").mkdir()
+    (tmp_path / "legacy" / deploy.DEPLOYMENT_FILE).write_text(json.dumps(legacy))
+    with pytest.raises(deploy.DeployError, match="control_port.*fedshop deploy scripts"):
+        deploy.Deployment.load(tmp_path / "legacy")
     with pytest.raises(FileExistsError):  # a second CA would lock every merchant out
         deploy.init_deployment(root, names=["x.org"], addresses=[])
     with pytest.raises(deploy.DeployError):
@@ -181,8 +220,9 @@ def test_add_merchant_writes_its_key_node_config_and_start_script(tmp_path: Path
     assert b.port != a.port
     with pytest.raises(FileExistsError):
         deploy.add_merchant(dep, "shop-b", data_dir=tmp_path / "b", budget=8, delta=1e-5)
-    with pytest.raises(deploy.DeployError, match="already used"):
-        deploy.add_merchant(dep, "shop-c", data_dir=tmp_path / "c", budget=8, delta=1e-5, port=a.port)
+    for taken in (a.port, dep.port, dep.control_port):
+        with pytest.raises(deploy.DeployError, match="already used"):
+            deploy.add_merchant(dep, "shop-c", data_dir=tmp_path / "c", budget=8, delta=1e-5, port=taken)
     with pytest.raises(deploy.DeployError, match="single quote"):
         deploy.add_merchant(dep, "shop-d", data_dir=tmp_path / "it's", budget=8, delta=1e-5)
     for budget, delta, device in ((0.0, 1e-5, "cpu"), (float("inf"), 1e-5, "cpu"), (8.0, 1.0, "cpu"),
@@ -212,6 +252,8 @@ def test_insecure_mode_needs_the_flag_and_says_so(tmp_path: Path, capsys: pytest
     cmd = deploy.superlink_command(dep)
     assert "--insecure" in cmd and "--enable-supernode-auth" not in cmd and "--ssl-certfile" not in cmd
     assert deploy.INSECURE_WARNING in (dep.superlink_dir / deploy.SUPERLINK_SCRIPT).read_text()
+    conf = (dep.superlink_dir / deploy.PROXY_CONFIG).read_text()  # still only the Fleet API on the public port
+    assert "ssl" not in conf and "proxy_pass http://superlink$uri;" in conf and nginx_check(dep).returncode == 0
     assert cli.main(["deploy", "add-merchant", "shop-a", "--dir", str(root), "--data-dir", str(tmp_path),
                      "--budget", "8", "--delta", "1e-5"]) == 0  # nothing to register without node auth
     assert "NOT encrypted" in capsys.readouterr().err
@@ -244,6 +286,10 @@ class Federation:
     starved: dh.Service
     starved_dir: Path
     timings: dict[str, float]
+    main_run_id: int | None  # as its `flwr run` reported it
+    operator_ls: proc.Run | None  # that `flwr ls`, on the SuperLink's loopback port
+    as_merchant: dict[str, proc.Run]  # flwr ls / stop / run / supernode register with a merchant's ca.crt
+    probes: dict[tuple[str, str], tuple[tuple[int, str], tuple[int, str]]]  # (public port, loopback) answers
 
     def submit(self, name: str, values: dict) -> dh.Service:
         """``flwr run`` of this project with ``values`` as its run config, against the operator's connection."""
@@ -303,7 +349,8 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         fed = Federation(tmp=tmp_path, env=env, dep=dep, merchants=merchants, budgets=budgets, eps_shop_b=eps,
                          group=group, superlink=superlink, nodes=nodes, run_dir=tmp_path / "run", run_exit=None,
                          shop_c_before_kill={}, states_after={}, rogues={}, starved=superlink,
-                         starved_dir=tmp_path / "run-starved", timings={})
+                         starved_dir=tmp_path / "run-starved", timings={}, main_run_id=None, operator_ls=None,
+                         as_merchant={}, probes={})
 
         # ---- the run: `flwr run` against the operator's connection ------------------------
         t_submit = time.monotonic()
@@ -322,7 +369,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         # ---- intruders: none of them may get a node id -----------------------------------
         rogue_dir = tmp_path / "rogue"
         rogue_dir.mkdir()
-        private, _ = deploy.make_node_key()
+        private, rogue_public = deploy.make_node_key()
         deploy.write_secret(rogue_dir / "key", private)
         rogue_config = f"merchant-id='rogue' data-dir='{data / 'shop-a'}' state-dir='{rogue_dir / 'state'}'"
         base = ["flower-supernode", "--superlink", dep.superlink_address, "--node-config", rogue_config]
@@ -340,6 +387,29 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
             **RUN_CONFIG, "num-server-rounds": 1, "min-available-nodes": 4, "node-wait-timeout-s": 10.0,
             "run-dir": str(fed.starved_dir)})
 
+        # ---- a merchant's credentials at the Control API: refused on the public port -------
+        flwr = str(dh.VENV_BIN / "flwr")
+        fed.operator_ls = dh.run_cli([flwr, "ls", deploy.CONNECTION, "--format", "json"], log_dir=logs / "operator-ls",
+                                     env={**env, "FLWR_HOME": str(dep.flwr_home)})
+        started = re.search(r"Successfully started run (\d+)", run.text())
+        assert started, run.tail()
+        fed.main_run_id = int(started.group(1))
+        merchant_home = dh.flwr_home(tmp_path / "merchant-home", address=dep.superlink_address,
+                                     root_certificates=merchants["shop-a"].dir / "ca.crt")
+        (rogue_dir / "key.pub").write_bytes(rogue_public)
+        attempts = {
+            "ls": [flwr, "ls", deploy.CONNECTION],
+            "stop": [flwr, "stop", str(fed.main_run_id), deploy.CONNECTION],
+            "supernode-register": [flwr, "supernode", "register", str(rogue_dir / "key.pub"), deploy.CONNECTION],
+            "run": [flwr, "run", str(proc.REPO), deploy.CONNECTION, "--run-config", str(write_run_config(
+                tmp_path / "merchant-run.toml", {**RUN_CONFIG, "run-dir": str(tmp_path / "run-merchant")}))],
+        }
+        fed.as_merchant = {name: dh.run_cli(cmd, log_dir=logs / f"merchant-{name}",
+                                            env={**env, "FLWR_HOME": str(merchant_home)})
+                           for name, cmd in attempts.items()}
+        fed.probes = {(method, path): (dh.probe(dep.superlink_address, method, path, ca=dep.ca_cert),
+                                       dh.probe(dep.control_address, method, path, ca=dep.ca_cert))
+                      for method, path in dh.OFF_LIMITS}
         # The SuperLink refuses the same key while the dead process still counts as online
         # (until its heartbeat lapses); the script keeps trying until it is let back in.
         rejoined = re.compile(rf"SuperNode ID: {merchants['shop-c'].node_id}\b")
@@ -440,6 +510,59 @@ def test_deployment_tls_auth_faults_and_budgets(federation: Federation) -> None:
                  "round_wall_s": [round(m["wall_s"], 1) for m in metrics],
                  "slowest_train_s": [round(m.get("slowest_train_s", 0.0), 1) for m in metrics]}
     print(f"\ndeployment timings: {json.dumps(durations)}", file=sys.stderr)
+
+
+def _unboxed(text: str) -> str:
+    """CLI output without rich's box drawing and line wrapping."""
+    return " ".join(re.sub(r"[│╭╮╰╯─]", " ", text).split())
+
+
+@pytest.mark.slow
+def test_a_merchants_credentials_cannot_list_submit_or_stop_runs(federation: Federation) -> None:
+    """Issue #24: Flower 1.42 serves the Control API on the SuperLink's one port and authenticates
+    no caller there (outside Flower Enterprise its account plugin is a no-op). So the SuperLink
+    listens on loopback and nginx holds the public port, passing only the Fleet API: with a
+    merchant's ``ca.crt``, ``flwr ls``, ``flwr stop`` of the running main run, ``flwr run`` and
+    ``flwr supernode register`` are refused there, while the operator's ``flwr`` on the loopback
+    port listed the runs and every SuperNode trained through the public port."""
+    fed = federation
+    dep = fed.dep
+    sl_log = fed.superlink.text()
+    assert f"Uvicorn running on https://127.0.0.1:{dep.control_port}" in sl_log
+    assert dep.port != dep.control_port and dep.superlink_address.endswith(f":{dep.port}")
+
+    # the operator's path: the SuperLink's own port, which listed the main run while it ran
+    assert fed.operator_ls is not None and fed.operator_ls.returncode == 0, fed.operator_ls
+    runs = {int(r["run-id"]): r["status"] for r in json.loads(fed.operator_ls.stdout)["runs"]}
+    assert fed.main_run_id is not None and runs[fed.main_run_id] == "running", runs
+
+    # a merchant's: each Control API call answered by the proxy, never by the SuperLink
+    assert sorted(fed.as_merchant) == ["ls", "run", "stop", "supernode-register"]
+    for name, attempt in fed.as_merchant.items():
+        assert attempt.returncode not in (None, 0), f"{name}: {attempt.describe()}"
+        assert deploy.REFUSAL in _unboxed(attempt.output), f"{name}: {attempt.describe()}"
+    assert not (fed.tmp / "run-merchant").exists()  # its `flwr run` started no ServerApp
+    finished = dh.run_cli([str(dh.VENV_BIN / "flwr"), "ls", deploy.CONNECTION, "--run-id", str(fed.main_run_id),
+                           "--format", "json"], log_dir=fed.tmp / "logs" / "operator-ls-after",
+                          env={**fed.env, "FLWR_HOME": str(dep.flwr_home)})
+    assert finished.returncode == 0, finished.describe()
+    (main,) = json.loads(finished.stdout)["runs"]
+    assert main["status"] == "finished:completed", main  # the merchant's `flwr stop` stopped nothing
+
+    # the same requests, as sent: refused on the public port, served on the loopback one (so a
+    # public port that forwarded them would be caught here); dot segments do not get past nginx
+    for (method, path), (public, _) in fed.probes.items():
+        assert public[0] == 403 and json.loads(public[1]) == {"detail": deploy.REFUSAL}, (method, path, public)
+    for served in (("POST", "/v1/control/list-runs"), ("GET", "/openapi.json")):
+        assert fed.probes[served][1][0] == 200, (served, fed.probes[served][1])
+
+    # everything nginx answered with success was a Fleet route; the nodes' traffic went through it
+    access = (dep.superlink_dir / deploy.PROXY_DIR / deploy.ACCESS_LOG).read_text().splitlines()
+    served_paths = [m.groups() for m in (re.search(r'"(\w+) (\S+) HTTP/[\d.]+" (\d{3}) ', line) for line in access)
+                    if m and m.group(3).startswith("2")]
+    assert {(method, path) for method, path, _ in served_paths} >= {
+        ("POST", "/v1/fleet/pull-messages"), ("POST", "/v1/fleet/push-messages"), ("POST", "/v1/fleet/activate-node")}
+    assert all(method == "POST" and re.fullmatch(r"/v1/fleet/[a-z-]+", path) for method, path, _ in served_paths)
 
 
 @pytest.mark.slow
