@@ -20,6 +20,7 @@ from server.deploy import (
     Deployment,
     MerchantKit,
     add_merchant,
+    clientapp_command,
     init_deployment,
     register_merchant,
     shell_join,
@@ -127,6 +128,8 @@ def _cmd_add_merchant(dep: Deployment, args: argparse.Namespace) -> int:
         print(f"  the merchant keeps its private key: it goes into {merchant.dir / NODE_KEY} on its machine")
     print(f"  start its SuperNode (on the merchant's machine): {merchant.dir / SUPERNODE_SCRIPT}")
     print("  # = (cd " + shlex.quote(str(merchant.dir)) + " && " + shell_join(supernode_command(merchant)) + ")")
+    print("  #   beside its warm ClientApp launcher (a fork per task): "
+          + shell_join(clientapp_command(merchant)))
     if dep.insecure or args.no_register:
         if not dep.insecure:
             print(f"  not registered yet: fedshop deploy register {merchant.name} --dir {shlex.quote(str(dep.root))}")

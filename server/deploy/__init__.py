@@ -19,7 +19,8 @@ API to it (``proxy``). The operator's ``flwr`` dials the loopback port.
 ``add-merchant`` makes one merchant's folder (hand it to the merchant): its node key pair
 (ECDSA P-384, OpenSSH encoding, as ``flower-supernode --auth-supernode-private-key`` and
 ``flwr supernode register`` expect), the CA certificate, its node config (merchant id, data
-and state folders, its own privacy budget, device) and its start script; then it registers
+and state folders, its own privacy budget, device) and its start script (the SuperNode with
+``--isolation process`` beside warm ClientApp processes, ``client.warm``); then it registers
 the public key with the running SuperLink through its Control API (``flwr supernode
 register``). With ``--public-key`` the merchant keeps its private key and only the public
 half is registered. ``register`` retries the registration later (SuperLink not yet up). ``scripts`` rewrites the
@@ -61,6 +62,7 @@ from server.deploy.folders import (
 )
 from server.deploy.kit import (
     add_merchant,
+    clientapp_command,
     init_deployment,
     process_env,
     shell_join,
@@ -83,8 +85,8 @@ from server.deploy.registration import flwr_executable, register_merchant
 __all__ = [
     "CONNECTION", "DEFAULT_SUPERLINK_PORT", "DEPLOYMENT_FILE", "FIRST_SUPERNODE_PORT", "HERE", "INSECURE_WARNING",
     "MERCHANT_FILE", "NODE_KEY", "PROCESS_ENV", "SUPERLINK_SCRIPT", "SUPERNODE_SCRIPT", "DeployError", "Deployment",
-    "MerchantKit", "add_merchant", "check_public_key", "flwr_executable", "init_deployment", "make_ca",
-    "make_node_key", "make_server_certificate", "write_secret", "process_env", "register_merchant", "shell_join",
-    "superlink_command", "supernode_command", "write_flwr_config", "write_operator_files",
+    "MerchantKit", "add_merchant", "check_public_key", "clientapp_command", "flwr_executable", "init_deployment",
+    "make_ca", "make_node_key", "make_server_certificate", "write_secret", "process_env", "register_merchant",
+    "shell_join", "superlink_command", "supernode_command", "write_flwr_config", "write_operator_files",
     "ACCESS_LOG", "PROXY_CONFIG", "PROXY_DIR", "REFUSAL", "nginx_config",
 ]

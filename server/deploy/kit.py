@@ -66,8 +66,18 @@ def supernode_command(merchant: MerchantKit, *, here: str | None = None) -> list
         # With --public-key the merchant made the pair and puts its private key here itself.
         cmd += ["--root-certificates", "ca.crt", "--auth-supernode-private-key", NODE_KEY]
     # One Runtime API port per SuperNode: several merchants' nodes on one host must differ.
-    cmd += ["--host", "127.0.0.1", "--port", str(merchant.port), "--node-config", merchant.node_config(here)]
+    # --isolation process: the node launches no ClientApp itself; the start script's warm
+    # ClientApp launcher (clientapp_command) claims its tasks on that port.
+    cmd += ["--isolation", "process", "--host", "127.0.0.1", "--port", str(merchant.port),
+            "--node-config", merchant.node_config(here)]
     return cmd
+
+
+def clientapp_command(merchant: MerchantKit, *, python: str = "python3") -> list[str]:
+    """The warm ClientApp launcher (``client.warm``) for the merchant's SuperNode: it imports the
+    ClientApp's libraries once and serves each of the node's tasks in a fork of itself with
+    Flower's ``run_clientapp``. The start script runs it with ``$FEDSHOP_PYTHON``, else python3."""
+    return [python, "-m", "client.warm", "--runtime-api-address", f"127.0.0.1:{merchant.port}"]
 
 
 def process_env(*, flwr_home: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -101,21 +111,53 @@ def _command_lines(cmd: Sequence[str], indent: str) -> str:
     return f" \\\n{indent}    ".join(parts)
 
 
+# The merchant's script runs the SuperNode (``--isolation process``) and, beside it, the warm
+# ClientApp launcher (client/warm.py): it imports torch, transformers, Opacus and Flower once,
+# then serves each of the node's tasks in a fork of itself with Flower's run_clientapp, so a
+# message never waits for imports. A loop starts the launcher again if it ever stops.
 # A SuperNode exits when it cannot (re)join, most often right after a crash: the SuperLink
 # counts the dead process as online until its heartbeat lapses (up to 60 s) and refuses a
-# second activation of the same key until then. So the merchant's script starts it again,
-# as a service manager would; signals stop both the script and the node.
+# second activation of the same key until then. So the script starts it again, as a service
+# manager would (the launcher keeps asking the node's port for tasks meanwhile); signals stop
+# the script, the node and the ClientApp processes.
 _RESTART_LOOP = """\
 delay="${FEDSHOP_RESTART_DELAY_S:-30}"
+python="${FEDSHOP_PYTHON:-python3}"
+warm_clientapps() {
+    app=""
+    trap 'if [ -n "$app" ]; then kill -TERM "$app" 2>/dev/null; wait "$app"; fi; exit 143' INT TERM
+    while :; do
+        "$python" %(clientapp)s --parent-pid "$$" &
+        app=$!
+        wait "$app"
+        app=""
+        echo "fedshop: the warm ClientApp launcher stopped; starting it again in 1 s" >&2
+        sleep 1
+    done
+}
+apps=""
+isolation=subprocess  # FEDSHOP_WARM_CLIENTAPP=no: Flower's default, a fresh flwr-clientapp per message
+if [ "${FEDSHOP_WARM_CLIENTAPP:-yes}" != no ]; then
+    if ! "$python" -c 'import client.warm'; then
+        echo "fedshop: $python cannot import fedshop's client.warm: activate fedshop's virtual" \\
+            "environment (or FEDSHOP_PYTHON=/path/to/its/python)" >&2
+        exit 1
+    fi
+    isolation=process
+    warm_clientapps &
+    apps=$!
+fi
 child=""
-trap 'if [ -n "$child" ]; then kill -TERM "$child" 2>/dev/null; wait "$child"; fi; exit 143' INT TERM
+trap 'kill -TERM $apps $child 2>/dev/null; wait; exit 143' INT TERM
 while :; do
-    %s &
+    %(supernode)s &
     child=$!
     wait "$child"
     status=$?
     child=""
     if [ "$status" -eq 0 ] || [ "${FEDSHOP_RESTART:-yes}" = no ]; then
+        kill -TERM $apps 2>/dev/null
+        wait
         exit "$status"
     fi
     echo "fedshop: the SuperNode stopped (exit $status); starting it again in $delay s" \\
@@ -158,13 +200,14 @@ exit "$status"
 """
 
 
-def _script(lines: Sequence[str], cmd: Sequence[str], *, flwr_home: str, keep_running: bool = False,
+def _script(lines: Sequence[str], cmd: Sequence[str], *, flwr_home: str, clientapp: Sequence[str] = (),
             proxy: bool = False) -> str:
     exports = "\n".join(f"export {k}={shlex.quote(v)}" for k, v in PROCESS_ENV.items())
     head = ("#!/bin/sh\n" + "".join(f"# {line}\n" for line in lines) + "set -u\n" + 'cd "$(dirname "$0")"\n'
             + exports + "\n" + f'export FLWR_HOME="{flwr_home}"\n')
-    if keep_running:
-        return head + _RESTART_LOOP % _command_lines(cmd, "    ")
+    if clientapp:
+        supernode = _command_lines(cmd, "    ").replace("--isolation process", '--isolation "$isolation"', 1)
+        return head + _RESTART_LOOP % {"supernode": supernode, "clientapp": shell_join(clientapp[1:])}
     if proxy:
         return head + _WITH_PROXY % {"prefix": PROXY_DIR, "config": PROXY_CONFIG,
                                      "superlink": _command_lines(cmd, "")}
@@ -304,7 +347,7 @@ def add_merchant(dep: Deployment, name: str, *, data_dir: Path, budget: float, d
         header.append(INSECURE_WARNING)
     _write_script(directory / SUPERNODE_SCRIPT,
                   _script(header, supernode_command(merchant, here=HERE), flwr_home="$PWD/flwr-home",
-                          keep_running=True))
+                          clientapp=clientapp_command(merchant)))
     merchant.save()
     # The merchant's budget starts here, explicitly: its node refuses to train without a
     # privacy state (a lost file is not a new budget). Written where the node will look when

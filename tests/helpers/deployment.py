@@ -1,9 +1,10 @@
 """Real Flower deployment processes on loopback: start them, watch their logs, kill them.
 
 A SuperLink starts its ServerApp launcher (``flower-superexec``) in a session of its own, and
-a SuperNode starts one plus a ClientApp process per message: killing a process group is not
-enough. ``kill_tree`` stops the whole descendant tree (SIGSTOP first, so nothing forks while
-it is being collected), then SIGKILLs every PID it found. Output goes to files, never pipes.
+a merchant's start script runs its SuperNode beside a warm ClientApp launcher that forks a
+process per message: killing a process group is not enough. ``kill_tree`` stops the whole descendant
+tree (SIGSTOP first, so nothing forks while it is being collected), then SIGKILLs every PID it
+found. Output goes to files, never pipes.
 """
 
 from __future__ import annotations
@@ -42,9 +43,9 @@ def free_ports(count: int) -> list[int]:
 
 
 def deploy_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """Environment for Flower's CLIs: this venv first on PATH (the SuperNode and SuperLink
-    start ``flower-superexec`` / ``flwr-clientapp`` from PATH), one torch thread per
-    ClientApp process (three of them share two cores), no network, no dependency install."""
+    """Environment for Flower's CLIs: this venv first on PATH (the SuperLink starts
+    ``flower-superexec``, a merchant's script ``python3 -m client.warm``, from PATH), one torch
+    thread per ClientApp process (three nodes share two cores), no network, no dependency install."""
     env = proc.subprocess_env({"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"})
     env["PATH"] = os.pathsep.join([str(VENV_BIN), env.get("PATH", "")])
     env.update(extra or {})

@@ -1,9 +1,10 @@
 """A real federation on loopback: ``fedshop deploy``, a TLS SuperLink with node authentication,
 three merchants' SuperNodes, runs submitted with ``flwr run``, and the faults a deployment meets.
 
-Every Flower message starts a fresh ClientApp process (seconds of imports), so one federation
-(the module-scoped ``federation`` fixture) serves every slow test here, and its main run of
-three rounds covers most of it:
+Each SuperNode runs with ``--isolation process`` beside fedshop's warm ClientApp launcher (its
+start script; ``client/warm.py``): the imports are paid once per node, and each message is
+served in a fork of the launcher. Starting a federation still takes a while, so one (the module-scoped ``federation``
+fixture) serves every slow test here, and its main run of three rounds covers most of it:
 
 - round 1: the three merchants train; ledger rows for all three;
 - round 2: shop-c's SuperNode is SIGKILLed as its training message arrives; the round ends
@@ -44,7 +45,7 @@ import numpy as np
 import pytest
 from cryptography import x509
 
-from client import release
+from client import release, warm
 from client.merchant import Merchant, NodeIdentity
 from client.trainer import planned_steps
 from server import checkpoint as ckpt
@@ -61,8 +62,8 @@ from tests.helpers import proc
 from tests.helpers.merchants import write_merchants
 
 MERCHANTS = ["shop-a", "shop-b", "shop-c"]
-# A healthy training phase takes ~20-30 s here (three ClientApp processes starting on two
-# cores; over 60 s when the machine is busy with other work); a SIGKILLed node is dropped by
+# A healthy training phase takes well under 30 s here (over 60 s when the machine is busy with
+# other work); a SIGKILLed node is dropped by
 # the SuperLink once its heartbeat lapses (<= 60 s), which ends the round before the timeout.
 ROUND_TIMEOUT_S = 90.0
 RUN_CONFIG = {
@@ -209,8 +210,14 @@ def test_add_merchant_writes_its_key_node_config_and_start_script(tmp_path: Path
     assert parse_config_args([cmd[cmd.index("--node-config") + 1]]) == {
         "merchant-id": "shop-a", "data-dir": str(data), "state-dir": str(a.dir / "state"),
         "target-epsilon": 3.5, "target-delta": 1e-6, "device": "cuda", "dp": "true"}
+    # the node launches no ClientApp itself: the script's warm ClientApp processes serve its port
+    assert cmd[cmd.index("--isolation") + 1] == "process"
+    assert deploy.clientapp_command(a)[1:] == ["-m", "client.warm", "--runtime-api-address",
+                                               f"127.0.0.1:{deploy.FIRST_SUPERNODE_PORT}"]
     script = a.dir / deploy.SUPERNODE_SCRIPT
     subprocess.run(["sh", "-n", str(script)], check=True)
+    assert f'"$python" -m client.warm --runtime-api-address 127.0.0.1:{a.port} --parent-pid "$$" &' \
+        in script.read_text()
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in script.read_text()
     # the folder can be moved to the merchant's machine: its state lives wherever the script runs
     assert "state-dir='$PWD/state'" in script.read_text() and a.privacy_state == a.dir / "state" / "privacy-state.json"
@@ -345,6 +352,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
                  for name in MERCHANTS}
         for name, node in nodes.items():
             node.wait_for(rf"SuperNode ID: {merchants[name].node_id}\b", timeout_s=90)
+            node.wait_for(re.escape(warm.READY), timeout_s=120)  # its ClientApp launcher has imported
 
         fed = Federation(tmp=tmp_path, env=env, dep=dep, merchants=merchants, budgets=budgets, eps_shop_b=eps,
                          group=group, superlink=superlink, nodes=nodes, run_dir=tmp_path / "run", run_exit=None,
@@ -356,7 +364,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Federation]
         t_submit = time.monotonic()
         run = fed.submit("flwr-run", {**RUN_CONFIG, "run-dir": str(fed.run_dir)})
 
-        # Round 2 reaches shop-c: kill its whole SuperNode (node, SuperExec, ClientApp) as the
+        # Round 2 reaches shop-c: kill its whole SuperNode (script, node, ClientApp processes) as the
         # training message arrives, i.e. mid-round, before it could train or spend anything.
         nodes["shop-c"].wait_for(r"Receiving: train message", count=2, timeout_s=240)
         t_kill = time.monotonic()
@@ -510,6 +518,22 @@ def test_deployment_tls_auth_faults_and_budgets(federation: Federation) -> None:
                  "round_wall_s": [round(m["wall_s"], 1) for m in metrics],
                  "slowest_train_s": [round(m.get("slowest_train_s", 0.0), 1) for m in metrics]}
     print(f"\ndeployment timings: {json.dumps(durations)}", file=sys.stderr)
+
+
+@pytest.mark.slow
+def test_every_message_was_served_by_a_warm_clientapp_process(federation: Federation) -> None:
+    """Issue #24: the nodes run ``--isolation process`` beside fedshop's warm ClientApp launcher
+    (client/warm.py): it imported the ClientApp's libraries once, before any task, and handed
+    every message the node received to a fork of itself; the node launched no ``flwr-clientapp``."""
+    for name in ("shop-a", "shop-b"):  # never killed: one log from start to end
+        text = federation.nodes[name].text()
+        received = re.findall(r"Receiving: (\w+) message", text)
+        assert len(received) >= 3, text[-4000:]
+        assert text.count(warm.READY) == 1, text[-4000:]  # one warm-up for all of them
+        assert text.index(warm.READY) < text.index("Receiving:")
+        took = re.findall(re.escape(warm.TOOK_TASK) + r" \d+ \(process (\d+);", text)
+        assert len(took) == len(received) and len(set(took)) == len(took), text[-4000:]
+        assert "Start `flwr-clientapp` process" not in text and "flower-superexec" not in text
 
 
 def _unboxed(text: str) -> str:
