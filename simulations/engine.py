@@ -135,7 +135,7 @@ def ensure_data(config: RunConfig, scenario_name: str) -> None:
         return
     from client.sources import adapters
 
-    if scenario_name in ("reviews", "reviews-lora"):
+    if scenario_name in ("reviews", "reviews-lora", "reviews-top"):
         log.info("preparing the bundled reviews data into %s", data_dir)
         adapters.prepare_reviews(data_dir)
     elif scenario_name == "esci":
