@@ -24,14 +24,14 @@ import hashlib
 import logging
 import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 from torch.utils.data import TensorDataset
-from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+from transformers.tokenization_utils_base import BatchEncoding, PreTrainedTokenizerBase
 
 from shared import atomic
 from shared.model import FedShopModel, head_scores
@@ -111,16 +111,40 @@ def cache_dir(configured: str, default: Path, owner: str = "") -> Path:
 _FROZEN: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
 
 
-def encoder_digest(encoder: nn.Module) -> str:
-    """A digest of the encoder's weights (names and float32 values)."""
-    frozen = _FROZEN.get(encoder)
-    if frozen is not None:
-        return frozen
+def state_digest(module: nn.Module) -> str:
+    """A digest of a module's weights (names and float32 values)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(encoder.state_dict().items()):
+    for name, tensor in sorted(module.state_dict().items()):
         digest.update(name.encode())
         digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy())
     return digest.hexdigest()
+
+
+def encoder_digest(encoder: nn.Module) -> str:
+    """``state_digest`` of the encoder, computed once for a frozen one (``freeze``)."""
+    frozen = _FROZEN.get(encoder)
+    return frozen if frozen is not None else state_digest(encoder)
+
+
+def digest_records(digest: Any, pairs: Sequence[tuple[str, str]]) -> None:
+    """Feed the records' text into a cache key's ``digest``, each pair unambiguously delimited."""
+    for context, product in pairs:
+        digest.update(context.encode())
+        digest.update(b"\x1f")
+        digest.update(product.encode())
+        digest.update(b"\x1e")
+
+
+def record_batches(tokenizer: PreTrainedTokenizerBase, pairs: Sequence[tuple[str, str]], *, max_seq_len: int,
+                   what: str) -> Iterator[BatchEncoding]:
+    """The records tokenized in batches of ``ENCODE_BATCH`` (padded to each batch's longest),
+    with a progress display named ``what``: what every encoding pass reads."""
+    with Progress(what, len(pairs), unit="records") as shown:
+        for start in range(0, len(pairs), ENCODE_BATCH):
+            chunk = pairs[start:start + ENCODE_BATCH]
+            yield tokenizer([c for c, _ in chunk], [p for _, p in chunk], truncation="longest_first",
+                            max_length=max_seq_len, padding="longest", return_tensors="pt")
+            shown.update(len(chunk))
 
 
 def freeze(encoder: nn.Module) -> None:
@@ -138,11 +162,7 @@ def cache_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: li
     digest = hashlib.sha256()
     digest.update(f"{model.pooling}|{max_seq_len}|{type(tokenizer).__name__}|{len(tokenizer)}|".encode())
     digest.update(encoder_digest(model.encoder).encode())
-    for context, product in pairs:
-        digest.update(context.encode())
-        digest.update(b"\x1f")
-        digest.update(product.encode())
-        digest.update(b"\x1e")
+    digest_records(digest, pairs)
     return digest.hexdigest()
 
 
@@ -157,15 +177,10 @@ def encode_pairs(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs:
     out = []
     started = time.perf_counter()
     try:
-        with Progress("encoding records", len(pairs), unit="records") as shown:
-            for start in range(0, len(pairs), ENCODE_BATCH):
-                chunk = pairs[start:start + ENCODE_BATCH]
-                enc = tokenizer([c for c, _ in chunk], [p for _, p in chunk], truncation="longest_first",
-                                max_length=max_seq_len, padding="longest", return_tensors="pt")
-                ids = enc["input_ids"].to(device)
-                types = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])).to(device)
-                out.append(model.pool(ids, enc["attention_mask"].to(device), types).float().cpu())
-                shown.update(len(chunk))
+        for enc in record_batches(tokenizer, pairs, max_seq_len=max_seq_len, what="encoding records"):
+            ids = enc["input_ids"].to(device)
+            types = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])).to(device)
+            out.append(model.pool(ids, enc["attention_mask"].to(device), types).float().cpu())
     finally:
         model.train(was_training)
     log.info("encoded %d records in %.1f s", len(pairs), time.perf_counter() - started)

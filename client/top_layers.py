@@ -44,15 +44,15 @@ from torch.utils.data import TensorDataset
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from client import features
 from client.features import HeadsOnly, HeadsView
 from shared import atomic
 from shared.config import RunConfig
 from shared.model import FedShopModel, ModelError, head_scores, mean_pool
-from shared.progress import Progress
 
 log = logging.getLogger(__name__)
 
-ENCODE_BATCH = 256
+ENCODE_BATCH = features.ENCODE_BATCH  # records per no-grad pass, as the pooled states
 STORAGE_DTYPE = torch.float16
 CACHE_PREFIX = "layer-states-"
 
@@ -207,14 +207,8 @@ def cache_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: li
     lower = {f"layer.{i}": layer for i, layer in enumerate(list(_layers(model))[:depth])}
     lower["embeddings"] = _embeddings(model)
     for prefix, module in sorted(lower.items()):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(f"{prefix}.{name}".encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    for context, product in pairs:
-        digest.update(context.encode())
-        digest.update(b"\x1f")
-        digest.update(product.encode())
-        digest.update(b"\x1e")
+        digest.update(f"{prefix}|{features.state_digest(module)}|".encode())
+    features.digest_records(digest, pairs)
     return digest.hexdigest()
 
 
@@ -231,21 +225,16 @@ def encode_lower(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs:
     chunks: list[tuple[torch.Tensor, torch.Tensor]] = []
     started = time.perf_counter()
     try:
-        with Progress("encoding lower layers", len(pairs), unit="records") as shown:
-            for start in range(0, len(pairs), ENCODE_BATCH):
-                chunk = pairs[start:start + ENCODE_BATCH]
-                enc = tokenizer([c for c, _ in chunk], [p for _, p in chunk], truncation="longest_first",
-                                max_length=max_seq_len, padding="longest", return_tensors="pt")
-                ids = enc["input_ids"].to(device)
-                mask = enc["attention_mask"].to(device)
-                types = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])).to(device)
-                positions = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
-                hidden = _embeddings(model)(input_ids=ids, token_type_ids=types, position_ids=positions)
-                extended = _extended_mask(model, hidden, mask)
-                for layer in list(layers)[:depth]:
-                    hidden = layer(hidden, extended)
-                chunks.append((hidden.to(dtype).cpu(), mask.cpu()))
-                shown.update(len(chunk))
+        for enc in features.record_batches(tokenizer, pairs, max_seq_len=max_seq_len, what="encoding lower layers"):
+            ids = enc["input_ids"].to(device)
+            mask = enc["attention_mask"].to(device)
+            types = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])).to(device)
+            positions = torch.arange(ids.shape[1], device=device).unsqueeze(0).expand_as(ids)
+            hidden = _embeddings(model)(input_ids=ids, token_type_ids=types, position_ids=positions)
+            extended = _extended_mask(model, hidden, mask)
+            for layer in list(layers)[:depth]:
+                hidden = layer(hidden, extended)
+            chunks.append((hidden.to(dtype).cpu(), mask.cpu()))
     finally:
         model.train(was_training)
     length = max(states.shape[1] for states, _ in chunks)
