@@ -72,6 +72,7 @@ class RunConfig:
     # last (``evaluates_after``). Each evaluation is a release that costs every merchant ε (at
     # σ_eval 10, 8 of them cost 2.29 of an ε = 8 budget, 2 cost 1.06): fewer evaluations leave
     # more of the budget to training. Public: it is a schedule, not a merchant's setting.
+    # Early stopping counts evaluated rounds.
     evaluate_every: int = 1
     max_train_examples: int = 0  # 0 = all; caps a merchant's training set in privacy units, as above (fast demos)
 
