@@ -65,10 +65,9 @@ def predict(
     with Progress("evaluating", len(examples), unit="examples") as shown:
         for batch in DataLoader(dataset, batch_size=batch_size):
             input_ids, attention_mask, token_type_ids, packed = trim(batch, device)
-            scores = shift(model(input_ids, attention_mask, token_type_ids))
-            losses.append(PerExampleLoss(reduction="none")(scores, packed).cpu())
-            own = task_of(packed).unsqueeze(1)
-            preds.append(predictions(scores).gather(1, own).squeeze(1).cpu())
+            loss, pred = _scored(shift(model(input_ids, attention_mask, token_type_ids)), packed)
+            losses.append(loss)
+            preds.append(pred)
             shown.update(len(packed))
     model.train(was_training)
     return torch.cat(losses).numpy(), torch.cat(preds).numpy()
@@ -94,9 +93,16 @@ def _predict_on_states(model: FedShopModel, examples: Sequence[Example], tokeniz
         scores = offsets(head_scores(model.heads, model.dropout, states[rows].to(device)))
     finally:
         model.train(was_training)
-    losses = PerExampleLoss(reduction="none")(scores, packed.to(device)).cpu()
-    preds = predictions(scores).gather(1, task_of(packed).to(device).unsqueeze(1)).squeeze(1).cpu()
+    losses, preds = _scored(scores, packed.to(device))
     return losses.numpy(), preds.numpy()
+
+
+def _scored(scores: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-example loss, prediction of each example's own task) on the CPU, from every head's
+    scores and the packed targets: what both ``predict`` paths return."""
+    losses = PerExampleLoss(reduction="none")(scores, packed).cpu()
+    preds = predictions(scores).gather(1, task_of(packed).unsqueeze(1)).squeeze(1).cpu()
+    return losses, preds
 
 
 def _on(offsets: Offsets | None, device: torch.device) -> nn.Module:

@@ -260,6 +260,6 @@ def release(
     unit = config.privacy_unit
     sums = noised_sums(contributions(examples, losses, preds, tasks, unit=unit), noise_multiplier, seed=seed)
     scales = noise_scales(sums, tasks, noise_multiplier, seed=None if seed is None else seed + 1)
-    return {NUM_EXAMPLES: float(unit_count(examples, unit=unit)),
-            **metrics_from_sums(sums, tasks, noise_multiplier * EVAL_CLIP_NORM), **scales,
-            **eval_sums.as_metrics(sums, tasks, noise_multiplier * EVAL_CLIP_NORM)}
+    noise_sd = noise_multiplier * EVAL_CLIP_NORM
+    return {NUM_EXAMPLES: float(unit_count(examples, unit=unit)), **metrics_from_sums(sums, tasks, noise_sd),
+            **scales, **eval_sums.as_metrics(sums, tasks, noise_sd)}
