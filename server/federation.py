@@ -33,6 +33,7 @@ from server.ledger_record import SpendRecord, spend_record
 from server.round_report import FederationResult, RoundReport, combine_metrics
 from server.run_log import RunLog
 from server.screening import screen_update
+from server.secure_aggregation import SecureAggregation, masked_bytes
 from server.strategy import EligibleNodesGrid, build_strategy, restore_strategy_state, strategy_state
 from shared import atomic
 from shared.config import RunConfig
@@ -51,6 +52,7 @@ from shared.wire import (
     STATUS_REFUSED,
     TIMING_METRIC_KEYS,
     EvalReply,
+    PrivacyFacts,
     TrainReply,
     WireError,
     array_bytes,
@@ -81,6 +83,8 @@ class Federation:
         self.config = config
         self.run_dir = Path(config.run_dir)
         self.strategy: Strategy = build_strategy(config)
+        # aggregation = secagg+: training rounds run Flower's SecAgg+ protocol instead.
+        self.secure = SecureAggregation(config) if config.aggregation == "secagg+" else None
         self.params = dict(initial_params)
         self.start_round = 1
         # The round whose aggregate self.params is (0 = initial). Not start_round - 1: a round
@@ -216,6 +220,8 @@ class Federation:
         train_config = ConfigRecord({MODEL_VERSION: model_version, RUN_ID: self.run_id})
         messages = list(self.strategy.configure_train(
             rnd, params_to_record(self.params), train_config, EligibleNodesGrid(self.grid, sampled)))  # type: ignore[arg-type]
+        if self.secure is not None:
+            return self._secure_train_round(rnd, messages, report, start)
         replies = self._collect(messages, phase="train", rnd=rnd)
 
         accepted: list[Message] = []
@@ -231,14 +237,10 @@ class Federation:
                 report.failed[f"node-{node_id}"] = f"malformed reply: {exc}"
                 continue
             facts = reply.facts
-            self.node_merchant[node_id] = facts.merchant_id
-            report.epsilon[facts.merchant_id] = facts.epsilon
             status = "accepted"
             reason = ""
             if facts.status == STATUS_REFUSED:
                 status, reason = "refused", facts.reason
-                report.refused[facts.merchant_id] = reason
-                self.exhausted.add(facts.merchant_id)
             else:
                 assert reply.params is not None
                 report.bytes_received += array_bytes(reply.params)
@@ -252,26 +254,12 @@ class Federation:
                     report.total_client_s += reply.metrics.get(CLIENT_S, 0.0)
                 else:
                     status, reason = "rejected", verdict.reason
-                    report.rejected[facts.merchant_id] = reason
-                    log.warning("round %d: rejected update from merchant %s: %s", rnd, facts.merchant_id, reason)
-                if facts.dp and facts.epsilon >= facts.epsilon_budget:
-                    self.exhausted.add(facts.merchant_id)
-            records.append(spend_record(facts, run_id=self.run_id, round=rnd, node_id=node_id, status=status,
-                                        reason=reason))
+            records.append(self._outcome(rnd, node_id, facts, status, reason, report))
         # The ledger is written before this round's aggregate is used for anything.
         if records:
             self.ledger.record_round(records)
         if not accepted:
-            report.wall_s = time.monotonic() - start
-            if report.refused and not report.rejected and not report.failed:
-                # Budgets running out is the normal end of a private federation, not a fault:
-                # the model stays as it was and those merchants are not sampled again. A
-                # refusal may also be a merchant's pin (dp, noise floor, δ): say theirs, not "budget".
-                reasons = "; ".join(f"{m}: {r}" for m, r in sorted(report.refused.items()))
-                log.warning("round %d: every sampled merchant refused; model unchanged (%s)", rnd, reasons)
-                return report
-            self.run_log.append(report)
-            raise RoundFailedError(f"round {rnd}: no update was accepted ({report.outcome_text()})")
+            return self._nothing_accepted(rnd, report, start, "no update was accepted")
         # Flower's aggregation reads exactly one ArrayRecord + one MetricRecord per reply, with
         # the same keys in each: timings are there only where a merchant chose to report them.
         for msg in accepted:
@@ -287,6 +275,77 @@ class Federation:
         report.wall_s = time.monotonic() - start
         log.info("round %d: %d accepted, %d rejected, %d refused, %d failed",
                  rnd, len(report.accepted), len(report.rejected), len(report.refused), len(report.failed))
+        return report
+
+    def _outcome(self, rnd: int, node_id: int, facts: PrivacyFacts, status: str, reason: str,
+                 report: RoundReport) -> SpendRecord:
+        """One merchant's outcome of a training round, in the round's report and as its ledger
+        row; a refusing or spent merchant is not sampled again."""
+        self.node_merchant[node_id] = facts.merchant_id
+        report.epsilon[facts.merchant_id] = facts.epsilon
+        if status == "refused":
+            report.refused[facts.merchant_id] = reason
+            self.exhausted.add(facts.merchant_id)
+        elif status == "rejected":
+            report.rejected[facts.merchant_id] = reason
+            log.warning("round %d: rejected update from merchant %s: %s", rnd, facts.merchant_id, reason)
+        if facts.dp and facts.epsilon >= facts.epsilon_budget:
+            self.exhausted.add(facts.merchant_id)
+        return spend_record(facts, run_id=self.run_id, round=rnd, node_id=node_id, status=status, reason=reason)
+
+    def _nothing_accepted(self, rnd: int, report: RoundReport, start: float, why: str) -> RoundReport:
+        """A round without an aggregate: the normal end when every merchant refused, else a failure."""
+        report.wall_s = time.monotonic() - start
+        if report.refused and not report.rejected and not report.failed:
+            # Budgets running out is the normal end of a private federation, not a fault:
+            # the model stays as it was and those merchants are not sampled again. A
+            # refusal may also be a merchant's pin (dp, noise floor, δ): say theirs, not "budget".
+            reasons = "; ".join(f"{m}: {r}" for m, r in sorted(report.refused.items()))
+            log.warning("round %d: every sampled merchant refused; model unchanged (%s)", rnd, reasons)
+            return report
+        self.run_log.append(report)
+        raise RoundFailedError(f"round {rnd}: {why} ({report.outcome_text()})")
+
+    def _secure_train_round(self, rnd: int, messages: list[Message], report: RoundReport,
+                            start: float) -> RoundReport:
+        """A training round as SecAgg+ (``server.secure_aggregation``): the ledger gets every
+        merchant whose third-stage reply arrived (each trained, and says what it spent), the
+        model the unmasked mean update. The server never holds one merchant's update, so it
+        screens none: quantisation bounds each (module docstring there)."""
+        assert self.secure is not None
+        outcome = self.secure.run(rnd, messages, list(self.params),
+                                  lambda batch, phase: self._collect(batch, phase=phase, rnd=rnd))
+        records: list[SpendRecord] = []
+        for message in messages:
+            node_id = message.metadata.dst_node_id
+            reply = outcome.replies.get(node_id)
+            who = self.node_merchant.get(node_id, f"node-{node_id}")
+            if reply is None:
+                report.failed[who] = outcome.reason or "left the protocol before sending its masked update"
+                continue
+            try:
+                facts = PrivacyFacts.from_record(reply.content.config_records[PRIVACY])
+            except (KeyError, WireError) as exc:
+                report.failed[who] = f"malformed reply: {exc}"
+                continue
+            report.bytes_received += masked_bytes(reply)
+            if facts.status == STATUS_REFUSED:
+                status, reason = "refused", facts.reason
+            elif outcome.mean_update is None:
+                status, reason = "rejected", f"update not used: {outcome.reason}"
+            else:
+                status, reason = "accepted", ""
+                report.accepted.append(facts.merchant_id)
+            records.append(self._outcome(rnd, node_id, facts, status, reason, report))
+        if records:
+            self.ledger.record_round(records)
+        if outcome.mean_update is None:
+            return self._nothing_accepted(rnd, report, start, outcome.reason or "no update was accepted")
+        self.params = {k: (v + outcome.mean_update[k]).astype(v.dtype) for k, v in self.params.items()}
+        report.aggregated = True
+        report.wall_s = time.monotonic() - start
+        log.info("round %d (secagg+): mean of %d masked update(s); %d refused, %d failed",
+                 rnd, len(report.accepted), len(report.refused), len(report.failed))
         return report
 
     def _evaluate_round(self, rnd: int, eligible: list[int], report: RoundReport, *, model_version: int) -> None:

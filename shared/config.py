@@ -20,6 +20,7 @@ Clipping = Literal["flat", "heads-apart"]
 ConversionLabel = Literal["click", "purchase"]
 Pooling = Literal["mean", "mean-l2"]
 PrivacyUnit = Literal["user", "record"]
+Aggregation = Literal["plain", "secagg+"]
 
 
 class ConfigError(ValueError):
@@ -38,6 +39,19 @@ class RunConfig:
     proximal_mu: float = 0.01
     max_update_norm: float = 1000.0  # L2 bound on an accepted update (delta from global)
     round_timeout_s: float = 900.0  # bounded wait for one round's replies
+    # How updates reach the server. plain: each merchant's update in the clear, screened one
+    # by one (server.screening). secagg+: Flower's SecAgg+ protocol (server.secure_aggregation,
+    # client.secure_aggregation): each merchant sends its update (the change from the global
+    # model) quantised and masked, and the server learns only their mean. Every coordinate of
+    # an update is clipped to [-secagg-clipping-range, secagg-clipping-range] and quantised to
+    # secagg-quantization-range levels; secagg-threshold is the share of a round's merchants
+    # whose key shares rebuild a secret (SecAgg+'s reconstruction threshold: at least 2, and
+    # a round with fewer survivors fails). fedavg and fedprox only (FedAdam's server state
+    # needs nothing more, but is not wired through yet).
+    aggregation: Aggregation = "plain"
+    secagg_threshold: float = 0.67
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
     node_wait_timeout_s: float = 60.0  # bounded wait for enough nodes to connect
     min_available_nodes: int = 0  # nodes that must be connected to start a round; 0 = merchants-per-round
     early_stopping_rounds: int = 0  # 0 = off
@@ -239,6 +253,18 @@ class RunConfig:
             raise bad("noise_multiplier", "must be > 0 when dp = true (set dp = false for a non-private run)")
         if self.weight_decay < 0:
             raise bad("weight_decay", "must be >= 0")
+        if self.aggregation == "secagg+":
+            if not (0.0 < self.secagg_threshold <= 1.0):
+                raise bad("secagg_threshold", "must lie in (0, 1]: the share of a round's merchants")
+            if not (math.isfinite(self.secagg_clipping_range) and self.secagg_clipping_range > 0):
+                raise bad("secagg_clipping_range", "must be a finite number > 0")
+            # Flower's modulus is 2**32: the sum of a round's quantised updates must stay below it.
+            if not (2 <= self.secagg_quantization_range <= 2 ** 24):
+                raise bad("secagg_quantization_range", "must lie in [2, 2**24]")
+            if self.strategy == "fedadam":
+                raise bad("aggregation", "secagg+ works with strategy fedavg or fedprox, not fedadam")
+            if self.merchants_per_round < 2:
+                raise bad("aggregation", "secagg+ needs merchants-per-round >= 2 (one masked update is the update)")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise bad("proximal_mu", "must be a finite number >= 0")
         if self.precondition_corpus and self.trainable != "heads":
