@@ -15,6 +15,7 @@ Guards for Flower's two silent failure modes:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import re
@@ -38,6 +39,7 @@ from server.strategy import EligibleNodesGrid, build_strategy, restore_strategy_
 from shared import atomic
 from shared.config import RunConfig
 from shared.metrics import HIGHER_IS_BETTER, is_noise_scale, is_released_sum
+from shared.privacy import merchant_level
 from shared.run_files import CONFIG_FILE, LEDGER_FILE
 from shared.wire import (
     CLIENT_S,
@@ -127,8 +129,11 @@ class Federation:
         if "run_id" not in meta:
             self.ledger.set_meta("run_id", uuid.uuid4().hex)
             # The run's unit; a merchant may pin its own, and every row names the unit it was accounted for.
-            self.ledger.set_meta("guarantee", f"{self.config.privacy_unit}-level (ε, δ)-DP per merchant, "
-                                              "replace-one neighbours")
+            guarantee = f"{self.config.privacy_unit}-level (ε, δ)-DP per merchant, replace-one neighbours"
+            if self.config.merchant_epsilon > 0:
+                guarantee += (f"; merchant-level (ε = {self.config.merchant_epsilon:g}, δ = "
+                              f"{self.config.merchant_delta:g})-DP over the run, replace-one merchants, under secagg+")
+            self.ledger.set_meta("guarantee", guarantee)
         self.run_id = self.ledger.meta()["run_id"]
         if self.config.resume:
             # A round recorded in the ledger but not checkpointed really spent privacy; its
@@ -339,6 +344,8 @@ class Federation:
             records.append(self._outcome(rnd, node_id, facts, status, reason, report))
         if records:
             self.ledger.record_round(records)
+        if outcome.unmasked and self.config.merchant_epsilon > 0:
+            self._record_merchant_level(rnd, outcome.contributors)
         if outcome.mean_update is None:
             return self._nothing_accepted(rnd, report, start, outcome.reason or "no update was accepted")
         self.params = {k: (v + outcome.mean_update[k]).astype(v.dtype) for k, v in self.params.items()}
@@ -347,6 +354,19 @@ class Federation:
         log.info("round %d (secagg+): mean of %d masked update(s); %d refused, %d failed",
                  rnd, len(report.accepted), len(report.refused), len(report.failed))
         return report
+
+    def _record_merchant_level(self, rnd: int, contributors: int) -> None:
+        """The round's merchant-level release in the ledger, with the run's ε after it: written
+        once the server has unmasked the sum, before the sum is used (or refused) at all."""
+        past = self.ledger.merchant_level_rows()
+        row = merchant_level.MerchantLevelRound(
+            run_id=self.run_id, round=rnd, contributors=contributors,
+            noise_multiplier=merchant_level.noise_multiplier(self.config), clip_norm=self.config.merchant_clip_norm,
+            delta=self.config.merchant_delta, epsilon=0.0)
+        row = dataclasses.replace(row, epsilon=merchant_level.epsilon([*past, row], self.config.merchant_delta))
+        self.ledger.record_merchant_level(row)
+        log.info("round %d: merchant-level ε %.3f of %.3f (σ_m %.3f, %d merchants in the sum)", rnd, row.epsilon,
+                 self.config.merchant_epsilon, row.noise_multiplier, contributors)
 
     def _evaluate_round(self, rnd: int, eligible: list[int], report: RoundReport, *, model_version: int) -> None:
         """Federated evaluation of the new global model on merchants' held-out data.

@@ -38,6 +38,7 @@ from types import TracebackType
 
 from server.ledger_record import COLUMNS, STATUSES, SpendRecord, differences, from_row, to_row
 from server.ledger_schema import APPLICATION_ID, SCHEMA_VERSION, LedgerError, open_file, transaction
+from shared.privacy.merchant_level import MerchantLevelRound
 
 __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "STATUSES", "LedgerConflictError", "LedgerError", "PrivacyLedger",
            "SpendRecord"]
@@ -45,6 +46,9 @@ __all__ = ["APPLICATION_ID", "SCHEMA_VERSION", "STATUSES", "LedgerConflictError"
 log = logging.getLogger(__name__)
 
 _SELECT = f"SELECT {', '.join(COLUMNS)} FROM spend"
+_MERCHANT_LEVEL_COLUMNS = ("run_id", "round", "contributors", "noise_multiplier", "clip_norm", "delta", "neighbours",
+                           "epsilon")
+_SELECT_MERCHANT_LEVEL = f"SELECT {', '.join(_MERCHANT_LEVEL_COLUMNS)} FROM merchant_level"
 
 
 class LedgerConflictError(LedgerError):
@@ -162,6 +166,34 @@ class PrivacyLedger:
         else:
             log.info("ledger: round %d (%s) replayed, already recorded identically", round_, release)
         return written
+
+    def record_merchant_level(self, row: MerchantLevelRound) -> bool:
+        """Append one unmasked secure round's merchant-level row (``shared.privacy.merchant_level``);
+        return whether it was new. A replay of the same row writes nothing; a different row for
+        a recorded round, or a round before the last recorded, raises :class:`LedgerConflictError`."""
+        values = tuple(getattr(row, name) for name in _MERCHANT_LEVEL_COLUMNS)
+        with transaction(self._conn) as conn:
+            self._check_run_id(conn, row.run_id)
+            old = conn.execute(f"{_SELECT_MERCHANT_LEVEL} WHERE run_id = ? AND round = ?",
+                               (row.run_id, row.round)).fetchone()
+            if old is not None:
+                if tuple(old) != values:
+                    raise LedgerConflictError(f"merchant-level round {row.round} is already recorded with other values "
+                                              f"({tuple(old)} against {values}); spend is never changed")
+                return False
+            last = conn.execute("SELECT coalesce(max(round), 0) FROM merchant_level").fetchone()[0]
+            if row.round <= last:
+                raise LedgerConflictError(f"merchant-level round {row.round} comes after round {last} was recorded")
+            recorded_at = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
+            conn.execute(f"INSERT INTO merchant_level ({', '.join(_MERCHANT_LEVEL_COLUMNS)}, recorded_at) "
+                         f"VALUES ({', '.join('?' * len(_MERCHANT_LEVEL_COLUMNS))}, ?)", (*values, recorded_at))
+        log.info("ledger: round %d merchant-level ε %.4g recorded", row.round, row.epsilon)
+        return True
+
+    def merchant_level_rows(self) -> list[MerchantLevelRound]:
+        """The unmasked secure rounds under merchant-level DP, in round order."""
+        cursor = self._conn.execute(f"{_SELECT_MERCHANT_LEVEL} ORDER BY round")
+        return [MerchantLevelRound(**dict(zip(_MERCHANT_LEVEL_COLUMNS, values, strict=True))) for values in cursor]
 
     def _check_run_id(self, conn: sqlite3.Connection, run_id: str) -> None:
         row = conn.execute("SELECT value FROM meta WHERE key = 'run_id'").fetchone()

@@ -23,8 +23,13 @@ Versions:
    (``shared.privacy.events.NEIGHBOURS``): ``replace-one`` since N is declared public. Rows
    migrated from 4 read ``add-remove``, which is what they were accounted for; the audit fails
    them (their ε understates a guarantee that must hold while N is released).
+6. adds the table ``merchant_level``: one row per secure round whose masked sum the server
+   unmasked under merchant-level DP (``aggregation = "secagg+"`` with ``merchant-epsilon``):
+   the noise the merchants added between them, the clipping norm, how many merchants'
+   vectors the sum held, and the run's merchant-level ε after it. Nothing to migrate: a file
+   of version 5 gets the empty table.
 
-The triggers make the spend table append-only and meta insert-once, whatever writes to the
+The triggers make the spend and merchant_level tables append-only and meta insert-once, whatever writes to the
 file (see ``server.ledger``).
 """
 
@@ -39,7 +44,7 @@ from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # Marks the file as a fedshop ledger, so opening some other SQLite file fails loudly
 # instead of adding tables to it. ("FSL1" as a big-endian 32-bit int.)
 APPLICATION_ID = 0x46534C31
@@ -115,9 +120,38 @@ WHEN EXISTS (SELECT 1 FROM spend
 BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: row already recorded'); END;
 """
 
+# Merchant-level DP of a secure round (version 6): the Gaussian noise the round's sum carries
+# (σ_m · C_m, shared out among the merchants that sent vectors: server.secure_aggregation),
+# what it protects (one merchant's whole update, clipped to C_m) and the run's ε after it.
+_MERCHANT_LEVEL = """
+CREATE TABLE merchant_level (
+    run_id           TEXT    NOT NULL,
+    round            INTEGER NOT NULL CHECK (round >= 1),
+    contributors     INTEGER NOT NULL CHECK (contributors >= 0),
+    noise_multiplier REAL    NOT NULL CHECK (noise_multiplier > 0),
+    clip_norm        REAL    NOT NULL CHECK (clip_norm > 0),
+    delta            REAL    NOT NULL CHECK (delta > 0 AND delta < 1),
+    neighbours       TEXT    NOT NULL CHECK (neighbours <> ''),
+    epsilon          REAL    NOT NULL CHECK (epsilon >= 0),
+    recorded_at      TEXT    NOT NULL,
+    PRIMARY KEY (run_id, round)
+) STRICT;
+
+CREATE TRIGGER merchant_level_no_update BEFORE UPDATE ON merchant_level
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: UPDATE of merchant_level is forbidden'); END;
+
+CREATE TRIGGER merchant_level_no_delete BEFORE DELETE ON merchant_level
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: DELETE from merchant_level is forbidden'); END;
+
+CREATE TRIGGER merchant_level_no_replace BEFORE INSERT ON merchant_level
+WHEN EXISTS (SELECT 1 FROM merchant_level WHERE run_id = NEW.run_id AND round = NEW.round)
+BEGIN SELECT RAISE(ABORT, 'privacy ledger is append-only: row already recorded'); END;
+"""
+
 _SCHEMA = f"""
 {_spend_table("spend")}
 {_SPEND_GUARDS}
+{_MERCHANT_LEVEL}
 CREATE TABLE meta (
     key   TEXT NOT NULL PRIMARY KEY,
     value TEXT NOT NULL
@@ -234,3 +268,7 @@ def split_sql(script: str) -> list[str]:
     if current.strip():
         raise ValueError(f"incomplete SQL statement in schema: {current!r}")
     return statements
+
+
+# Version 5 -> 6 creates the merchant_level table and its triggers (split once split_sql exists).
+_MIGRATIONS[5] = tuple(split_sql(_MERCHANT_LEVEL))

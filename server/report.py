@@ -29,6 +29,7 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
             for m, r in sorted(latest.items())
         }
         rounds = ledger.last_round()
+        merchant_rounds = ledger.merchant_level_rows()
     final_eval: dict[str, Any] = next((r["eval_metrics"] for r in reversed(rows) if r.get("eval_metrics")), {})
     return {
         "run_dir": str(run_dir),
@@ -36,6 +37,10 @@ def run_summary(run_dir: Path, *, stopped_because: str) -> dict[str, Any]:
         "stopped_because": stopped_because,
         "final_eval": final_eval,
         "privacy": privacy,
+        **({"merchant_level": {"epsilon": merchant_rounds[-1].epsilon, "delta": merchant_rounds[-1].delta,
+                               "noise_multiplier": merchant_rounds[-1].noise_multiplier,
+                               "clip_norm": merchant_rounds[-1].clip_norm, "rounds": len(merchant_rounds)}}
+           if merchant_rounds else {}),
         "outputs": {
             "metrics": str(run_dir / METRICS_FILE),
             "ledger": str(run_dir / LEDGER_FILE),
@@ -60,6 +65,10 @@ def format_summary(summary: dict[str, Any]) -> str:
         eps = "no DP" if not math.isfinite(p["epsilon"]) else f"{p['epsilon']:.3f}"
         lines.append(f"  {merchant:<22} ε {eps} / {p['budget']:.3f} at δ {p['delta']:.0e}, {p['rounds']} round(s), "
                      f"{p.get('evaluations', 0)} evaluation(s)")
+    if "merchant_level" in summary:
+        m = summary["merchant_level"]
+        lines.append(f"merchant-level DP (secagg+): ε {m['epsilon']:.3f} at δ {m['delta']:.0e} over {m['rounds']} "
+                     f"round(s), σ_m {m['noise_multiplier']:.3f}, C_m {m['clip_norm']:g}")
     lines.append("outputs:")
     for name, path in summary["outputs"].items():
         lines.append(f"  {name:<12} {path}")

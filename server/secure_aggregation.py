@@ -42,6 +42,7 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 
 from shared.config import RunConfig
+from shared.privacy import merchant_level
 from shared.wire import PRIVACY, STATUS_OK
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ class SecureRound:
     replies: dict[int, Message]
     mean_update: dict[str, np.ndarray] | None
     reason: str = ""
+    # Whether the server unmasked the round's sum (and so learned it, even when it then
+    # refused it), and how many trained merchants' vectors it held: what merchant-level DP
+    # accounts (shared.privacy.merchant_level).
+    unmasked: bool = False
+    contributors: int = 0
 
 
 class _Node:
@@ -157,20 +163,28 @@ class SecureAggregation:
         for stage in (workflow.share_keys_stage, workflow.collect_masked_vectors_stage):
             if not stage(grid, context, state):  # type: ignore[arg-type]
                 return SecureRound(grid.masked_replies, None, _short(stage.__name__, state))
-        if not any(_weight(m) for m in grid.masked_replies.values()):
+        contributors = sum(_weight(m) for m in grid.masked_replies.values())
+        if not contributors:
             # Every merchant refused: nothing to unmask (the protocol divides by the total weight).
             return SecureRound(grid.masked_replies, None, "no merchant sent an update")
+        if merchant_level.noise_multiplier(self.config) > 0 and contributors < state.threshold:
+            # Each trained merchant added 1/threshold of the merchant-level noise: fewer of them
+            # would leave the sum under-noised, so it is never unmasked.
+            return SecureRound(grid.masked_replies, None,
+                               f"only {contributors} merchant(s) sent an update; the merchant-level noise needs "
+                               f"{state.threshold} (the round's secagg threshold), so the sum was not unmasked")
         if not workflow.unmask_stage(grid, context, state) or strategy.mean is None:  # type: ignore[arg-type]
             return SecureRound(grid.masked_replies, None, _short("unmask_stage", state))
+        seen = SecureRound(grid.masked_replies, None, unmasked=True, contributors=contributors)
         limit = self.config.secagg_clipping_range * (1 + 1e-6)
         if any(not np.all(np.abs(v) <= limit) for v in strategy.mean):
-            return SecureRound(grid.masked_replies, None,
-                               f"the unmasked mean lies outside ±{self.config.secagg_clipping_range:g} (secagg-"
-                               "clipping-range): some merchant sent a vector it did not quantise honestly")
-        if len(strategy.mean) != len(keys):
-            return SecureRound(grid.masked_replies, None,
-                               f"the unmasked mean has {len(strategy.mean)} arrays, the model {len(keys)}")
-        return SecureRound(grid.masked_replies, dict(zip(keys, strategy.mean, strict=True)))
+            seen.reason = (f"the unmasked mean lies outside ±{self.config.secagg_clipping_range:g} (secagg-"
+                           "clipping-range): some merchant sent a vector it did not quantise honestly")
+        elif len(strategy.mean) != len(keys):
+            seen.reason = f"the unmasked mean has {len(strategy.mean)} arrays, the model {len(keys)}"
+        else:
+            seen.mean_update = dict(zip(keys, strategy.mean, strict=True))
+        return seen
 
 
 def _weight(reply: Message) -> int:

@@ -52,6 +52,15 @@ class RunConfig:
     secagg_threshold: float = 0.67
     secagg_clipping_range: float = 8.0
     secagg_quantization_range: int = 4194304
+    # Merchant-level DP on top of secagg+ (shared.privacy.merchant_level): > 0, the run's
+    # merchant-level ε over its num-server-rounds rounds, at merchant-delta, for one merchant's
+    # whole update (neighbouring federations differ in one merchant's data; replace-one). Each
+    # merchant clips its update to L2 norm merchant-clip-norm and adds its share of Gaussian
+    # noise before masking, so the unmasked sum carries the full noise and no one, the server
+    # included, sees a less noised sum. 0 = off (record-level DP per merchant only).
+    merchant_epsilon: float = 0.0
+    merchant_delta: float = 1e-5
+    merchant_clip_norm: float = 1.0
     node_wait_timeout_s: float = 60.0  # bounded wait for enough nodes to connect
     min_available_nodes: int = 0  # nodes that must be connected to start a round; 0 = merchants-per-round
     early_stopping_rounds: int = 0  # 0 = off
@@ -265,6 +274,16 @@ class RunConfig:
                 raise bad("aggregation", "secagg+ works with strategy fedavg or fedprox, not fedadam")
             if self.merchants_per_round < 2:
                 raise bad("aggregation", "secagg+ needs merchants-per-round >= 2 (one masked update is the update)")
+        if self.merchant_epsilon < 0 or not math.isfinite(self.merchant_epsilon):
+            raise bad("merchant_epsilon", "must be a finite number >= 0 (0 = no merchant-level DP)")
+        if self.merchant_epsilon > 0:
+            if self.aggregation != "secagg+":
+                raise bad("merchant_epsilon", "needs aggregation = 'secagg+': each merchant adds only a share of "
+                          "the noise, so its update must reach the server masked")
+            if not (0.0 < self.merchant_delta < 1.0):
+                raise bad("merchant_delta", "must lie strictly between 0 and 1")
+            if not (math.isfinite(self.merchant_clip_norm) and self.merchant_clip_norm > 0):
+                raise bad("merchant_clip_norm", "must be a finite number > 0")
         if not (math.isfinite(self.proximal_mu) and self.proximal_mu >= 0):
             raise bad("proximal_mu", "must be a finite number >= 0")
         if self.precondition_corpus and self.trainable != "heads":

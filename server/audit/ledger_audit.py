@@ -60,6 +60,7 @@ from server.audit.checks import (
     unit_count_missing,
     unmarked_finding,
 )
+from server.audit.merchant_level import MerchantLevelAudit, audit_merchant_level
 from shared.jsonable import finite
 from shared.privacy.accounting import DISCRETIZATION, epsilon_pld
 from shared.privacy.events import (
@@ -151,10 +152,13 @@ class AuditReport:
     rounds: int
     claims_dp: bool = True
     config: str | None = None  # the run config read, if there was one
+    # Merchant-level DP under secagg+ (server.audit.merchant_level); None when the run has none.
+    merchant_level: MerchantLevelAudit | None = None
 
     @property
     def findings(self) -> list[str]:
-        return self.ledger_findings + [f"{m.merchant_id}: {f}" for m in self.merchants for f in m.findings]
+        own = self.merchant_level.findings if self.merchant_level is not None else []
+        return self.ledger_findings + [f"{m.merchant_id}: {f}" for m in self.merchants for f in m.findings] + own
 
     @property
     def warnings(self) -> list[str]:
@@ -176,6 +180,7 @@ class AuditReport:
             "findings": self.findings,
             "warnings": self.warnings,
             "merchants": [{**dataclasses.asdict(m), "remaining": m.remaining} for m in self.merchants],
+            "merchant_level": self.merchant_level.to_dict() if self.merchant_level is not None else None,
         })
 
 
@@ -395,4 +400,5 @@ def audit_run(run_dir: Path, *, tolerance_abs: float = TOLERANCE_ABS,
     return AuditReport(run_dir=str(run_dir), merchants=merchants,
                        ledger_findings=ledger_findings(rows, _run_log(run_dir)),
                        tolerance_abs=tolerance_abs, tolerance_rel=tolerance_rel,
-                       rounds=max((r.round for r in rows), default=0), claims_dp=run_dp, config=claim.path)
+                       rounds=max((r.round for r in rows), default=0), claims_dp=run_dp, config=claim.path,
+                       merchant_level=audit_merchant_level(run_dir))

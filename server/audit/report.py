@@ -26,6 +26,11 @@ def audit_table(report: AuditReport) -> str:
                      f"{m.delta:>7.0e} {_eps(m.epsilon_recorded):>10} {_eps(m.epsilon_pld):>7} "
                      f"{_eps(m.epsilon_add_remove):>7} {m.budget:>7.3f} {m.remaining:>7.3f}")
     lines.append("ε PLD: replace-one neighbours (N is public; the guarantee). ε ±1: add/remove, for reference only.")
+    ml = report.merchant_level
+    if ml is not None:
+        lines.append(f"merchant-level (secagg+): {len(ml.rounds)} unmasked round(s), σ_m {ml.noise_multiplier:.4g}, "
+                     f"C_m {ml.clip_norm:g}, ε recorded {_eps(ml.epsilon_recorded)}, re-derived "
+                     f"{_eps(ml.epsilon_derived)} of {ml.target:g} at δ {ml.delta:g}")
     lines.append("")
     if report.passed:
         lines.append(f"audit PASSED: {report.rounds} round(s); {_passed(report)}")

@@ -165,8 +165,19 @@ def as_schema_1(ledger: Path) -> None:
     _drop_columns(ledger, ("noise",), version=1)
 
 
+def as_schema_5(ledger: Path) -> None:
+    """Turn a ledger into what schema 5 wrote: no ``merchant_level`` table (nor its triggers)."""
+    conn = sqlite3.connect(ledger, isolation_level=None)
+    try:
+        conn.execute("DROP TABLE merchant_level")  # its triggers go with it
+        conn.execute("PRAGMA user_version = 5")
+    finally:
+        conn.close()
+
+
 def as_schema_4(ledger: Path) -> None:
     """Turn a ledger into what schema 4 wrote: the same rows, without ``neighbours``."""
+    as_schema_5(ledger)
     _drop_columns(ledger, ("neighbours",), version=4)
 
 

@@ -21,7 +21,7 @@ from server.ledger import (
 )
 from shared.privacy.events import MechanismEvent, SpendEvent
 from shared.run_files import LEDGER_FILE
-from tests.helpers.audit_runs import as_schema_1, as_schema_2, as_schema_3, as_schema_4
+from tests.helpers.audit_runs import as_schema_1, as_schema_2, as_schema_3, as_schema_4, as_schema_5
 
 RUN = "run-1"
 
@@ -105,9 +105,9 @@ def test_schema_1_ledger_is_migrated_keeping_its_rows(tmp_path: Path) -> None:
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             ledger._conn.execute("UPDATE spend SET noise = 'x'")
     conn = raw(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     conn.close()
-    with PrivacyLedger(path) as ledger:  # a second open finds schema 5: nothing to migrate
+    with PrivacyLedger(path) as ledger:  # a second open finds schema 6: nothing to migrate
         assert len(ledger.rows()) == 3
 
 
@@ -164,7 +164,38 @@ def test_schema_4_ledger_is_migrated_and_its_rows_say_add_remove(tmp_path: Path)
         with pytest.raises(sqlite3.IntegrityError, match="append-only"):
             ledger._conn.execute("UPDATE spend SET neighbours = 'replace-one'")
     conn = raw(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
+    conn.close()
+
+
+def test_schema_5_ledger_gains_an_append_only_merchant_level_table(tmp_path: Path) -> None:
+    from shared.privacy.merchant_level import MerchantLevelRound
+
+    path = tmp_path / LEDGER_FILE
+    with PrivacyLedger(path) as ledger:
+        ledger.record_round([spend("m1", 1, noise="fresh-per-call")])
+    as_schema_5(path)
+    conn = raw(path)
+    assert conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'merchant_level'").fetchone() is None
+    conn.close()
+    row = MerchantLevelRound(run_id=RUN, round=1, contributors=3, noise_multiplier=3.4, clip_norm=1.0, delta=1e-5,
+                             epsilon=2.5)
+    with PrivacyLedger(path) as ledger:
+        assert ledger.rows() == [spend("m1", 1, noise="fresh-per-call")]  # the spend is untouched
+        assert ledger.merchant_level_rows() == []
+        assert ledger.record_merchant_level(row) is True
+        assert ledger.record_merchant_level(row) is False  # a replay writes nothing
+        with pytest.raises(LedgerConflictError, match="already recorded with other values"):
+            ledger.record_merchant_level(dataclasses.replace(row, epsilon=1.0))
+        ledger.record_merchant_level(dataclasses.replace(row, round=3, epsilon=4.0))
+        with pytest.raises(LedgerConflictError, match="comes after round 3"):  # rounds are appended in order
+            ledger.record_merchant_level(dataclasses.replace(row, round=2, epsilon=3.0))
+        for statement in ("UPDATE merchant_level SET epsilon = 0", "DELETE FROM merchant_level"):
+            with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+                ledger._conn.execute(statement)
+        assert ledger.merchant_level_rows() == [row, dataclasses.replace(row, round=3, epsilon=4.0)]
+    conn = raw(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     conn.close()
 
 
@@ -200,7 +231,7 @@ def test_schema_3_ledger_is_migrated_to_a_key_with_the_release(tmp_path: Path) -
             ledger._conn.execute("INSERT OR REPLACE INTO spend SELECT * FROM spend WHERE round = 2 "
                                  "AND release = 'evaluation'")
     conn = raw(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 5
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 6
     pk = [row[1] for row in sorted(conn.execute("PRAGMA table_info(spend)"), key=lambda r: r[5]) if row[5]]
     assert pk == ["run_id", "round", "merchant_id", "release"]
     assert {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type = 'trigger'")} >= {

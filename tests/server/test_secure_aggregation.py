@@ -25,7 +25,8 @@ from client.secure_aggregation import secure_aggregation_mod
 from server.federation import Federation, RoundFailedError
 from server.ledger import PrivacyLedger
 from shared.config import ConfigError, RunConfig
-from shared.privacy.events import MechanismEvent, SpendEvent
+from shared.privacy.accounting import epsilon
+from shared.privacy.events import NOISE_SOURCE, MechanismEvent, SpendEvent
 from shared.run_files import LEDGER_FILE
 from shared.wire import (
     ARRAYS,
@@ -57,12 +58,15 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def facts(merchant: str, status: str = STATUS_OK) -> PrivacyFacts:
-    steps = 3 if status == STATUS_OK else 0
-    event = SpendEvent.of(MechanismEvent(noise_multiplier=1.0, sample_rate=0.1, steps=steps, max_grad_norm=1.0),
-                          unit_count=200, delta=1e-5, noise="torch")
-    return PrivacyFacts(merchant_id=merchant, status=status, dp=True, event=event, epsilon=1.5 if steps else 1.0,
-                        epsilon_budget=8.0, accountant="pld", model_version=0,
-                        reason="" if steps else "budget: one more call would exceed it")
+    """A merchant's facts as its accountant writes them: one call of three steps, or a refusal."""
+    trained = status == STATUS_OK
+    mechanism = MechanismEvent(noise_multiplier=1.0 if trained else 0.0, sample_rate=0.1 if trained else 0.0,
+                               steps=3 if trained else 0, max_grad_norm=1.0)
+    event = SpendEvent.of(mechanism, unit_count=200 if trained else 0, delta=1e-5,
+                          noise=NOISE_SOURCE if trained else "")
+    return PrivacyFacts(merchant_id=merchant, status=status, dp=True, event=event,
+                        epsilon=epsilon([mechanism], 1e-5) if trained else 0.0, epsilon_budget=8.0, accountant="pld",
+                        model_version=0, reason="" if trained else "budget: one more call would exceed it")
 
 
 def merchant_app(name: str, update: dict[str, np.ndarray] | None, outer: tuple[Callable, ...] = ()) -> ClientApp:
@@ -263,7 +267,6 @@ def test_real_merchants_train_privately_and_the_ledger_matches_their_own_records
     state file holds the same history."""
     import client.app as client_app
     from shared.model import ModelSpec, build_model, get_trainable
-    from shared.privacy.accounting import epsilon
     from shared.privacy.budget import PrivacyState
     from tests.helpers.merchants import write_merchants
 
@@ -301,3 +304,82 @@ def test_real_merchants_train_privately_and_the_ledger_matches_their_own_records
     # The evaluation (plain messages, the merchants' noised releases) ran after each masked round.
     (first, second) = metrics_rows(tmp_path / "run")
     assert "ctr_logloss" in second["eval_metrics"] and sorted(first["accepted"]) == names
+
+
+def test_merchant_level_dp_clips_each_update_and_the_unmasked_mean_carries_the_planned_noise(tmp_path: Path) -> None:
+    import sqlite3
+
+    from server.audit import audit_run
+    from shared.privacy import merchant_level
+
+    ups = updates(5)  # norms ~16, far above the clipping norm 1
+    params, _, rows = run_round(tmp_path, {n: merchant_app(f"shop-{n}", u) for n, u in ups.items()},
+                                **{"merchant-epsilon": 8.0, "merchant-clip-norm": 1.0})
+    config = RunConfig.from_mapping({"aggregation": "secagg+", "merchant-epsilon": 8.0, "num-server-rounds": 1})
+    sigma = merchant_level.noise_multiplier(config)
+    threshold = round(0.67 * 5)  # Flower's: round(secagg-threshold · merchants), at least 2
+
+    def clipped(u: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        norm = np.sqrt(sum(float(np.sum(a * a)) for a in u.values()))
+        return {k: a / norm for k, a in u.items()}
+
+    residual = np.concatenate([np.ravel(params[k] - v - np.mean([clipped(u)[k] for u in ups.values()], axis=0))
+                               for k, v in PARAMS.items()])
+    # Five merchants each add N(0, σ²/t): the sum carries 5σ²/t ≥ σ², the mean its fifth.
+    expected = sigma * np.sqrt(5 / threshold) / 5
+    assert residual.std() == pytest.approx(expected, rel=0.15)
+    assert abs(residual.mean()) < 4 * expected / np.sqrt(residual.size)
+
+    with PrivacyLedger(tmp_path / "run" / LEDGER_FILE) as ledger:
+        (row,) = ledger.merchant_level_rows()
+        assert "merchant-level (ε = 8" in ledger.meta()["guarantee"]
+    assert (row.round, row.contributors, row.noise_multiplier, row.clip_norm) == (1, 5, sigma, 1.0)
+    assert 7.5 < row.epsilon <= 8.0  # one round, planned to fit
+    assert all(r.status == "accepted" for r in rows)
+
+    from server.report import format_summary, run_summary
+
+    summary = run_summary(tmp_path / "run", stopped_because="all rounds done")
+    assert summary["merchant_level"] == {"epsilon": row.epsilon, "delta": 1e-5, "noise_multiplier": sigma,
+                                         "clip_norm": 1.0, "rounds": 1}
+    assert f"merchant-level DP (secagg+): ε {row.epsilon:.3f}" in format_summary(summary)
+
+    report = audit_run(tmp_path / "run")
+    assert report.passed, report.findings
+    assert report.merchant_level is not None and report.merchant_level.epsilon_derived == pytest.approx(row.epsilon)
+    # A recorded ε lowered after the fact (the append-only triggers dropped by hand) fails the audit.
+    conn = sqlite3.connect(tmp_path / "run" / LEDGER_FILE)
+    conn.execute("DROP TRIGGER merchant_level_no_update")
+    conn.execute("UPDATE merchant_level SET epsilon = 1.0")
+    conn.commit()
+    conn.close()
+    report = audit_run(tmp_path / "run")
+    assert not report.passed and any("merchant-level round 1: recorded ε 1.0000 is below" in f for f in report.findings)
+
+
+def test_merchant_level_dp_never_unmasks_a_sum_with_fewer_noise_shares_than_the_threshold(tmp_path: Path) -> None:
+    ups = updates(5)
+    apps = {n: merchant_app(f"shop-{n}", u if n <= 2 else None) for n, u in ups.items()}  # 3 refuse
+    fed, grid = federation(tmp_path, apps, **{"merchant-epsilon": 8.0})
+    with pytest.raises(RoundFailedError, match="merchant-level noise needs 3"):
+        try:
+            fed.run()
+        finally:
+            fed.close()
+    with PrivacyLedger(tmp_path / "run" / LEDGER_FILE) as ledger:
+        assert ledger.merchant_level_rows() == []
+        rows = ledger.rows()
+    assert sorted((r.merchant_id, r.status) for r in rows) == [
+        ("shop-1", "rejected"), ("shop-2", "rejected"), ("shop-3", "refused"), ("shop-4", "refused"),
+        ("shop-5", "refused")]
+    # The server never asked for the shares that would unmask the sum.
+    stages = {sent.content.config_records[RECORD_KEY_CONFIGS].get(Key.STAGE) for _, sent, _ in grid.exchanges
+              if RECORD_KEY_CONFIGS in sent.content.config_records}
+    assert Stage.UNMASK not in stages
+
+
+def test_merchant_level_settings_need_secure_aggregation() -> None:
+    with pytest.raises(ConfigError, match="'merchant-epsilon' = 8.0: needs aggregation = 'secagg\\+'"):
+        RunConfig.from_mapping({"merchant-epsilon": 8.0})
+    with pytest.raises(ConfigError, match="'merchant-clip-norm' = 0.0"):
+        RunConfig.from_mapping({"aggregation": "secagg+", "merchant-epsilon": 8.0, "merchant-clip-norm": 0.0})
