@@ -8,8 +8,10 @@ every merchant, so the run config speaks for them and nothing is pinned.
 
 Two kinds of pinned setting:
 
-- **Guards** (``dp``, ``noise-multiplier`` as a floor): a run asking for less — no DP, or
-  less noise than the merchant's floor — is refused. The merchant replies "refused" with the
+- **Guards** (``dp``, ``noise-multiplier`` as a floor, ``aggregation = secagg+``,
+  ``merchant-epsilon`` as a ceiling): a run asking for less — no DP, less noise than the
+  merchant's floor, its update in the clear, no merchant-level DP or a larger merchant-level
+  ε — is refused. The merchant replies "refused" with the
   reason, trains nothing, spends nothing, and the server's ledger records the refusal.
 - **The merchant's own values** (C, the unit, the split, history, caches, a public corpus,
   whether to report timings): the pinned value replaces the run's. A run cannot move a record
@@ -48,7 +50,7 @@ OWN_VALUES: dict[str, str] = {
     "eval-max-examples": "eval_max_examples",
     "report-timings": "report_timings",
 }
-GUARDS = ("dp", "noise-multiplier")
+GUARDS = ("dp", "noise-multiplier", "aggregation", "merchant-epsilon")
 PATHS = ("precondition-corpus", "feature-cache-dir")  # files on the merchant's machine
 # What a deployed node releases beyond the protected update only when its own node config
 # says so, whatever the run asks: the call's wall times, a side channel nothing accounts for.
@@ -76,6 +78,8 @@ class MerchantPolicy:
 
     dp: bool | None = None
     noise_floor: float | None = None
+    secure_aggregation: bool = False  # aggregation = secagg+ pinned: no update leaves in the clear
+    merchant_epsilon: float | None = None  # the largest merchant-level ε this merchant joins a run at
     own: Mapping[str, Any] = dataclasses.field(default_factory=dict)  # RunConfig field -> pinned value
 
     @classmethod
@@ -90,6 +94,21 @@ class MerchantPolicy:
             if not (math.isfinite(floor) and floor > 0):
                 raise PolicyError(f"node config noise-multiplier = {node_config['noise-multiplier']!r}: "
                                   "expected a number > 0 (the least noise this merchant accepts)")
+        secure = False
+        if "aggregation" in node_config:
+            if str(node_config["aggregation"]) not in ("secagg+", "plain"):
+                raise PolicyError(f"node config aggregation = {node_config['aggregation']!r}: expected 'secagg+' "
+                                  "(or 'plain', which pins nothing)")
+            secure = str(node_config["aggregation"]) == "secagg+"
+        ceiling = None
+        if "merchant-epsilon" in node_config:
+            try:
+                ceiling = float(node_config["merchant-epsilon"])
+            except (TypeError, ValueError):
+                ceiling = math.nan
+            if not (math.isfinite(ceiling) and ceiling > 0):
+                raise PolicyError(f"node config merchant-epsilon = {node_config['merchant-epsilon']!r}: expected a "
+                                  "number > 0 (the largest merchant-level ε this merchant accepts)")
         own = {field: node_config[key] for key, field in OWN_VALUES.items() if key in node_config}
         if "data-dir" in node_config:
             # A deployed node reads no file and writes no cache the server names: paths on the
@@ -98,7 +117,7 @@ class MerchantPolicy:
                 own.setdefault(OWN_VALUES[key], str(node_config.get(key, "")))
             for key, off in RELEASES_OFF.items():
                 own.setdefault(OWN_VALUES[key], off)
-        return cls(dp=dp, noise_floor=floor, own=own)
+        return cls(dp=dp, noise_floor=floor, secure_aggregation=secure, merchant_epsilon=ceiling, own=own)
 
     def refusal(self, config: RunConfig) -> str:
         """Why this run's request is weaker than the merchant allows ("" = it is not)."""
@@ -107,6 +126,12 @@ class MerchantPolicy:
         if self.noise_floor is not None and config.dp and config.noise_multiplier < self.noise_floor:
             return (f"the merchant's noise floor is noise-multiplier = {self.noise_floor:g}; the run asks for "
                     f"{config.noise_multiplier:g}")
+        if (self.secure_aggregation or self.merchant_epsilon is not None) and config.aggregation != "secagg+":
+            return (f"the merchant pins aggregation = secagg+; the run asks for {config.aggregation} aggregation "
+                    "(its update in the clear)")
+        if self.merchant_epsilon is not None and not 0 < config.merchant_epsilon <= self.merchant_epsilon:
+            asked = f"{config.merchant_epsilon:g}" if config.merchant_epsilon > 0 else "none (merchant-epsilon = 0)"
+            return (f"the merchant pins merchant-epsilon ≤ {self.merchant_epsilon:g}; the run asks for {asked}")
         return ""
 
     def apply(self, config: RunConfig) -> RunConfig:

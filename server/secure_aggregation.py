@@ -216,4 +216,4 @@ def masked_bytes(reply: Message) -> int:
     """The size of the masked vector in a third-stage reply (what the merchant uploaded)."""
     record = reply.content.config_records.get(RECORD_KEY_CONFIGS)
     vectors = record.get(SecAggKey.MASKED_PARAMETERS, []) if record is not None else []
-    return int(sum(len(b) for b in vectors))  # type: ignore[arg-type]
+    return sum(len(b) for b in vectors if isinstance(b, bytes)) if isinstance(vectors, list) else 0

@@ -33,9 +33,26 @@ def test_a_noise_floor_refuses_less_noise_and_accepts_more() -> None:
     assert policy.refusal(RunConfig(dp=False, noise_multiplier=0.5)) == ""
 
 
+def test_a_merchant_pinning_secure_aggregation_refuses_a_run_that_would_see_its_update() -> None:
+    policy = MerchantPolicy.from_node_config({"aggregation": "secagg+"})
+    assert "update in the clear" in policy.refusal(RunConfig())
+    assert policy.refusal(RunConfig(aggregation="secagg+")) == ""
+    assert MerchantPolicy.from_node_config({"aggregation": "plain"}).refusal(RunConfig()) == ""  # pins nothing
+
+
+def test_a_merchant_level_ceiling_refuses_runs_without_it_or_above_it() -> None:
+    policy = MerchantPolicy.from_node_config({"merchant-epsilon": "4"})
+    assert "update in the clear" in policy.refusal(RunConfig())  # the ceiling needs secagg+ too
+    assert "asks for none" in policy.refusal(RunConfig(aggregation="secagg+"))
+    assert "asks for 8" in policy.refusal(RunConfig(aggregation="secagg+", merchant_epsilon=8.0))
+    assert policy.refusal(RunConfig(aggregation="secagg+", merchant_epsilon=3.0)) == ""
+
+
 @pytest.mark.parametrize(("node", "message"), [({"dp": "maybe"}, "dp = 'maybe'"),
                                                ({"noise-multiplier": "-1"}, "noise-multiplier = '-1'"),
-                                               ({"noise-multiplier": "lots"}, "noise-multiplier = 'lots'")])
+                                               ({"noise-multiplier": "lots"}, "noise-multiplier = 'lots'"),
+                                               ({"aggregation": "secret"}, "aggregation = 'secret'"),
+                                               ({"merchant-epsilon": "0"}, "merchant-epsilon = '0'")])
 def test_unreadable_pins_are_refused_naming_key_and_value(node: dict[str, str], message: str) -> None:
     with pytest.raises(PolicyError, match=message):
         MerchantPolicy.from_node_config(node)
