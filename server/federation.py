@@ -347,6 +347,10 @@ class Federation:
         if outcome.unmasked and self.config.merchant_epsilon > 0:
             self._record_merchant_level(rnd, outcome.contributors)
         if outcome.mean_update is None:
+            if not outcome.fault:  # too few trained (the rest refused): as a round everyone refused
+                report.wall_s = time.monotonic() - start
+                log.warning("round %d: %s; model unchanged", rnd, outcome.reason)
+                return report
             return self._nothing_accepted(rnd, report, start, outcome.reason or "no update was accepted")
         self.params = {k: (v + outcome.mean_update[k]).astype(v.dtype) for k, v in self.params.items()}
         report.aggregated = True

@@ -71,6 +71,9 @@ class SecureRound:
     # accounts (shared.privacy.merchant_level).
     unmasked: bool = False
     contributors: int = 0
+    # False when the round produced no aggregate for a reason that is no fault of the protocol
+    # or of a merchant (too many refused to train): the run goes on with the model unchanged.
+    fault: bool = True
 
 
 class _Node:
@@ -166,13 +169,14 @@ class SecureAggregation:
         contributors = sum(_weight(m) for m in grid.masked_replies.values())
         if not contributors:
             # Every merchant refused: nothing to unmask (the protocol divides by the total weight).
-            return SecureRound(grid.masked_replies, None, "no merchant sent an update")
+            return SecureRound(grid.masked_replies, None, "no merchant sent an update", fault=False)
         if merchant_level.noise_multiplier(self.config) > 0 and contributors < state.threshold:
             # Each trained merchant added 1/threshold of the merchant-level noise: fewer of them
             # would leave the sum under-noised, so it is never unmasked.
             return SecureRound(grid.masked_replies, None,
                                f"only {contributors} merchant(s) sent an update; the merchant-level noise needs "
-                               f"{state.threshold} (the round's secagg threshold), so the sum was not unmasked")
+                               f"{state.threshold} (the round's secagg threshold), so the sum was not unmasked",
+                               fault=False)
         if not workflow.unmask_stage(grid, context, state) or strategy.mean is None:  # type: ignore[arg-type]
             return SecureRound(grid.masked_replies, None, _short("unmask_stage", state))
         seen = SecureRound(grid.masked_replies, None, unmasked=True, contributors=contributors)
