@@ -341,6 +341,12 @@ class Federation:
             else:
                 status, reason = "accepted", ""
                 report.accepted.append(facts.merchant_id)
+                # Timings come only from merchants that report them (report-timings): 0 otherwise.
+                record = reply.content.metric_records.get(METRICS)
+                timings = {k: float(v) for k, v in record.items() if isinstance(v, int | float)} if record else {}
+                report.slowest_train_s = max(report.slowest_train_s, timings.get(DURATION_S, 0.0))
+                report.slowest_client_s = max(report.slowest_client_s, timings.get(CLIENT_S, 0.0))
+                report.total_client_s += timings.get(CLIENT_S, 0.0)
             records.append(self._outcome(rnd, node_id, facts, status, reason, report))
         if records:
             self.ledger.record_round(records)
