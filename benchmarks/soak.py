@@ -118,10 +118,11 @@ class Plan:
 FULL = Plan(merchants=("shop-1", "shop-2", "shop-3", "shop-4", "shop-5"), late="shop-6", late_round=14,
             rounds=20, malformed=("shop-2", 4), over_norm=("shop-4", 16), killed=("shop-3", 6), crash_after=10,
             crash="process", round_timeout_s=90.0, min_nodes=5, resume_min_nodes=5)
-# The test's, one round on each side of the crash: no node killed (test_deploy.py kills one; the
-# SuperLink takes up to a minute to let go of it), and the resumed run waits for the late joiner.
-SMALL = Plan(merchants=("shop-a", "shop-b", "shop-c"), late="shop-d", late_round=1, rounds=2,
-             malformed=("shop-b", 1), over_norm=("shop-c", 2), killed=None, crash_after=1, crash="host",
+# The test's: three rounds, the SuperLink crashing after round 1 (or, if round 2 had already gone
+# out, after round 2); no node killed (test_deploy.py kills one; the SuperLink takes up to a
+# minute to let go of it); the resumed run waits for the late joiner.
+SMALL = Plan(merchants=("shop-a", "shop-b", "shop-c"), late="shop-d", late_round=1, rounds=3,
+             malformed=("shop-b", 1), over_norm=("shop-c", 3), killed=None, crash_after=1, crash="host",
              round_timeout_s=60.0, min_nodes=3, resume_min_nodes=4, inspect_runs=False)
 
 WORK = {"encoder": "tiny", "trainable": "lora", "max-local-steps": 2, "batch-size": 16, "max-seq-len": 32,
@@ -316,11 +317,16 @@ class Soak:
         self.start_node(self.plan.late)
         self.note("late joiner started", merchant=self.plan.late)
 
-    def serverapp(self) -> int:
-        pids = [p for p in dh.descendants([self.superlink.popen.pid]) if "flwr-serverapp" in _cmdline(p)]
-        if len(pids) != 1:
-            raise RuntimeError(f"expected one flwr-serverapp process under the SuperLink, found {pids}")
-        return pids[0]
+    def serverapp(self, timeout_s: float = 120) -> int:
+        """The run's ServerApp process (below the SuperLink: its SuperExec starts it)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pids = [p for p in dh.descendants([self.superlink.popen.pid]) if "flwr-serverapp" in _cmdline(p)]
+            if len(pids) == 1:
+                return pids[0]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"expected one flwr-serverapp process under the SuperLink, found {pids}")
+            time.sleep(0.5)
 
     def pause_between_rounds(self, first: dh.Service) -> tuple[int, int]:
         """The moment the SuperLink dies: at a round boundary, with nothing of the next round out.
@@ -331,26 +337,30 @@ class Soak:
         in flight. If one did, the ServerApp is let go (SIGCONT) and that round runs its course
         as usual; the next boundary is tried. Returns (the round, the stopped ServerApp's pid)."""
         plan = self.plan
+        latest = self.run_dir / CHECKPOINTS_DIR / LATEST_FILE
         while first.alive():
             before = latest_round(self.run_dir)
             if before >= plan.rounds - 1:
                 break
+            pid = self.serverapp()  # looked up before the boundary: it scans /proc
             # from the round before the boundary: poll tightly, to stop the ServerApp within
             # milliseconds of its checkpoint (it pushes the next round's messages right after)
             while latest_round(self.run_dir) == before and first.alive():
-                time.sleep(0.005 if before >= plan.crash_after - 1 else 0.2)
+                time.sleep(0.002 if before >= plan.crash_after - 1 else 0.2)
             rnd = latest_round(self.run_dir)
             if rnd < plan.crash_after:
                 continue
-            pid = self.serverapp()
             os.kill(pid, signal.SIGSTOP)
+            after_ms = round((time.time() - latest.stat().st_mtime) * 1000)
             seen = self.received()
             time.sleep(POLL_S)
             if self.received() == seen:
-                self.note("ServerApp stopped at a round boundary (nothing of the next round out)", round=rnd)
+                self.note("ServerApp stopped at a round boundary (nothing of the next round out)", round=rnd,
+                          stopped_after_checkpoint_ms=after_ms)
                 return rnd, pid
             os.kill(pid, signal.SIGCONT)
-            self.note("the next round had gone out; trying the next boundary", round=rnd)
+            self.note("the next round had gone out; trying the next boundary", round=rnd,
+                      stopped_after_checkpoint_ms=after_ms)
         raise RuntimeError("no round boundary with nothing in flight before the run's last round")
 
     def kill_superlink(self, serverapp: int) -> None:
@@ -519,7 +529,7 @@ class Soak:
             "rounds_completed": len(rows),
             "round_timeout_s": plan.round_timeout_s,
             "wall_s": round(time.monotonic() - self.t0, 1),
-            "run_wall_s": round(time.monotonic() - self.t_submit, 1),  # first submission to the end
+            "run_wall_s": round(time.monotonic() - self.t_submit, 1),  # first submission to here (audits done)
             "refusals": sum(len(r["refused"]) for r in rows),
             "rejections": sum(len(r["rejected"]) for r in rows),
             "failures": sum(len(r["failed"]) for r in rows),
