@@ -643,3 +643,37 @@ def test_a_running_supernode_pinning_dp_refuses_a_non_private_run_and_the_ledger
     assert sorted(checkpoint.parameters) == sorted(start)
     changed = [k for k in start if not np.array_equal(checkpoint.parameters[k], start[k])]
     assert changed == [], changed
+
+
+@pytest.mark.slow
+def test_a_secure_aggregation_run_on_the_deployed_nodes(federation: Federation) -> None:
+    """Issue #25: ``aggregation = secagg+`` on the deployment (TLS, node auth, warm ClientApps):
+    each SuperNode runs Flower's SecAgg+ exchanges through fedshop's mod, and the context that
+    carries a node's keys from one exchange to the next survives its ClientApp processes.
+    shop-b's own budget is spent: it refuses, sending zeros at weight 0, and the round
+    aggregates the other two."""
+    fed = federation
+    run_dir = fed.tmp / "run-secagg"
+    asked = {**RUN_CONFIG, "num-server-rounds": 1, "aggregation": "secagg+", "run-dir": str(run_dir)}
+    trains_before = fed.nodes["shop-a"].text().count("Receiving: train message")
+    run = fed.submit("flwr-run-secagg", asked)
+    assert run.wait_exit(300) == 0, fed.group.logs()
+
+    with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
+        rows = {r.merchant_id: r for r in ledger.rows()}
+    assert {m: r.status for m, r in rows.items()} == {"shop-a": "accepted", "shop-b": "refused", "shop-c": "accepted"}
+    assert "budget" in rows["shop-b"].reason
+    (round_1,) = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    assert round_1["aggregated"] and round_1["failed"] == {} and round_1["bytes_received"] > 0
+    for m in ("shop-a", "shop-c"):  # one more training call each, in their own records
+        assert len(state(fed.merchants[m].dir)["entries"]) == len(fed.states_after[m]["entries"]) + 1, m
+    assert state(fed.merchants["shop-b"].dir) == fed.states_after["shop-b"]
+    # Every node answered the protocol's four exchanges of the round (then the evaluation).
+    node_log = fed.nodes["shop-a"].text()
+    assert node_log.count("Receiving: train message") == trains_before + 4, node_log[-3000:]
+    checkpoint = ckpt.load_latest(run_dir)
+    assert checkpoint is not None
+    start = dict(get_trainable(build_model(ModelSpec.from_config(RunConfig.from_mapping(asked)))))
+    assert any(not np.array_equal(checkpoint.parameters[k], start[k]) for k in start)
+    audit = dh.run_cli(fedshop("audit", str(run_dir)), log_dir=fed.tmp / "logs" / "audit-secagg", env=fed.env)
+    assert audit.returncode == 0, audit.describe()
