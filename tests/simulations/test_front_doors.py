@@ -46,6 +46,8 @@ COVERED: dict[str, str] = {
     "Fine-tune the encoder too": HERE + "test_simulate_scenario_on_a_users_data",
     "Hold out fold k of K": HERE + "test_simulate_set_test_fraction_and_offset",
     "Same scenario through Flower's own CLI": HERE + "test_flwr_run_from_a_fresh_flwr_home",
+    "Hide each merchant's update from the operator":
+        "simulations/test_simulate_secagg.py::test_a_secagg_round_moves_the_model_by_the_plain_mean_of_the_updates",
     "Check a merchant's data": HERE + "test_data_validate",
     "Prepare the bundled real data": HERE + "test_data_prepare_reviews_and_esci",
     "Generate synthetic merchants": HERE + "test_data_synth",

@@ -31,13 +31,13 @@ def test_a_secagg_round_moves_the_model_by_the_plain_mean_of_the_updates(tmp_pat
     data = tmp_path / "data"
     write_merchants(data, MERCHANTS)
     settings = {**FAST, "data-dir": str(data), "num-server-rounds": 1, "merchants-per-round": 3, "dp": False,
-                "trainable": "heads", "aggregation": "secagg+", "secagg-clipping-range": RANGE,
-                "secagg-quantization-range": LEVELS}
+                "trainable": "heads", "secagg-clipping-range": RANGE, "secagg-quantization-range": LEVELS}
     scenario = write_scenario(tmp_path / "scenario.toml", settings)
-    config = RunConfig.from_mapping({**settings, "run-dir": str(tmp_path / "here")})
+    config = RunConfig.from_mapping({**settings, "aggregation": "secagg+", "run-dir": str(tmp_path / "here")})
     start = dict(get_trainable(build_model(ModelSpec.from_config(config))))
 
-    result = simulate(scenario, tmp_path / "run", log_dir=tmp_path / "log")
+    # The README's command: `fedshop simulate ... --set aggregation=secagg+`.
+    result = simulate(scenario, tmp_path / "run", log_dir=tmp_path / "log", sets={"aggregation": "secagg+"})
     assert result.returncode == 0, result.describe()
     checkpoint = ckpt.load_latest(tmp_path / "run")
     assert checkpoint is not None and checkpoint.round == 1
