@@ -72,6 +72,19 @@ def _flag(key: str, value: Any) -> bool:
     raise PolicyError(f"node config {key} = {value!r}: expected true or false")
 
 
+def _positive(node_config: Mapping[str, Any], key: str, meaning: str) -> float | None:
+    """A pinned number > 0, or None when ``key`` is not pinned."""
+    if key not in node_config:
+        return None
+    try:
+        value = float(node_config[key])
+    except (TypeError, ValueError):
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise PolicyError(f"node config {key} = {node_config[key]!r}: expected a number > 0 ({meaning})")
+    return value
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MerchantPolicy:
     """What this merchant pinned (None / empty = not pinned: the run's value stands)."""
@@ -85,30 +98,14 @@ class MerchantPolicy:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> MerchantPolicy:
         dp = _flag("dp", node_config["dp"]) if "dp" in node_config else None
-        floor = None
-        if "noise-multiplier" in node_config:
-            try:
-                floor = float(node_config["noise-multiplier"])
-            except (TypeError, ValueError):
-                floor = math.nan
-            if not (math.isfinite(floor) and floor > 0):
-                raise PolicyError(f"node config noise-multiplier = {node_config['noise-multiplier']!r}: "
-                                  "expected a number > 0 (the least noise this merchant accepts)")
+        floor = _positive(node_config, "noise-multiplier", "the least noise this merchant accepts")
         secure = False
         if "aggregation" in node_config:
             if str(node_config["aggregation"]) not in ("secagg+", "plain"):
                 raise PolicyError(f"node config aggregation = {node_config['aggregation']!r}: expected 'secagg+' "
                                   "(or 'plain', which pins nothing)")
             secure = str(node_config["aggregation"]) == "secagg+"
-        ceiling = None
-        if "merchant-epsilon" in node_config:
-            try:
-                ceiling = float(node_config["merchant-epsilon"])
-            except (TypeError, ValueError):
-                ceiling = math.nan
-            if not (math.isfinite(ceiling) and ceiling > 0):
-                raise PolicyError(f"node config merchant-epsilon = {node_config['merchant-epsilon']!r}: expected a "
-                                  "number > 0 (the largest merchant-level ε this merchant accepts)")
+        ceiling = _positive(node_config, "merchant-epsilon", "the largest merchant-level ε this merchant accepts")
         own = {field: node_config[key] for key, field in OWN_VALUES.items() if key in node_config}
         if "data-dir" in node_config:
             # A deployed node reads no file and writes no cache the server names: paths on the

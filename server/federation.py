@@ -21,6 +21,7 @@ import random
 import re
 import time
 import uuid
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -253,10 +254,7 @@ class Federation:
                 if verdict.accepted:
                     accepted.append(msg)
                     report.accepted.append(facts.merchant_id)
-                    # Timings come only from merchants that report them (report-timings): 0 otherwise.
-                    report.slowest_train_s = max(report.slowest_train_s, reply.metrics.get(DURATION_S, 0.0))
-                    report.slowest_client_s = max(report.slowest_client_s, reply.metrics.get(CLIENT_S, 0.0))
-                    report.total_client_s += reply.metrics.get(CLIENT_S, 0.0)
+                    _count_timings(report, reply.metrics)
                 else:
                     status, reason = "rejected", verdict.reason
             records.append(self._outcome(rnd, node_id, facts, status, reason, report))
@@ -341,12 +339,9 @@ class Federation:
             else:
                 status, reason = "accepted", ""
                 report.accepted.append(facts.merchant_id)
-                # Timings come only from merchants that report them (report-timings): 0 otherwise.
                 record = reply.content.metric_records.get(METRICS)
-                timings = {k: float(v) for k, v in record.items() if isinstance(v, int | float)} if record else {}
-                report.slowest_train_s = max(report.slowest_train_s, timings.get(DURATION_S, 0.0))
-                report.slowest_client_s = max(report.slowest_client_s, timings.get(CLIENT_S, 0.0))
-                report.total_client_s += timings.get(CLIENT_S, 0.0)
+                _count_timings(report, {k: float(v) for k, v in record.items() if isinstance(v, int | float)}
+                               if record else {})
             records.append(self._outcome(rnd, node_id, facts, status, reason, report))
         if records:
             self.ledger.record_round(records)
@@ -467,6 +462,14 @@ class Federation:
                      float(privacy.get("epsilon-budget", 0.0)))  # type: ignore[arg-type]
         else:
             log.info("round %d %s [%d/%d] %s done", rnd, phase, done, total, who)
+
+
+def _count_timings(report: RoundReport, metrics: Mapping[str, float]) -> None:
+    """An accepted merchant's timings in the round's report. They come only from merchants that
+    report them (report-timings): 0 otherwise."""
+    report.slowest_train_s = max(report.slowest_train_s, metrics.get(DURATION_S, 0.0))
+    report.slowest_client_s = max(report.slowest_client_s, metrics.get(CLIENT_S, 0.0))
+    report.total_client_s += metrics.get(CLIENT_S, 0.0)
 
 
 def short_reason(reason: str) -> str:

@@ -139,6 +139,18 @@ def run_round(tmp_path: Path, apps: dict[int, ClientApp], **keys: object) -> tup
     return result.params, grid, rows
 
 
+def failed_round(tmp_path: Path, apps: dict[int, ClientApp], match: str) -> list:
+    """Run one round that must fail with ``match``; the ledger's rows after it."""
+    fed, _ = federation(tmp_path, apps)
+    with pytest.raises(RoundFailedError, match=match):
+        try:
+            fed.run()
+        finally:
+            fed.close()
+    with PrivacyLedger(tmp_path / "run" / LEDGER_FILE) as ledger:
+        return ledger.rows()
+
+
 def masked_vectors(grid: InProcessGrid) -> dict[int, list[np.ndarray]]:
     """What each node's third-stage reply carried, as the server received it."""
     out = {}
@@ -197,14 +209,7 @@ def test_below_the_threshold_the_round_fails_and_the_ledger_says_why(tmp_path: P
     apps = {n: merchant_app(f"shop-{n}", u) for n, u in ups.items()}
     for n in (2, 4, 5):  # three of five drop in the third stage; two are left, the threshold is 3
         apps[n] = merchant_app(f"shop-{n}", ups[n], (crash_at(Stage.COLLECT_MASKED_VECTORS),))
-    fed, _ = federation(tmp_path, apps)
-    with pytest.raises(RoundFailedError, match="secure aggregation stopped"):
-        try:
-            fed.run()
-        finally:
-            fed.close()
-    with PrivacyLedger(tmp_path / "run" / LEDGER_FILE) as ledger:
-        rows = ledger.rows()
+    rows = failed_round(tmp_path, apps, "secure aggregation stopped")
     # The two that sent their masked update trained: their spend is recorded, their update unused.
     assert sorted(r.merchant_id for r in rows) == ["shop-1", "shop-3"]
     assert all(r.status == "rejected" and "not used" in r.reason and "threshold" in r.reason for r in rows)
@@ -239,14 +244,7 @@ def test_a_merchant_that_cheats_on_its_masked_vector_is_caught_by_the_range_chec
     ups = updates(3)
     apps = {n: merchant_app(f"shop-{n}", u) for n, u in ups.items()}
     apps[3] = merchant_app("shop-3", ups[3], (tamper_mod,))
-    fed, _ = federation(tmp_path, apps)
-    with pytest.raises(RoundFailedError, match="outside"):
-        try:
-            fed.run()
-        finally:
-            fed.close()
-    with PrivacyLedger(tmp_path / "run" / LEDGER_FILE) as ledger:
-        rows = ledger.rows()
+    rows = failed_round(tmp_path, apps, "outside")
     assert len(rows) == 3 and all(r.status == "rejected" and "quantise honestly" in r.reason for r in rows)
 
 
