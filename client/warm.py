@@ -26,6 +26,11 @@ a separately started process claims the task with that same call. ``run_clientap
    message's path but not off the CPU: on a shared 2-core machine the next process's imports
    slowed the other nodes' work.)
 
+A child asks the node for the message at once, and the node is often still pulling it from the
+SuperLink (in Flower 1.42 it creates the task first): Flower's ``run_clientapp`` then retries
+with a backoff that starts at 1 s and doubles, sized for a ClientApp that took seconds to start.
+The launcher starts its children's retries at 50 ms instead (``shared.flower_pulls``).
+
 A child starts from the parent's state, which holds no task data: it reseeds NumPy's global
 generator as a fresh process would (Python's ``random`` reseeds itself at fork; torch's default
 generator has the same fixed seed in every fresh process, and fedshop's DP noise and sampling
@@ -47,6 +52,8 @@ import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
+
+from shared import flower_pulls
 
 log = logging.getLogger("client.warm")  # also when run as __main__
 
@@ -72,6 +79,9 @@ def warm_up() -> float:
         except ImportError as exc:  # the ClientApp will say so itself if it needs it
             log.warning("warm-up: %s not importable (%s)", name, exc)
     importlib.import_module("flwr.supernode.runtime.run_clientapp")
+    from flwr.supernode.runtime import run_clientapp
+
+    flower_pulls.bind_backoff(run_clientapp, "pull_and_inflate_object_from_tree")
     # opacus.utils.module_utils calls logging.basicConfig when imported: a root handler through
     # which every Flower line (its logger has its own handler) would appear twice, DEBUG too.
     logging.root.handlers = root_handlers

@@ -57,9 +57,11 @@ def superlink_command(dep: Deployment) -> list[str]:
     return cmd
 
 
-def supernode_command(merchant: MerchantKit, *, here: str | None = None) -> list[str]:
-    """``flower-supernode`` for one merchant; run it with the merchant's folder as working directory."""
-    cmd = ["flower-supernode", "--superlink", merchant.superlink_address]
+def supernode_command(merchant: MerchantKit, *, here: str | None = None, python: str = "python3") -> list[str]:
+    """Flower's SuperNode for one merchant (``client.supernode``: ``flower-supernode``'s own entry
+    point, polling the SuperLink every ``FEDSHOP_POLL_INTERVAL_S`` instead of Flower's fixed 3 s);
+    run it with the merchant's folder as working directory."""
+    cmd = [python, "-m", "client.supernode", "--superlink", merchant.superlink_address]
     if merchant.insecure:
         cmd.append("--insecure")
     else:
@@ -136,13 +138,13 @@ warm_clientapps() {
     done
 }
 apps=""
+if ! "$python" -c 'import client.supernode, client.warm'; then
+    echo "fedshop: $python cannot import fedshop's client.supernode: activate fedshop's virtual" \\
+        "environment (or FEDSHOP_PYTHON=/path/to/its/python)" >&2
+    exit 1
+fi
 isolation=subprocess  # FEDSHOP_WARM_CLIENTAPP=no: Flower's default, a fresh flwr-clientapp per message
 if [ "${FEDSHOP_WARM_CLIENTAPP:-yes}" != no ]; then
-    if ! "$python" -c 'import client.warm'; then
-        echo "fedshop: $python cannot import fedshop's client.warm: activate fedshop's virtual" \\
-            "environment (or FEDSHOP_PYTHON=/path/to/its/python)" >&2
-        exit 1
-    fi
     isolation=process
     warm_clientapps &
     apps=$!
@@ -206,7 +208,9 @@ def _script(lines: Sequence[str], cmd: Sequence[str], *, flwr_home: str, clienta
     head = ("#!/bin/sh\n" + "".join(f"# {line}\n" for line in lines) + "set -u\n" + 'cd "$(dirname "$0")"\n'
             + exports + "\n" + f'export FLWR_HOME="{flwr_home}"\n')
     if clientapp:
-        supernode = _command_lines(cmd, "    ").replace("--isolation process", '--isolation "$isolation"', 1)
+        # cmd = python -m client.supernode FLAGS...: the script's own "$python" runs it.
+        supernode = ('"$python" -m ' + _command_lines(cmd[2:], "    ")).replace(
+            "--isolation process", '--isolation "$isolation"', 1)
         return head + _RESTART_LOOP % {"supernode": supernode, "clientapp": shell_join(clientapp[1:])}
     if proxy:
         return head + _WITH_PROXY % {"prefix": PROXY_DIR, "config": PROXY_CONFIG,

@@ -1,0 +1,129 @@
+"""Flower's SuperNode, polling the SuperLink at the merchant's chosen interval.
+
+    python -m client.supernode [--poll-interval-s S] FLOWER-SUPERNODE-ARGS...
+
+In Flower 1.42 a SuperNode (``flwr/supernode/start_client_internal.py``) asks the SuperLink for
+a message and, when none is waiting, sleeps a fixed 3 s before asking again; once a message is
+being served it checks for the ClientApp's reply every 0.5 s. Neither is an option of
+``flower-supernode``. A deployed round is at least two exchanges (train, evaluate; secagg+ four),
+and each message arrives while the node sleeps: on loopback a round spent more time in these
+sleeps than in training (docs/benchmarks.md, "Deployment against simulation").
+
+This module runs Flower's own ``flower_supernode`` entry point unchanged except for those two
+sleeps: the module's ``time`` is swapped for a proxy whose ``sleep`` caps the idle poll at
+``--poll-interval-s`` and the reply check at a tenth of it, and its pulls of a message's objects
+retry from 50 ms instead of 1 s (``shared.flower_pulls``). Nothing else in Flower is touched:
+connection, authentication, retries, heartbeats and the node's state are Flower's. The swap is
+tied to the pinned Flower version: ``check_flower`` refuses to start if the loop no longer holds
+the sleeps it replaces, so an upgrade fails loudly instead of silently polling every 3 s again
+(tests/client/test_supernode.py).
+
+A shorter poll costs the SuperLink one more small request per node per interval while the node is
+idle (at 0.5 s, two a second a node); the merchant's start script sets it
+(``FEDSHOP_POLL_INTERVAL_S``, default ``DEFAULT_POLL_INTERVAL_S``), and Flower's 3 s is
+``--poll-interval-s 3``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import sys
+import time
+from collections.abc import Sequence
+from types import ModuleType
+from typing import Any
+
+from shared import flower_pulls
+from shared.flower_pulls import FlowerChangedError
+
+DEFAULT_POLL_INTERVAL_S = 0.5
+POLL_ENV = "FEDSHOP_POLL_INTERVAL_S"  # the start script's way to set it
+# The sleeps of flwr.supernode.start_client_internal this replaces (Flower 1.42.0).
+IDLE_SLEEP_S = 3.0
+REPLY_SLEEP_S = 0.5
+_EXPECTED = ("time.sleep(3)", "time.sleep(0.5)")
+
+
+class _PollClock:
+    """``time`` for one module, with its fixed sleeps shortened; every other name is ``time``'s."""
+
+    def __init__(self, poll_interval_s: float) -> None:
+        self.poll_interval_s = poll_interval_s
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == IDLE_SLEEP_S:
+            seconds = self.poll_interval_s
+        elif seconds == REPLY_SLEEP_S:
+            seconds = min(REPLY_SLEEP_S, self.poll_interval_s / 10)
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(time, name)
+
+
+def _loop_module() -> ModuleType:
+    from flwr.supernode import start_client_internal
+
+    return start_client_internal
+
+
+def check_flower(module: ModuleType | None = None) -> None:
+    """Refuse a Flower whose SuperNode loop no longer sleeps where this module expects."""
+    module = module or _loop_module()
+    source = inspect.getsource(module)
+    missing = [s for s in _EXPECTED if s not in source]
+    if missing or getattr(module, "time", None) is not time:
+        raise FlowerChangedError(
+            f"{module.__file__}: the SuperNode loop no longer has {missing or 'a module-level time'}; "
+            "client.supernode was written against flwr 1.42.0 (pyproject.toml). Run flower-supernode "
+            "directly, or update client/supernode.py for this Flower.")
+
+
+def install(poll_interval_s: float) -> ModuleType:
+    """Shorten the SuperNode loop's sleeps in this process; returns the patched module."""
+    if not 0.0 < poll_interval_s <= IDLE_SLEEP_S:
+        raise ValueError(f"--poll-interval-s must be in (0, {IDLE_SLEEP_S:g}] seconds, got {poll_interval_s!r}")
+    module = _loop_module()
+    check_flower(module)
+    module.time = _PollClock(poll_interval_s)  # type: ignore[attr-defined]
+    flower_pulls.bind_backoff(module, "pull_objects")  # a message's objects, from the SuperLink
+    return module
+
+
+def _seconds(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m client.supernode",
+        description="flower-supernode with a shorter idle poll; every other argument goes to flower-supernode.")
+    parser.add_argument("--poll-interval-s", type=_seconds, default=None,
+                        help=f"seconds between asks while idle (default ${POLL_ENV}, else "
+                             f"{DEFAULT_POLL_INTERVAL_S:g}; Flower's own: {IDLE_SLEEP_S:g})")
+    args, rest = parser.parse_known_args(argv)
+    poll = args.poll_interval_s
+    if poll is None:
+        env = os.environ.get(POLL_ENV, "").strip()
+        try:
+            poll = _seconds(env) if env else DEFAULT_POLL_INTERVAL_S
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"{POLL_ENV}: {err}")
+    try:
+        install(poll)
+    except (ValueError, FlowerChangedError) as err:
+        parser.error(str(err))
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *rest]
+    flower_supernode()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""The SuperNode launcher (client.supernode) and the shorter object-pull retries (shared.flower_pulls).
+
+Both change how often Flower's own loops ask, nothing else; both refuse a Flower that no longer
+has what they replace. The deployment tests (tests/simulations/test_deploy.py, test_soak.py) run
+the merchants' start scripts, which start every SuperNode through client.supernode."""
+
+from __future__ import annotations
+
+import importlib
+import re
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from flwr.supercore.inflatable import inflatable_utils
+from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
+
+from client import supernode
+from server import deploy
+from shared import flower_pulls
+
+
+def _module(tmp_path: Path, name: str, source: str):
+    (tmp_path / f"{name}.py").write_text(source)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop(name, None)
+
+
+def test_the_installed_flower_has_the_sleeps_and_pulls_it_replaces() -> None:
+    supernode.check_flower()  # raises otherwise
+    from flwr.superlink.grid import http_grid
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.runtime import run_clientapp
+
+    for module, name in ((start_client_internal, "pull_objects"), (run_clientapp, "pull_and_inflate_object_from_tree"),
+                         (http_grid, "pull_objects")):
+        assert callable(getattr(module, name))
+
+
+def test_the_poll_clock_shortens_only_the_two_fixed_sleeps(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    clock = supernode._PollClock(0.4)
+    for seconds in (3, 3.0, 0.5, 1.0, 0.01):
+        clock.sleep(seconds)
+    assert slept == pytest.approx([0.4, 0.4, 0.04, 1.0, 0.01])
+    assert clock.monotonic is time.monotonic  # everything else is time's
+
+
+def test_install_patches_the_supernode_loop_and_its_pulls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supernode import start_client_internal as loop
+
+    monkeypatch.setattr(loop, "time", time)
+    monkeypatch.setattr(loop, "pull_objects", inflatable_utils.pull_objects)
+    assert supernode.install(0.25) is loop
+    assert isinstance(loop.time, supernode._PollClock) and loop.time.poll_interval_s == 0.25
+    assert loop.pull_objects.func is inflatable_utils.pull_objects
+    assert loop.pull_objects.keywords == {"initial_backoff": flower_pulls.INITIAL_BACKOFF_S,
+                                          "backoff_cap": flower_pulls.BACKOFF_CAP_S}
+    with pytest.raises(supernode.FlowerChangedError):  # a second install finds no plain time
+        supernode.install(0.25)
+    for bad in (0.0, -1.0, 3.5):
+        with pytest.raises(ValueError, match="poll-interval-s"):
+            supernode.install(bad)
+
+
+def test_a_changed_flower_is_refused_by_name(tmp_path: Path) -> None:
+    no_sleep = _module(tmp_path, "loop_without_sleep", "import time\ndef loop():\n    time.sleep(2)\n")
+    with pytest.raises(supernode.FlowerChangedError, match=r"loop_without_sleep\.py.*time\.sleep\(3\)"):
+        supernode.check_flower(no_sleep)
+    old_pull = _module(tmp_path, "old_pull", "def pull_objects(ids, fn, *, max_time=None):\n    return {}\n")
+    with pytest.raises(flower_pulls.FlowerChangedError, match=r"old_pull\.py.*pull_objects.*backoff"):
+        flower_pulls.bind_backoff(old_pull, "pull_objects")
+    with pytest.raises(flower_pulls.FlowerChangedError, match="no pull_and_inflate"):
+        flower_pulls.bind_backoff(old_pull, "pull_and_inflate_object_from_tree")
+
+
+def test_bound_pulls_still_retry_until_the_object_arrives(tmp_path: Path) -> None:
+    host = _module(tmp_path, "pull_host", "from flwr.supercore.inflatable.inflatable_utils import pull_objects\n")
+    flower_pulls.bind_backoff(host, "pull_objects")
+    flower_pulls.bind_backoff(host, "pull_objects")  # idempotent: one partial over Flower's function
+    assert host.pull_objects.func is inflatable_utils.pull_objects
+    misses = {"a": 2, "b": 0}
+
+    def pull(object_id: str) -> bytes:
+        if misses[object_id]:
+            misses[object_id] -= 1
+            raise ObjectUnavailableError(object_id)
+        return object_id.encode()
+
+    assert host.pull_objects(["a", "b"], pull) == {"a": b"a", "b": b"b"}
+    assert misses == {"a": 0, "b": 0}
+
+
+def test_bad_poll_intervals_are_refused_with_their_value(monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        supernode.main(["--poll-interval-s", "soon", "--insecure"])
+    assert exc.value.code == 2 and "'soon'" in capsys.readouterr().err
+    monkeypatch.setenv(supernode.POLL_ENV, "0")
+    with pytest.raises(SystemExit) as exc:
+        supernode.main(["--insecure"])
+    assert exc.value.code == 2 and "got 0.0" in capsys.readouterr().err
+    monkeypatch.setenv(supernode.POLL_ENV, "fast")
+    with pytest.raises(SystemExit) as exc:
+        supernode.main(["--insecure"])
+    assert exc.value.code == 2 and f"{supernode.POLL_ENV}: not a number of seconds: 'fast'" in capsys.readouterr().err
+
+
+def test_the_merchants_script_starts_its_node_through_the_launcher(tmp_path: Path) -> None:
+    dep = deploy.init_deployment(tmp_path / "fed", names=["localhost"], addresses=["127.0.0.1"], port=40224)
+    kit = deploy.add_merchant(dep, "shop-a", data_dir=tmp_path / "a", budget=8, delta=1e-5)
+    assert deploy.supernode_command(kit)[:3] == ["python3", "-m", "client.supernode"]
+    text = (kit.dir / deploy.SUPERNODE_SCRIPT).read_text()
+    assert re.search(rf'"\$python" -m client\.supernode \\\n\s+--superlink {re.escape(kit.superlink_address)} ', text)
+    assert '--isolation "$isolation"' in text and "import client.supernode, client.warm" in text
