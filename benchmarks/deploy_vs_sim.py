@@ -1,9 +1,10 @@
 """Round time of the same federated work in a real deployment and in the simulation engine.
 
-    .venv/bin/python benchmarks/deploy_vs_sim.py [--rounds 3] [--out benchmarks/results/deploy_vs_sim.json]
+    .venv/bin/python benchmarks/deploy_vs_sim.py [--rounds 3] [--encoder tiny|minilm] [--isolation process]
+        [--out benchmarks/results/deploy_vs_sim.json]
 
-Same work both ways: three small CSV merchants (``tests/helpers/merchants.py``), tiny encoder,
-LoRA, 3 local DP steps, every merchant trained and evaluated each round. The merchants report
+Same work both ways: three small CSV merchants (``tests/helpers/merchants.py``), the tiny test
+encoder (or ``--encoder minilm``), LoRA, 3 local DP steps, every merchant trained and evaluated each round. The merchants report
 their timings (``report-timings = true``: the run config in simulation, and each kit's node
 config in the deployment, since a deployed node sends them only by its own choice).
 
@@ -118,8 +119,8 @@ def import_cost(repeats: int = 3) -> float:
     return round(statistics.median(times), 2)
 
 
-def run_simulation(work: Path, rounds: int) -> dict[str, Any]:
-    scenario = write_toml(work / "sim.toml", {**WORK, "num-server-rounds": rounds, "data-dir": str(work / "data")})
+def run_simulation(work: Path, rounds: int, job: dict[str, Any]) -> dict[str, Any]:
+    scenario = write_toml(work / "sim.toml", {**job, "num-server-rounds": rounds, "data-dir": str(work / "data")})
     start = time.monotonic()
     result = proc.run(proc.fedshop_command("simulate", "--scenario", str(scenario), "--out", str(work / "sim")),
                       log_dir=work / "sim-log", timeout_s=900, env=dh.deploy_env())
@@ -165,7 +166,7 @@ def report_timings(merchant: deploy.MerchantKit) -> None:
     edit_script(merchant, "dp='true'", "dp='true' report-timings=true")
 
 
-def run_deployment(work: Path, rounds: int, *, isolation: str = "process") -> dict[str, Any]:
+def run_deployment(work: Path, rounds: int, job: dict[str, Any], *, isolation: str = "process") -> dict[str, Any]:
     """``isolation = "subprocess"``: the kits' scripts with ``FEDSHOP_WARM_CLIENTAPP=no``, i.e.
     Flower's default (the node's SuperExec starts a fresh flwr-clientapp per message)."""
     data, work = work / "data", work / f"deploy-{isolation}"
@@ -198,7 +199,7 @@ def run_deployment(work: Path, rounds: int, *, isolation: str = "process") -> di
             for node in group.started[1:]:
                 node.wait_for(re.escape(warm.READY), timeout_s=300)
         # min-available-nodes = 3: the run's first round waits for the three nodes to connect.
-        config = write_toml(work / "deploy.toml", {**WORK, "num-server-rounds": rounds, "min-available-nodes": 3,
+        config = write_toml(work / "deploy.toml", {**job, "num-server-rounds": rounds, "min-available-nodes": 3,
                                                    "run-dir": str(work / "deploy")})
         start = time.monotonic()
         run = group.start("flwr-run", [str(dh.VENV_BIN / "flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream",
@@ -230,6 +231,8 @@ def run_deployment(work: Path, rounds: int, *, isolation: str = "process") -> di
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--encoder", choices=("tiny", "minilm"), default="tiny",
+                        help="the same work on the test encoder or on MiniLM-L6 (the default scenario's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--isolation", nargs="+", choices=ISOLATIONS, default=list(ISOLATIONS),
                         help="deploy with the kits' warm ClientApp processes (process), with Flower's "
@@ -238,13 +241,14 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="fedshop-deploy-vs-sim-") as tmp:
         work = Path(tmp)
         write_merchants(work / "data", MERCHANTS)
-        result: dict[str, Any] = {"work": {**WORK, "merchants": len(MERCHANTS), "num-server-rounds": args.rounds},
+        job = {**WORK, "encoder": args.encoder}
+        result: dict[str, Any] = {"work": {**job, "merchants": len(MERCHANTS), "num-server-rounds": args.rounds},
                                   "cpu_count": os.cpu_count(), "load_before": os.getloadavg()}
         result["clientapp_import_s"] = import_cost()
-        result["simulation"] = run_simulation(work, args.rounds)
+        result["simulation"] = run_simulation(work, args.rounds, job)
         for isolation in args.isolation:
             key = "deployment" if isolation == "process" else f"deployment_{isolation}"
-            result[key] = {"isolation": isolation, **run_deployment(work, args.rounds, isolation=isolation)}
+            result[key] = {"isolation": isolation, **run_deployment(work, args.rounds, job, isolation=isolation)}
         result["load_after"] = os.getloadavg()
     sim = result["simulation"]["mean_round_s"]
     for isolation in args.isolation:
