@@ -592,7 +592,7 @@ def main() -> int:
         work = args.keep or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="fedshop-soak-")))
         work.mkdir(parents=True, exist_ok=True)
         result = soak(FULL, work)
-    result["machine"] = "2-core CPU box, loaded (shared with other work)"
+    result["machine"] = "2-core CPU box"
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
     for name, verdict in result["checks"].items():
