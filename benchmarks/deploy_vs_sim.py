@@ -4,9 +4,10 @@
         [--out benchmarks/results/deploy_vs_sim.json]
 
 Same work both ways: three small CSV merchants (``tests/helpers/merchants.py``), the tiny test
-encoder (or ``--encoder minilm``), LoRA, 3 local DP steps, every merchant trained and evaluated each round. The merchants report
-their timings (``report-timings = true``: the run config in simulation, and each kit's node
-config in the deployment, since a deployed node sends them only by its own choice).
+encoder (or ``--encoder minilm``), LoRA, 3 local DP steps, every merchant trained and evaluated
+each round. The merchants report their timings (``report-timings = true``: the run config in
+simulation, and each kit's node config in the deployment, since a deployed node sends them only
+by its own choice).
 
 - simulation: ``fedshop simulate`` (one process; ClientApps in warm Ray actors);
 - deployment: ``fedshop deploy init`` + ``add-merchant`` x3 on loopback, a TLS SuperLink with

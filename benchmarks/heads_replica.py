@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/heads_replica.py --dataset reviews --fold 0/5 [--seeds 4]
         [--epsilon 8] [--max-grad-norm 1.0] [--weight-decay W] [--private-weight-decay W]
-        [--merge tops+trend,dresses+jackets ...] [--out STEM]
+        [--merge tops+trend,dresses+jackets ...] [--encode-precision float32] [--out STEM]
     .venv/bin/python benchmarks/heads_replica.py --pool STEM.json [STEM.json ...] --out STEM
 
 ``benchmarks/utility.py --trainable heads`` takes ~10 minutes a fold, most of it Flower's
@@ -96,13 +96,14 @@ def load(dataset: utility.Dataset) -> tuple[dict[str, Merchant], Any]:
                                                  f"split{dataset.config.split_seed}")
     whiten = None
     if config.precondition_corpus:
-        whiten = precondition.from_corpus(Path(config.precondition_corpus), model, tokenizer,
+        whiten = precondition.from_corpus(config.precondition_corpus, model, tokenizer,
                                           max_seq_len=config.max_seq_len, device=device,
-                                          cache_dir=cache / precondition.CACHE_FOLDER)
+                                          cache_dir=cache / precondition.CACHE_FOLDER,
+                                          precision=config.encode_precision)
 
     def states(pairs: list[tuple[str, str]], folder: str) -> torch.Tensor:
         x = features.pooled_states(model, tokenizer, pairs, max_seq_len=config.max_seq_len, device=device,
-                                   cache_dir=cache / folder).cpu()
+                                   cache_dir=cache / folder, precision=config.encode_precision).cpu()
         return (whiten.states(x) if whiten is not None else x).double()
 
     merchants = {}
@@ -362,6 +363,8 @@ def main() -> int:
                         help="an extra DP federation with each group merged into one merchant (the merchants "
                              "not named stay alone); repeatable, one federation each")
     parser.add_argument("--encoder", default="minilm")
+    parser.add_argument("--encode-precision", choices=("auto", "float32", "bfloat16"), default=None,
+                        help="the frozen encoder's arithmetic for the cached states (default: the setting's)")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "fedshop-replica",
                         help="data and feature cache (reused between runs)")
     parser.add_argument("--out", type=Path, help="write STEM.json and STEM.md")
@@ -387,6 +390,8 @@ def main() -> int:
                 raise ValueError(f"{flag} {value}: must be a finite number >= 0")
         dataset = utility.Dataset(args.dataset, args.work / args.dataset, encoder=args.encoder, quick=False,
                                   setting=utility.SETTINGS["heads"], fold=fold)
+        if args.encode_precision:
+            dataset.config = dataset.config.replace(encode_precision=args.encode_precision)
         partitions = [parse_groups(text.split(","), dataset.merchants) for text in args.merge]
         recipe = recipe_of(dataset, args.max_grad_norm, weight_decay=args.weight_decay,
                            private_weight_decay=args.private_weight_decay)

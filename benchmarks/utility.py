@@ -142,8 +142,10 @@ _RECIPE = load_scenario(RECIPE)
 # same), the DP arms' (below) and the run's noise planning (``Dataset.private_keys``).
 # local-offsets: every federated arm's merchants train their own offsets and are scored with
 # them (``Dataset.evaluate``); the in-process arms (centralised, local) train none.
+# encode-precision: every arm's frozen-encoder states are computed alike (one shared cache).
 RECIPE_SETTING_KEYS = ("trainable", "pooling", "batch-size", "num-server-rounds", "local-epochs", "max-local-steps",
-                       "head-learning-rate", "dropout", "keep-optimizer-state", "local-offsets", "evaluate-every")
+                       "head-learning-rate", "dropout", "keep-optimizer-state", "local-offsets", "evaluate-every",
+                       "encode-precision")
 # The least σ a merchant may plan, in every setting's DP arms: the recipe's noise-multiplier
 # (its comment says why).
 NOISE_FLOOR = float(_RECIPE["noise-multiplier"])
@@ -274,8 +276,8 @@ class Dataset:
         self.setting = setting
         if quick:  # a smoke run of the whole pipeline in a minute or two (tiny encoder)
             overrides.update({"num-server-rounds": 1, "max-local-steps": 2, "eval-max-examples": 32})
-        if name in setting.public_corpus:
-            overrides["precondition-corpus"] = str(write_corpus(setting.public_corpus[name], work))
+        if name in setting.public_corpus:  # the texts of a dataset fedshop ships, as the default scenario's
+            overrides["precondition-corpus"] = f"bundled:{setting.public_corpus[name]}"
         self.data_dir = work / "merchants" / name
         getattr(adapters, f"prepare_{name}")(self.data_dir, overwrite=True)
         self.scenario = {**scenario, **overrides, "data-dir": str(self.data_dir)}
@@ -340,28 +342,6 @@ class Dataset:
         preds = {m: evaluation.predict(model, self.tests[m], tokenizer, self.config, device=device,
                                        offsets=shift)[1] for m, shift in own.items()}
         return {m: evaluation.metrics_of(self.tests[m], p) for m, p in preds.items()}, preds
-
-
-def write_corpus(source: str, work: Path) -> Path:
-    """Every (context, product) text of the bundled ``source`` dataset's records, one pair per
-    line: a public corpus for a federation of *other* shops."""
-    from client.data import load_merchant
-    from client.merchant import merchant_dirs, split_merchant
-    from client.sources import adapters
-    from simulations import engine
-
-    data_dir = work / "public" / source
-    getattr(adapters, f"prepare_{source}")(data_dir, overwrite=True)
-    config = engine.build_config(engine.load_scenario(source), {}, out=work / "public" / "unused")
-    pairs: dict[tuple[str, str], None] = {}
-    for d in merchant_dirs(data_dir):
-        split = split_merchant(load_merchant(d), config)
-        for e in [*split.train, *split.test]:
-            pairs[(" ".join(e.context.split()), " ".join(e.product.split()))] = None
-    path = work / f"corpus-{source}.txt"
-    write_atomic(path, "".join(f"{c}\t{p}\n" if c else f"{p}\n" for c, p in pairs))
-    log.info("public corpus %s: %d texts of %s", path, len(pairs), source)
-    return path
 
 
 def informative(test: list[Any]) -> list[Any]:

@@ -83,7 +83,7 @@ def _predict_on_states(model: FedShopModel, examples: Sequence[Example], tokeniz
     for e in examples:
         index.setdefault((e.context, e.product), len(index))
     states = features.pooled_states(model, tokenizer, list(index), max_seq_len=config.max_seq_len, device=device,
-                                    cache_dir=cache_dir)
+                                    cache_dir=cache_dir, precision=config.encode_precision)
     rows = torch.tensor([index[(e.context, e.product)] for e in examples])
     packed = torch.tensor([pack_targets([e]) for e in examples], dtype=torch.float32)
     was_training = model.training

@@ -74,10 +74,12 @@ class HeadsView:
 
     @classmethod
     def of(cls, model: nn.Module, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
-           targets: torch.Tensor, *, max_seq_len: int, device: torch.device, cache_dir: Path | None) -> HeadsView:
+           targets: torch.Tensor, *, max_seq_len: int, device: torch.device, cache_dir: Path | None,
+           precision: str = "auto") -> HeadsView:
         if not isinstance(model, FedShopModel):
             raise TypeError(f"trainable = heads trains a FedShopModel's heads; got {type(model).__name__}")
-        states = pooled_states(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device, cache_dir=cache_dir)
+        states = pooled_states(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device, cache_dir=cache_dir,
+                               precision=precision)
         return cls(model=HeadsOnly(model), dataset=TensorDataset(states, targets), target=model)
 
     def whitened(self, preconditioner: Preconditioner) -> HeadsView:
@@ -156,11 +158,32 @@ def freeze(encoder: nn.Module) -> None:
     _FROZEN[encoder] = encoder_digest(encoder)
 
 
+def native_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX512-BF16 or AMX): elsewhere torch
+    emulates it, slower than float32."""
+    checks = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(check()) for check in checks if check is not None)
+
+
+def encode_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The arithmetic of a frozen-encoder pass (run-config ``encode-precision``): bfloat16 only on
+    a CPU that has it natively ("auto") or when asked; float32 otherwise, and always on a GPU."""
+    if precision not in ("auto", "float32", "bfloat16"):
+        raise ValueError(f"encode-precision {precision!r}: expected 'auto', 'float32' or 'bfloat16'")
+    if device.type != "cpu" or precision == "float32":
+        return torch.float32
+    if precision == "bfloat16" or native_bfloat16():
+        return torch.bfloat16
+    return torch.float32
+
+
 def cache_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
-              *, max_seq_len: int) -> str:
+              *, max_seq_len: int, dtype: torch.dtype = torch.float32) -> str:
     """A digest of everything a record's pooled state depends on."""
     digest = hashlib.sha256()
     digest.update(f"{model.pooling}|{max_seq_len}|{type(tokenizer).__name__}|{len(tokenizer)}|".encode())
+    if dtype != torch.float32:  # float32 keys stay as they were, so existing caches stay valid
+        digest.update(f"{dtype}|".encode())
     digest.update(encoder_digest(model.encoder).encode())
     digest_records(digest, pairs)
     return digest.hexdigest()
@@ -168,9 +191,10 @@ def cache_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: li
 
 @torch.no_grad()
 def encode_pairs(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], *,
-                 max_seq_len: int, device: torch.device) -> torch.Tensor:
-    """Pooled states ``[len(pairs), hidden]`` on the CPU, the encoder in eval mode (no dropout:
-    a record's state must not depend on when it was encoded)."""
+                 max_seq_len: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Pooled states ``[len(pairs), hidden]`` (float32) on the CPU, the encoder in eval mode (no
+    dropout: a record's state must not depend on when it was encoded); its matrix products in
+    ``dtype`` (CPU autocast) when that is bfloat16 (``encode_dtype``)."""
     was_training = model.training
     model.to(device)
     model.eval()
@@ -180,22 +204,27 @@ def encode_pairs(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs:
         for enc in record_batches(tokenizer, pairs, max_seq_len=max_seq_len, what="encoding records"):
             ids = enc["input_ids"].to(device)
             types = enc.get("token_type_ids", torch.zeros_like(enc["input_ids"])).to(device)
-            out.append(model.pool(ids, enc["attention_mask"].to(device), types).float().cpu())
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                out.append(model.pool(ids, enc["attention_mask"].to(device), types).float().cpu())
     finally:
         model.train(was_training)
-    log.info("encoded %d records in %.1f s", len(pairs), time.perf_counter() - started)
+    log.info("encoded %d records in %.1f s (%s)", len(pairs), time.perf_counter() - started,
+             str(dtype).removeprefix("torch."))
     return torch.cat(out)
 
 
 def pooled_states(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], *,
-                  max_seq_len: int, device: torch.device, cache_dir: Path | None) -> torch.Tensor:
+                  max_seq_len: int, device: torch.device, cache_dir: Path | None,
+                  precision: str = "auto") -> torch.Tensor:
     """The records' pooled states: from ``cache_dir`` when it holds them, else encoded (and then
     stored there, atomically, so a crash leaves no half-written file)."""
     if not pairs:
         raise ValueError("no records to encode")
+    dtype = encode_dtype(device, precision)
     if cache_dir is None:
-        return encode_pairs(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device)
-    path = Path(cache_dir) / f"features-{cache_key(model, tokenizer, pairs, max_seq_len=max_seq_len)[:40]}.pt"
+        return encode_pairs(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device, dtype=dtype)
+    key = cache_key(model, tokenizer, pairs, max_seq_len=max_seq_len, dtype=dtype)
+    path = Path(cache_dir) / f"features-{key[:40]}.pt"
     if path.is_file():
         try:
             states = torch.load(path, map_location="cpu", weights_only=True)
@@ -206,7 +235,7 @@ def pooled_states(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs
                         len(pairs))
         except Exception as exc:  # a damaged cache is only lost time: encode again
             log.warning("feature cache %s unreadable (%s); encoding again", path, exc)
-    states = encode_pairs(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device)
+    states = encode_pairs(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device, dtype=dtype)
     atomic.torch_save(states, path)
     stale = [p for p in path.parent.glob("features-*.pt") if p != path and p.is_file()]
     for old in stale:

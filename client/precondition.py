@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from pathlib import Path
 
@@ -35,6 +36,11 @@ from shared.model import FedShopModel
 
 log = logging.getLogger(__name__)
 
+# ``precondition-corpus = "bundled:esci"``: the texts of a dataset fedshop ships (data/), built
+# by the node itself (client.sources.adapters.public_corpus_pairs), so a scenario can name a
+# corpus that needs no file on anyone's disk. The default scenario's is ESCI's.
+BUNDLED = "bundled:"
+BUNDLED_SOURCES = ("esci", "reviews")
 # The folder, inside a feature cache, that keeps the corpus' states (pruned apart from a
 # merchant's own: client.features keeps one record set per folder).
 CACHE_FOLDER = "precondition-corpus"
@@ -96,8 +102,26 @@ def _linear(module: nn.Module) -> nn.Linear:
     return module
 
 
-def read_corpus(path: Path) -> list[tuple[str, str]]:
-    """(context, product) pairs: one text per line, ``context<TAB>product`` for a pair."""
+def is_bundled(corpus: str | Path) -> bool:
+    return str(corpus).startswith(BUNDLED)
+
+
+@functools.lru_cache(maxsize=2)
+def _bundled(name: str) -> tuple[tuple[str, str], ...]:
+    from client.sources import adapters
+
+    return tuple(adapters.public_corpus_pairs(name))
+
+
+def read_corpus(path: str | Path) -> list[tuple[str, str]]:
+    """(context, product) pairs: one text per line, ``context<TAB>product`` for a pair; or, for
+    ``bundled:NAME``, the texts of a dataset fedshop ships (``BUNDLED_SOURCES``)."""
+    if is_bundled(path):
+        name = str(path)[len(BUNDLED):]
+        if name not in BUNDLED_SOURCES:
+            raise ValueError(f"precondition-corpus {str(path)!r}: fedshop ships {', '.join(BUNDLED_SOURCES)} "
+                             f"({BUNDLED}NAME), not {name!r}")
+        return list(_bundled(name))
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as exc:
@@ -109,11 +133,33 @@ def read_corpus(path: Path) -> list[tuple[str, str]]:
     return pairs  # type: ignore[return-value]
 
 
-def from_corpus(path: Path, model: FedShopModel, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int,
-                device: torch.device, cache_dir: Path | None, shrink: float = SHRINK) -> Preconditioner:
+# Preconditioners this process fitted, by everything they depend on: a simulation's worker serves
+# every merchant in turn, and the corpus is the same public text for all of them, so it is
+# encoded once per worker, not once per merchant (24 s of the default run). Bounded, read-only.
+_FITTED: dict[tuple[object, ...], Preconditioner] = {}
+_MAX_FITTED = 2
+
+
+def forget() -> None:
+    """Drop the fitted preconditioners this process keeps (tests)."""
+    _FITTED.clear()
+
+
+def from_corpus(path: str | Path, model: FedShopModel, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int,
+                device: torch.device, cache_dir: Path | None, shrink: float = SHRINK,
+                precision: str = "auto") -> Preconditioner:
     """The preconditioner of ``path``'s texts under ``model``'s frozen encoder (their states
-    cached in ``cache_dir`` like a merchant's, encoded once)."""
+    cached in ``cache_dir`` like a merchant's, encoded once, at the records' ``precision``; the
+    fitted result kept in this process for the next call, whoever's)."""
     pairs = read_corpus(path)
+    dtype = features.encode_dtype(device, precision)
+    key = (features.cache_key(model, tokenizer, pairs, max_seq_len=max_seq_len, dtype=dtype), shrink)
+    if key in _FITTED:
+        return _FITTED[key]
     states = features.pooled_states(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device,
-                                    cache_dir=cache_dir)
-    return Preconditioner.fit(states, shrink)
+                                    cache_dir=cache_dir, precision=precision)
+    fitted = Preconditioner.fit(states, shrink)
+    while len(_FITTED) >= _MAX_FITTED:
+        _FITTED.pop(next(iter(_FITTED)))
+    _FITTED[key] = fitted
+    return fitted

@@ -213,14 +213,14 @@ def training_view(model: nn.Module, tokenizer: PreTrainedTokenizerBase, records:
     if config.trainable != "heads":
         return RecordsView(model, records)
     view = features.HeadsView.of(model, tokenizer, records.pairs, records.targets, max_seq_len=config.max_seq_len,
-                                 device=device, cache_dir=feature_cache)
+                                 device=device, cache_dir=feature_cache, precision=config.encode_precision)
     if not config.precondition_corpus:
         return view
     if corpus_cache is None and feature_cache is not None:
         corpus_cache = feature_cache / precondition.CACHE_FOLDER
-    return view.whitened(precondition.from_corpus(Path(config.precondition_corpus), view.target, tokenizer,
+    return view.whitened(precondition.from_corpus(config.precondition_corpus, view.target, tokenizer,
                                                   max_seq_len=config.max_seq_len, device=device,
-                                                  cache_dir=corpus_cache))
+                                                  cache_dir=corpus_cache, precision=config.encode_precision))
 
 
 @contextlib.contextmanager

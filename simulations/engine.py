@@ -129,7 +129,9 @@ def count_merchants(config: RunConfig) -> int:
 
 
 def ensure_data(config: RunConfig, scenario_name: str) -> None:
-    """Prepare the bundled real data the first time a scenario that uses it runs."""
+    """Prepare the bundled real data the first time a scenario that uses it runs (and check the
+    run's public corpus is there)."""
+    ensure_public_corpus(config)
     data_dir = Path(config.data_dir)
     if config.data_dir.startswith("synthetic:") or (data_dir.is_dir() and any(data_dir.iterdir())):
         return
@@ -141,6 +143,21 @@ def ensure_data(config: RunConfig, scenario_name: str) -> None:
     elif scenario_name == "esci":
         log.info("preparing the bundled ESCI data into %s", data_dir)
         adapters.prepare_esci(data_dir)
+
+
+def ensure_public_corpus(config: RunConfig) -> None:
+    """A ``precondition-corpus`` file that does not exist is an error before anything starts,
+    not a failed call in every merchant's first round (``bundled:NAME`` needs no file)."""
+    from client import precondition
+
+    corpus = config.precondition_corpus
+    if precondition.is_bundled(corpus) and corpus[len(precondition.BUNDLED):] not in precondition.BUNDLED_SOURCES:
+        raise ScenarioError(f"run-config key 'precondition-corpus' = {corpus!r}: fedshop ships "
+                            f"{', '.join(precondition.BUNDLED + s for s in precondition.BUNDLED_SOURCES)}")
+    if corpus and not precondition.is_bundled(corpus) and not Path(corpus).is_file():
+        raise ScenarioError(f"run-config key 'precondition-corpus' = {corpus!r}: no such file (public text, one "
+                            f"line per text; '{precondition.BUNDLED}esci' for the ESCI texts fedshop ships; '' for "
+                            "none)")
 
 
 # A merchant whose ε is within this share of its budget cannot afford another release (the

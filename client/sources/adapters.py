@@ -9,6 +9,9 @@ and the whole source is read and split before anything is written.
   department (6).
 - ``prepare_esci``: a 500-query subset of Amazon's Shopping Queries dataset (Apache-2.0),
   queries spread over ``merchants`` merchants by a stable hash of the query id.
+- ``public_corpus_pairs`` / ``write_public_corpus``: one bundled dataset's texts as a public
+  corpus (``precondition-corpus``) for a federation of *other* shops: the default scenario's
+  heads train in the geometry of the ESCI texts (client.precondition).
 """
 
 from __future__ import annotations
@@ -212,3 +215,35 @@ def prepare_esci(
         )
         built.append(MerchantData(f"esci-{index}", catalog, None, pd.DataFrame(judgments[index])))
     return _write_all(built, out_dir, file_format=file_format, overwrite=overwrite)
+
+
+def public_corpus_pairs(source: str) -> list[tuple[str, str]]:
+    """Every distinct (context, product) text pair of the bundled ``source`` dataset ("esci" or
+    "reviews"), in file order: public text whose frozen-encoder states set the geometry a
+    federation of *other* shops trains its heads in (``precondition-corpus = "bundled:esci"``,
+    the default scenario's; client.precondition)."""
+    import tempfile
+
+    from client.data import build_examples, load_merchant
+
+    prepare = {"esci": prepare_esci, "reviews": prepare_reviews}.get(source)
+    if prepare is None:
+        raise ValueError(f"public corpus source {source!r}: expected 'esci' or 'reviews'")
+    pairs: dict[tuple[str, str], None] = {}
+    with tempfile.TemporaryDirectory(prefix=f"fedshop-corpus-{source}-") as tmp:
+        for folder in prepare(Path(tmp) / source):
+            for example in build_examples(load_merchant(folder)):
+                pairs[(" ".join(example.context.split()), " ".join(example.product.split()))] = None
+    return list(pairs)
+
+
+def write_public_corpus(source: str, path: str | os.PathLike[str]) -> Path:
+    """``public_corpus_pairs(source)`` as a corpus file (``context<TAB>product`` per line, or the
+    product alone), written atomically: ``client.precondition.read_corpus`` reads it."""
+    from shared import atomic
+
+    pairs = public_corpus_pairs(source)
+    out = Path(path)
+    atomic.write_text(out, "".join(f"{c}\t{p}\n" if c else f"{p}\n" for c, p in pairs))
+    log.info("public corpus %s: %d texts of the bundled %s data", out, len(pairs), source)
+    return out

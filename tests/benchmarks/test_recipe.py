@@ -14,8 +14,9 @@ from simulations.engine import load_scenario
 
 # Where the benchmark keeps its data and caches (its own plumbing, not the recipe).
 PLUMBING = {"data-dir", "run-dir"}
-# What the benchmark adds that the file cannot carry: its cache folder, and the public corpus
-# (the ESCI texts) it writes to a file of its own.
+# What the benchmark adds that the file does not carry: its cache folder, and the public corpus
+# (precondition-corpus = "bundled:esci", the ESCI texts fedshop ships; the scenario says why
+# the default leaves it out).
 ADDED_BY_THE_BENCHMARK = {"feature-cache-dir", "precondition-corpus"}
 
 

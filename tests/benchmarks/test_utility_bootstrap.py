@@ -141,16 +141,22 @@ def test_the_report_gives_each_arms_spread_and_how_many_dp_runs_meet_the_target(
 
 
 def test_the_public_corpus_is_the_other_shops_text_and_reads_as_one(utility: ModuleType, tmp_path: Path) -> None:
-    """The reviews federation's preconditioning corpus: every ESCI query-product text, once each,
-    in the file format ``precondition-corpus`` reads; none of it is a reviews record."""
+    """The reviews federation's preconditioning corpus (the benchmark's and the default
+    scenario's, ``bundled:esci``): every ESCI query-product text, once each; written as a file,
+    it reads back as the same pairs; none of it is a reviews record."""
     from client.precondition import read_corpus
+    from client.sources import adapters
 
     assert utility.SETTINGS["heads"].public_corpus == {"reviews": "esci"}
-    path = utility.write_corpus("esci", tmp_path)
-    pairs = read_corpus(path)
+    pairs = read_corpus("bundled:esci")
     assert len(pairs) > 1000 and len(set(pairs)) == len(pairs)
     assert sum(1 for c, _ in pairs if c) > 0.9 * len(pairs)  # queries with their products
     assert all("\t" not in c and "\t" not in p and "\n" not in p for c, p in pairs)
+    assert read_corpus(adapters.write_public_corpus("esci", tmp_path / "esci.txt")) == pairs
+    reviews = {p for _, p in read_corpus("bundled:reviews")}
+    assert reviews and not reviews & {p for _, p in pairs}
+    with pytest.raises(ValueError, match="ships esci, reviews.*'imdb'"):
+        read_corpus("bundled:imdb")
 
 
 def test_a_pooled_interval_is_on_the_mean_over_splits_and_survives_its_file(utility: ModuleType,

@@ -117,8 +117,9 @@ def test_cached_states_train_the_heads_exactly_as_the_full_forward(tokenizer: Pr
                                                                    tmp_path: Path) -> None:
     """Same records, same batches, same steps: training on cached states ends at the heads the
     full forward pass reaches (the reference trains the same heads with the encoder run at each
-    step, as every other trainable set does)."""
-    cfg = config()
+    step, as every other trainable set does). In float32: bfloat16 states (encode-precision) are
+    compared with float32 ones below."""
+    cfg = config(encode_precision="float32")
     model = build_model(ModelSpec.from_config(cfg))
     reference = build_model(ModelSpec.from_config(cfg))
     result = train(model, TRAIN, tokenizer, cfg, privacy=None, feature_cache=tmp_path)
@@ -196,3 +197,36 @@ def test_held_out_predictions_from_cached_states_match_the_full_model(tokenizer:
     monkeypatch.setattr(features, "encode_pairs", no_encoding)
     _, again = evaluation.predict(model, examples, tokenizer, config(), feature_cache=tmp_path)
     assert (again == pred).all()
+
+
+def test_the_encoding_precision_follows_the_device_and_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    for native in (True, False):
+        monkeypatch.setattr(features, "native_bfloat16", lambda native=native: native)
+        assert features.encode_dtype(cpu) == (torch.bfloat16 if native else torch.float32)
+        assert features.encode_dtype(cpu, "float32") == torch.float32
+        assert features.encode_dtype(cpu, "bfloat16") == torch.bfloat16
+        assert features.encode_dtype(gpu, "auto") == features.encode_dtype(gpu, "bfloat16") == torch.float32
+    with pytest.raises(ValueError, match="encode-precision 'half'"):
+        features.encode_dtype(cpu, "half")
+    from shared.config import ConfigError, RunConfig
+
+    with pytest.raises(ConfigError, match="encode-precision"):
+        RunConfig.from_mapping({"encode-precision": "half"})
+
+
+def test_bfloat16_states_are_cached_apart_and_close_to_float32(tokenizer: PreTrainedTokenizerBase,
+                                                                tmp_path: Path) -> None:
+    model = build_model(ModelSpec.from_config(config()))
+    records = pairs()
+    kwargs: dict[str, Any] = {"max_seq_len": 16, "device": torch.device("cpu")}
+    exact = features.pooled_states(model, tokenizer, records, cache_dir=tmp_path / "f32", precision="float32", **kwargs)
+    fast = features.pooled_states(model, tokenizer, records, cache_dir=tmp_path / "bf16", precision="bfloat16",
+                                  **kwargs)
+    assert fast.dtype == exact.dtype == torch.float32 and not torch.equal(fast, exact)  # bfloat16 products
+    assert torch.nn.functional.cosine_similarity(fast, exact).min() > 0.999
+    keys = {features.cache_key(model, tokenizer, records, max_seq_len=16, dtype=d) for d in (torch.float32,
+                                                                                           torch.bfloat16)}
+    assert len(keys) == 2  # a cache never hands one precision's states to the other
+    names = {p.name for p in (tmp_path / "f32").iterdir()} | {p.name for p in (tmp_path / "bf16").iterdir()}
+    assert len(names) == 2

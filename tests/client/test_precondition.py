@@ -28,6 +28,12 @@ def tokenizer() -> PreTrainedTokenizerBase:
     return load_tokenizer(ModelSpec(encoder="tiny"))
 
 
+@pytest.fixture(autouse=True)
+def fresh_fits() -> None:
+    """Each test fits its own preconditioners (the process keeps them between calls)."""
+    precondition.forget()
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     """Public text, unrelated to any merchant's records: pairs and single texts mixed."""
@@ -168,3 +174,42 @@ def test_optimizer_state_of_another_layout_is_ignored(tmp_path: Path) -> None:
     optimizer_state_lib.save(opt, path, run_id="r")
     assert optimizer_state_lib.load(torch.optim.AdamW(torch.nn.Linear(2, 1).parameters()), path, run_id="r")
     assert not optimizer_state_lib.load(torch.optim.AdamW(torch.nn.Linear(3, 1).parameters()), path, run_id="r")
+
+
+def test_a_bundled_corpus_needs_no_file_and_trains_as_its_file_would(tokenizer: PreTrainedTokenizerBase,
+                                                                     tmp_path: Path) -> None:
+    """``bundled:esci`` (the default scenario's) is the ESCI texts fedshop ships, built by the node
+    itself: the same heads as the same texts read from a file. A missing file or an unknown
+    bundled name stops ``fedshop simulate`` before anything starts."""
+    from client.sources import adapters
+    from simulations import engine
+
+    file = adapters.write_public_corpus("esci", tmp_path / "esci.txt")
+    heads = []
+    for corpus in ("bundled:esci", str(file)):
+        model = build_model(ModelSpec.from_config(config()))
+        train(model, TRAIN, tokenizer, config(precondition_corpus=corpus), privacy=None,
+              feature_cache=tmp_path / corpus.replace("/", "_"))
+        heads.append(heads_of(model))
+    assert all(torch.equal(heads[0][n], heads[1][n]) for n in heads[0])
+    engine.ensure_public_corpus(RunConfig(trainable="heads", precondition_corpus="bundled:esci"))
+    engine.ensure_public_corpus(RunConfig(trainable="heads", precondition_corpus=str(file)))
+    with pytest.raises(engine.ScenarioError, match=r"'precondition-corpus' = '.*nowhere\.txt': no such file"):
+        engine.ensure_public_corpus(RunConfig(trainable="heads", precondition_corpus=str(tmp_path / "nowhere.txt")))
+    with pytest.raises(engine.ScenarioError, match="'bundled:imdb': fedshop ships bundled:esci, bundled:reviews"):
+        engine.ensure_public_corpus(RunConfig(trainable="heads", precondition_corpus="bundled:imdb"))
+
+
+def test_a_worker_fits_a_corpus_once_for_every_merchant(tokenizer: PreTrainedTokenizerBase, tmp_path: Path,
+                                                        corpus: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two merchants' calls in one process, each with its own feature folder: the public corpus
+    is encoded for the first only; the second gets the same preconditioner."""
+    model = build_model(ModelSpec.from_config(config()))
+    kwargs: dict[str, Any] = {"max_seq_len": 16, "device": torch.device("cpu")}
+    first = precondition.from_corpus(str(corpus), model, tokenizer, cache_dir=tmp_path / "a", **kwargs)
+    monkeypatch.setattr(features, "encode_pairs", lambda *a, **k: pytest.fail("encoded the corpus again"))
+    again = precondition.from_corpus(str(corpus), model, tokenizer, cache_dir=tmp_path / "b", **kwargs)
+    assert again is first
+    other = build_model(ModelSpec.from_config(config(seed=7)))  # another encoder: fitted anew
+    with pytest.raises(pytest.fail.Exception, match="encoded the corpus again"):
+        precondition.from_corpus(str(corpus), other, tokenizer, cache_dir=tmp_path / "c", **kwargs)
