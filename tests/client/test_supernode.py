@@ -119,3 +119,15 @@ def test_the_merchants_script_starts_its_node_through_the_launcher(tmp_path: Pat
     text = (kit.dir / deploy.SUPERNODE_SCRIPT).read_text()
     assert re.search(rf'"\$python" -m client\.supernode \\\n\s+--superlink {re.escape(kit.superlink_address)} ', text)
     assert '--isolation "$isolation"' in text and "import client.supernode, client.warm" in text
+
+
+def test_the_warm_launcher_fills_the_caches_every_fork_would_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
+    """client.warm prepares transformers' checkpoint-conversion table in the parent (pure
+    Python), so a fork's first model build does not spend ~0.3 s rebuilding it."""
+    from transformers import conversion_mapping
+
+    from client import warm
+
+    monkeypatch.setattr(conversion_mapping, "_checkpoint_conversion_mapping_cache", None)
+    warm._warm_library_caches()
+    assert conversion_mapping._checkpoint_conversion_mapping_cache  # built, and kept for the forks
