@@ -296,7 +296,7 @@ class Soak:
         """SIGKILL the merchant's whole SuperNode (script, node, ClientApp processes) as its training
         message of round ``rnd`` arrives, before it could train or spend; its script is run again at
         once (same key, same state), as a service manager would. The round ends without it once the
-        SuperLink declares it gone (its heartbeat lapses: up to a minute), and it gets back in then."""
+        SuperLink declares it gone (its heartbeat lapses: up to 20 s), and it gets back in then."""
         node = self.nodes[merchant]  # sampled in every round so far: its rnd-th message is round rnd's
         node.wait_for(TRAIN_RECEIVED.pattern, count=rnd, timeout_s=rnd * (self.plan.round_timeout_s + 120))
         node.kill()

@@ -53,11 +53,20 @@ def test_the_poll_clock_shortens_only_the_two_fixed_sleeps(monkeypatch: pytest.M
 
 
 def test_install_patches_the_supernode_loop_and_its_pulls(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
     from flwr.supernode import start_client_internal as loop
 
     monkeypatch.setattr(loop, "time", time)
     monkeypatch.setattr(loop, "pull_objects", inflatable_utils.pull_objects)
+    for module in (heartbeat, fleet_http_connection):
+        monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", 30)
     assert supernode.install(0.25) is loop
+    # the interval the node declares at activation and in each heartbeat, and its sender's
+    assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10.0
+    for bad in (5.0, 3600.0):
+        with pytest.raises(ValueError, match=r"heartbeat interval must be in \[10, 1800\]"):
+            supernode.set_heartbeat_interval(bad)
     assert isinstance(loop.time, supernode._PollClock) and loop.time.poll_interval_s == 0.25
     assert loop.pull_objects.func is inflatable_utils.pull_objects
     assert loop.pull_objects.keywords == {"initial_backoff": flower_pulls.INITIAL_BACKOFF_S,

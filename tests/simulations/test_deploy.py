@@ -64,7 +64,8 @@ from tests.helpers.merchants import write_merchants
 MERCHANTS = ["shop-a", "shop-b", "shop-c"]
 # A healthy training phase takes well under 30 s here (over 60 s when the machine is busy with
 # other work); a SIGKILLed node is dropped by
-# the SuperLink once its heartbeat lapses (<= 60 s), which ends the round before the timeout.
+# the SuperLink once its heartbeat lapses (<= 20 s: the kits declare 10 s, client.supernode), which
+# ends the round before the timeout.
 ROUND_TIMEOUT_S = 90.0
 RUN_CONFIG = {
     "encoder": "tiny", "trainable": "lora", "num-server-rounds": 3, "merchants-per-round": 3,
