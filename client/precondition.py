@@ -25,6 +25,7 @@ import copy
 import dataclasses
 import functools
 import logging
+import threading
 from pathlib import Path
 
 import torch
@@ -38,7 +39,7 @@ log = logging.getLogger(__name__)
 
 # ``precondition-corpus = "bundled:esci"``: the texts of a dataset fedshop ships (data/), built
 # by the node itself (client.sources.adapters.public_corpus_pairs), so a scenario can name a
-# corpus that needs no file on anyone's disk. The default scenario's is ESCI's.
+# corpus that needs no file on anyone's disk (the utility benchmark's reviews arms use ESCI's).
 BUNDLED = "bundled:"
 BUNDLED_SOURCES = ("esci", "reviews")
 # The folder, inside a feature cache, that keeps the corpus' states (pruned apart from a
@@ -135,14 +136,17 @@ def read_corpus(path: str | Path) -> list[tuple[str, str]]:
 
 # Preconditioners this process fitted, by everything they depend on: a simulation's worker serves
 # every merchant in turn, and the corpus is the same public text for all of them, so it is
-# encoded once per worker, not once per merchant (24 s of the default run). Bounded, read-only.
+# encoded once per worker, not once per merchant (24 s of a six-merchant reviews run). Bounded,
+# read-only, shared by a worker's threads (a race only fits twice).
 _FITTED: dict[tuple[object, ...], Preconditioner] = {}
+_FITTED_LOCK = threading.Lock()
 _MAX_FITTED = 2
 
 
 def forget() -> None:
     """Drop the fitted preconditioners this process keeps (tests)."""
-    _FITTED.clear()
+    with _FITTED_LOCK:
+        _FITTED.clear()
 
 
 def from_corpus(path: str | Path, model: FedShopModel, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int,
@@ -154,12 +158,14 @@ def from_corpus(path: str | Path, model: FedShopModel, tokenizer: PreTrainedToke
     pairs = read_corpus(path)
     dtype = features.encode_dtype(device, precision)
     key = (features.cache_key(model, tokenizer, pairs, max_seq_len=max_seq_len, dtype=dtype), shrink)
-    if key in _FITTED:
-        return _FITTED[key]
+    with _FITTED_LOCK:
+        if key in _FITTED:
+            return _FITTED[key]
     states = features.pooled_states(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device,
                                     cache_dir=cache_dir, precision=precision)
     fitted = Preconditioner.fit(states, shrink)
-    while len(_FITTED) >= _MAX_FITTED:
-        _FITTED.pop(next(iter(_FITTED)))
-    _FITTED[key] = fitted
+    with _FITTED_LOCK:
+        while len(_FITTED) >= _MAX_FITTED:
+            _FITTED.pop(next(iter(_FITTED)))
+        _FITTED[key] = fitted
     return fitted
