@@ -166,19 +166,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="only score a finished run on its merchants' data (no timing)")
     args = parser.parse_args(argv)
     work = Path(args.work)
-    sets = list(args.set)
     if args.score:
         run_dir, data_dir = (Path(p) for p in args.score)
         timing: dict[str, Any] = {"wall_s": None, "peak_rss_gb": None, "argv": None}
     else:
         data_dir, run_dir = work / "merchants", work / "run"
         prepare(args.data, args.scenario, data_dir)
-        timing = simulate(args.scenario, data_dir, run_dir, sets)
+        timing = simulate(args.scenario, data_dir, run_dir, args.set)
     summary = json.loads((run_dir / "summary.json").read_text())
     rounds = int(json.loads((run_dir / "config.json").read_text())["num-server-rounds"])
     scored, applied = score(run_dir, data_dir, work)
     verdict = checks(scored, summary, rounds)
-    report = {"scenario": args.scenario, "data": args.data or "bundled", "sets": sets,
+    report = {"scenario": args.scenario, "data": args.data or "bundled", "sets": args.set,
               "when": time.strftime("%Y-%m-%d %H:%M"), "machine": f"{os.cpu_count() or 1} cores, CPU", **timing,
               "rounds_completed": summary.get("rounds_completed"), "privacy": summary["privacy"],
               "local_offsets": applied, "exact_held_out": scored, "checks": verdict,

@@ -41,7 +41,6 @@ log = logging.getLogger(__name__)
 # by the node itself (client.sources.adapters.public_corpus_pairs), so a scenario can name a
 # corpus that needs no file on anyone's disk (the utility benchmark's reviews arms use ESCI's).
 BUNDLED = "bundled:"
-BUNDLED_SOURCES = ("esci", "reviews")
 # The folder, inside a feature cache, that keeps the corpus' states (pruned apart from a
 # merchant's own: client.features keeps one record set per folder).
 CACHE_FOLDER = "precondition-corpus"
@@ -103,8 +102,19 @@ def _linear(module: nn.Module) -> nn.Linear:
     return module
 
 
-def is_bundled(corpus: str | Path) -> bool:
-    return str(corpus).startswith(BUNDLED)
+def bundled_source(corpus: str | Path) -> str | None:
+    """The bundled dataset ``corpus`` names (``bundled:NAME``), or None for a file; a ValueError
+    for a name fedshop does not ship."""
+    from client.sources import adapters
+
+    text = str(corpus)
+    if not text.startswith(BUNDLED):
+        return None
+    name = text[len(BUNDLED):]
+    if name not in adapters.PUBLIC_CORPUS_SOURCES:
+        raise ValueError(f"precondition-corpus {text!r}: fedshop ships {', '.join(adapters.PUBLIC_CORPUS_SOURCES)} "
+                         f"({BUNDLED}NAME), not {name!r}")
+    return name
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,12 +126,9 @@ def _bundled(name: str) -> tuple[tuple[str, str], ...]:
 
 def read_corpus(path: str | Path) -> list[tuple[str, str]]:
     """(context, product) pairs: one text per line, ``context<TAB>product`` for a pair; or, for
-    ``bundled:NAME``, the texts of a dataset fedshop ships (``BUNDLED_SOURCES``)."""
-    if is_bundled(path):
-        name = str(path)[len(BUNDLED):]
-        if name not in BUNDLED_SOURCES:
-            raise ValueError(f"precondition-corpus {str(path)!r}: fedshop ships {', '.join(BUNDLED_SOURCES)} "
-                             f"({BUNDLED}NAME), not {name!r}")
+    ``bundled:NAME``, the texts of a dataset fedshop ships (``bundled_source``)."""
+    name = bundled_source(path)
+    if name is not None:
         return list(_bundled(name))
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()

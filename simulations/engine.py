@@ -149,12 +149,15 @@ def ensure_public_corpus(config: RunConfig) -> None:
     """A ``precondition-corpus`` file that does not exist is an error before anything starts,
     not a failed call in every merchant's first round (``bundled:NAME`` needs no file)."""
     from client import precondition
+    from client.sources import adapters
 
     corpus = config.precondition_corpus
-    if precondition.is_bundled(corpus) and corpus[len(precondition.BUNDLED):] not in precondition.BUNDLED_SOURCES:
+    try:
+        bundled = precondition.bundled_source(corpus)
+    except ValueError:
         raise ScenarioError(f"run-config key 'precondition-corpus' = {corpus!r}: fedshop ships "
-                            f"{', '.join(precondition.BUNDLED + s for s in precondition.BUNDLED_SOURCES)}")
-    if corpus and not precondition.is_bundled(corpus) and not Path(corpus).is_file():
+                            f"{', '.join(precondition.BUNDLED + s for s in adapters.PUBLIC_CORPUS_SOURCES)}") from None
+    if corpus and bundled is None and not Path(corpus).is_file():
         raise ScenarioError(f"run-config key 'precondition-corpus' = {corpus!r}: no such file (public text, one "
                             f"line per text; '{precondition.BUNDLED}esci' for the ESCI texts fedshop ships; '' for "
                             "none)")

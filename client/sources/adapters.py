@@ -10,8 +10,8 @@ and the whole source is read and split before anything is written.
 - ``prepare_esci``: a 500-query subset of Amazon's Shopping Queries dataset (Apache-2.0),
   queries spread over ``merchants`` merchants by a stable hash of the query id.
 - ``public_corpus_pairs`` / ``write_public_corpus``: one bundled dataset's texts as a public
-  corpus (``precondition-corpus``) for a federation of *other* shops: the default scenario's
-  heads train in the geometry of the ESCI texts (client.precondition).
+  corpus (``precondition-corpus``) for a federation of *other* shops: the utility benchmark's
+  reviews heads train in the geometry of the ESCI texts (client.precondition).
 """
 
 from __future__ import annotations
@@ -217,18 +217,22 @@ def prepare_esci(
     return _write_all(built, out_dir, file_format=file_format, overwrite=overwrite)
 
 
+# The bundled datasets a public corpus can be made of (``precondition-corpus = "bundled:NAME"``).
+PUBLIC_CORPUS_SOURCES = ("esci", "reviews")
+
+
 def public_corpus_pairs(source: str) -> list[tuple[str, str]]:
-    """Every distinct (context, product) text pair of the bundled ``source`` dataset ("esci" or
-    "reviews"), in file order: public text whose frozen-encoder states set the geometry a
-    federation of *other* shops trains its heads in (``precondition-corpus = "bundled:esci"``,
-    the default scenario's; client.precondition)."""
+    """Every distinct (context, product) text pair of the bundled ``source`` dataset
+    (``PUBLIC_CORPUS_SOURCES``), in file order: public text whose frozen-encoder states set the
+    geometry a federation of *other* shops trains its heads in (``precondition-corpus =
+    "bundled:esci"``, the utility benchmark's; client.precondition)."""
     import tempfile
 
     from client.data import build_examples, load_merchant
 
-    prepare = {"esci": prepare_esci, "reviews": prepare_reviews}.get(source)
-    if prepare is None:
-        raise ValueError(f"public corpus source {source!r}: expected 'esci' or 'reviews'")
+    if source not in PUBLIC_CORPUS_SOURCES:
+        raise ValueError(f"public corpus source {source!r}: expected one of {', '.join(PUBLIC_CORPUS_SOURCES)}")
+    prepare = prepare_esci if source == "esci" else prepare_reviews
     pairs: dict[tuple[str, str], None] = {}
     with tempfile.TemporaryDirectory(prefix=f"fedshop-corpus-{source}-") as tmp:
         for folder in prepare(Path(tmp) / source):
