@@ -89,7 +89,10 @@ def merchant_state(run_dir: Path, merchant: str) -> dict:
 
 
 def check_client_state_matches_ledger(run_dir: Path, merchants: list[str] = MERCHANTS) -> None:
-    """Each merchant's own state file (kept by its node) reports the ε of its last ledger row."""
+    """Each merchant's own state file (kept by its node) reports the ε of its last ledger row.
+
+    A call killed between its reservation and its commit leaves the reservation in the file,
+    counted as spent from then on (its update may have left): the node's ε composes both."""
     with PrivacyLedger(run_dir / LEDGER_FILE) as ledger:
         latest = ledger.latest_epsilon()
     assert sorted(latest) == merchants
@@ -97,6 +100,7 @@ def check_client_state_matches_ledger(run_dir: Path, merchants: list[str] = MERC
         state = merchant_state(run_dir, merchant)
         assert state["merchant_id"] == merchant
         events = [MechanismEvent.from_dict(e["event"]) for e in state["entries"]]
+        events += [MechanismEvent.from_dict(r["mechanism"]) for r in state.get("reservations", [])]
         assert epsilon(events, state["target_delta"]) == pytest.approx(latest[merchant], rel=1e-9)
 
 
