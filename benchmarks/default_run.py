@@ -140,7 +140,7 @@ def checks(scored: dict[str, dict[str, float]], summary: dict[str, Any], rounds:
         privacy = summary["privacy"].get(merchant, {})
         trained = privacy.get("rounds", 0) >= math.ceil(rounds / 2)
         c = {"trained": trained}
-        if trained:
+        if trained and privacy.get("epsilon") is not None:  # None: a non-private run spends no ε
             c["epsilon_at_least_80_percent"] = privacy["epsilon"] >= EPSILON_SHARE * privacy["budget"]
         if "ctr_logloss" in m:
             c["logloss_below_base_rate"] = m["ctr_logloss"] < m["ctr_logloss_held_out"]
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                if any(c in m for m in scored.values())]
     print(f"{'merchant':<12} {'ε':>6} " + " ".join(f"{c:>20}" for c in columns) + "  checks")
     for merchant, m in scored.items():
-        eps = summary["privacy"].get(merchant, {}).get("epsilon", float("nan"))
+        eps = summary["privacy"].get(merchant, {}).get("epsilon") or float("nan")
         failed = [k for k, ok in verdict[merchant].items() if not ok]
         print(f"{merchant:<12} {eps:6.2f} " + " ".join(f"{m.get(c, float('nan')):20.4f}" for c in columns)
               + ("  ok" if not failed else "  FAILED: " + ", ".join(failed)))
