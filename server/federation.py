@@ -43,6 +43,7 @@ from shared.metrics import HIGHER_IS_BETTER, is_noise_scale, is_released_sum
 from shared.privacy import merchant_level
 from shared.run_files import CONFIG_FILE, LEDGER_FILE
 from shared.wire import (
+    ARRAYS,
     CLIENT_S,
     DURATION_S,
     MERCHANT,
@@ -55,10 +56,12 @@ from shared.wire import (
     STATUS_REFUSED,
     TIMING_METRIC_KEYS,
     EvalReply,
+    MalformedUpdateError,
     PrivacyFacts,
     TrainReply,
     WireError,
     array_bytes,
+    packed_key,
     params_to_record,
     record_to_params,
 )
@@ -119,7 +122,7 @@ class Federation:
             latest = ckpt.load_latest(self.run_dir)
             if latest is not None:
                 self.params = dict(latest.parameters)
-                restore_strategy_state(self.strategy, latest.extra_arrays)
+                restore_strategy_state(self.strategy, latest.extra_arrays, self.params)
                 self.start_round = latest.round + 1
                 self.model_version = latest.round
         # Atomic: --resume reads it back, and a torn one would leave the run unresumable.
@@ -224,8 +227,10 @@ class Federation:
         report.sampled = [self.node_merchant.get(n, f"node-{n}") for n in sampled]
         log.info("round %d/%d: training on %d merchant(s)", rnd, self.config.num_server_rounds, len(sampled))
         train_config = ConfigRecord({MODEL_VERSION: model_version, RUN_ID: self.run_id})
+        global_record = params_to_record(self.params)
+        global_key = packed_key(global_record)
         messages = list(self.strategy.configure_train(
-            rnd, params_to_record(self.params), train_config, EligibleNodesGrid(self.grid, sampled)))  # type: ignore[arg-type]
+            rnd, global_record, train_config, EligibleNodesGrid(self.grid, sampled)))  # type: ignore[arg-type]
         if self.secure is not None:
             return self._secure_train_round(rnd, messages, report, start)
         replies = self._collect(messages, phase="train", rnd=rnd)
@@ -239,6 +244,10 @@ class Federation:
                 continue
             try:
                 reply = TrainReply.from_recorddict(msg.content)
+            except MalformedUpdateError as exc:  # the facts read: the call's spend is recorded
+                records.append(self._outcome(rnd, node_id, exc.facts, "rejected", f"malformed update: {exc.reason}",
+                                             report))
+                continue
             except WireError as exc:
                 report.failed[f"node-{node_id}"] = f"malformed reply: {exc}"
                 continue
@@ -252,6 +261,10 @@ class Federation:
                 report.bytes_received += array_bytes(reply.params)
                 verdict = screen_update(reply.params, self.params, max_update_norm=self.config.max_update_norm)
                 if verdict.accepted:
+                    if packed_key(msg.content.array_records[ARRAYS]) != global_key:
+                        # Same parameters in another order (or unpacked): Flower averages arrays
+                        # by key, so every reply is laid out as the global model is.
+                        msg.content.array_records[ARRAYS] = params_to_record({k: reply.params[k] for k in self.params})
                     accepted.append(msg)
                     report.accepted.append(facts.merchant_id)
                     _count_timings(report, reply.metrics)

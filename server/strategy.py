@@ -9,14 +9,20 @@ own sampling never blocks waiting for nodes, and exhausted merchants are never s
 
 from __future__ import annotations
 
+import logging
+from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from shared.config import RunConfig
+from shared.wire import params_to_record, record_to_params
+
+log = logging.getLogger(__name__)
 
 
 def build_strategy(config: RunConfig) -> Strategy:
@@ -51,17 +57,28 @@ _STATE_ATTRS = ("m_t", "v_t")
 
 
 def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
+    """The strategy's moments, one array per parameter name (``<attr>/<name>``): Flower keys them
+    by the ArrayRecord's keys, which for a packed model (shared.wire) is its one layout key."""
     state: dict[str, np.ndarray] = {}
     for attr in _STATE_ATTRS:
         value = getattr(strategy, attr, None)
         if isinstance(value, dict):
-            state.update({f"{attr}/{k}": np.asarray(v) for k, v in value.items()})
+            record = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in value.items()))
+            state.update({f"{attr}/{k}": np.asarray(v) for k, v in record_to_params(record).items()})
     return state
 
 
-def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray]) -> None:
+def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray], order: Iterable[str]) -> None:
+    """Give ``strategy`` the moments ``strategy_state`` saved, keyed as the model's parameters
+    (named in ``order``, the global model's) travel: packed as ``shared.wire`` packs them."""
+    names = list(order)
     for attr in _STATE_ATTRS:
         prefix = f"{attr}/"
         values = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         if values and hasattr(strategy, attr):
-            setattr(strategy, attr, values)
+            missing = [n for n in names if n not in values]
+            if missing:
+                log.warning("strategy state %r lacks parameter(s) %s; the strategy starts it afresh", attr, missing[:3])
+                continue
+            record = params_to_record({n: np.asarray(values[n]) for n in names})
+            setattr(strategy, attr, {k: v.numpy() for k, v in record.items()})

@@ -15,6 +15,7 @@ crosses the network: the train reply has none (docs/privacy.md, "Released fields
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from collections import OrderedDict
 from typing import Any
@@ -65,12 +66,70 @@ class WireError(ValueError):
     """A reply is missing a record or a key; the message names it."""
 
 
+class MalformedUpdateError(WireError):
+    """A train reply whose privacy facts read but whose parameters do not: the server records
+    the call's spend (``facts``) and rejects the update."""
+
+    def __init__(self, facts: PrivacyFacts, reason: str) -> None:
+        super().__init__(f"merchant {facts.merchant_id!r}: {reason}")
+        self.facts, self.reason = facts, reason
+
+
+# A model's parameters travel as one flat array whose key names the layout (the parameters'
+# names and shapes, in order): ``PACKED_PREFIX + '[["name",[rows,cols]],...]'``. Flower moves a
+# message as a tree of objects, each fetched or sent with a request of its own (two at a time on
+# a 2-core machine), and every Array is two objects (the array and its chunk): a MiniLM LoRA
+# model as 30 arrays was ~64 objects a message, ~6 packed; deployed, each hop (SuperLink ->
+# node -> ClientApp and back) paid for every one. The key keeps the record self-describing, so
+# a receiver needs nothing beside it, and Flower's aggregation, which averages arrays of the
+# same key, averages only replies of the same layout (server.federation re-packs each accepted
+# reply in the global model's order first). Parameters of more than one dtype travel unpacked,
+# one array per parameter, as Flower's ArrayRecord holds them.
+PACKED_PREFIX = "fedshop-packed/1 "
+
+
 def params_to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in params.items()))
+    arrays = [np.asarray(v) for v in params.values()]
+    if not arrays or len({a.dtype for a in arrays}) != 1:
+        return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in params.items()))
+    layout = json.dumps([[name, list(a.shape)] for name, a in zip(params, arrays, strict=True)], separators=(",", ":"))
+    flat = np.concatenate([a.reshape(-1) for a in arrays])
+    return ArrayRecord(OrderedDict([(PACKED_PREFIX + layout, Array(flat))]))
 
 
 def record_to_params(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
+    """The parameters an ArrayRecord holds, packed (``params_to_record``) or one array each; a
+    WireError when a packed record's layout does not match its data."""
+    if len(record) == 1:
+        key = next(iter(record))
+        if key.startswith(PACKED_PREFIX):
+            return _unpack(key[len(PACKED_PREFIX):], record[key].numpy())
     return OrderedDict((k, v.numpy()) for k, v in record.items())
+
+
+def _unpack(layout: str, flat: np.ndarray) -> OrderedDict[str, np.ndarray]:
+    try:
+        entries = [(str(name), tuple(int(d) for d in shape)) for name, shape in json.loads(layout)]
+    except (ValueError, TypeError) as exc:
+        raise WireError(f"packed parameters: unreadable layout ({exc})") from exc
+    sizes = [math.prod(shape) for _, shape in entries]
+    if flat.ndim != 1 or any(d < 0 for _, shape in entries for d in shape) or sum(sizes) != flat.size:
+        raise WireError(f"packed parameters: the layout names {sum(sizes)} values in {len(entries)} parameters, "
+                        f"the array holds {flat.size} (shape {flat.shape})")
+    if len({name for name, _ in entries}) != len(entries):
+        raise WireError("packed parameters: the layout names a parameter twice")
+    out: OrderedDict[str, np.ndarray] = OrderedDict()
+    start = 0
+    for (name, shape), size in zip(entries, sizes, strict=True):
+        out[name] = flat[start:start + size].reshape(shape)
+        start += size
+    return out
+
+
+def packed_key(record: ArrayRecord) -> str | None:
+    """The key of a packed record (its layout), None for an unpacked one."""
+    keys = list(record)
+    return keys[0] if len(keys) == 1 and keys[0].startswith(PACKED_PREFIX) else None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -142,7 +201,10 @@ class TrainReply:
         if PRIVACY not in content.config_records:
             raise WireError(f"train reply has no {PRIVACY!r} ConfigRecord")
         facts = PrivacyFacts.from_record(content.config_records[PRIVACY])
-        params = record_to_params(content.array_records[ARRAYS]) if ARRAYS in content.array_records else None
+        try:
+            params = record_to_params(content.array_records[ARRAYS]) if ARRAYS in content.array_records else None
+        except WireError as exc:
+            raise MalformedUpdateError(facts, str(exc)) from exc
         metrics = dict(content.metric_records[METRICS]) if METRICS in content.metric_records else {}
         if facts.status == STATUS_OK and params is None:
             raise WireError(f"merchant {facts.merchant_id!r}: reply status ok but no {ARRAYS!r} record")

@@ -52,6 +52,7 @@ from shared.wire import (
     TrainReply,
     WireError,
     params_to_record,
+    record_to_params,
 )
 from tests.helpers.merchants import write_merchant
 
@@ -116,7 +117,9 @@ def test_train_replies_with_trainable_arrays_metrics_and_privacy_facts(
     assert set(content.array_records) == {ARRAYS}
     assert set(content.metric_records) == {METRICS}
     assert set(content.config_records) == {PRIVACY}
-    assert list(content.array_records[ARRAYS].keys()) == list(global_params)
+    # One packed array (shared.wire), laid out as the global model was sent.
+    assert len(content.array_records[ARRAYS]) == 1
+    assert list(record_to_params(content.array_records[ARRAYS])) == list(global_params)
     assert set(content.metric_records[METRICS]) == set(TRAIN_METRIC_KEYS)
     assert not set(TIMING_METRIC_KEYS) & set(content.metric_records[METRICS])  # report-timings is off by default
 

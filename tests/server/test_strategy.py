@@ -106,7 +106,7 @@ def test_fedadam_moments_survive_a_checkpoint_and_resume(tmp_path: Path) -> None
     latest = ckpt.load_latest(tmp_path)
     assert latest is not None
     resumed = fedadam()
-    restore_strategy_state(resumed, latest.extra_arrays)
+    restore_strategy_state(resumed, latest.extra_arrays, latest.parameters)
     x2_resumed = train_round(resumed, 2, latest.parameters, ROUND_2)
 
     for k in X0:
@@ -124,10 +124,10 @@ def test_fedavg_has_no_state_and_restoring_none_changes_nothing() -> None:
     strategy = build_strategy(RunConfig.from_mapping({"strategy": "fedavg"}))
     x1 = train_round(strategy, 1, X0, ROUND_1)
     assert strategy_state(strategy) == {}
-    restore_strategy_state(strategy, {})
+    restore_strategy_state(strategy, {}, X0)
     np.testing.assert_allclose(x1["w"], [5 / 3, -10 / 3], rtol=1e-6)  # plain weighted mean
     # A FedAdam state handed to FedAvg (a run resumed with another strategy) is ignored.
-    restore_strategy_state(strategy, {"m_t/w": np.ones(2)})
+    restore_strategy_state(strategy, {"m_t/w": np.ones(2)}, X0)
     assert strategy_state(strategy) == {}
 
 
