@@ -17,7 +17,7 @@ A round is measured from one checkpoint to the next (train + evaluate + checkpoi
 (which pays for Ray start-up in simulation) is left out of the steady-state figure. In the
 deployment every line of a merchant's start script output is timestamped as it appears, which
 splits each message's time at the node into: from the node logging the message (it polls the
-SuperLink every 3 s when idle) to a ClientApp process taking it (``wait_for_process_s``), and
+SuperLink every 0.5 s when idle, client.supernode) to a ClientApp process taking it (``wait_for_process_s``), and
 from there to the node sending the reply (``process_s``: pulling the task, loading the app
 from its FAB, the work itself, pushing the reply). The kits run each SuperNode with
 ``--isolation process`` and warm ClientApp processes (``client/warm.py``: imports paid before
