@@ -7,18 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.supercore.task_identity import TaskIdentity
 
-from server.federation import Federation
 from shared.config import ConfigError, RunConfig
-from tests.server.test_timings import PARAMS, AnsweringGrid, train_reply
+from tests.helpers.answering_grid import AnsweringGrid, run_federation, task_identity, train_reply
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+__all__ = ["task_identity"]  # the fixture Messages built outside a ServerApp need
 
 
 def test_the_schedule_is_every_kth_round_and_the_last() -> None:
@@ -33,13 +26,7 @@ def test_the_schedule_is_every_kth_round_and_the_last() -> None:
 
 def test_the_server_sends_evaluate_only_on_scheduled_rounds(tmp_path: Path) -> None:
     grid = AnsweringGrid({1: train_reply("shop-a", {}), 2: train_reply("shop-b", {})})
-    config = RunConfig(num_server_rounds=5, evaluate_every=2, merchants_per_round=2, run_dir=str(tmp_path / "run"),
-                       dp=False, node_wait_timeout_s=1.0)
-    federation = Federation(grid, config, PARAMS)  # type: ignore[arg-type]
-    try:
-        result = federation.run()
-    finally:
-        federation.close()
+    result = run_federation(grid, tmp_path / "run", num_server_rounds=5, evaluate_every=2)
     assert result.rounds_completed == 5 and np.allclose(result.params["w"], 0.1)
     trains, evaluated = 0, set()  # two merchants: every two train replies close a round
     for answer in grid.answers:

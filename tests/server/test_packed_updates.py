@@ -1,6 +1,6 @@
 """server.federation with packed updates (shared.wire): a reply laid out in another order is
 still averaged name by name, and one whose packing does not read is rejected with its spend
-recorded. The grid answers at once, without Ray (tests.server.test_timings)."""
+recorded. The grid answers at once, without Ray (tests.helpers.answering_grid)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,9 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, Message
 
-from server.federation import Federation
-from shared.config import RunConfig
 from shared.wire import ARRAYS, PACKED_PREFIX, TrainReply, packed_key, params_to_record
+from tests.helpers.answering_grid import PARAMS, AnsweringGrid, run_federation, task_identity, train_reply
 from tests.helpers.federation import ledger_rows, metrics_rows
-from tests.server.test_timings import PARAMS, AnsweringGrid, task_identity, train_reply
 
 __all__ = ["task_identity"]  # the fixture Messages outside a ServerApp need
 
@@ -35,13 +33,7 @@ class RelayingGrid(AnsweringGrid):
 
 
 def run(tmp_path: Path, grid: AnsweringGrid) -> tuple[dict[str, np.ndarray], dict]:
-    config = RunConfig(num_server_rounds=1, merchants_per_round=len(grid.replies), run_dir=str(tmp_path / "run"),
-                       dp=False, node_wait_timeout_s=1.0)
-    federation = Federation(grid, config, PARAMS)  # type: ignore[arg-type]
-    try:
-        result = federation.run()
-    finally:
-        federation.close()
+    result = run_federation(grid, tmp_path / "run")
     (row,) = metrics_rows(tmp_path / "run")
     return result.params, row
 
