@@ -21,7 +21,9 @@ the sleeps it replaces, so an upgrade fails loudly instead of silently polling e
 A shorter poll costs the SuperLink one more small request per node per interval while the node is
 idle (at 0.5 s, two a second a node); the merchant's start script sets it
 (``FEDSHOP_POLL_INTERVAL_S``, default ``DEFAULT_POLL_INTERVAL_S``), and Flower's 3 s is
-``--poll-interval-s 3``.
+``--poll-interval-s 3``. For ``ACTIVE_WINDOW_S`` after serving a message the node asks every
+0.1 s (``FEDSHOP_ACTIVE_POLL_INTERVAL_S``): ten requests a second from each node that took part
+in the last seconds of a run, none more from an idle federation.
 
 It also declares a heartbeat interval of ``DEFAULT_HEARTBEAT_INTERVAL_S`` (10 s, the least the
 SuperLink accepts; ``FEDSHOP_HEARTBEAT_INTERVAL_S``) instead of Flower's fixed 30 s: the
@@ -33,10 +35,11 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import math
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -45,6 +48,13 @@ from shared.flower_pulls import FlowerChangedError
 
 DEFAULT_POLL_INTERVAL_S = 0.5
 POLL_ENV = "FEDSHOP_POLL_INTERVAL_S"  # the start script's way to set it
+# Within ACTIVE_WINDOW_S of serving a message the node asks every ACTIVE_POLL_INTERVAL_S instead:
+# a round's next message (its evaluation, the next round, secagg+'s next stage) usually comes
+# within seconds, and every phase waits for the slowest node's poll. An idle federation's
+# nodes still ask at the idle interval.
+DEFAULT_ACTIVE_POLL_INTERVAL_S = 0.1
+ACTIVE_POLL_ENV = "FEDSHOP_ACTIVE_POLL_INTERVAL_S"
+ACTIVE_WINDOW_S = 10.0
 # The heartbeat interval the node declares to the SuperLink (Flower 1.42: a fixed 30 s; the
 # SuperLink accepts 10-1800 s and declares a node gone after two intervals without one).
 DEFAULT_HEARTBEAT_INTERVAL_S = 10.0
@@ -58,16 +68,40 @@ REPLY_SLEEP_S = 0.5
 _EXPECTED = ("time.sleep(3)", "time.sleep(0.5)")
 
 
-class _PollClock:
-    """``time`` for one module, with its fixed sleeps shortened; every other name is ``time``'s."""
+class PollSchedule:
+    """How long a poller waits before asking again: ``active_s`` within ``window_s`` of its last
+    work (``worked``), ``idle_s`` otherwise (also before any work)."""
 
-    def __init__(self, poll_interval_s: float) -> None:
+    def __init__(self, idle_s: float, active_s: float, window_s: float = ACTIVE_WINDOW_S,
+                 now: Callable[[], float] = time.monotonic) -> None:
+        if not 0.0 < active_s <= idle_s:
+            raise ValueError(f"the active poll interval must be in (0, {idle_s:g}] seconds (the idle one), "
+                             f"got {active_s!r}")
+        self.idle_s, self.active_s, self.window_s, self._now = idle_s, active_s, window_s, now
+        self._last_work = -math.inf
+
+    def worked(self) -> None:
+        self._last_work = self._now()
+
+    def wait_s(self) -> float:
+        return self.active_s if self._now() - self._last_work < self.window_s else self.idle_s
+
+
+class _PollClock:
+    """``time`` for one module, with its fixed sleeps shortened; every other name is ``time``'s.
+    A reply check means the node is serving a message: the idle polls after it are brisk."""
+
+    def __init__(self, poll_interval_s: float, active_poll_interval_s: float | None = None) -> None:
         self.poll_interval_s = poll_interval_s
+        active = min(DEFAULT_ACTIVE_POLL_INTERVAL_S, poll_interval_s) if active_poll_interval_s is None \
+            else active_poll_interval_s
+        self.schedule = PollSchedule(poll_interval_s, active)
 
     def sleep(self, seconds: float) -> None:
         if seconds == IDLE_SLEEP_S:
-            seconds = self.poll_interval_s
+            seconds = self.schedule.wait_s()
         elif seconds == REPLY_SLEEP_S:
+            self.schedule.worked()
             seconds = min(REPLY_SLEEP_S, self.poll_interval_s / 10)
         time.sleep(seconds)
 
@@ -111,15 +145,18 @@ def set_heartbeat_interval(seconds: float) -> None:
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
 
 
-def install(poll_interval_s: float, heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S) -> ModuleType:
+def install(poll_interval_s: float, heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
+            active_poll_interval_s: float | None = None) -> ModuleType:
     """Shorten the SuperNode loop's sleeps and its heartbeat interval in this process; returns
-    the patched loop module."""
+    the patched loop module. ``active_poll_interval_s``: the poll within ``ACTIVE_WINDOW_S`` of
+    serving a message (default the lesser of ``DEFAULT_ACTIVE_POLL_INTERVAL_S`` and the idle one)."""
     if not 0.0 < poll_interval_s <= IDLE_SLEEP_S:
         raise ValueError(f"--poll-interval-s must be in (0, {IDLE_SLEEP_S:g}] seconds, got {poll_interval_s!r}")
+    clock = _PollClock(poll_interval_s, active_poll_interval_s)  # validates the active interval too
     module = _loop_module()
     check_flower(module)
     set_heartbeat_interval(heartbeat_interval_s)
-    module.time = _PollClock(poll_interval_s)  # type: ignore[attr-defined]
+    module.time = clock  # type: ignore[attr-defined]
     flower_pulls.bind_backoff(module, "pull_objects")  # a message's objects, from the SuperLink
     return module
 
@@ -138,6 +175,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--poll-interval-s", type=_seconds, default=None,
                         help=f"seconds between asks while idle (default ${POLL_ENV}, else "
                              f"{DEFAULT_POLL_INTERVAL_S:g}; Flower's own: {IDLE_SLEEP_S:g})")
+    parser.add_argument("--active-poll-interval-s", type=_seconds, default=None,
+                        help=f"seconds between asks within {ACTIVE_WINDOW_S:g} s of serving a message (default "
+                             f"${ACTIVE_POLL_ENV}, else the lesser of {DEFAULT_ACTIVE_POLL_INTERVAL_S:g} and the idle "
+                             "interval)")
     parser.add_argument("--heartbeat-interval-s", type=_seconds, default=None,
                         help=f"the heartbeat interval the node declares (default ${HEARTBEAT_ENV}, else "
                              f"{DEFAULT_HEARTBEAT_INTERVAL_S:g}; Flower's own: 30); a crashed node is let go, "
@@ -154,9 +195,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{env_name}: {err}")
 
     poll = chosen(args.poll_interval_s, POLL_ENV, DEFAULT_POLL_INTERVAL_S)
+    active = chosen(args.active_poll_interval_s, ACTIVE_POLL_ENV, min(DEFAULT_ACTIVE_POLL_INTERVAL_S, poll))
     heartbeat = chosen(args.heartbeat_interval_s, HEARTBEAT_ENV, DEFAULT_HEARTBEAT_INTERVAL_S)
     try:
-        install(poll, heartbeat)
+        install(poll, heartbeat, active)
     except (ValueError, FlowerChangedError) as err:
         parser.error(str(err))
     from flwr.supernode.cli import flower_supernode

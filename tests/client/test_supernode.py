@@ -52,6 +52,25 @@ def test_the_poll_clock_shortens_only_the_two_fixed_sleeps(monkeypatch: pytest.M
     assert clock.monotonic is time.monotonic  # everything else is time's
 
 
+def test_after_serving_a_message_the_node_polls_briskly_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    now = [100.0]
+    clock = supernode._PollClock(0.5)
+    clock.schedule._now = lambda: now[0]
+    clock.sleep(3)  # idle, nothing served yet
+    clock.sleep(0.5)  # a reply check: a message is being served
+    now[0] += supernode.ACTIVE_WINDOW_S - 1
+    clock.sleep(3)
+    now[0] += 1
+    clock.sleep(3)  # the window has passed: idle again
+    assert slept == pytest.approx([0.5, 0.05, supernode.DEFAULT_ACTIVE_POLL_INTERVAL_S, 0.5])
+    # Never brisker than asked: an idle poll under the default active one is kept for both.
+    assert supernode._PollClock(0.05).schedule.active_s == 0.05
+    with pytest.raises(ValueError, match=r"active poll interval must be in \(0, 0.5\] seconds.*got 0.8"):
+        supernode._PollClock(0.5, 0.8)
+
+
 def test_install_patches_the_supernode_loop_and_its_pulls(monkeypatch: pytest.MonkeyPatch) -> None:
     from flwr.supercore import heartbeat
     from flwr.supernode import fleet_http_connection
@@ -119,6 +138,12 @@ def test_bad_poll_intervals_are_refused_with_their_value(monkeypatch: pytest.Mon
     with pytest.raises(SystemExit) as exc:
         supernode.main(["--insecure"])
     assert exc.value.code == 2 and f"{supernode.POLL_ENV}: not a number of seconds: 'fast'" in capsys.readouterr().err
+    monkeypatch.delenv(supernode.POLL_ENV)
+    monkeypatch.setenv(supernode.ACTIVE_POLL_ENV, "2")  # brisker than idle, or it means nothing
+    with pytest.raises(SystemExit) as exc:
+        supernode.main(["--insecure"])
+    assert exc.value.code == 2 and "active poll interval must be in (0, 0.5] seconds (the idle one), got 2.0" \
+        in capsys.readouterr().err
 
 
 def test_the_merchants_script_starts_its_node_through_the_launcher(tmp_path: Path) -> None:

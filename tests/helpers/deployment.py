@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import http.client
 import os
+import random
 import re
 import signal
 import socket
@@ -28,13 +29,25 @@ from tests.helpers import proc
 VENV_BIN = Path(sys.executable).parent
 
 
+# Below Linux's ephemeral range (32768-60999 by default), which the kernel hands out to outgoing
+# connections too: a port it chose as free could be taken by some process's connect() before the
+# SuperLink bound it (seen once: "address already in use" at start-up). Ports here are only
+# ever taken by a bind.
+PORT_RANGE = (20000, 32000)
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct free TCP ports on 127.0.0.1 (high range, chosen by the kernel)."""
-    socks = []
+    """``count`` distinct free TCP ports on 127.0.0.1, drawn from ``PORT_RANGE``."""
+    rng = random.SystemRandom()
+    socks: list[socket.socket] = []
     try:
-        for _ in range(count):
+        while len(socks) < count:
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
+            try:
+                s.bind(("127.0.0.1", rng.randrange(*PORT_RANGE)))
+            except OSError:  # taken: draw again
+                s.close()
+                continue
             socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:

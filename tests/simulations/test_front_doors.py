@@ -15,7 +15,6 @@ import os
 import re
 import shlex
 import signal
-import socket
 import sys
 import time
 import tomllib
@@ -31,6 +30,7 @@ from shared.model import MANIFEST_FILE
 from shared.run_files import LEDGER_FILE, MODEL_DIR, SUMMARY_FILE
 from simulations import cli, engine
 from tests.helpers import proc
+from tests.helpers.deployment import free_ports
 from tests.helpers.federation import FAST, write_scenario
 from tests.helpers.merchants import write_merchants
 
@@ -264,12 +264,6 @@ def _readme_flwr_command() -> dict[str, Any]:
     return {"argv": argv, "num-supernodes": int(size.group(1))}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _started_with(flwr_home: Path) -> list[int]:
     """PIDs of live processes whose environment carries this test's own FLWR_HOME: the local
     SuperLink ``flwr run`` starts detached (its own session), its SuperExec (another session),
@@ -316,12 +310,13 @@ def test_flwr_run_from_a_fresh_flwr_home(tmp_path: Path) -> None:
     argv[0] = str(Path(sys.executable).parent / "flwr")
 
     flwr_home = tmp_path / "flwr-home"
+    http_port, control_port = free_ports(2)
     env = proc.subprocess_env({
         "FLWR_HOME": str(flwr_home),
         # Ports of this test's own: a local SuperLink already running on the default ports
         # (someone's `flwr run`) would otherwise take the run, with its own state.
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(_free_port()),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(_free_port()),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(http_port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control_port),
         # `flwr` starts `flower-superlink` by name.
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
     })
