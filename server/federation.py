@@ -169,7 +169,9 @@ class Federation:
             report = self._train_round(rnd, eligible, model_version=model_version)
             if report.aggregated:
                 model_version = rnd
-            if self.config.evaluates_after(rnd):
+            # evaluate = false: nobody is asked (a merchant releases metrics only when asked,
+            # and a deployed round would still pay a round trip for replies holding nothing).
+            if self.config.evaluate and self.config.evaluates_after(rnd):
                 self._evaluate_round(rnd, eligible, report, model_version=model_version)
             self.run_log.append(report)
             ckpt.save_checkpoint(self.run_dir, ckpt.Checkpoint(

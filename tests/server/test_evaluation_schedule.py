@@ -49,3 +49,10 @@ def test_the_merchant_reserves_only_the_scheduled_evaluations(tmp_path: Path) ->
     split = merchant.split()
     assert merchant.evaluations_ahead(split, on, server_round=1) == [on.mechanism] * 2  # rounds 3 and 4
     assert merchant.evaluations_ahead(split, on, server_round=4) == [on.mechanism]
+
+
+def test_with_evaluation_off_the_server_sends_no_evaluate_message(tmp_path: Path) -> None:
+    grid = AnsweringGrid({1: train_reply("shop-a", {}), 2: train_reply("shop-b", {})})
+    result = run_federation(grid, tmp_path / "run", num_server_rounds=3, evaluate=False)
+    assert result.rounds_completed == 3
+    assert [a.metadata.message_type for a in grid.answers] == ["train"] * 6
