@@ -10,17 +10,15 @@ own sampling never blocks waiting for nodes, and exhausted merchants are never s
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedProx, Strategy
 
 from shared.config import RunConfig
-from shared.wire import params_to_record, record_to_params
+from shared.wire import pack, unpack
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +61,7 @@ def strategy_state(strategy: Strategy) -> dict[str, np.ndarray]:
     for attr in _STATE_ATTRS:
         value = getattr(strategy, attr, None)
         if isinstance(value, dict):
-            record = ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in value.items()))
-            state.update({f"{attr}/{k}": np.asarray(v) for k, v in record_to_params(record).items()})
+            state.update({f"{attr}/{k}": np.asarray(v) for k, v in unpack(value).items()})
     return state
 
 
@@ -80,5 +77,4 @@ def restore_strategy_state(strategy: Strategy, state: dict[str, np.ndarray], ord
             if missing:
                 log.warning("strategy state %r lacks parameter(s) %s; the strategy starts it afresh", attr, missing[:3])
                 continue
-            record = params_to_record({n: np.asarray(values[n]) for n in names})
-            setattr(strategy, attr, {k: v.numpy() for k, v in record.items()})
+            setattr(strategy, attr, dict(pack({n: values[n] for n in names})))

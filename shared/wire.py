@@ -18,6 +18,7 @@ import dataclasses
 import json
 import math
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -88,23 +89,34 @@ class MalformedUpdateError(WireError):
 PACKED_PREFIX = "fedshop-packed/1 "
 
 
-def params_to_record(params: dict[str, np.ndarray]) -> ArrayRecord:
+def pack(params: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """``params`` keyed as they travel: one flat array under its layout key, or (several
+    dtypes) as they are. What anything keyed like an ArrayRecord holds (FedAdam's moments too)."""
     arrays = [np.asarray(v) for v in params.values()]
     if not arrays or len({a.dtype for a in arrays}) != 1:
-        return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in params.items()))
+        return OrderedDict(zip(params, arrays, strict=True))
     layout = json.dumps([[name, list(a.shape)] for name, a in zip(params, arrays, strict=True)], separators=(",", ":"))
-    flat = np.concatenate([a.reshape(-1) for a in arrays])
-    return ArrayRecord(OrderedDict([(PACKED_PREFIX + layout, Array(flat))]))
+    return OrderedDict([(PACKED_PREFIX + layout, np.concatenate([a.reshape(-1) for a in arrays]))])
+
+
+def unpack(arrays: Mapping[str, np.ndarray]) -> OrderedDict[str, np.ndarray]:
+    """``pack``'s inverse: the parameters by name; a WireError when a packed layout does not
+    match its data."""
+    if len(arrays) == 1:
+        key, flat = next(iter(arrays.items()))
+        if key.startswith(PACKED_PREFIX):
+            return _unpack(key[len(PACKED_PREFIX):], np.asarray(flat))
+    return OrderedDict(arrays)
+
+
+def params_to_record(params: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord(OrderedDict((k, Array(np.ascontiguousarray(v))) for k, v in pack(params).items()))
 
 
 def record_to_params(record: ArrayRecord) -> OrderedDict[str, np.ndarray]:
     """The parameters an ArrayRecord holds, packed (``params_to_record``) or one array each; a
     WireError when a packed record's layout does not match its data."""
-    if len(record) == 1:
-        key = next(iter(record))
-        if key.startswith(PACKED_PREFIX):
-            return _unpack(key[len(PACKED_PREFIX):], record[key].numpy())
-    return OrderedDict((k, v.numpy()) for k, v in record.items())
+    return unpack(OrderedDict((k, v.numpy()) for k, v in record.items()))
 
 
 def _unpack(layout: str, flat: np.ndarray) -> OrderedDict[str, np.ndarray]:
