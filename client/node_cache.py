@@ -47,8 +47,9 @@ MAX_SPLITS = 16  # merchants a worker keeps the split of (a simulation's workers
 MAX_ENCODERS = 2
 
 
-class _Bounded:
-    """A small least-recently-used map, safe to share between a worker's threads."""
+class Bounded:
+    """A small least-recently-used map, safe to share between a worker's threads (also
+    ``client.precondition``'s fitted corpora)."""
 
     def __init__(self, size: int) -> None:
         self.size = size
@@ -72,9 +73,9 @@ class _Bounded:
             self._items.clear()
 
 
-_SPLITS = _Bounded(MAX_SPLITS)
-_ENCODERS = _Bounded(MAX_ENCODERS)
-_TOKENIZERS = _Bounded(MAX_ENCODERS)
+_SPLITS = Bounded(MAX_SPLITS)
+_ENCODERS = Bounded(MAX_ENCODERS)
+_TOKENIZERS = Bounded(MAX_ENCODERS)
 
 
 def files_key(folder: Path, *, contents: bool = False) -> tuple[tuple[str, int, int | str], ...]:

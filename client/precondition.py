@@ -25,14 +25,13 @@ import copy
 import dataclasses
 import functools
 import logging
-import threading
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from client import features
+from client import features, node_cache
 from shared.model import FedShopModel
 
 log = logging.getLogger(__name__)
@@ -145,15 +144,12 @@ def read_corpus(path: str | Path) -> list[tuple[str, str]]:
 # every merchant in turn, and the corpus is the same public text for all of them, so it is
 # encoded once per worker, not once per merchant (24 s of a six-merchant reviews run). Bounded,
 # read-only, shared by a worker's threads (a race only fits twice).
-_FITTED: dict[tuple[object, ...], Preconditioner] = {}
-_FITTED_LOCK = threading.Lock()
-_MAX_FITTED = 2
+_FITTED = node_cache.Bounded(2)
 
 
 def forget() -> None:
     """Drop the fitted preconditioners this process keeps (tests)."""
-    with _FITTED_LOCK:
-        _FITTED.clear()
+    _FITTED.clear()
 
 
 def from_corpus(path: str | Path, model: FedShopModel, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int,
@@ -165,14 +161,10 @@ def from_corpus(path: str | Path, model: FedShopModel, tokenizer: PreTrainedToke
     pairs = read_corpus(path)
     dtype = features.encode_dtype(device, precision)
     key = (features.cache_key(model, tokenizer, pairs, max_seq_len=max_seq_len, dtype=dtype), shrink)
-    with _FITTED_LOCK:
-        if key in _FITTED:
-            return _FITTED[key]
-    states = features.pooled_states(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device,
-                                    cache_dir=cache_dir, precision=precision)
-    fitted = Preconditioner.fit(states, shrink)
-    with _FITTED_LOCK:
-        while len(_FITTED) >= _MAX_FITTED:
-            _FITTED.pop(next(iter(_FITTED)))
-        _FITTED[key] = fitted
-    return fitted
+
+    def fit() -> Preconditioner:
+        states = features.pooled_states(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device,
+                                        cache_dir=cache_dir, precision=precision)
+        return Preconditioner.fit(states, shrink)
+
+    return _FITTED.get(key, fit)
