@@ -185,7 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "and may rejoin, after two of them")
     args, rest = parser.parse_known_args(argv)
 
-    def chosen(value: float | None, env_name: str, default: float) -> float:
+    def chosen(value: float | None, env_name: str, default: float | None) -> float | None:
         if value is not None:
             return value
         env = os.environ.get(env_name, "").strip()
@@ -195,8 +195,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{env_name}: {err}")
 
     poll = chosen(args.poll_interval_s, POLL_ENV, DEFAULT_POLL_INTERVAL_S)
-    active = chosen(args.active_poll_interval_s, ACTIVE_POLL_ENV, min(DEFAULT_ACTIVE_POLL_INTERVAL_S, poll))
+    active = chosen(args.active_poll_interval_s, ACTIVE_POLL_ENV, None)  # None: _PollClock's default
     heartbeat = chosen(args.heartbeat_interval_s, HEARTBEAT_ENV, DEFAULT_HEARTBEAT_INTERVAL_S)
+    assert poll is not None and heartbeat is not None
     try:
         install(poll, heartbeat, active)
     except (ValueError, FlowerChangedError) as err:
