@@ -28,6 +28,7 @@ prints a table; exit 1 when a check fails.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -36,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -108,10 +110,23 @@ def baselines(train: list[Any], test: list[Any]) -> dict[str, float]:
     return out
 
 
-def score(run_dir: Path, data_dir: Path, work: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
-    """Each merchant's exact held-out metrics of the run's exported model plus its own local
-    offsets (when it has any), with the constant baselines; and the offsets applied."""
-    from client import evaluation, offsets
+@dataclasses.dataclass(frozen=True)
+class ServedMerchant:
+    """One merchant of a finished run as it serves: the run's exported model plus its own local
+    offsets (None without), its split under the run's config, where its held-out states cache."""
+
+    name: str
+    model: Any
+    tokenizer: Any
+    config: Any  # the run's RunConfig, every held-out unit evaluated
+    split: Any
+    offsets: Any
+    feature_cache: Path
+
+
+def served_merchants(run_dir: Path, data_dir: Path, work: Path) -> Iterator[ServedMerchant]:
+    """Every merchant of ``data_dir`` with the run's exported model (``rating_diagnosis`` too)."""
+    from client import offsets
     from client.data import load_merchant
     from client.merchant import merchant_dirs, simulated_state_dir, split_merchant
     from shared.config import RunConfig
@@ -120,17 +135,27 @@ def score(run_dir: Path, data_dir: Path, work: Path) -> tuple[dict[str, dict[str
     saved = json.loads((run_dir / "config.json").read_text())
     config = RunConfig.from_mapping({**saved, "eval-max-examples": 0})  # every held-out unit
     model, tokenizer, manifest = load_exported(run_dir / "model")
+    for folder in merchant_dirs(data_dir):
+        yield ServedMerchant(name=folder.name, model=model, tokenizer=tokenizer, config=config,
+                             split=split_merchant(load_merchant(folder), config),
+                             offsets=offsets.for_node(simulated_state_dir(run_dir, folder.name), manifest["heads"]),
+                             feature_cache=work / "features" / folder.name)
+
+
+def score(run_dir: Path, data_dir: Path, work: Path) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Each merchant's exact held-out metrics of the run's exported model plus its own local
+    offsets (when it has any), with the constant baselines; and the offsets applied."""
+    from client import evaluation
+
     result: dict[str, dict[str, float]] = {}
     applied: dict[str, dict[str, float]] = {}
-    for folder in merchant_dirs(data_dir):
-        split = split_merchant(load_merchant(folder), config)
-        own = offsets.for_node(simulated_state_dir(run_dir, folder.name), manifest["heads"])
-        exact = evaluation.evaluate(model, split.test, tokenizer, config,
-                                    feature_cache=work / "features" / folder.name, offsets=own)
-        result[folder.name] = {"held_out_examples": float(len(split.test)), **exact.metrics,
-                               **baselines(split.train, split.test)}
-        if own is not None:
-            applied[folder.name] = own.values()
+    for m in served_merchants(run_dir, data_dir, work):
+        exact = evaluation.evaluate(m.model, m.split.test, m.tokenizer, m.config, feature_cache=m.feature_cache,
+                                    offsets=m.offsets)
+        result[m.name] = {"held_out_examples": float(len(m.split.test)), **exact.metrics,
+                          **baselines(m.split.train, m.split.test)}
+        if m.offsets is not None:
+            applied[m.name] = m.offsets.values()
     return result, applied
 
 

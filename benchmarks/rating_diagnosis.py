@@ -19,37 +19,28 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from default_run import served_merchants  # this folder's benchmark: the run's merchants as served
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def diagnose(work: Path) -> dict[str, dict[str, float]]:
-    from client import evaluation, offsets
-    from client.data import load_merchant
-    from client.merchant import merchant_dirs, simulated_state_dir, split_merchant
-    from shared.config import RunConfig
-    from shared.model import load_exported
+    from client import evaluation
 
-    run_dir, data_dir = work / "run", work / "merchants"
-    saved = json.loads((run_dir / "config.json").read_text())
-    config = RunConfig.from_mapping({**saved, "eval-max-examples": 0})
-    model, tokenizer, manifest = load_exported(run_dir / "model")
     out: dict[str, dict[str, float]] = {}
-    for folder in merchant_dirs(data_dir):
-        split = split_merchant(load_merchant(folder), config)
-        own = offsets.for_node(simulated_state_dir(run_dir, folder.name), manifest["heads"])
-        rated = [e for e in split.test if e.task == "rating"]
+    for m in served_merchants(work / "run", work / "merchants", work):
+        rated = [e for e in m.split.test if e.task == "rating"]
         if len(rated) < 2:
             continue
-        _, pred = evaluation.predict(model, rated, tokenizer, config, feature_cache=work / "features" / folder.name,
-                                     offsets=own)
+        _, pred = evaluation.predict(m.model, rated, m.tokenizer, m.config, feature_cache=m.feature_cache,
+                                     offsets=m.offsets)
         p = np.asarray(pred, dtype=float)
         y = np.array([e.target for e in rated])
-        out[folder.name] = {"held_out_ratings": float(len(y)), "correlation": float(np.corrcoef(p, y)[0, 1]),
-                            "bias": float(p.mean() - y.mean()), "prediction_sd": float(p.std()),
-                            "rating_sd": float(y.std()), "rmse": float(np.sqrt(((p - y) ** 2).mean())),
-                            "rmse_held_out_mean": float(y.std())}
+        out[m.name] = {"held_out_ratings": float(len(y)), "correlation": float(np.corrcoef(p, y)[0, 1]),
+                       "bias": float(p.mean() - y.mean()), "prediction_sd": float(p.std()),
+                       "rating_sd": float(y.std()),  # also the held-out mean's RMSE
+                       "rmse": float(np.sqrt(((p - y) ** 2).mean()))}
     return out
 
 
@@ -61,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     result = diagnose(args.work)
     for merchant, m in result.items():
         print(f"{merchant:<14} n={m['held_out_ratings']:5.0f} corr {m['correlation']:+.3f} bias {m['bias']:+.3f} "
-              f"sd {m['prediction_sd']:.3f}  RMSE {m['rmse']:.3f} vs mean {m['rmse_held_out_mean']:.3f}")
+              f"sd {m['prediction_sd']:.3f}  RMSE {m['rmse']:.3f} vs mean {m['rating_sd']:.3f}")
     if args.out:
         args.out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
