@@ -9,7 +9,7 @@ and the whole source is read and split before anything is written.
   department (6).
 - ``prepare_esci``: a 500-query subset of Amazon's Shopping Queries dataset (Apache-2.0),
   queries spread over ``merchants`` merchants by a stable hash of the query id.
-- ``public_corpus_pairs`` / ``write_public_corpus``: one bundled dataset's texts as a public
+- ``public_corpus_pairs``: one bundled dataset's texts as a public
   corpus (``precondition-corpus``) for a federation of *other* shops: the utility benchmark's
   reviews heads train in the geometry of the ESCI texts (client.precondition).
 """
@@ -240,14 +240,3 @@ def public_corpus_pairs(source: str) -> list[tuple[str, str]]:
                 pairs[(" ".join(example.context.split()), " ".join(example.product.split()))] = None
     return list(pairs)
 
-
-def write_public_corpus(source: str, path: str | os.PathLike[str]) -> Path:
-    """``public_corpus_pairs(source)`` as a corpus file (``context<TAB>product`` per line, or the
-    product alone), written atomically: ``client.precondition.read_corpus`` reads it."""
-    from shared import atomic
-
-    pairs = public_corpus_pairs(source)
-    out = Path(path)
-    atomic.write_text(out, "".join(f"{c}\t{p}\n" if c else f"{p}\n" for c, p in pairs))
-    log.info("public corpus %s: %d texts of the bundled %s data", out, len(pairs), source)
-    return out

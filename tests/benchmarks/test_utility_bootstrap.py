@@ -145,14 +145,14 @@ def test_the_public_corpus_is_the_other_shops_text_and_reads_as_one(utility: Mod
     scenario's, ``bundled:esci``): every ESCI query-product text, once each; written as a file,
     it reads back as the same pairs; none of it is a reviews record."""
     from client.precondition import read_corpus
-    from client.sources import adapters
+    from tests.helpers.heads import write_public_corpus
 
     assert utility.SETTINGS["heads"].public_corpus == {"reviews": "esci"}
     pairs = read_corpus("bundled:esci")
     assert len(pairs) > 1000 and len(set(pairs)) == len(pairs)
     assert sum(1 for c, _ in pairs if c) > 0.9 * len(pairs)  # queries with their products
     assert all("\t" not in c and "\t" not in p and "\n" not in p for c, p in pairs)
-    assert read_corpus(adapters.write_public_corpus("esci", tmp_path / "esci.txt")) == pairs
+    assert read_corpus(write_public_corpus("esci", tmp_path / "esci.txt")) == pairs
     reviews = {p for _, p in read_corpus("bundled:reviews")}
     assert reviews and not reviews & {p for _, p in pairs}
     with pytest.raises(ValueError, match="ships esci, reviews.*'imdb'"):

@@ -181,10 +181,10 @@ def test_a_bundled_corpus_needs_no_file_and_trains_as_its_file_would(tokenizer: 
     """``bundled:esci`` (the default scenario's) is the ESCI texts fedshop ships, built by the node
     itself: the same heads as the same texts read from a file. A missing file or an unknown
     bundled name stops ``fedshop simulate`` before anything starts."""
-    from client.sources import adapters
     from simulations import engine
+    from tests.helpers.heads import write_public_corpus
 
-    file = adapters.write_public_corpus("esci", tmp_path / "esci.txt")
+    file = write_public_corpus("esci", tmp_path / "esci.txt")
     heads = []
     for corpus in ("bundled:esci", str(file)):
         model = build_model(ModelSpec.from_config(config()))
