@@ -1,7 +1,7 @@
 """Round time of the same federated work in a real deployment and in the simulation engine.
 
-    .venv/bin/python benchmarks/deploy_vs_sim.py [--rounds 3] [--encoder tiny|minilm] [--isolation process]
-        [--out benchmarks/results/deploy_vs_sim.json]
+    .venv/bin/python benchmarks/deploy_vs_sim.py [--rounds 5] [--encoder tiny|minilm] [--isolation process]
+        [--log-stream] [--out benchmarks/results/deploy_vs_sim.json]
 
 Same work both ways: three small CSV merchants (``tests/helpers/merchants.py``), the tiny test
 encoder (or ``--encoder minilm``), LoRA, 3 local DP steps, every merchant trained and evaluated
@@ -11,7 +11,11 @@ by its own choice).
 
 - simulation: ``fedshop simulate`` (one process; ClientApps in warm Ray actors);
 - deployment: ``fedshop deploy init`` + ``add-merchant`` x3 on loopback, a TLS SuperLink with
-  node authentication, three SuperNodes (their generated start scripts), ``flwr run``.
+  node authentication, three SuperNodes (their generated start scripts), ``flwr run``. The
+  operator's ``flwr run`` submits the run and returns; the benchmark waits for the run's
+  summary file. ``--log-stream`` adds the same deployment with ``flwr run --stream`` (the
+  operator watching the logs), whose streaming costs the shared 2-core box's CPU (the CLI's
+  and the SuperLink's), where an operator's CLI would run on another machine.
 
 A round is measured from one checkpoint to the next (train + evaluate + checkpoint), so round 1
 (which pays for Ray start-up in simulation) is left out of the steady-state figure. In the
@@ -30,6 +34,7 @@ The machines this runs on have two cores and are often shared: read ratios, not 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -47,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 
 from client import warm  # noqa: E402
 from server import deploy  # noqa: E402
-from shared.run_files import CHECKPOINTS_DIR, METRICS_FILE  # noqa: E402
+from shared.run_files import CHECKPOINTS_DIR, METRICS_FILE, SUMMARY_FILE  # noqa: E402
 from tests.helpers import deployment as dh  # noqa: E402
 from tests.helpers import proc  # noqa: E402
 from tests.helpers.merchants import write_merchants  # noqa: E402
@@ -89,20 +94,44 @@ class LineClock(threading.Thread):
             time.sleep(0.05)
 
 
-def checkpoint_times(run_dir: Path) -> list[float]:
-    """mtime of each round's checkpoint folder, in round order."""
-    dirs = sorted((run_dir / CHECKPOINTS_DIR).glob("round-*"))
-    return [d.stat().st_mtime for d in dirs]
+class CheckpointClock(threading.Thread):
+    """When each round's checkpoint folder was written (its mtime), noted as it appears: the
+    server keeps only the last three, so a run of more rounds cannot be timed afterwards."""
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__(daemon=True)
+        self.root = run_dir / CHECKPOINTS_DIR
+        self.marks: dict[str, float] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            self.look()
+            time.sleep(0.05)
+
+    def look(self) -> None:
+        for folder in self.root.glob("round-*") if self.root.exists() else ():
+            # only a round's folder under its final name, not a save's temporary one
+            if folder.name not in self.marks and re.fullmatch(r"round-\d+", folder.name):
+                with contextlib.suppress(OSError):  # pruned meanwhile
+                    self.marks[folder.name] = folder.stat().st_mtime
+
+    def finish(self) -> list[float]:
+        """The marks in round order, the last round's included."""
+        self.stop.set()
+        self.join()
+        self.look()
+        return [self.marks[name] for name in sorted(self.marks)]
 
 
-def round_times(run_dir: Path) -> dict[str, Any]:
-    marks = checkpoint_times(run_dir)
+def round_times(run_dir: Path, marks: list[float]) -> dict[str, Any]:
     rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines() if line.strip()]
     steady = [b - a for a, b in zip(marks, marks[1:], strict=False)]
     return {"round_s_from_round_2": [round(x, 2) for x in steady],
             "train_phase_s": [round(r["wall_s"], 2) for r in rows],
             "client_work_s": [round(r.get("slowest_client_s", r.get("slowest_train_s", 0.0)), 2) for r in rows],
-            "mean_round_s": round(statistics.mean(steady), 2) if steady else None}
+            "mean_round_s": round(statistics.mean(steady), 2) if steady else None,
+            "median_round_s": round(statistics.median(steady), 2) if steady else None}
 
 
 def write_toml(path: Path, values: dict[str, Any]) -> Path:
@@ -123,11 +152,13 @@ def import_cost(repeats: int = 3) -> float:
 def run_simulation(work: Path, rounds: int, job: dict[str, Any]) -> dict[str, Any]:
     scenario = write_toml(work / "sim.toml", {**job, "num-server-rounds": rounds, "data-dir": str(work / "data")})
     start = time.monotonic()
+    clock = CheckpointClock(work / "sim")
+    clock.start()
     result = proc.run(proc.fedshop_command("simulate", "--scenario", str(scenario), "--out", str(work / "sim")),
                       log_dir=work / "sim-log", timeout_s=900, env=dh.deploy_env())
     if result.returncode != 0:
         raise SystemExit(f"simulation failed\n{result.describe()}")
-    return {"total_s": round(time.monotonic() - start, 1), **round_times(work / "sim")}
+    return {"total_s": round(time.monotonic() - start, 1), **round_times(work / "sim", clock.finish())}
 
 
 # A ClientApp process taking the task: a warm one (client/warm.py) or a cold flwr-clientapp.
@@ -167,10 +198,12 @@ def report_timings(merchant: deploy.MerchantKit) -> None:
     edit_script(merchant, "dp='true'", "dp='true' report-timings=true")
 
 
-def run_deployment(work: Path, rounds: int, job: dict[str, Any], *, isolation: str = "process") -> dict[str, Any]:
+def run_deployment(work: Path, rounds: int, job: dict[str, Any], *, isolation: str = "process",
+                   log_stream: bool = False) -> dict[str, Any]:
     """``isolation = "subprocess"``: the kits' scripts with ``FEDSHOP_WARM_CLIENTAPP=no``, i.e.
-    Flower's default (the node's SuperExec starts a fresh flwr-clientapp per message)."""
-    data, work = work / "data", work / f"deploy-{isolation}"
+    Flower's default (the node's SuperExec starts a fresh flwr-clientapp per message).
+    ``log_stream``: the operator's ``flwr run`` streams the run's logs until it ends."""
+    data, work = work / "data", work / f"deploy-{isolation}{'-streamed' if log_stream else ''}"
     env = dh.deploy_env({"FLWR_HOME": str(work / "nobody-home"),
                          **({"FEDSHOP_WARM_CLIENTAPP": "no"} if isolation == "subprocess" else {})})
     port, *node_ports = dh.free_ports(4)
@@ -203,10 +236,18 @@ def run_deployment(work: Path, rounds: int, job: dict[str, Any], *, isolation: s
         config = write_toml(work / "deploy.toml", {**job, "num-server-rounds": rounds, "min-available-nodes": 3,
                                                    "run-dir": str(work / "deploy")})
         start = time.monotonic()
-        run = group.start("flwr-run", [str(dh.VENV_BIN / "flwr"), "run", str(ROOT), deploy.CONNECTION, "--stream",
-                                       "--run-config", str(config)], env={**env, "FLWR_HOME": str(dep.flwr_home)})
+        checkpoints = CheckpointClock(work / "deploy")
+        checkpoints.start()
+        run = group.start("flwr-run", [str(dh.VENV_BIN / "flwr"), "run", str(ROOT), deploy.CONNECTION,
+                                       *(["--stream"] if log_stream else []), "--run-config", str(config)],
+                          env={**env, "FLWR_HOME": str(dep.flwr_home)})
         if run.wait_exit(1800) != 0:
             raise SystemExit(f"deployment run failed\n{group.logs()}")
+        summary = work / "deploy" / SUMMARY_FILE  # written when the run ends
+        while not summary.exists():
+            if time.monotonic() - start > 1800:
+                raise SystemExit(f"deployment run did not finish\n{group.logs()}")
+            time.sleep(0.1)
         total = time.monotonic() - start
         time.sleep(0.3)
         for clock in clocks.values():
@@ -219,7 +260,7 @@ def run_deployment(work: Path, rounds: int, job: dict[str, Any], *, isolation: s
         values = [m[key] for m in messages if m["kind"] == kind]
         return round(statistics.mean(values), 2) if values else None
 
-    return {"total_s": round(total, 1), **round_times(work / "deploy"),
+    return {"total_s": round(total, 1), **round_times(work / "deploy", checkpoints.finish()),
             "per_message_at_node": {k: {"wait_for_process_s": mean(k, "receive_to_process_s"),
                                         "process_s": mean(k, "process_s")} for k in ("train", "evaluate")},
             "messages": len(messages),
@@ -231,13 +272,15 @@ def run_deployment(work: Path, rounds: int, job: dict[str, Any], *, isolation: s
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--encoder", choices=("tiny", "minilm"), default="tiny",
                         help="the same work on the test encoder or on MiniLM-L6 (the default scenario's)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--isolation", nargs="+", choices=ISOLATIONS, default=list(ISOLATIONS),
                         help="deploy with the kits' warm ClientApp processes (process), with Flower's "
                         "default (subprocess), or both in turn (default)")
+    parser.add_argument("--log-stream", action="store_true",
+                        help="also deploy with process isolation and the operator's flwr run --stream")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedshop-deploy-vs-sim-") as tmp:
         work = Path(tmp)
@@ -247,13 +290,15 @@ def main() -> int:
                                   "cpu_count": os.cpu_count(), "load_before": os.getloadavg()}
         result["clientapp_import_s"] = import_cost()
         result["simulation"] = run_simulation(work, args.rounds, job)
-        for isolation in args.isolation:
-            key = "deployment" if isolation == "process" else f"deployment_{isolation}"
-            result[key] = {"isolation": isolation, **run_deployment(work, args.rounds, job, isolation=isolation)}
+        arms = [("deployment" if isolation == "process" else f"deployment_{isolation}", isolation, False)
+                for isolation in args.isolation]
+        arms += [("deployment_log_stream", "process", True)] if args.log_stream else []
+        for key, isolation, stream in arms:
+            result[key] = {"isolation": isolation, "log_stream": stream,
+                           **run_deployment(work, args.rounds, job, isolation=isolation, log_stream=stream)}
         result["load_after"] = os.getloadavg()
     sim = result["simulation"]["mean_round_s"]
-    for isolation in args.isolation:
-        key = "deployment" if isolation == "process" else f"deployment_{isolation}"
+    for key, _, _ in arms:
         dep = result[key]["mean_round_s"]
         result[f"{key}_over_simulation"] = round(dep / sim, 2) if sim and dep else None
     args.out.parent.mkdir(parents=True, exist_ok=True)

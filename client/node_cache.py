@@ -1,15 +1,15 @@
 """What a node keeps in memory from one call to the next, in the process that serves it.
 
 A simulated node's ClientApp runs in a long-lived worker (one Ray actor serves every merchant in
-turn), and each round's calls would otherwise re-read and re-validate the merchant's folder and
-re-load the encoder: at the default scenario's sizes that is most of a round's time once the
-records are encoded. Three things are kept:
+turn), a deployed node's in its long-lived serving process (client.warm), and each round's
+calls would otherwise re-read and re-validate the merchant's folder and re-load the encoder: at
+the default scenario's sizes that is most of a round's time once the records are encoded. Three things are kept:
 
 - a merchant's validated split (``split``), keyed by its folder's files (path, size and a
   digest of the bytes of every file outside the node's state folder) and the run config, so a
   changed, added or removed file is read afresh at the next call; also on disk in the node's
-  state folder (``STATE_DIR/split/``), for the next process: a deployed node serves each
-  message in a fresh fork;
+  state folder (``STATE_DIR/split/``), for the next process (a restarted node or serving
+  process, or a fresh ``flwr-clientapp`` per message);
 - the encoder's tokenizer (``tokenizer``), keyed by the encoder folder's files;
 - with a frozen encoder (``trainable = heads``), the encoder itself (``model``), shared by every
   model built around it: nothing trains it, nothing sends it, and its digest
@@ -111,9 +111,10 @@ def split(source: Hashable, data_dir: Path | None, config: Hashable, make: Calla
     return _SPLITS.get(key, lambda: _on_disk(Path(disk_dir), key, make))
 
 
-# A deployed node serves each message in a fresh fork of its warm launcher (client.warm), so a
-# split kept in memory dies with the message: reading and validating the largest bundled
-# merchant's files takes 0.37 s, unpickling its split 0.03 s. The file holds the merchant's
+# A split kept in memory dies with its process: a restarted node or serving process
+# (client.warm), a fresh flwr-clientapp per message (a node run with FEDSHOP_WARM_CLIENTAPP=no).
+# Reading and validating the largest bundled merchant's files takes 0.37 s, unpickling its split
+# 0.03 s. The file holds the merchant's
 # validated records, beside its privacy state (never sent; docs/privacy.md), and only the
 # current key's: a change of data or config replaces it. The digest names the key: files and
 # their contents, the run config, and SPLIT_FORMAT (raised when the pickled classes change).

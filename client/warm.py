@@ -1,6 +1,7 @@
 """A warm ClientApp launcher for a SuperNode started with ``--isolation process``: the libraries
-are imported once, and each task is served by a fork of that process running Flower's own
-``run_clientapp``.
+are imported once, and one long-lived process serves the node's tasks one after another, keeping
+the node's caches (the built model, the tokenizer, the validated split: client/node_cache.py)
+from one message to the next.
 
 In Flower 1.42 a SuperNode's default ``--isolation subprocess`` starts ``flower-superexec``,
 which polls the node's Runtime API for a task (``AcquireTask``, every second) and only then
@@ -8,34 +9,40 @@ launches a fresh ``flwr-clientapp`` with the task's token
 (``flwr/supercore/superexec/executor/subprocess_executor.py``): every message pays for an
 interpreter and for importing torch, transformers, Opacus and Flower after it arrived (5-8 s
 of CPU on two cores). With ``flower-supernode --isolation process`` the node launches nothing:
-a separately started process claims the task with that same call. ``run_clientapp``
+a separately started process claims the task with that same call. Flower's ``run_clientapp``
 (``flwr/supernode/runtime/run_clientapp.py``) serves exactly one task and ends the process
-(``flwr_exit``, with a 5 s force-exit timer), so a process cannot serve a second task. Hence:
+(``flwr_exit``, with a 5 s force-exit timer). So the launcher serves a task with the same
+Flower functions ``run_clientapp`` is made of (``pull_task_input``, the FAB install and app
+loader, ``push_message``, ``push_task_output``, the task heartbeat), without the process exit:
 
 1. import what the ClientApp's handlers need (``client.app`` and the libraries its handlers
    import lazily: Opacus, peft, dp-accounting, Flower's ClientApp runtime), then drop
-   fedshop's own modules again (0.1 s to import), so that Flower loads the ClientApp from the
+   fedshop's own modules again (0.1 s to import), so that the ClientApp is loaded from the
    app the run submitted (its FAB), exactly as a fresh ``flwr-clientapp`` would; the
    libraries stay loaded;
-2. poll the node's Runtime API (``AcquireTask``, as ``flower-superexec`` does) until a
-   ClientApp task is pending and claim it;
-3. fork: the child hands the token to ``run_clientapp``, which serves that one task and exits;
-   the parent, untouched by any task, goes back to 2. A fork costs milliseconds and shares the
-   imported libraries copy-on-write, so neither the message nor the machine pays for imports
-   again. (Restarting a warm process after each task instead kept the imports off the
-   message's path but not off the CPU: on a shared 2-core machine the next process's imports
-   slowed the other nodes' work.)
+2. fork one serving process, which polls the node's Runtime API (``AcquireTask``, as
+   ``flower-superexec`` does), claims each pending task and serves it in itself, in the order
+   they come. It loads the run's app from its FAB once and again only for a task with another
+   FAB (another run's code: fedshop's modules are dropped and imported from the new app, with
+   fresh caches);
+3. the parent, untouched by any task, watches it: should it die (a crash, a signal, a task's
+   heartbeat refused), a new one is forked from the same warm state within a second. A task
+   it was serving is lost, as with a dead ``flwr-clientapp``: the round goes on without it.
 
-A child asks the node for the message at once, and the node is often still pulling it from the
-SuperLink (in Flower 1.42 it creates the task first): Flower's ``run_clientapp`` then retries
-with a backoff that starts at 1 s and doubles, sized for a ClientApp that took seconds to start.
-The launcher starts its children's retries at 50 ms instead (``shared.flower_pulls``).
+Forking once per message instead (as this launcher did before) kept imports off the message's
+path but rebuilt everything each message reads (the model from its weights, the accountant's
+first composition, the first tensor operations): 0.6-0.9 s of CPU per message with MiniLM.
 
-A child starts from the parent's state, which holds no task data: it reseeds NumPy's global
-generator as a fresh process would (Python's ``random`` reseeds itself at fork; torch's default
-generator has the same fixed seed in every fresh process, and fedshop's DP noise and sampling
-draw from generators seeded with ``secrets``). Nothing here reads the merchant's data or
-config: that arrives with the task. Runtime dependency installation stays off.
+A fetch of a message the node is still pulling from the SuperLink (in Flower 1.42 it creates
+the task first) is retried with a backoff that starts at 1 s and doubles, sized for a
+ClientApp that took seconds to start. The launcher starts those retries at 50 ms instead
+(``shared.flower_pulls``).
+
+The serving process reseeds NumPy's global generator as a fresh process would (Python's
+``random`` reseeds itself at fork; torch's default generator has the same fixed seed in every
+fresh process, and fedshop's DP noise and sampling draw from generators seeded with
+``secrets``). Nothing here reads the merchant's data or config: that arrives with the task.
+Runtime dependency installation stays off.
 
     python -m client.warm --runtime-api-address 127.0.0.1:9094 [--parent-pid PID]
 """
@@ -52,8 +59,14 @@ import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import TYPE_CHECKING
 
 from shared import flower_pulls
+
+if TYPE_CHECKING:
+    from flwr.clientapp import ClientApp
+    from flwr.supercore.fab import Fab
+    from flwr.supercore.run import Run
 
 log = logging.getLogger("client.warm")  # also when run as __main__
 
@@ -66,16 +79,21 @@ OWN_PACKAGES = frozenset({"client", "server", "shared", "simulations"})
 # What the launcher logs when it hands a claimed task to a child (tests and benchmarks read it).
 TOOK_TASK = "fedshop warm ClientApp: took task"
 READY = "fedshop warm ClientApp: ready"
+SERVING = "fedshop warm ClientApp: serving tasks"
+# A serving process that ends sooner than this after its start is replaced only this long after
+# it started: a crash at start-up does not become a busy loop of forks.
+RESTART_AFTER_S = 1.0
 
 
 def _warm_library_caches() -> None:
-    """Fill the libraries' own per-process caches that every model build reads, so each fork
-    inherits them instead of rebuilding them: transformers' table of checkpoint conversions
-    (~0.45 s of regular expressions, the first time any process builds or adapts a model). Pure
-    Python, no tensor operation: the parent never starts torch's thread pools before forking."""
+    """Fill the libraries' own per-process caches that every model build reads, so each serving
+    process forked from here inherits them instead of rebuilding them: transformers' table of
+    checkpoint conversions (~0.45 s of regular expressions, the first time any process builds or
+    adapts a model). Pure Python, no tensor operation: the parent never starts torch's thread
+    pools before forking."""
     try:
         from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-    except ImportError as exc:  # another transformers: the children just pay for it themselves
+    except ImportError as exc:  # another transformers: the serving process pays for it itself
         log.warning("warm-up: transformers has no conversion mapping to prepare (%s)", exc)
         return
     get_checkpoint_conversion_mapping("bert")
@@ -99,9 +117,13 @@ def warm_up() -> float:
     # opacus.utils.module_utils calls logging.basicConfig when imported: a root handler through
     # which every Flower line (its logger has its own handler) would appear twice, DEBUG too.
     logging.root.handlers = root_handlers
+    _drop_own_modules()
+    return time.perf_counter() - start
+
+
+def _drop_own_modules() -> None:
     for name in [m for m in sys.modules if m.partition(".")[0] in OWN_PACKAGES and m != __name__]:
         del sys.modules[name]
-    return time.perf_counter() - start
 
 
 class TaskSource:
@@ -138,68 +160,148 @@ class TaskSource:
         self.client.close()
 
 
-def serve_task(runtime_api_address: str, token: str, parent_pid: int | None) -> int:
-    """In a forked child: Flower's ClientApp runtime for the claimed task. Its exit status."""
-    import numpy as np
-    from flwr.supernode.runtime.run_clientapp import run_clientapp
+class LoadedApp:
+    """The run's ClientApp as this process loaded it from the run's FAB, loaded again only for a
+    task that comes with another FAB: fedshop's modules are dropped first, so the new app's code
+    is imported (and with it fresh caches), not the old one found in ``sys.modules``."""
 
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's handler is not the child's
-    np.random.seed()  # a fresh process seeds NumPy's global generator from the OS
+    def __init__(self) -> None:
+        self.fab_hash: str | None = None
+        self.app_dir: str | None = None
+        self.app: ClientApp | None = None
+
+    def get(self, run: Run, fab: Fab) -> ClientApp:
+        from flwr.cli.install import install_from_fab
+        from flwr.clientapp.utils import get_load_client_app_fn
+        from flwr.common.config import get_project_dir
+
+        if self.app is None or fab.hash_str != self.fab_hash:
+            install_from_fab(fab.content, skip_prompt=True)
+            if self.app_dir is not None:
+                sys.path[:] = [p for p in sys.path if p != self.app_dir]
+            _drop_own_modules()
+            self.app = None
+            load = get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)
+            self.app = load(run.fab_id, run.fab_version, fab.hash_str)
+            self.fab_hash = fab.hash_str
+            self.app_dir = str(get_project_dir(run.fab_id, run.fab_version, fab.hash_str).absolute())
+        return self.app
+
+
+def serve_task(runtime_api_address: str, token: str, app: LoadedApp) -> None:
+    """Serve one claimed task in this process, as Flower's ``run_clientapp`` does (its functions,
+    its error replies, its final status), without ending the process."""
+    from flwr.app import Message
+    from flwr.app.error import Error
+    from flwr.clientapp.client_app import LoadClientAppError
+    from flwr.common.constant import ErrorCode, SubStatus
+    from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+    from flwr.supercore.interceptors import RuntimeTokenHttpInterceptor, RuntimeVersionHttpInterceptor
+    from flwr.supercore.retry import make_simple_http_retry_invoker
+    from flwr.supercore.runtime import RuntimeHttpClient
+    from flwr.supernode.runtime import run_clientapp as flower
+
+    retry_invoker = make_simple_http_retry_invoker()
+    client = RuntimeHttpClient.from_server_address(
+        server_address=runtime_api_address, insecure=True, root_certificates=None,
+        interceptors=[RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                      RuntimeTokenHttpInterceptor(token)],
+        retry_invoker=retry_invoker)
+    heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+    message = reply = context = None
+    status, details = SubStatus.FAILED, "ClientApp task failed due to unknown reason"
     try:
-        run_clientapp(runtime_api_address=runtime_api_address, token=token, insecure=True,
-                      parent_pid=parent_pid, runtime_dependency_install=False)
-    except SystemExit as exc:  # how run_clientapp ends (flwr_exit), on success too
-        return exc.code if isinstance(exc.code, int) else int(exc.code is not None)
-    return 0
+        heartbeat.start()
+        message, context, run, fab = flower.pull_task_input(client)
+        reply = app.get(run, fab)(message=message, context=context)
+        status, details = SubStatus.COMPLETED, ""
+    except Exception as exc:  # noqa: BLE001  # the reply says so, as Flower's own would
+        code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+        details = f"{type(exc)}:<'{exc}'>"
+        if isinstance(exc, LoadClientAppError):
+            code = ErrorCode.LOAD_CLIENT_APP_EXCEPTION
+            details = "An exception was raised when attempting to load `ClientApp`"
+        log.error("ClientApp raised an exception", exc_info=exc)
+        if message is not None:
+            reply = Message(Error(code=code, reason=details), reply_to=message)
+    finally:
+        try:
+            if reply is not None and context is not None:
+                flower.push_message(client, reply, context)
+        except Exception as exc:  # noqa: BLE001  # the task's status still goes back
+            log.error("failed to push the reply", exc_info=exc)
+            status = SubStatus.FAILED
+        retry_invoker.max_tries = 1  # as Flower: the final status does not wait on retries
+        flower.push_task_output(client=client, context=context, sub_status=status, details=details)
+        if heartbeat.is_running:
+            heartbeat.stop()
+        client.close()
 
 
-def _reap(children: set[int]) -> None:
-    for pid in list(children):
-        with contextlib.suppress(ChildProcessError):
-            done, status = os.waitpid(pid, os.WNOHANG)
-            if not done:
-                continue
-            code = os.waitstatus_to_exitcode(status)
-            if code != 0:
-                log.info("fedshop warm ClientApp: process %d ended with status %d", pid, code)
-        children.discard(pid)
+def work(runtime_api_address: str, *, poll_interval_s: float, launcher_pid: int) -> None:
+    """The serving process: claim the node's tasks and serve each in turn, until the launcher is gone."""
+    import numpy as np
+    from flwr.supercore.app_utils import start_parent_process_monitor
 
-
-def serve(runtime_api_address: str, *, poll_interval_s: float, parent_pid: int | None) -> None:
-    """Claim tasks and fork a child for each, until signalled."""
-    children: set[int] = set()
-
-    def stop(signum: int, _frame: FrameType | None) -> None:
-        for pid in children:  # the tasks being served end with the launcher
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, stop)
-    source = TaskSource(runtime_api_address)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's handler is not this process'
+    np.random.seed()  # a fresh process seeds NumPy's global generator from the OS
+    start_parent_process_monitor(launcher_pid)  # a launcher killed outright takes this along
+    source, app = TaskSource(runtime_api_address), LoadedApp()
     last = time.perf_counter()
     while True:
-        _reap(children)
         claimed = source.next()
         if claimed is None:
             time.sleep(poll_interval_s)
             continue
         task_id, token = claimed
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: serve the one task, then leave without running the parent's exit code
-            code = 1
-            try:
-                code = serve_task(runtime_api_address, token, parent_pid)
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        children.add(pid)
-        log.info("%s %d (process %d; %.1f s since the last)", TOOK_TASK, task_id, pid,
+        log.info("%s %d (process %d; %.1f s since the last)", TOOK_TASK, task_id, os.getpid(),
                  time.perf_counter() - last)
         last = time.perf_counter()
+        serve_task(runtime_api_address, token, app)
+
+
+def _fork_worker(runtime_api_address: str, poll_interval_s: float) -> int:
+    launcher = os.getpid()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # the serving process; never runs the launcher's exit code
+        code = 1
+        try:
+            work(runtime_api_address, poll_interval_s=poll_interval_s, launcher_pid=launcher)
+        except KeyboardInterrupt:  # the launcher gone, or a task's heartbeat refused
+            code = 130
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)  # noqa: SLF001
+    log.info("%s in process %d", SERVING, pid)
+    return pid
+
+
+def serve(runtime_api_address: str, *, poll_interval_s: float) -> None:
+    """Keep one serving process alive, forked from this warm state, until signalled."""
+    worker: int | None = None
+
+    def stop(signum: int, _frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            started = time.monotonic()
+            worker = _fork_worker(runtime_api_address, poll_interval_s)
+            _, status = os.waitpid(worker, 0)
+            worker = None
+            log.info("fedshop warm ClientApp: serving process ended with status %d; forking another",
+                     os.waitstatus_to_exitcode(status))
+            time.sleep(max(0.0, RESTART_AFTER_S - (time.monotonic() - started)))
+    finally:  # the task being served ends with the launcher
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(worker, 0)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -222,7 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_parent_process_monitor(args.parent_pid)
     warm_s = warm_up()
     log.info("%s (imports %.1f s), taking tasks at %s", READY, warm_s, args.runtime_api_address)
-    serve(args.runtime_api_address, poll_interval_s=args.poll_interval_s, parent_pid=args.parent_pid)
+    serve(args.runtime_api_address, poll_interval_s=args.poll_interval_s)
     return 0
 
 

@@ -155,9 +155,10 @@ def test_the_merchants_script_starts_its_node_through_the_launcher(tmp_path: Pat
     assert '--isolation "$isolation"' in text and "import client.supernode, client.warm" in text
 
 
-def test_the_warm_launcher_fills_the_caches_every_fork_would_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_warm_launcher_fills_the_caches_its_forks_would_rebuild(monkeypatch: pytest.MonkeyPatch) -> None:
     """client.warm prepares transformers' checkpoint-conversion table in the parent (pure
-    Python), so a fork's first model build does not spend ~0.3 s rebuilding it."""
+    Python), so a serving process forked from it (the first, or one replacing a dead one) does
+    not spend ~0.3 s of its first model build rebuilding it."""
     from transformers import conversion_mapping
 
     from client import warm
