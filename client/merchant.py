@@ -61,7 +61,6 @@ log = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
 PRIVACY_STATE_FILE = "privacy-state.json"
-SPLIT_FOLDER = "split"  # in the node's state folder: its validated split, for the next process (client.node_cache)
 STATE_FOLDER = ".fedshop"  # inside a merchant's data folder (merchant_dirs skips dot folders)
 
 
@@ -205,8 +204,7 @@ class Merchant:
         merchant's files and the run config stay the same (``client.node_cache``)."""
         source = (self.identity.merchant_id, self.identity.data_dir, self.identity.synthetic_index)
         return node_cache.split(source, self.identity.data_dir, self.config,
-                                lambda: split_merchant(self.load_data(), self.config),
-                                disk_dir=self.identity.state_dir / SPLIT_FOLDER)
+                                lambda: split_merchant(self.load_data(), self.config))
 
     @property
     def feature_cache(self) -> Path:

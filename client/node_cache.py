@@ -3,29 +3,26 @@
 A simulated node's ClientApp runs in a long-lived worker (one Ray actor serves every merchant in
 turn), a deployed node's in its long-lived serving process (client.warm), and each round's
 calls would otherwise re-read and re-validate the merchant's folder and re-load the encoder: at
-the default scenario's sizes that is most of a round's time once the records are encoded. Three things are kept:
+the default scenario's sizes that is most of a round's time once the records are encoded.
+Three things are kept:
 
 - a merchant's validated split (``split``), keyed by its folder's files (path, size and a
   digest of the bytes of every file outside the node's state folder) and the run config, so a
-  changed, added or removed file is read afresh at the next call; also on disk in the node's
-  state folder (``STATE_DIR/split/``), for the next process (a restarted node or serving
-  process, or a fresh ``flwr-clientapp`` per message);
+  changed, added or removed file is read afresh at the next call;
 - the encoder's tokenizer (``tokenizer``), keyed by the encoder folder's files;
 - with a frozen encoder (``trainable = heads``), the encoder itself (``model``), shared by every
   model built around it: nothing trains it, nothing sends it, and its digest
   (``client.features.freeze``) is then computed once instead of at every cache lookup. Its key
   holds the encoder folder's files too. Every other trainable set builds a fresh model per call.
 
-All are bounded, and all hold only what the node's own calls read: nothing here leaves the node,
-and only the split outlives its process. Callers treat what they get as read-only.
+All are bounded, and all hold only what the node's own calls read: nothing here leaves the node
+or outlives its process. Callers treat what they get as read-only.
 """
 
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
-import pickle
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
@@ -36,12 +33,10 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from client import features
-from shared import atomic
 from shared.model import TINY, FedShopModel, ModelSpec, build_model, load_encoder, load_tokenizer, resolve_encoder
 
 T = TypeVar("T")
 
-log = logging.getLogger(__name__)
 
 MAX_SPLITS = 16  # merchants a worker keeps the split of (a simulation's workers serve them all)
 MAX_ENCODERS = 2
@@ -98,51 +93,12 @@ def files_key(folder: Path, *, contents: bool = False) -> tuple[tuple[str, int, 
     return tuple(entries)
 
 
-def split(source: Hashable, data_dir: Path | None, config: Hashable, make: Callable[[], T], *,
-          disk_dir: Path | None = None) -> T:
+def split(source: Hashable, data_dir: Path | None, config: Hashable, make: Callable[[], T]) -> T:
     """``make()``'s result (a merchant's validated split), reused while ``data_dir``'s files and
     ``config`` stay the same. ``source`` names the merchant (a folder, or a generated merchant's
-    index and seed); ``data_dir`` None: nothing on disk to watch (generated merchants).
-    ``disk_dir``: also kept there (``SPLIT_FILE_PREFIX``), for the next process."""
+    index and seed); ``data_dir`` None: nothing on disk to watch (generated merchants)."""
     watched = files_key(data_dir, contents=True) if data_dir is not None else ()
-    key = (source, watched, config)
-    if disk_dir is None:
-        return _SPLITS.get(key, make)
-    return _SPLITS.get(key, lambda: _on_disk(Path(disk_dir), key, make))
-
-
-# A split kept in memory dies with its process: a restarted node or serving process
-# (client.warm), a fresh flwr-clientapp per message (a node run with FEDSHOP_WARM_CLIENTAPP=no).
-# Reading and validating the largest bundled merchant's files takes 0.37 s, unpickling its split
-# 0.03 s. The file holds the merchant's
-# validated records, beside its privacy state (never sent; docs/privacy.md), and only the
-# current key's: a change of data or config replaces it. The digest names the key: files and
-# their contents, the run config, and SPLIT_FORMAT (raised when the pickled classes change).
-SPLIT_FILE_PREFIX = "split-"
-SPLIT_FORMAT = 1
-
-
-def _on_disk(folder: Path, key: Hashable, make: Callable[[], T]) -> T:
-    digest = hashlib.sha256(repr((SPLIT_FORMAT, key)).encode()).hexdigest()[:32]
-    path = folder / f"{SPLIT_FILE_PREFIX}{digest}.pkl"
-    if path.exists():
-        try:
-            # A file of the node's own state folder, written by this function: whoever can
-            # write there can already change the node's privacy state and code.
-            with path.open("rb") as handle:
-                return pickle.load(handle)  # type: ignore[no-any-return]  # noqa: S301
-        except Exception as exc:  # noqa: BLE001  # unreadable or stale: built again and rewritten
-            log.info("%s: cached split unreadable (%s); reading the merchant's files again", path, exc)
-    value = make()
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic.write_bytes(path, pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL))
-        for old in folder.glob(f"{SPLIT_FILE_PREFIX}*.pkl"):
-            if old != path:
-                old.unlink(missing_ok=True)
-    except OSError as exc:  # a read-only state folder: memory only, as before
-        log.warning("%s: cannot keep the split for the next process (%s)", folder, exc)
-    return value
+    return _SPLITS.get((source, watched, config), make)
 
 
 def _encoder_key(spec: ModelSpec) -> Hashable:

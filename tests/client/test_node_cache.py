@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from client import features, node_cache
-from client.merchant import SPLIT_FOLDER, Merchant, resolve_node
+from client.merchant import Merchant, resolve_node
 from shared.model import ModelSpec, build_model, get_trainable
 from tests.helpers.heads import heads_config
 from tests.helpers.merchants import write_merchants
@@ -66,57 +66,6 @@ def test_a_run_config_change_is_a_new_split(tmp_path: Path) -> None:
     other = merchant(tmp_path / "data", test_fraction=0.5).split()
     assert other is not first
     assert len(other.test) > len(first.test)
-
-
-def split_files(m: Merchant) -> list[Path]:
-    return sorted((m.identity.state_dir / SPLIT_FOLDER).glob(f"{node_cache.SPLIT_FILE_PREFIX}*.pkl"))
-
-
-def test_the_next_process_takes_the_split_from_the_node_folder_until_a_file_changes(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    (folder,) = write_merchants(tmp_path / "data", ["acme"])
-    first = merchant(tmp_path / "data").split()
-    (kept,) = split_files(merchant(tmp_path / "data"))
-    node_cache.clear()  # what a fresh fork starts with
-
-    def never() -> None:
-        raise AssertionError("the merchant's files were read again")
-
-    monkeypatch.setattr(Merchant, "load_data", lambda self: never())
-    again = merchant(tmp_path / "data").split()
-    assert again is not first and again.train == first.train and again.test == first.test
-    monkeypatch.undo()
-
-    node_cache.clear()
-    path = folder / "interactions.csv"
-    path.write_text(path.read_text(encoding="utf-8").replace("\nu0,", "\nu9,", 1), encoding="utf-8")
-    changed = merchant(tmp_path / "data").split()
-    assert changed.train != first.train or changed.test != first.test
-    (now,) = split_files(merchant(tmp_path / "data"))
-    assert now != kept and not kept.exists()  # only the current records are kept
-
-
-def test_an_unreadable_kept_split_is_built_again_and_replaced(tmp_path: Path) -> None:
-    write_merchants(tmp_path / "data", ["acme"])
-    first = merchant(tmp_path / "data").split()
-    (kept,) = split_files(merchant(tmp_path / "data"))
-    kept.write_bytes(b"not a pickle")
-    node_cache.clear()
-    again = merchant(tmp_path / "data").split()
-    assert again.train == first.train
-    assert kept.read_bytes() != b"not a pickle"
-
-
-def test_a_node_folder_it_cannot_write_leaves_the_split_in_memory(tmp_path: Path,
-                                                                  caplog: pytest.LogCaptureFixture) -> None:
-    write_merchants(tmp_path / "data", ["acme"])
-    m = merchant(tmp_path / "data")
-    m.identity.state_dir.mkdir(parents=True)
-    (m.identity.state_dir / SPLIT_FOLDER).write_text("a file where the folder would go")
-    first = m.split()
-    assert merchant(tmp_path / "data").split() is first
-    assert "cannot keep the split for the next process" in caplog.text
 
 
 def test_a_frozen_encoder_is_shared_and_its_digest_is_the_computed_one() -> None:
