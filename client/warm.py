@@ -56,8 +56,9 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,13 @@ SERVING = "fedshop warm ClientApp: serving tasks"
 # A serving process that ends sooner than this after its start is replaced only this long after
 # it started: a crash at start-up does not become a busy loop of forks.
 RESTART_AFTER_S = 1.0
+# A task still running this long after its message expired (its created_at + ttl, which the
+# server sets to the round's timeout) is abandoned: the server stopped waiting for its reply, and
+# a hung task would keep every later message of the node waiting behind it. The serving process
+# ends (OVERRUN_EXIT) and the launcher forks a fresh one; the task's spend, reserved before its
+# noise was drawn, stays counted (shared.privacy.budget's reservations).
+OVERRUN_GRACE_S = 30.0
+OVERRUN_EXIT = 124
 
 
 def _warm_library_caches() -> None:
@@ -188,6 +196,27 @@ class LoadedApp:
         return self.app
 
 
+@contextlib.contextmanager
+def expiry_guard(expires_at: float, *, grace_s: float = OVERRUN_GRACE_S,
+                 on_overrun: Callable[[], None] | None = None) -> Iterator[None]:
+    """Run the block; should it still run ``grace_s`` after ``expires_at`` (a ``time.time()``),
+    call ``on_overrun`` from a timer thread: by default, end this process at once."""
+
+    def overrun() -> None:
+        log.error("fedshop warm ClientApp: a task ran %.0f s past its message's expiry; ending this "
+                  "serving process (the launcher starts another)", grace_s)
+        sys.stderr.flush()
+        os._exit(OVERRUN_EXIT)  # noqa: SLF001  # the main thread is the one that is stuck
+
+    timer = threading.Timer(max(0.0, expires_at + grace_s - time.time()), on_overrun or overrun)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
 def serve_task(runtime_api_address: str, token: str, app: LoadedApp) -> None:
     """Serve one claimed task in this process, as Flower's ``run_clientapp`` does (its functions,
     its error replies, its final status), without ending the process."""
@@ -213,7 +242,8 @@ def serve_task(runtime_api_address: str, token: str, app: LoadedApp) -> None:
     try:
         heartbeat.start()
         message, context, run, fab = flower.pull_task_input(client)
-        reply = app.get(run, fab)(message=message, context=context)
+        with expiry_guard(message.metadata.created_at + message.metadata.ttl):
+            reply = app.get(run, fab)(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001  # the reply says so, as Flower's own would
         code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -131,3 +132,16 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return stat.exists() and stat.read_text().split(") ", 1)[1][0] not in "ZX"
+
+
+def test_a_task_past_its_messages_expiry_is_abandoned_and_one_in_time_is_not() -> None:
+    """client.warm.expiry_guard: a task still running grace_s after its message expired ends the
+    serving process (here: the callback), so a hung task cannot hold the node's later messages."""
+    fired = threading.Event()
+    with warm.expiry_guard(time.time() - 1.0, grace_s=0.05, on_overrun=fired.set):
+        assert fired.wait(5.0)  # the block overran: the guard went off while it ran
+    fired.clear()
+    with warm.expiry_guard(time.time() + 0.1, grace_s=0.05, on_overrun=fired.set):
+        pass  # done long before its expiry
+    time.sleep(0.3)
+    assert not fired.is_set()  # and the guard is disarmed on the way out
