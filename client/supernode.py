@@ -12,8 +12,10 @@ sleeps than in training (docs/benchmarks.md, "Deployment against simulation").
 This module runs Flower's own ``flower_supernode`` entry point unchanged except for those two
 sleeps: the module's ``time`` is swapped for a proxy whose ``sleep`` caps the idle poll at
 ``--poll-interval-s`` and the reply check at a tenth of it, and its pulls of a message's objects
-retry from 50 ms instead of 1 s (``shared.flower_pulls``). Nothing else in Flower is touched:
-connection, authentication, retries, heartbeats and the node's state are Flower's. The swap is
+retry from 50 ms instead of 1 s (``shared.flower_pulls``), and a failed request to the SuperLink
+or heartbeat is retried after at most ``RETRY_CAP_S`` instead of 20 s (``cap_retries``). Nothing
+else in Flower is touched: connection, authentication, which failures are retried, heartbeats
+and the node's state are Flower's. The swap is
 tied to the pinned Flower version: ``check_flower`` refuses to start if the loop no longer holds
 the sleeps it replaces, so an upgrade fails loudly instead of silently polling every 3 s again
 (tests/client/test_supernode.py).
@@ -34,12 +36,13 @@ restarted node gets back in, after at most 20 s instead of 60 s, for a heartbeat
 from __future__ import annotations
 
 import argparse
+import functools
 import inspect
 import math
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -62,6 +65,13 @@ HEARTBEAT_ENV = "FEDSHOP_HEARTBEAT_INTERVAL_S"
 # Where Flower reads the interval: the declaration at activation and in each heartbeat, and the
 # sender's loop (it sends every (interval - 5 s) x 0.7-0.9).
 _HEARTBEAT_MODULES = ("flwr.supernode.fleet_http_connection", "flwr.supercore.heartbeat")
+# Flower retries a failed request to the SuperLink, and a failed heartbeat, after a jittered wait
+# that doubles up to 20 s (http_retry.MAX_RETRY_DELAY; the heartbeat sender's own literal 20).
+# After a SuperLink restart (the soak: down a few seconds) a node's next try came 13.6 s later,
+# 21.9 s after the first failure, and the restarted SuperLink declared it gone (two heartbeat
+# intervals without one) in the first round it sent it a message. At RETRY_CAP_S a node is back
+# within seconds of its SuperLink, for one request per RETRY_CAP_S while the SuperLink is down.
+RETRY_CAP_S = 2.0
 # The sleeps of flwr.supernode.start_client_internal this replaces (Flower 1.42.0).
 IDLE_SLEEP_S = 3.0
 REPLY_SLEEP_S = 0.5
@@ -145,6 +155,29 @@ def set_heartbeat_interval(seconds: float) -> None:
         module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
 
 
+def cap_retries(seconds: float = RETRY_CAP_S) -> None:
+    """Cap the waits between Flower's retries of SuperLink requests and of heartbeats in this
+    process at ``seconds`` (Flower 1.42: 20 s)."""
+    from flwr.supercore import heartbeat
+    from flwr.supercore.retry import http_retry, retry_invoker
+
+    current = getattr(heartbeat, "exponential", None)
+    if "MAX_RETRY_DELAY" not in inspect.getsource(http_retry) or "exponential(max_delay=" not in \
+            inspect.getsource(heartbeat) or not (current is retry_invoker.exponential or (
+                isinstance(current, functools.partial) and current.func is _capped_exponential)):
+        raise FlowerChangedError(f"{http_retry.__file__}, {heartbeat.__file__}: Flower's retry waits are not where "
+                                 "client.supernode caps them; it was written against flwr 1.42.0 (pyproject.toml)")
+    http_retry.MAX_RETRY_DELAY = seconds  # type: ignore[assignment]  # read by its wait generator at each invoke
+    heartbeat.exponential = functools.partial(_capped_exponential, seconds)  # type: ignore[assignment]
+
+
+def _capped_exponential(cap: float, base_delay: float = 1, multiplier: float = 2,
+                        max_delay: float | None = None) -> Iterator[float]:
+    from flwr.supercore.retry.retry_invoker import exponential
+
+    return exponential(base_delay, multiplier, cap if max_delay is None else min(cap, max_delay))  # type: ignore[arg-type]
+
+
 def install(poll_interval_s: float, heartbeat_interval_s: float = DEFAULT_HEARTBEAT_INTERVAL_S,
             active_poll_interval_s: float | None = None) -> ModuleType:
     """Shorten the SuperNode loop's sleeps and its heartbeat interval in this process; returns
@@ -156,6 +189,7 @@ def install(poll_interval_s: float, heartbeat_interval_s: float = DEFAULT_HEARTB
     module = _loop_module()
     check_flower(module)
     set_heartbeat_interval(heartbeat_interval_s)
+    cap_retries()
     module.time = clock  # type: ignore[attr-defined]
     flower_pulls.bind_backoff(module, "pull_objects")  # a message's objects, from the SuperLink
     return module

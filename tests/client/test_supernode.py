@@ -10,6 +10,7 @@ import importlib
 import re
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -80,7 +81,9 @@ def test_install_patches_the_supernode_loop_and_its_pulls(monkeypatch: pytest.Mo
     monkeypatch.setattr(loop, "pull_objects", inflatable_utils.pull_objects)
     for module in (heartbeat, fleet_http_connection):
         monkeypatch.setattr(module, "HEARTBEAT_DEFAULT_INTERVAL", 30)
+    _flowers_own_retry_waits(monkeypatch)
     assert supernode.install(0.25) is loop
+    assert _longest_waits() == (supernode.RETRY_CAP_S, supernode.RETRY_CAP_S)
     # the interval the node declares at activation and in each heartbeat, and its sender's
     assert heartbeat.HEARTBEAT_DEFAULT_INTERVAL == fleet_http_connection.HEARTBEAT_DEFAULT_INTERVAL == 10.0
     for bad in (5.0, 3600.0):
@@ -95,6 +98,39 @@ def test_install_patches_the_supernode_loop_and_its_pulls(monkeypatch: pytest.Mo
     for bad in (0.0, -1.0, 3.5):
         with pytest.raises(ValueError, match="poll-interval-s"):
             supernode.install(bad)
+
+
+def _flowers_own_retry_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flwr.common.constant import MAX_RETRY_DELAY
+    from flwr.supercore import heartbeat
+    from flwr.supercore.retry import http_retry, retry_invoker
+
+    monkeypatch.setattr(http_retry, "MAX_RETRY_DELAY", MAX_RETRY_DELAY)
+    monkeypatch.setattr(heartbeat, "exponential", retry_invoker.exponential)
+
+
+def _longest_waits(tries: int = 12) -> tuple[float, float]:
+    """The longest wait before a retry over ``tries`` failures: of a SuperLink request, of a heartbeat."""
+    from flwr.supercore.heartbeat import HeartbeatSender
+    from flwr.supercore.retry.http_retry import make_simple_http_retry_invoker
+
+    def longest(waits: Iterator[float]) -> float:
+        return max(next(waits) for _ in range(tries))
+
+    return (longest(make_simple_http_retry_invoker().wait_gen_factory()),
+            longest(HeartbeatSender(lambda: True)._retry_invoker.wait_gen_factory()))
+
+
+def test_a_node_retries_its_superlink_within_seconds_not_twenty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a SuperLink restart a node waited up to 20 s between tries (Flower 1.42's cap), and
+    the restarted SuperLink gave up on it (two 10 s heartbeat intervals) in the round it sent it
+    a message. client.supernode caps the waits of its requests and of its heartbeats."""
+    _flowers_own_retry_waits(monkeypatch)
+    assert _longest_waits() == (20, 20)  # Flower's own, as found
+    supernode.cap_retries(2.0)
+    assert _longest_waits() == (2.0, 2.0)
+    supernode.cap_retries(2.0)  # again: idempotent
+    assert _longest_waits() == (2.0, 2.0)
 
 
 def test_a_changed_flower_is_refused_by_name(tmp_path: Path) -> None:
