@@ -4,6 +4,7 @@ replaces a serving process that died."""
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
@@ -145,3 +146,15 @@ def test_a_task_past_its_messages_expiry_is_abandoned_and_one_in_time_is_not() -
         pass  # done long before its expiry
     time.sleep(0.3)
     assert not fired.is_set()  # and the guard is disarmed on the way out
+
+
+def test_the_launcher_freezes_its_objects_before_forking(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The serving process's garbage collections leave the launcher's imported objects alone."""
+    monkeypatch.setattr(os, "fork", lambda: 4242)  # the launcher's side of the fork only
+    gc.unfreeze()
+    try:
+        assert gc.get_freeze_count() == 0
+        assert warm._fork_worker("127.0.0.1:1", 0.2) == 4242
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()
