@@ -2,9 +2,10 @@
 three merchants' SuperNodes, runs submitted with ``flwr run``, and the faults a deployment meets.
 
 Each SuperNode runs with ``--isolation process`` beside fedshop's warm ClientApp launcher (its
-start script; ``client/warm.py``): the imports are paid once per node, and each message is
-served in a fork of the launcher. Starting a federation still takes a while, so one (the module-scoped ``federation``
-fixture) serves every slow test here, and its main run of three rounds covers most of it:
+start script; ``client/warm.py``): the imports are paid once per node, and the node's messages
+are served by one process forked from the launcher. Starting a federation still takes a while,
+so one (the module-scoped ``federation`` fixture) serves every slow test here, and its main run
+of three rounds covers most of it:
 
 - round 1: the three merchants train; ledger rows for all three;
 - round 2: shop-c's SuperNode is SIGKILLed as its training message arrives; the round ends
