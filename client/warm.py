@@ -85,11 +85,13 @@ SERVING = "fedshop warm ClientApp: serving tasks"
 # A serving process that ends sooner than this after its start is replaced only this long after
 # it started: a crash at start-up does not become a busy loop of forks.
 RESTART_AFTER_S = 1.0
-# A task still running this long after its message expired (its created_at + ttl, which the
-# server sets to the round's timeout) is abandoned: the server stopped waiting for its reply, and
-# a hung task would keep every later message of the node waiting behind it. The serving process
-# ends (OVERRUN_EXIT) and the launcher forks a fresh one; the task's spend, reserved before its
-# noise was drawn, stays counted (shared.privacy.budget's reservations).
+# A task still running its message's ttl (which the server sets to the round's timeout) plus
+# this long after it started is abandoned: its message has expired and the server stopped
+# waiting for the reply, and a hung task would keep every later message of the node waiting
+# behind it. Timed from the task's start on this machine's clock, not from the message's
+# created_at (the ServerApp's clock: a skewed clock must not end tasks early). The serving
+# process ends (OVERRUN_EXIT) and the launcher forks a fresh one; the task's spend, reserved
+# before its noise was drawn, stays counted (shared.privacy.budget's reservations).
 OVERRUN_GRACE_S = 30.0
 OVERRUN_EXIT = 124
 
@@ -204,7 +206,7 @@ def expiry_guard(expires_at: float, *, grace_s: float = OVERRUN_GRACE_S,
     call ``on_overrun`` from a timer thread: by default, end this process at once."""
 
     def overrun() -> None:
-        log.error("fedshop warm ClientApp: a task ran %.0f s past its message's expiry; ending this "
+        log.error("fedshop warm ClientApp: a task ran %.0f s past its message's time to live; ending this "
                   "serving process (the launcher starts another)", grace_s)
         sys.stderr.flush()
         os._exit(OVERRUN_EXIT)  # noqa: SLF001  # the main thread is the one that is stuck
@@ -243,7 +245,7 @@ def serve_task(runtime_api_address: str, token: str, app: LoadedApp) -> None:
     try:
         heartbeat.start()
         message, context, run, fab = flower.pull_task_input(client)
-        with expiry_guard(message.metadata.created_at + message.metadata.ttl):
+        with expiry_guard(time.time() + message.metadata.ttl):  # see OVERRUN_GRACE_S
             reply = app.get(run, fab)(message=message, context=context)
         status, details = SubStatus.COMPLETED, ""
     except Exception as exc:  # noqa: BLE001  # the reply says so, as Flower's own would

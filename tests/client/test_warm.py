@@ -136,8 +136,9 @@ def _alive(pid: int) -> bool:
 
 
 def test_a_task_past_its_messages_expiry_is_abandoned_and_one_in_time_is_not() -> None:
-    """client.warm.expiry_guard: a task still running grace_s after its message expired ends the
-    serving process (here: the callback), so a hung task cannot hold the node's later messages."""
+    """client.warm.expiry_guard: a task still running grace_s after its message's time to live
+    ran out ends the serving process (here: the callback), so a hung task cannot hold the
+    node's later messages."""
     fired = threading.Event()
     with warm.expiry_guard(time.time() - 1.0, grace_s=0.05, on_overrun=fired.set):
         assert fired.wait(5.0)  # the block overran: the guard went off while it ran
