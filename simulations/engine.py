@@ -10,13 +10,17 @@ the run ends, fails or is interrupted.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import threading
+import time
 import tomllib
+import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from shared.config import ConfigError, RunConfig
 
@@ -284,6 +288,7 @@ def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = N
         "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False},
     }
     _size_worker_pool_to_actors()
+    _join_clients_before_ray_shutdown()
     try:
         # The Flower simulation runtime: the ServerApp runs in a thread here, ClientApps
         # in Ray actors, one virtual SuperNode per merchant. (Private entry point: the
@@ -308,10 +313,39 @@ def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = N
 
 
 class _ActorSizedPool(ThreadPoolExecutor):
-    """A thread pool whose default size is ample rather than ``cpu_count + 4``."""
+    """A thread pool whose default size is ample rather than ``cpu_count + 4``; its threads are
+    named ``CLIENT_THREAD_PREFIX``, and ``live`` holds the pools not yet collected."""
+
+    live: ClassVar[weakref.WeakSet[_ActorSizedPool]] = weakref.WeakSet()
 
     def __init__(self, max_workers: int | None = None, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("thread_name_prefix", CLIENT_THREAD_PREFIX)
         super().__init__(max_workers or MAX_PARALLEL_CLIENTS, *args, **kwargs)
+        _ActorSizedPool.live.add(self)
+
+
+# Ray's core worker ends the whole process, with exit status 1, when a thread calls into Ray
+# after ray.shutdown(). On Ctrl-C Flower's simulation runtime sets its stop event and shuts Ray
+# down at once (RayBackend.terminate) while its client threads may still be waiting on an actor
+# (Ray's workers got the same SIGINT, so the wait ends within moments): the process died before
+# it could say "interrupted; resume with" and exit 130 (a CI run of
+# tests/simulations/test_simulate.py). So the threads get up to CLIENT_THREADS_JOIN_S to finish
+# first.
+CLIENT_THREAD_PREFIX = "fedshop-client"
+CLIENT_THREADS_JOIN_S = 10.0
+
+
+def _join_client_threads(timeout_s: float) -> None:
+    """Let the client threads of every pool finish their work (at most ``timeout_s`` in all)."""
+    deadline = time.monotonic() + timeout_s
+    for pool in list(_ActorSizedPool.live):
+        pool.shutdown(wait=False, cancel_futures=True)  # idle threads leave; running ones finish
+    for thread in threading.enumerate():
+        if thread.name.startswith(CLIENT_THREAD_PREFIX) and thread is not threading.current_thread():
+            thread.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in threading.enumerate() if t.name.startswith(CLIENT_THREAD_PREFIX) and t.is_alive()]
+    if left:
+        log.warning("%d client thread(s) still running after %.0f s; shutting Ray down anyway", len(left), timeout_s)
 
 
 # Upper bound on clients in flight at once; each costs one mostly idle thread in this process.
@@ -334,6 +368,27 @@ def _size_worker_pool_to_actors() -> None:
         vce_api.ThreadPoolExecutor = _ActorSizedPool  # type: ignore[attr-defined, misc]
     elif getattr(vce_api, "ThreadPoolExecutor", None) is not _ActorSizedPool:
         log.debug("flwr's simulation runtime has no ThreadPoolExecutor to size; leaving it as it is")
+
+
+def _join_clients_before_ray_shutdown() -> None:
+    """Make Flower's Ray backend let the client threads finish (``_join_client_threads``) before
+    it shuts Ray down. Idempotent; skipped if a Flower release moves the backend."""
+    try:
+        from flwr.server.superlink.fleet.vce.backend.raybackend import RayBackend
+    except ImportError:
+        log.debug("flwr's simulation runtime has no RayBackend to adjust; leaving it as it is")
+        return
+    terminate = RayBackend.terminate
+    if getattr(terminate, "joins_client_threads", False):
+        return
+
+    @functools.wraps(terminate)
+    def joined_then_terminated(self: RayBackend) -> None:
+        _join_client_threads(CLIENT_THREADS_JOIN_S)
+        terminate(self)
+
+    joined_then_terminated.joins_client_threads = True  # type: ignore[attr-defined]
+    RayBackend.terminate = joined_then_terminated  # type: ignore[method-assign]
 
 
 def _exit_event() -> Any:
