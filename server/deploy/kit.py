@@ -78,7 +78,8 @@ def supernode_command(merchant: MerchantKit, *, here: str | None = None, python:
 def clientapp_command(merchant: MerchantKit, *, python: str = "python3") -> list[str]:
     """The warm ClientApp launcher (``client.warm``) for the merchant's SuperNode: it imports the
     ClientApp's libraries once and forks one long-lived process that serves the node's tasks in
-    turn with the pieces of Flower's ``run_clientapp``. The start script runs it with ``$FEDSHOP_PYTHON``, else python3."""
+    turn with the pieces of Flower's ``run_clientapp``. The start script runs it with
+    ``$FEDSHOP_PYTHON``, else python3."""
     return [python, "-m", "client.warm", "--runtime-api-address", f"127.0.0.1:{merchant.port}"]
 
 
@@ -116,7 +117,8 @@ def _command_lines(cmd: Sequence[str], indent: str) -> str:
 # The merchant's script runs the SuperNode (``--isolation process``) and, beside it, the warm
 # ClientApp launcher (client/warm.py): it imports torch, transformers, Opacus and Flower once,
 # then forks one long-lived process that serves the node's tasks in turn, so a message never
-# waits for imports and the model and data stay loaded between messages. A loop starts the launcher again if it ever stops.
+# waits for imports and the model and data stay loaded between messages. A loop starts the
+# launcher again if it ever stops.
 # A SuperNode exits when it cannot (re)join, most often right after a crash: the SuperLink
 # counts the dead process as online until its heartbeat lapses (up to 60 s) and refuses a
 # second activation of the same key until then. So the script starts it again, as a service
