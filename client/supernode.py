@@ -15,10 +15,9 @@ sleeps: the module's ``time`` is swapped for a proxy whose ``sleep`` caps the id
 retry from 50 ms instead of 1 s (``shared.flower_pulls``), and a failed request to the SuperLink
 or heartbeat is retried after at most ``RETRY_CAP_S`` instead of 20 s (``cap_retries``). Nothing
 else in Flower is touched: connection, authentication, which failures are retried, heartbeats
-and the node's state are Flower's. The swap is
-tied to the pinned Flower version: ``check_flower`` refuses to start if the loop no longer holds
-the sleeps it replaces, so an upgrade fails loudly instead of silently polling every 3 s again
-(tests/client/test_supernode.py).
+and the node's state are Flower's. The swap is tied to the pinned Flower version:
+``check_flower`` refuses to start if the loop no longer holds the sleeps it replaces, so an
+upgrade fails loudly instead of silently polling every 3 s again (tests/client/test_supernode.py).
 
 A shorter poll costs the SuperLink one more small request per node per interval while the node is
 idle (at 0.5 s, two a second a node); the merchant's start script sets it
@@ -159,12 +158,10 @@ def cap_retries(seconds: float = RETRY_CAP_S) -> None:
     """Cap the waits between Flower's retries of SuperLink requests and of heartbeats in this
     process at ``seconds`` (Flower 1.42: 20 s)."""
     from flwr.supercore import heartbeat
-    from flwr.supercore.retry import http_retry, retry_invoker
+    from flwr.supercore.retry import http_retry
 
-    current = getattr(heartbeat, "exponential", None)
-    if "MAX_RETRY_DELAY" not in inspect.getsource(http_retry) or "exponential(max_delay=" not in \
-            inspect.getsource(heartbeat) or not (current is retry_invoker.exponential or (
-                isinstance(current, functools.partial) and current.func is _capped_exponential)):
+    if not hasattr(http_retry, "MAX_RETRY_DELAY") or \
+            "exponential(max_delay=" not in inspect.getsource(heartbeat.HeartbeatSender):
         raise FlowerChangedError(f"{http_retry.__file__}, {heartbeat.__file__}: Flower's retry waits are not where "
                                  "client.supernode caps them; it was written against flwr 1.42.0 (pyproject.toml)")
     http_retry.MAX_RETRY_DELAY = seconds  # type: ignore[assignment]  # read by its wait generator at each invoke

@@ -167,9 +167,6 @@ class TaskSource:
             return int(response.task.task_id), str(response.token)
         return None
 
-    def close(self) -> None:
-        self.client.close()
-
 
 class LoadedApp:
     """The run's ClientApp as this process loaded it from the run's FAB, loaded again only for a

@@ -16,11 +16,10 @@ import os
 import threading
 import time
 import tomllib
-import weakref
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from shared.config import ConfigError, RunConfig
 
@@ -314,14 +313,11 @@ def run_simulation(config: RunConfig, *, num_merchants: int, client_app: Any = N
 
 class _ActorSizedPool(ThreadPoolExecutor):
     """A thread pool whose default size is ample rather than ``cpu_count + 4``; its threads are
-    named ``CLIENT_THREAD_PREFIX``, and ``live`` holds the pools not yet collected."""
-
-    live: ClassVar[weakref.WeakSet[_ActorSizedPool]] = weakref.WeakSet()
+    named ``CLIENT_THREAD_PREFIX``."""
 
     def __init__(self, max_workers: int | None = None, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("thread_name_prefix", CLIENT_THREAD_PREFIX)
         super().__init__(max_workers or MAX_PARALLEL_CLIENTS, *args, **kwargs)
-        _ActorSizedPool.live.add(self)
 
 
 # Ray's core worker ends the whole process, with exit status 1, when a thread calls into Ray
@@ -336,10 +332,10 @@ CLIENT_THREADS_JOIN_S = 10.0
 
 
 def _join_client_threads(timeout_s: float) -> None:
-    """Let the client threads of every pool finish their work (at most ``timeout_s`` in all)."""
+    """Let the client threads finish their work (at most ``timeout_s`` in all). Their pool is
+    shut down by then (Flower's ``with ThreadPoolExecutor()`` block has exited, on Ctrl-C too), so
+    idle threads leave and running ones leave after their call."""
     deadline = time.monotonic() + timeout_s
-    for pool in list(_ActorSizedPool.live):
-        pool.shutdown(wait=False, cancel_futures=True)  # idle threads leave; running ones finish
     for thread in threading.enumerate():
         if thread.name.startswith(CLIENT_THREAD_PREFIX) and thread is not threading.current_thread():
             thread.join(max(0.0, deadline - time.monotonic()))

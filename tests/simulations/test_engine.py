@@ -43,6 +43,7 @@ def test_client_threads_finish_their_work_before_ray_is_shut_down() -> None:
     idle = pool.submit(lambda: None)
     idle.result(timeout=5)
     assert not running.done()
+    pool.shutdown(wait=False)  # as Flower's ``with`` block leaves it, Ctrl-C or not
     engine._join_client_threads(10.0)
     assert running.done() and running.result() is False  # it ran to its end, not cut short
     alive = [t.name for t in threading.enumerate() if t.name.startswith(engine.CLIENT_THREAD_PREFIX)]
@@ -77,6 +78,7 @@ def test_flowers_ray_backend_lets_the_client_threads_finish_before_it_shuts_ray_
     assert RayBackend.terminate.__wrapped__.__name__ == "terminate"  # type: ignore[attr-defined]
     pool = engine._ActorSizedPool()
     in_flight = pool.submit(lambda: (time.sleep(0.3), order.append("client done")))
+    pool.shutdown(wait=False)  # as Flower's ``with`` block leaves it before terminate
     backend = object.__new__(RayBackend)  # what terminate reads of it: its actor pool, none here
     backend.pool = None  # type: ignore[assignment]
     RayBackend.terminate(backend)
