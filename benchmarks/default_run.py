@@ -41,8 +41,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -85,31 +83,6 @@ def simulate(scenario: str, data_dir: Path, run_dir: Path, sets: list[str]) -> d
     return {"wall_s": round(wall, 1), "peak_rss_gb": round(peak_kb / 2**20, 2), "argv": argv[1:]}
 
 
-def _log_loss(y: np.ndarray, p: float) -> float:
-    p = min(max(p, 1e-7), 1 - 1e-7)
-    return float(-(y * math.log(p) + (1 - y) * math.log(1 - p)).mean())
-
-
-def baselines(train: list[Any], test: list[Any]) -> dict[str, float]:
-    """The constant predictors' scores on ``test``: the held-out base rate / mean (the best any
-    constant can do there) and the training set's."""
-    out: dict[str, float] = {}
-    for task, scored in (("ctr", "logloss"), ("rating", "rmse"), ("relevance", "rmse")):
-        y = np.array([e.target for e in test if e.task == task], dtype=float)
-        y_train = np.array([e.target for e in train if e.task == task], dtype=float)
-        if not y.size:
-            continue
-        train_mean = float(y_train.mean()) if y_train.size else math.nan
-        for name, value in (("held_out", float(y.mean())), ("train", train_mean)):
-            if math.isnan(value):
-                continue
-            if scored == "logloss":
-                out[f"{task}_logloss_{name}"] = _log_loss(y, value)
-            else:
-                out[f"{task}_rmse_{name}"] = float(np.sqrt(((y - value) ** 2).mean()))
-    return out
-
-
 @dataclasses.dataclass(frozen=True)
 class ServedMerchant:
     """One merchant of a finished run as it serves: the run's exported model plus its own local
@@ -146,6 +119,7 @@ def score(run_dir: Path, data_dir: Path, work: Path) -> tuple[dict[str, dict[str
     """Each merchant's exact held-out metrics of the run's exported model plus its own local
     offsets (when it has any), with the constant baselines; and the offsets applied."""
     from client import evaluation
+    from client.held_out import constant_scores
 
     result: dict[str, dict[str, float]] = {}
     applied: dict[str, dict[str, float]] = {}
@@ -153,7 +127,7 @@ def score(run_dir: Path, data_dir: Path, work: Path) -> tuple[dict[str, dict[str
         exact = evaluation.evaluate(m.model, m.split.test, m.tokenizer, m.config, feature_cache=m.feature_cache,
                                     offsets=m.offsets)
         result[m.name] = {"held_out_examples": float(len(m.split.test)), **exact.metrics,
-                          **baselines(m.split.train, m.split.test)}
+                          **constant_scores(m.split.train, m.split.test)}
         if m.offsets is not None:
             applied[m.name] = m.offsets.values()
     return result, applied

@@ -7,6 +7,7 @@
     fedshop audit --node-state PATH [RUN_DIR]
     fedshop audit --empirical --data DIR [--canaries M] [--calls K] [--no-noise] [--set KEY=VALUE ...]
     fedshop report RUN_DIR    (re)write RUN_DIR/report.html (every run writes it when it ends)
+    fedshop evaluate RUN_DIR [--data DIR ...] [--offsets STATE_DIR] [--json]
     fedshop rank --model DIR --catalog FILE --query TEXT [-k 10] [--offsets STATE_DIR] [--json]
     fedshop recommend --model DIR --catalog FILE --history FILE [-k 10] [--offsets STATE_DIR] [--json]
     fedshop data validate DIR
@@ -31,7 +32,7 @@ from typing import Any
 
 from shared import progress
 from shared.jsonable import finite
-from shared.run_files import CONFIG_FILE, LEDGER_FILE
+from shared.run_files import CONFIG_FILE, LEDGER_FILE, MODEL_DIR
 
 log = logging.getLogger("fedshop")
 
@@ -102,7 +103,33 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     log.info("simulating %d merchant(s), %d round(s), %d per round; run dir %s", merchants,
              config.num_server_rounds, config.merchants_per_round, config.run_dir)
     engine.run_simulation(config, num_merchants=merchants)
-    return 0  # the ServerApp has printed the run summary (also in RUN_DIR/summary.json)
+    # The ServerApp has printed the run summary (also in RUN_DIR/summary.json): noised figures.
+    _print_merchants_own_view(Path(config.run_dir), Path(config.data_dir), merchants)
+    return 0
+
+
+# The simulation's closing table scores every merchant's whole held-out set: a few seconds a
+# merchant with a frozen encoder, too long for a federation of thousands.
+OWN_VIEW_MAX_MERCHANTS = 12
+
+
+def _print_merchants_own_view(run_dir: Path, data_dir: Path, merchants: int) -> None:
+    """Each merchant's exact scores of the run's model on its own held-out records, beside the
+    constants' (client.held_out): what each merchant sees on its own machine at no ε. In
+    simulation one person holds every merchant's data, so the table goes to this console (every
+    merchant's own log here); nothing of it is written to the run folder."""
+    from client import held_out
+
+    command = f"fedshop evaluate {run_dir}"
+    if not (run_dir / MODEL_DIR / "fedshop.json").is_file():
+        return  # the run stopped before exporting a model: nothing to score
+    if merchants > OWN_VIEW_MAX_MERCHANTS or not data_dir.is_dir():
+        print(f"each merchant's exact scores on its own held-out records: {command} --data MERCHANT_DIR")
+        return
+    print("each merchant's own view (exact scores on its own held-out records, beside the constants'; ✓: the model "
+          "beats the constant at the held-out base rate / mean; computed on this machine, released nowhere; again "
+          f"with: {command}):")
+    print(held_out.table(list(held_out.views(run_dir))), flush=True)
 
 
 def cmd_train_local(args: argparse.Namespace) -> int:
@@ -253,6 +280,21 @@ def _offsets(args: argparse.Namespace) -> Path | None:
     return Path(args.offsets) if args.offsets else None
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from client import held_out
+
+    data = [Path(d) for d in args.data] if args.data else None
+    found = list(held_out.views(Path(args.run_dir), data, offsets_dir=_offsets(args)))
+    if args.json:
+        print(json.dumps([v.to_json() for v in found], indent=1))
+    else:
+        print(f"exact scores of {Path(args.run_dir) / 'model'} on each merchant's own held-out records, beside the "
+              "constants' (✓: the model beats the constant at the held-out base rate / mean; computed here, released "
+              "nowhere)")
+        print(held_out.table(found))
+    return 0
+
+
 def cmd_rank(args: argparse.Namespace) -> int:
     from client.serving import rank
 
@@ -370,6 +412,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="(re)write RUN_DIR/report.html: one page on a run, figures embedded")
     rep.add_argument("run_dir", metavar="RUN_DIR")
     rep.set_defaults(func=cmd_report)
+
+    ev = sub.add_parser("evaluate", help="a merchant's exact scores of a run's model on its own held-out records "
+                                         "(no ε: nothing is released)")
+    ev.add_argument("run_dir", metavar="RUN_DIR", help="a finished run's folder (its config.json and model/)")
+    ev.add_argument("--data", nargs="+", metavar="DIR",
+                    help="merchant folders, or folders of them (default: the run's data-dir)")
+    ev.add_argument("--offsets", metavar="STATE_DIR", help=OFFSETS_HELP)
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)
 
     rk = sub.add_parser("rank", help="rank a catalogue's products for a search query (relevance head)")
     rk.add_argument("--model", required=True, help="an exported model folder (RUN_DIR/model)")

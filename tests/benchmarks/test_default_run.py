@@ -4,7 +4,6 @@ recipe (tiny encoder, six synthetic merchants) through `fedshop simulate`."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from types import ModuleType
 
@@ -22,18 +21,6 @@ def default_run() -> ModuleType:
 
 def _ex(task: str, target: float) -> Example:
     return Example(task, "", "a product", target)
-
-
-def test_baselines_are_the_constant_predictors(default_run: ModuleType) -> None:
-    test = [_ex("ctr", 1.0)] * 3 + [_ex("ctr", 0.0)] + [_ex("rating", 5.0), _ex("rating", 3.0)]
-    train = [_ex("ctr", 1.0), _ex("ctr", 0.0), _ex("rating", 4.0)]
-    b = default_run.baselines(train, test)
-    # Held-out base rate 0.75: its log-loss is the entropy H(0.75); the training rate 0.5 gives ln 2.
-    assert b["ctr_logloss_held_out"] == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
-    assert b["ctr_logloss_train"] == pytest.approx(math.log(2))
-    assert b["rating_rmse_held_out"] == pytest.approx(1.0)  # mean 4, errors ±1
-    assert b["rating_rmse_train"] == pytest.approx(1.0)  # the training mean is 4 too
-    assert "relevance_rmse_held_out" not in b
 
 
 def test_checks_fail_what_the_issue_asks_for(default_run: ModuleType) -> None:

@@ -52,6 +52,8 @@ COVERED: dict[str, str] = {
     "Prepare the bundled real data": HERE + "test_data_prepare_reviews_and_esci",
     "Generate synthetic merchants": HERE + "test_data_synth",
     "Train one merchant alone, or the pooled": HERE + "test_train_local_one_merchant_and_pooled",
+    "A merchant's exact scores of a run's model":
+        "client/test_held_out.py::test_fedshop_evaluate_prints_the_table_or_json",
     "Audit a run's privacy ledger":
         "server/test_privacy_report.py::test_cli_report_names_every_merchant_delta_guarantee_and_plot",
     "Audit a merchant's own record": "server/test_audit.py::test_cli_node_state_exit_codes",

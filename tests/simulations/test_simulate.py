@@ -122,6 +122,13 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
 
     assert result.returncode == 0, result.describe()
     assert "fedshop run finished: 2 round(s)" in result.output
+    # --- the run ends with each merchant's own exact view of the model (client.held_out): a
+    # line per merchant with its figures beside the constants, and none of it in the run folder
+    table = result.stdout[result.stdout.index("each merchant's own view"):].splitlines()
+    assert table[1].split()[:2] == ["merchant", "examples"], result.stdout
+    assert [line.split()[0] for line in table[2:5]] == MERCHANTS and all(
+        line.count("(") >= 3 for line in table[2:5]), result.stdout  # log-loss, rating RMSE, relevance RMSE
+    assert not any("held_out" in f.read_text(errors="ignore") for f in run_dir.glob("*.json*"))
 
     # --- privacy ledger: 3 merchants x 2 rounds, all accepted, ε growing within budget; each
     # merchant's round holds its update's row, then its evaluation's (noised metrics, accounted)
