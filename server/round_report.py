@@ -117,9 +117,13 @@ def mean_metrics(released: Sequence[Mapping[str, float]]) -> dict[str, float]:
 
 
 def _with_scale(values: Mapping[str, float], key: str) -> str:
-    """``0.6962 ± 0.2500``: a figure and its noise scale where one was released."""
+    """``0.6962 ± 0.2500``: a figure and its noise scale where one was released; ``, within its
+    noise`` after a figure smaller than its scale (a constant's RMSE from noised sums can come
+    out as 0: the noise, not the data, decided it)."""
     sd = values.get(noise_scale_key(key))
-    return f"{values[key]:.4f}" + ("" if sd is None else f" ± {sd:.4f}")
+    if sd is None:
+        return f"{values[key]:.4f}"
+    return f"{values[key]:.4f} ± {sd:.4f}" + (", within its noise" if abs(values[key]) < sd else "")
 
 
 def shown_metrics(metrics: Mapping[str, float | None]) -> list[tuple[str, str, str]]:

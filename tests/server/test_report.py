@@ -159,6 +159,10 @@ def test_each_figure_shows_the_spread_the_noise_alone_gives_it(run_dir: Path) ->
                                                 "rating_rmse_baseline": 0.5469, "rating_rmse_baseline_sd": 0.3})
     assert report.eval_text() == "rating_rmse 0.6962 ± 0.2500 (constant mean 0.5469 ± 0.3000)"
     assert not any(key.endswith("_sd") for key, _, _ in shown_metrics({"ctr_auc_sd": 0.1, "eval-loss_sd": 0.2}))
+    # A figure smaller than its noise scale says so (a constant's RMSE clamped at 0 by the noise).
+    lost = RoundReport(round=8, eval_metrics={"rating_rmse": 0.7452, "rating_rmse_sd": 0.2891,
+                                              "rating_rmse_baseline": 0.0, "rating_rmse_baseline_sd": 0.3799})
+    assert lost.eval_text() == "rating_rmse 0.7452 ± 0.2891 (constant mean 0.0000 ± 0.3799, within its noise)"
 
 
 def test_merchants_noise_scales_combine_as_their_weighted_means() -> None:
