@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -99,14 +99,17 @@ class MerchantView:
                 "metrics": self.metrics, "constants": self.constants, "beats_constants": self.beats_constants()}
 
 
-def run_config(run_dir: Path) -> RunConfig:
-    """The run's config as saved in ``RUN_DIR/config.json``, every held-out unit evaluated."""
+def run_config(run_dir: Path, own: Mapping[str, Any] | None = None) -> RunConfig:
+    """The run's config as saved in ``RUN_DIR/config.json``, every held-out unit evaluated.
+    ``own``: run-config keys the merchant pinned for itself (a deployed node's split keys:
+    ``test-fraction``, ``test-offset``, ``split-seed``, ``privacy-unit``...), which decided its
+    split instead of the run's (``client.policy``)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise HeldOutError(f"{run_dir}: no {CONFIG_FILE} (not a fedshop run folder)")
     if not (Path(run_dir) / MODEL_DIR / "fedshop.json").is_file():
         raise HeldOutError(f"{run_dir}: no exported model in {MODEL_DIR}/ (the run did not finish)")
-    return RunConfig.from_mapping({**json.loads(path.read_text()), "eval-max-examples": 0})
+    return RunConfig.from_mapping({**json.loads(path.read_text()), **(own or {}), "eval-max-examples": 0})
 
 
 def merchant_folders(paths: Sequence[Path]) -> list[Path]:
@@ -120,17 +123,18 @@ def merchant_folders(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
-def views(run_dir: Path, data: Sequence[Path] | None = None, *,
-          offsets_dir: Path | None = None) -> Iterator[MerchantView]:
+def views(run_dir: Path, data: Sequence[Path] | None = None, *, offsets_dir: Path | None = None,
+          own: Mapping[str, Any] | None = None) -> Iterator[MerchantView]:
     """Each merchant's exact view of the run's exported model. ``data``: merchant folders (or
     folders of them), by default the run's ``data-dir``. Offsets and cached states come from the
     merchant's simulated node folder (``RUN_DIR/nodes/<merchant>``) when it has one, else from
-    ``offsets_dir`` (a deployed merchant's state folder; one merchant only)."""
+    ``offsets_dir`` (a deployed merchant's state folder; one merchant only). ``own``: the
+    merchant's own pinned keys (``run_config``)."""
     from client import evaluation, offsets
     from shared.model import load_exported
 
     run_dir = Path(run_dir)
-    config = run_config(run_dir)
+    config = run_config(run_dir, own)
     folders = merchant_folders(data or [Path(config.data_dir)])
     if offsets_dir is not None and len(folders) != 1:
         raise HeldOutError(f"--offsets {offsets_dir}: one merchant's state folder, but --data holds {len(folders)} "

@@ -7,7 +7,7 @@
     fedshop audit --node-state PATH [RUN_DIR]
     fedshop audit --empirical --data DIR [--canaries M] [--calls K] [--no-noise] [--set KEY=VALUE ...]
     fedshop report RUN_DIR    (re)write RUN_DIR/report.html (every run writes it when it ends)
-    fedshop evaluate RUN_DIR [--data DIR ...] [--offsets STATE_DIR] [--json]
+    fedshop evaluate RUN_DIR [--data DIR ...] [--offsets STATE_DIR] [--set KEY=VALUE ...] [--json]
     fedshop rank --model DIR --catalog FILE --query TEXT [-k 10] [--offsets STATE_DIR] [--json]
     fedshop recommend --model DIR --catalog FILE --history FILE [-k 10] [--offsets STATE_DIR] [--json]
     fedshop data validate DIR
@@ -282,9 +282,10 @@ def _offsets(args: argparse.Namespace) -> Path | None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from client import held_out
+    from simulations.engine import parse_overrides
 
     data = [Path(d) for d in args.data] if args.data else None
-    found = list(held_out.views(Path(args.run_dir), data, offsets_dir=_offsets(args)))
+    found = list(held_out.views(Path(args.run_dir), data, offsets_dir=_offsets(args), own=parse_overrides(args.set)))
     if args.json:
         print(json.dumps([v.to_json() for v in found], indent=1))
     else:
@@ -419,6 +420,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", nargs="+", metavar="DIR",
                     help="merchant folders, or folders of them (default: the run's data-dir)")
     ev.add_argument("--offsets", metavar="STATE_DIR", help=OFFSETS_HELP)
+    ev.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a key your node config pins (test-fraction, test-offset, split-seed, privacy-unit, ...): "
+                         "your split was made with it, not the run's")
     ev.add_argument("--json", action="store_true")
     ev.set_defaults(func=cmd_evaluate)
 

@@ -116,6 +116,21 @@ def test_fedshop_evaluate_prints_the_table_or_json(run_dir: Path, capsys: pytest
     assert "released nowhere" in out and all(any(line.startswith(m) for line in out.splitlines()) for m in MERCHANTS)
 
 
+def test_a_merchants_own_split_keys_decide_its_held_out_records(run_dir: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """A deployed merchant may pin its split (client.policy): its held-out records are those of
+    its own split, so ``--set`` gives ``fedshop evaluate`` the keys its node config pins."""
+    config = held_out.run_config(run_dir, {"test-fraction": 0.5, "split-seed": 7})
+    assert (config.test_fraction, config.split_seed, config.eval_max_examples) == (0.5, 7, 0)
+    split = split_merchant(load_merchant(run_dir.parent / "data" / "shop-b"), config)
+    argv = ["evaluate", str(run_dir), "--data", str(run_dir.parent / "data" / "shop-b"), "--json"]
+    assert main([*argv, "--set", "test-fraction=0.5", "--set", "split-seed=7"]) == 0
+    (only,) = json.loads(capsys.readouterr().out)
+    assert only["held_out_examples"] == len(split.test)
+    assert main([*argv, "--set", "test-fraction=2"]) == 2
+    assert "test-fraction" in capsys.readouterr().err
+
+
 def test_what_cannot_be_scored_is_refused_by_name(run_dir: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["evaluate", str(tmp_path)]) == 2
