@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from client.data import load_merchant
+from client.data.schema import TABLES
 from client.merchant import merchant_dirs, simulated_state_dir, split_merchant
 from shared.config import RunConfig
 from shared.run_files import CONFIG_FILE, MODEL_DIR
@@ -118,7 +119,7 @@ def merchant_folders(paths: Sequence[Path]) -> list[Path]:
     for path in map(Path, paths):
         if not path.is_dir():
             raise HeldOutError(f"--data {path}: not a folder")
-        is_merchant = any(p.is_file() and p.stem == "catalog" for p in path.iterdir())
+        is_merchant = any(p.is_file() and p.stem in TABLES for p in path.iterdir())  # else a folder of them
         out += [path] if is_merchant else merchant_dirs(path)
     return out
 
