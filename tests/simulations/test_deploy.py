@@ -35,6 +35,8 @@ import dataclasses
 import json
 import re
 import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -163,6 +165,7 @@ def test_init_writes_a_ca_a_server_certificate_and_a_tls_superlink_script(tmp_pa
     # the public port is nginx's: TLS with the SuperLink's certificate, the Fleet API only
     conf = (dep.superlink_dir / deploy.PROXY_CONFIG).read_text()
     assert "listen 0.0.0.0:40123 ssl;" in conf and "server 127.0.0.1:40124;" in conf
+    assert "listen [::]:40123 ssl;" in conf  # its certificate names an IPv6 address: merchants may dial it
     assert f'ssl_certificate "{dep.superlink_dir / "server.crt"}";' in conf and "proxy_ssl_verify on;" in conf
     assert re.findall(r"location (.*) \{", conf) == ["~ ^/v1/fleet/[a-z][a-z-]*$", "/"]
     assert nginx_check(dep).returncode == 0, nginx_check(dep).stderr
@@ -183,6 +186,45 @@ def test_init_writes_a_ca_a_server_certificate_and_a_tls_superlink_script(tmp_pa
         deploy.init_deployment(root, names=["x.org"], addresses=[])
     with pytest.raises(deploy.DeployError):
         deploy.init_deployment(tmp_path / "bad", names=[], addresses=["not-an-ip"])
+
+
+def test_a_merchant_may_dial_the_deployments_ipv6_address(tmp_path: Path) -> None:
+    """nginx listens on every address family the deployment's certificate names. A loopback
+    deployment on ``::1`` listens there beside 127.0.0.1, and a merchant dialing [::1]
+    completes the TLS handshake with the federation's CA (real nginx); one on 127.0.0.1 alone
+    listens on IPv4 only."""
+    port, control, port4, control4 = dh.free_ports(4)
+    dep = deploy.init_deployment(tmp_path / "fed", names=[], addresses=["::1"], port=port, control_port=control)
+    assert dep.bind_host == "127.0.0.1" and dep.superlink_address == f"[::1]:{port}"
+    conf_path = dep.superlink_dir / deploy.PROXY_CONFIG
+    conf = conf_path.read_text()
+    assert f"listen 127.0.0.1:{port} ssl;" in conf and f"listen [::1]:{port} ssl;" in conf
+    assert nginx_check(dep).returncode == 0, nginx_check(dep).stderr
+    ipv4 = deploy.init_deployment(tmp_path / "v4", names=[], addresses=["127.0.0.1"], port=port4,
+                                  control_port=control4)
+    assert "listen [" not in (ipv4.superlink_dir / deploy.PROXY_CONFIG).read_text()
+
+    prefix = dep.superlink_dir / deploy.PROXY_DIR
+    (prefix / "tmp").mkdir(parents=True, exist_ok=True)
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    proxy = subprocess.Popen([nginx, "-e", "stderr", "-p", str(prefix), "-c", str(conf_path)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                raw = socket.create_connection(("::1", port), timeout=2)
+                break
+            except OSError:
+                assert proxy.poll() is None, proxy.communicate()[1]
+                assert time.monotonic() < deadline, "nginx never listened on [::1]"
+                time.sleep(0.1)
+        context = ssl.create_default_context(cafile=str(dep.ca_cert))
+        with context.wrap_socket(raw, server_hostname="::1") as tls:  # verifies the chain and the name
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")
+    finally:
+        proxy.terminate()
+        proxy.communicate(timeout=30)
 
 
 def test_add_merchant_writes_its_key_node_config_and_start_script(tmp_path: Path) -> None:
