@@ -1,7 +1,7 @@
 """The ``fedshop`` command. Each subcommand parses arguments and calls one library function.
 
     fedshop [-v] [-q] COMMAND ...   (-q: no progress display)
-    fedshop simulate [--scenario reviews] [--out DIR] [--set KEY=VALUE ...] [--resume RUN_DIR]
+    fedshop simulate [--scenario reviews] [--out DIR] [--set KEY=VALUE ...] [--resume RUN_DIR] [--no-exact-scores]
     fedshop train-local --data DIR [DIR ...] [--scenario NAME] [--set KEY=VALUE ...] [--steps N] [--out DIR]
     fedshop audit RUN_DIR [--json] [--plot FILE.png] [--report FILE.md]
     fedshop audit --node-state PATH [RUN_DIR]
@@ -104,7 +104,8 @@ def cmd_simulate(args: argparse.Namespace) -> int:
              config.num_server_rounds, config.merchants_per_round, config.run_dir)
     engine.run_simulation(config, num_merchants=merchants)
     # The ServerApp has printed the run summary (also in RUN_DIR/summary.json): noised figures.
-    _print_merchants_own_view(Path(config.run_dir), Path(config.data_dir), merchants)
+    if not args.no_exact_scores:
+        _print_merchants_own_view(Path(config.run_dir), Path(config.data_dir), merchants)
     return 0
 
 
@@ -369,6 +370,9 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--out", type=Path, help="run directory (default: the scenario's run-dir)")
     sim.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a run-config key")
     sim.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last complete round")
+    sim.add_argument("--no-exact-scores", action="store_true",
+                     help="do not end with each merchant's exact scores on its own held-out records (for scripts "
+                          "that score the model themselves; `fedshop evaluate RUN_DIR` prints them later)")
     sim.set_defaults(func=cmd_simulate)
 
     tl = sub.add_parser("train-local", help="train and evaluate one merchant (or the union of several)")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,9 +50,9 @@ def write_scenario(path: Path, settings: Mapping[str, Any]) -> Path:
 
 
 def simulate(scenario: Path, run_dir: Path, *, log_dir: Path, timeout_s: float = 240.0,
-             sets: Mapping[str, Any] | None = None) -> proc.Run:
-    """``fedshop simulate --scenario FILE --out RUN_DIR [--set k=v ...]`` in its own session."""
-    args = ["simulate", "--scenario", str(scenario), "--out", str(run_dir)]
+             sets: Mapping[str, Any] | None = None, flags: Sequence[str] = ()) -> proc.Run:
+    """``fedshop simulate --scenario FILE --out RUN_DIR [FLAGS ...] [--set k=v ...]`` in its own session."""
+    args = ["simulate", "--scenario", str(scenario), "--out", str(run_dir), *flags]
     for key, value in (sets or {}).items():
         args += ["--set", f"{key}={value}"]
     return proc.run(proc.fedshop_command(*args), log_dir=log_dir, timeout_s=timeout_s)
