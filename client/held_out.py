@@ -169,7 +169,7 @@ def table(merchant_views: Sequence[MerchantView]) -> str:
     width = max([8, *(len(v.merchant) for v in merchant_views)])
     head = f"{'merchant':<{width}}  {'examples':>8}  " + "  ".join(f"{names[m]:<24}" for m, _, _ in columns)
     head += "".join(f"  {names[m]:>7}" for m in extra)
-    lines = [head]
+    lines = [head.rstrip()]
     for v in merchant_views:
         both, wins = {**v.metrics, **v.constants}, v.beats_constants()
         cells = []
