@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
-from client.data import load_merchant
+from client.data import DataValidationError, load_merchant
 from client.data.schema import TABLES
-from client.merchant import merchant_dirs, simulated_state_dir, split_merchant
+from client.merchant import NodeConfigError, merchant_dirs, simulated_state_dir, split_merchant
 from shared.config import RunConfig
 from shared.run_files import CONFIG_FILE, MODEL_DIR
 
@@ -88,6 +88,7 @@ class MerchantView:
     metrics: dict[str, float]  # the model's (shared.metrics keys), with the merchant's offsets if any
     constants: dict[str, float]  # constant_scores, plus the random order's ranking figures
     offsets: bool  # scored with the merchant's own local offsets (client.offsets)
+    problem: str = ""  # why the merchant could not be scored (its folder fails validation, ...)
 
     def beats_constants(self) -> dict[str, bool]:
         """Per checked figure the model has: whether it beats the held-out constant (random order)."""
@@ -97,7 +98,8 @@ class MerchantView:
 
     def to_json(self) -> dict[str, Any]:
         return {"merchant": self.merchant, "held_out_examples": self.held_out_examples, "offsets": self.offsets,
-                "metrics": self.metrics, "constants": self.constants, "beats_constants": self.beats_constants()}
+                "metrics": self.metrics, "constants": self.constants, "beats_constants": self.beats_constants(),
+                **({"problem": self.problem} if self.problem else {})}
 
 
 def run_config(run_dir: Path, own: Mapping[str, Any] | None = None) -> RunConfig:
@@ -145,7 +147,12 @@ def views(run_dir: Path, data: Sequence[Path] | None = None, *, offsets_dir: Pat
         node = simulated_state_dir(run_dir, folder.name)
         state = node if node.is_dir() else offsets_dir
         shift = offsets.for_node(state, manifest["heads"]) if state is not None else None
-        split = split_merchant(load_merchant(folder), config)
+        try:
+            split = split_merchant(load_merchant(folder), config)
+        except (DataValidationError, NodeConfigError) as exc:  # the others are still scored
+            yield MerchantView(merchant=folder.name, held_out_examples=0, metrics={}, constants={}, offsets=False,
+                               problem=" ".join(line.strip() for line in str(exc).splitlines()[:2]))
+            continue
         # The node's own cache (same records, same frozen encoder: its states are reused).
         cache = node / "features" if node.is_dir() else None
         exact = evaluation.evaluate(model, split.test, tokenizer, config, feature_cache=cache, offsets=shift)
@@ -171,6 +178,9 @@ def table(merchant_views: Sequence[MerchantView]) -> str:
     head += "".join(f"  {names[m]:>7}" for m in extra)
     lines = [head.rstrip()]
     for v in merchant_views:
+        if v.problem:
+            lines.append(f"{v.merchant:<{width}}  not scored: {v.problem}")
+            continue
         both, wins = {**v.metrics, **v.constants}, v.beats_constants()
         cells = []
         for metric, constant, _ in columns:

@@ -294,7 +294,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               "constants' (✓: the model beats the constant at the held-out base rate / mean; computed here, released "
               "nowhere)")
         print(held_out.table(found))
-    return 0
+    return 1 if any(v.problem for v in found) else 0  # a merchant that could not be scored
 
 
 def cmd_rank(args: argparse.Namespace) -> int:

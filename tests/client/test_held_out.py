@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,23 @@ def test_a_merchants_own_split_keys_decide_its_held_out_records(run_dir: Path,
     assert only["held_out_examples"] == len(split.test)
     assert main([*argv, "--set", "test-fraction=2"]) == 2
     assert "test-fraction" in capsys.readouterr().err
+
+
+def test_a_merchant_that_cannot_be_scored_is_named_and_the_others_are_still_scored(
+        run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A folder that fails validation (a run skips it too) gets a line saying why; the exit
+    status says that not every merchant was scored."""
+    data = tmp_path / "data"
+    shutil.copytree(run_dir.parent / "data", data)
+    (data / "shop-a" / "catalog.csv").write_text("product_id,title\np1,\n")  # a title missing
+    found = {v.merchant: v for v in held_out.views(run_dir, [data])}
+    assert found["shop-a"].problem and not found["shop-a"].metrics and not found["shop-b"].problem
+    assert found["shop-b"].metrics["ctr_logloss"] > 0
+    lines = held_out.table(list(found.values())).splitlines()
+    assert lines[1].startswith("shop-a") and "not scored: " in lines[1] and "✓" not in lines[1]
+    assert main(["evaluate", str(run_dir), "--data", str(data)]) == 1
+    out = capsys.readouterr().out
+    assert "not scored" in out and any(line.startswith("shop-b") and "(" in line for line in out.splitlines())
 
 
 def test_what_cannot_be_scored_is_refused_by_name(run_dir: Path, tmp_path: Path,
