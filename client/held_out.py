@@ -47,6 +47,10 @@ CHECKS: tuple[tuple[str, str, str, bool], ...] = (
 )
 
 
+# What the table's marks mean, for the line above it.
+LEGEND = ("✓: the model beats the constant at the held-out base rate / mean (NDCG: a random order); computed on "
+          "the machine that holds the records, released nowhere")
+
 # The expected ranking figures of a random order of the same candidates (shared.metrics).
 RANDOM_ORDER = ("relevance_ndcg@10_baseline", "relevance_mrr_baseline")
 

@@ -127,9 +127,8 @@ def _print_merchants_own_view(run_dir: Path, data_dir: Path, merchants: int) -> 
     if merchants > OWN_VIEW_MAX_MERCHANTS or not data_dir.is_dir():
         print(f"each merchant's exact scores on its own held-out records: {command} --data MERCHANT_DIR")
         return
-    print("each merchant's own view (exact scores on its own held-out records, beside the constants'; ✓: the model "
-          "beats the constant at the held-out base rate / mean; computed on this machine, released nowhere; again "
-          f"with: {command}):")
+    print(f"each merchant's own view: exact scores on its own held-out records, beside the constants' "
+          f"({held_out.LEGEND}; again with: {command}):")
     print(held_out.table(list(held_out.views(run_dir))), flush=True)
 
 
@@ -290,9 +289,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([v.to_json() for v in found], indent=1))
     else:
-        print(f"exact scores of {Path(args.run_dir) / 'model'} on each merchant's own held-out records, beside the "
-              "constants' (✓: the model beats the constant at the held-out base rate / mean; computed here, released "
-              "nowhere)")
+        print(f"exact scores of {Path(args.run_dir) / MODEL_DIR} on each merchant's own held-out records, beside the "
+              f"constants' ({held_out.LEGEND}):")
         print(held_out.table(found))
     return 1 if any(v.problem for v in found) else 0  # a merchant that could not be scored
 
