@@ -1,11 +1,15 @@
 """Round time of the same federated work in a real deployment and in the simulation engine.
 
     .venv/bin/python benchmarks/deploy_vs_sim.py [--rounds 5] [--encoder tiny|minilm] [--isolation process]
-        [--log-stream] [--out benchmarks/results/deploy_vs_sim.json]
+        [--log-stream] [--work lora|recipe] [--out benchmarks/results/deploy_vs_sim.json]
 
 Same work both ways: three small CSV merchants (``tests/helpers/merchants.py``), the tiny test
 encoder (or ``--encoder minilm``), LoRA, 3 local DP steps, every merchant trained and evaluated
-each round. The merchants report their timings (``report-timings = true``: the run config in
+each round. ``--work recipe`` is the default scenario's recipe instead (``reviews.toml``'s
+training keys: heads on a frozen MiniLM-L6, batches of up to 1,024, 15 steps a call, an
+evaluation every 4th round and after the last) on three departments of the bundled reviews
+(``RECIPE_MERCHANTS``): the work a deployed merchant of the default actually does.
+The merchants report their timings (``report-timings = true``: the run config in
 simulation, and each kit's node config in the deployment, since a deployed node sends them only
 by its own choice).
 
@@ -65,6 +69,12 @@ MERCHANTS = ["shop-a", "shop-b", "shop-c"]
 WORK = {"encoder": "tiny", "trainable": "lora", "merchants-per-round": 3, "max-local-steps": 3,
         "batch-size": 16, "max-seq-len": 32, "eval-max-examples": 32, "round-timeout-s": 300.0,
         "node-wait-timeout-s": 120.0, "report-timings": True, "target-epsilon": 1000.0}
+# --work recipe: the default scenario's training keys (simulations/scenarios/reviews.toml) on
+# three of its departments, the smallest (records ~120, ~700, ~1,500: encoded in seconds).
+RECIPE_KEYS = ("encoder", "tasks", "max-seq-len", "trainable", "encode-precision", "pooling", "dropout", "batch-size",
+               "max-local-steps", "local-epochs", "head-learning-rate", "keep-optimizer-state", "weight-decay",
+               "eval-max-examples", "evaluate-every", "noise-multiplier", "max-grad-norm", "clipping")
+RECIPE_MERCHANTS = ["trend", "jackets", "intimate"]
 # How the nodes run their ClientApps: the kits' warm launcher beside a SuperNode started with
 # --isolation process, or Flower's default (a fresh flwr-clientapp per message).
 ISOLATIONS = ("process", "subprocess")
@@ -199,8 +209,32 @@ def report_timings(merchant: deploy.MerchantKit) -> None:
     edit_script(merchant, "dp='true'", "dp='true' report-timings=true")
 
 
+def recipe_job(rounds: int) -> dict[str, Any]:
+    """``WORK``'s deployment settings with the default scenario's training keys, its σ planned
+    for this run's rounds."""
+    from simulations.engine import load_scenario
+
+    recipe = load_scenario("reviews")
+    return {**WORK, **{k: recipe[k] for k in RECIPE_KEYS}, "noise-plan-calls": rounds}
+
+
+def write_data(work: str, target: Path) -> list[str]:
+    """The merchants' folders for ``work``; their names."""
+    if work == "lora":
+        write_merchants(target, MERCHANTS)
+        return MERCHANTS
+    import shutil
+
+    from client.sources import adapters
+
+    adapters.prepare_reviews(target.with_name("reviews"))
+    for name in RECIPE_MERCHANTS:
+        shutil.copytree(target.with_name("reviews") / name, target / name)
+    return RECIPE_MERCHANTS
+
+
 def run_deployment(work: Path, rounds: int, job: dict[str, Any], *, isolation: str = "process",
-                   log_stream: bool = False) -> dict[str, Any]:
+                   log_stream: bool = False, merchants: list[str] = MERCHANTS) -> dict[str, Any]:
     """``isolation = "subprocess"``: the kits' scripts with ``FEDSHOP_WARM_CLIENTAPP=no``, i.e.
     Flower's default (the node's SuperExec starts a fresh flwr-clientapp per message).
     ``log_stream``: the operator's ``flwr run`` streams the run's logs until it ends."""
@@ -218,7 +252,7 @@ def run_deployment(work: Path, rounds: int, job: dict[str, Any], *, isolation: s
     with dh.services(work / "logs", env) as group:
         superlink = group.start("superlink", ["sh", str(dep.superlink_dir / deploy.SUPERLINK_SCRIPT)])
         superlink.wait_for(r"Uvicorn running on https://", timeout_s=60)
-        for name, node_port in zip(MERCHANTS, node_ports, strict=True):
+        for name, node_port in zip(merchants, node_ports, strict=True):
             add = proc.run(proc.fedshop_command("deploy", "add-merchant", name, "--dir", str(root), "--data-dir",
                                                 str(data / name), "--budget", "50", "--delta", "1e-5",
                                                 "--device", "cpu", "--port", str(node_port)),
@@ -282,12 +316,15 @@ def main() -> int:
                         "default (subprocess), or both in turn (default)")
     parser.add_argument("--log-stream", action="store_true",
                         help="also deploy with process isolation and the operator's flwr run --stream")
+    parser.add_argument("--work", choices=("lora", "recipe"), default="lora",
+                        help="LoRA, 3 steps on small CSV merchants (default), or the default scenario's recipe on "
+                             "three bundled reviews departments (MiniLM; --encoder is ignored)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="fedshop-deploy-vs-sim-") as tmp:
         work = Path(tmp)
-        write_merchants(work / "data", MERCHANTS)
-        job = {**WORK, "encoder": args.encoder}
-        result: dict[str, Any] = {"work": {**job, "merchants": len(MERCHANTS), "num-server-rounds": args.rounds},
+        merchants = write_data(args.work, work / "data")
+        job = {**WORK, "encoder": args.encoder} if args.work == "lora" else recipe_job(args.rounds)
+        result: dict[str, Any] = {"work": {**job, "merchants": merchants, "num-server-rounds": args.rounds},
                                   "cpu_count": os.cpu_count(), "load_before": os.getloadavg()}
         result["clientapp_import_s"] = import_cost()
         result["simulation"] = run_simulation(work, args.rounds, job)
@@ -296,7 +333,8 @@ def main() -> int:
         arms += [("deployment_log_stream", "process", True)] if args.log_stream else []
         for key, isolation, stream in arms:
             result[key] = {"isolation": isolation, "log_stream": stream,
-                           **run_deployment(work, args.rounds, job, isolation=isolation, log_stream=stream)}
+                           **run_deployment(work, args.rounds, job, isolation=isolation, log_stream=stream,
+                                            merchants=merchants)}
         result["load_after"] = os.getloadavg()
     sim = result["simulation"]["mean_round_s"]
     for key, _, _ in arms:
