@@ -142,6 +142,9 @@ def views(run_dir: Path, data: Sequence[Path] | None = None, *, offsets_dir: Pat
 
     run_dir = Path(run_dir)
     config = run_config(run_dir, own)
+    if not data and not Path(config.data_dir).is_dir():
+        raise HeldOutError(f"the run's data-dir {config.data_dir!r} is not a folder from here; name the merchants' "
+                           "folders with --data")
     folders = merchant_folders(data or [Path(config.data_dir)])
     if offsets_dir is not None and len(folders) != 1:
         raise HeldOutError(f"--offsets {offsets_dir}: one merchant's state folder, but --data holds {len(folders)} "

@@ -160,3 +160,10 @@ def test_what_cannot_be_scored_is_refused_by_name(run_dir: Path, tmp_path: Path,
     assert "one merchant's state folder, but --data holds 2 merchants" in capsys.readouterr().err
     assert main(["evaluate", str(run_dir), "--data", str(tmp_path / "nowhere")]) == 2
     assert f"--data {tmp_path / 'nowhere'}: not a folder" in capsys.readouterr().err
+    moved = tmp_path / "moved-run"  # a copy of the run whose data-dir (relative, say) does not resolve here
+    shutil.copytree(run_dir, moved)
+    saved = json.loads((moved / CONFIG_FILE).read_text())
+    (moved / CONFIG_FILE).write_text(json.dumps({**saved, "data-dir": "merchants/elsewhere"}))
+    assert main(["evaluate", str(moved)]) == 2
+    assert "the run's data-dir 'merchants/elsewhere' is not a folder from here; name the merchants' folders with " \
+           "--data" in capsys.readouterr().err
