@@ -127,9 +127,10 @@ def _print_merchants_own_view(run_dir: Path, data_dir: Path, merchants: int) -> 
     if merchants > OWN_VIEW_MAX_MERCHANTS or not data_dir.is_dir():
         print(f"each merchant's exact scores on its own held-out records: {command} --data MERCHANT_DIR")
         return
+    found = list(held_out.views(run_dir))  # scored first: the encoders' log lines come before the table
     print(f"each merchant's own view: exact scores on its own held-out records, beside the constants' "
           f"({held_out.LEGEND}; again with: {command}):")
-    print(held_out.table(list(held_out.views(run_dir))), flush=True)
+    print(held_out.table(found), flush=True)
 
 
 def cmd_train_local(args: argparse.Namespace) -> int:
