@@ -137,21 +137,34 @@ def _drop_own_modules() -> None:
         del sys.modules[name]
 
 
-class TaskSource:
-    """The node's Runtime API, asked for pending ClientApp tasks as ``flower-superexec`` asks."""
+# The Runtime API calls Flower's SuperExec authentication signs (flower-superexec's own set,
+# flwr/supercore/superexec/run_superexec.py): claiming a task. The claimed task's own calls carry
+# its token instead.
+AUTHENTICATED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
 
-    def __init__(self, runtime_api_address: str) -> None:
+
+class TaskSource:
+    """The node's Runtime API, asked for pending ClientApp tasks as ``flower-superexec`` asks:
+    with ``secret`` (the node's ``--superexec-auth-secret-file`` contents) each claim is signed
+    by Flower's SuperExec authentication, which the node then requires of every claim."""
+
+    def __init__(self, runtime_api_address: str, secret: bytes | None = None) -> None:
         from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
         from flwr.supercore.constant import TaskType
         from flwr.supercore.interceptors import RuntimeVersionHttpInterceptor
+        from flwr.supercore.interceptors.http.superexec_auth import SuperExecAuthHttpInterceptor
+        from flwr.supercore.protobuf.client import ProtobufClientInterceptor
         from flwr.supercore.runtime import RuntimeHttpClient
 
         self.address = runtime_api_address
+        interceptors: list[ProtobufClientInterceptor] = [RuntimeVersionHttpInterceptor(component_name="SuperExec")]
+        if secret:
+            interceptors.append(SuperExecAuthHttpInterceptor(master_secret=secret,
+                                                             protected_methods=AUTHENTICATED_METHODS))
         # No retry invoker: a failed request comes back to next() (Flower's own retry backs
         # off up to 20 s and logs every attempt, while a restarting node is routine here).
         self.client = RuntimeHttpClient.from_server_address(
-            server_address=runtime_api_address, insecure=True, root_certificates=None,
-            interceptors=[RuntimeVersionHttpInterceptor(component_name="SuperExec")])
+            server_address=runtime_api_address, insecure=True, root_certificates=None, interceptors=interceptors)
         self.request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
 
     def next(self) -> tuple[int, str] | None:
@@ -268,7 +281,7 @@ def serve_task(runtime_api_address: str, token: str, app: LoadedApp) -> None:
         client.close()
 
 
-def work(runtime_api_address: str, *, poll_interval_s: float, launcher_pid: int) -> None:
+def work(runtime_api_address: str, *, poll_interval_s: float, launcher_pid: int, secret: bytes | None = None) -> None:
     """The serving process: claim the node's tasks and serve each in turn, until the launcher is gone."""
     import numpy as np
     from flwr.supercore.app_utils import start_parent_process_monitor
@@ -276,7 +289,7 @@ def work(runtime_api_address: str, *, poll_interval_s: float, launcher_pid: int)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # the launcher's handler is not this process'
     np.random.seed()  # a fresh process seeds NumPy's global generator from the OS
     start_parent_process_monitor(launcher_pid)  # a launcher killed outright takes this along
-    source, app = TaskSource(runtime_api_address), LoadedApp()
+    source, app = TaskSource(runtime_api_address, secret), LoadedApp()
     last = time.perf_counter()
     while True:
         claimed = source.next()
@@ -290,7 +303,7 @@ def work(runtime_api_address: str, *, poll_interval_s: float, launcher_pid: int)
         serve_task(runtime_api_address, token, app)
 
 
-def _fork_worker(runtime_api_address: str, poll_interval_s: float) -> int:
+def _fork_worker(runtime_api_address: str, poll_interval_s: float, secret: bytes | None = None) -> int:
     launcher = os.getpid()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -304,7 +317,7 @@ def _fork_worker(runtime_api_address: str, poll_interval_s: float) -> int:
     if pid == 0:  # the serving process; never runs the launcher's exit code
         code = 1
         try:
-            work(runtime_api_address, poll_interval_s=poll_interval_s, launcher_pid=launcher)
+            work(runtime_api_address, poll_interval_s=poll_interval_s, launcher_pid=launcher, secret=secret)
         except KeyboardInterrupt:  # the launcher gone, or a task's heartbeat refused
             code = 130
         finally:
@@ -315,7 +328,7 @@ def _fork_worker(runtime_api_address: str, poll_interval_s: float) -> int:
     return pid
 
 
-def serve(runtime_api_address: str, *, poll_interval_s: float) -> None:
+def serve(runtime_api_address: str, *, poll_interval_s: float, secret: bytes | None = None) -> None:
     """Keep one serving process alive, forked from this warm state, until signalled."""
     worker: int | None = None
 
@@ -326,7 +339,7 @@ def serve(runtime_api_address: str, *, poll_interval_s: float) -> None:
     try:
         while True:
             started = time.monotonic()
-            worker = _fork_worker(runtime_api_address, poll_interval_s)
+            worker = _fork_worker(runtime_api_address, poll_interval_s, secret)
             _, status = os.waitpid(worker, 0)
             worker = None
             log.info("fedshop warm ClientApp: serving process ended with status %d; forking another",
@@ -347,7 +360,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--poll-interval-s", type=float, default=0.2,
                         help="how often to ask the node for a task (flower-superexec: 1 s)")
     parser.add_argument("--parent-pid", type=int, help="exit when this process (the start script) is gone")
+    parser.add_argument("--superexec-auth-secret-file", metavar="FILE",
+                        help="the node's SuperExec secret (its --superexec-auth-secret-file): sign each task claim")
     args = parser.parse_args(argv)
+    secret = None
+    if args.superexec_auth_secret_file:
+        from flwr.supercore.auth import load_superexec_auth_secret
+
+        try:
+            secret = load_superexec_auth_secret(args.superexec_auth_secret_file)
+        except ValueError as err:
+            parser.error(str(err))
     # Only this module's lines: Flower's logger has its own handler (and would print twice via root).
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
@@ -360,7 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         start_parent_process_monitor(args.parent_pid)
     warm_s = warm_up()
     log.info("%s (imports %.1f s), taking tasks at %s", READY, warm_s, args.runtime_api_address)
-    serve(args.runtime_api_address, poll_interval_s=args.poll_interval_s)
+    serve(args.runtime_api_address, poll_interval_s=args.poll_interval_s, secret=secret)
     return 0
 
 

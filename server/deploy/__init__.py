@@ -55,6 +55,7 @@ from server.deploy.folders import (
     MERCHANT_FILE,
     NODE_KEY,
     PROCESS_ENV,
+    SUPEREXEC_SECRET,
     SUPERLINK_SCRIPT,
     SUPERNODE_SCRIPT,
     Deployment,
@@ -84,7 +85,8 @@ from server.deploy.registration import flwr_executable, register_merchant
 
 __all__ = [
     "CONNECTION", "DEFAULT_SUPERLINK_PORT", "DEPLOYMENT_FILE", "FIRST_SUPERNODE_PORT", "HERE", "INSECURE_WARNING",
-    "MERCHANT_FILE", "NODE_KEY", "PROCESS_ENV", "SUPERLINK_SCRIPT", "SUPERNODE_SCRIPT", "DeployError", "Deployment",
+    "MERCHANT_FILE", "NODE_KEY", "PROCESS_ENV", "SUPEREXEC_SECRET", "SUPERLINK_SCRIPT", "SUPERNODE_SCRIPT",
+    "DeployError", "Deployment",
     "MerchantKit", "add_merchant", "check_public_key", "clientapp_command", "flwr_executable", "init_deployment",
     "make_ca", "make_node_key", "make_server_certificate", "write_secret", "process_env", "register_merchant",
     "shell_join", "superlink_command", "supernode_command", "write_flwr_config", "write_operator_files",

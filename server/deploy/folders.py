@@ -19,6 +19,11 @@ CONNECTION = "fedshop"  # the operator's SuperLink connection name in flwr-home/
 DEFAULT_SUPERLINK_PORT = 9092  # the public port (nginx, Fleet API only); the SuperLink's own is the next one
 FIRST_SUPERNODE_PORT = 9094  # Flower's default SuperNode Runtime API port; one more per merchant
 NODE_KEY = "node-key"
+# The shared secret between a merchant's SuperNode and its warm ClientApp launcher: Flower's
+# SuperExec authentication (``--superexec-auth-secret-file``) signs each AcquireTask, so no other
+# process on the merchant's machine can claim the node's tasks. Made by the start script on the
+# merchant's machine at its first start (the operator never sees it).
+SUPEREXEC_SECRET = "superexec-secret"
 HERE = "@@FEDSHOP_MERCHANT_DIR@@"  # in a generated script: the folder it runs from ($PWD)
 SUPERLINK_SCRIPT = "start-superlink.sh"
 SUPERNODE_SCRIPT = "start-supernode.sh"

@@ -22,6 +22,7 @@ from server.deploy.folders import (
     INSECURE_WARNING,
     NODE_KEY,
     PROCESS_ENV,
+    SUPEREXEC_SECRET,
     SUPERLINK_SCRIPT,
     SUPERNODE_SCRIPT,
     Deployment,
@@ -71,7 +72,7 @@ def supernode_command(merchant: MerchantKit, *, here: str | None = None, python:
     # --isolation process: the node launches no ClientApp itself; the start script's warm
     # ClientApp launcher (clientapp_command) claims its tasks on that port.
     cmd += ["--isolation", "process", "--host", "127.0.0.1", "--port", str(merchant.port),
-            "--node-config", merchant.node_config(here)]
+            "--superexec-auth-secret-file", SUPEREXEC_SECRET, "--node-config", merchant.node_config(here)]
     return cmd
 
 
@@ -80,7 +81,8 @@ def clientapp_command(merchant: MerchantKit, *, python: str = "python3") -> list
     ClientApp's libraries once and forks one long-lived process that serves the node's tasks in
     turn with the pieces of Flower's ``run_clientapp``. The start script runs it with
     ``$FEDSHOP_PYTHON``, else python3."""
-    return [python, "-m", "client.warm", "--runtime-api-address", f"127.0.0.1:{merchant.port}"]
+    return [python, "-m", "client.warm", "--runtime-api-address", f"127.0.0.1:{merchant.port}",
+            "--superexec-auth-secret-file", SUPEREXEC_SECRET]
 
 
 def process_env(*, flwr_home: Path | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -144,6 +146,11 @@ if ! "$python" -c 'import client.supernode, client.warm'; then
     echo "fedshop: $python cannot import fedshop's client.supernode: activate fedshop's virtual" \\
         "environment (or FEDSHOP_PYTHON=/path/to/its/python)" >&2
     exit 1
+fi
+# The node's and its ClientApp launcher's shared secret (Flower's SuperExec authentication): made
+# here, on the merchant's machine, once; only this folder's owner can read it.
+if [ ! -s %(secret)s ]; then
+    (umask 077 && head -c 32 /dev/urandom > %(secret)s.tmp && mv %(secret)s.tmp %(secret)s) || exit 1
 fi
 isolation=subprocess  # FEDSHOP_WARM_CLIENTAPP=no: Flower's default, a fresh flwr-clientapp per message
 if [ "${FEDSHOP_WARM_CLIENTAPP:-yes}" != no ]; then
@@ -213,7 +220,8 @@ def _script(lines: Sequence[str], cmd: Sequence[str], *, flwr_home: str, clienta
         # cmd = python -m client.supernode FLAGS...: the script's own "$python" runs it.
         supernode = ('"$python" -m ' + _command_lines(cmd[2:], "    ")).replace(
             "--isolation process", '--isolation "$isolation"', 1)
-        return head + _RESTART_LOOP % {"supernode": supernode, "clientapp": shell_join(clientapp[1:])}
+        return head + _RESTART_LOOP % {"supernode": supernode, "clientapp": shell_join(clientapp[1:]),
+                                       "secret": shlex.quote(SUPEREXEC_SECRET)}
     if proxy:
         return head + _WITH_PROXY % {"prefix": PROXY_DIR, "config": PROXY_CONFIG,
                                      "superlink": _command_lines(cmd, "")}

@@ -44,6 +44,7 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from cryptography import x509
@@ -257,11 +258,15 @@ def test_add_merchant_writes_its_key_node_config_and_start_script(tmp_path: Path
     # the node launches no ClientApp itself: the script's warm ClientApp processes serve its port
     assert cmd[cmd.index("--isolation") + 1] == "process"
     assert deploy.clientapp_command(a)[1:] == ["-m", "client.warm", "--runtime-api-address",
-                                               f"127.0.0.1:{deploy.FIRST_SUPERNODE_PORT}"]
+                                               f"127.0.0.1:{deploy.FIRST_SUPERNODE_PORT}",
+                                               "--superexec-auth-secret-file", deploy.SUPEREXEC_SECRET]
+    # the node and its launcher share a secret (Flower's SuperExec authentication of each task claim)
+    assert cmd[cmd.index("--superexec-auth-secret-file") + 1] == deploy.SUPEREXEC_SECRET
     script = a.dir / deploy.SUPERNODE_SCRIPT
     subprocess.run(["sh", "-n", str(script)], check=True)
-    assert f'"$python" -m client.warm --runtime-api-address 127.0.0.1:{a.port} --parent-pid "$$" &' \
-        in script.read_text()
+    assert (f'"$python" -m client.warm --runtime-api-address 127.0.0.1:{a.port} --superexec-auth-secret-file '
+            f'{deploy.SUPEREXEC_SECRET} --parent-pid "$$" &') in script.read_text()
+    assert not (a.dir / deploy.SUPEREXEC_SECRET).exists()  # made on the merchant's machine, at its first start
     assert "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1" in script.read_text()
     # the folder can be moved to the merchant's machine: its state lives wherever the script runs
     assert "state-dir='$PWD/state'" in script.read_text() and a.privacy_state == a.dir / "state" / "privacy-state.json"
@@ -581,6 +586,25 @@ def test_every_message_was_served_by_a_warm_clientapp_process(federation: Federa
         assert len(took) == len(received) and len(set(took)) == 1, text[-4000:]
         assert re.findall(re.escape(warm.SERVING) + r" in process (\d+)", text) == took[:1], text[-4000:]
         assert "Start `flwr-clientapp` process" not in text and "flower-superexec" not in text
+
+
+def test_only_the_nodes_own_launcher_can_claim_its_tasks(federation: Federation) -> None:
+    """Each start script made its node's SuperExec secret (32 random bytes, owner-only), and its
+    node requires Flower's SuperExec authentication of every task claim: a claim without the
+    signature, or signed with another secret, is refused; the launcher's own signed claim is not."""
+    secrets = set()
+    for kit in federation.merchants.values():
+        path = kit.dir / deploy.SUPEREXEC_SECRET
+        assert path.stat().st_size == 32 and path.stat().st_mode & 0o077 == 0, path
+        secrets.add(path.read_bytes())
+    assert len(secrets) == len(federation.merchants)  # one per node
+    kit = federation.merchants["shop-a"]
+    address = f"127.0.0.1:{kit.port}"
+    for source in (warm.TaskSource(address), warm.TaskSource(address, b"not the node's secret")):
+        with pytest.raises(httpx.HTTPStatusError, match="401 Unauthorized"):
+            source.client.AcquireTask(source.request)
+    own = warm.TaskSource(address, (kit.dir / deploy.SUPEREXEC_SECRET).read_bytes())
+    assert not own.client.AcquireTask(own.request).HasField("task")  # accepted; no task is pending
 
 
 def _unboxed(text: str) -> str:
