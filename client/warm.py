@@ -54,6 +54,7 @@ import contextlib
 import gc
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -141,6 +142,8 @@ def _drop_own_modules() -> None:
 # flwr/supercore/superexec/run_superexec.py): claiming a task. The claimed task's own calls carry
 # its token instead.
 AUTHENTICATED_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
+# A node that refuses the launcher's claims (another secret) is said so at most this often.
+REFUSED_WARNING_EVERY_S = 60.0
 
 
 class TaskSource:
@@ -166,6 +169,7 @@ class TaskSource:
         self.client = RuntimeHttpClient.from_server_address(
             server_address=runtime_api_address, insecure=True, root_certificates=None, interceptors=interceptors)
         self.request = AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP])
+        self._refused_at = -math.inf
 
     def next(self) -> tuple[int, str] | None:
         """Claim the oldest pending task: (task id, token), or None when there is none (or no node)."""
@@ -173,6 +177,15 @@ class TaskSource:
 
         try:
             response = self.client.AcquireTask(self.request)
+        except httpx.HTTPStatusError as exc:
+            if exc.response.status_code == 401 and time.monotonic() - self._refused_at > REFUSED_WARNING_EVERY_S:
+                # Not a node that is restarting: this launcher's claims will never be served.
+                self._refused_at = time.monotonic()
+                log.warning("the node at %s refuses this launcher's task claims (401): start both with the same "
+                            "--superexec-auth-secret-file (the merchant's start script does)", self.address)
+            else:
+                log.debug("Runtime API at %s answered %s", self.address, exc)
+            return None
         except httpx.HTTPError as exc:
             log.debug("Runtime API at %s not answering (%s)", self.address, exc)
             return None

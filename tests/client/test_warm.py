@@ -159,3 +159,11 @@ def test_the_launcher_freezes_its_objects_before_forking(monkeypatch: pytest.Mon
         assert gc.get_freeze_count() > 0
     finally:
         gc.unfreeze()
+
+
+def test_the_launcher_signs_the_calls_flowers_own_superexec_signs() -> None:
+    """client.warm signs the Runtime API calls flower-superexec signs under SuperExec
+    authentication (a Flower that protected more would refuse the launcher's other calls)."""
+    from flwr.supercore.superexec import run_superexec
+
+    assert warm.AUTHENTICATED_METHODS == run_superexec._SUPEREXEC_AUTH_METHODS

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 import shutil
 import socket
@@ -588,7 +589,8 @@ def test_every_message_was_served_by_a_warm_clientapp_process(federation: Federa
         assert "Start `flwr-clientapp` process" not in text and "flower-superexec" not in text
 
 
-def test_only_the_nodes_own_launcher_can_claim_its_tasks(federation: Federation) -> None:
+def test_only_the_nodes_own_launcher_can_claim_its_tasks(federation: Federation,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
     """Each start script made its node's SuperExec secret (32 random bytes, owner-only), and its
     node requires Flower's SuperExec authentication of every task claim: a claim without the
     signature, or signed with another secret, is refused; the launcher's own signed claim is not."""
@@ -605,6 +607,13 @@ def test_only_the_nodes_own_launcher_can_claim_its_tasks(federation: Federation)
             source.client.AcquireTask(source.request)
     own = warm.TaskSource(address, (kit.dir / deploy.SUPEREXEC_SECRET).read_bytes())
     assert not own.client.AcquireTask(own.request).HasField("task")  # accepted; no task is pending
+    # A launcher whose claims are refused says so (once a minute), rather than wait in silence.
+    stranger = warm.TaskSource(address, b"not the node's secret")
+    with caplog.at_level(logging.WARNING, logger="client.warm"):
+        assert stranger.next() is None and stranger.next() is None
+    assert [r.getMessage() for r in caplog.records if r.name == "client.warm"] == [
+        f"the node at {address} refuses this launcher's task claims (401): start both with the same "
+        "--superexec-auth-secret-file (the merchant's start script does)"]
 
 
 def _unboxed(text: str) -> str:
