@@ -101,12 +101,11 @@ def served_merchants(run_dir: Path, data_dir: Path, work: Path) -> Iterator[Serv
     """Every merchant of ``data_dir`` with the run's exported model (``rating_diagnosis`` too)."""
     from client import offsets
     from client.data import load_merchant
+    from client.held_out import run_config
     from client.merchant import merchant_dirs, simulated_state_dir, split_merchant
-    from shared.config import RunConfig
     from shared.model import load_exported
 
-    saved = json.loads((run_dir / "config.json").read_text())
-    config = RunConfig.from_mapping({**saved, "eval-max-examples": 0})  # every held-out unit
+    config = run_config(run_dir)  # the run's, every held-out unit evaluated (as `fedshop evaluate`)
     model, tokenizer, manifest = load_exported(run_dir / "model")
     for folder in merchant_dirs(data_dir):
         yield ServedMerchant(name=folder.name, model=model, tokenizer=tokenizer, config=config,

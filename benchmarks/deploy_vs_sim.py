@@ -42,6 +42,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -223,8 +224,6 @@ def write_data(work: str, target: Path) -> list[str]:
     if work == "lora":
         write_merchants(target, MERCHANTS)
         return MERCHANTS
-    import shutil
-
     from client.sources import adapters
 
     adapters.prepare_reviews(target.with_name("reviews"))
