@@ -106,6 +106,11 @@ class MerchantView:
                 **({"problem": self.problem} if self.problem else {})}
 
 
+def has_model(run_dir: Path) -> bool:
+    """Whether the run finished with an exported model to score."""
+    return (Path(run_dir) / MODEL_DIR / "fedshop.json").is_file()
+
+
 def run_config(run_dir: Path, own: Mapping[str, Any] | None = None) -> RunConfig:
     """The run's config as saved in ``RUN_DIR/config.json``, every held-out unit evaluated.
     ``own``: run-config keys the merchant pinned for itself (a deployed node's split keys:
@@ -114,7 +119,7 @@ def run_config(run_dir: Path, own: Mapping[str, Any] | None = None) -> RunConfig
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise HeldOutError(f"{run_dir}: no {CONFIG_FILE} (not a fedshop run folder)")
-    if not (Path(run_dir) / MODEL_DIR / "fedshop.json").is_file():
+    if not has_model(run_dir):
         raise HeldOutError(f"{run_dir}: no exported model in {MODEL_DIR}/ (the run did not finish)")
     return RunConfig.from_mapping({**json.loads(path.read_text()), **(own or {}), "eval-max-examples": 0})
 

@@ -122,7 +122,7 @@ def _print_merchants_own_view(run_dir: Path, data_dir: Path, merchants: int) -> 
     from client import held_out
 
     command = f"fedshop evaluate {run_dir}"
-    if not (run_dir / MODEL_DIR / "fedshop.json").is_file():
+    if not held_out.has_model(run_dir):
         return  # the run stopped before exporting a model: nothing to score
     if merchants > OWN_VIEW_MAX_MERCHANTS or not data_dir.is_dir():
         print(f"each merchant's exact scores on its own held-out records: {command} --data MERCHANT_DIR")
