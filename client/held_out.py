@@ -83,6 +83,12 @@ def constant_scores(train: Sequence[Any], test: Sequence[Any]) -> dict[str, floa
     return out
 
 
+def beats_constants(scores: Mapping[str, float]) -> dict[str, bool]:
+    """Per ``CHECKS`` figure that ``scores`` holds with its constant: whether the model beats it."""
+    return {metric: (scores[metric] < scores[constant]) if lower else (scores[metric] > scores[constant])
+            for _, metric, constant, lower in CHECKS if metric in scores and constant in scores}
+
+
 @dataclasses.dataclass(frozen=True)
 class MerchantView:
     """One merchant's exact scores of a model on its held-out records, and the constants'."""
@@ -96,9 +102,7 @@ class MerchantView:
 
     def beats_constants(self) -> dict[str, bool]:
         """Per checked figure the model has: whether it beats the held-out constant (random order)."""
-        both = {**self.metrics, **self.constants}
-        return {metric: (both[metric] < both[constant]) if lower else (both[metric] > both[constant])
-                for _, metric, constant, lower in CHECKS if metric in both and constant in both}
+        return beats_constants({**self.metrics, **self.constants})
 
     def to_json(self) -> dict[str, Any]:
         return {"merchant": self.merchant, "held_out_examples": self.held_out_examples, "offsets": self.offsets,
