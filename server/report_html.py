@@ -48,7 +48,7 @@ from shared.metrics import (
 )
 from shared.privacy.events import RELEASE_EVALUATION, RELEASE_UPDATE
 from shared.run_files import CONFIG_FILE, LEDGER_FILE, REPORT_FILE, SUMMARY_FILE
-from shared.wire import EVAL_LOSS
+from shared.wire import EVAL_LOSS, NUM_EXAMPLES
 
 if TYPE_CHECKING:
     from server.audit import AuditReport
@@ -165,15 +165,52 @@ def _baselines(summary: Mapping[str, Any]) -> dict[str, dict[str, float]]:
 
 
 def _per_merchant_utility(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """metric -> merchant -> (round, value), where the run log carries per-merchant metrics."""
+    """metric -> merchant -> (round, value), where the run log carries per-merchant metrics (the
+    held-out count is public and no utility: left out)."""
     found: dict[str, dict[str, list[tuple[int, float]]]] = defaultdict(lambda: defaultdict(list))
     for row in rounds:
         for merchant, metrics in (row.get(PER_MERCHANT_KEY) or {}).items():
             for key, value in (metrics or {}).items():
-                if (key != EVAL_LOSS and not key.endswith(BASELINE_SUFFIX) and not is_noise_scale(key)
-                        and not is_released_sum(key) and isinstance(value, int | float) and math.isfinite(value)):
+                if (key not in (EVAL_LOSS, NUM_EXAMPLES) and not key.endswith(BASELINE_SUFFIX)
+                        and not is_noise_scale(key) and not is_released_sum(key)
+                        and isinstance(value, int | float) and math.isfinite(value)):
                     found[key][str(merchant)].append((int(row["round"]), float(value)))
     return {k: dict(v) for k, v in sorted(found.items())}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Last:
+    """One merchant's last released figure for a metric, with what was released beside it."""
+
+    round: int
+    value: float
+    sd: float | None  # the figure's noise scale, where released
+    baseline: float | None  # the constant's (or random order's) figure from the same sums
+    baseline_sd: float | None
+
+
+def _per_merchant_last(rounds: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, _Last]]:
+    """metric -> merchant -> its last released figure (``_per_merchant_utility``'s last point),
+    with the noise scale and released baseline of that same round."""
+    rows: dict[tuple[str, int], Mapping[str, Any]] = {}
+    for row in rounds:
+        for merchant, metrics in (row.get(PER_MERCHANT_KEY) or {}).items():
+            rows[(str(merchant), int(row["round"]))] = metrics or {}
+
+    def number(metrics: Mapping[str, Any], key: str) -> float | None:
+        value = metrics.get(key)
+        return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+    out: dict[str, dict[str, _Last]] = {}
+    for metric, by_merchant in _per_merchant_utility(rounds).items():
+        out[metric] = {}
+        for merchant, points in by_merchant.items():
+            rnd, value = points[-1]
+            metrics = rows[(merchant, rnd)]
+            out[metric][merchant] = _Last(rnd, value, number(metrics, metric + NOISE_SCALE_SUFFIX),
+                                          number(metrics, baseline_key(metric)),
+                                          number(metrics, baseline_key(metric) + NOISE_SCALE_SUFFIX))
+    return out
 
 
 def _epsilon_series(spend: Sequence[SpendRecord]) -> dict[str, list[tuple[int, float]]]:
@@ -259,26 +296,42 @@ def _colours() -> list[str]:
     return list(matplotlib.rcParams["axes.prop_cycle"].by_key()["color"])
 
 
-def _integer_rounds(ax: Any) -> None:
+def _integer_rounds(ax: Any, last_round: int) -> None:
+    """Rounds 1 .. ``last_round`` on every plot alike, whole numbers only: a metric released in
+    one round is a point at that round, not at the middle of an axis of fractional rounds."""
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    last_round = max(last_round, 1)
+    ax.set_xlim(0.5, last_round + 0.5)
+    if last_round <= 12:
+        ax.set_xticks(range(1, last_round + 1))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.grid(alpha=0.3)
+
+
+def _last_round(run: _Run) -> int:
+    """The plots' last round: the planned rounds, or the last one anything was recorded for."""
+    planned = run.config.get("num-server-rounds")
+    recorded = [int(r["round"]) for r in run.rounds] + [r.round for r in run.spend]
+    return max([planned if isinstance(planned, int) else 0, *recorded, 1])
 
 
 def _band(ax: Any, points: Sequence[tuple[int, float]], scales: Mapping[int, float], colour: str) -> None:
     """± one noise scale around ``points``, on the rounds that released one."""
     band = [(r, v, scales[r]) for r, v in points if r in scales]
-    if band:
+    if len(band) > 1:
         ax.fill_between([b[0] for b in band], [b[1] - b[2] for b in band], [b[1] + b[2] for b in band],
                         color=colour, alpha=0.18, lw=0)
+    elif band:  # a band needs two rounds: one round's ± is an error bar
+        ax.errorbar([band[0][0]], [band[0][1]], yerr=[band[0][2]], color=colour, alpha=0.5, capsize=3, lw=1)
 
 
 def _utility_figure(series: Mapping[str, list[tuple[int, float]]],
                     baselines: Mapping[str, Mapping[str, float]],
                     released: Mapping[str, list[tuple[int, float]]],
-                    scales: Mapping[str, Mapping[int, float]] | None = None) -> Any:
+                    scales: Mapping[str, Mapping[int, float]] | None = None, *, last_round: int = 1) -> Any:
     columns = min(3, len(series))
     rows = math.ceil(len(series) / columns)
     fig = _figure(3.4 * columns, 2.7 * rows)
@@ -291,44 +344,61 @@ def _utility_figure(series: Mapping[str, list[tuple[int, float]]],
                 label="federated (noised)")
         _band(ax, points, scales.get(metric, {}), colours[0])
         if metric in released:  # the baseline released beside it, from the same noised sums
-            ax.plot([p[0] for p in released[metric]], [p[1] for p in released[metric]], "--", lw=1.2,
-                    color=colours[1], label=_mpl(BASELINES.get(metric, "baseline")))
+            # Hollow markers: a baseline released in one round only is still seen.
+            ax.plot([p[0] for p in released[metric]], [p[1] for p in released[metric]], "--s", lw=1.2, ms=3,
+                    mfc="white", color=colours[1], label=_mpl(BASELINES.get(metric, "baseline")))
             _band(ax, released[metric], scales.get(baseline_key(metric), {}), colours[1])
             ax.legend(fontsize=7)
         for j, (name, values) in enumerate(baselines.items()):
             if metric in values:
                 ax.axhline(values[metric], color="grey", ls=styles[j % len(styles)], lw=1, label=_mpl(name))
-        better = HIGHER_IS_BETTER.get(metric)
-        ax.set_title(_mpl(metric) + ("" if better is None else " (↑ better)" if better else " (↓ better)"),
-                     fontsize=9)
-        _integer_rounds(ax)
+        ax.set_title(_title(metric), fontsize=9)
+        _integer_rounds(ax, last_round)
         if i == 0 and baselines:
             ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
 
 
-def _per_merchant_figure(per_merchant: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> Any:
-    columns = min(3, len(per_merchant))
-    rows = math.ceil(len(per_merchant) / columns)
-    fig = _figure(3.4 * columns, 2.7 * rows)
+def _title(metric: str) -> str:
+    better = HIGHER_IS_BETTER.get(metric)
+    return _mpl(metric) + ("" if better is None else " (↑ better)" if better else " (↓ better)")
+
+
+def _per_merchant_figure(last: Mapping[str, Mapping[str, _Last]]) -> Any:
+    """Per metric, each merchant's last released figure ± its noise scale, one row a merchant,
+    with the constant's figure from the same sums beside it: a merchant's own release is noised
+    alone (the pooled figures share the noise over every merchant's sums), so its ± is wide,
+    and a line through two or eight such points would draw the noise as a trend."""
+    columns = min(3, len(last))
+    rows = math.ceil(len(last) / columns)
+    merchants = sorted({m for by_merchant in last.values() for m in by_merchant})
+    fig = _figure(3.4 * columns, (0.9 + 0.22 * min(len(merchants), MAX_LEGEND * 4)) * rows)
     colours = _colours()
-    merchants = sorted({m for by_merchant in per_merchant.values() for m in by_merchant})
-    for i, (metric, by_merchant) in enumerate(per_merchant.items()):
+    for i, (metric, by_merchant) in enumerate(last.items()):
         ax = fig.add_subplot(rows, columns, i + 1)
-        for merchant, points in sorted(by_merchant.items()):
-            colour = colours[merchants.index(merchant) % len(colours)]
-            ax.plot([p[0] for p in points], [p[1] for p in points], "-o", ms=2, lw=1, color=colour,
-                    label=_mpl(merchant))
-        ax.set_title(_mpl(metric), fontsize=9)
-        _integer_rounds(ax)
-        if i == 0 and len(merchants) <= MAX_LEGEND:
+        names = sorted(by_merchant)
+        y = range(len(names))
+        figures = [by_merchant[m] for m in names]
+        ax.errorbar([f.value for f in figures], [v + 0.12 for v in y], xerr=[f.sd or 0.0 for f in figures],
+                    fmt="o", ms=3, capsize=2, lw=1, color=colours[0], label="model (noised)")
+        with_baseline = [(v, f) for v, f in zip(y, figures, strict=True) if f.baseline is not None]
+        if with_baseline:
+            ax.errorbar([f.baseline for _, f in with_baseline], [v - 0.12 for v, _ in with_baseline],
+                        xerr=[f.baseline_sd or 0.0 for _, f in with_baseline], fmt="s", ms=3, capsize=2,
+                        lw=1, color=colours[1], mfc="white", label=_mpl(BASELINES.get(metric, "baseline")))
             ax.legend(fontsize=6)
+        ax.set_yticks(list(y), [_mpl(m, 18) for m in names], fontsize=7 if len(names) <= MAX_LEGEND else 4)
+        ax.set_ylim(-0.6, len(names) - 0.4)
+        ax.invert_yaxis()
+        ax.set_title(_title(metric) + f", round {max(f.round for f in figures)}", fontsize=9)
+        ax.grid(alpha=0.3, axis="x")
     fig.tight_layout()
     return fig
 
 
-def _epsilon_figure(series: Mapping[str, list[tuple[int, float]]], budgets: Mapping[str, float]) -> Any:
+def _epsilon_figure(series: Mapping[str, list[tuple[int, float]]], budgets: Mapping[str, float],
+                    last_round: int = 1) -> Any:
     fig = _figure(9.0, 4.2)
     ax = fig.add_subplot(1, 1, 1)
     colours = _colours()
@@ -339,7 +409,7 @@ def _epsilon_figure(series: Mapping[str, list[tuple[int, float]]], budgets: Mapp
         ax.axhline(budget, color="crimson", ls="--", lw=1)
         ax.annotate(f"budget ε = {budget:g}", xy=(0.01, budget), xycoords=("axes fraction", "data"),
                     color="crimson", va="bottom", fontsize=8)
-    _integer_rounds(ax)
+    _integer_rounds(ax, last_round)
     ax.set_ylabel("cumulative ε per merchant")
     ax.set_ylim(bottom=0)
     if len(series) <= MAX_LEGEND:
@@ -441,7 +511,8 @@ def _utility_section(run: _Run) -> str:
                      "or no round finished).</p>")
     else:
         alt = "utility per round: " + ", ".join(series)
-        parts.append(f"<figure>{_img(_utility_figure(series, baselines, released, scales), alt)}<figcaption>Each "
+        figure = _utility_figure(series, baselines, released, scales, last_round=_last_round(run))
+        parts.append(f"<figure>{_img(figure, alt)}<figcaption>Each "
                      "metric per round, as released (noised)"
                      + (", shaded: ± one standard deviation of the noise alone" if scales else "")
                      + (", dashed in colour: the baseline released beside it (a constant or random-order predictor "
@@ -491,8 +562,12 @@ def _per_merchant_section(run: _Run, merchants: list[_Merchant]) -> str:
     parts = ["<h2>Per merchant</h2>"]
     if per_merchant:
         alt = "utility per merchant: " + ", ".join(per_merchant)
-        parts.append(f"<figure>{_img(_per_merchant_figure(per_merchant), alt)}<figcaption>Each merchant's released "
-                     "(noised) metrics per round.</figcaption></figure>")
+        parts.append(f"<figure>{_img(_per_merchant_figure(_per_merchant_last(run.rounds)), alt)}<figcaption>Each "
+                     "merchant's last released figure (noised: dot, ± one standard deviation of its noise) and, "
+                     "where one was released, its constant predictor's from the same sums (hollow square). A "
+                     "merchant's release is noised on its own, so its ± is far wider than the pooled figures' "
+                     "above. The exact scores stay with each merchant: <code>fedshop evaluate RUN_DIR</code> "
+                     "on its own machine (no privacy cost, nothing leaves).</figcaption></figure>")
     else:
         parts.append("<p class=\"note\">The run log records each round's evaluation as the merchants' weighted "
                      "mean only, so utility per merchant is not shown; what each merchant did is.</p>")
@@ -521,7 +596,8 @@ def _epsilon_section(run: _Run) -> str:
         parts.append("<p>No private spend recorded (a non-private run, or no round finished).</p>")
         return "\n".join(parts)
     budgets = {r.merchant_id: r.epsilon_budget for r in run.spend if r.dp}
-    parts.append(f"<figure>{_img(_epsilon_figure(series, budgets), 'cumulative epsilon per merchant per round')}"
+    figure = _epsilon_figure(series, budgets, _last_round(run))
+    parts.append(f"<figure>{_img(figure, 'cumulative epsilon per merchant per round')}"
                  "<figcaption>Each merchant's cumulative ε after each round it took part in (its updates and "
                  "noised evaluations together), as its own accountant reported it to the ledger; dashed: "
                  "budgets.</figcaption></figure>")

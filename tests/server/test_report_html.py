@@ -153,6 +153,49 @@ def test_noise_scales_are_a_band_and_a_plus_minus_never_a_plot(run_dir: Path) ->
     assert 'alt="utility per merchant: ctr_auc"' in section(page, "Per merchant")
 
 
+def test_per_merchant_figures_are_each_merchants_last_release_with_its_noise_and_constant(run_dir: Path) -> None:
+    """Per merchant, the page draws the last released figure ± its own noise scale beside the
+    constant's from the same round (a line through noised points would draw the noise as a
+    trend); the public held-out count is no utility figure."""
+    with_eval_metrics(run_dir)
+    rows = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
+    for row in rows[:2]:  # a merchant evaluated in rounds 1 and 2 only keeps its round-2 figure
+        row["eval_per_merchant"] = {MERCHANTS[0]: {"rating_rmse": 1.0 + row["round"], "rating_rmse_sd": 0.3,
+                                                   "rating_rmse_baseline": 1.2, "num-examples": 40.0}}
+    rows[2]["eval_per_merchant"] = {MERCHANTS[1]: {"rating_rmse": 0.8, "num-examples": 10.0}}
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    assert report_html._per_merchant_utility(rows).keys() == {"rating_rmse"}
+    last = report_html._per_merchant_last(rows)["rating_rmse"]
+    assert last[MERCHANTS[0]] == report_html._Last(2, 3.0, 0.3, 1.2, None)
+    assert last[MERCHANTS[1]] == report_html._Last(3, 0.8, None, None, None)
+    merchants = section(write_report(run_dir).read_text(encoding="utf-8"), "Per merchant")
+    assert 'alt="utility per merchant: rating_rmse"' in merchants and "fedshop evaluate RUN_DIR" in merchants
+
+
+@pytest.mark.parametrize(("planned", "points", "ticks"), [
+    (8, [(8, 0.9)], list(range(1, 9))),  # one release, in round 8 of 8: a point at 8, not at mid-axis
+    (None, [(1, 0.9), (2, 0.8)], [1, 2]),
+    (40, [(40, 0.9)], None),  # past 12 rounds: whole-number ticks, however many
+])
+def test_every_plot_spans_the_runs_rounds_in_whole_numbers(
+        planned: int | None, points: list[tuple[int, float]], ticks: list[int] | None) -> None:
+    run = report_html._Run(run_dir=Path("run"), summary={}, summary_written=True,
+                           rounds=[{"round": r} for r, _ in points], spend=[], meta={},
+                           config={} if planned is None else {"num-server-rounds": planned}, audit=None,
+                           audit_error=None)
+    last = report_html._last_round(run)
+    assert last == (planned or 2)
+    fig = report_html._utility_figure({"ctr_auc": points}, {}, {}, {"ctr_auc": {points[-1][0]: 0.05}},
+                                      last_round=last)
+    (ax,) = fig.axes
+    assert ax.get_xlim() == (0.5, last + 0.5)
+    shown = list(ax.get_xticks())
+    if ticks is not None:
+        assert shown == ticks
+    assert shown and all(float(t).is_integer() for t in shown)
+
+
 def test_released_sums_are_never_a_series_or_a_plot(run_dir: Path) -> None:
     """A merchant's raw release (``sum:<task>/<statistic>``, ``sum-noise-sd``) in the run log is
     no figure: never a utility or per-merchant series, a noise band, or a word on the page."""
