@@ -57,16 +57,21 @@ def _setup_logging(verbose: bool) -> None:
 
     for key, value in FLOWER_ENV.items():
         os.environ.setdefault(key, value)
+    if not sys.stderr.isatty():  # Ray wraps its workers' lines in colour codes, for a terminal only
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "filelock", "ray", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import flwr.supercore.logger  # noqa: F401  (configures Flower's logger; adjust it afterwards)
+    import flwr.supercore.logger  # configures Flower's logger; adjusted here
 
     flwr_logger = logging.getLogger("flwr")
     flwr_logger.propagate = False  # Flower has its own console handler; avoid every line twice
-    if not verbose:
-        flwr_logger.setLevel(logging.INFO)
+    # Flower's round lines ("configure_train: Sampled 6 nodes", "aggregate_train: Received 6
+    # results") repeat server.federation's own, in another format: shown with -v only. Its
+    # colour codes are for a terminal, not for a log file or a pipe.
+    flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    flwr.supercore.logger.update_console_handler(colored=sys.stderr.isatty())
 
 
 # --------------------------------------------------------------------------- commands
