@@ -56,7 +56,8 @@ def format_summary(summary: dict[str, Any]) -> str:
         spread = any(is_noise_scale(k) for k in summary["final_eval"])
         lines.append("utility on merchants' held-out data (last round; DP: from the merchants' pooled noised sums, "
                      "shared.eval_sums; baselines in brackets"
-                     + ("; ± one standard deviation of the noise alone" if spread else "") + "):")
+                     + ("; ± one standard deviation of the noise alone, ± ? where the noise could leave "
+                        "the figure undefined, so no spread is estimated" if spread else "") + "):")
         for key, text, note in shown_metrics(summary["final_eval"]):
             if key != EVAL_LOSS:
                 lines.append(f"  {key:<22} {text}" + (f"  {note}" if note else ""))

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from server.ledger import PrivacyLedger, SpendRecord
 from server.report import run_summary
+from server.round_report import NO_SCALE
 from server.run_log import RunLog
 from shared import atomic
 from shared.metrics import (
@@ -500,7 +501,8 @@ def _utility_section(run: _Run) -> str:
         "sums and computes each metric from the pooled sums (where a merchant sent no sums, a mean of the "
         "merchants' metrics weighted by held-out size). A change of a few hundredths between rounds can be "
         "that noise, not the model: each figure's ± (the shaded band) is the standard deviation the noise "
-        "alone gives it, re-drawn from the pooled sums and their noise (post-processing, no privacy cost).</p>"
+        "alone gives it, re-drawn from the pooled sums and their noise (post-processing, no privacy cost); "
+        "± ? where the noise could leave the figure undefined, so no spread is estimated: read it as rough.</p>"
         if dp else
         "<p class=\"note\">A non-private run: these are the merchants' exact held-out metrics, averaged "
         "weighted by held-out size.</p>"
@@ -525,7 +527,7 @@ def _utility_section(run: _Run) -> str:
             values = [v for _, v in points]
             best = (max(values) if better else min(values)) if better is not None else None
             rows.append([_e(metric), "↑" if better else "↓" if better is not None else "",
-                         f"{_pm(points[-1], scales.get(metric, {}))} (round {points[-1][0]})",
+                         f"{_pm(points[-1], scales.get(metric, {}), bool(scales))} (round {points[-1][0]})",
                          "" if best is None else f"{best:.4f}",
                          *([_released_baseline(metric, released, scales)] if released else []),
                          *(f"{baselines[n][metric]:.4f}" if metric in baselines[n] else "–" for n in names)])
@@ -541,10 +543,11 @@ def _utility_section(run: _Run) -> str:
     return "\n".join(parts)
 
 
-def _pm(point: tuple[int, float], scales: Mapping[int, float]) -> str:
-    """A round's figure, with ``± sd`` where that round released its noise scale."""
+def _pm(point: tuple[int, float], scales: Mapping[int, float], noised: bool = False) -> str:
+    """A round's figure, with ``± sd`` where that round released its noise scale (``± ?`` where a
+    noised figure came without one: ``server.round_report.NO_SCALE``)."""
     rnd, value = point
-    return f"{value:.4f}" + (f" ± {scales[rnd]:.4f}" if rnd in scales else "")
+    return f"{value:.4f}" + (f" ± {scales[rnd]:.4f}" if rnd in scales else f" {NO_SCALE}" if noised else "")
 
 
 def _released_baseline(metric: str, released: Mapping[str, list[tuple[int, float]]],
@@ -553,7 +556,7 @@ def _released_baseline(metric: str, released: Mapping[str, list[tuple[int, float
     if metric not in released:
         return "–"
     rnd = released[metric][-1][0]
-    shown = _pm(released[metric][-1], (scales or {}).get(baseline_key(metric), {}))
+    shown = _pm(released[metric][-1], (scales or {}).get(baseline_key(metric), {}), bool(scales))
     return f"{shown} ({_e(BASELINES.get(metric, baseline_key(metric)))}, round {rnd})"
 
 

@@ -116,13 +116,20 @@ def mean_metrics(released: Sequence[Mapping[str, float]]) -> dict[str, float]:
     return out
 
 
-def _with_scale(values: Mapping[str, float], key: str) -> str:
+# Beside a noised figure that came without a noise scale: the re-noised sums left it undefined
+# too often for one (``shared.eval_sums.noise_scales``; the ctr histogram's figures when a
+# class's total is near the noise), so its spread is unknown, not zero.
+NO_SCALE = "± ?"
+
+
+def _with_scale(values: Mapping[str, float], key: str, noised: bool = False) -> str:
     """``0.6962 ± 0.2500``: a figure and its noise scale where one was released; ``, within its
     noise`` after a figure smaller than its scale (a constant's RMSE from noised sums can come
-    out as 0: the noise, not the data, decided it)."""
+    out as 0: the noise, not the data, decided it). ``noised``: the figures are a DP release, so
+    one without a scale gets ``NO_SCALE`` instead of passing for exact."""
     sd = values.get(noise_scale_key(key))
     if sd is None:
-        return f"{values[key]:.4f}"
+        return f"{values[key]:.4f}" + (f" {NO_SCALE}" if noised else "")
     return f"{values[key]:.4f} ± {sd:.4f}" + (", within its noise" if abs(values[key]) < sd else "")
 
 
@@ -136,6 +143,7 @@ def shown_metrics(metrics: Mapping[str, float | None]) -> list[tuple[str, str, s
     or threshold whose metric is missing keeps its own entry; undefined values (None, NaN) are
     left out, and so is a scale whose figure is."""
     values = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(v)}
+    noised = any(is_noise_scale(k) for k in values)  # a DP release (exact figures carry no scales)
     folded: set[str] = set()
     shown = []
     for key in sorted(values):
@@ -143,12 +151,12 @@ def shown_metrics(metrics: Mapping[str, float | None]) -> list[tuple[str, str, s
             continue
         notes = []
         if key in BASELINES and baseline_key(key) in values:
-            notes.append(f"{BASELINES[key]} {_with_scale(values, baseline_key(key))}")
+            notes.append(f"{BASELINES[key]} {_with_scale(values, baseline_key(key), noised)}")
             folded.add(baseline_key(key))
         if key in _AT_THRESHOLD and THRESHOLD_KEY in values:
-            notes.append(f"at p ≥ {_with_scale(values, THRESHOLD_KEY)}")
+            notes.append(f"at p ≥ {_with_scale(values, THRESHOLD_KEY, noised)}")
             folded.add(THRESHOLD_KEY)
-        shown.append((key, _with_scale(values, key), f"({'; '.join(notes)})" if notes else ""))
+        shown.append((key, _with_scale(values, key, noised), f"({'; '.join(notes)})" if notes else ""))
     return [entry for entry in shown if entry[0] not in folded]
 
 

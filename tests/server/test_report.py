@@ -149,12 +149,15 @@ def test_each_figure_shows_the_spread_the_noise_alone_gives_it(run_dir: Path) ->
         "ctr_threshold_sd": 0.05, "ctr_auc": 0.7, "relevance_mrr_sd": 0.2, "eval-loss": 0.5, "eval-loss_sd": 0.1}))
     lines = format_summary(run_summary(run_dir, stopped_because="all rounds done")).splitlines()
     start = lines.index("privacy spent per merchant (ε at δ, cumulative / budget):")
-    assert lines[1].endswith("baselines in brackets; ± one standard deviation of the noise alone):")
+    assert lines[1].endswith("baselines in brackets; ± one standard deviation of the noise alone, ± ? where the "
+                             "noise could leave the figure undefined, so no spread is estimated):")
     assert lines[2:start] == [
-        "  ctr_auc                0.7000",
+        "  ctr_auc                0.7000 ± ?",  # noised, but no scale came with it: not exact
         "  ctr_f1                 0.6000 ± 0.1000  (at p ≥ 0.8176 ± 0.0500)",
         "  rating_rmse            0.6962 ± 0.2500  (constant mean 0.5469 ± 0.3000)",
     ]
+    # Exact figures (a non-private run's: no scales at all) stand as they are.
+    assert shown_metrics({"ctr_auc": 0.7, "ctr_f1": 0.6}) == [("ctr_auc", "0.7000", ""), ("ctr_f1", "0.6000", "")]
     report = RoundReport(round=4, eval_metrics={"rating_rmse": 0.6962, "rating_rmse_sd": 0.25,
                                                 "rating_rmse_baseline": 0.5469, "rating_rmse_baseline_sd": 0.3})
     assert report.eval_text() == "rating_rmse 0.6962 ± 0.2500 (constant mean 0.5469 ± 0.3000)"
