@@ -14,7 +14,12 @@ It is keyed by everything the states depend on: the encoder's weights, the token
 pooling, the sequence length and the records' text, so a stale file is never read. A folder
 holds one owner's current records: writing a new set's states removes any other set's, so
 states derived from records the merchant has since changed or deleted do not outlive its next
-training call, and the folder does not grow with every change of data or encoder.
+training call, and the folder does not grow with every change of data or encoder. A new set
+takes the states of the records it shares with the folder's current set from there (same
+encoder, tokenizer, pooling, length and arithmetic; each record known by a digest of its text)
+and encodes only the others: a merchant's exact view of every held-out record
+(``client.held_out``) after the run's evaluations of part of them, or a folder after a few
+records were added, costs the new records' encoding, not the whole set's.
 """
 
 from __future__ import annotations
@@ -177,16 +182,41 @@ def encode_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     return torch.float32
 
 
-def cache_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
-              *, max_seq_len: int, dtype: torch.dtype = torch.float32) -> str:
-    """A digest of everything a record's pooled state depends on."""
-    digest = hashlib.sha256()
+def _encoding(digest: Any, model: FedShopModel, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int,
+              dtype: torch.dtype) -> None:
+    """Feed everything but the records that a pooled state depends on into ``digest``."""
     digest.update(f"{model.pooling}|{max_seq_len}|{type(tokenizer).__name__}|{len(tokenizer)}|".encode())
     if dtype != torch.float32:  # float32 keys stay as they were, so existing caches stay valid
         digest.update(f"{dtype}|".encode())
     digest.update(encoder_digest(model.encoder).encode())
+
+
+def cache_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]],
+              *, max_seq_len: int, dtype: torch.dtype = torch.float32) -> str:
+    """A digest of everything a record's pooled state depends on."""
+    digest = hashlib.sha256()
+    _encoding(digest, model, tokenizer, max_seq_len=max_seq_len, dtype=dtype)
     digest_records(digest, pairs)
     return digest.hexdigest()
+
+
+def encoding_key(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, *, max_seq_len: int,
+                 dtype: torch.dtype = torch.float32) -> str:
+    """A digest of everything but the records that a pooled state depends on: two cached sets
+    with the same one hold the same state for a record they share."""
+    digest = hashlib.sha256(b"encoding|")
+    _encoding(digest, model, tokenizer, max_seq_len=max_seq_len, dtype=dtype)
+    return digest.hexdigest()
+
+
+def record_digests(pairs: Sequence[tuple[str, str]]) -> list[str]:
+    """Each record's own digest (its text), by which a cached set's states are found again."""
+    out = []
+    for pair in pairs:
+        digest = hashlib.sha256()
+        digest_records(digest, [pair])
+        out.append(digest.hexdigest()[:32])
+    return out
 
 
 @torch.no_grad()
@@ -216,8 +246,9 @@ def encode_pairs(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs:
 def pooled_states(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs: list[tuple[str, str]], *,
                   max_seq_len: int, device: torch.device, cache_dir: Path | None,
                   precision: str = "auto") -> torch.Tensor:
-    """The records' pooled states: from ``cache_dir`` when it holds them, else encoded (and then
-    stored there, atomically, so a crash leaves no half-written file)."""
+    """The records' pooled states: from ``cache_dir`` when it holds them, else encoded (only the
+    records the folder's current set lacks: module docstring) and then stored there, atomically,
+    so a crash leaves no half-written file."""
     if not pairs:
         raise ValueError("no records to encode")
     dtype = encode_dtype(device, precision)
@@ -226,20 +257,62 @@ def pooled_states(model: FedShopModel, tokenizer: PreTrainedTokenizerBase, pairs
     key = cache_key(model, tokenizer, pairs, max_seq_len=max_seq_len, dtype=dtype)
     path = Path(cache_dir) / f"features-{key[:40]}.pt"
     if path.is_file():
-        try:
-            states = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(states, torch.Tensor) and states.shape[0] == len(pairs):
-                return states
+        cached = _read(path)
+        if cached is not None and cached.states.shape[0] == len(pairs):
+            return cached.states
+        if cached is not None:
             log.warning("feature cache %s holds %s, not %d records' states; encoding again", path,
-                        tuple(states.shape) if isinstance(states, torch.Tensor) else type(states).__name__,
-                        len(pairs))
-        except Exception as exc:  # a damaged cache is only lost time: encode again
-            log.warning("feature cache %s unreadable (%s); encoding again", path, exc)
-    states = encode_pairs(model, tokenizer, pairs, max_seq_len=max_seq_len, device=device, dtype=dtype)
-    atomic.torch_save(states, path)
-    stale = [p for p in path.parent.glob("features-*.pt") if p != path and p.is_file()]
-    for old in stale:
+                        tuple(cached.states.shape), len(pairs))
+    encoding = encoding_key(model, tokenizer, max_seq_len=max_seq_len, dtype=dtype)
+    digests = record_digests(pairs)
+    others = [p for p in path.parent.glob("features-*.pt") if p != path and p.is_file()]
+    known = _known_states(others, encoding)
+    missing = [i for i, d in enumerate(digests) if d not in known]
+    encoded = (encode_pairs(model, tokenizer, [pairs[i] for i in missing], max_seq_len=max_seq_len, device=device,
+                            dtype=dtype) if missing else None)
+    if len(missing) < len(pairs):
+        log.info("feature cache %s: %d of %d records' states taken from the folder's current set, %d encoded",
+                 path.parent, len(pairs) - len(missing), len(pairs), len(missing))
+    fresh = dict(zip(missing, encoded if encoded is not None else [], strict=True))
+    states = torch.stack([fresh[i] if i in fresh else known[d] for i, d in enumerate(digests)])
+    atomic.torch_save({"states": states, "encoding": encoding, "records": digests}, path)
+    for old in others:
         old.unlink(missing_ok=True)
-    if stale:
-        log.info("feature cache %s: removed %d other record set(s)' states", path.parent, len(stale))
+    if others:
+        log.info("feature cache %s: removed %d other record set(s)' states", path.parent, len(others))
     return states
+
+
+@dataclasses.dataclass(frozen=True)
+class _Cached:
+    states: torch.Tensor
+    encoding: str | None  # None: a file written before sets carried their encoding and records
+    records: list[str] | None
+
+
+def _read(path: Path) -> _Cached | None:
+    """A cache file's states (and, where it carries them, its encoding key and record digests);
+    None for a file that cannot be read as one: a damaged cache is only lost time."""
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - whatever torch raises on a damaged file
+        log.warning("feature cache %s unreadable (%s); encoding again", path, exc)
+        return None
+    if isinstance(loaded, torch.Tensor):
+        return _Cached(loaded, None, None)
+    if (isinstance(loaded, dict) and isinstance(loaded.get("states"), torch.Tensor)
+            and isinstance(loaded.get("encoding"), str) and isinstance(loaded.get("records"), list)
+            and len(loaded["records"]) == loaded["states"].shape[0]):
+        return _Cached(loaded["states"], loaded["encoding"], [str(r) for r in loaded["records"]])
+    log.warning("feature cache %s holds no states; encoding again", path)
+    return None
+
+
+def _known_states(paths: Sequence[Path], encoding: str) -> dict[str, torch.Tensor]:
+    """record digest -> state, from the folder's other sets made with the same ``encoding``."""
+    known: dict[str, torch.Tensor] = {}
+    for path in paths:
+        cached = _read(path)
+        if cached is not None and cached.encoding == encoding and cached.records is not None:
+            known.update(zip(cached.records, cached.states, strict=True))
+    return known

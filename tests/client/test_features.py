@@ -92,12 +92,40 @@ def test_a_new_record_set_replaces_the_folders_old_states(tokenizer: PreTrainedT
     files = sorted(p.name for p in tmp_path.iterdir())
     assert old.name not in files and len(files) == 2 and "shop-b" in files
     (new,) = [p for p in tmp_path.iterdir() if p.is_file()]
-    assert torch.equal(torch.load(new, weights_only=True), states)
+    assert torch.equal(torch.load(new, weights_only=True)["states"], states)
     encoded: list[int] = []
     real = features.encode_pairs
     monkeypatch.setattr(features, "encode_pairs", lambda m, t, p, **kw: encoded.append(len(p)) or real(m, t, p, **kw))
-    features.pooled_states(model, tokenizer, before, **kwargs)  # the old set is gone: encoded anew
-    assert encoded == [len(before)]
+    features.pooled_states(model, tokenizer, before, **kwargs)  # the deleted record's state is gone: encoded anew
+    assert encoded == [1]
+
+
+def test_a_new_set_encodes_only_the_records_the_folders_set_lacks(
+        tokenizer: PreTrainedTokenizerBase, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A superset (a merchant's whole held-out split after the run evaluated part of it) takes the
+    shared records' states from the folder's current set and encodes the rest; the states are
+    those a fresh encoding gives, in the new set's order. A set made with another encoding
+    (here: another sequence length) lends nothing."""
+    model = build_model(ModelSpec.from_config(config()))
+    records = pairs()
+    part = records[1::2]
+    kwargs: dict[str, Any] = dict(max_seq_len=16, device=torch.device("cpu"), cache_dir=tmp_path)
+    features.pooled_states(model, tokenizer, part, **kwargs)
+    encoded: list[list[tuple[str, str]]] = []
+    real = features.encode_pairs
+    monkeypatch.setattr(features, "encode_pairs", lambda m, t, p, **kw: encoded.append(list(p)) or real(m, t, p, **kw))
+
+    states = features.pooled_states(model, tokenizer, records, **kwargs)
+
+    assert encoded == [records[0::2]]
+    # Up to float32 rounding: a record padded to another batch's length goes through matrix
+    # products of another shape (as with any set whose batches differ).
+    fresh = real(model, tokenizer, records, max_seq_len=16, device=torch.device("cpu"))
+    torch.testing.assert_close(states, fresh, atol=2e-4, rtol=0)
+    (only,) = tmp_path.iterdir()  # the superset replaced the part
+    assert torch.equal(torch.load(only, weights_only=True)["states"], states)
+    features.pooled_states(model, tokenizer, part, **{**kwargs, "max_seq_len": 32})
+    assert encoded[-1] == part
 
 
 def test_damaged_cache_is_encoded_again(tokenizer: PreTrainedTokenizerBase, tmp_path: Path) -> None:
@@ -110,7 +138,7 @@ def test_damaged_cache_is_encoded_again(tokenizer: PreTrainedTokenizerBase, tmp_
     again = features.pooled_states(model, tokenizer, records, max_seq_len=16, device=torch.device("cpu"),
                                    cache_dir=tmp_path)
     torch.testing.assert_close(again, good)
-    assert torch.equal(torch.load(cached, weights_only=True), again)  # and the file is whole again
+    assert torch.equal(torch.load(cached, weights_only=True)["states"], again)  # and the file is whole again
 
 
 def test_cached_states_train_the_heads_exactly_as_the_full_forward(tokenizer: PreTrainedTokenizerBase,
