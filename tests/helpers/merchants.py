@@ -25,8 +25,9 @@ def _write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[object
 
 
 def write_merchant(root: Path, name: str, *, seed: int, products: int = 16, interactions: int = 60,
-                   judgments: int = 16) -> Path:
-    """``root/name`` with a catalog, interactions (clicks, purchases, ratings) and judgments."""
+                   judgments: int = 16, users: int = 12) -> Path:
+    """``root/name`` with a catalog, interactions (clicks, purchases, ratings) by ``users``
+    users (the privacy unit: more interactions alone add no units) and judgments."""
     rng = random.Random(seed)
     directory = root / name
     directory.mkdir(parents=True)
@@ -43,7 +44,7 @@ def write_merchant(root: Path, name: str, *, seed: int, products: int = 16, inte
         label = rng.choice(("purchase", "click") if good else ("impression", "click"))
         rating = rng.choice((4, 5)) if label == "purchase" else ""
         query = rng.choice(NOUNS) if i % 3 == 0 else ""
-        rows.append((f"u{i % 12}", f"p{pid}", label, query, rating, 1_700_000_000 + 60 * i))
+        rows.append((f"u{i % users}", f"p{pid}", label, query, rating, 1_700_000_000 + 60 * i))
     _write_csv(directory / "interactions.csv",
                ("user_id", "product_id", "label", "query", "rating", "timestamp"), rows)
     judged = [(rng.choice(NOUNS), f"p{rng.randrange(products)}", rng.randrange(4)) for _ in range(judgments)]
