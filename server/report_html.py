@@ -64,6 +64,8 @@ MAX_TABLE_ROWS = 300
 MAX_LIST_ITEMS = 40
 # Past this many merchants a legend hides the plot it explains.
 MAX_LEGEND = 12
+# The per-merchant figure has a row per merchant: past this many, none is readable.
+MAX_FIGURE_MERCHANTS = 48
 BASELINES_KEY = "baselines"  # summary.json's optional baselines (see _baselines)
 PER_MERCHANT_KEY = "eval_per_merchant"  # a metrics.jsonl row's optional per-merchant metrics
 
@@ -374,7 +376,7 @@ def _per_merchant_figure(last: Mapping[str, Mapping[str, _Last]]) -> Any:
     columns = min(3, len(last))
     rows = math.ceil(len(last) / columns)
     merchants = sorted({m for by_merchant in last.values() for m in by_merchant})
-    fig = _figure(3.4 * columns, (0.9 + 0.22 * min(len(merchants), MAX_LEGEND * 4)) * rows)
+    fig = _figure(3.4 * columns, (0.9 + 0.22 * len(merchants)) * rows)
     colours = _colours()
     for i, (metric, by_merchant) in enumerate(last.items()):
         ax = fig.add_subplot(rows, columns, i + 1)
@@ -389,7 +391,7 @@ def _per_merchant_figure(last: Mapping[str, Mapping[str, _Last]]) -> Any:
                         xerr=[f.baseline_sd or 0.0 for _, f in with_baseline], fmt="s", ms=3, capsize=2,
                         lw=1, color=colours[1], mfc="white", label=_mpl(BASELINES.get(metric, "baseline")))
             ax.legend(fontsize=6)
-        ax.set_yticks(list(y), [_mpl(m, 18) for m in names], fontsize=7 if len(names) <= MAX_LEGEND else 4)
+        ax.set_yticks(list(y), [_mpl(m, 18) for m in names], fontsize=7 if len(names) <= MAX_LEGEND else 5)
         ax.set_ylim(-0.6, len(names) - 0.4)
         ax.invert_yaxis()
         ax.set_title(_title(metric) + f", round {max(f.round for f in figures)}", fontsize=9)
@@ -563,7 +565,12 @@ def _released_baseline(metric: str, released: Mapping[str, list[tuple[int, float
 def _per_merchant_section(run: _Run, merchants: list[_Merchant]) -> str:
     per_merchant = _per_merchant_utility(run.rounds)
     parts = ["<h2>Per merchant</h2>"]
-    if per_merchant:
+    shown = {m for by_merchant in per_merchant.values() for m in by_merchant}
+    if len(shown) > MAX_FIGURE_MERCHANTS:
+        parts.append(f"<p class=\"note\">{len(shown)} merchants released metrics: too many rows for a figure "
+                     f"(at most {MAX_FIGURE_MERCHANTS}); each one's are in metrics.jsonl "
+                     f"(<code>{PER_MERCHANT_KEY}</code>).</p>")
+    elif per_merchant:
         alt = "utility per merchant: " + ", ".join(per_merchant)
         parts.append(f"<figure>{_img(_per_merchant_figure(_per_merchant_last(run.rounds)), alt)}<figcaption>Each "
                      "merchant's last released figure (noised: dot, ± one standard deviation of its noise) and, "

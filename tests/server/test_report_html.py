@@ -171,6 +171,12 @@ def test_per_merchant_figures_are_each_merchants_last_release_with_its_noise_and
     assert last[MERCHANTS[1]] == report_html._Last(3, 0.8, None, None, None)
     merchants = section(write_report(run_dir).read_text(encoding="utf-8"), "Per merchant")
     assert 'alt="utility per merchant: rating_rmse"' in merchants and "fedshop evaluate RUN_DIR" in merchants
+    # A row per merchant: past MAX_FIGURE_MERCHANTS the page says where they are instead.
+    many = {f"m{i:03d}": {"rating_rmse": 1.0} for i in range(report_html.MAX_FIGURE_MERCHANTS + 1)}
+    rows[2]["eval_per_merchant"] = many
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    merchants = section(write_report(run_dir).read_text(encoding="utf-8"), "Per merchant")
+    assert "utility per merchant" not in merchants and "too many rows for a figure" in merchants
 
 
 @pytest.mark.parametrize(("planned", "points", "ticks"), [
