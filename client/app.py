@@ -21,10 +21,12 @@ from client.merchant import Merchant, resolve_node
 from client.policy import MerchantPolicy
 from client.release import EvalSettings
 from client.secure_aggregation import secure_aggregation_mod
+from shared import flower_log
 from shared.config import RunConfig
 from shared.wire import ARRAYS, CONFIG, MODEL_VERSION, PROXIMAL_MU, RUN_ID, SERVER_ROUND, record_to_params
 
 log = logging.getLogger(__name__)
+flower_log.quiet_flower()  # this module is where fedshop's code first runs in a Ray worker or a node's ClientApp
 
 # The mod steps in only for the messages of a secure-aggregation round (aggregation = secagg+).
 app = ClientApp(mods=[secure_aggregation_mod])

@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from shared import progress
+from shared import flower_log, progress
 from shared.jsonable import finite
 from shared.run_files import CONFIG_FILE, LEDGER_FILE, MODEL_DIR
 
@@ -63,15 +63,12 @@ def _setup_logging(verbose: bool) -> None:
                         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("urllib3", "filelock", "ray", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    import flwr.supercore.logger  # configures Flower's logger; adjusted here
-
-    flwr_logger = logging.getLogger("flwr")
+    flower_log.quiet_flower()  # configures Flower's logger (importing it), then quietens it
+    flwr_logger = logging.getLogger(flower_log.FLOWER_LOGGER)
     flwr_logger.propagate = False  # Flower has its own console handler; avoid every line twice
     # Flower's round lines ("configure_train: Sampled 6 nodes", "aggregate_train: Received 6
-    # results") repeat server.federation's own, in another format: shown with -v only. Its
-    # colour codes are for a terminal, not for a log file or a pipe.
+    # results") repeat server.federation's own, in another format: shown with -v only.
     flwr_logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    flwr.supercore.logger.update_console_handler(colored=sys.stderr.isatty())
 
 
 # --------------------------------------------------------------------------- commands

@@ -122,9 +122,11 @@ def test_simulate_two_rounds_end_to_end(two_round_run: tuple[Path, proc.Run]) ->
 
     assert result.returncode == 0, result.describe()
     assert "fedshop run finished: 2 round(s)" in result.output
-    # Written to a pipe, not a terminal: no colour codes (Flower's, Ray's), and Flower's own
-    # round lines, which repeat server.federation's, only with -v.
+    # Written to a pipe, not a terminal: no colour codes (Flower's, in the driver and the Ray
+    # workers; Ray's), no actor shutdown notices, and Flower's own round lines, which repeat
+    # server.federation's, only with -v (shared.flower_log).
     assert "\x1b[" not in result.output and "configure_train" not in result.output
+    assert "Manually terminating" not in result.output
     # --- the run ends with each merchant's own exact view of the model (client.held_out): a
     # line per merchant with its figures beside the constants, and none of it in the run folder
     table = result.stdout[result.stdout.index("each merchant's own view"):].splitlines()
