@@ -49,3 +49,14 @@ def test_scenario_loads_and_validates(path: Path, tmp_path: Path) -> None:
     moved = engine.build_config(raw, {}, out=tmp_path / "run")
     assert moved.run_dir == str(tmp_path / "run")
     assert {**moved.to_mapping(), "run-dir": config.run_dir} == applied
+
+
+@pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
+def test_every_private_scenario_plans_each_merchants_noise(path: Path) -> None:
+    """A σ fixed for every merchant refuses the small ones (one call costs them more than their
+    budget) or stops a run early (esci at σ 0.8: every merchant refused from round 2). Each
+    private scenario has its merchants plan σ for the calls they will make."""
+    config = engine.build_config(engine.load_scenario(path.stem), {}, out=None)
+    if config.dp:
+        assert config.noise_plan_calls >= 1, f"{path.name}: dp = true with σ fixed (noise-plan-calls = 0)"
+        assert config.noise_plan_calls <= config.num_server_rounds, f"{path.name}: plans more calls than rounds"
