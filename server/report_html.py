@@ -537,7 +537,7 @@ def _utility_section(run: _Run) -> str:
                              *(["released baseline (last)"] if released else []),
                              *(f"baseline: {n}" for n in names)], rows,
                             classes=["", "", "num", "num", *(["num"] if released else []), *(["num"] * len(names))]))
-    if not baselines and not released:
+    if series and not baselines and not released:
         parts.append("<p class=\"note\">This run's summary carries no baselines (no <code>baselines</code> in "
                      "summary.json), so none are drawn. When it does — <code>{\"metric\": value}</code> or "
                      "<code>{\"name\": {\"metric\": value}}</code>, e.g. the constant predictor or the merchants "

@@ -84,6 +84,15 @@ def test_a_clean_run_has_every_section_and_passes(run_dir: Path) -> None:
     assert "no summary.json yet" in page and "not recorded" in page
 
 
+def test_a_run_that_released_no_metrics_says_so_and_nothing_about_baselines(run_dir: Path) -> None:
+    """Every held-out set under eval-min-units (the esci scenario): the page says no round
+    released metrics, draws one figure (ε), and has no baselines to speak of."""
+    page = write_report(run_dir).read_text(encoding="utf-8")
+    utility = section(page, "Utility per round")
+    assert "No round released evaluation metrics" in utility and "carries no baselines" not in utility
+    assert len(images(page)) == 1
+
+
 def test_baselines_and_per_merchant_metrics_are_drawn_when_the_run_carries_them(
         run_dir: Path) -> None:
     with_eval_metrics(run_dir)
