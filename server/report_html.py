@@ -385,6 +385,10 @@ def _per_merchant_figure(last: Mapping[str, Mapping[str, _Last]]) -> Any:
         figures = [by_merchant[m] for m in names]
         ax.errorbar([f.value for f in figures], [v + 0.12 for v in y], xerr=[f.sd or 0.0 for f in figures],
                     fmt="o", ms=3, capsize=2, lw=1, color=colours[0], label="model (noised)")
+        for v, f in zip(y, figures, strict=True):
+            if f.sd is None:  # noised, but its spread could not be estimated: no bar is not "exact"
+                ax.annotate(NO_SCALE, (f.value, v + 0.12), xytext=(4, -3), textcoords="offset points",
+                            fontsize=6, color=colours[0])
         with_baseline = [(v, f) for v, f in zip(y, figures, strict=True) if f.baseline is not None]
         if with_baseline:
             ax.errorbar([f.baseline for _, f in with_baseline], [v - 0.12 for v, _ in with_baseline],
@@ -573,7 +577,8 @@ def _per_merchant_section(run: _Run, merchants: list[_Merchant]) -> str:
     elif per_merchant:
         alt = "utility per merchant: " + ", ".join(per_merchant)
         parts.append(f"<figure>{_img(_per_merchant_figure(_per_merchant_last(run.rounds)), alt)}<figcaption>Each "
-                     "merchant's last released figure (noised: dot, ± one standard deviation of its noise) and, "
+                     "merchant's last released figure (noised: dot, ± one standard deviation of its noise, "
+                     f"{NO_SCALE} where none could be estimated) and, "
                      "where one was released, its constant predictor's from the same sums (hollow square). A "
                      "merchant's release is noised on its own, so its ± is far wider than the pooled figures' "
                      "above. The exact scores stay with each merchant: <code>fedshop evaluate RUN_DIR</code> "
