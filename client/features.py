@@ -296,7 +296,7 @@ def _read(path: Path) -> _Cached | None:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - whatever torch raises on a damaged file
-        log.warning("feature cache %s unreadable (%s); encoding again", path, exc)
+        log.warning("feature cache %s unreadable (%s); not used", path, exc)
         return None
     if isinstance(loaded, torch.Tensor):
         return _Cached(loaded, None, None)
@@ -304,7 +304,7 @@ def _read(path: Path) -> _Cached | None:
             and isinstance(loaded.get("encoding"), str) and isinstance(loaded.get("records"), list)
             and len(loaded["records"]) == loaded["states"].shape[0]):
         return _Cached(loaded["states"], loaded["encoding"], [str(r) for r in loaded["records"]])
-    log.warning("feature cache %s holds no states; encoding again", path)
+    log.warning("feature cache %s holds no states; not used", path)
     return None
 
 

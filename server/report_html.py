@@ -567,16 +567,16 @@ def _released_baseline(metric: str, released: Mapping[str, list[tuple[int, float
 
 
 def _per_merchant_section(run: _Run, merchants: list[_Merchant]) -> str:
-    per_merchant = _per_merchant_utility(run.rounds)
+    last = _per_merchant_last(run.rounds)
     parts = ["<h2>Per merchant</h2>"]
-    shown = {m for by_merchant in per_merchant.values() for m in by_merchant}
+    shown = {m for by_merchant in last.values() for m in by_merchant}
     if len(shown) > MAX_FIGURE_MERCHANTS:
         parts.append(f"<p class=\"note\">{len(shown)} merchants released metrics: too many rows for a figure "
                      f"(at most {MAX_FIGURE_MERCHANTS}); each one's are in metrics.jsonl "
                      f"(<code>{PER_MERCHANT_KEY}</code>).</p>")
-    elif per_merchant:
-        alt = "utility per merchant: " + ", ".join(per_merchant)
-        parts.append(f"<figure>{_img(_per_merchant_figure(_per_merchant_last(run.rounds)), alt)}<figcaption>Each "
+    elif last:
+        alt = "utility per merchant: " + ", ".join(last)
+        parts.append(f"<figure>{_img(_per_merchant_figure(last), alt)}<figcaption>Each "
                      "merchant's last released figure (noised: dot, ± one standard deviation of its noise, "
                      f"{NO_SCALE} where none could be estimated) and, "
                      "where one was released, its constant predictor's from the same sums (hollow square). A "
